@@ -1,0 +1,214 @@
+// Package protocol is the wire protocol between agentd and its clients (the
+// post-build hook and agentctl). It is deliberately small so that the hook can
+// speak it with a few raw system calls.
+//
+// # Framing
+//
+// A client connects to agentd's unix socket, writes exactly one request, and
+// reads exactly one response; then both sides close. A request and a response
+// are each one JSON object followed by a newline ("\n"). A request may be at
+// most MaxRequestSize bytes including the newline; agentd answers a longer,
+// truncated or malformed request with an error response and closes.
+//
+// # Versioning
+//
+// Every request carries "v" (the protocol version it speaks). agentd answers
+// a request whose version it does not know with an error naming the versions
+// it supports. Fields may be added to requests and responses within a version;
+// readers ignore fields they do not know.
+//
+// # Operations
+//
+//	enqueue  paths, drv  hook: queue built outputs; durable ack ("ok")
+//	push     paths       agentctl push: same, paths given by an operator
+//	status               queue counts, last error, in-flight uploads
+//	list     state       jobs in a state ("ready", "leased", "failed", or "" for all)
+//	retry    id | all    failed job(s) back to ready
+//	drop     id          remove a job (and its GC root)
+//
+// A response has "ok": true and the data of the operation, or "ok": false and
+// "error", a one-line reason.
+package protocol
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+)
+
+// Version is the protocol version this package speaks.
+const Version = 1
+
+// MaxRequestSize bounds one request, newline included.
+const MaxRequestSize = 1 << 20
+
+// MaxResponseSize bounds one response, newline included.
+const MaxResponseSize = 64 << 20
+
+// Operations.
+const (
+	OpEnqueue = "enqueue"
+	OpPush    = "push"
+	OpStatus  = "status"
+	OpList    = "list"
+	OpRetry   = "retry"
+	OpDrop    = "drop"
+)
+
+// Request is one client request.
+type Request struct {
+	V     int      `json:"v"`
+	Op    string   `json:"op"`
+	Paths []string `json:"paths,omitempty"`
+	Drv   string   `json:"drv,omitempty"`
+	ID    uint64   `json:"id,omitempty"`
+	All   bool     `json:"all,omitempty"`
+	State string   `json:"state,omitempty"`
+}
+
+// Response is agentd's answer to one request.
+type Response struct {
+	V      int     `json:"v"`
+	OK     bool    `json:"ok"`
+	Error  string  `json:"error,omitempty"`
+	Jobs   []Job   `json:"jobs,omitempty"`
+	Status *Status `json:"status,omitempty"`
+	Count  int     `json:"count,omitempty"`
+}
+
+// Job describes one queued store path.
+type Job struct {
+	ID         uint64 `json:"id"`
+	Path       string `json:"path"`
+	Drv        string `json:"drv,omitempty"`
+	State      string `json:"state"`
+	Attempts   int    `json:"attempts"`
+	EnqueuedAt int64  `json:"enqueued_at"`          // unix seconds
+	NotBefore  int64  `json:"not_before,omitempty"` // unix seconds
+	LastError  string `json:"last_error,omitempty"`
+}
+
+// Upload is one upload in progress.
+type Upload struct {
+	Path      string `json:"path"`
+	BytesDone int64  `json:"bytes_done"`
+	BytesSize int64  `json:"bytes_total"`
+}
+
+// Status is the answer to OpStatus. Field names are stable: scripts use them.
+type Status struct {
+	Version              string   `json:"version"`
+	UptimeSeconds        int64    `json:"uptime_seconds"`
+	Cache                string   `json:"cache"`
+	CacheReachable       *bool    `json:"cache_reachable,omitempty"`
+	Pending              int      `json:"pending"`
+	Uploading            int      `json:"uploading"`
+	Retrying             int      `json:"retrying"`
+	Failed               int      `json:"failed"`
+	Uploaded             uint64   `json:"uploaded"`
+	UploadedNARBytes     uint64   `json:"uploaded_nar_bytes"`
+	UploadedFileBytes    uint64   `json:"uploaded_file_bytes"`
+	OldestPendingSeconds int64    `json:"oldest_pending_seconds"`
+	LastError            string   `json:"last_error,omitempty"`
+	LastErrorAt          int64    `json:"last_error_at,omitempty"`
+	NextRetryAt          int64    `json:"next_retry_at,omitempty"`
+	InProgress           []Upload `json:"in_progress,omitempty"`
+	StateDirError        string   `json:"state_dir_error,omitempty"`
+}
+
+// ErrTooLarge is returned by ReadRequest for a request over MaxRequestSize.
+var ErrTooLarge = errors.New("request exceeds the maximum size")
+
+// ReadRequest reads and decodes one newline-terminated request, refusing
+// anything longer than MaxRequestSize.
+func ReadRequest(r io.Reader) (*Request, error) {
+	line, err := readLine(r, MaxRequestSize)
+	if err != nil {
+		return nil, err
+	}
+	return DecodeRequest(line)
+}
+
+// DecodeRequest decodes one request line (without its newline) and checks
+// the fields every operation needs.
+func DecodeRequest(line []byte) (*Request, error) {
+	var req Request
+	dec := json.NewDecoder(bytes.NewReader(line))
+	if err := dec.Decode(&req); err != nil {
+		return nil, fmt.Errorf("malformed request: %w", err)
+	}
+	if dec.More() {
+		return nil, errors.New("malformed request: trailing data after the JSON object")
+	}
+	if req.V != Version {
+		return nil, fmt.Errorf("unsupported protocol version %d (this agentd speaks %d)", req.V, Version)
+	}
+	switch req.Op {
+	case OpEnqueue, OpPush:
+		if len(req.Paths) == 0 {
+			return nil, fmt.Errorf("%s: no paths", req.Op)
+		}
+	case OpStatus, OpList:
+	case OpRetry:
+		if req.ID == 0 && !req.All {
+			return nil, errors.New("retry: need an id or all")
+		}
+	case OpDrop:
+		if req.ID == 0 {
+			return nil, errors.New("drop: need an id")
+		}
+	default:
+		return nil, fmt.Errorf("unknown operation %q", req.Op)
+	}
+	return &req, nil
+}
+
+// ReadResponse reads and decodes one response.
+func ReadResponse(r io.Reader) (*Response, error) {
+	line, err := readLine(r, MaxResponseSize)
+	if err != nil {
+		return nil, err
+	}
+	var resp Response
+	if err := json.Unmarshal(line, &resp); err != nil {
+		return nil, fmt.Errorf("malformed response: %w", err)
+	}
+	return &resp, nil
+}
+
+// Encode renders v (a Request or Response) as one protocol line.
+func Encode(v any) ([]byte, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return nil, err
+	}
+	return append(b, '\n'), nil
+}
+
+func readLine(r io.Reader, max int) ([]byte, error) {
+	br := bufio.NewReaderSize(io.LimitReader(r, int64(max)), 4096)
+	var line []byte
+	for {
+		chunk, err := br.ReadSlice('\n')
+		line = append(line, chunk...)
+		switch {
+		case err == nil:
+			return line[:len(line)-1], nil
+		case errors.Is(err, bufio.ErrBufferFull):
+			continue
+		case errors.Is(err, io.EOF):
+			if len(line) >= max {
+				return nil, ErrTooLarge
+			}
+			if len(line) == 0 {
+				return nil, errors.New("connection closed before a request")
+			}
+			return nil, errors.New("truncated message (no newline)")
+		default:
+			return nil, err
+		}
+	}
+}

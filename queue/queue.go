@@ -1,0 +1,706 @@
+// Package queue is agentd's durable job queue: one job per store path, kept
+// in a bbolt file. It knows nothing about S3 or Nix beyond path strings.
+//
+// Durability: every mutation commits a bbolt transaction with fsync before it
+// returns (NoSync is never set). Concurrent callers share one commit: a single
+// committer goroutine takes the first waiting operation, gathers every other
+// operation already waiting, and commits them together. A lone caller is
+// committed at once, without the fixed delay of bbolt's DB.Batch.
+//
+// Layout (all integers big-endian, so byte order is numeric order):
+//
+//	jobs    id → record (version byte, then JSON)
+//	ready   notBefore(unix ns) ‖ id → ∅   due jobs first; a cursor finds the next one
+//	leased  id → ∅                        jobs being uploaded
+//	failed  id → ∅                        dead letter, kept until retry or drop
+//	active  id → ∅                        ready or leased, oldest first
+//	paths   store path → id               deduplication
+//	meta    counters and the last error
+//
+// State changes touch only these few keys; counts and the oldest pending job
+// are read without scanning.
+package queue
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
+)
+
+// State is where a job is in its life.
+type State string
+
+// Job states. A job that has been uploaded is deleted (and counted).
+const (
+	StateReady  State = "ready"  // waiting, possibly until NotBefore (retrying when Attempts > 0)
+	StateLeased State = "leased" // being uploaded by a worker
+	StateFailed State = "failed" // dead letter: permanent error or attempts exhausted
+)
+
+// Job is one store path to upload.
+type Job struct {
+	ID         uint64    `json:"-"`
+	Path       string    `json:"path"`
+	Drv        string    `json:"drv,omitempty"`
+	State      State     `json:"state"`
+	Attempts   int       `json:"attempts,omitempty"`
+	EnqueuedAt time.Time `json:"enqueued_at"`
+	NotBefore  time.Time `json:"not_before"`
+	LastError  string    `json:"last_error,omitempty"`
+}
+
+// Errors.
+var (
+	ErrNotFound = errors.New("no such job")
+	ErrState    = errors.New("job is not in the required state")
+	ErrLocked   = errors.New("queue database is locked by another process (is another agentd running?)")
+)
+
+const recordVersion = 1
+
+var (
+	bktJobs   = []byte("jobs")
+	bktReady  = []byte("ready")
+	bktLeased = []byte("leased")
+	bktFailed = []byte("failed")
+	bktActive = []byte("active")
+	bktPaths  = []byte("paths")
+	bktMeta   = []byte("meta")
+	allBkts   = [][]byte{bktJobs, bktReady, bktLeased, bktFailed, bktActive, bktPaths, bktMeta}
+)
+
+// Counter keys in the meta bucket.
+const (
+	cntPending   = "n_pending"
+	cntRetrying  = "n_retrying"
+	cntLeased    = "n_leased"
+	cntFailed    = "n_failed"
+	cntUploaded  = "n_uploaded"
+	cntNARBytes  = "n_nar_bytes"
+	cntFileBytes = "n_file_bytes"
+	keyLastErr   = "last_error"
+	keyLastErrAt = "last_error_at"
+)
+
+// Queue is an open queue database. Its methods are safe for concurrent use.
+type Queue struct {
+	db   *bolt.DB
+	ops  chan *op
+	stop chan struct{}
+	done chan struct{}
+	wake chan struct{}
+}
+
+type op struct {
+	fn   func(tx *bolt.Tx) error
+	done chan error
+}
+
+// Open opens (creating if needed) the queue at path and returns every job
+// that a crash left leased to the ready state.
+func Open(path string) (*Queue, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("open queue: %w", err)
+	}
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
+	if errors.Is(err, bolterrors.ErrTimeout) {
+		return nil, fmt.Errorf("open queue %s: %w", path, ErrLocked)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open queue %s: %w", path, err)
+	}
+	q := &Queue{
+		db:   db,
+		ops:  make(chan *op, 1024),
+		stop: make(chan struct{}),
+		done: make(chan struct{}),
+		wake: make(chan struct{}, 1),
+	}
+	if err := db.Update(func(tx *bolt.Tx) error {
+		for _, b := range allBkts {
+			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return err
+			}
+		}
+		return recoverLeased(tx)
+	}); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open queue %s: %w", path, err)
+	}
+	go q.commitLoop()
+	return q, nil
+}
+
+// Close stops the committer and closes the database.
+func (q *Queue) Close() error {
+	close(q.stop)
+	<-q.done
+	return q.db.Close()
+}
+
+// Wake returns a channel that receives a value after a commit that may have
+// made a job due. Workers wait on it instead of polling.
+func (q *Queue) Wake() <-chan struct{} { return q.wake }
+
+func (q *Queue) notify() {
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+}
+
+// update runs fn in a read-write transaction shared with any other waiting
+// operations, and returns once that transaction is durably committed.
+func (q *Queue) update(fn func(tx *bolt.Tx) error) error {
+	o := &op{fn: fn, done: make(chan error, 1)}
+	select {
+	case q.ops <- o:
+	case <-q.stop:
+		return errors.New("queue closed")
+	}
+	return <-o.done
+}
+
+// commitLoop is the group committer. It never waits for company: when the
+// writer is idle the first operation commits immediately, and operations
+// that arrive during a commit are committed together in the next one.
+func (q *Queue) commitLoop() {
+	defer close(q.done)
+	for {
+		var first *op
+		select {
+		case first = <-q.ops:
+		case <-q.stop:
+			return
+		}
+		batch := []*op{first}
+	gather:
+		for len(batch) < 1000 {
+			select {
+			case o := <-q.ops:
+				batch = append(batch, o)
+			default:
+				break gather
+			}
+		}
+		q.commit(batch)
+	}
+}
+
+type opFailed struct {
+	i   int
+	err error
+}
+
+func (e *opFailed) Error() string { return e.err.Error() }
+
+func (q *Queue) commit(batch []*op) {
+	err := q.db.Update(func(tx *bolt.Tx) error {
+		for i, o := range batch {
+			if err := o.fn(tx); err != nil {
+				return &opFailed{i: i, err: err}
+			}
+		}
+		return nil
+	})
+	var failed *opFailed
+	switch {
+	case err == nil:
+		for _, o := range batch {
+			o.done <- nil
+		}
+		q.notify()
+	case len(batch) > 1 && errors.As(err, &failed):
+		// One operation failed and rolled back the whole transaction; give
+		// each its own transaction so the others are not affected.
+		for _, o := range batch {
+			q.commit([]*op{o})
+		}
+	default:
+		if errors.As(err, &failed) {
+			err = failed.err
+		}
+		for _, o := range batch {
+			o.done <- err
+		}
+	}
+}
+
+// EnqueueResult is the job for one enqueued path and whether it was new.
+type EnqueueResult struct {
+	Job Job
+	New bool
+}
+
+// Enqueue adds a ready job for every path not already queued and returns
+// the job for each path (the existing one for a path already queued). It
+// returns only after the jobs are durably committed.
+func (q *Queue) Enqueue(paths []string, drv string, now time.Time) ([]EnqueueResult, error) {
+	var res []EnqueueResult
+	err := q.update(func(tx *bolt.Tx) error {
+		res = res[:0] // fn may run twice if its batch is retried
+		for _, p := range paths {
+			if idb := tx.Bucket(bktPaths).Get([]byte(p)); idb != nil {
+				j, err := getJob(tx, binary.BigEndian.Uint64(idb))
+				if err != nil {
+					return err
+				}
+				res = append(res, EnqueueResult{Job: *j})
+				continue
+			}
+			id, err := tx.Bucket(bktJobs).NextSequence()
+			if err != nil {
+				return err
+			}
+			j := &Job{ID: id, Path: p, Drv: drv, State: StateReady, EnqueuedAt: now.UTC(), NotBefore: now.UTC()}
+			if err := putJob(tx, j); err != nil {
+				return err
+			}
+			if err := tx.Bucket(bktPaths).Put([]byte(p), be64(id)); err != nil {
+				return err
+			}
+			if err := enterState(tx, j); err != nil {
+				return err
+			}
+			res = append(res, EnqueueResult{Job: *j, New: true})
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("enqueue: %w", err)
+	}
+	return res, nil
+}
+
+// Lease moves the first ready job that is due at now to leased and returns
+// it, or returns nil if no job is due.
+func (q *Queue) Lease(now time.Time) (*Job, error) {
+	var leased *Job
+	err := q.update(func(tx *bolt.Tx) error {
+		leased = nil
+		k, _ := tx.Bucket(bktReady).Cursor().First()
+		if k == nil || int64(binary.BigEndian.Uint64(k[:8])) > now.UnixNano() {
+			return nil
+		}
+		j, err := getJob(tx, binary.BigEndian.Uint64(k[8:]))
+		if err != nil {
+			return err
+		}
+		if err := leaveState(tx, j); err != nil {
+			return err
+		}
+		j.State = StateLeased
+		if err := putJob(tx, j); err != nil {
+			return err
+		}
+		leased = j
+		return enterState(tx, j)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("lease: %w", err)
+	}
+	return leased, nil
+}
+
+// NextDue returns when the earliest ready job becomes due; ok is false when
+// no job is ready.
+func (q *Queue) NextDue() (due time.Time, ok bool, err error) {
+	err = q.db.View(func(tx *bolt.Tx) error {
+		k, _ := tx.Bucket(bktReady).Cursor().First()
+		if k != nil {
+			due, ok = time.Unix(0, int64(binary.BigEndian.Uint64(k[:8]))), true
+		}
+		return nil
+	})
+	return due, ok, err
+}
+
+// Ack removes a leased job after its path was uploaded, and adds to the
+// upload totals. A job dropped while it was leased is not an error.
+func (q *Queue) Ack(id uint64, narBytes, fileBytes uint64) error {
+	return q.update(func(tx *bolt.Tx) error {
+		j, err := getJob(tx, id)
+		if errors.Is(err, ErrNotFound) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if j.State != StateLeased {
+			return fmt.Errorf("job %d is %s, not leased: %w", id, j.State, ErrState)
+		}
+		if err := removeJob(tx, j); err != nil {
+			return err
+		}
+		m := tx.Bucket(bktMeta)
+		for k, v := range map[string]uint64{cntUploaded: 1, cntNARBytes: narBytes, cntFileBytes: fileBytes} {
+			if err := addCounter(m, k, int64(v)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// RetryLater returns a leased job to ready, due at notBefore, counting one
+// more attempt and recording reason as its last error.
+func (q *Queue) RetryLater(id uint64, notBefore time.Time, reason string, now time.Time) error {
+	return q.transition(id, StateLeased, func(j *Job) {
+		j.State, j.Attempts, j.NotBefore, j.LastError = StateReady, j.Attempts+1, notBefore.UTC(), reason
+	}, reason, now)
+}
+
+// Fail moves a leased job to the dead letter with reason.
+func (q *Queue) Fail(id uint64, reason string, now time.Time) error {
+	return q.transition(id, StateLeased, func(j *Job) {
+		j.State, j.Attempts, j.LastError = StateFailed, j.Attempts+1, reason
+	}, reason, now)
+}
+
+// Release returns a leased job to ready without counting an attempt (used
+// when agentd shuts down during an upload).
+func (q *Queue) Release(id uint64, now time.Time) error {
+	return q.transition(id, StateLeased, func(j *Job) {
+		j.State, j.NotBefore = StateReady, now.UTC()
+	}, "", now)
+}
+
+// Retry moves a failed job back to ready with its attempts reset.
+func (q *Queue) Retry(id uint64, now time.Time) error {
+	return q.transition(id, StateFailed, func(j *Job) {
+		j.State, j.Attempts, j.NotBefore = StateReady, 0, now.UTC()
+	}, "", now)
+}
+
+// RetryAll moves every failed job back to ready and returns how many moved.
+func (q *Queue) RetryAll(now time.Time) (int, error) {
+	var n int
+	err := q.update(func(tx *bolt.Tx) error {
+		n = 0
+		var ids []uint64
+		if err := tx.Bucket(bktFailed).ForEach(func(k, _ []byte) error {
+			ids = append(ids, binary.BigEndian.Uint64(k))
+			return nil
+		}); err != nil {
+			return err
+		}
+		for _, id := range ids {
+			j, err := getJob(tx, id)
+			if err != nil {
+				return err
+			}
+			if err := leaveState(tx, j); err != nil {
+				return err
+			}
+			j.State, j.Attempts, j.NotBefore = StateReady, 0, now.UTC()
+			if err := putJob(tx, j); err != nil {
+				return err
+			}
+			if err := enterState(tx, j); err != nil {
+				return err
+			}
+			n++
+		}
+		return nil
+	})
+	return n, err
+}
+
+// Drop removes a job in any state and returns it.
+func (q *Queue) Drop(id uint64) (*Job, error) {
+	var dropped *Job
+	err := q.update(func(tx *bolt.Tx) error {
+		j, err := getJob(tx, id)
+		if err != nil {
+			return err
+		}
+		dropped = j
+		return removeJob(tx, j)
+	})
+	return dropped, err
+}
+
+func (q *Queue) transition(id uint64, from State, change func(*Job), reason string, now time.Time) error {
+	return q.update(func(tx *bolt.Tx) error {
+		j, err := getJob(tx, id)
+		if err != nil {
+			return err
+		}
+		if j.State != from {
+			return fmt.Errorf("job %d is %s, not %s: %w", id, j.State, from, ErrState)
+		}
+		if err := leaveState(tx, j); err != nil {
+			return err
+		}
+		change(j)
+		if err := putJob(tx, j); err != nil {
+			return err
+		}
+		if reason != "" {
+			m := tx.Bucket(bktMeta)
+			if err := m.Put([]byte(keyLastErr), []byte(reason)); err != nil {
+				return err
+			}
+			if err := m.Put([]byte(keyLastErrAt), be64(uint64(now.Unix()))); err != nil {
+				return err
+			}
+		}
+		return enterState(tx, j)
+	})
+}
+
+// Get returns one job.
+func (q *Queue) Get(id uint64) (*Job, error) {
+	var j *Job
+	err := q.db.View(func(tx *bolt.Tx) (err error) {
+		j, err = getJob(tx, id)
+		return err
+	})
+	return j, err
+}
+
+// List returns up to limit jobs in state (all states if state is ""), in
+// id order.
+func (q *Queue) List(state State, limit int) ([]Job, error) {
+	var out []Job
+	err := q.db.View(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bktJobs).Cursor()
+		for k, v := c.First(); k != nil && len(out) < limit; k, v = c.Next() {
+			j, err := decodeJob(v)
+			if err != nil {
+				return err
+			}
+			j.ID = binary.BigEndian.Uint64(k)
+			if state == "" || j.State == state {
+				out = append(out, *j)
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+// Stats are the queue's counters.
+type Stats struct {
+	Pending, Retrying, Leased, Failed int
+	Uploaded, NARBytes, FileBytes     uint64
+	OldestActive                      time.Time // zero if nothing is ready or leased
+	NextRetry                         time.Time // earliest not-before of a retrying job, if any
+	LastError                         string
+	LastErrorAt                       time.Time
+}
+
+// Stats returns the counters without scanning the queue.
+func (q *Queue) Stats() (Stats, error) {
+	var s Stats
+	err := q.db.View(func(tx *bolt.Tx) error {
+		m := tx.Bucket(bktMeta)
+		s.Pending = int(counter(m, cntPending))
+		s.Retrying = int(counter(m, cntRetrying))
+		s.Leased = int(counter(m, cntLeased))
+		s.Failed = int(counter(m, cntFailed))
+		s.Uploaded = uint64(counter(m, cntUploaded))
+		s.NARBytes = uint64(counter(m, cntNARBytes))
+		s.FileBytes = uint64(counter(m, cntFileBytes))
+		s.LastError = string(m.Get([]byte(keyLastErr)))
+		if v := m.Get([]byte(keyLastErrAt)); len(v) == 8 {
+			s.LastErrorAt = time.Unix(int64(binary.BigEndian.Uint64(v)), 0)
+		}
+		if k, _ := tx.Bucket(bktActive).Cursor().First(); k != nil {
+			j, err := getJob(tx, binary.BigEndian.Uint64(k))
+			if err != nil {
+				return err
+			}
+			s.OldestActive = j.EnqueuedAt
+		}
+		if s.Retrying > 0 {
+			// The first ready key is the earliest due job; if it is a retry
+			// that is the next retry time. Good enough for display.
+			if k, _ := tx.Bucket(bktReady).Cursor().First(); k != nil {
+				s.NextRetry = time.Unix(0, int64(binary.BigEndian.Uint64(k[:8])))
+			}
+		}
+		return nil
+	})
+	return s, err
+}
+
+// recoverLeased returns all leased jobs to ready: after a crash nobody is
+// uploading them any more (at-least-once delivery).
+func recoverLeased(tx *bolt.Tx) error {
+	var ids []uint64
+	if err := tx.Bucket(bktLeased).ForEach(func(k, _ []byte) error {
+		ids = append(ids, binary.BigEndian.Uint64(k))
+		return nil
+	}); err != nil {
+		return err
+	}
+	for _, id := range ids {
+		j, err := getJob(tx, id)
+		if err != nil {
+			return err
+		}
+		if err := leaveState(tx, j); err != nil {
+			return err
+		}
+		j.State = StateReady
+		if err := putJob(tx, j); err != nil {
+			return err
+		}
+		if err := enterState(tx, j); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func counterKey(j *Job) string {
+	switch j.State {
+	case StateReady:
+		if j.Attempts > 0 {
+			return cntRetrying
+		}
+		return cntPending
+	case StateLeased:
+		return cntLeased
+	default:
+		return cntFailed
+	}
+}
+
+// enterState adds j to the index of its state and counts it.
+func enterState(tx *bolt.Tx, j *Job) error {
+	id := be64(j.ID)
+	var err error
+	switch j.State {
+	case StateReady:
+		err = tx.Bucket(bktReady).Put(readyKey(j), nil)
+		if err == nil {
+			err = tx.Bucket(bktActive).Put(id, nil)
+		}
+	case StateLeased:
+		err = tx.Bucket(bktLeased).Put(id, nil)
+		if err == nil {
+			err = tx.Bucket(bktActive).Put(id, nil)
+		}
+	case StateFailed:
+		err = tx.Bucket(bktFailed).Put(id, nil)
+	default:
+		err = fmt.Errorf("job %d: unknown state %q", j.ID, j.State)
+	}
+	if err != nil {
+		return err
+	}
+	return addCounter(tx.Bucket(bktMeta), counterKey(j), 1)
+}
+
+// leaveState removes j from the index of its (current) state.
+func leaveState(tx *bolt.Tx, j *Job) error {
+	id := be64(j.ID)
+	var err error
+	switch j.State {
+	case StateReady:
+		err = tx.Bucket(bktReady).Delete(readyKey(j))
+		if err == nil {
+			err = tx.Bucket(bktActive).Delete(id)
+		}
+	case StateLeased:
+		err = tx.Bucket(bktLeased).Delete(id)
+		if err == nil {
+			err = tx.Bucket(bktActive).Delete(id)
+		}
+	case StateFailed:
+		err = tx.Bucket(bktFailed).Delete(id)
+	}
+	if err != nil {
+		return err
+	}
+	return addCounter(tx.Bucket(bktMeta), counterKey(j), -1)
+}
+
+func removeJob(tx *bolt.Tx, j *Job) error {
+	if err := leaveState(tx, j); err != nil {
+		return err
+	}
+	if err := tx.Bucket(bktPaths).Delete([]byte(j.Path)); err != nil {
+		return err
+	}
+	return tx.Bucket(bktJobs).Delete(be64(j.ID))
+}
+
+func readyKey(j *Job) []byte {
+	k := make([]byte, 16)
+	binary.BigEndian.PutUint64(k, uint64(j.NotBefore.UnixNano()))
+	binary.BigEndian.PutUint64(k[8:], j.ID)
+	return k
+}
+
+func getJob(tx *bolt.Tx, id uint64) (*Job, error) {
+	v := tx.Bucket(bktJobs).Get(be64(id))
+	if v == nil {
+		return nil, fmt.Errorf("job %d: %w", id, ErrNotFound)
+	}
+	j, err := decodeJob(v)
+	if err != nil {
+		return nil, fmt.Errorf("job %d: %w", id, err)
+	}
+	j.ID = id
+	return j, nil
+}
+
+func putJob(tx *bolt.Tx, j *Job) error {
+	v, err := encodeJob(j)
+	if err != nil {
+		return err
+	}
+	return tx.Bucket(bktJobs).Put(be64(j.ID), v)
+}
+
+func encodeJob(j *Job) ([]byte, error) {
+	b, err := json.Marshal(j)
+	if err != nil {
+		return nil, err
+	}
+	return append([]byte{recordVersion}, b...), nil
+}
+
+// decodeJob decodes a record. It copies nothing out of v it keeps, so v may
+// be a bbolt value that is only valid inside the transaction.
+func decodeJob(v []byte) (*Job, error) {
+	if len(v) == 0 {
+		return nil, errors.New("empty job record")
+	}
+	if v[0] != recordVersion {
+		return nil, fmt.Errorf("job record version %d not supported (want %d)", v[0], recordVersion)
+	}
+	var j Job
+	if err := json.Unmarshal(v[1:], &j); err != nil {
+		return nil, fmt.Errorf("decode job record: %w", err)
+	}
+	return &j, nil
+}
+
+func be64(v uint64) []byte {
+	b := make([]byte, 8)
+	binary.BigEndian.PutUint64(b, v)
+	return b
+}
+
+func counter(m *bolt.Bucket, k string) int64 {
+	v := m.Get([]byte(k))
+	if len(v) != 8 {
+		return 0
+	}
+	return int64(binary.BigEndian.Uint64(v))
+}
+
+func addCounter(m *bolt.Bucket, k string, d int64) error {
+	return m.Put([]byte(k), be64(uint64(counter(m, k)+d)))
+}

@@ -1,0 +1,301 @@
+package queue
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+func openTest(t *testing.T) (*Queue, string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "queue.db")
+	q, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := q.Check(); err != nil {
+			t.Errorf("final check: %v", err)
+		}
+		q.Close()
+	})
+	return q, path
+}
+
+func mustStats(t *testing.T, q *Queue) Stats {
+	t.Helper()
+	s, err := q.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+var t0 = time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+
+func TestLifecycle(t *testing.T) {
+	q, _ := openTest(t)
+	res, err := q.Enqueue([]string{"/nix/store/a", "/nix/store/b"}, "/nix/store/x.drv", t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res) != 2 || !res[0].New || !res[1].New || res[0].Job.ID == res[1].Job.ID {
+		t.Fatalf("enqueue results = %+v", res)
+	}
+	// Deduplication: same path returns the existing job.
+	again, err := q.Enqueue([]string{"/nix/store/a"}, "", t0.Add(time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again[0].New || again[0].Job.ID != res[0].Job.ID {
+		t.Fatalf("re-enqueue = %+v, want existing job %d", again[0], res[0].Job.ID)
+	}
+	if s := mustStats(t, q); s.Pending != 2 || !s.OldestActive.Equal(t0) {
+		t.Fatalf("stats = %+v", s)
+	}
+
+	j, err := q.Lease(t0)
+	if err != nil || j == nil || j.Path != "/nix/store/a" || j.State != StateLeased {
+		t.Fatalf("lease = %+v, %v", j, err)
+	}
+	// Transient failure: back to ready, due later; the other job is leased first.
+	if err := q.RetryLater(j.ID, t0.Add(time.Minute), "503 Service Unavailable", t0); err != nil {
+		t.Fatal(err)
+	}
+	if s := mustStats(t, q); s.Retrying != 1 || s.Pending != 1 || s.LastError != "503 Service Unavailable" {
+		t.Fatalf("stats after retry = %+v", s)
+	}
+	j2, _ := q.Lease(t0)
+	if j2 == nil || j2.Path != "/nix/store/b" {
+		t.Fatalf("second lease = %+v, want /nix/store/b", j2)
+	}
+	if j3, _ := q.Lease(t0.Add(30 * time.Second)); j3 != nil {
+		t.Fatalf("lease before not-before returned %+v", j3)
+	}
+	due, ok, _ := q.NextDue()
+	if !ok || !due.Equal(t0.Add(time.Minute)) {
+		t.Fatalf("NextDue = %v %v", due, ok)
+	}
+	if err := q.Ack(j2.ID, 100, 40); err != nil {
+		t.Fatal(err)
+	}
+	j, _ = q.Lease(t0.Add(time.Minute))
+	if j == nil || j.Attempts != 1 {
+		t.Fatalf("lease after backoff = %+v", j)
+	}
+	if err := q.Fail(j.ID, "access denied", t0); err != nil {
+		t.Fatal(err)
+	}
+	s := mustStats(t, q)
+	if s.Failed != 1 || s.Uploaded != 1 || s.NARBytes != 100 || s.FileBytes != 40 || !s.OldestActive.IsZero() {
+		t.Fatalf("stats = %+v", s)
+	}
+	failed, _ := q.List(StateFailed, 10)
+	if len(failed) != 1 || failed[0].LastError != "access denied" || failed[0].Attempts != 2 {
+		t.Fatalf("failed = %+v", failed)
+	}
+	if err := q.Ack(j.ID, 1, 1); !errors.Is(err, ErrState) {
+		t.Fatalf("ack of a failed job = %v, want ErrState", err)
+	}
+	if err := q.Retry(j.ID, t0); err != nil {
+		t.Fatal(err)
+	}
+	if s := mustStats(t, q); s.Failed != 0 || s.Pending != 1 {
+		t.Fatalf("after retry stats = %+v", s)
+	}
+	if _, err := q.Drop(j.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := q.Drop(j.ID); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("second drop = %v, want ErrNotFound", err)
+	}
+	if err := q.RetryLater(12345, t0, "x", t0); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("RetryLater unknown = %v", err)
+	}
+}
+
+func TestRecoverLeased(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "q.db")
+	q, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := q.Enqueue([]string{"/p/1", "/p/2"}, "", t0); err != nil {
+		t.Fatal(err)
+	}
+	if j, _ := q.Lease(t0); j == nil {
+		t.Fatal("no lease")
+	}
+	q.Close()
+	q, err = Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	if err := q.Check(); err != nil {
+		t.Fatal(err)
+	}
+	if s := mustStats(t, q); s.Leased != 0 || s.Pending != 2 {
+		t.Fatalf("after reopen: %+v", s)
+	}
+}
+
+func TestRetryAll(t *testing.T) {
+	q, _ := openTest(t)
+	q.Enqueue([]string{"/p/1", "/p/2", "/p/3"}, "", t0)
+	for i := 0; i < 3; i++ {
+		j, _ := q.Lease(t0)
+		q.Fail(j.ID, "bad", t0)
+	}
+	n, err := q.RetryAll(t0)
+	if err != nil || n != 3 {
+		t.Fatalf("RetryAll = %d, %v", n, err)
+	}
+	if s := mustStats(t, q); s.Pending != 3 || s.Failed != 0 {
+		t.Fatalf("stats = %+v", s)
+	}
+}
+
+func TestGroupCommitConcurrent(t *testing.T) {
+	q, _ := openTest(t)
+	var wg sync.WaitGroup
+	ids := make([]uint64, 64)
+	for i := range ids {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res, err := q.Enqueue([]string{fmt.Sprintf("/p/%d", i%32)}, "", t0)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			ids[i] = res[0].Job.ID
+		}()
+	}
+	wg.Wait()
+	for i := 0; i < 32; i++ {
+		if ids[i] != ids[i+32] {
+			t.Errorf("path %d got two jobs: %d and %d", i, ids[i], ids[i+32])
+		}
+	}
+	if s := mustStats(t, q); s.Pending != 32 {
+		t.Fatalf("pending = %d, want 32", s.Pending)
+	}
+}
+
+func TestRejectsUnknownRecordVersion(t *testing.T) {
+	if _, err := decodeJob([]byte{9, '{', '}'}); err == nil {
+		t.Fatal("decodeJob accepted record version 9")
+	}
+}
+
+// TestCrashDurability runs a child that enqueues in a loop and prints every
+// acknowledged id, SIGKILLs it at random moments, and checks after each kill
+// that every acknowledged id survived and the database is consistent.
+func TestCrashDurability(t *testing.T) {
+	if os.Getenv("QUEUE_CRASH_CHILD") != "" {
+		crashChild(os.Getenv("QUEUE_CRASH_CHILD"))
+		return
+	}
+	path := filepath.Join(t.TempDir(), "crash.db")
+	acked := map[uint64]string{}
+	const rounds = 25
+	for round := 0; round < rounds; round++ {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestCrashDurability$")
+		cmd.Env = append(os.Environ(), "QUEUE_CRASH_CHILD="+path)
+		out, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		sc := bufio.NewScanner(out)
+		killAfter := 5 + rand.IntN(200)
+		n := 0
+		for sc.Scan() {
+			var id uint64
+			var p string
+			if _, err := fmt.Sscanf(sc.Text(), "%d %s", &id, &p); err != nil {
+				continue
+			}
+			acked[id] = p
+			n++
+			if n == killAfter {
+				cmd.Process.Signal(syscall.SIGKILL)
+			}
+		}
+		cmd.Wait()
+		q, err := Open(path)
+		if err != nil {
+			t.Fatalf("round %d: reopen: %v", round, err)
+		}
+		if err := q.Check(); err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		jobs, err := q.List("", 1<<30)
+		if err != nil {
+			t.Fatal(err)
+		}
+		have := map[uint64]string{}
+		for _, j := range jobs {
+			have[j.ID] = j.Path
+		}
+		for id, p := range acked {
+			if have[id] != p {
+				t.Fatalf("round %d: acknowledged job %d (%s) lost after SIGKILL", round, id, p)
+			}
+		}
+		q.Close()
+	}
+	t.Logf("%d rounds, %d acknowledged jobs all present", rounds, len(acked))
+}
+
+func crashChild(path string) {
+	q, err := Open(path)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	w := bufio.NewWriter(os.Stdout)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	base := time.Now().UnixNano()
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				p := "/nix/store/p-" + strconv.FormatInt(base, 36) + "-" + strconv.Itoa(g) + "-" + strconv.Itoa(i)
+				res, err := q.Enqueue([]string{p}, "", time.Now())
+				if err != nil {
+					os.Exit(1)
+				}
+				// Exercise the other transitions while being killed.
+				if i%3 == 0 {
+					if j, _ := q.Lease(time.Now()); j != nil {
+						if i%2 == 0 {
+							q.RetryLater(j.ID, time.Now().Add(time.Hour), "x", time.Now())
+						} else {
+							q.Fail(j.ID, "y", time.Now())
+						}
+					}
+				}
+				mu.Lock()
+				fmt.Fprintf(w, "%d %s\n", res[0].Job.ID, p)
+				w.Flush()
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+}
