@@ -1,0 +1,55 @@
+// Package bucket is the small object-store interface the uploader writes a
+// binary cache through, with implementations for S3 (bucket/s3) and a local
+// directory (bucket/file). The contract is checked for both by one suite,
+// bucket/buckettest.
+package bucket
+
+import (
+	"context"
+	"errors"
+	"io"
+)
+
+// ErrNotExist is wrapped by Stat and Get when the key does not exist.
+var ErrNotExist = errors.New("object does not exist")
+
+// ErrPermanent is wrapped by errors that retrying cannot fix (access
+// denied, no such bucket, invalid credentials).
+var ErrPermanent = errors.New("permanent bucket error")
+
+// PutOptions are the object's HTTP metadata.
+type PutOptions struct {
+	ContentType     string
+	ContentEncoding string
+}
+
+// Info describes an object.
+type Info struct {
+	Size int64
+}
+
+// Bucket stores objects by key ("nar/abc.nar.zst", "abc.narinfo").
+//
+// Put is atomic: readers see either no object or the complete one, never a
+// partial object. Putting the same key twice with the same content is
+// harmless. A Put whose reader yields fewer or more than size bytes fails
+// and leaves no object behind. Methods honour ctx cancellation.
+type Bucket interface {
+	// Stat returns the object's info, or an error wrapping ErrNotExist.
+	Stat(ctx context.Context, key string) (Info, error)
+	// Put writes size bytes from r (an io.ReaderAt/io.Seeker such as an
+	// *os.File lets implementations retry and upload in parallel parts).
+	Put(ctx context.Context, key string, r io.Reader, size int64, opts PutOptions) error
+	// Get returns the whole object if it is at most max bytes.
+	Get(ctx context.Context, key string, max int64) ([]byte, error)
+	// Delete removes the object; deleting a missing key is not an error.
+	Delete(ctx context.Context, key string) error
+	// String names the bucket for logs (no secrets).
+	String() string
+}
+
+// IsNotExist reports whether err means the object does not exist.
+func IsNotExist(err error) bool { return errors.Is(err, ErrNotExist) }
+
+// IsPermanent reports whether err cannot be fixed by retrying.
+func IsPermanent(err error) bool { return errors.Is(err, ErrPermanent) }

@@ -1,0 +1,192 @@
+// Package s3 is a bucket.Bucket on S3 or any S3-compatible server (MinIO,
+// Garage, R2, …), through minio-go.
+package s3
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+
+	"github.com/minio/minio-go/v7"
+	"github.com/minio/minio-go/v7/pkg/credentials"
+
+	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cacheurl"
+)
+
+// Bucket is an S3 bucket (with an optional key prefix).
+type Bucket struct {
+	client *minio.Client
+	name   string
+	prefix string
+	desc   string
+}
+
+var _ bucket.Bucket = (*Bucket)(nil)
+
+// MinPartSize is the smallest multipart part size used; larger objects get
+// larger parts so that no upload needs more than maxParts parts.
+const (
+	MinPartSize = 16 << 20
+	maxParts    = 9000 // below S3's limit of 10,000, with headroom
+)
+
+// New connects to the bucket described by c. Credentials come from the
+// usual AWS chain: with profile= the shared credentials file's profile
+// first, then AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the shared file, and
+// instance roles. They never appear in c.
+func New(c *cacheurl.Cache) (*Bucket, error) {
+	file := &credentials.FileAWSCredentials{Profile: c.Profile}
+	chain := []credentials.Provider{&credentials.EnvAWS{}, file, &credentials.IAM{Client: &http.Client{}}}
+	if c.Profile != "" {
+		chain = []credentials.Provider{file, &credentials.EnvAWS{}, &credentials.IAM{Client: &http.Client{}}}
+	}
+	endpoint := c.Endpoint
+	lookup := minio.BucketLookupAuto
+	if endpoint == "" {
+		endpoint = "s3." + c.Region + ".amazonaws.com"
+	} else {
+		// Like Nix, path-style addressing for custom endpoints unless told.
+		lookup = minio.BucketLookupPath
+	}
+	switch c.PathStyle {
+	case "path":
+		lookup = minio.BucketLookupPath
+	case "virtual":
+		lookup = minio.BucketLookupDNS
+	}
+	tr, err := minio.DefaultTransport(c.Secure)
+	if err != nil {
+		return nil, err
+	}
+	tr.MaxIdleConnsPerHost = 64 // keep-alive for many small concurrent requests
+	client, err := minio.New(endpoint, &minio.Options{
+		Creds:        credentials.NewChainCredentials(chain),
+		Secure:       c.Secure,
+		Region:       c.Region,
+		BucketLookup: lookup,
+		Transport:    tr,
+		// Short in-request retries only; outages are retried per job by
+		// the queue with persisted backoff.
+		MaxRetries: 3,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("s3 client: %w", err)
+	}
+	return &Bucket{client: client, name: c.Bucket, prefix: c.Prefix, desc: c.String()}, nil
+}
+
+func (b *Bucket) String() string { return b.desc }
+
+// PartSize returns the multipart part size for an object of size bytes.
+func PartSize(size int64) uint64 {
+	ps := uint64(MinPartSize)
+	if size > 0 {
+		if need := uint64(size)/maxParts + 1; need > ps {
+			ps = (need + (1<<20 - 1)) &^ (1<<20 - 1) // round up to MiB
+		}
+	}
+	return ps
+}
+
+// Stat implements bucket.Bucket.
+func (b *Bucket) Stat(ctx context.Context, key string) (bucket.Info, error) {
+	info, err := b.client.StatObject(ctx, b.name, b.prefix+key, minio.StatObjectOptions{})
+	if err != nil {
+		return bucket.Info{}, fmt.Errorf("stat %s: %w", key, classify(err, true))
+	}
+	return bucket.Info{Size: info.Size}, nil
+}
+
+// Put implements bucket.Bucket. With a known size, large objects go up as a
+// multipart upload whose part size keeps the part count under S3's limit;
+// the returned size is checked against what was meant to be sent.
+func (b *Bucket) Put(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) error {
+	info, err := b.client.PutObject(ctx, b.name, b.prefix+key, r, size, minio.PutObjectOptions{
+		ContentType:     opts.ContentType,
+		ContentEncoding: opts.ContentEncoding,
+		PartSize:        PartSize(size),
+		NumThreads:      2,
+	})
+	if err != nil {
+		return fmt.Errorf("put %s: %w", key, classify(err, false))
+	}
+	if size >= 0 && info.Size != size {
+		return fmt.Errorf("put %s: server stored %d bytes, want %d", key, info.Size, size)
+	}
+	return nil
+}
+
+// Get implements bucket.Bucket.
+func (b *Bucket) Get(ctx context.Context, key string, max int64) ([]byte, error) {
+	obj, err := b.client.GetObject(ctx, b.name, b.prefix+key, minio.GetObjectOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("get %s: %w", key, classify(err, true))
+	}
+	defer obj.Close()
+	data, err := io.ReadAll(io.LimitReader(obj, max+1))
+	if err != nil {
+		return nil, fmt.Errorf("get %s: %w", key, classify(err, true))
+	}
+	if int64(len(data)) > max {
+		return nil, fmt.Errorf("get %s: larger than %d bytes", key, max)
+	}
+	return data, nil
+}
+
+// Delete implements bucket.Bucket.
+func (b *Bucket) Delete(ctx context.Context, key string) error {
+	if err := b.client.RemoveObject(ctx, b.name, b.prefix+key, minio.RemoveObjectOptions{}); err != nil {
+		return fmt.Errorf("delete %s: %w", key, classify(err, false))
+	}
+	return nil
+}
+
+// AbortIncompleteUploads removes multipart uploads under prefix that a
+// crash left behind (they cost storage and are never completed).
+func (b *Bucket) AbortIncompleteUploads(ctx context.Context, prefix string) error {
+	for u := range b.client.ListIncompleteUploads(ctx, b.name, b.prefix+prefix, true) {
+		if u.Err != nil {
+			return classify(u.Err, false)
+		}
+		if err := b.client.RemoveIncompleteUpload(ctx, b.name, u.Key); err != nil {
+			return classify(err, false)
+		}
+	}
+	return nil
+}
+
+// permanentCodes are S3 error codes that retrying cannot fix.
+var permanentCodes = map[string]bool{
+	"AccessDenied":          true,
+	"AllAccessDisabled":     true,
+	"InvalidAccessKeyId":    true,
+	"SignatureDoesNotMatch": true,
+	"NoSuchBucket":          true,
+	"InvalidBucketName":     true,
+	"AccountProblem":        true,
+	"InvalidRange":          true,
+	"MethodNotAllowed":      true,
+}
+
+// classify maps a minio-go error to the bucket package's error classes by
+// its S3 error code (never by message text). For reads, 404 and 403 both
+// mean "not there": buckets without ListBucket permission answer 403 for a
+// missing key, as Nix itself assumes.
+func classify(err error, read bool) error {
+	var resp minio.ErrorResponse
+	if !errors.As(err, &resp) {
+		return err
+	}
+	switch {
+	case resp.Code == "NoSuchKey" || (read && resp.StatusCode == http.StatusNotFound && resp.Code != "NoSuchBucket"):
+		return fmt.Errorf("%w (%s)", bucket.ErrNotExist, resp.Code)
+	case read && resp.StatusCode == http.StatusForbidden && resp.Code != "InvalidAccessKeyId" && resp.Code != "SignatureDoesNotMatch":
+		return fmt.Errorf("%w (403 %s)", bucket.ErrNotExist, resp.Code)
+	case permanentCodes[resp.Code]:
+		return fmt.Errorf("%w: %s: %s", bucket.ErrPermanent, resp.Code, resp.Message)
+	}
+	return err
+}

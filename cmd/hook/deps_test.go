@@ -1,0 +1,24 @@
+package main
+
+import (
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// TestHookDependencies keeps the hook small and fast to start: it must not
+// link the queue database, an S3 client or the network poller's heavy users.
+func TestHookDependencies(t *testing.T) {
+	out, err := exec.Command("go", "list", "-deps", ".").Output()
+	if err != nil {
+		t.Fatalf("go list -deps: %v", err)
+	}
+	forbidden := []string{"go.etcd.io/bbolt", "github.com/minio/minio-go", "github.com/nixspool/nixspool/queue", "github.com/nixspool/nixspool/uploader", "net/http"}
+	for _, dep := range strings.Fields(string(out)) {
+		for _, f := range forbidden {
+			if dep == f || strings.HasPrefix(dep, f+"/") {
+				t.Errorf("cmd/hook depends on %s", dep)
+			}
+		}
+	}
+}

@@ -1,0 +1,27 @@
+// Command hook is nixspool's post-build-hook. Nix runs it with no arguments
+// after each build, with OUT_PATHS and DRV_PATH in the environment; it hands
+// the built outputs to agentd and exits within NIXSPOOL_TIMEOUT (default 2s).
+//
+// Environment: NIXSPOOL_SOCKET (default /run/nixspool/agentd.sock),
+// NIXSPOOL_STATE_DIR (default /var/lib/nixspool; spool/ below it),
+// NIXSPOOL_TIMEOUT (default 2s), NIXSPOOL_STRICT=1 (fail the build when the
+// paths could not be handed to agentd).
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/nixspool/nixspool/hook"
+)
+
+func main() {
+	if len(os.Args) > 1 {
+		fmt.Fprintln(os.Stderr, "usage: hook (no arguments; configure it as post-build-hook in nix.conf)")
+		if os.Args[1] == "--help" || os.Args[1] == "-h" {
+			os.Exit(0)
+		}
+		os.Exit(2)
+	}
+	os.Exit(hook.Run(os.Getenv, os.Stderr))
+}

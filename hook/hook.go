@@ -1,0 +1,146 @@
+// Package hook is the logic of the post-build-hook binary: collect the
+// outputs Nix just built, hand them to agentd with a durable acknowledgement,
+// and fall back to the spool directory when agentd cannot take them.
+//
+// It must stay small and must never make a build fail (unless strict mode is
+// asked for): Nix blocks its build loop on the hook and fails the build when
+// the hook exits non-zero. It links neither bbolt nor an S3 client.
+package hook
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/nix-community/go-nix/pkg/derivation"
+
+	"github.com/nixspool/nixspool/protocol"
+	"github.com/nixspool/nixspool/spool"
+)
+
+// Defaults, overridden by the NIXSPOOL_* environment variables.
+const (
+	DefaultSocket   = "/run/nixspool/agentd.sock"
+	DefaultStateDir = "/var/lib/nixspool"
+	DefaultTimeout  = 2 * time.Second
+)
+
+// Config is what the hook reads from its environment.
+type Config struct {
+	OutPaths string // OUT_PATHS, space separated
+	DrvPath  string // DRV_PATH
+	Socket   string
+	StateDir string
+	Timeout  time.Duration
+	Strict   bool
+}
+
+// ConfigFromEnv reads the hook's configuration from the environment.
+func ConfigFromEnv(getenv func(string) string) (Config, error) {
+	c := Config{
+		OutPaths: getenv("OUT_PATHS"),
+		DrvPath:  getenv("DRV_PATH"),
+		Socket:   or(getenv("NIXSPOOL_SOCKET"), DefaultSocket),
+		StateDir: or(getenv("NIXSPOOL_STATE_DIR"), DefaultStateDir),
+		Timeout:  DefaultTimeout,
+		Strict:   getenv("NIXSPOOL_STRICT") == "1",
+	}
+	if s := getenv("NIXSPOOL_TIMEOUT"); s != "" {
+		d, err := time.ParseDuration(s)
+		if err != nil || d <= 0 {
+			return c, fmt.Errorf("NIXSPOOL_TIMEOUT=%q: want a positive duration such as 2s", s)
+		}
+		c.Timeout = d
+	}
+	return c, nil
+}
+
+func or(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
+}
+
+// Run does the hook's work and returns the process exit status.
+func Run(getenv func(string) string, stderr io.Writer) int {
+	cfg, err := ConfigFromEnv(getenv)
+	if err != nil {
+		fmt.Fprintf(stderr, "nixspool: %v\n", err)
+		return failStatus(cfg.Strict)
+	}
+	paths, drvErr := Outputs(cfg.OutPaths, cfg.DrvPath)
+	if len(paths) == 0 {
+		if drvErr != nil {
+			fmt.Fprintf(stderr, "nixspool: no outputs to queue: %v\n", drvErr)
+			return failStatus(cfg.Strict)
+		}
+		return 0
+	}
+	req := &protocol.Request{Op: protocol.OpEnqueue, Paths: paths, Drv: cfg.DrvPath}
+	resp, err := protocol.Call(cfg.Socket, req, cfg.Timeout)
+	if err == nil && resp.OK {
+		return 0
+	}
+	if err == nil {
+		err = errors.New(resp.Error)
+	}
+	file, serr := spool.Write(filepath.Join(cfg.StateDir, "spool"), spool.Entry{Paths: paths, Drv: cfg.DrvPath})
+	if serr != nil {
+		fmt.Fprintf(stderr, "nixspool: agentd did not take %d path(s) (%v) and spooling failed (%v); they are NOT queued\n", len(paths), err, serr)
+		return failStatus(cfg.Strict)
+	}
+	fmt.Fprintf(stderr, "nixspool: agentd did not take %d path(s) (%v); spooled to %s\n", len(paths), err, file)
+	return failStatus(cfg.Strict)
+}
+
+func failStatus(strict bool) int {
+	if strict {
+		return 1
+	}
+	return 0
+}
+
+// Outputs returns the existing output paths of the build: those listed in
+// outPaths plus every output recorded in the derivation at drvPath (Nix
+// 2.8.0 leaves OUT_PATHS empty, and 2.8.1–2.15 list only the wanted
+// outputs). Floating content-addressed outputs have no path in the .drv and
+// are left out. The error reports a derivation that could not be read.
+func Outputs(outPaths, drvPath string) ([]string, error) {
+	set := map[string]bool{}
+	for _, p := range strings.Fields(outPaths) {
+		set[p] = true
+	}
+	var drvErr error
+	if drvPath != "" {
+		f, err := os.Open(drvPath)
+		if err == nil {
+			var drv *derivation.Derivation
+			drv, err = derivation.ReadDerivation(f)
+			f.Close()
+			if err == nil {
+				for _, o := range drv.Outputs {
+					if o.Path != "" {
+						set[o.Path] = true
+					}
+				}
+			}
+		}
+		if err != nil {
+			drvErr = fmt.Errorf("read derivation %s: %w", drvPath, err)
+		}
+	}
+	var out []string
+	for p := range set {
+		if _, err := os.Lstat(p); err == nil {
+			out = append(out, p)
+		}
+	}
+	sort.Strings(out)
+	return out, drvErr
+}

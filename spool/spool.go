@@ -1,0 +1,142 @@
+// Package spool is the hook's fallback when agentd cannot be reached: each
+// request is written as one file in the spool directory, atomically (temp
+// file, fsync, rename, fsync of the directory), and agentd imports the files
+// when it starts and periodically afterwards. A file is removed only after
+// its paths are committed to the queue.
+package spool
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Entry is the content of one spool file.
+type Entry struct {
+	Paths []string `json:"paths"`
+	Drv   string   `json:"drv,omitempty"`
+}
+
+const suffix = ".json"
+
+// maxFileSize bounds what Read accepts from one spool file.
+const maxFileSize = 1 << 20
+
+// Write stores e as a new file in dir (created 0700 if missing) and returns
+// its path. The file is durable when Write returns.
+func Write(dir string, e Entry) (string, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", fmt.Errorf("spool: %w", err)
+	}
+	data, err := json.Marshal(e)
+	if err != nil {
+		return "", fmt.Errorf("spool: %w", err)
+	}
+	var rnd [6]byte
+	if _, err := rand.Read(rnd[:]); err != nil {
+		return "", fmt.Errorf("spool: %w", err)
+	}
+	name := strconv.FormatInt(time.Now().UnixNano(), 10) + "-" + strconv.Itoa(os.Getpid()) + "-" + hex.EncodeToString(rnd[:]) + suffix
+	final := filepath.Join(dir, name)
+	tmp := filepath.Join(dir, "."+name+".tmp")
+	if err := writeSync(tmp, data); err != nil {
+		os.Remove(tmp)
+		return "", fmt.Errorf("spool: %w", err)
+	}
+	if err := os.Rename(tmp, final); err != nil {
+		os.Remove(tmp)
+		return "", fmt.Errorf("spool: %w", err)
+	}
+	if err := syncDir(dir); err != nil {
+		return "", fmt.Errorf("spool: %w", err)
+	}
+	return final, nil
+}
+
+func writeSync(path string, data []byte) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// Files lists the complete spool files in dir, oldest first. A missing
+// directory holds no files.
+func Files(dir string) ([]string, error) {
+	ents, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, e := range ents {
+		if e.Type().IsRegular() && strings.HasSuffix(e.Name(), suffix) && !strings.HasPrefix(e.Name(), ".") {
+			out = append(out, filepath.Join(dir, e.Name()))
+		}
+	}
+	sort.Strings(out) // names start with a timestamp
+	return out, nil
+}
+
+// Read decodes one spool file.
+func Read(path string) (Entry, error) {
+	var e Entry
+	f, err := os.Open(path)
+	if err != nil {
+		return e, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return e, err
+	}
+	if fi.Size() > maxFileSize {
+		return e, fmt.Errorf("spool file %s: larger than %d bytes", path, maxFileSize)
+	}
+	if err := json.NewDecoder(f).Decode(&e); err != nil {
+		return e, fmt.Errorf("spool file %s: %w", path, err)
+	}
+	return e, nil
+}
+
+// Remove deletes an imported spool file and syncs the directory.
+func Remove(path string) error {
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return syncDir(filepath.Dir(path))
+}
+
+// Quarantine renames a spool file that cannot be imported so that it is not
+// tried again, keeping it for an operator to inspect.
+func Quarantine(path string) error {
+	return os.Rename(path, path+".bad")
+}

@@ -1,0 +1,54 @@
+package spool
+
+import (
+	"os"
+	"path/filepath"
+	"reflect"
+	"testing"
+)
+
+func TestWriteReadRemove(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "spool")
+	want := Entry{Paths: []string{"/nix/store/a", "/nix/store/b"}, Drv: "/nix/store/x.drv"}
+	p1, err := Write(dir, want)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p2, err := Write(dir, Entry{Paths: []string{"/nix/store/c"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A leftover temp file of a crashed writer is not listed.
+	os.WriteFile(filepath.Join(dir, ".123.json.tmp"), []byte("{"), 0o600)
+	files, err := Files(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(files, []string{p1, p2}) {
+		t.Fatalf("Files = %v, want [%s %s]", files, p1, p2)
+	}
+	got, err := Read(p1)
+	if err != nil || !reflect.DeepEqual(got, want) {
+		t.Fatalf("Read = %+v, %v", got, err)
+	}
+	if err := Remove(p1); err != nil {
+		t.Fatal(err)
+	}
+	if files, _ := Files(dir); len(files) != 1 {
+		t.Fatalf("after remove: %v", files)
+	}
+	if fi, _ := os.Stat(dir); fi.Mode().Perm() != 0o700 {
+		t.Errorf("spool dir mode %v, want 0700", fi.Mode().Perm())
+	}
+}
+
+func TestReadRejectsGarbage(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "x.json")
+	os.WriteFile(p, []byte("not json"), 0o600)
+	if _, err := Read(p); err == nil {
+		t.Fatal("Read accepted garbage")
+	}
+	if files, _ := Files(filepath.Join(t.TempDir(), "missing")); files != nil {
+		t.Fatal("missing dir should list nothing")
+	}
+}

@@ -1,0 +1,465 @@
+// Package uploader turns store paths into binary cache objects that stock Nix
+// accepts: for a path P it walks P's closure, finds which paths the cache
+// lacks, streams each missing path's NAR through hashing and compression,
+// uploads the NAR, and writes the signed narinfo last.
+//
+// Invariants it keeps (design.md §4):
+//   - a narinfo is written only after its NAR is complete and after the
+//     narinfos of all its references exist in the cache;
+//   - a NAR whose streamed hash differs from the store's NarHash is never
+//     uploaded (a permanent error naming both hashes);
+//   - memory does not grow with NAR size: the compressed NAR goes to a temp
+//     file (which also gives FileHash and FileSize before the upload, and a
+//     seekable body the S3 client can retry and send in parallel parts).
+package uploader
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/nix-community/go-nix/pkg/narinfo"
+	"github.com/nix-community/go-nix/pkg/narinfo/signature"
+	"github.com/nix-community/go-nix/pkg/nixbase32"
+	"github.com/nix-community/go-nix/pkg/nixhash"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cacheurl"
+	"github.com/nixspool/nixspool/nar"
+	"github.com/nixspool/nixspool/nixstore"
+	"github.com/nixspool/nixspool/storepath"
+)
+
+// MetadataSource gives the closure of a path with each path's metadata,
+// ordered dependencies first (nixstore.Store implements it).
+type MetadataSource interface {
+	Closure(ctx context.Context, path string) ([]*nixstore.PathInfo, error)
+}
+
+// Options configure an Uploader.
+type Options struct {
+	Bucket  bucket.Bucket
+	Cache   *cacheurl.Cache
+	Store   MetadataSource
+	Keys    []signature.SecretKey
+	TempDir string // for compressed NARs before upload; emptied by New
+	Jobs    int    // NARs streamed and uploaded at once (default 2)
+	Logger  *slog.Logger
+	// Skip, if set, reports paths that count as present without being
+	// uploaded (filters); it is consulted for every path of a closure.
+	Skip func(*nixstore.PathInfo) bool
+}
+
+// Uploader uploads closures. It is safe for concurrent use: a dependency
+// shared by concurrent uploads is uploaded once.
+type Uploader struct {
+	opt      Options
+	comp     *narCompressor
+	sf       singleflight.Group
+	narSlots chan struct{}
+	headSlot chan struct{}
+	present  sync.Map // store path → struct{}: known to have a narinfo in this cache
+	progress sync.Map // store path → *Progress
+	log      *slog.Logger
+}
+
+// Progress is one NAR being streamed.
+type Progress struct {
+	Path  string
+	Total int64
+	done  atomic.Int64
+}
+
+// Done is the number of NAR bytes processed so far.
+func (p *Progress) Done() int64 { return p.done.Load() }
+
+// Result sums what one Upload call uploaded.
+type Result struct {
+	Paths     int
+	NARBytes  uint64
+	FileBytes uint64
+}
+
+// New returns an Uploader and removes temp files an earlier run left.
+func New(opt Options) (*Uploader, error) {
+	if opt.Jobs <= 0 {
+		opt.Jobs = 2
+	}
+	if opt.Logger == nil {
+		opt.Logger = slog.New(slog.DiscardHandler)
+	}
+	comp, err := newNARCompressor(opt.Cache.Compression, opt.Cache.CompressionLevel)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(opt.TempDir, 0o700); err != nil {
+		return nil, fmt.Errorf("temp dir: %w", err)
+	}
+	if old, _ := filepath.Glob(filepath.Join(opt.TempDir, "nar-*.tmp")); len(old) > 0 {
+		for _, f := range old {
+			os.Remove(f)
+		}
+		opt.Logger.Info("removed orphaned temp files", "count", len(old))
+	}
+	return &Uploader{
+		opt:      opt,
+		comp:     comp,
+		narSlots: make(chan struct{}, opt.Jobs),
+		headSlot: make(chan struct{}, 16),
+		log:      opt.Logger,
+	}, nil
+}
+
+// InProgress returns the NARs being streamed now.
+func (u *Uploader) InProgress() []*Progress {
+	var out []*Progress
+	u.progress.Range(func(_, v any) bool {
+		out = append(out, v.(*Progress))
+		return true
+	})
+	return out
+}
+
+// EnsureCacheInfo writes nix-cache-info at the cache root if it is missing.
+func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
+	_, err := u.opt.Bucket.Stat(ctx, "nix-cache-info")
+	if err == nil {
+		return nil
+	}
+	if !bucket.IsNotExist(err) {
+		return fmt.Errorf("check nix-cache-info: %w", err)
+	}
+	wmq := 0
+	if u.opt.Cache.WantMassQuery {
+		wmq = 1
+	}
+	body := fmt.Sprintf("StoreDir: %s\nWantMassQuery: %d\nPriority: %d\n", storepath.DefaultStoreDir, wmq, u.opt.Cache.Priority)
+	if err := u.opt.Bucket.Put(ctx, "nix-cache-info", strings.NewReader(body), int64(len(body)), bucket.PutOptions{ContentType: "text/x-nix-cache-info"}); err != nil {
+		return fmt.Errorf("write nix-cache-info: %w", err)
+	}
+	return nil
+}
+
+// Upload makes path and its whole closure available in the cache.
+func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
+	closure, err := u.opt.Store.Closure(ctx, path)
+	if err != nil {
+		var inv *nixstore.InvalidPathError
+		if errors.As(err, &inv) {
+			return Result{}, Permanent(err)
+		}
+		return Result{}, err
+	}
+	infos := make(map[string]*nixstore.PathInfo, len(closure))
+	for _, info := range closure {
+		infos[info.Path] = info
+	}
+	var res Result
+	var mu sync.Mutex
+	err = u.ensure(ctx, infos, path, &res, &mu)
+	return res, err
+}
+
+// ensure makes p present in the cache, uploading its references first. It
+// is shared (singleflight) between concurrent callers for the same path.
+func (u *Uploader) ensure(ctx context.Context, infos map[string]*nixstore.PathInfo, p string, res *Result, mu *sync.Mutex) error {
+	if _, ok := u.present.Load(p); ok {
+		return nil
+	}
+	_, err, _ := u.sf.Do(p, func() (any, error) {
+		return nil, u.ensureOnce(ctx, infos, p, res, mu)
+	})
+	return err
+}
+
+func (u *Uploader) ensureOnce(ctx context.Context, infos map[string]*nixstore.PathInfo, p string, res *Result, mu *sync.Mutex) error {
+	info := infos[p]
+	if info == nil {
+		return fmt.Errorf("%s: not in the closure", p)
+	}
+	if u.opt.Skip != nil && u.opt.Skip(info) {
+		u.present.Store(p, struct{}{})
+		return nil
+	}
+	have, err := u.hasNarinfo(ctx, p)
+	if err != nil {
+		return err
+	}
+	if have {
+		u.present.Store(p, struct{}{})
+		return nil
+	}
+	// References in parallel with this path's own NAR upload; its narinfo
+	// waits for both.
+	var wg sync.WaitGroup
+	var depErr error
+	var depMu sync.Mutex
+	for _, r := range info.References {
+		if r == p {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := u.ensure(ctx, infos, r, res, mu); err != nil {
+				depMu.Lock()
+				if depErr == nil {
+					depErr = fmt.Errorf("dependency %s: %w", r, err)
+				}
+				depMu.Unlock()
+			}
+		}()
+	}
+	ni, up, narErr := u.uploadNAR(ctx, info)
+	wg.Wait()
+	if narErr != nil {
+		return narErr
+	}
+	if depErr != nil {
+		return depErr
+	}
+	if err := u.putNarinfo(ctx, ni); err != nil {
+		return err
+	}
+	u.present.Store(p, struct{}{})
+	mu.Lock()
+	res.Paths++
+	res.NARBytes += ni.NarSize
+	res.FileBytes += up
+	mu.Unlock()
+	u.log.Info("path uploaded", "path", p, "nar_bytes", ni.NarSize, "file_bytes", ni.FileSize)
+	return nil
+}
+
+func (u *Uploader) hasNarinfo(ctx context.Context, p string) (bool, error) {
+	select {
+	case u.headSlot <- struct{}{}:
+	case <-ctx.Done():
+		return false, ctx.Err()
+	}
+	defer func() { <-u.headSlot }()
+	_, err := u.opt.Bucket.Stat(ctx, storepath.HashPart(p)+".narinfo")
+	switch {
+	case err == nil:
+		return true, nil
+	case bucket.IsNotExist(err):
+		return false, nil
+	default:
+		return false, err
+	}
+}
+
+// HashMismatchError means the store's contents no longer match its record.
+type HashMismatchError struct {
+	Path            string
+	Want, Got       string
+	WantSize, GotSz uint64
+}
+
+func (e *HashMismatchError) Error() string {
+	return fmt.Sprintf("NAR of %s does not match the store's record: store says %s (%d bytes), contents hash to %s (%d bytes); upload aborted", e.Path, e.Want, e.WantSize, e.Got, e.GotSz)
+}
+
+// uploadNAR streams p's NAR to a temp file (hashing the NAR and the
+// compressed stream on the way), checks the NAR hash against the store's,
+// uploads the file under its content hash, and returns the narinfo to write
+// and the number of bytes sent.
+func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*narinfo.NarInfo, uint64, error) {
+	select {
+	case u.narSlots <- struct{}{}:
+	case <-ctx.Done():
+		return nil, 0, ctx.Err()
+	}
+	defer func() { <-u.narSlots }()
+
+	tmp, err := os.CreateTemp(u.opt.TempDir, "nar-*.tmp")
+	if err != nil {
+		return nil, 0, fmt.Errorf("temp file: %w", err)
+	}
+	defer func() {
+		tmp.Close()
+		os.Remove(tmp.Name())
+	}()
+
+	prog := &Progress{Path: info.Path, Total: int64(info.NarSize)}
+	u.progress.Store(info.Path, prog)
+	defer u.progress.Delete(info.Path)
+
+	narHash, fileHash := sha256.New(), sha256.New()
+	fileCount := &countWriter{w: io.MultiWriter(tmp, fileHash)}
+	cw, err := u.comp.wrap(fileCount)
+	if err != nil {
+		return nil, 0, err
+	}
+	narSink := &ctxWriter{ctx: ctx, w: io.MultiWriter(narHash, cw), prog: prog}
+	narSize, listing, err := nar.Dump(narSink, info.Path, u.opt.Cache.WriteNARListing)
+	if cerr := cw.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, 0, ctx.Err()
+		}
+		if _, serr := os.Lstat(info.Path); errors.Is(serr, os.ErrNotExist) {
+			return nil, 0, Permanent(fmt.Errorf("%s was deleted from the store (garbage-collected?): %w", info.Path, err))
+		}
+		return nil, 0, fmt.Errorf("stream NAR of %s: %w", info.Path, err)
+	}
+	gotHash := narHash.Sum(nil)
+	if !bytes.Equal(gotHash, info.NarHash) || uint64(narSize) != info.NarSize {
+		return nil, 0, Permanent(&HashMismatchError{
+			Path: info.Path, Want: "sha256:" + nixbase32.EncodeToString(info.NarHash), WantSize: info.NarSize,
+			Got: "sha256:" + nixbase32.EncodeToString(gotHash), GotSz: uint64(narSize),
+		})
+	}
+	fileSum := fileHash.Sum(nil)
+	key := "nar/" + nixbase32.EncodeToString(fileSum) + ".nar" + u.comp.ext
+	size := fileCount.n
+
+	sent := uint64(0)
+	if st, err := u.opt.Bucket.Stat(ctx, key); err == nil && st.Size == size {
+		// Same content already uploaded (content-addressed key).
+	} else {
+		if _, err := tmp.Seek(0, io.SeekStart); err != nil {
+			return nil, 0, err
+		}
+		if err := u.opt.Bucket.Put(ctx, key, tmp, size, bucket.PutOptions{ContentType: "application/x-nix-nar"}); err != nil {
+			return nil, 0, err
+		}
+		sent = uint64(size)
+	}
+	if listing != nil {
+		if err := u.putListing(ctx, info.Path, listing); err != nil {
+			return nil, 0, err
+		}
+	}
+	ni, err := u.makeNarinfo(info, key, fileSum, uint64(size))
+	if err != nil {
+		return nil, 0, err
+	}
+	return ni, sent, nil
+}
+
+func (u *Uploader) putListing(ctx context.Context, p string, listing *nar.Listing) error {
+	js, err := json.Marshal(listing)
+	if err != nil {
+		return err
+	}
+	body, err := compressMeta(u.opt.Cache.LsCompression, js)
+	if err != nil {
+		return err
+	}
+	return u.opt.Bucket.Put(ctx, storepath.HashPart(p)+".ls", bytes.NewReader(body), int64(len(body)),
+		bucket.PutOptions{ContentType: "application/json", ContentEncoding: u.opt.Cache.LsCompression})
+}
+
+// makeNarinfo builds the narinfo: Nix's field order (go-nix renders it),
+// references sorted as base names, our signatures plus the ones the path
+// already carries from other keys.
+func (u *Uploader) makeNarinfo(info *nixstore.PathInfo, url string, fileSum []byte, fileSize uint64) (*narinfo.NarInfo, error) {
+	comp := u.opt.Cache.Compression
+	ni := &narinfo.NarInfo{
+		StorePath:   info.Path,
+		URL:         url,
+		Compression: comp,
+		FileHash:    nixhash.MustNewHashWithEncoding(nixhash.SHA256, fileSum, nixhash.NixBase32, true),
+		FileSize:    fileSize,
+		NarHash:     nixhash.MustNewHashWithEncoding(nixhash.SHA256, info.NarHash, nixhash.NixBase32, true),
+		NarSize:     info.NarSize,
+		CA:          info.CA,
+	}
+	for _, r := range info.References { // already sorted; base names sort the same
+		ni.References = append(ni.References, filepath.Base(r))
+	}
+	if info.Deriver != "" {
+		ni.Deriver = filepath.Base(info.Deriver)
+	}
+	fp := ni.Fingerprint()
+	ours := map[string]bool{}
+	for _, k := range u.opt.Keys {
+		sig, err := k.Sign(nil, fp)
+		if err != nil {
+			return nil, fmt.Errorf("sign %s: %w", info.Path, err)
+		}
+		ni.Signatures = append(ni.Signatures, sig)
+		ours[sig.Name] = true
+	}
+	for _, s := range info.Sigs {
+		sig, err := signature.ParseSignature(s)
+		if err != nil || ours[sig.Name] {
+			continue
+		}
+		ni.Signatures = append(ni.Signatures, sig)
+	}
+	return ni, nil
+}
+
+func (u *Uploader) putNarinfo(ctx context.Context, ni *narinfo.NarInfo) error {
+	body, err := compressMeta(u.opt.Cache.NarinfoCompression, []byte(ni.String()))
+	if err != nil {
+		return err
+	}
+	return u.opt.Bucket.Put(ctx, storepath.HashPart(ni.StorePath)+".narinfo", bytes.NewReader(body), int64(len(body)),
+		bucket.PutOptions{ContentType: "text/x-nix-narinfo", ContentEncoding: u.opt.Cache.NarinfoCompression})
+}
+
+// Forget drops the in-memory presence of every path (for tests and after
+// the bucket was emptied by an operator).
+func (u *Uploader) Forget() {
+	u.present.Clear()
+}
+
+// PermanentError marks an error that retrying cannot fix.
+type PermanentError struct{ Err error }
+
+func (e *PermanentError) Error() string { return e.Err.Error() }
+func (e *PermanentError) Unwrap() error { return e.Err }
+
+// Permanent marks err as permanent.
+func Permanent(err error) error { return &PermanentError{Err: err} }
+
+// IsPermanent reports whether err (from Upload) cannot be fixed by retrying:
+// the path is gone from the store, its contents do not match, or the bucket
+// refuses (access denied, no such bucket, bad credentials).
+func IsPermanent(err error) bool {
+	var pe *PermanentError
+	return errors.As(err, &pe) || bucket.IsPermanent(err)
+}
+
+type countWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// ctxWriter stops a NAR stream when ctx is cancelled and reports progress.
+type ctxWriter struct {
+	ctx  context.Context
+	w    io.Writer
+	prog *Progress
+}
+
+func (c *ctxWriter) Write(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	n, err := c.w.Write(p)
+	c.prog.done.Add(int64(n))
+	return n, err
+}
