@@ -149,6 +149,9 @@ func (q *Queue) Close() error {
 // made a job due. Workers wait on it instead of polling.
 func (q *Queue) Wake() <-chan struct{} { return q.wake }
 
+// Poke wakes one waiter on Wake, if any.
+func (q *Queue) Poke() { q.notify() }
+
 func (q *Queue) notify() {
 	select {
 	case q.wake <- struct{}{}:

@@ -1,0 +1,312 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/nixspool/nixspool/bucket"
+	filebucket "github.com/nixspool/nixspool/bucket/file"
+	s3bucket "github.com/nixspool/nixspool/bucket/s3"
+	"github.com/nixspool/nixspool/cacheurl"
+	"github.com/nixspool/nixspool/gcroots"
+	"github.com/nixspool/nixspool/nixstore"
+	"github.com/nixspool/nixspool/queue"
+	"github.com/nixspool/nixspool/systemd"
+	"github.com/nixspool/nixspool/uploader"
+)
+
+// Agent is a running agentd.
+type Agent struct {
+	cfg      Config
+	log      *slog.Logger
+	cache    *cacheurl.Cache
+	bucket   bucket.Bucket
+	queue    *queue.Queue
+	store    *nixstore.Store
+	uploader *uploader.Uploader
+	roots    *gcroots.Roots
+	listener net.Listener
+	sockGID  int // group allowed to mutate; -1 if none besides root/own uid
+	started  time.Time
+	now      func() time.Time
+
+	reachable   atomic.Int32 // 0 unknown, 1 yes, 2 no
+	stateErrMu  sync.Mutex
+	stateErr    string // last state-directory (queue/spool) error, for status
+	uploadCtx   context.Context
+	stopUploads context.CancelFunc
+}
+
+// New opens everything agentd needs: the queue (returning interrupted jobs
+// to ready), the bucket, the Nix store connection, the signing keys and the
+// listening socket. It does not start serving.
+func New(cfg Config) (*Agent, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	a := &Agent{cfg: cfg, log: cfg.Logger, started: time.Now(), now: time.Now, sockGID: -1}
+	var err error
+	if a.cache, err = cacheurl.Parse(cfg.Cache); err != nil {
+		return nil, err
+	}
+	keys, err := uploader.LoadSecretKeys(cfg.SecretKeyFiles, cfg.AllowInsecureKeyPerms)
+	if err != nil {
+		return nil, err
+	}
+	switch a.cache.Scheme {
+	case "file":
+		a.bucket, err = filebucket.New(a.cache.Dir)
+	default:
+		a.bucket, err = s3bucket.New(a.cache)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	if a.roots, err = gcroots.New(cfg.GCRootsDir); err != nil {
+		return nil, err
+	}
+	a.store = nixstore.Open(nixstore.Options{Socket: cfg.NixDaemonSocket, MaxConns: cfg.Jobs + 2})
+	a.uploader, err = uploader.New(uploader.Options{
+		Bucket:  a.bucket,
+		Cache:   a.cache,
+		Store:   a.store,
+		Keys:    keys,
+		TempDir: filepath.Join(cfg.StateDir, "tmp"),
+		Jobs:    cfg.Jobs,
+		Logger:  a.log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	if a.queue, err = queue.Open(filepath.Join(cfg.StateDir, "queue.db")); err != nil {
+		return nil, err
+	}
+	if err := a.listen(); err != nil {
+		a.queue.Close()
+		return nil, err
+	}
+	a.log.Info("agentd started", "version", Version, "cache", a.cache.String(), "socket", a.listener.Addr().String(),
+		"nix_store", a.store.String(), "gc_roots", cfg.GCRootsDir, "jobs", cfg.Jobs, "keys", len(keys))
+	return a, nil
+}
+
+// listen takes the socket-activated listener, or creates the socket: in a
+// 0750 directory (created if missing), mode 0660, owned by the socket group.
+// A stale socket file is replaced only if nothing answers on it.
+func (a *Agent) listen() error {
+	l, err := systemd.Listener()
+	if err != nil {
+		return err
+	}
+	if l != nil {
+		a.listener = l
+		a.sockGID = socketGID(l.Addr().String())
+		a.log.Info("using socket-activated listener", "socket", l.Addr().String())
+		return nil
+	}
+	path := a.cfg.Socket
+	dir := filepath.Dir(path)
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		if err := os.MkdirAll(dir, 0o750); err != nil {
+			return fmt.Errorf("socket directory: %w", err)
+		}
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return fmt.Errorf("socket %s: exists and is not a socket; refusing to replace it", path)
+		}
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return fmt.Errorf("socket %s: another agentd is listening on it", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return fmt.Errorf("remove stale socket: %w", err)
+		}
+	}
+	gid := -1
+	if a.cfg.SocketGroup != "" {
+		g, err := user.LookupGroup(a.cfg.SocketGroup)
+		if err != nil {
+			return fmt.Errorf("--socket-group: %w", err)
+		}
+		gid, _ = strconv.Atoi(g.Gid)
+	}
+	// Create the socket with no access for others from the first instant.
+	old := syscall.Umask(0o117)
+	l, err = net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if gid >= 0 {
+		if err := os.Chown(path, -1, gid); err != nil {
+			l.Close()
+			return fmt.Errorf("chown socket to group %s: %w", a.cfg.SocketGroup, err)
+		}
+		if err := os.Chown(dir, -1, gid); err != nil {
+			a.log.Warn("cannot give the socket group access to the socket directory", "dir", dir, "err", err)
+		}
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		l.Close()
+		return err
+	}
+	a.listener = l
+	a.sockGID = gid
+	return nil
+}
+
+func socketGID(path string) int {
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		return -1
+	}
+	return int(st.Gid)
+}
+
+// Run serves requests and uploads until ctx is cancelled (first signal),
+// then stops accepting, gives in-flight uploads ShutdownGrace to finish
+// (abort cancels that wait: second signal), and closes everything.
+func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
+	defer a.store.Close()
+	a.uploadCtx, a.stopUploads = context.WithCancel(context.WithoutCancel(ctx))
+	defer a.stopUploads()
+
+	if err := a.recover(ctx); err != nil {
+		a.log.Error("start-up recovery", "err", err)
+	}
+	a.importSpool(ctx)
+	if err := a.uploader.EnsureCacheInfo(ctx); err != nil {
+		a.setReachable(false)
+		a.log.Warn("cache not reachable at start; will retry with the first upload", "err", err)
+	} else {
+		a.setReachable(true)
+	}
+
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); a.serve(ctx) }()
+	var workers sync.WaitGroup
+	for i := 0; i < a.cfg.Jobs; i++ {
+		workers.Add(1)
+		go func() { defer workers.Done(); a.worker(ctx) }()
+	}
+	systemd.Ready()
+	a.mainLoop(ctx)
+
+	systemd.Stopping()
+	a.log.Info("shutting down", "grace", a.cfg.ShutdownGrace)
+	a.listener.Close()
+	done := make(chan struct{})
+	go func() { workers.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(a.cfg.ShutdownGrace):
+		a.log.Warn("shutdown grace over; interrupting uploads (they resume at next start)")
+		a.stopUploads()
+		<-done
+	case <-abort:
+		a.log.Warn("second signal; interrupting uploads (they resume at next start)")
+		a.stopUploads()
+		<-done
+	}
+	wg.Wait()
+	err := a.queue.Close()
+	a.log.Info("agentd stopped")
+	return err
+}
+
+// mainLoop runs periodic chores until ctx is done: spool import, the
+// systemd status line and watchdog pings. The watchdog is pinged from here
+// so that a wedged loop gets the service restarted.
+func (a *Agent) mainLoop(ctx context.Context) {
+	spoolTick := time.NewTicker(a.cfg.SpoolInterval)
+	defer spoolTick.Stop()
+	statusTick := time.NewTicker(5 * time.Second)
+	defer statusTick.Stop()
+	var wdC <-chan time.Time
+	if iv := systemd.WatchdogInterval(); iv > 0 {
+		t := time.NewTicker(iv)
+		defer t.Stop()
+		wdC = t.C
+		systemd.Watchdog()
+	}
+	a.publishStatus()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-spoolTick.C:
+			a.importSpool(ctx)
+		case <-statusTick.C:
+			a.publishStatus()
+		case <-wdC:
+			systemd.Watchdog()
+		}
+	}
+}
+
+func (a *Agent) publishStatus() {
+	st, err := a.queue.Stats()
+	if err != nil {
+		return
+	}
+	systemd.Status(fmt.Sprintf("%d pending, %d uploading, %d retrying, %d failed, %d uploaded",
+		st.Pending, st.Leased, st.Retrying, st.Failed, st.Uploaded))
+}
+
+// recover re-creates GC roots for every queued path (a crash may have lost
+// some) and removes roots of paths no longer queued.
+func (a *Agent) recover(ctx context.Context) error {
+	if !a.roots.Enabled() {
+		return nil
+	}
+	jobs, err := a.queue.List("", 1<<31)
+	if err != nil {
+		return err
+	}
+	keep := make([]string, 0, len(jobs))
+	for _, j := range jobs {
+		keep = append(keep, j.Path)
+	}
+	added, removed, err := a.roots.Reconcile(keep)
+	if added+removed > 0 {
+		a.log.Info("reconciled gc roots", "added", added, "removed", removed)
+	}
+	return err
+}
+
+func (a *Agent) setReachable(ok bool) {
+	if ok {
+		a.reachable.Store(1)
+	} else {
+		a.reachable.Store(2)
+	}
+}
+
+func (a *Agent) setStateErr(err error) {
+	a.stateErrMu.Lock()
+	defer a.stateErrMu.Unlock()
+	if err == nil {
+		a.stateErr = ""
+	} else {
+		a.stateErr = err.Error()
+	}
+}
+
+// SocketPath is the path clients connect to.
+func (a *Agent) SocketPath() string { return a.listener.Addr().String() }

@@ -1,0 +1,103 @@
+// Package agent is agentd: it accepts store paths on a unix socket, keeps
+// them in the durable queue, and drains the queue into the binary cache with
+// retries. cmd/agentd only parses flags into a Config and calls Run.
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"time"
+
+	"github.com/nixspool/nixspool/cacheurl"
+	"github.com/nixspool/nixspool/storepath"
+)
+
+// Version is set at build time (-ldflags -X).
+var Version = "dev"
+
+// Config is agentd's configuration.
+type Config struct {
+	Cache                 string        // cache URL; "" = file://<StateDir>/cache
+	SecretKeyFiles        []string      // at least one
+	AllowInsecureKeyPerms bool          // accept key files readable by group/others
+	Socket                string        // unix socket to listen on (unless socket-activated)
+	SocketGroup           string        // group allowed to connect and enqueue ("" = agentd's own)
+	StateDir              string        // queue.db, spool/, tmp/
+	StoreDir              string        // the Nix store
+	NixDaemonSocket       string        // "" = as Nix finds it, else `nix-daemon --stdio`
+	GCRootsDir            string        // "" = GC roots off
+	Jobs                  int           // parallel NAR uploads
+	ShutdownGrace         time.Duration // how long in-flight uploads may finish on SIGTERM
+	MaxAttempts           int           // 0 = retry transient errors forever
+	BackoffInitial        time.Duration
+	BackoffMax            time.Duration
+	SpoolInterval         time.Duration
+	Logger                *slog.Logger
+}
+
+// Defaults.
+const (
+	DefaultSocket   = "/run/nixspool/agentd.sock"
+	DefaultStateDir = "/var/lib/nixspool"
+)
+
+// DefaultConfig returns a Config with every default filled in.
+func DefaultConfig() Config {
+	return Config{
+		Socket:         DefaultSocket,
+		StateDir:       DefaultStateDir,
+		StoreDir:       storepath.DefaultStoreDir,
+		Jobs:           2,
+		ShutdownGrace:  30 * time.Second,
+		BackoffInitial: time.Second,
+		BackoffMax:     10 * time.Minute,
+		SpoolInterval:  5 * time.Second,
+	}
+}
+
+// Validate checks the configuration and fills in derived defaults.
+func (c *Config) Validate() error {
+	var errs []error
+	if c.Cache == "" {
+		c.Cache = "file://" + filepath.Join(c.StateDir, "cache")
+	}
+	if _, err := cacheurl.Parse(c.Cache); err != nil {
+		errs = append(errs, fmt.Errorf("--cache: %w", err))
+	}
+	if len(c.SecretKeyFiles) == 0 {
+		errs = append(errs, errors.New("--secret-key-file: at least one signing key is required (create one with `nix key generate-secret --key-name NAME`)"))
+	}
+	if !filepath.IsAbs(c.StateDir) {
+		errs = append(errs, fmt.Errorf("--state-dir %q: must be absolute", c.StateDir))
+	}
+	if !filepath.IsAbs(c.Socket) {
+		errs = append(errs, fmt.Errorf("--socket %q: must be absolute", c.Socket))
+	}
+	if c.StoreDir != storepath.DefaultStoreDir {
+		errs = append(errs, fmt.Errorf("--store-dir %q: only %s is supported", c.StoreDir, storepath.DefaultStoreDir))
+	}
+	if c.GCRootsDir != "" && !filepath.IsAbs(c.GCRootsDir) {
+		errs = append(errs, fmt.Errorf("--gc-roots %q: want an absolute directory or \"off\"", c.GCRootsDir))
+	}
+	if c.Jobs < 1 || c.Jobs > 64 {
+		errs = append(errs, fmt.Errorf("--jobs %d: want 1 to 64", c.Jobs))
+	}
+	if c.ShutdownGrace < 0 {
+		errs = append(errs, errors.New("--shutdown-grace: must not be negative"))
+	}
+	if c.MaxAttempts < 0 {
+		errs = append(errs, errors.New("--max-attempts: must not be negative"))
+	}
+	if c.BackoffInitial <= 0 || c.BackoffMax < c.BackoffInitial {
+		errs = append(errs, errors.New("--backoff-max: must be at least the initial backoff (1s)"))
+	}
+	if c.SpoolInterval <= 0 {
+		errs = append(errs, errors.New("--spool-interval: must be positive"))
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	return errors.Join(errs...)
+}

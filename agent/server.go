@@ -1,0 +1,349 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nixspool/nixspool/protocol"
+	"github.com/nixspool/nixspool/queue"
+	"github.com/nixspool/nixspool/spool"
+	"github.com/nixspool/nixspool/storepath"
+)
+
+// connDeadline bounds one connection: a client that sends nothing (or
+// sends slowly) cannot hold a handler for longer.
+const connDeadline = 10 * time.Second
+
+func (a *Agent) serve(ctx context.Context) {
+	for {
+		c, err := a.listener.Accept()
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			a.log.Error("accept", "err", err)
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		go a.handle(ctx, c)
+	}
+}
+
+type peer struct {
+	uid, gid, pid int
+	known         bool
+}
+
+func peerOf(c net.Conn) peer {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return peer{}
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return peer{}
+	}
+	var cred *unix.Ucred
+	raw.Control(func(fd uintptr) {
+		cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	})
+	if err != nil || cred == nil {
+		return peer{}
+	}
+	return peer{uid: int(cred.Uid), gid: int(cred.Gid), pid: int(cred.Pid), known: true}
+}
+
+// mayMutate reports whether the peer may change the queue: root, agentd's
+// own user, and members of the socket's group.
+func (a *Agent) mayMutate(p peer) bool {
+	if !p.known {
+		return false
+	}
+	if p.uid == 0 || p.uid == os.Geteuid() {
+		return true
+	}
+	if a.sockGID < 0 {
+		return false
+	}
+	if p.gid == a.sockGID {
+		return true
+	}
+	// Supplementary groups of the peer process.
+	data, err := os.ReadFile("/proc/" + strconv.Itoa(p.pid) + "/status")
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if rest, ok := strings.CutPrefix(line, "Groups:"); ok {
+			for _, g := range strings.Fields(rest) {
+				if g == strconv.Itoa(a.sockGID) {
+					return true
+				}
+			}
+		}
+	}
+	return false
+}
+
+func (a *Agent) handle(ctx context.Context, c net.Conn) {
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(connDeadline))
+	p := peerOf(c)
+	req, err := protocol.ReadRequest(c)
+	var resp *protocol.Response
+	if err != nil {
+		a.log.Warn("bad request", "err", err, "peer_uid", p.uid, "peer_pid", p.pid)
+		resp = &protocol.Response{Error: "bad request: " + err.Error()}
+	} else {
+		resp = a.dispatch(ctx, req, p)
+	}
+	resp.V = protocol.Version
+	resp.OK = resp.Error == ""
+	b, err := protocol.Encode(resp)
+	if err == nil {
+		_, err = c.Write(b)
+	}
+	if err != nil {
+		a.log.Debug("write reply", "err", err)
+	}
+}
+
+func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer) *protocol.Response {
+	switch req.Op {
+	case protocol.OpEnqueue, protocol.OpPush, protocol.OpRetry, protocol.OpDrop:
+		if !a.mayMutate(p) {
+			a.log.Warn("request refused: not allowed", "op", req.Op, "peer_uid", p.uid, "peer_pid", p.pid)
+			return &protocol.Response{Error: fmt.Sprintf("permission denied: uid %d may not %s (root, agentd's user and the socket's group may)", p.uid, req.Op)}
+		}
+	}
+	switch req.Op {
+	case protocol.OpEnqueue, protocol.OpPush:
+		start := time.Now()
+		jobs, err := a.enqueue(ctx, req.Paths, req.Drv)
+		if err != nil {
+			a.log.Warn("enqueue refused", "op", req.Op, "err", err, "peer_uid", p.uid, "peer_pid", p.pid)
+			return &protocol.Response{Error: err.Error()}
+		}
+		a.log.Info("enqueued", "op", req.Op, "paths", len(req.Paths), "drv", req.Drv, "peer_uid", p.uid, "peer_pid", p.pid, "duration", time.Since(start))
+		return &protocol.Response{Jobs: jobs}
+	case protocol.OpStatus:
+		st, err := a.status()
+		if err != nil {
+			return &protocol.Response{Error: err.Error()}
+		}
+		return &protocol.Response{Status: st}
+	case protocol.OpList:
+		jobs, err := a.queue.List(queue.State(req.State), 10000)
+		if err != nil {
+			return &protocol.Response{Error: err.Error()}
+		}
+		out := make([]protocol.Job, 0, len(jobs))
+		for _, j := range jobs {
+			out = append(out, jobView(j))
+		}
+		return &protocol.Response{Jobs: out}
+	case protocol.OpRetry:
+		if req.All {
+			n, err := a.queue.RetryAll(a.now())
+			if err != nil {
+				return &protocol.Response{Error: err.Error()}
+			}
+			a.log.Info("retry requested", "jobs", n, "peer_uid", p.uid)
+			return &protocol.Response{Count: n}
+		}
+		if err := a.queue.Retry(req.ID, a.now()); err != nil {
+			return &protocol.Response{Error: err.Error()}
+		}
+		a.log.Info("retry requested", "job", req.ID, "peer_uid", p.uid)
+		return &protocol.Response{Count: 1}
+	case protocol.OpDrop:
+		j, err := a.queue.Drop(req.ID)
+		if err != nil {
+			return &protocol.Response{Error: err.Error()}
+		}
+		if err := a.roots.Remove(j.Path); err != nil {
+			a.log.Warn("remove gc root", "path", j.Path, "err", err)
+		}
+		a.log.Info("job dropped", "job", j.ID, "path", j.Path, "peer_uid", p.uid)
+		return &protocol.Response{Count: 1, Jobs: []protocol.Job{jobView(*j)}}
+	}
+	return &protocol.Response{Error: "unknown operation " + req.Op}
+}
+
+func jobView(j queue.Job) protocol.Job {
+	v := protocol.Job{ID: j.ID, Path: j.Path, Drv: j.Drv, State: string(j.State), Attempts: j.Attempts,
+		EnqueuedAt: j.EnqueuedAt.Unix(), LastError: j.LastError}
+	if j.State == queue.StateReady && j.Attempts > 0 {
+		v.State = "retrying"
+		v.NotBefore = j.NotBefore.Unix()
+	}
+	return v
+}
+
+// RefusedError is a path refused for what it is (not a store path, not
+// valid in the store), as opposed to a failure to check it.
+type RefusedError struct{ Err error }
+
+func (e *RefusedError) Error() string { return "refused: " + e.Err.Error() }
+func (e *RefusedError) Unwrap() error { return e.Err }
+
+// checkPaths refuses anything that is not a valid, registered store path.
+func (a *Agent) checkPaths(ctx context.Context, paths []string) error {
+	if len(paths) > 10000 {
+		return &RefusedError{fmt.Errorf("too many paths in one request (%d > 10000)", len(paths))}
+	}
+	for _, p := range paths {
+		if err := storepath.Check(a.cfg.StoreDir, p); err != nil {
+			return &RefusedError{err}
+		}
+	}
+	valid, err := a.store.QueryValidPaths(ctx, paths)
+	if err != nil {
+		return err
+	}
+	ok := make(map[string]bool, len(valid))
+	for _, v := range valid {
+		ok[v] = true
+	}
+	for _, p := range paths {
+		if !ok[p] {
+			return &RefusedError{fmt.Errorf("%s is not a valid path in the Nix store", p)}
+		}
+	}
+	return nil
+}
+
+// enqueue validates paths, roots them against garbage collection, and
+// commits them to the queue. It returns only after the commit is durable.
+func (a *Agent) enqueue(ctx context.Context, paths []string, drv string) ([]protocol.Job, error) {
+	if drv != "" && storepath.Check(a.cfg.StoreDir, drv) != nil {
+		return nil, &RefusedError{fmt.Errorf("drv %q is not a store path", drv)}
+	}
+	if err := a.checkPaths(ctx, paths); err != nil {
+		return nil, err
+	}
+	for _, p := range paths {
+		if err := a.roots.Add(p); err != nil {
+			a.setStateErr(err)
+			return nil, err
+		}
+	}
+	res, err := a.queue.Enqueue(paths, drv, a.now())
+	if err != nil {
+		a.setStateErr(err)
+		return nil, err
+	}
+	a.setStateErr(nil)
+	jobs := make([]protocol.Job, 0, len(res))
+	for _, r := range res {
+		jobs = append(jobs, jobView(r.Job))
+	}
+	return jobs, nil
+}
+
+// importSpool queues the requests the hook spooled while agentd was away.
+// A file is removed only after its paths are committed; paths that are not
+// valid store paths are logged and dropped; a file that cannot be parsed is
+// renamed *.bad and kept for inspection.
+func (a *Agent) importSpool(ctx context.Context) {
+	dir := a.spoolDir()
+	files, err := spool.Files(dir)
+	if err != nil {
+		a.log.Error("list spool", "dir", dir, "err", err)
+		return
+	}
+	for _, f := range files {
+		e, err := spool.Read(f)
+		if err != nil {
+			a.log.Error("unreadable spool file; renamed to .bad", "file", f, "err", err)
+			spool.Quarantine(f)
+			continue
+		}
+		var good []string
+		for _, p := range e.Paths {
+			if err := a.checkPaths(ctx, []string{p}); err != nil {
+				var refused *RefusedError
+				if errors.As(err, &refused) {
+					a.log.Warn("spooled path refused", "file", f, "path", p, "err", err)
+					continue
+				}
+				a.log.Warn("spool import postponed", "file", f, "err", err)
+				return
+			}
+			good = append(good, p)
+		}
+		drv := e.Drv
+		if drv != "" && storepath.Check(a.cfg.StoreDir, drv) != nil {
+			drv = ""
+		}
+		if len(good) > 0 {
+			for _, p := range good {
+				if err := a.roots.Add(p); err != nil {
+					a.log.Warn("gc root", "path", p, "err", err)
+				}
+			}
+			if _, err := a.queue.Enqueue(good, drv, a.now()); err != nil {
+				a.setStateErr(err)
+				a.log.Error("spool import postponed", "file", f, "err", err)
+				return
+			}
+		}
+		if err := spool.Remove(f); err != nil {
+			a.log.Error("remove imported spool file", "file", f, "err", err)
+			continue
+		}
+		a.log.Info("imported spool file", "file", f, "paths", len(good))
+	}
+}
+
+func (a *Agent) spoolDir() string { return a.cfg.StateDir + "/spool" }
+
+// status assembles the status view.
+func (a *Agent) status() (*protocol.Status, error) {
+	st, err := a.queue.Stats()
+	if err != nil {
+		return nil, err
+	}
+	now := a.now()
+	s := &protocol.Status{
+		Version:           Version,
+		UptimeSeconds:     int64(time.Since(a.started).Seconds()),
+		Cache:             a.cache.String(),
+		Pending:           st.Pending,
+		Uploading:         st.Leased,
+		Retrying:          st.Retrying,
+		Failed:            st.Failed,
+		Uploaded:          st.Uploaded,
+		UploadedNARBytes:  st.NARBytes,
+		UploadedFileBytes: st.FileBytes,
+		LastError:         st.LastError,
+	}
+	if r := a.reachable.Load(); r != 0 {
+		ok := r == 1
+		s.CacheReachable = &ok
+	}
+	if !st.OldestActive.IsZero() {
+		s.OldestPendingSeconds = int64(now.Sub(st.OldestActive).Seconds())
+	}
+	if !st.LastErrorAt.IsZero() {
+		s.LastErrorAt = st.LastErrorAt.Unix()
+	}
+	if !st.NextRetry.IsZero() {
+		s.NextRetryAt = st.NextRetry.Unix()
+	}
+	for _, p := range a.uploader.InProgress() {
+		s.InProgress = append(s.InProgress, protocol.Upload{Path: p.Path, BytesDone: p.Done(), BytesSize: p.Total})
+	}
+	a.stateErrMu.Lock()
+	s.StateDirError = a.stateErr
+	a.stateErrMu.Unlock()
+	return s, nil
+}

@@ -1,0 +1,119 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+
+	"github.com/nixspool/nixspool/queue"
+	"github.com/nixspool/nixspool/uploader"
+)
+
+// worker leases due jobs and uploads them until ctx is done. Uploads run
+// under a.uploadCtx, which outlives ctx by the shutdown grace period.
+func (a *Agent) worker(ctx context.Context) {
+	for ctx.Err() == nil {
+		job, err := a.queue.Lease(a.now())
+		if err != nil {
+			a.setStateErr(err)
+			a.log.Error("lease", "err", err)
+			a.sleep(ctx, time.Second)
+			continue
+		}
+		if job == nil {
+			a.waitForWork(ctx)
+			continue
+		}
+		// One commit wakes one idle worker; pass the wake-up on in case
+		// more jobs are due.
+		a.queue.Poke()
+		a.process(job)
+	}
+}
+
+// waitForWork blocks until a commit may have made a job due, the next
+// retry is due, or ctx is done.
+func (a *Agent) waitForWork(ctx context.Context) {
+	wait := time.Minute
+	if due, ok, err := a.queue.NextDue(); err == nil && ok {
+		wait = max(due.Sub(a.now()), 10*time.Millisecond)
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-a.queue.Wake():
+	case <-t.C:
+	}
+}
+
+func (a *Agent) sleep(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
+}
+
+// process uploads one leased job and records the outcome.
+func (a *Agent) process(job *queue.Job) {
+	log := a.log.With("job", job.ID, "path", job.Path, "attempt", job.Attempts+1)
+	start := time.Now()
+	res, err := a.uploader.Upload(a.uploadCtx, job.Path)
+	now := a.now()
+	switch {
+	case err == nil:
+		a.setReachable(true)
+		if err := a.queue.Ack(job.ID, res.NARBytes, res.FileBytes); err != nil && !errors.Is(err, queue.ErrNotFound) {
+			a.setStateErr(err)
+			log.Error("ack", "err", err)
+			return
+		}
+		if err := a.roots.Remove(job.Path); err != nil {
+			log.Warn("remove gc root", "err", err)
+		}
+		log.Info("job done", "uploaded_paths", res.Paths, "nar_bytes", res.NARBytes, "file_bytes", res.FileBytes, "duration", time.Since(start))
+	case a.uploadCtx.Err() != nil:
+		if err := a.queue.Release(job.ID, now); err != nil {
+			log.Error("release", "err", err)
+		}
+		log.Info("upload interrupted by shutdown; job is ready again")
+	case uploader.IsPermanent(err):
+		if err := a.queue.Fail(job.ID, err.Error(), now); err != nil {
+			log.Error("fail", "err", err)
+		}
+		log.Error("job failed permanently", "err", err, "duration", time.Since(start))
+	case a.cfg.MaxAttempts > 0 && job.Attempts+1 >= a.cfg.MaxAttempts:
+		a.setReachable(false)
+		if err := a.queue.Fail(job.ID, "gave up after "+strconv.Itoa(job.Attempts+1)+" attempts: "+err.Error(), now); err != nil {
+			log.Error("fail", "err", err)
+		}
+		log.Error("job failed: attempts exhausted", "err", err)
+	default:
+		a.setReachable(false)
+		delay := a.backoff(job.Attempts + 1)
+		if err := a.queue.RetryLater(job.ID, now.Add(delay), err.Error(), now); err != nil {
+			log.Error("retry later", "err", err)
+		}
+		log.Warn("upload failed; will retry", "err", err, "retry_in", delay.Round(time.Millisecond))
+	}
+}
+
+// backoff returns the delay before attempt number attempts+1: exponential
+// from BackoffInitial, capped at BackoffMax, with ±50% jitter.
+func (a *Agent) backoff(attempts int) time.Duration {
+	b := backoff.NewExponentialBackOff()
+	b.InitialInterval = a.cfg.BackoffInitial
+	b.MaxInterval = a.cfg.BackoffMax
+	b.MaxElapsedTime = 0
+	b.Reset()
+	d := b.NextBackOff()
+	for i := 1; i < attempts && i < 64; i++ {
+		d = b.NextBackOff()
+	}
+	return d
+}

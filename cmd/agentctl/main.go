@@ -1,0 +1,372 @@
+// Command agentctl is the operator's view of agentd: queue status, jobs,
+// pushing paths by hand, and retrying or dropping failed jobs. It talks to
+// agentd over its socket and never opens the queue database itself.
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/nixspool/nixspool/protocol"
+)
+
+const usage = `usage: agentctl [--socket PATH] COMMAND [ARGS]
+
+Commands:
+  status [--json]            queue counts, totals, uploads in progress, last error
+  list [--state S] [--json]  jobs (S: ready, retrying, leased, failed)
+  push PATH...               queue store paths (and their closures) for upload
+  retry ID | --all           move failed jobs back to the queue
+  drop ID                    remove a job from the queue
+  wait [--timeout D]         wait until every job queued now is uploaded or failed
+
+The socket is --socket, else $NIXSPOOL_SOCKET, else /run/nixspool/agentd.sock.
+`
+
+type exitError struct {
+	code int
+	msg  string
+}
+
+func (e *exitError) Error() string { return e.msg }
+
+func main() {
+	err := run(os.Args[1:], os.Stdout)
+	var ee *exitError
+	switch {
+	case err == nil:
+	case errors.Is(err, flag.ErrHelp):
+	case errors.As(err, &ee):
+		if ee.msg != "" {
+			fmt.Fprintln(os.Stderr, "agentctl:", ee.msg)
+		}
+		os.Exit(ee.code)
+	default:
+		fmt.Fprintln(os.Stderr, "agentctl:", err)
+		os.Exit(1)
+	}
+}
+
+type client struct {
+	socket  string
+	timeout time.Duration
+}
+
+func (c *client) call(req *protocol.Request) (*protocol.Response, error) {
+	resp, err := protocol.Call(c.socket, req, c.timeout)
+	var de *protocol.DialError
+	if errors.As(err, &de) {
+		return nil, fmt.Errorf("agentd is not running (cannot connect to %s: %v)", c.socket, de.Err)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if !resp.OK {
+		return nil, errors.New(resp.Error)
+	}
+	return resp, nil
+}
+
+func run(args []string, out io.Writer) error {
+	fs := flag.NewFlagSet("agentctl", flag.ContinueOnError)
+	fs.Usage = func() { fmt.Fprint(fs.Output(), usage) }
+	def := os.Getenv("NIXSPOOL_SOCKET")
+	if def == "" {
+		def = "/run/nixspool/agentd.sock"
+	}
+	c := &client{timeout: 30 * time.Second}
+	fs.StringVar(&c.socket, "socket", def, "agentd's socket")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() == 0 {
+		fs.Usage()
+		return &exitError{code: 2}
+	}
+	cmd, rest := fs.Arg(0), fs.Args()[1:]
+	switch cmd {
+	case "status":
+		return cmdStatus(c, rest, out)
+	case "list":
+		return cmdList(c, rest, out)
+	case "push":
+		return cmdPush(c, rest, out)
+	case "retry":
+		return cmdRetry(c, rest, out)
+	case "drop":
+		return cmdDrop(c, rest, out)
+	case "wait":
+		return cmdWait(c, rest, out)
+	case "help":
+		fs.Usage()
+		return nil
+	}
+	return &exitError{code: 2, msg: fmt.Sprintf("unknown command %q (see agentctl --help)", cmd)}
+}
+
+func subFlags(name, args string) *flag.FlagSet {
+	fs := flag.NewFlagSet("agentctl "+name, flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "usage: agentctl %s %s\n", name, args)
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
+func cmdStatus(c *client, args []string, out io.Writer) error {
+	fs := subFlags("status", "[--json]")
+	asJSON := fs.Bool("json", false, "print JSON (stable field names)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	resp, err := c.call(&protocol.Request{Op: protocol.OpStatus})
+	if err != nil {
+		return err
+	}
+	s := resp.Status
+	if *asJSON {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(s)
+	}
+	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	reach := "unknown"
+	if s.CacheReachable != nil {
+		reach = map[bool]string{true: "reachable", false: "UNREACHABLE"}[*s.CacheReachable]
+	}
+	fmt.Fprintf(w, "agentd\t%s, up %s\n", s.Version, (time.Duration(s.UptimeSeconds) * time.Second).String())
+	fmt.Fprintf(w, "cache\t%s (%s)\n", s.Cache, reach)
+	fmt.Fprintf(w, "queue\t%d pending, %d uploading, %d retrying, %d failed\n", s.Pending, s.Uploading, s.Retrying, s.Failed)
+	if s.OldestPendingSeconds > 0 {
+		fmt.Fprintf(w, "oldest pending\t%s\n", (time.Duration(s.OldestPendingSeconds) * time.Second).String())
+	}
+	fmt.Fprintf(w, "uploaded\t%d paths, %s NAR, %s compressed\n", s.Uploaded, bytesStr(s.UploadedNARBytes), bytesStr(s.UploadedFileBytes))
+	for _, u := range s.InProgress {
+		fmt.Fprintf(w, "uploading\t%s %s / %s\n", filepath.Base(u.Path), bytesStr(uint64(u.BytesDone)), bytesStr(uint64(u.BytesSize)))
+	}
+	if s.LastError != "" {
+		fmt.Fprintf(w, "last error\t%s (%s ago)\n", oneLine(s.LastError), ago(s.LastErrorAt))
+	}
+	if s.NextRetryAt > 0 {
+		fmt.Fprintf(w, "next retry\tin %s\n", time.Until(time.Unix(s.NextRetryAt, 0)).Round(time.Second))
+	}
+	if s.StateDirError != "" {
+		fmt.Fprintf(w, "STATE DIR ERROR\t%s\n", oneLine(s.StateDirError))
+	}
+	return w.Flush()
+}
+
+func cmdList(c *client, args []string, out io.Writer) error {
+	fs := subFlags("list", "[--state ready|retrying|leased|failed] [--json]")
+	state := fs.String("state", "", "only jobs in this state")
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	qstate := *state
+	switch *state {
+	case "", "ready", "leased", "failed":
+	case "retrying":
+		qstate = "ready"
+	default:
+		return &exitError{code: 2, msg: fmt.Sprintf("--state %q: want ready, retrying, leased or failed", *state)}
+	}
+	resp, err := c.call(&protocol.Request{Op: protocol.OpList, State: qstate})
+	if err != nil {
+		return err
+	}
+	jobs := resp.Jobs
+	if *state == "retrying" || *state == "ready" {
+		var keep []protocol.Job
+		for _, j := range jobs {
+			if j.State == *state {
+				keep = append(keep, j)
+			}
+		}
+		jobs = keep
+	}
+	if *asJSON {
+		if jobs == nil {
+			jobs = []protocol.Job{}
+		}
+		return json.NewEncoder(out).Encode(jobs)
+	}
+	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "ID\tSTATE\tATTEMPTS\tAGE\tPATH\tLAST ERROR")
+	for _, j := range jobs {
+		fmt.Fprintf(w, "%d\t%s\t%d\t%s\t%s\t%s\n", j.ID, j.State, j.Attempts, ago(j.EnqueuedAt), j.Path, oneLine(j.LastError))
+	}
+	return w.Flush()
+}
+
+func cmdPush(c *client, args []string, out io.Writer) error {
+	fs := subFlags("push", "PATH...")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() == 0 {
+		return &exitError{code: 2, msg: "push: no paths given"}
+	}
+	var paths []string
+	for _, p := range fs.Args() {
+		// Accept result symlinks (./result) the way nix commands do.
+		if abs, err := filepath.Abs(p); err == nil {
+			if real, err := filepath.EvalSymlinks(abs); err == nil && strings.HasPrefix(real, "/nix/store/") && !strings.HasPrefix(abs, "/nix/store/") {
+				p = real
+			}
+		}
+		paths = append(paths, p)
+	}
+	resp, err := c.call(&protocol.Request{Op: protocol.OpPush, Paths: paths})
+	if err != nil {
+		return err
+	}
+	for _, j := range resp.Jobs {
+		fmt.Fprintf(out, "queued %s (job %d, %s)\n", j.Path, j.ID, j.State)
+	}
+	return nil
+}
+
+func cmdRetry(c *client, args []string, out io.Writer) error {
+	fs := subFlags("retry", "ID | --all")
+	all := fs.Bool("all", false, "retry every failed job")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	req := &protocol.Request{Op: protocol.OpRetry, All: *all}
+	if !*all {
+		id, err := parseID(fs)
+		if err != nil {
+			return err
+		}
+		req.ID = id
+	}
+	resp, err := c.call(req)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "%d job(s) queued again\n", resp.Count)
+	return nil
+}
+
+func cmdDrop(c *client, args []string, out io.Writer) error {
+	fs := subFlags("drop", "ID")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	id, err := parseID(fs)
+	if err != nil {
+		return err
+	}
+	resp, err := c.call(&protocol.Request{Op: protocol.OpDrop, ID: id})
+	if err != nil {
+		return err
+	}
+	for _, j := range resp.Jobs {
+		fmt.Fprintf(out, "dropped job %d (%s)\n", j.ID, j.Path)
+	}
+	return nil
+}
+
+// cmdWait blocks until every job queued when it started has left the queue
+// (uploaded) or failed. Exit status: 0 all uploaded, 1 some failed, 3 timeout.
+func cmdWait(c *client, args []string, out io.Writer) error {
+	fs := subFlags("wait", "[--timeout D]")
+	timeout := fs.Duration("timeout", 0, "give up after this long (0: wait forever)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	resp, err := c.call(&protocol.Request{Op: protocol.OpList})
+	if err != nil {
+		return err
+	}
+	waiting := map[uint64]string{}
+	for _, j := range resp.Jobs {
+		if j.State != "failed" {
+			waiting[j.ID] = j.Path
+		}
+	}
+	var deadline time.Time
+	if *timeout > 0 {
+		deadline = time.Now().Add(*timeout)
+	}
+	failed := 0
+	for len(waiting) > 0 {
+		if !deadline.IsZero() && time.Now().After(deadline) {
+			return &exitError{code: 3, msg: fmt.Sprintf("timed out with %d job(s) still queued", len(waiting))}
+		}
+		time.Sleep(200 * time.Millisecond)
+		resp, err := c.call(&protocol.Request{Op: protocol.OpList})
+		if err != nil {
+			return err
+		}
+		now := map[uint64]protocol.Job{}
+		for _, j := range resp.Jobs {
+			now[j.ID] = j
+		}
+		for id, p := range waiting {
+			j, ok := now[id]
+			switch {
+			case !ok:
+				delete(waiting, id)
+			case j.State == "failed":
+				fmt.Fprintf(out, "failed: %s: %s\n", p, oneLine(j.LastError))
+				failed++
+				delete(waiting, id)
+			}
+		}
+	}
+	if failed > 0 {
+		return &exitError{code: 1, msg: fmt.Sprintf("%d job(s) failed", failed)}
+	}
+	fmt.Fprintln(out, "all queued paths are uploaded")
+	return nil
+}
+
+func parseID(fs *flag.FlagSet) (uint64, error) {
+	if fs.NArg() != 1 {
+		return 0, &exitError{code: 2, msg: fs.Name() + ": need exactly one job ID"}
+	}
+	id, err := strconv.ParseUint(fs.Arg(0), 10, 64)
+	if err != nil || id == 0 {
+		return 0, &exitError{code: 2, msg: fmt.Sprintf("%s: %q is not a job ID", fs.Name(), fs.Arg(0))}
+	}
+	return id, nil
+}
+
+func bytesStr(n uint64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := uint64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+func ago(unix int64) string {
+	if unix == 0 {
+		return "-"
+	}
+	return time.Since(time.Unix(unix, 0)).Round(time.Second).String()
+}
+
+func oneLine(s string) string {
+	s = strings.ReplaceAll(s, "\n", " ")
+	if len(s) > 200 {
+		s = s[:197] + "..."
+	}
+	return s
+}

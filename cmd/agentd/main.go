@@ -1,0 +1,110 @@
+// Command agentd is nixspool's daemon: it takes store paths from the
+// post-build hook over a unix socket, keeps them in a durable queue, and
+// uploads them (with their closures) to a Nix binary cache.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/nixspool/nixspool/agent"
+	"github.com/nixspool/nixspool/gcroots"
+)
+
+type multiFlag []string
+
+func (m *multiFlag) String() string     { return strings.Join(*m, ",") }
+func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(0)
+		}
+		fmt.Fprintln(os.Stderr, "agentd:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string) error {
+	cfg := agent.DefaultConfig()
+	fs := flag.NewFlagSet("agentd", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintln(fs.Output(), "usage: agentd --secret-key-file FILE [--cache URL] [options]\n\nOptions:")
+		fs.PrintDefaults()
+	}
+	var keys multiFlag
+	var gcRoots, logFormat, logLevel string
+	fs.StringVar(&cfg.Cache, "cache", "", "binary cache URL: s3://BUCKET?endpoint=HOST&region=R&scheme=http|https&profile=P&compression=zstd|xz|none… or file:///DIR (default file://STATE-DIR/cache)")
+	fs.Var(&keys, "secret-key-file", "Nix secret signing key file (repeatable)")
+	fs.BoolVar(&cfg.AllowInsecureKeyPerms, "allow-insecure-key-perms", false, "accept key files readable by group or others")
+	fs.StringVar(&cfg.Socket, "socket", cfg.Socket, "unix socket to listen on (ignored when socket-activated)")
+	fs.StringVar(&cfg.SocketGroup, "socket-group", "", "group that may connect and queue paths (the socket is 0660)")
+	fs.StringVar(&cfg.StateDir, "state-dir", cfg.StateDir, "directory for the queue, spool and temp files")
+	fs.StringVar(&cfg.StoreDir, "store-dir", cfg.StoreDir, "the Nix store directory")
+	fs.StringVar(&cfg.NixDaemonSocket, "nix-daemon-socket", "", "Nix daemon socket (default: $NIX_DAEMON_SOCKET_PATH or /nix/var/nix/daemon-socket/socket; without a daemon, `nix-daemon --stdio` is used)")
+	fs.StringVar(&gcRoots, "gc-roots", gcroots.DefaultDir, `directory for GC roots of queued paths, or "off"`)
+	fs.IntVar(&cfg.Jobs, "jobs", cfg.Jobs, "NARs uploaded in parallel")
+	fs.DurationVar(&cfg.ShutdownGrace, "shutdown-grace", cfg.ShutdownGrace, "time in-flight uploads get to finish on SIGTERM")
+	fs.IntVar(&cfg.MaxAttempts, "max-attempts", 0, "give up on a job after this many transient failures (0: never)")
+	fs.DurationVar(&cfg.BackoffMax, "backoff-max", cfg.BackoffMax, "longest delay between retries of a job")
+	fs.DurationVar(&cfg.SpoolInterval, "spool-interval", cfg.SpoolInterval, "how often to import the hook's spool directory")
+	fs.StringVar(&logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q (see --help)", fs.Arg(0))
+	}
+	cfg.SecretKeyFiles = keys
+	if gcRoots != "off" {
+		cfg.GCRootsDir = gcRoots
+	}
+	logger, err := newLogger(logFormat, logLevel)
+	if err != nil {
+		return err
+	}
+	cfg.Logger = logger
+
+	signal.Ignore(syscall.SIGPIPE)
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	ctx, cancel := context.WithCancel(context.Background())
+	abort := make(chan struct{})
+	go func() {
+		s := <-sigs
+		logger.Info("signal received; stopping", "signal", s.String())
+		cancel()
+		<-sigs
+		close(abort)
+	}()
+
+	a, err := agent.New(cfg)
+	if err != nil {
+		return err
+	}
+	return a.Run(ctx, abort)
+}
+
+func newLogger(format, level string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want text or json", format)
+}
