@@ -1,0 +1,227 @@
+package e2e
+
+import (
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nixspool/nixspool/internal/testenv"
+	"github.com/nixspool/nixspool/spool"
+	"github.com/nixspool/nixspool/storepath"
+)
+
+// TestSingleUserToMinIO: root runs nix-build without a daemon, the hook
+// queues every output, agentd uploads to MinIO, and stock Nix verifies and
+// substitutes the whole closure over HTTP.
+func TestSingleUserToMinIO(t *testing.T) {
+	testenv.RequireNix(t)
+	m := testenv.StartMinIO(t)
+	sk, pk := keyPair(t, "e2e-s3-1")
+	a := newAgent(t, m.CacheURL(""), sk, m.Env())
+	a.Start()
+
+	g := testenv.WriteGraph(t, t.TempDir(), true)
+	env := testenv.NixEnv(hookConfig(), a.HookEnv()...)
+	top := build(t, env, g)
+
+	s := a.WaitDrained(2 * time.Minute)
+	if s.Failed != 0 || s.Uploaded != testenv.GraphPaths {
+		t.Fatalf("status = %+v, want %d uploaded and none failed", s, testenv.GraphPaths)
+	}
+	if s.UploadedNARBytes < 2<<20 {
+		t.Errorf("uploaded_nar_bytes = %d, want the two 1 MiB blobs counted", s.UploadedNARBytes)
+	}
+	keys := strings.Join(m.Keys(t), "\n")
+	for _, want := range []string{"nix-cache-info", ".nar.zst"} {
+		if !strings.Contains(keys, want) {
+			t.Errorf("bucket lacks %s:\n%s", want, keys)
+		}
+	}
+	verifyCache(t, m.HTTPURL(), pk, top)
+
+	// The same check with a key the cache was not signed with must fail:
+	// proof that the check above really checked signatures.
+	_, otherPK := keyPair(t, "e2e-other-1")
+	out, err := testenv.Output(testenv.NixEnv(""), "nix", "store", "verify", "--store", m.HTTPURL(), "--trusted-public-keys", otherPK, "-r", top)
+	if err == nil || !strings.Contains(out, "untrusted") {
+		t.Fatalf("verify with an unknown key passed (err=%v):\n%s", err, out)
+	}
+}
+
+// TestMultiUserToFileCache runs builds through a nix-daemon on a private
+// socket with the hook in the daemon's configuration, as on NixOS, and
+// agentd reading metadata through that daemon; the cache is file://.
+func TestMultiUserToFileCache(t *testing.T) {
+	testenv.RequireNix(t)
+	sk, pk := keyPair(t, "e2e-file-1")
+	cacheDir := filepath.Join(t.TempDir(), "cache")
+	// The agent is created first so the daemon's hook knows its socket.
+	a := newAgent(t, "file://"+cacheDir+"?write-nar-listing=1", sk, nil)
+	daemon := testenv.StartNixDaemon(t, testenv.NixEnv(hookConfig(), a.HookEnv()...))
+	a.args = append(a.args, "--nix-daemon-socket", daemon.Socket)
+	a.Start()
+	if !strings.Contains(a.log.String(), "daemon socket "+daemon.Socket) {
+		t.Fatalf("agentd does not use the daemon:\n%s", a.log.String())
+	}
+
+	g := testenv.WriteGraph(t, t.TempDir(), false)
+	top := build(t, daemon.ClientEnv(testenv.NixEnv("")), g)
+	s := a.WaitDrained(2 * time.Minute)
+	if s.Failed != 0 || s.Uploaded != testenv.GraphPaths {
+		t.Fatalf("status = %+v, want %d uploaded", s, testenv.GraphPaths)
+	}
+	if _, err := os.Stat(filepath.Join(cacheDir, storepath.HashPart(top)+".ls")); err != nil {
+		t.Errorf("write-nar-listing=1 wrote no listing: %v", err)
+	}
+	verifyCache(t, "file://"+cacheDir, pk, top)
+}
+
+// TestSpoolWhileAgentDown: with agentd stopped the build still succeeds and
+// the hook spools; when agentd starts it imports the spool and uploads.
+func TestSpoolWhileAgentDown(t *testing.T) {
+	testenv.RequireNix(t)
+	sk, pk := keyPair(t, "e2e-spool-1")
+	cacheDir := filepath.Join(t.TempDir(), "cache")
+	a := newAgent(t, "file://"+cacheDir, sk, nil)
+	g := testenv.WriteGraph(t, t.TempDir(), false)
+	env := testenv.NixEnv(hookConfig(), a.HookEnv()...)
+	out := testenv.Run(t, env, "nix-build", g.File, "--no-out-link")
+	top := strings.TrimSpace(out[strings.LastIndex(strings.TrimSpace(out), "\n")+1:])
+	if !strings.Contains(out, "spooled to") {
+		t.Fatalf("hook did not report spooling:\n%s", out)
+	}
+	files, err := spool.Files(filepath.Join(a.StateDir, "spool"))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("spool holds %d files (%v), want one per built derivation", len(files), err)
+	}
+	a.Start()
+	s := a.WaitDrained(2 * time.Minute)
+	if s.Uploaded != testenv.GraphPaths || s.Failed != 0 {
+		t.Fatalf("status after import = %+v", s)
+	}
+	if files, _ := spool.Files(filepath.Join(a.StateDir, "spool")); len(files) != 0 {
+		t.Fatalf("spool still holds %v after import", files)
+	}
+	verifyCache(t, "file://"+cacheDir, pk, top)
+}
+
+// TestStrictHookFailsBuild: NIXSPOOL_STRICT=1 makes an unreachable agentd
+// fail the build (opt-in).
+func TestStrictHookFailsBuild(t *testing.T) {
+	testenv.RequireNix(t)
+	g := testenv.WriteGraph(t, t.TempDir(), false)
+	dir := t.TempDir()
+	env := testenv.NixEnv(hookConfig(), "NIXSPOOL_SOCKET="+dir+"/none.sock", "NIXSPOOL_STATE_DIR="+dir, "NIXSPOOL_STRICT=1")
+	if out, err := testenv.Output(env, "nix-build", g.File, "--no-out-link"); err == nil {
+		t.Fatalf("strict hook with agentd down did not fail the build:\n%s", out)
+	}
+}
+
+// TestRefusesBadInputAndKeepsServing sends hostile and malformed requests;
+// each gets a clear error, and agentd keeps serving.
+func TestRefusesBadInputAndKeepsServing(t *testing.T) {
+	testenv.RequireNix(t)
+	sk, _ := keyPair(t, "e2e-bad-1")
+	a := newAgent(t, "file://"+filepath.Join(t.TempDir(), "cache"), sk, nil)
+	a.Start()
+	for path, want := range map[string]string{
+		"/etc/shadow":                 "not a store path",
+		"/nix/store/../../etc/shadow": "not a store path",
+		"/nix/store/r7kyvs66hayj3v09hzgqyrl8f60sll7q-gone": "not a valid path",
+		"/nix/store/r7kyvs66hayj3v09hzgqyrl8f60sll7q-x/..": "not a store path",
+		"relative": "not a store path",
+	} {
+		out, err := a.Ctl("push", path)
+		if err == nil || !strings.Contains(out, want) || strings.Count(strings.TrimSpace(out), "\n") != 0 {
+			t.Errorf("push %q: err=%v, output %q; want one line mentioning %q", path, err, out, want)
+		}
+	}
+	// Raw garbage on the socket.
+	for msg, want := range map[string]string{
+		"not json\n":                      "malformed request",
+		"{\"v\":99,\"op\":\"status\"}\n":  "unsupported protocol version",
+		"{\"v\":1,\"op\":\"launch\"}\n":   "unknown operation",
+		"{\"v\":1,\"op\":\"status\"":      "truncated",
+		strings.Repeat("x", 2<<20) + "\n": "maximum size",
+	} {
+		c, err := net.Dial("unix", a.Socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		go func() { c.Write([]byte(msg)); c.(*net.UnixConn).CloseWrite() }()
+		reply, _ := io.ReadAll(c)
+		c.Close()
+		if !strings.Contains(string(reply), want) || !strings.Contains(string(reply), `"ok":false`) {
+			t.Errorf("reply to %.40q = %q, want an error mentioning %q", msg, reply, want)
+		}
+	}
+	if s := a.Status(); s.Pending != 0 || s.Failed != 0 {
+		t.Fatalf("bad requests changed the queue: %+v", s)
+	}
+	if !strings.Contains(a.log.String(), "request refused") && !strings.Contains(a.log.String(), "enqueue refused") {
+		t.Errorf("refusals were not logged:\n%s", a.log.String())
+	}
+}
+
+// TestHashMismatchIsRefused: a store path whose contents no longer match
+// the NarHash Nix recorded fails permanently and leaves no narinfo behind.
+func TestHashMismatchIsRefused(t *testing.T) {
+	testenv.RequireNix(t)
+	sk, _ := keyPair(t, "e2e-hash-1")
+	cacheDir := filepath.Join(t.TempDir(), "cache")
+	a := newAgent(t, "file://"+cacheDir, sk, nil)
+	a.Start()
+	src := filepath.Join(t.TempDir(), "victim-"+testenv.Unique())
+	os.WriteFile(src, []byte("original contents\n"), 0o644)
+	env := testenv.NixEnv("")
+	p := strings.TrimSpace(testenv.Run(t, env, "nix-store", "--add", src))
+	t.Cleanup(func() { testenv.Output(env, "nix-store", "--delete", p) })
+	os.Chmod(p, 0o644)
+	if err := os.WriteFile(p, []byte("tampered contents!\n"), 0o444); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := a.Ctl("push", p); err != nil {
+		t.Fatalf("push: %v\n%s", err, out)
+	}
+	var s = a.Status()
+	testenv.Poll(t, time.Minute, "the job to fail", func() bool { s = a.Status(); return s.Failed == 1 })
+	if !strings.Contains(s.LastError, "does not match") {
+		t.Errorf("last error = %q, want a hash mismatch naming both hashes", s.LastError)
+	}
+	if _, err := os.Stat(filepath.Join(cacheDir, storepath.HashPart(p)+".narinfo")); !os.IsNotExist(err) {
+		t.Fatalf("a narinfo for the corrupt path exists (err=%v)", err)
+	}
+	out, _ := a.Ctl("list", "--state", "failed")
+	if !strings.Contains(out, p) {
+		t.Errorf("list --state failed does not show the path:\n%s", out)
+	}
+}
+
+// TestDotDotNamesUpload: a path containing entries named "..data" and
+// "..2024" (which go-nix's NAR writer rejects) uploads and verifies.
+func TestDotDotNamesUpload(t *testing.T) {
+	testenv.RequireNix(t)
+	sk, pk := keyPair(t, "e2e-dots-1")
+	cacheDir := filepath.Join(t.TempDir(), "cache")
+	a := newAgent(t, "file://"+cacheDir, sk, nil)
+	a.Start()
+	src := filepath.Join(t.TempDir(), "k8s-"+testenv.Unique())
+	os.MkdirAll(filepath.Join(src, "..2024_01_01"), 0o755)
+	os.WriteFile(filepath.Join(src, "..2024_01_01", "config"), []byte("x=1\n"), 0o644)
+	os.Symlink("..2024_01_01", filepath.Join(src, "..data"))
+	os.Symlink("..data/config", filepath.Join(src, "config"))
+	env := testenv.NixEnv("")
+	p := strings.TrimSpace(testenv.Run(t, env, "nix-store", "--add", src))
+	if out, err := a.Ctl("push", p); err != nil {
+		t.Fatalf("push: %v\n%s", err, out)
+	}
+	if s := a.WaitDrained(time.Minute); s.Uploaded != 1 || s.Failed != 0 {
+		t.Fatalf("status = %+v", s)
+	}
+	verifyCache(t, "file://"+cacheDir, pk, p)
+}

@@ -1,0 +1,167 @@
+package testenv
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// NixConfig is the configuration tests run Nix with: no sandbox and no
+// build users (root in a container), no substituters.
+const NixConfig = "sandbox = false\nbuild-users-group =\nexperimental-features = nix-command\nsubstituters =\n"
+
+// RequireNix skips (or, with NIXSPOOL_REQUIRE_TOOLS=1, fails) a test when
+// the Nix tools or root privileges are missing.
+func RequireNix(t testing.TB) {
+	t.Helper()
+	if _, err := exec.LookPath("nix-build"); err != nil {
+		Missing(t, "nix-build (Debian's nix-bin)")
+	}
+	if os.Geteuid() != 0 {
+		Missing(t, "root (the tests use the real /nix store)")
+	}
+}
+
+// NixEnv returns the environment for Nix commands with extra lines added to
+// NIX_CONFIG and extra variables.
+func NixEnv(extraConfig string, extra ...string) []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if strings.HasPrefix(kv, "NIX_CONFIG=") || strings.HasPrefix(kv, "NIX_REMOTE=") || strings.HasPrefix(kv, "NIX_DAEMON_SOCKET_PATH=") {
+			continue
+		}
+		env = append(env, kv)
+	}
+	env = append(env, "NIX_CONFIG="+NixConfig+extraConfig)
+	return append(env, extra...)
+}
+
+// Run runs a command and fails the test with its output if it fails.
+func Run(t testing.TB, env []string, name string, args ...string) string {
+	t.Helper()
+	out, err := Output(env, name, args...)
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+// Output runs a command and returns its combined output.
+func Output(env []string, name string, args ...string) (string, error) {
+	cmd := exec.Command(name, args...)
+	cmd.Env = env
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// Graph is a Nix expression with a small derivation graph.
+type Graph struct {
+	File  string
+	Nonce string
+}
+
+// WriteGraph writes a derivation graph of 12 outputs over 4 levels, with
+// a multi-output derivation, whose outputs reference each other (so the
+// store records references). big adds a 1 MiB random file to some outputs.
+// Every call builds new paths (a fresh nonce).
+func WriteGraph(t testing.TB, dir string, big bool) *Graph {
+	t.Helper()
+	nonce := Unique()
+	blob := ""
+	if big {
+		blob = `/usr/bin/head -c 1048576 /dev/urandom > $out/blob;`
+	}
+	expr := fmt.Sprintf(`
+let
+  mk = name: deps: extra: builtins.derivation ({
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" ''
+      mkdir -p $out
+      echo ${name} > $out/name
+      for d in ${toString deps}; do echo $d >> $out/deps; done
+      ${extra}
+    '' ];
+    nonce = "%[1]s";
+    PATH = "/usr/bin:/bin";
+  });
+  leaf1 = mk "leaf1" [] "";
+  leaf2 = mk "leaf2" [] "%[2]s";
+  leaf3 = mk "leaf3" [] "";
+  mid1 = mk "mid1" [ leaf1 leaf2 ] "";
+  mid2 = mk "mid2" [ leaf2 leaf3 ] "%[2]s";
+  multi = builtins.derivation {
+    name = "multi";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    outputs = [ "out" "dev" "doc" ];
+    args = [ "-c" "mkdir -p $out $dev $doc; echo ${mid1} > $out/ref; echo $out > $dev/ref; echo doc > $doc/readme" ];
+    nonce = "%[1]s";
+    PATH = "/usr/bin:/bin";
+  };
+  up1 = mk "up1" [ mid1 multi.dev ] "";
+  up2 = mk "up2" [ mid2 multi ] "";
+  top = mk "top" [ up1 up2 multi.doc ] "";
+in top
+`, nonce, blob)
+	f := filepath.Join(dir, "graph-"+nonce+".nix")
+	if err := os.WriteFile(f, []byte(expr), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return &Graph{File: f, Nonce: nonce}
+}
+
+// GraphPaths is how many store outputs WriteGraph's graph has.
+const GraphPaths = 11
+
+// Requisites returns the closure of p according to the local store.
+func Requisites(t testing.TB, env []string, p string) []string {
+	t.Helper()
+	return strings.Fields(Run(t, env, "nix-store", "-q", "--requisites", p))
+}
+
+// NixDaemon is a nix-daemon on a private socket, as on NixOS.
+type NixDaemon struct {
+	Socket string
+	cmd    *exec.Cmd
+}
+
+// StartNixDaemon starts nix-daemon listening on a private socket with env
+// (which carries its NIX_CONFIG, e.g. the post-build-hook) and stops it at
+// cleanup. Clients use ClientEnv.
+func StartNixDaemon(t testing.TB, env []string) *NixDaemon {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "nix-daemon.sock")
+	cmd := exec.Command("nix-daemon")
+	cmd.Env = append(env, "NIX_DAEMON_SOCKET_PATH="+sock)
+	logf, err := os.Create(filepath.Join(t.TempDir(), "nix-daemon.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		cmd.Wait()
+		logf.Close()
+	})
+	Poll(t, 20*time.Second, "nix-daemon socket", func() bool {
+		fi, err := os.Stat(sock)
+		return err == nil && fi.Mode()&os.ModeSocket != 0
+	})
+	return &NixDaemon{Socket: sock, cmd: cmd}
+}
+
+// ClientEnv is the environment of a Nix client of this daemon.
+func (d *NixDaemon) ClientEnv(base []string) []string {
+	return append(base, "NIX_REMOTE=daemon", "NIX_DAEMON_SOCKET_PATH="+d.Socket)
+}
