@@ -22,6 +22,7 @@ import (
 	"os"
 	"os/exec"
 	"sort"
+	"strings"
 	"sync"
 
 	"github.com/nix-community/go-nix/pkg/wire"
@@ -112,8 +113,10 @@ func (s *Store) Close() error {
 	}
 }
 
-// with runs fn on a pooled connection. A connection that saw an I/O or
-// protocol error is discarded.
+// with runs fn on a pooled connection. A connection that saw any error is
+// discarded: after some errors (those raised while the daemon still parses
+// a request) the daemon closes the connection, and the protocol gives no
+// way to tell which.
 func (s *Store) with(ctx context.Context, fn func(c *conn) error) error {
 	var c *conn
 	select {
@@ -139,15 +142,12 @@ func (s *Store) with(ctx context.Context, fn func(c *conn) error) error {
 		err = errors.Join(err, ctx.Err())
 	}
 	if err != nil {
-		var de *DaemonError
-		if !errors.As(err, &de) {
-			c.close()
-			<-s.slots
-			return err
-		}
+		c.close()
+		<-s.slots
+		return err
 	}
 	s.idle <- c
-	return err
+	return nil
 }
 
 // QueryPathInfo returns the metadata of p, or nil if p is not valid.
@@ -330,11 +330,27 @@ func handshake(rw io.ReadWriter, closer io.Closer) (*conn, error) {
 
 func (c *conn) minor() uint64 { return c.version & 0xff }
 
-// DaemonError is an error the daemon reported for one request; the
-// connection remains usable.
+// DaemonError is an error the daemon reported for a request.
 type DaemonError struct{ Msg string }
 
-func (e *DaemonError) Error() string { return "nix daemon: " + e.Msg }
+func (e *DaemonError) Error() string { return "nix daemon: " + stripANSI(e.Msg) }
+
+// stripANSI removes the terminal colour codes Nix puts in its messages.
+func stripANSI(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == 0x1b && i+1 < len(s) && s[i+1] == '[' {
+			j := i + 2
+			for j < len(s) && (s[j] < 0x40 || s[j] > 0x7e) {
+				j++
+			}
+			i = j
+			continue
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
 
 // processStderr consumes the daemon's log frames up to STDERR_LAST.
 func (c *conn) processStderr() error {

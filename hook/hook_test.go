@@ -1,0 +1,88 @@
+package hook
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nixspool/nixspool/spool"
+)
+
+func envOf(m map[string]string) func(string) string {
+	return func(k string) string { return m[k] }
+}
+
+func TestSpoolsWhenAgentdIsDown(t *testing.T) {
+	dir := t.TempDir()
+	out1 := filepath.Join(dir, "out1")
+	os.WriteFile(out1, nil, 0o644)
+	var stderr bytes.Buffer
+	env := map[string]string{
+		"OUT_PATHS":          out1 + " " + filepath.Join(dir, "missing"),
+		"NIXSPOOL_SOCKET":    filepath.Join(dir, "none.sock"),
+		"NIXSPOOL_STATE_DIR": dir,
+		"NIXSPOOL_TIMEOUT":   "300ms",
+	}
+	if code := Run(envOf(env), &stderr); code != 0 {
+		t.Fatalf("exit %d, want 0 (never fail the build)", code)
+	}
+	if !strings.Contains(stderr.String(), "spooled to") || strings.Count(stderr.String(), "\n") != 1 {
+		t.Fatalf("stderr = %q, want one line saying where it spooled", stderr.String())
+	}
+	files, _ := spool.Files(filepath.Join(dir, "spool"))
+	if len(files) != 1 {
+		t.Fatalf("spool files = %v", files)
+	}
+	e, err := spool.Read(files[0])
+	if err != nil || len(e.Paths) != 1 || e.Paths[0] != out1 {
+		t.Fatalf("spooled %+v, %v; want only the existing output", e, err)
+	}
+
+	env["NIXSPOOL_STRICT"] = "1"
+	if code := Run(envOf(env), &stderr); code == 0 {
+		t.Fatal("strict mode exited 0 with agentd down")
+	}
+}
+
+func TestUnwritableSpoolStillExitsZero(t *testing.T) {
+	dir := t.TempDir()
+	out1 := filepath.Join(dir, "out1")
+	os.WriteFile(out1, nil, 0o644)
+	blocker := filepath.Join(dir, "file")
+	os.WriteFile(blocker, nil, 0o644) // state dir "below" a file cannot be created
+	var stderr bytes.Buffer
+	code := Run(envOf(map[string]string{
+		"OUT_PATHS": out1, "NIXSPOOL_SOCKET": filepath.Join(dir, "none.sock"),
+		"NIXSPOOL_STATE_DIR": filepath.Join(blocker, "state"),
+	}), &stderr)
+	if code != 0 || !strings.Contains(stderr.String(), "NOT queued") {
+		t.Fatalf("exit %d, stderr %q", code, stderr.String())
+	}
+}
+
+func TestNothingToDo(t *testing.T) {
+	var stderr bytes.Buffer
+	if code := Run(envOf(map[string]string{}), &stderr); code != 0 || stderr.Len() != 0 {
+		t.Fatalf("exit %d, stderr %q", code, stderr.String())
+	}
+	if code := Run(envOf(map[string]string{"DRV_PATH": "/nonexistent.drv"}), &stderr); code != 0 || !strings.Contains(stderr.String(), "read derivation") {
+		t.Fatalf("exit %d, stderr %q", code, stderr.String())
+	}
+}
+
+func TestConfig(t *testing.T) {
+	c, err := ConfigFromEnv(envOf(map[string]string{}))
+	if err != nil || c.Socket != DefaultSocket || c.StateDir != DefaultStateDir || c.Timeout != DefaultTimeout || c.Strict {
+		t.Fatalf("defaults = %+v, %v", c, err)
+	}
+	c, err = ConfigFromEnv(envOf(map[string]string{"NIXSPOOL_TIMEOUT": "150ms"}))
+	if err != nil || c.Timeout != 150*time.Millisecond {
+		t.Fatalf("timeout = %v, %v", c.Timeout, err)
+	}
+	if _, err := ConfigFromEnv(envOf(map[string]string{"NIXSPOOL_TIMEOUT": "soon"})); err == nil {
+		t.Fatal("bad timeout accepted")
+	}
+}

@@ -1,0 +1,119 @@
+package nixstore
+
+import (
+	"context"
+	"encoding/hex"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/nix-community/go-nix/pkg/nixhash"
+
+	"github.com/nixspool/nixspool/internal/testenv"
+)
+
+// buildGraph builds the test graph and returns its top output.
+func buildGraph(t *testing.T, env []string) string {
+	t.Helper()
+	g := testenv.WriteGraph(t, t.TempDir(), false)
+	out := strings.TrimSpace(testenv.Run(t, env, "nix-build", g.File, "--no-out-link"))
+	return out[strings.LastIndex(out, "\n")+1:]
+}
+
+func checkAgainstCLI(t *testing.T, s *Store, env []string, top string) {
+	t.Helper()
+	ctx := context.Background()
+	info, err := s.QueryPathInfo(ctx, top)
+	if err != nil || info == nil {
+		t.Fatalf("QueryPathInfo: %v, %v", info, err)
+	}
+	h, err := nixhash.ParseAny(testenv.Trim([]byte(testenv.Run(t, env, "nix-store", "-q", "--hash", top))), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if hex.EncodeToString(info.NarHash) != hex.EncodeToString(h.Digest()) {
+		t.Errorf("NarHash = %x, nix-store says %x", info.NarHash, h.Digest())
+	}
+	if size := testenv.Trim([]byte(testenv.Run(t, env, "nix-store", "-q", "--size", top))); size != itoa(info.NarSize) {
+		t.Errorf("NarSize = %d, nix-store says %s", info.NarSize, size)
+	}
+	refs := strings.Fields(testenv.Run(t, env, "nix-store", "-q", "--references", top))
+	sort.Strings(refs)
+	if strings.Join(refs, " ") != strings.Join(info.References, " ") {
+		t.Errorf("References = %v, nix-store says %v", info.References, refs)
+	}
+	if !strings.HasSuffix(info.Deriver, "-top.drv") {
+		t.Errorf("Deriver = %q", info.Deriver)
+	}
+
+	closure, err := s.Closure(ctx, top)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := testenv.Requisites(t, env, top)
+	if len(closure) != len(want) {
+		t.Fatalf("closure has %d paths, nix-store says %d", len(closure), len(want))
+	}
+	seen := map[string]bool{}
+	for _, p := range closure {
+		for _, r := range p.References {
+			if r != p.Path && !seen[r] {
+				t.Fatalf("%s comes before its reference %s", p.Path, r)
+			}
+		}
+		seen[p.Path] = true
+	}
+	if closure[len(closure)-1].Path != top {
+		t.Errorf("closure does not end with the top path")
+	}
+
+	missing := "/nix/store/r7kyvs66hayj3v09hzgqyrl8f60sll7q-not-there"
+	valid, err := s.QueryValidPaths(ctx, []string{top, missing})
+	if err != nil || len(valid) != 1 || valid[0] != top {
+		t.Fatalf("QueryValidPaths = %v, %v", valid, err)
+	}
+	if info, err := s.QueryPathInfo(ctx, missing); err != nil || info != nil {
+		t.Fatalf("QueryPathInfo(missing) = %v, %v; want nil, nil", info, err)
+	}
+	if _, err := s.Closure(ctx, missing); err == nil {
+		t.Fatal("Closure of an invalid path succeeded")
+	}
+	// A request the daemon rejects leaves the connection usable.
+	if _, err := s.QueryPathInfo(ctx, "/etc/passwd"); err == nil {
+		t.Fatal("QueryPathInfo(/etc/passwd) succeeded")
+	}
+	if _, err := s.QueryPathInfo(ctx, top); err != nil {
+		t.Fatalf("after a daemon error: %v", err)
+	}
+}
+
+func itoa(n uint64) string { return strconv.FormatUint(n, 10) }
+
+func TestStdioWithoutDaemon(t *testing.T) {
+	testenv.RequireNix(t)
+	env := testenv.NixEnv("")
+	top := buildGraph(t, env)
+	t.Setenv("NIX_DAEMON_SOCKET_PATH", filepath.Join(t.TempDir(), "no-daemon"))
+	s := Open(Options{})
+	defer s.Close()
+	if !strings.Contains(s.String(), "--stdio") {
+		t.Fatalf("store = %s, want nix-daemon --stdio", s)
+	}
+	checkAgainstCLI(t, s, env, top)
+}
+
+func TestDaemonSocket(t *testing.T) {
+	testenv.RequireNix(t)
+	d := testenv.StartNixDaemon(t, testenv.NixEnv(""))
+	env := d.ClientEnv(testenv.NixEnv(""))
+	top := buildGraph(t, env)
+	t.Setenv("NIX_DAEMON_SOCKET_PATH", d.Socket)
+	s := Open(Options{})
+	defer s.Close()
+	if !strings.Contains(s.String(), d.Socket) {
+		t.Fatalf("store = %s, want the daemon socket", s)
+	}
+	checkAgainstCLI(t, s, env, top)
+}

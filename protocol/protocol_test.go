@@ -1,0 +1,143 @@
+package protocol
+
+import (
+	"bytes"
+	"errors"
+	"net"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestDecodeRequest(t *testing.T) {
+	good := map[string]string{
+		`{"v":1,"op":"enqueue","paths":["/nix/store/x"],"drv":"/nix/store/y.drv"}`: OpEnqueue,
+		`{"v":1,"op":"status","future_field":true}`:                                OpStatus,
+		`{"v":1,"op":"retry","all":true}`:                                          OpRetry,
+		`{"v":1,"op":"drop","id":7}`:                                               OpDrop,
+	}
+	for in, op := range good {
+		req, err := DecodeRequest([]byte(in))
+		if err != nil || req.Op != op {
+			t.Errorf("DecodeRequest(%s) = %+v, %v", in, req, err)
+		}
+	}
+	bad := map[string]string{
+		`not json`:                           "malformed",
+		`{"v":2,"op":"status"}`:              "version",
+		`{"op":"status"}`:                    "version",
+		`{"v":1,"op":"rm -rf"}`:              "unknown operation",
+		`{"v":1,"op":"enqueue"}`:             "no paths",
+		`{"v":1,"op":"drop"}`:                "need an id",
+		`{"v":1,"op":"retry"}`:               "need an id",
+		`{"v":1,"op":"status"} {"v":1}`:      "trailing",
+		`{"v":1,"op":"enqueue","paths":"x"}`: "malformed",
+	}
+	for in, want := range bad {
+		_, err := DecodeRequest([]byte(in))
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("DecodeRequest(%s) = %v, want error with %q", in, err, want)
+		}
+	}
+}
+
+func TestReadRequestLimits(t *testing.T) {
+	if _, err := ReadRequest(strings.NewReader(strings.Repeat("x", MaxRequestSize+10))); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("oversized request: %v", err)
+	}
+	if _, err := ReadRequest(strings.NewReader(`{"v":1,"op":"status"}`)); err == nil || !strings.Contains(err.Error(), "truncated") {
+		t.Fatalf("request without newline: %v", err)
+	}
+	if _, err := ReadRequest(strings.NewReader("")); err == nil {
+		t.Fatal("empty request accepted")
+	}
+	long := `{"v":1,"op":"push","paths":["` + strings.Repeat("a", 100000) + `"]}` + "\n"
+	if req, err := ReadRequest(strings.NewReader(long)); err != nil || len(req.Paths[0]) != 100000 {
+		t.Fatalf("long request: %v", err)
+	}
+}
+
+func FuzzDecodeRequest(f *testing.F) {
+	for _, s := range []string{`{"v":1,"op":"enqueue","paths":["/nix/store/x"]}`, `{"v":1,"op":"status"}`, `{}`, `[`, "\x00"} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		req, err := ReadRequest(bytes.NewReader(append(b, '\n')))
+		if err != nil {
+			return
+		}
+		if req.V != Version {
+			t.Fatalf("accepted version %d", req.V)
+		}
+		if (req.Op == OpEnqueue || req.Op == OpPush) && len(req.Paths) == 0 {
+			t.Fatal("accepted an enqueue without paths")
+		}
+		if _, err := Encode(req); err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+// TestCallRoundTrip checks the raw-syscall client against a net server.
+func TestCallRoundTrip(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			req, err := ReadRequest(c)
+			var resp Response
+			if err != nil {
+				resp.Error = err.Error()
+			} else {
+				resp = Response{OK: true, Count: len(req.Paths)}
+			}
+			b, _ := Encode(&resp)
+			c.Write(b)
+			c.Close()
+		}
+	}()
+	resp, err := Call(sock, &Request{Op: OpEnqueue, Paths: []string{"/a", "/b"}}, time.Second)
+	if err != nil || !resp.OK || resp.Count != 2 {
+		t.Fatalf("Call = %+v, %v", resp, err)
+	}
+	_, err = Call(filepath.Join(t.TempDir(), "missing.sock"), &Request{Op: OpStatus}, time.Second)
+	var de *DialError
+	if !errors.As(err, &de) {
+		t.Fatalf("Call to a missing socket = %v, want DialError", err)
+	}
+}
+
+// TestCallTimeout: a server that accepts but never answers cannot hold the
+// client longer than its timeout.
+func TestCallTimeout(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		c, err := l.Accept()
+		if err == nil {
+			time.Sleep(2 * time.Second)
+			c.Close()
+		}
+	}()
+	start := time.Now()
+	_, err = Call(sock, &Request{Op: OpStatus}, 200*time.Millisecond)
+	if err == nil {
+		t.Fatal("Call to a silent server succeeded")
+	}
+	if el := time.Since(start); el > time.Second {
+		t.Fatalf("Call took %v with a 200ms timeout", el)
+	}
+}
