@@ -79,14 +79,13 @@ func New(cfg Config) (*Agent, error) {
 	if a.roots, err = gcroots.New(cfg.GCRootsDir); err != nil {
 		return nil, err
 	}
-	a.store = nixstore.Open(nixstore.Options{Socket: cfg.NixDaemonSocket, MaxConns: cfg.Jobs + 2})
+	a.store = nixstore.Open(nixstore.Options{Socket: cfg.NixDaemonSocket, MaxConns: min(cfg.Jobs, 8)})
 	a.uploader, err = uploader.New(uploader.Options{
 		Bucket:  a.bucket,
 		Cache:   a.cache,
 		Store:   a.store,
 		Keys:    keys,
 		TempDir: filepath.Join(cfg.StateDir, "tmp"),
-		Jobs:    cfg.Jobs,
 		Logger:  a.log,
 	})
 	if err != nil {

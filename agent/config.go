@@ -28,7 +28,7 @@ type Config struct {
 	StoreDir              string        // the Nix store
 	NixDaemonSocket       string        // "" = as Nix finds it, else `nix-daemon --stdio`
 	GCRootsDir            string        // "" = GC roots off
-	Jobs                  int           // parallel NAR uploads
+	Jobs                  int           // jobs uploaded concurrently
 	ShutdownGrace         time.Duration // how long in-flight uploads may finish on SIGTERM
 	MaxAttempts           int           // 0 = retry transient errors forever
 	BackoffInitial        time.Duration
@@ -49,7 +49,7 @@ func DefaultConfig() Config {
 		Socket:         DefaultSocket,
 		StateDir:       DefaultStateDir,
 		StoreDir:       storepath.DefaultStoreDir,
-		Jobs:           2,
+		Jobs:           8,
 		ShutdownGrace:  30 * time.Second,
 		BackoffInitial: time.Second,
 		BackoffMax:     10 * time.Minute,

@@ -78,7 +78,7 @@ func (a *Agent) process(job *queue.Job) {
 		}
 		log.Info("job done", "uploaded_paths", res.Paths, "nar_bytes", res.NARBytes, "file_bytes", res.FileBytes, "duration", time.Since(start))
 	case a.uploadCtx.Err() != nil:
-		if err := a.queue.Release(job.ID, now); err != nil {
+		if err := a.queue.Release(job.ID); err != nil {
 			log.Error("release", "err", err)
 		}
 		log.Info("upload interrupted by shutdown; job is ready again")

@@ -16,6 +16,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sync"
 )
 
 // Node is one entry of a NAR listing (the `.ls` JSON format, version 1).
@@ -37,7 +38,11 @@ type Listing struct {
 // Dump writes the NAR of the tree at path to w. If listing is true it also
 // returns the tree's listing. It returns the number of bytes written.
 func Dump(w io.Writer, path string, listing bool) (int64, *Listing, error) {
-	d := &dumper{w: bufio.NewWriterSize(w, 256<<10), listing: listing, buf: make([]byte, 256<<10)}
+	b := buffers.Get().(*dumpBuffers)
+	defer buffers.Put(b)
+	b.w.Reset(w)
+	defer b.w.Reset(nil)
+	d := &dumper{w: b.w, listing: listing, buf: b.copyBuf}
 	d.str("nix-archive-1")
 	root, err := d.node(path)
 	if err == nil {
@@ -55,6 +60,17 @@ func Dump(w io.Writer, path string, listing bool) (int64, *Listing, error) {
 	}
 	return d.n, ls, nil
 }
+
+// dumpBuffers are reused across dumps: allocating (and zeroing) half a
+// megabyte per path showed up as the top cost of uploading tiny paths.
+type dumpBuffers struct {
+	w       *bufio.Writer
+	copyBuf []byte
+}
+
+var buffers = sync.Pool{New: func() any {
+	return &dumpBuffers{w: bufio.NewWriterSize(nil, 256<<10), copyBuf: make([]byte, 256<<10)}
+}}
 
 type dumper struct {
 	w       *bufio.Writer

@@ -61,7 +61,7 @@ func checkInvariants(tx *bolt.Tx) error {
 	for _, s := range []struct {
 		bkt   []byte
 		state State
-	}{{bktLeased, StateLeased}, {bktFailed, StateFailed}} {
+	}{{bktFailed, StateFailed}} {
 		if err := tx.Bucket(s.bkt).ForEach(func(k, _ []byte) error {
 			id := binary.BigEndian.Uint64(k)
 			if j, ok := jobs[id]; !ok || j.State != s.state {
@@ -80,13 +80,13 @@ func checkInvariants(tx *bolt.Tx) error {
 		active++
 		j, ok := jobs[binary.BigEndian.Uint64(k)]
 		if !ok || j.State == StateFailed {
-			return fmt.Errorf("active index holds job %d that is not ready or leased", binary.BigEndian.Uint64(k))
+			return fmt.Errorf("active index holds job %d that is not ready", binary.BigEndian.Uint64(k))
 		}
 		return nil
 	}); err != nil {
 		return err
 	}
-	if want := counts[cntPending] + counts[cntRetrying] + counts[cntLeased]; int64(active) != want {
+	if want := counts[cntPending] + counts[cntRetrying]; int64(active) != want {
 		return fmt.Errorf("active index has %d entries, want %d", active, want)
 	}
 	paths := 0
@@ -104,7 +104,7 @@ func checkInvariants(tx *bolt.Tx) error {
 		return fmt.Errorf("path index has %d entries for %d jobs", paths, len(jobs))
 	}
 	m := tx.Bucket(bktMeta)
-	for _, k := range []string{cntPending, cntRetrying, cntLeased, cntFailed} {
+	for _, k := range []string{cntPending, cntRetrying, cntFailed} {
 		if got := counter(m, k); got != counts[k] {
 			return fmt.Errorf("counter %s = %d, want %d", k, got, counts[k])
 		}

@@ -11,14 +11,19 @@
 //
 //	jobs    id → record (version byte, then JSON)
 //	ready   notBefore(unix ns) ‖ id → ∅   due jobs first; a cursor finds the next one
-//	leased  id → ∅                        jobs being uploaded
 //	failed  id → ∅                        dead letter, kept until retry or drop
-//	active  id → ∅                        ready or leased, oldest first
+//	active  id → ∅                        ready jobs, oldest first
 //	paths   store path → id               deduplication
 //	meta    counters and the last error
 //
 // State changes touch only these few keys; counts and the oldest pending job
 // are read without scanning.
+//
+// Leases live in memory only. A leased job stays ready on disk until its
+// outcome (Ack, RetryLater, Fail) commits, so a crash returns every job that
+// was being uploaded to the queue without any recovery step, and taking a
+// job costs no fsync: a job's life is two durable commits (enqueue and
+// outcome), not three.
 package queue
 
 import (
@@ -28,6 +33,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -40,7 +46,7 @@ type State string
 // Job states. A job that has been uploaded is deleted (and counted).
 const (
 	StateReady  State = "ready"  // waiting, possibly until NotBefore (retrying when Attempts > 0)
-	StateLeased State = "leased" // being uploaded by a worker
+	StateLeased State = "leased" // being uploaded by a worker (in memory; ready on disk)
 	StateFailed State = "failed" // dead letter: permanent error or attempts exhausted
 )
 
@@ -68,19 +74,17 @@ const recordVersion = 1
 var (
 	bktJobs   = []byte("jobs")
 	bktReady  = []byte("ready")
-	bktLeased = []byte("leased")
 	bktFailed = []byte("failed")
 	bktActive = []byte("active")
 	bktPaths  = []byte("paths")
 	bktMeta   = []byte("meta")
-	allBkts   = [][]byte{bktJobs, bktReady, bktLeased, bktFailed, bktActive, bktPaths, bktMeta}
+	allBkts   = [][]byte{bktJobs, bktReady, bktFailed, bktActive, bktPaths, bktMeta}
 )
 
 // Counter keys in the meta bucket.
 const (
 	cntPending   = "n_pending"
 	cntRetrying  = "n_retrying"
-	cntLeased    = "n_leased"
 	cntFailed    = "n_failed"
 	cntUploaded  = "n_uploaded"
 	cntNARBytes  = "n_nar_bytes"
@@ -96,6 +100,9 @@ type Queue struct {
 	stop chan struct{}
 	done chan struct{}
 	wake chan struct{}
+
+	mu     sync.Mutex
+	leased map[uint64]Job // in-memory leases
 }
 
 type op struct {
@@ -103,8 +110,8 @@ type op struct {
 	done chan error
 }
 
-// Open opens (creating if needed) the queue at path and returns every job
-// that a crash left leased to the ready state.
+// Open opens (creating if needed) the queue at path. Jobs that were being
+// uploaded when the previous process stopped are simply ready.
 func Open(path string) (*Queue, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("open queue: %w", err)
@@ -117,11 +124,12 @@ func Open(path string) (*Queue, error) {
 		return nil, fmt.Errorf("open queue %s: %w", path, err)
 	}
 	q := &Queue{
-		db:   db,
-		ops:  make(chan *op, 1024),
-		stop: make(chan struct{}),
-		done: make(chan struct{}),
-		wake: make(chan struct{}, 1),
+		db:     db,
+		ops:    make(chan *op, 1024),
+		stop:   make(chan struct{}),
+		done:   make(chan struct{}),
+		wake:   make(chan struct{}, 1),
+		leased: map[uint64]Job{},
 	}
 	if err := db.Update(func(tx *bolt.Tx) error {
 		for _, b := range allBkts {
@@ -129,7 +137,11 @@ func Open(path string) (*Queue, error) {
 				return err
 			}
 		}
-		return recoverLeased(tx)
+		// Databases written before leases moved to memory.
+		if tx.Bucket([]byte("leased")) != nil {
+			return tx.DeleteBucket([]byte("leased"))
+		}
+		return nil
 	}); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("open queue %s: %w", path, err)
@@ -282,43 +294,66 @@ func (q *Queue) Enqueue(paths []string, drv string, now time.Time) ([]EnqueueRes
 	return res, nil
 }
 
-// Lease moves the first ready job that is due at now to leased and returns
-// it, or returns nil if no job is due.
+// Lease hands out the first ready job that is due at now and not already
+// leased, or returns nil if there is none. The lease is held in memory
+// until Ack, RetryLater, Fail or Release.
 func (q *Queue) Lease(now time.Time) (*Job, error) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
 	var leased *Job
-	err := q.update(func(tx *bolt.Tx) error {
-		leased = nil
-		k, _ := tx.Bucket(bktReady).Cursor().First()
-		if k == nil || int64(binary.BigEndian.Uint64(k[:8])) > now.UnixNano() {
+	err := q.db.View(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bktReady).Cursor()
+		for k, _ := c.First(); k != nil; k, _ = c.Next() {
+			if int64(binary.BigEndian.Uint64(k[:8])) > now.UnixNano() {
+				return nil
+			}
+			id := binary.BigEndian.Uint64(k[8:])
+			if _, busy := q.leased[id]; busy {
+				continue
+			}
+			j, err := getJob(tx, id)
+			if err != nil {
+				return err
+			}
+			leased = j
 			return nil
 		}
-		j, err := getJob(tx, binary.BigEndian.Uint64(k[8:]))
-		if err != nil {
-			return err
-		}
-		if err := leaveState(tx, j); err != nil {
-			return err
-		}
-		j.State = StateLeased
-		if err := putJob(tx, j); err != nil {
-			return err
-		}
-		leased = j
-		return enterState(tx, j)
+		return nil
 	})
-	if err != nil {
-		return nil, fmt.Errorf("lease: %w", err)
+	if err != nil || leased == nil {
+		return nil, err
 	}
+	q.leased[leased.ID] = *leased
+	leased.State = StateLeased
 	return leased, nil
+}
+
+// unlease ends the in-memory lease of id.
+func (q *Queue) unlease(id uint64) {
+	q.mu.Lock()
+	delete(q.leased, id)
+	q.mu.Unlock()
+}
+
+func (q *Queue) isLeased(id uint64) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	_, ok := q.leased[id]
+	return ok
 }
 
 // NextDue returns when the earliest ready job becomes due; ok is false when
 // no job is ready.
 func (q *Queue) NextDue() (due time.Time, ok bool, err error) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
 	err = q.db.View(func(tx *bolt.Tx) error {
-		k, _ := tx.Bucket(bktReady).Cursor().First()
-		if k != nil {
-			due, ok = time.Unix(0, int64(binary.BigEndian.Uint64(k[:8]))), true
+		c := tx.Bucket(bktReady).Cursor()
+		for k, _ := c.First(); k != nil; k, _ = c.Next() {
+			if _, busy := q.leased[binary.BigEndian.Uint64(k[8:])]; !busy {
+				due, ok = time.Unix(0, int64(binary.BigEndian.Uint64(k[:8]))), true
+				return nil
+			}
 		}
 		return nil
 	})
@@ -328,6 +363,10 @@ func (q *Queue) NextDue() (due time.Time, ok bool, err error) {
 // Ack removes a leased job after its path was uploaded, and adds to the
 // upload totals. A job dropped while it was leased is not an error.
 func (q *Queue) Ack(id uint64, narBytes, fileBytes uint64) error {
+	if !q.isLeased(id) {
+		return fmt.Errorf("job %d is not leased: %w", id, ErrState)
+	}
+	defer q.unlease(id)
 	return q.update(func(tx *bolt.Tx) error {
 		j, err := getJob(tx, id)
 		if errors.Is(err, ErrNotFound) {
@@ -335,9 +374,6 @@ func (q *Queue) Ack(id uint64, narBytes, fileBytes uint64) error {
 		}
 		if err != nil {
 			return err
-		}
-		if j.State != StateLeased {
-			return fmt.Errorf("job %d is %s, not leased: %w", id, j.State, ErrState)
 		}
 		if err := removeJob(tx, j); err != nil {
 			return err
@@ -367,12 +403,15 @@ func (q *Queue) Fail(id uint64, reason string, now time.Time) error {
 	}, reason, now)
 }
 
-// Release returns a leased job to ready without counting an attempt (used
-// when agentd shuts down during an upload).
-func (q *Queue) Release(id uint64, now time.Time) error {
-	return q.transition(id, StateLeased, func(j *Job) {
-		j.State, j.NotBefore = StateReady, now.UTC()
-	}, "", now)
+// Release ends a lease without an outcome (agentd is shutting down during
+// the upload): the job is ready again, with nothing to commit.
+func (q *Queue) Release(id uint64) error {
+	if !q.isLeased(id) {
+		return fmt.Errorf("job %d is not leased: %w", id, ErrState)
+	}
+	q.unlease(id)
+	q.notify()
+	return nil
 }
 
 // Retry moves a failed job back to ready with its attempts reset.
@@ -427,16 +466,27 @@ func (q *Queue) Drop(id uint64) (*Job, error) {
 		dropped = j
 		return removeJob(tx, j)
 	})
+	if err == nil {
+		q.unlease(id)
+	}
 	return dropped, err
 }
 
 func (q *Queue) transition(id uint64, from State, change func(*Job), reason string, now time.Time) error {
+	diskFrom := from
+	if from == StateLeased {
+		if !q.isLeased(id) {
+			return fmt.Errorf("job %d is not leased: %w", id, ErrState)
+		}
+		defer q.unlease(id)
+		diskFrom = StateReady
+	}
 	return q.update(func(tx *bolt.Tx) error {
 		j, err := getJob(tx, id)
 		if err != nil {
 			return err
 		}
-		if j.State != from {
+		if j.State != diskFrom {
 			return fmt.Errorf("job %d is %s, not %s: %w", id, j.State, from, ErrState)
 		}
 		if err := leaveState(tx, j); err != nil {
@@ -466,6 +516,9 @@ func (q *Queue) Get(id uint64) (*Job, error) {
 		j, err = getJob(tx, id)
 		return err
 	})
+	if err == nil && q.isLeased(id) {
+		j.State = StateLeased
+	}
 	return j, err
 }
 
@@ -473,6 +526,8 @@ func (q *Queue) Get(id uint64) (*Job, error) {
 // id order.
 func (q *Queue) List(state State, limit int) ([]Job, error) {
 	var out []Job
+	q.mu.Lock()
+	defer q.mu.Unlock()
 	err := q.db.View(func(tx *bolt.Tx) error {
 		c := tx.Bucket(bktJobs).Cursor()
 		for k, v := c.First(); k != nil && len(out) < limit; k, v = c.Next() {
@@ -481,6 +536,9 @@ func (q *Queue) List(state State, limit int) ([]Job, error) {
 				return err
 			}
 			j.ID = binary.BigEndian.Uint64(k)
+			if _, busy := q.leased[j.ID]; busy {
+				j.State = StateLeased
+			}
 			if state == "" || j.State == state {
 				out = append(out, *j)
 			}
@@ -507,8 +565,17 @@ func (q *Queue) Stats() (Stats, error) {
 		m := tx.Bucket(bktMeta)
 		s.Pending = int(counter(m, cntPending))
 		s.Retrying = int(counter(m, cntRetrying))
-		s.Leased = int(counter(m, cntLeased))
 		s.Failed = int(counter(m, cntFailed))
+		q.mu.Lock()
+		for _, j := range q.leased {
+			s.Leased++
+			if j.Attempts > 0 {
+				s.Retrying--
+			} else {
+				s.Pending--
+			}
+		}
+		q.mu.Unlock()
 		s.Uploaded = uint64(counter(m, cntUploaded))
 		s.NARBytes = uint64(counter(m, cntNARBytes))
 		s.FileBytes = uint64(counter(m, cntFileBytes))
@@ -535,35 +602,6 @@ func (q *Queue) Stats() (Stats, error) {
 	return s, err
 }
 
-// recoverLeased returns all leased jobs to ready: after a crash nobody is
-// uploading them any more (at-least-once delivery).
-func recoverLeased(tx *bolt.Tx) error {
-	var ids []uint64
-	if err := tx.Bucket(bktLeased).ForEach(func(k, _ []byte) error {
-		ids = append(ids, binary.BigEndian.Uint64(k))
-		return nil
-	}); err != nil {
-		return err
-	}
-	for _, id := range ids {
-		j, err := getJob(tx, id)
-		if err != nil {
-			return err
-		}
-		if err := leaveState(tx, j); err != nil {
-			return err
-		}
-		j.State = StateReady
-		if err := putJob(tx, j); err != nil {
-			return err
-		}
-		if err := enterState(tx, j); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
 func counterKey(j *Job) string {
 	switch j.State {
 	case StateReady:
@@ -571,8 +609,6 @@ func counterKey(j *Job) string {
 			return cntRetrying
 		}
 		return cntPending
-	case StateLeased:
-		return cntLeased
 	default:
 		return cntFailed
 	}
@@ -585,11 +621,6 @@ func enterState(tx *bolt.Tx, j *Job) error {
 	switch j.State {
 	case StateReady:
 		err = tx.Bucket(bktReady).Put(readyKey(j), nil)
-		if err == nil {
-			err = tx.Bucket(bktActive).Put(id, nil)
-		}
-	case StateLeased:
-		err = tx.Bucket(bktLeased).Put(id, nil)
 		if err == nil {
 			err = tx.Bucket(bktActive).Put(id, nil)
 		}
@@ -611,11 +642,6 @@ func leaveState(tx *bolt.Tx, j *Job) error {
 	switch j.State {
 	case StateReady:
 		err = tx.Bucket(bktReady).Delete(readyKey(j))
-		if err == nil {
-			err = tx.Bucket(bktActive).Delete(id)
-		}
-	case StateLeased:
-		err = tx.Bucket(bktLeased).Delete(id)
 		if err == nil {
 			err = tx.Bucket(bktActive).Delete(id)
 		}

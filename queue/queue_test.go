@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -67,6 +68,12 @@ func TestLifecycle(t *testing.T) {
 	if err != nil || j == nil || j.Path != "/nix/store/a" || j.State != StateLeased {
 		t.Fatalf("lease = %+v, %v", j, err)
 	}
+	if s := mustStats(t, q); s.Leased != 1 || s.Pending != 1 {
+		t.Fatalf("stats with one lease = %+v", s)
+	}
+	if got, _ := q.List(StateLeased, 10); len(got) != 1 || got[0].ID != j.ID {
+		t.Fatalf("List(leased) = %+v", got)
+	}
 	// Transient failure: back to ready, due later; the other job is leased first.
 	if err := q.RetryLater(j.ID, t0.Add(time.Minute), "503 Service Unavailable", t0); err != nil {
 		t.Fatal(err)
@@ -118,8 +125,8 @@ func TestLifecycle(t *testing.T) {
 	if _, err := q.Drop(j.ID); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("second drop = %v, want ErrNotFound", err)
 	}
-	if err := q.RetryLater(12345, t0, "x", t0); !errors.Is(err, ErrNotFound) {
-		t.Fatalf("RetryLater unknown = %v", err)
+	if err := q.RetryLater(12345, t0, "x", t0); !errors.Is(err, ErrState) {
+		t.Fatalf("RetryLater of a job that is not leased = %v, want ErrState", err)
 	}
 }
 
@@ -146,6 +153,29 @@ func TestRecoverLeased(t *testing.T) {
 	}
 	if s := mustStats(t, q); s.Leased != 0 || s.Pending != 2 {
 		t.Fatalf("after reopen: %+v", s)
+	}
+}
+
+// TestLeaseIsExclusiveAndReleasable: a leased job is not handed out again
+// until released, and release needs no commit.
+func TestLeaseIsExclusiveAndReleasable(t *testing.T) {
+	q, _ := openTest(t)
+	q.Enqueue([]string{"/p/1"}, "", t0)
+	j, _ := q.Lease(t0)
+	if again, _ := q.Lease(t0); again != nil {
+		t.Fatalf("job leased twice: %+v", again)
+	}
+	if _, ok, _ := q.NextDue(); ok {
+		t.Fatal("NextDue reports a leased job as due")
+	}
+	if err := q.Release(j.ID); err != nil {
+		t.Fatal(err)
+	}
+	if again, _ := q.Lease(t0); again == nil || again.ID != j.ID {
+		t.Fatalf("released job not leasable: %+v", again)
+	}
+	if err := q.Release(999); !errors.Is(err, ErrState) {
+		t.Fatalf("Release of an unknown job = %v", err)
 	}
 }
 
@@ -298,4 +328,38 @@ func crashChild(path string) {
 		}()
 	}
 	wg.Wait()
+}
+
+// BenchmarkEnqueueSequential is one durable (fsynced) enqueue at a time:
+// the hook's path when builds finish one by one.
+func BenchmarkEnqueueSequential(b *testing.B) {
+	q, err := Open(filepath.Join(b.TempDir(), "q.db"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer q.Close()
+	for i := 0; b.Loop(); i++ {
+		if _, err := q.Enqueue([]string{"/p/" + strconv.Itoa(i)}, "", time.Now()); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkEnqueueConcurrent32 has 32 concurrent enqueuers sharing commits.
+func BenchmarkEnqueueConcurrent32(b *testing.B) {
+	q, err := Open(filepath.Join(b.TempDir(), "q.db"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer q.Close()
+	b.SetParallelism(16) // × GOMAXPROCS(2) = 32 goroutines
+	var n atomic.Int64
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if _, err := q.Enqueue([]string{"/p/" + strconv.FormatInt(n.Add(1), 10)}, "", time.Now()); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
 }

@@ -17,7 +17,9 @@ type narCompressor struct {
 	method string // "zstd", "xz" or "none"
 	ext    string
 	pool   sync.Pool // *zstd.Encoder, reused: building one allocates its window and tables
-	level  zstd.EncoderLevel
+	// smallPool holds single-threaded encoders for small NARs.
+	smallPool sync.Pool
+	level     zstd.EncoderLevel
 }
 
 func newNARCompressor(method string, level int) (*narCompressor, error) {
@@ -42,10 +44,23 @@ func newNARCompressor(method string, level int) (*narCompressor, error) {
 }
 
 // wrap returns a writer compressing into w; closing it flushes the stream
-// (it does not close w) and returns pooled state.
-func (c *narCompressor) wrap(w io.Writer) (io.WriteCloser, error) {
-	switch c.method {
-	case "zstd":
+// (it does not close w) and returns pooled state. small selects a
+// single-threaded encoder: for tiny inputs, concurrent block encoding only
+// adds goroutine hand-offs.
+func (c *narCompressor) wrap(w io.Writer, small bool) (io.WriteCloser, error) {
+	switch {
+	case c.method == "zstd" && small:
+		enc, _ := c.smallPool.Get().(*zstd.Encoder)
+		if enc == nil {
+			var err error
+			enc, err = zstd.NewWriter(nil, zstd.WithEncoderLevel(c.level), zstd.WithEncoderConcurrency(1), zstd.WithWindowSize(1<<20))
+			if err != nil {
+				return nil, err
+			}
+		}
+		enc.Reset(w)
+		return &pooledZstd{Encoder: enc, pool: &c.smallPool}, nil
+	case c.method == "zstd":
 		enc, _ := c.pool.Get().(*zstd.Encoder)
 		if enc == nil {
 			var err error
@@ -64,7 +79,7 @@ func (c *narCompressor) wrap(w io.Writer) (io.WriteCloser, error) {
 		}
 		enc.Reset(w)
 		return &pooledZstd{Encoder: enc, pool: &c.pool}, nil
-	case "xz":
+	case c.method == "xz":
 		return xz.NewWriter(w)
 	default:
 		return nopCloser{w}, nil

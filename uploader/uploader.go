@@ -54,7 +54,9 @@ type Options struct {
 	Store   MetadataSource
 	Keys    []signature.SecretKey
 	TempDir string // for compressed NARs before upload; emptied by New
-	Jobs    int    // NARs streamed and uploaded at once (default 2)
+	// Streams bounds how many large (≥ 1 MiB) NARs are compressed at once;
+	// each already uses two cores (default 2).
+	Streams int
 	Logger  *slog.Logger
 	// Skip, if set, reports paths that count as present without being
 	// uploaded (filters); it is consulted for every path of a closure.
@@ -93,8 +95,8 @@ type Result struct {
 
 // New returns an Uploader and removes temp files an earlier run left.
 func New(opt Options) (*Uploader, error) {
-	if opt.Jobs <= 0 {
-		opt.Jobs = 2
+	if opt.Streams <= 0 {
+		opt.Streams = 2
 	}
 	if opt.Logger == nil {
 		opt.Logger = slog.New(slog.DiscardHandler)
@@ -115,7 +117,7 @@ func New(opt Options) (*Uploader, error) {
 	return &Uploader{
 		opt:      opt,
 		comp:     comp,
-		narSlots: make(chan struct{}, opt.Jobs),
+		narSlots: make(chan struct{}, opt.Streams),
 		headSlot: make(chan struct{}, 16),
 		log:      opt.Logger,
 	}, nil
@@ -161,9 +163,26 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		}
 		return Result{}, err
 	}
+	// The top path first: if it is there, its closure is too.
+	if _, ok := u.present.Load(path); ok {
+		return Result{}, nil
+	}
+	if have, err := u.hasNarinfo(ctx, path); err != nil || have {
+		if have {
+			u.present.Store(path, struct{}{})
+		}
+		return Result{}, err
+	}
 	infos := make(map[string]*nixstore.PathInfo, len(closure))
+	var deps []string
 	for _, info := range closure {
 		infos[info.Path] = info
+		if info.Path != path {
+			deps = append(deps, info.Path)
+		}
+	}
+	if _, err := u.CheckPresence(ctx, deps); err != nil {
+		return Result{}, err
 	}
 	var res Result
 	var mu sync.Mutex
@@ -192,14 +211,8 @@ func (u *Uploader) ensureOnce(ctx context.Context, infos map[string]*nixstore.Pa
 		u.present.Store(p, struct{}{})
 		return nil
 	}
-	have, err := u.hasNarinfo(ctx, p)
-	if err != nil {
-		return err
-	}
-	if have {
-		u.present.Store(p, struct{}{})
-		return nil
-	}
+	// Upload checked the whole closure's presence before calling ensure:
+	// a path that is not known present here is missing.
 	// References in parallel with this path's own NAR upload; its narinfo
 	// waits for both.
 	var wg sync.WaitGroup
@@ -271,34 +284,52 @@ func (e *HashMismatchError) Error() string {
 	return fmt.Sprintf("NAR of %s does not match the store's record: store says %s (%d bytes), contents hash to %s (%d bytes); upload aborted", e.Path, e.Want, e.WantSize, e.Got, e.GotSz)
 }
 
-// uploadNAR streams p's NAR to a temp file (hashing the NAR and the
-// compressed stream on the way), checks the NAR hash against the store's,
-// uploads the file under its content hash, and returns the narinfo to write
-// and the number of bytes sent.
-func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*narinfo.NarInfo, uint64, error) {
-	select {
-	case u.narSlots <- struct{}{}:
-	case <-ctx.Done():
-		return nil, 0, ctx.Err()
-	}
-	defer func() { <-u.narSlots }()
+// smallNAR is the size below which a NAR is compressed in memory and
+// uploaded without a HEAD first: for tiny paths the per-path cost is
+// round trips and syscalls, not bytes (perf.md §8).
+const smallNAR = 1 << 20
 
-	tmp, err := os.CreateTemp(u.opt.TempDir, "nar-*.tmp")
-	if err != nil {
-		return nil, 0, fmt.Errorf("temp file: %w", err)
+// uploadNAR streams p's NAR through hashing and compression (to memory for
+// small NARs, to a temp file otherwise), checks the NAR hash against the
+// store's, uploads the compressed file under its content hash, and returns
+// the narinfo to write and the number of bytes sent.
+func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*narinfo.NarInfo, uint64, error) {
+	small := info.NarSize < smallNAR
+	if !small {
+		// Large NARs are CPU-bound (compression); limit how many run at once.
+		select {
+		case u.narSlots <- struct{}{}:
+		case <-ctx.Done():
+			return nil, 0, ctx.Err()
+		}
+		defer func() { <-u.narSlots }()
 	}
-	defer func() {
-		tmp.Close()
-		os.Remove(tmp.Name())
-	}()
+
+	var sink interface {
+		io.Writer
+		io.ReadSeeker
+	}
+	if small {
+		sink = &memFile{}
+	} else {
+		tmp, err := os.CreateTemp(u.opt.TempDir, "nar-*.tmp")
+		if err != nil {
+			return nil, 0, fmt.Errorf("temp file: %w", err)
+		}
+		defer func() {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}()
+		sink = tmp
+	}
 
 	prog := &Progress{Path: info.Path, Total: int64(info.NarSize)}
 	u.progress.Store(info.Path, prog)
 	defer u.progress.Delete(info.Path)
 
 	narHash, fileHash := sha256.New(), sha256.New()
-	fileCount := &countWriter{w: io.MultiWriter(tmp, fileHash)}
-	cw, err := u.comp.wrap(fileCount)
+	fileCount := &countWriter{w: io.MultiWriter(sink, fileHash)}
+	cw, err := u.comp.wrap(fileCount, small)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -328,13 +359,18 @@ func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*nar
 	size := fileCount.n
 
 	sent := uint64(0)
-	if st, err := u.opt.Bucket.Stat(ctx, key); err == nil && st.Size == size {
-		// Same content already uploaded (content-addressed key).
-	} else {
-		if _, err := tmp.Seek(0, io.SeekStart); err != nil {
+	exists := false
+	if !small {
+		// Worth a HEAD: skipping a large upload that is already there
+		// (same content, same key) saves far more than the round trip.
+		st, err := u.opt.Bucket.Stat(ctx, key)
+		exists = err == nil && st.Size == size
+	}
+	if !exists {
+		if _, err := sink.Seek(0, io.SeekStart); err != nil {
 			return nil, 0, err
 		}
-		if err := u.opt.Bucket.Put(ctx, key, tmp, size, bucket.PutOptions{ContentType: "application/x-nix-nar"}); err != nil {
+		if err := u.opt.Bucket.Put(ctx, key, sink, size, bucket.PutOptions{ContentType: "application/x-nix-nar"}); err != nil {
 			return nil, 0, err
 		}
 		sent = uint64(size)
@@ -349,6 +385,24 @@ func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*nar
 		return nil, 0, err
 	}
 	return ni, sent, nil
+}
+
+// memFile is an in-memory file for small compressed NARs.
+type memFile struct {
+	buf bytes.Buffer
+	r   *bytes.Reader
+}
+
+func (m *memFile) Write(p []byte) (int, error) { return m.buf.Write(p) }
+func (m *memFile) Read(p []byte) (int, error) {
+	if m.r == nil {
+		m.r = bytes.NewReader(m.buf.Bytes())
+	}
+	return m.r.Read(p)
+}
+func (m *memFile) Seek(off int64, whence int) (int64, error) {
+	m.r = bytes.NewReader(m.buf.Bytes())
+	return m.r.Seek(off, whence)
 }
 
 func (u *Uploader) putListing(ctx context.Context, p string, listing *nar.Listing) error {
@@ -462,4 +516,43 @@ func (c *ctxWriter) Write(p []byte) (int, error) {
 	n, err := c.w.Write(p)
 	c.prog.done.Add(int64(n))
 	return n, err
+}
+
+// CheckPresence asks the cache which of paths already have a narinfo, with
+// up to 16 HEAD requests in flight over kept-alive connections, remembers
+// the ones that do, and returns the ones that do not. Paths already known to
+// be present cost nothing.
+func (u *Uploader) CheckPresence(ctx context.Context, paths []string) (missing []string, err error) {
+	todo := make(chan string)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for w := 0; w < cap(u.headSlot); w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for p := range todo {
+				have, herr := u.hasNarinfo(ctx, p)
+				mu.Lock()
+				switch {
+				case herr != nil:
+					if err == nil {
+						err = herr
+					}
+				case have:
+					u.present.Store(p, struct{}{})
+				default:
+					missing = append(missing, p)
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	for _, p := range paths {
+		if _, ok := u.present.Load(p); !ok {
+			todo <- p
+		}
+	}
+	close(todo)
+	wg.Wait()
+	return missing, err
 }

@@ -9,6 +9,9 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
+	_ "net/http/pprof"
 	"os"
 	"os/signal"
 	"strings"
@@ -41,7 +44,7 @@ func run(args []string) error {
 		fs.PrintDefaults()
 	}
 	var keys multiFlag
-	var gcRoots, logFormat, logLevel string
+	var gcRoots, logFormat, logLevel, pprofAddr string
 	fs.StringVar(&cfg.Cache, "cache", "", "binary cache URL: s3://BUCKET?endpoint=HOST&region=R&scheme=http|https&profile=P&compression=zstd|xz|none… or file:///DIR (default file://STATE-DIR/cache)")
 	fs.Var(&keys, "secret-key-file", "Nix secret signing key file (repeatable)")
 	fs.BoolVar(&cfg.AllowInsecureKeyPerms, "allow-insecure-key-perms", false, "accept key files readable by group or others")
@@ -51,11 +54,12 @@ func run(args []string) error {
 	fs.StringVar(&cfg.StoreDir, "store-dir", cfg.StoreDir, "the Nix store directory")
 	fs.StringVar(&cfg.NixDaemonSocket, "nix-daemon-socket", "", "Nix daemon socket (default: $NIX_DAEMON_SOCKET_PATH or /nix/var/nix/daemon-socket/socket; without a daemon, `nix-daemon --stdio` is used)")
 	fs.StringVar(&gcRoots, "gc-roots", gcroots.DefaultDir, `directory for GC roots of queued paths, or "off"`)
-	fs.IntVar(&cfg.Jobs, "jobs", cfg.Jobs, "NARs uploaded in parallel")
+	fs.IntVar(&cfg.Jobs, "jobs", cfg.Jobs, "jobs uploaded concurrently (large NARs are also limited to 2 compressing at once)")
 	fs.DurationVar(&cfg.ShutdownGrace, "shutdown-grace", cfg.ShutdownGrace, "time in-flight uploads get to finish on SIGTERM")
 	fs.IntVar(&cfg.MaxAttempts, "max-attempts", 0, "give up on a job after this many transient failures (0: never)")
 	fs.DurationVar(&cfg.BackoffMax, "backoff-max", cfg.BackoffMax, "longest delay between retries of a job")
 	fs.DurationVar(&cfg.SpoolInterval, "spool-interval", cfg.SpoolInterval, "how often to import the hook's spool directory")
+	fs.StringVar(&pprofAddr, "pprof-listen", "", "serve Go's pprof profiles on this loopback address (debugging; off by default)")
 	fs.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
@@ -87,6 +91,11 @@ func run(args []string) error {
 		close(abort)
 	}()
 
+	if pprofAddr != "" {
+		if err := servePprof(pprofAddr, logger); err != nil {
+			return err
+		}
+	}
 	a, err := agent.New(cfg)
 	if err != nil {
 		return err
@@ -107,4 +116,22 @@ func newLogger(format, level string) (*slog.Logger, error) {
 		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
 	}
 	return nil, fmt.Errorf("--log-format %q: want text or json", format)
+}
+
+// servePprof serves net/http/pprof on a loopback address only.
+func servePprof(addr string, log *slog.Logger) error {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("--pprof-listen: %w", err)
+	}
+	if ip := net.ParseIP(host); ip == nil || !ip.IsLoopback() {
+		return fmt.Errorf("--pprof-listen %q: only loopback addresses are allowed", addr)
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("--pprof-listen: %w", err)
+	}
+	log.Info("serving pprof", "addr", l.Addr().String())
+	go http.Serve(l, nil) // pprof registers on the default mux
+	return nil
 }

@@ -7,7 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
-	"testing"
+
 	"time"
 )
 
@@ -17,7 +17,7 @@ const NixConfig = "sandbox = false\nbuild-users-group =\nexperimental-features =
 
 // RequireNix skips (or, with NIXSPOOL_REQUIRE_TOOLS=1, fails) a test when
 // the Nix tools or root privileges are missing.
-func RequireNix(t testing.TB) {
+func RequireNix(t T) {
 	t.Helper()
 	if _, err := exec.LookPath("nix-build"); err != nil {
 		Missing(t, "nix-build (Debian's nix-bin)")
@@ -42,7 +42,7 @@ func NixEnv(extraConfig string, extra ...string) []string {
 }
 
 // Run runs a command and fails the test with its output if it fails.
-func Run(t testing.TB, env []string, name string, args ...string) string {
+func Run(t T, env []string, name string, args ...string) string {
 	t.Helper()
 	out, err := Output(env, name, args...)
 	if err != nil {
@@ -69,7 +69,7 @@ type Graph struct {
 // a multi-output derivation, whose outputs reference each other (so the
 // store records references). big adds a 1 MiB random file to some outputs.
 // Every call builds new paths (a fresh nonce).
-func WriteGraph(t testing.TB, dir string, big bool) *Graph {
+func WriteGraph(t T, dir string, big bool) *Graph {
 	t.Helper()
 	nonce := Unique()
 	blob := ""
@@ -112,7 +112,7 @@ in top
 `, nonce, blob)
 	f := filepath.Join(dir, "graph-"+nonce+".nix")
 	if err := os.WriteFile(f, []byte(expr), 0o644); err != nil {
-		t.Fatal(err)
+		t.Fatalf("%v", err)
 	}
 	return &Graph{File: f, Nonce: nonce}
 }
@@ -121,7 +121,7 @@ in top
 const GraphPaths = 11
 
 // Requisites returns the closure of p according to the local store.
-func Requisites(t testing.TB, env []string, p string) []string {
+func Requisites(t T, env []string, p string) []string {
 	t.Helper()
 	return strings.Fields(Run(t, env, "nix-store", "-q", "--requisites", p))
 }
@@ -135,19 +135,19 @@ type NixDaemon struct {
 // StartNixDaemon starts nix-daemon listening on a private socket with env
 // (which carries its NIX_CONFIG, e.g. the post-build-hook) and stops it at
 // cleanup. Clients use ClientEnv.
-func StartNixDaemon(t testing.TB, env []string) *NixDaemon {
+func StartNixDaemon(t T, env []string) *NixDaemon {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "nix-daemon.sock")
 	cmd := exec.Command("nix-daemon")
 	cmd.Env = append(env, "NIX_DAEMON_SOCKET_PATH="+sock)
 	logf, err := os.Create(filepath.Join(t.TempDir(), "nix-daemon.log"))
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("%v", err)
 	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+		t.Fatalf("%v", err)
 	}
 	t.Cleanup(func() {
 		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)

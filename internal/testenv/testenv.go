@@ -18,12 +18,22 @@ import (
 	"runtime"
 	"strings"
 	"syscall"
-	"testing"
+
 	"time"
 
 	"github.com/minio/minio-go/v7"
 	"github.com/minio/minio-go/v7/pkg/credentials"
 )
+
+// T is the part of testing.TB the helpers use; *testing.T and
+// *testing.B satisfy it, and so can a benchmark program's own type.
+type T interface {
+	Helper()
+	Fatalf(format string, args ...any)
+	Skipf(format string, args ...any)
+	TempDir() string
+	Cleanup(func())
+}
 
 // RepoRoot is the repository's top directory.
 func RepoRoot() string {
@@ -32,7 +42,7 @@ func RepoRoot() string {
 }
 
 // Missing skips or fails the test because a required tool is absent.
-func Missing(t testing.TB, what string) {
+func Missing(t T, what string) {
 	t.Helper()
 	if os.Getenv("NIXSPOOL_REQUIRE_TOOLS") == "1" {
 		t.Fatalf("%s is required (NIXSPOOL_REQUIRE_TOOLS=1); run `make tools`", what)
@@ -51,11 +61,11 @@ func Lookup(name string) (string, bool) {
 }
 
 // FreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
-func FreePort(t testing.TB) int {
+func FreePort(t T) int {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("%v", err)
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port
@@ -70,13 +80,13 @@ type MinIO struct {
 	Dir       string
 	cmd       *exec.Cmd
 	bin       string
-	t         testing.TB
+	t         T
 }
 
 // StartMinIO starts a MinIO server on a free port with its data in a
 // temporary directory, creates a bucket readable anonymously (so stock Nix
 // can use it as an http:// substituter) and stops the server at cleanup.
-func StartMinIO(t testing.TB) *MinIO {
+func StartMinIO(t T) *MinIO {
 	t.Helper()
 	bin, ok := Lookup("minio")
 	if !ok {
@@ -93,17 +103,24 @@ func StartMinIO(t testing.TB) *MinIO {
 	m.Endpoint = fmt.Sprintf("127.0.0.1:%d", FreePort(t))
 	m.Start()
 	t.Cleanup(m.Stop)
+	m.MakeBucket(m.Bucket)
+	return m
+}
+
+// MakeBucket creates a bucket that anyone may read (as a public cache
+// bucket is), so stock Nix can use it as an http:// substituter.
+func (m *MinIO) MakeBucket(name string) {
+	m.t.Helper()
 	c := m.Client()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if err := c.MakeBucket(ctx, m.Bucket, minio.MakeBucketOptions{}); err != nil {
-		t.Fatalf("make bucket: %v", err)
+	if err := c.MakeBucket(ctx, name, minio.MakeBucketOptions{}); err != nil {
+		m.t.Fatalf("make bucket: %v", err)
 	}
-	policy := fmt.Sprintf(`{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"AWS":["*"]},"Action":["s3:GetObject"],"Resource":["arn:aws:s3:::%s/*"]}]}`, m.Bucket)
-	if err := c.SetBucketPolicy(ctx, m.Bucket, policy); err != nil {
-		t.Fatalf("set bucket policy: %v", err)
+	policy := fmt.Sprintf(`{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"AWS":["*"]},"Action":["s3:GetObject"],"Resource":["arn:aws:s3:::%s/*"]}]}`, name)
+	if err := c.SetBucketPolicy(ctx, name, policy); err != nil {
+		m.t.Fatalf("set bucket policy: %v", err)
 	}
-	return m
 }
 
 // Start (re)starts the server process and waits until it answers.
@@ -155,14 +172,17 @@ func (m *MinIO) Stop() {
 func (m *MinIO) Client() *minio.Client {
 	c, err := minio.New(m.Endpoint, &minio.Options{Creds: credentials.NewStaticV4(m.AccessKey, m.SecretKey, "")})
 	if err != nil {
-		m.t.Fatal(err)
+		m.t.Fatalf("%v", err)
 	}
 	return c
 }
 
 // CacheURL is the s3:// address of the test bucket.
-func (m *MinIO) CacheURL(params string) string {
-	u := fmt.Sprintf("s3://%s?endpoint=%s&scheme=http&region=us-east-1", m.Bucket, m.Endpoint)
+func (m *MinIO) CacheURL(params string) string { return m.BucketURL(m.Bucket, params) }
+
+// BucketURL is the s3:// address of a bucket on this server.
+func (m *MinIO) BucketURL(bucket, params string) string {
+	u := fmt.Sprintf("s3://%s?endpoint=%s&scheme=http&region=us-east-1", bucket, m.Endpoint)
 	if params != "" {
 		u += "&" + params
 	}
@@ -179,12 +199,12 @@ func (m *MinIO) Env() []string {
 }
 
 // Keys lists every object key in the bucket.
-func (m *MinIO) Keys(t testing.TB) []string {
+func (m *MinIO) Keys(t T) []string {
 	t.Helper()
 	var keys []string
 	for o := range m.Client().ListObjects(context.Background(), m.Bucket, minio.ListObjectsOptions{Recursive: true}) {
 		if o.Err != nil {
-			t.Fatal(o.Err)
+			t.Fatalf("%v", o.Err)
 		}
 		keys = append(keys, o.Key)
 	}
@@ -202,7 +222,7 @@ func randHex(n int) string {
 func Unique() string { return randHex(6) }
 
 // Poll calls cond until it returns true or the deadline passes.
-func Poll(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+func Poll(t T, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for !cond() {
