@@ -41,6 +41,7 @@ type Agent struct {
 	started  time.Time
 	now      func() time.Time
 
+	breaker     *breaker
 	reachable   atomic.Int32 // 0 unknown, 1 yes, 2 no
 	stateErrMu  sync.Mutex
 	stateErr    string // last state-directory (queue/spool) error, for status
@@ -56,6 +57,7 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger, started: time.Now(), now: time.Now, sockGID: -1}
+	a.breaker = newBreaker(a.backoff)
 	var err error
 	if a.cache, err = cacheurl.Parse(cfg.Cache); err != nil {
 		return nil, err
@@ -191,7 +193,11 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 	a.importSpool(ctx)
 	if err := a.uploader.EnsureCacheInfo(ctx); err != nil {
 		a.setReachable(false)
-		a.log.Warn("cache not reachable at start; will retry with the first upload", "err", err)
+		if errors.Is(err, bucket.ErrUnavailable) {
+			ra, _ := bucket.RetryAfter(err)
+			a.breaker.trip(a.now(), ra)
+		}
+		a.log.Warn("cache not reachable at start; uploads wait for it", "err", err)
 	} else {
 		a.setReachable(true)
 	}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/cenkalti/backoff/v4"
 
+	"github.com/nixspool/nixspool/bucket"
 	"github.com/nixspool/nixspool/queue"
 	"github.com/nixspool/nixspool/uploader"
 )
@@ -16,6 +17,13 @@ import (
 // under a.uploadCtx, which outlives ctx by the shutdown grace period.
 func (a *Agent) worker(ctx context.Context) {
 	for ctx.Err() == nil {
+		if probe, wait, closed := a.breaker.gate(a.now()); probe {
+			a.probe(ctx)
+			continue
+		} else if wait > 0 {
+			a.pause(ctx, wait, closed)
+			continue
+		}
 		job, err := a.queue.Lease(a.now())
 		if err != nil {
 			a.setStateErr(err)
@@ -46,6 +54,31 @@ func (a *Agent) waitForWork(ctx context.Context) {
 	select {
 	case <-ctx.Done():
 	case <-a.queue.Wake():
+	case <-t.C:
+	}
+}
+
+// probe checks whether the bucket is back (nix-cache-info is read, and
+// written if missing) while the breaker is open.
+func (a *Agent) probe(ctx context.Context) {
+	err := a.uploader.EnsureCacheInfo(ctx)
+	ra, _ := bucket.RetryAfter(err)
+	a.breaker.probed(a.now(), err == nil, ra)
+	if err == nil {
+		a.setReachable(true)
+		a.log.Info("cache reachable again; resuming uploads")
+		a.queue.Poke()
+		return
+	}
+	a.log.Warn("cache still unreachable", "err", err)
+}
+
+func (a *Agent) pause(ctx context.Context, d time.Duration, closed <-chan struct{}) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-closed:
 	case <-t.C:
 	}
 }
@@ -88,18 +121,25 @@ func (a *Agent) process(job *queue.Job) {
 		}
 		log.Error("job failed permanently", "err", err, "duration", time.Since(start))
 	case a.cfg.MaxAttempts > 0 && job.Attempts+1 >= a.cfg.MaxAttempts:
-		a.setReachable(false)
 		if err := a.queue.Fail(job.ID, "gave up after "+strconv.Itoa(job.Attempts+1)+" attempts: "+err.Error(), now); err != nil {
 			log.Error("fail", "err", err)
 		}
 		log.Error("job failed: attempts exhausted", "err", err)
 	default:
-		a.setReachable(false)
 		delay := a.backoff(job.Attempts + 1)
+		ra, _ := bucket.RetryAfter(err)
+		delay = max(delay, ra)
+		if errors.Is(err, bucket.ErrUnavailable) {
+			// The bucket, not this job, is the problem: pause everyone and
+			// probe. This job is due again as soon as a probe succeeds.
+			a.setReachable(false)
+			a.breaker.trip(now, ra)
+			delay = ra
+		}
 		if err := a.queue.RetryLater(job.ID, now.Add(delay), err.Error(), now); err != nil {
 			log.Error("retry later", "err", err)
 		}
-		log.Warn("upload failed; will retry", "err", err, "retry_in", delay.Round(time.Millisecond))
+		log.Warn("upload failed; will retry", "err", err, "retry_in", delay.Round(time.Millisecond), "cache_paused", a.breaker.isOpen())
 	}
 }
 
@@ -115,5 +155,5 @@ func (a *Agent) backoff(attempts int) time.Duration {
 	for i := 1; i < attempts && i < 64; i++ {
 		d = b.NextBackOff()
 	}
-	return d
+	return min(d, a.cfg.BackoffMax) // jitter must not exceed the cap
 }

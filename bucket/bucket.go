@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"time"
 )
 
 // ErrNotExist is wrapped by Stat and Get when the key does not exist.
@@ -16,6 +17,30 @@ var ErrNotExist = errors.New("object does not exist")
 // ErrPermanent is wrapped by errors that retrying cannot fix (access
 // denied, no such bucket, invalid credentials).
 var ErrPermanent = errors.New("permanent bucket error")
+
+// ErrUnavailable is wrapped by errors that say the bucket cannot be reached
+// or is overloaded right now (network errors, HTTP 5xx, throttling): every
+// other request would fail the same way, so callers should pause and probe
+// rather than keep trying.
+var ErrUnavailable = errors.New("bucket unavailable")
+
+// RetryAfterError carries the delay a server asked for (Retry-After).
+type RetryAfterError struct {
+	Err   error
+	After time.Duration
+}
+
+func (e *RetryAfterError) Error() string { return e.Err.Error() }
+func (e *RetryAfterError) Unwrap() error { return e.Err }
+
+// RetryAfter returns the delay the server asked for, if any.
+func RetryAfter(err error) (time.Duration, bool) {
+	var ra *RetryAfterError
+	if errors.As(err, &ra) {
+		return ra.After, true
+	}
+	return 0, false
+}
 
 // PutOptions are the object's HTTP metadata.
 type PutOptions struct {

@@ -8,6 +8,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
+	"sync/atomic"
+	"time"
 
 	"github.com/minio/minio-go/v7"
 	"github.com/minio/minio-go/v7/pkg/credentials"
@@ -22,6 +25,7 @@ type Bucket struct {
 	name   string
 	prefix string
 	desc   string
+	hints  *retryAfterTransport
 }
 
 var _ bucket.Bucket = (*Bucket)(nil)
@@ -62,12 +66,13 @@ func New(c *cacheurl.Cache) (*Bucket, error) {
 		return nil, err
 	}
 	tr.MaxIdleConnsPerHost = 64 // keep-alive for many small concurrent requests
+	hints := &retryAfterTransport{base: tr}
 	client, err := minio.New(endpoint, &minio.Options{
 		Creds:        credentials.NewChainCredentials(chain),
 		Secure:       c.Secure,
 		Region:       c.Region,
 		BucketLookup: lookup,
-		Transport:    tr,
+		Transport:    hints,
 		// Short in-request retries only; outages are retried per job by
 		// the queue with persisted backoff.
 		MaxRetries: 3,
@@ -75,7 +80,7 @@ func New(c *cacheurl.Cache) (*Bucket, error) {
 	if err != nil {
 		return nil, fmt.Errorf("s3 client: %w", err)
 	}
-	return &Bucket{client: client, name: c.Bucket, prefix: c.Prefix, desc: c.String()}, nil
+	return &Bucket{client: client, name: c.Bucket, prefix: c.Prefix, desc: c.String(), hints: hints}, nil
 }
 
 func (b *Bucket) String() string { return b.desc }
@@ -95,7 +100,7 @@ func PartSize(size int64) uint64 {
 func (b *Bucket) Stat(ctx context.Context, key string) (bucket.Info, error) {
 	info, err := b.client.StatObject(ctx, b.name, b.prefix+key, minio.StatObjectOptions{})
 	if err != nil {
-		return bucket.Info{}, fmt.Errorf("stat %s: %w", key, classify(err, true))
+		return bucket.Info{}, fmt.Errorf("stat %s: %w", key, b.classify(err, true))
 	}
 	return bucket.Info{Size: info.Size}, nil
 }
@@ -111,7 +116,7 @@ func (b *Bucket) Put(ctx context.Context, key string, r io.Reader, size int64, o
 		NumThreads:      2,
 	})
 	if err != nil {
-		return fmt.Errorf("put %s: %w", key, classify(err, false))
+		return fmt.Errorf("put %s: %w", key, b.classify(err, false))
 	}
 	if size >= 0 && info.Size != size {
 		return fmt.Errorf("put %s: server stored %d bytes, want %d", key, info.Size, size)
@@ -123,12 +128,12 @@ func (b *Bucket) Put(ctx context.Context, key string, r io.Reader, size int64, o
 func (b *Bucket) Get(ctx context.Context, key string, max int64) ([]byte, error) {
 	obj, err := b.client.GetObject(ctx, b.name, b.prefix+key, minio.GetObjectOptions{})
 	if err != nil {
-		return nil, fmt.Errorf("get %s: %w", key, classify(err, true))
+		return nil, fmt.Errorf("get %s: %w", key, b.classify(err, true))
 	}
 	defer obj.Close()
 	data, err := io.ReadAll(io.LimitReader(obj, max+1))
 	if err != nil {
-		return nil, fmt.Errorf("get %s: %w", key, classify(err, true))
+		return nil, fmt.Errorf("get %s: %w", key, b.classify(err, true))
 	}
 	if int64(len(data)) > max {
 		return nil, fmt.Errorf("get %s: larger than %d bytes", key, max)
@@ -139,7 +144,7 @@ func (b *Bucket) Get(ctx context.Context, key string, max int64) ([]byte, error)
 // Delete implements bucket.Bucket.
 func (b *Bucket) Delete(ctx context.Context, key string) error {
 	if err := b.client.RemoveObject(ctx, b.name, b.prefix+key, minio.RemoveObjectOptions{}); err != nil {
-		return fmt.Errorf("delete %s: %w", key, classify(err, false))
+		return fmt.Errorf("delete %s: %w", key, b.classify(err, false))
 	}
 	return nil
 }
@@ -149,10 +154,10 @@ func (b *Bucket) Delete(ctx context.Context, key string) error {
 func (b *Bucket) AbortIncompleteUploads(ctx context.Context, prefix string) error {
 	for u := range b.client.ListIncompleteUploads(ctx, b.name, b.prefix+prefix, true) {
 		if u.Err != nil {
-			return classify(u.Err, false)
+			return b.classify(u.Err, false)
 		}
 		if err := b.client.RemoveIncompleteUpload(ctx, b.name, u.Key); err != nil {
-			return classify(err, false)
+			return b.classify(err, false)
 		}
 	}
 	return nil
@@ -171,14 +176,31 @@ var permanentCodes = map[string]bool{
 	"MethodNotAllowed":      true,
 }
 
+// throttleCodes are S3 error codes that mean "slow down".
+var throttleCodes = map[string]bool{
+	"SlowDown":                   true,
+	"Throttling":                 true,
+	"ThrottlingException":        true,
+	"RequestLimitExceeded":       true,
+	"TooManyRequests":            true,
+	"ServiceUnavailable":         true,
+	"InternalError":              true,
+	"RequestTimeout":             true,
+	"XMinioServerNotInitialized": true,
+}
+
 // classify maps a minio-go error to the bucket package's error classes by
-// its S3 error code (never by message text). For reads, 404 and 403 both
-// mean "not there": buckets without ListBucket permission answer 403 for a
-// missing key, as Nix itself assumes.
-func classify(err error, read bool) error {
+// its S3 error code or HTTP status (never by message text). For reads, 404
+// and 403 both mean "not there": buckets without ListBucket permission
+// answer 403 for a missing key, as Nix itself assumes.
+func (b *Bucket) classify(err error, read bool) error {
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
 	var resp minio.ErrorResponse
 	if !errors.As(err, &resp) {
-		return err
+		// No S3 answer at all: connection refused or reset, DNS, TLS.
+		return fmt.Errorf("%w: %w", bucket.ErrUnavailable, err)
 	}
 	switch {
 	case resp.Code == "NoSuchKey" || (read && resp.StatusCode == http.StatusNotFound && resp.Code != "NoSuchBucket"):
@@ -187,6 +209,48 @@ func classify(err error, read bool) error {
 		return fmt.Errorf("%w (403 %s)", bucket.ErrNotExist, resp.Code)
 	case permanentCodes[resp.Code]:
 		return fmt.Errorf("%w: %s: %s", bucket.ErrPermanent, resp.Code, resp.Message)
+	case throttleCodes[resp.Code] || resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode >= 500:
+		err = fmt.Errorf("%w: %w", bucket.ErrUnavailable, err)
+		if d := b.hints.retryAfter(); d > 0 {
+			return &bucket.RetryAfterError{Err: err, After: d}
+		}
+		return err
 	}
 	return err
+}
+
+// retryAfterTransport remembers the latest Retry-After a server sent with a
+// 429 or 503, which minio-go's errors do not carry.
+type retryAfterTransport struct {
+	base  http.RoundTripper
+	until atomic.Int64 // unix nanoseconds
+}
+
+func (t *retryAfterTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := t.base.RoundTrip(req)
+	if err == nil && (resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode == http.StatusServiceUnavailable) {
+		if d := parseRetryAfter(resp.Header.Get("Retry-After"), time.Now()); d > 0 {
+			t.until.Store(time.Now().Add(d).UnixNano())
+		}
+	}
+	return resp, err
+}
+
+func (t *retryAfterTransport) retryAfter() time.Duration {
+	return time.Until(time.Unix(0, t.until.Load()))
+}
+
+// parseRetryAfter reads a Retry-After value (seconds or an HTTP date),
+// capped at one hour.
+func parseRetryAfter(v string, now time.Time) time.Duration {
+	if v == "" {
+		return 0
+	}
+	var d time.Duration
+	if secs, err := strconv.Atoi(v); err == nil {
+		d = time.Duration(secs) * time.Second
+	} else if t, err := http.ParseTime(v); err == nil {
+		d = t.Sub(now)
+	}
+	return min(max(d, 0), time.Hour)
 }

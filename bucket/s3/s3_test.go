@@ -2,8 +2,11 @@ package s3
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nixspool/nixspool/bucket"
 	"github.com/nixspool/nixspool/bucket/buckettest"
@@ -65,5 +68,37 @@ func TestPartSize(t *testing.T) {
 		if size > 0 && (uint64(size)+ps-1)/ps > 10000 {
 			t.Errorf("PartSize(%d) = %d needs more than 10,000 parts", size, ps)
 		}
+	}
+}
+
+func TestParseRetryAfter(t *testing.T) {
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for in, want := range map[string]time.Duration{
+		"":                              0,
+		"7":                             7 * time.Second,
+		"-3":                            0,
+		"junk":                          0,
+		"99999":                         time.Hour,
+		"Thu, 01 Jan 2026 00:00:30 GMT": 30 * time.Second,
+	} {
+		if got := parseRetryAfter(in, now); got != want {
+			t.Errorf("parseRetryAfter(%q) = %v, want %v", in, got, want)
+		}
+	}
+}
+
+func TestUnreachableIsUnavailable(t *testing.T) {
+	t.Setenv("AWS_ACCESS_KEY_ID", "x")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "y")
+	c, _ := cacheurl.Parse(fmt.Sprintf("s3://somebucket?endpoint=127.0.0.1:%d&scheme=http", testenv.FreePort(t)))
+	b, err := New(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	_, err = b.Stat(ctx, "x.narinfo")
+	if !errors.Is(err, bucket.ErrUnavailable) || bucket.IsNotExist(err) {
+		t.Fatalf("Stat against a closed port = %v, want ErrUnavailable", err)
 	}
 }
