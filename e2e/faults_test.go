@@ -393,4 +393,3 @@ func firstLine(s, sub string) string {
 	}
 	return ""
 }
-

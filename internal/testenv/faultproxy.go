@@ -17,12 +17,12 @@ type Fault int
 
 // Faults.
 const (
-	Pass       Fault = iota
-	Throttle         // 429 SlowDown with Retry-After: 1
-	Unavailable      // 503 ServiceUnavailable
-	Reset            // close the connection without an answer
-	Truncate         // forward only half of the request body
-	Delay            // hold the request for FaultProxy.DelayFor, then pass
+	Pass        Fault = iota
+	Throttle          // 429 SlowDown with Retry-After: 1
+	Unavailable       // 503 ServiceUnavailable
+	Reset             // close the connection without an answer
+	Truncate          // forward only half of the request body
+	Delay             // hold the request for FaultProxy.DelayFor, then pass
 )
 
 // FaultProxy is an HTTP proxy in front of an S3 server that injects faults
