@@ -82,6 +82,9 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a.store = nixstore.Open(nixstore.Options{Socket: cfg.NixDaemonSocket, MaxConns: min(cfg.Jobs, 8)})
+	if a.queue, err = queue.Open(filepath.Join(cfg.StateDir, "queue.db")); err != nil {
+		return nil, err
+	}
 	a.uploader, err = uploader.New(uploader.Options{
 		Bucket:  a.bucket,
 		Cache:   a.cache,
@@ -89,11 +92,10 @@ func New(cfg Config) (*Agent, error) {
 		Keys:    keys,
 		TempDir: filepath.Join(cfg.StateDir, "tmp"),
 		Logger:  a.log,
+		Resume:  a.queue,
 	})
 	if err != nil {
-		return nil, err
-	}
-	if a.queue, err = queue.Open(filepath.Join(cfg.StateDir, "queue.db")); err != nil {
+		a.queue.Close()
 		return nil, err
 	}
 	if err := a.listen(); err != nil {
@@ -189,6 +191,21 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 
 	if err := a.recover(ctx); err != nil {
 		a.log.Error("start-up recovery", "err", err)
+	}
+	if err := a.uploader.RecoverUploads(ctx); err != nil {
+		a.log.Error("recover resumable uploads", "err", err)
+	}
+	if sb, ok := a.bucket.(*s3bucket.Bucket); ok {
+		go func() {
+			// Multipart uploads nobody will complete cost storage; ones
+			// younger than a day may be another machine's, still running.
+			n, err := sb.AbortStaleUploads(ctx, "nar/", 24*time.Hour)
+			if err != nil {
+				a.log.Warn("clean up stale multipart uploads", "err", err)
+			} else if n > 0 {
+				a.log.Info("aborted stale multipart uploads", "count", n)
+			}
+		}()
 	}
 	a.importSpool(ctx)
 	if err := a.uploader.EnsureCacheInfo(ctx); err != nil {

@@ -172,6 +172,7 @@ func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer) *pr
 		if err := a.roots.Remove(j.Path); err != nil {
 			a.log.Warn("remove gc root", "path", j.Path, "err", err)
 		}
+		a.uploader.Discard(ctx, j.Path)
 		a.log.Info("job dropped", "job", j.ID, "path", j.Path, "peer_uid", p.uid)
 		return &protocol.Response{Count: 1, Jobs: []protocol.Job{jobView(*j)}}
 	}

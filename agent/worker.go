@@ -119,6 +119,7 @@ func (a *Agent) process(job *queue.Job) {
 		if err := a.queue.Fail(job.ID, err.Error(), now); err != nil {
 			log.Error("fail", "err", err)
 		}
+		a.uploader.Discard(a.uploadCtx, job.Path)
 		log.Error("job failed permanently", "err", err, "duration", time.Since(start))
 	case a.cfg.MaxAttempts > 0 && job.Attempts+1 >= a.cfg.MaxAttempts:
 		if err := a.queue.Fail(job.ID, "gave up after "+strconv.Itoa(job.Attempts+1)+" attempts: "+err.Error(), now); err != nil {

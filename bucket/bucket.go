@@ -78,3 +78,24 @@ func IsNotExist(err error) bool { return errors.Is(err, ErrNotExist) }
 
 // IsPermanent reports whether err cannot be fixed by retrying.
 func IsPermanent(err error) bool { return errors.Is(err, ErrPermanent) }
+
+// Part is one uploaded part of a multipart upload.
+type Part struct {
+	Number int
+	ETag   string // MD5 of the part's bytes, hex, for unencrypted S3 objects
+	Size   int64
+}
+
+// Multipart is implemented by buckets whose large uploads can be resumed
+// after a crash: the upload ID and the completed parts survive on the
+// server, so only the missing parts need sending again. An object only
+// becomes visible when CompleteMultipart succeeds.
+type Multipart interface {
+	StartMultipart(ctx context.Context, key string, opts PutOptions) (uploadID string, err error)
+	// ListParts returns the parts the server holds; an error wrapping
+	// ErrNotExist means the upload is gone (completed or aborted).
+	ListParts(ctx context.Context, key, uploadID string) ([]Part, error)
+	PutPart(ctx context.Context, key, uploadID string, number int, r io.Reader, size int64, md5 []byte) (Part, error)
+	CompleteMultipart(ctx context.Context, key, uploadID string, parts []Part) error
+	AbortMultipart(ctx context.Context, key, uploadID string) error
+}

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	crand "crypto/rand"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -10,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -392,4 +394,59 @@ func firstLine(s, sub string) string {
 		}
 	}
 	return ""
+}
+
+// TestResumeLargeUpload: a large NAR's multipart upload interrupted by
+// SIGKILL after some parts resumes after the restart from the parts the
+// server holds, instead of starting over.
+func TestResumeLargeUpload(t *testing.T) {
+	testenv.RequireNix(t)
+	m := testenv.StartMinIO(t)
+	p := testenv.StartFaultProxy(t, m.Endpoint)
+	slow := atomic.Bool{}
+	slow.Store(true)
+	p.DelayFor = 300 * time.Millisecond
+	p.Decide = func(r *http.Request, n int) testenv.Fault {
+		if slow.Load() && r.URL.Query().Get("partNumber") != "" {
+			return testenv.Delay
+		}
+		return testenv.Pass
+	}
+	sk, pk := keyPair(t, "e2e-resume-1")
+	a := newAgent(t, strings.Replace(m.CacheURL(""), m.Endpoint, p.Endpoint, 1), sk, m.Env())
+	a.Start()
+
+	// 80 MiB of random bytes: zstd cannot shrink it, so 5 parts of 16 MiB.
+	src := filepath.Join(t.TempDir(), "big-"+testenv.Unique())
+	data := make([]byte, 80<<20)
+	crand.Read(data)
+	if err := os.WriteFile(src, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	path := strings.TrimSpace(testenv.Run(t, testenv.NixEnv(""), "nix-store", "--add", src))
+	t.Cleanup(func() { testenv.Output(testenv.NixEnv(""), "nix-store", "--delete", path) })
+	if out, err := a.Ctl("push", path); err != nil {
+		t.Fatalf("push: %v\n%s", err, out)
+	}
+	testenv.Poll(t, time.Minute, "two parts to be uploaded", func() bool { return p.PartsDone.Load() >= 2 })
+	a.Kill()
+	before := p.PutBytes.Load()
+	slow.Store(false)
+	a.Start()
+	s := a.WaitDrained(2 * time.Minute)
+	if s.Uploaded != 1 || s.Failed != 0 {
+		t.Fatalf("after restart: %+v", s)
+	}
+	after := p.PutBytes.Load() - before
+	if after >= int64(len(data)) {
+		t.Fatalf("sent %d bytes after the restart, not less than the %d-byte object: the upload started over", after, len(data))
+	}
+	if !strings.Contains(a.log.String(), "resumed upload completed") {
+		t.Errorf("no resume logged:\n%s", a.log.String())
+	}
+	verifyCache(t, m.HTTPURL(), pk, path)
+	if keys := m.Keys(t); len(keys) == 0 {
+		t.Fatal("empty bucket")
+	}
+	t.Logf("resume: %d bytes sent before SIGKILL, %d after (object %d bytes)", before, after, len(data))
 }

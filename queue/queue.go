@@ -15,6 +15,7 @@
 //	active  id → ∅                        ready jobs, oldest first
 //	paths   store path → id               deduplication
 //	meta    counters and the last error
+//	uploads store path → the uploader's resume record for a large upload
 //
 // State changes touch only these few keys; counts and the oldest pending job
 // are read without scanning.
@@ -27,6 +28,7 @@
 package queue
 
 import (
+	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -72,13 +74,14 @@ var (
 const recordVersion = 1
 
 var (
-	bktJobs   = []byte("jobs")
-	bktReady  = []byte("ready")
-	bktFailed = []byte("failed")
-	bktActive = []byte("active")
-	bktPaths  = []byte("paths")
-	bktMeta   = []byte("meta")
-	allBkts   = [][]byte{bktJobs, bktReady, bktFailed, bktActive, bktPaths, bktMeta}
+	bktJobs    = []byte("jobs")
+	bktReady   = []byte("ready")
+	bktFailed  = []byte("failed")
+	bktActive  = []byte("active")
+	bktPaths   = []byte("paths")
+	bktMeta    = []byte("meta")
+	bktUploads = []byte("uploads")
+	allBkts    = [][]byte{bktJobs, bktReady, bktFailed, bktActive, bktPaths, bktMeta, bktUploads}
 )
 
 // Counter keys in the meta bucket.
@@ -732,4 +735,43 @@ func counter(m *bolt.Bucket, k string) int64 {
 
 func addCounter(m *bolt.Bucket, k string, d int64) error {
 	return m.Put([]byte(k), be64(uint64(counter(m, k)+d)))
+}
+
+// SaveUpload durably stores the resume record of a large upload of path
+// (opaque to the queue).
+func (q *Queue) SaveUpload(path string, record []byte) error {
+	return q.update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bktUploads).Put([]byte(path), record)
+	})
+}
+
+// LoadUpload returns the resume record of path, or nil.
+func (q *Queue) LoadUpload(path string) ([]byte, error) {
+	var rec []byte
+	err := q.db.View(func(tx *bolt.Tx) error {
+		if v := tx.Bucket(bktUploads).Get([]byte(path)); v != nil {
+			rec = bytes.Clone(v)
+		}
+		return nil
+	})
+	return rec, err
+}
+
+// DeleteUpload removes the resume record of path.
+func (q *Queue) DeleteUpload(path string) error {
+	return q.update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bktUploads).Delete([]byte(path))
+	})
+}
+
+// Uploads returns every resume record, by store path.
+func (q *Queue) Uploads() (map[string][]byte, error) {
+	out := map[string][]byte{}
+	err := q.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bktUploads).ForEach(func(k, v []byte) error {
+			out[string(k)] = bytes.Clone(v)
+			return nil
+		})
+	})
+	return out, err
 }

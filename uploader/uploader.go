@@ -61,6 +61,20 @@ type Options struct {
 	// Skip, if set, reports paths that count as present without being
 	// uploaded (filters); it is consulted for every path of a closure.
 	Skip func(*nixstore.PathInfo) bool
+	// Resume keeps the records that let a large multipart upload resume
+	// after a crash (the queue database implements it). Nil disables resume.
+	Resume ResumeStore
+	// ResumeAbove is the NAR size from which uploads are resumable
+	// (default 64 MiB).
+	ResumeAbove int64
+}
+
+// ResumeStore durably keeps one opaque record per store path.
+type ResumeStore interface {
+	SaveUpload(path string, record []byte) error
+	LoadUpload(path string) ([]byte, error)
+	DeleteUpload(path string) error
+	Uploads() (map[string][]byte, error)
 }
 
 // Uploader uploads closures. It is safe for concurrent use: a dependency
@@ -97,6 +111,9 @@ type Result struct {
 func New(opt Options) (*Uploader, error) {
 	if opt.Streams <= 0 {
 		opt.Streams = 2
+	}
+	if opt.ResumeAbove <= 0 {
+		opt.ResumeAbove = 64 << 20
 	}
 	if opt.Logger == nil {
 		opt.Logger = slog.New(slog.DiscardHandler)
@@ -304,6 +321,9 @@ func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*nar
 		}
 		defer func() { <-u.narSlots }()
 	}
+	if mp, ok := u.opt.Bucket.(bucket.Multipart); ok && u.opt.Resume != nil && info.NarSize >= uint64(u.opt.ResumeAbove) {
+		return u.uploadResumable(ctx, info, mp)
+	}
 
 	var sink interface {
 		io.Writer
@@ -322,49 +342,17 @@ func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*nar
 		}()
 		sink = tmp
 	}
-
-	prog := &Progress{Path: info.Path, Total: int64(info.NarSize)}
-	u.progress.Store(info.Path, prog)
-	defer u.progress.Delete(info.Path)
-
-	narHash, fileHash := sha256.New(), sha256.New()
-	fileCount := &countWriter{w: io.MultiWriter(sink, fileHash)}
-	cw, err := u.comp.wrap(fileCount, small)
+	fileSum, size, listing, err := u.compressNAR(ctx, info, sink, small)
 	if err != nil {
 		return nil, 0, err
 	}
-	narSink := &ctxWriter{ctx: ctx, w: io.MultiWriter(narHash, cw), prog: prog}
-	narSize, listing, err := nar.Dump(narSink, info.Path, u.opt.Cache.WriteNARListing)
-	if cerr := cw.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil, 0, ctx.Err()
-		}
-		if _, serr := os.Lstat(info.Path); errors.Is(serr, os.ErrNotExist) {
-			return nil, 0, Permanent(fmt.Errorf("%s was deleted from the store (garbage-collected?): %w", info.Path, err))
-		}
-		return nil, 0, fmt.Errorf("stream NAR of %s: %w", info.Path, err)
-	}
-	gotHash := narHash.Sum(nil)
-	if !bytes.Equal(gotHash, info.NarHash) || uint64(narSize) != info.NarSize {
-		return nil, 0, Permanent(&HashMismatchError{
-			Path: info.Path, Want: "sha256:" + nixbase32.EncodeToString(info.NarHash), WantSize: info.NarSize,
-			Got: "sha256:" + nixbase32.EncodeToString(gotHash), GotSz: uint64(narSize),
-		})
-	}
-	fileSum := fileHash.Sum(nil)
-	key := "nar/" + nixbase32.EncodeToString(fileSum) + ".nar" + u.comp.ext
-	size := fileCount.n
-
+	key := u.narKey(fileSum)
 	sent := uint64(0)
 	exists := false
 	if !small {
 		// Worth a HEAD: skipping a large upload that is already there
 		// (same content, same key) saves far more than the round trip.
-		st, err := u.opt.Bucket.Stat(ctx, key)
-		exists = err == nil && st.Size == size
+		exists = u.objectExists(ctx, key, size)
 	}
 	if !exists {
 		if _, err := sink.Seek(0, io.SeekStart); err != nil {
@@ -375,6 +363,20 @@ func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*nar
 		}
 		sent = uint64(size)
 	}
+	return u.finishNAR(ctx, info, key, fileSum, size, listing, sent)
+}
+
+func (u *Uploader) narKey(fileSum []byte) string {
+	return "nar/" + nixbase32.EncodeToString(fileSum) + ".nar" + u.comp.ext
+}
+
+func (u *Uploader) objectExists(ctx context.Context, key string, size int64) bool {
+	st, err := u.opt.Bucket.Stat(ctx, key)
+	return err == nil && st.Size == size
+}
+
+// finishNAR uploads the listing (if any) and builds the narinfo.
+func (u *Uploader) finishNAR(ctx context.Context, info *nixstore.PathInfo, key string, fileSum []byte, size int64, listing *nar.Listing, sent uint64) (*narinfo.NarInfo, uint64, error) {
 	if listing != nil {
 		if err := u.putListing(ctx, info.Path, listing); err != nil {
 			return nil, 0, err
@@ -385,6 +387,45 @@ func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*nar
 		return nil, 0, err
 	}
 	return ni, sent, nil
+}
+
+// compressNAR writes the compressed NAR of info.Path to sink and returns
+// the compressed file's SHA-256 and size, and the listing if one is wanted.
+// A NAR whose hash or size differs from the store's record is a permanent
+// error, and nothing of it may be uploaded.
+func (u *Uploader) compressNAR(ctx context.Context, info *nixstore.PathInfo, sink io.Writer, small bool) ([]byte, int64, *nar.Listing, error) {
+	prog := &Progress{Path: info.Path, Total: int64(info.NarSize)}
+	u.progress.Store(info.Path, prog)
+	defer u.progress.Delete(info.Path)
+
+	narHash, fileHash := sha256.New(), sha256.New()
+	fileCount := &countWriter{w: io.MultiWriter(sink, fileHash)}
+	cw, err := u.comp.wrap(fileCount, small)
+	if err != nil {
+		return nil, 0, nil, err
+	}
+	narSink := &ctxWriter{ctx: ctx, w: io.MultiWriter(narHash, cw), prog: prog}
+	narSize, listing, err := nar.Dump(narSink, info.Path, u.opt.Cache.WriteNARListing)
+	if cerr := cw.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, 0, nil, ctx.Err()
+		}
+		if _, serr := os.Lstat(info.Path); errors.Is(serr, os.ErrNotExist) {
+			return nil, 0, nil, Permanent(fmt.Errorf("%s was deleted from the store (garbage-collected?): %w", info.Path, err))
+		}
+		return nil, 0, nil, fmt.Errorf("stream NAR of %s: %w", info.Path, err)
+	}
+	gotHash := narHash.Sum(nil)
+	if !bytes.Equal(gotHash, info.NarHash) || uint64(narSize) != info.NarSize {
+		return nil, 0, nil, Permanent(&HashMismatchError{
+			Path: info.Path, Want: "sha256:" + nixbase32.EncodeToString(info.NarHash), WantSize: info.NarSize,
+			Got: "sha256:" + nixbase32.EncodeToString(gotHash), GotSz: uint64(narSize),
+		})
+	}
+	return fileHash.Sum(nil), fileCount.n, listing, nil
 }
 
 // memFile is an in-memory file for small compressed NARs.

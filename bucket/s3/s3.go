@@ -4,11 +4,13 @@ package s3
 
 import (
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -149,18 +151,94 @@ func (b *Bucket) Delete(ctx context.Context, key string) error {
 	return nil
 }
 
-// AbortIncompleteUploads removes multipart uploads under prefix that a
-// crash left behind (they cost storage and are never completed).
-func (b *Bucket) AbortIncompleteUploads(ctx context.Context, prefix string) error {
-	for u := range b.client.ListIncompleteUploads(ctx, b.name, b.prefix+prefix, true) {
-		if u.Err != nil {
-			return b.classify(u.Err, false)
+var _ bucket.Multipart = (*Bucket)(nil)
+
+func (b *Bucket) core() minio.Core { return minio.Core{Client: b.client} }
+
+// StartMultipart implements bucket.Multipart.
+func (b *Bucket) StartMultipart(ctx context.Context, key string, opts bucket.PutOptions) (string, error) {
+	id, err := b.core().NewMultipartUpload(ctx, b.name, b.prefix+key, minio.PutObjectOptions{ContentType: opts.ContentType, ContentEncoding: opts.ContentEncoding})
+	if err != nil {
+		return "", fmt.Errorf("start multipart upload of %s: %w", key, b.classify(err, false))
+	}
+	return id, nil
+}
+
+// ListParts implements bucket.Multipart.
+func (b *Bucket) ListParts(ctx context.Context, key, uploadID string) ([]bucket.Part, error) {
+	var parts []bucket.Part
+	marker := 0
+	for {
+		res, err := b.core().ListObjectParts(ctx, b.name, b.prefix+key, uploadID, marker, 1000)
+		if err != nil {
+			var resp minio.ErrorResponse
+			if errors.As(err, &resp) && resp.Code == "NoSuchUpload" {
+				return nil, fmt.Errorf("upload %s of %s: %w", uploadID, key, bucket.ErrNotExist)
+			}
+			return nil, fmt.Errorf("list parts of %s: %w", key, b.classify(err, false))
 		}
-		if err := b.client.RemoveIncompleteUpload(ctx, b.name, u.Key); err != nil {
-			return b.classify(err, false)
+		for _, p := range res.ObjectParts {
+			parts = append(parts, bucket.Part{Number: p.PartNumber, ETag: strings.Trim(p.ETag, `"`), Size: p.Size})
 		}
+		if !res.IsTruncated {
+			return parts, nil
+		}
+		marker = res.NextPartNumberMarker
+	}
+}
+
+// PutPart implements bucket.Multipart. The MD5 is sent as Content-MD5, so
+// the server rejects a part that arrives damaged.
+func (b *Bucket) PutPart(ctx context.Context, key, uploadID string, number int, r io.Reader, size int64, md5sum []byte) (bucket.Part, error) {
+	p, err := b.core().PutObjectPart(ctx, b.name, b.prefix+key, uploadID, number, r, size, minio.PutObjectPartOptions{Md5Base64: base64.StdEncoding.EncodeToString(md5sum)})
+	if err != nil {
+		return bucket.Part{}, fmt.Errorf("put part %d of %s: %w", number, key, b.classify(err, false))
+	}
+	return bucket.Part{Number: number, ETag: strings.Trim(p.ETag, `"`), Size: size}, nil
+}
+
+// CompleteMultipart implements bucket.Multipart.
+func (b *Bucket) CompleteMultipart(ctx context.Context, key, uploadID string, parts []bucket.Part) error {
+	cp := make([]minio.CompletePart, len(parts))
+	for i, p := range parts {
+		cp[i] = minio.CompletePart{PartNumber: p.Number, ETag: p.ETag}
+	}
+	if _, err := b.core().CompleteMultipartUpload(ctx, b.name, b.prefix+key, uploadID, cp, minio.PutObjectOptions{}); err != nil {
+		return fmt.Errorf("complete upload of %s: %w", key, b.classify(err, false))
 	}
 	return nil
+}
+
+// AbortMultipart implements bucket.Multipart.
+func (b *Bucket) AbortMultipart(ctx context.Context, key, uploadID string) error {
+	if err := b.core().AbortMultipartUpload(ctx, b.name, b.prefix+key, uploadID); err != nil {
+		var resp minio.ErrorResponse
+		if errors.As(err, &resp) && resp.Code == "NoSuchUpload" {
+			return nil
+		}
+		return fmt.Errorf("abort upload of %s: %w", key, b.classify(err, false))
+	}
+	return nil
+}
+
+// AbortStaleUploads aborts multipart uploads under prefix that were started
+// more than olderThan ago: leftovers of crashes that no agent will resume.
+// Younger ones may belong to another machine's agent still uploading.
+func (b *Bucket) AbortStaleUploads(ctx context.Context, prefix string, olderThan time.Duration) (int, error) {
+	n := 0
+	for u := range b.client.ListIncompleteUploads(ctx, b.name, b.prefix+prefix, true) {
+		if u.Err != nil {
+			return n, b.classify(u.Err, false)
+		}
+		if time.Since(u.Initiated) < olderThan {
+			continue
+		}
+		if err := b.core().AbortMultipartUpload(ctx, b.name, u.Key, u.UploadID); err != nil {
+			return n, b.classify(err, false)
+		}
+		n++
+	}
+	return n, nil
 }
 
 // permanentCodes are S3 error codes that retrying cannot fix.

@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -37,6 +38,33 @@ type FaultProxy struct {
 	n        int
 	Injected map[Fault]int
 	srv      *http.Server
+
+	// PutBytes counts the request body bytes of PUTs passed to the server;
+	// PartsDone counts multipart part uploads the server accepted.
+	PutBytes  atomic.Int64
+	PartsDone atomic.Int64
+}
+
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+}
+
+func (s *statusRecorder) WriteHeader(code int) {
+	s.status = code
+	s.ResponseWriter.WriteHeader(code)
+}
+
+// forward passes r to the server, counting what the S3 client sent.
+func (p *FaultProxy) forward(rp http.Handler, w http.ResponseWriter, r *http.Request) {
+	rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
+	if r.Method == http.MethodPut && r.ContentLength > 0 {
+		p.PutBytes.Add(r.ContentLength)
+	}
+	rp.ServeHTTP(rec, r)
+	if r.Method == http.MethodPut && r.URL.Query().Get("partNumber") != "" && rec.status == http.StatusOK {
+		p.PartsDone.Add(1)
+	}
 }
 
 // StartFaultProxy proxies to the server at target (host:port).
@@ -86,9 +114,9 @@ func StartFaultProxy(t T, target string) *FaultProxy {
 			rp.ServeHTTP(w, r)
 		case Delay:
 			time.Sleep(p.DelayFor)
-			rp.ServeHTTP(w, r)
+			p.forward(rp, w, r)
 		default:
-			rp.ServeHTTP(w, r)
+			p.forward(rp, w, r)
 		}
 	})}
 	go p.srv.Serve(l)

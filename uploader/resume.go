@@ -1,0 +1,285 @@
+package uploader
+
+import (
+	"context"
+	"crypto/md5"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/nix-community/go-nix/pkg/narinfo"
+	"github.com/nix-community/go-nix/pkg/nixbase32"
+
+	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/nar"
+	"github.com/nixspool/nixspool/nixstore"
+	"github.com/nixspool/nixspool/storepath"
+)
+
+// resumeRecord is what survives a crash of a large upload: the compressed
+// NAR stays in the temp dir, the multipart upload and its completed parts
+// stay on the server, and this record (in the queue database) ties them to
+// the store path.
+type resumeRecord struct {
+	Key      string `json:"key"`
+	UploadID string `json:"upload_id"`
+	File     string `json:"file"`
+	FileSize int64  `json:"file_size"`
+	FileHash string `json:"file_hash"` // nix32 SHA-256 of the compressed NAR
+	PartSize int64  `json:"part_size"`
+}
+
+const partialSuffix = ".partial"
+
+func (u *Uploader) partialFile(storePath string) string {
+	return filepath.Join(u.opt.TempDir, "nar-"+storepath.HashPart(storePath)+partialSuffix)
+}
+
+// uploadResumable uploads a large NAR as a multipart upload that a later
+// attempt (after a crash, a restart or a transient error) continues from
+// the parts the server already holds, checked against their MD5 ETags.
+func (u *Uploader) uploadResumable(ctx context.Context, info *nixstore.PathInfo, mp bucket.Multipart) (*narinfo.NarInfo, uint64, error) {
+	rec, listing, err := u.resumeOrPrepare(ctx, info, mp)
+	if err != nil || rec == nil {
+		return nil, 0, err
+	}
+	fileSum, _ := nixbase32.DecodeString(rec.FileHash)
+	if u.objectExists(ctx, rec.Key, rec.FileSize) {
+		// The upload completed, but the record outlived it.
+		u.discardRecord(ctx, info.Path, rec, mp, false)
+		return u.finishNAR(ctx, info, rec.Key, fileSum, rec.FileSize, listing, 0)
+	}
+	sent, err := u.sendParts(ctx, info.Path, rec, mp)
+	if err != nil {
+		if IsPermanent(err) {
+			u.discardRecord(ctx, info.Path, rec, mp, true)
+		}
+		return nil, 0, err
+	}
+	u.discardRecord(ctx, info.Path, rec, mp, false)
+	return u.finishNAR(ctx, info, rec.Key, fileSum, rec.FileSize, listing, sent)
+}
+
+// resumeOrPrepare returns the resume record of info.Path, creating it (by
+// compressing the NAR and starting a multipart upload) if there is no
+// usable one. The listing is produced when the cache wants one.
+func (u *Uploader) resumeOrPrepare(ctx context.Context, info *nixstore.PathInfo, mp bucket.Multipart) (*resumeRecord, *nar.Listing, error) {
+	if rec := u.loadRecord(info.Path); rec != nil {
+		err := u.checkPartial(rec)
+		if err == nil {
+			var listing *nar.Listing
+			if u.opt.Cache.WriteNARListing {
+				if _, listing, err = nar.Dump(io.Discard, info.Path, true); err != nil {
+					return nil, nil, fmt.Errorf("listing of %s: %w", info.Path, err)
+				}
+			}
+			u.log.Info("resuming upload", "path", info.Path, "key", rec.Key, "bytes", rec.FileSize)
+			return rec, listing, nil
+		}
+		u.log.Warn("cannot resume upload; starting again", "path", info.Path, "err", err)
+		u.discardRecord(ctx, info.Path, rec, mp, true)
+	}
+	file := u.partialFile(info.Path)
+	f, err := os.OpenFile(file, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, nil, fmt.Errorf("temp file: %w", err)
+	}
+	keep := false
+	defer func() {
+		f.Close()
+		if !keep {
+			os.Remove(file)
+		}
+	}()
+	fileSum, size, listing, err := u.compressNAR(ctx, info, f, false)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := f.Sync(); err != nil {
+		return nil, nil, err
+	}
+	key := u.narKey(fileSum)
+	if u.objectExists(ctx, key, size) {
+		// Already uploaded (same content): nothing to resume.
+		return &resumeRecord{Key: key, FileSize: size, FileHash: nixbase32.EncodeToString(fileSum)}, listing, nil
+	}
+	id, err := mp.StartMultipart(ctx, key, bucket.PutOptions{ContentType: "application/x-nix-nar"})
+	if err != nil {
+		return nil, nil, err
+	}
+	rec := &resumeRecord{Key: key, UploadID: id, File: file, FileSize: size, FileHash: nixbase32.EncodeToString(fileSum), PartSize: int64(partSize(size))}
+	data, _ := json.Marshal(rec)
+	if err := u.opt.Resume.SaveUpload(info.Path, data); err != nil {
+		mp.AbortMultipart(context.WithoutCancel(ctx), key, id)
+		return nil, nil, fmt.Errorf("save resume record: %w", err)
+	}
+	keep = true
+	return rec, listing, nil
+}
+
+// partSize keeps every upload under 10,000 parts, with parts of at least
+// 16 MiB.
+func partSize(size int64) uint64 {
+	ps := uint64(16 << 20)
+	if need := uint64(size)/9000 + 1; need > ps {
+		ps = (need + (1<<20 - 1)) &^ (1<<20 - 1)
+	}
+	return ps
+}
+
+// sendParts uploads the parts the server does not have yet and completes
+// the upload. It returns the bytes sent.
+func (u *Uploader) sendParts(ctx context.Context, p string, rec *resumeRecord, mp bucket.Multipart) (uint64, error) {
+	have, err := mp.ListParts(ctx, rec.Key, rec.UploadID)
+	if bucket.IsNotExist(err) {
+		// The upload was aborted (e.g. by stale-upload cleanup): start over.
+		id, serr := mp.StartMultipart(ctx, rec.Key, bucket.PutOptions{ContentType: "application/x-nix-nar"})
+		if serr != nil {
+			return 0, serr
+		}
+		rec.UploadID, have = id, nil
+		data, _ := json.Marshal(rec)
+		if err := u.opt.Resume.SaveUpload(p, data); err != nil {
+			return 0, err
+		}
+	} else if err != nil {
+		return 0, err
+	}
+	onServer := map[int]bucket.Part{}
+	for _, part := range have {
+		onServer[part.Number] = part
+	}
+	f, err := os.Open(rec.File)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	var parts []bucket.Part
+	var sent uint64
+	reused := 0
+	for n, off := 1, int64(0); off < rec.FileSize; n, off = n+1, off+rec.PartSize {
+		size := min(rec.PartSize, rec.FileSize-off)
+		h := md5.New()
+		if _, err := io.Copy(h, io.NewSectionReader(f, off, size)); err != nil {
+			return sent, err
+		}
+		sum := h.Sum(nil)
+		if got, ok := onServer[n]; ok && got.Size == size && strings.EqualFold(got.ETag, hex.EncodeToString(sum)) {
+			parts = append(parts, got)
+			reused++
+			continue
+		}
+		part, err := mp.PutPart(ctx, rec.Key, rec.UploadID, n, io.NewSectionReader(f, off, size), size, sum)
+		if err != nil {
+			return sent, err
+		}
+		parts = append(parts, part)
+		sent += uint64(size)
+	}
+	if err := mp.CompleteMultipart(ctx, rec.Key, rec.UploadID, parts); err != nil {
+		return sent, err
+	}
+	if reused > 0 {
+		u.log.Info("resumed upload completed", "path", p, "parts_reused", reused, "parts_sent", len(parts)-reused, "bytes_sent", sent)
+	}
+	return sent, nil
+}
+
+// checkPartial verifies that the kept compressed NAR is intact.
+func (u *Uploader) checkPartial(rec *resumeRecord) error {
+	f, err := os.Open(rec.File)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return err
+	}
+	if n != rec.FileSize || nixbase32.EncodeToString(h.Sum(nil)) != rec.FileHash {
+		return errors.New("kept compressed NAR does not match its record")
+	}
+	return nil
+}
+
+func (u *Uploader) loadRecord(p string) *resumeRecord {
+	data, err := u.opt.Resume.LoadUpload(p)
+	if err != nil || data == nil {
+		return nil
+	}
+	var rec resumeRecord
+	if json.Unmarshal(data, &rec) != nil {
+		return nil
+	}
+	return &rec
+}
+
+// discardRecord forgets a resumable upload: the record, the kept file and,
+// if abort is set, the multipart upload on the server.
+func (u *Uploader) discardRecord(ctx context.Context, p string, rec *resumeRecord, mp bucket.Multipart, abort bool) {
+	if abort && rec.UploadID != "" {
+		if err := mp.AbortMultipart(context.WithoutCancel(ctx), rec.Key, rec.UploadID); err != nil {
+			u.log.Warn("abort multipart upload", "path", p, "err", err)
+		}
+	}
+	if rec.File != "" {
+		os.Remove(rec.File)
+	}
+	if err := u.opt.Resume.DeleteUpload(p); err != nil {
+		u.log.Warn("delete resume record", "path", p, "err", err)
+	}
+}
+
+// Discard forgets any resumable upload of p (its job was dropped or failed).
+func (u *Uploader) Discard(ctx context.Context, p string) {
+	mp, ok := u.opt.Bucket.(bucket.Multipart)
+	if !ok || u.opt.Resume == nil {
+		return
+	}
+	if rec := u.loadRecord(p); rec != nil {
+		u.discardRecord(ctx, p, rec, mp, true)
+	}
+}
+
+// RecoverUploads runs at start: it removes kept files no record refers to,
+// and records whose file is gone (aborting their uploads).
+func (u *Uploader) RecoverUploads(ctx context.Context) error {
+	if u.opt.Resume == nil {
+		return nil
+	}
+	recs, err := u.opt.Resume.Uploads()
+	if err != nil {
+		return err
+	}
+	files := map[string]bool{}
+	mp, _ := u.opt.Bucket.(bucket.Multipart)
+	for p, data := range recs {
+		var rec resumeRecord
+		if json.Unmarshal(data, &rec) != nil {
+			u.opt.Resume.DeleteUpload(p)
+			continue
+		}
+		if _, err := os.Stat(rec.File); err != nil && mp != nil {
+			u.discardRecord(ctx, p, &rec, mp, true)
+			continue
+		}
+		files[rec.File] = true
+	}
+	kept, _ := filepath.Glob(filepath.Join(u.opt.TempDir, "nar-*"+partialSuffix))
+	for _, f := range kept {
+		if !files[f] {
+			os.Remove(f)
+		}
+	}
+	if len(recs) > 0 {
+		u.log.Info("resumable uploads found", "count", len(files))
+	}
+	return nil
+}
