@@ -195,7 +195,14 @@ func TestFaultProxy(t *testing.T) {
 	testenv.RequireNix(t)
 	m := testenv.StartMinIO(t)
 	p := testenv.StartFaultProxy(t, m.Endpoint)
+	puts := 0 // Decide is called under the proxy's lock
 	p.Decide = func(r *http.Request, n int) testenv.Fault {
+		if r.Method == http.MethodPut && r.ContentLength > 0 {
+			puts++
+			if puts%5 == 1 && puts < 40 {
+				return testenv.Truncate
+			}
+		}
 		if n > 120 {
 			return testenv.Pass
 		}
@@ -206,10 +213,6 @@ func TestFaultProxy(t *testing.T) {
 			return testenv.Unavailable
 		case 3:
 			return testenv.Reset
-		case 4:
-			if r.Method == http.MethodPut && r.ContentLength > 0 {
-				return testenv.Truncate
-			}
 		}
 		return testenv.Pass
 	}
