@@ -35,6 +35,10 @@ tool-nix:
 	    echo "nix-build is missing: install Nix (Debian: sudo apt-get install nix-bin) and run again" >&2; exit 1; \
 	  fi; \
 	fi
+	@if ! command -v systemd-analyze >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing systemd (for systemd-analyze verify of the unit files)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null || true; \
+	fi
 
 tool-minio:
 	@if [ ! -x $(TOOLS)/minio ] || [ "$$(cat $(TOOLS)/.minio-version 2>/dev/null)" != "$(MINIO_VERSION)" ]; then \

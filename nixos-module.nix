@@ -1,0 +1,250 @@
+# NixOS module for nixspool: `services.nixspool.enable = true` gives a
+# socket-activated, hardened agentd and wires its hook into nix.conf.
+{ config, lib, pkgs, ... }:
+
+let
+  inherit (lib) mkEnableOption mkOption mkIf types literalExpression concatStringsSep
+    optional optionals optionalString hasPrefix hasInfix escapeShellArg mapAttrsToList;
+
+  cfg = config.services.nixspool;
+
+  socketPath = "/run/nixspool/agentd.sock";
+  stateDir = "/var/lib/nixspool";
+  gcRootsDir = "/nix/var/nix/gcroots/nixspool";
+
+  inStore = p: hasPrefix "/nix/store/" (toString p);
+
+  cacheUrl =
+    if cfg.compression == null then cfg.cache
+    else cfg.cache + (if hasInfix "?" cfg.cache then "&" else "?") + "compression=${cfg.compression}";
+
+  settingArgs = concatStringsSep " " (mapAttrsToList (name: value:
+    if builtins.isBool value then (if value then "--${name}" else "--${name}=false")
+    else if builtins.isList value then concatStringsSep " " (map (v: "--${name}=${escapeShellArg (toString v)}") value)
+    else "--${name}=${escapeShellArg (toString value)}") cfg.settings);
+
+  # Secret key files reach agentd through LoadCredential (never the store).
+  keyCredentials = lib.imap0 (i: f: { name = "secret-key-${toString i}"; path = f; }) cfg.secretKeyFiles;
+
+  agentdArgs = concatStringsSep " " ([
+    "--cache ${escapeShellArg cacheUrl}"
+    "--state-dir ${stateDir}"
+    "--socket ${socketPath}"
+    "--gc-roots ${if cfg.gcRoots then gcRootsDir else "off"}"
+    "--jobs ${toString cfg.jobs}"
+  ]
+  ++ map (k: "--secret-key-file \${CREDENTIALS_DIRECTORY}/${k.name}") keyCredentials
+  ++ optional (cfg.metrics.listen != null) "--metrics-listen ${escapeShellArg cfg.metrics.listen}"
+  ++ optional (cfg.settings != { }) settingArgs
+  ++ map escapeShellArg cfg.extraArgs);
+
+  # NixOS allows one post-build-hook: ours queues the outputs, then runs the
+  # extra hooks, each bounded by its timeout and never failing the build.
+  postBuildHook = pkgs.writeShellScript "nixspool-post-build-hook" (''
+    export NIXSPOOL_SOCKET=${socketPath}
+    export NIXSPOOL_STATE_DIR=${stateDir}
+    ${cfg.package}/bin/nixspool-hook
+  '' + concatStringsSep "\n" (map (h: ''
+    ${pkgs.coreutils}/bin/timeout --kill-after=5 ${escapeShellArg h.timeout} ${h.command} </dev/null \
+      || echo "nixspool: extra post-build hook failed or timed out (ignored): ${lib.escape [ "\"" "$" "`" "\\" ] h.command}" >&2
+  '') cfg.extraPostBuildHooks) + "\nexit 0\n");
+in
+{
+  options.services.nixspool = {
+    enable = mkEnableOption "nixspool, which uploads every local Nix build to a binary cache";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ./package.nix { };
+      defaultText = literalExpression "pkgs.callPackage ./package.nix { }";
+      description = "The nixspool package (provides nixspool-hook, agentd and agentctl).";
+    };
+
+    cache = mkOption {
+      type = types.str;
+      example = "s3://my-nix-cache?region=eu-west-1";
+      description = ''
+        Binary cache URL, as Nix writes it: `s3://BUCKET?endpoint=HOST&region=R&scheme=https&profile=P`
+        (plus Nix's upload options such as `write-nar-listing=1`), or `file:///DIR`.
+        Credentials never go here; see `credentialsFile`.
+      '';
+    };
+
+    secretKeyFiles = mkOption {
+      type = types.listOf types.str;
+      example = [ "/var/lib/secrets/nixspool/cache-1.key" ];
+      description = ''
+        Nix secret signing keys (`nix key generate-secret --key-name NAME`), as paths
+        outside the Nix store: they are handed to agentd with `LoadCredential=` and never
+        copied into the store. Every uploaded narinfo is signed with each key.
+      '';
+    };
+
+    credentialsFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/var/lib/secrets/nixspool/s3.env";
+      description = ''
+        Environment file with the S3 credentials (`AWS_ACCESS_KEY_ID=…`,
+        `AWS_SECRET_ACCESS_KEY=…`), outside the Nix store. Leave null to use an
+        instance role or a `profile=` from a shared credentials file.
+      '';
+    };
+
+    compression = mkOption {
+      type = types.nullOr (types.enum [ "zstd" "xz" "none" ]);
+      default = null;
+      description = "NAR compression (null: the cache URL's `compression=`, else zstd).";
+    };
+
+    jobs = mkOption {
+      type = types.ints.between 1 64;
+      default = 8;
+      description = "Jobs uploaded concurrently.";
+    };
+
+    gcRoots = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Keep queued paths alive with GC roots under ${gcRootsDir} until they are uploaded.";
+    };
+
+    socketGroup = mkOption {
+      type = types.str;
+      default = "nixspool";
+      description = ''
+        Group that may use the agent's socket (`agentctl push/retry/drop`); the socket is 0660.
+        The group is created if it is the default.
+      '';
+    };
+
+    metrics.listen = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "127.0.0.1:9443";
+      description = "Address for the Prometheus metrics endpoint (off when null).";
+    };
+
+    settings = mkOption {
+      type = with types; attrsOf (oneOf [ str int bool (listOf str) ]);
+      default = { };
+      example = { shutdown-grace = "1m"; max-attempts = 50; log-format = "json"; exclude = [ "-source$" ]; };
+      description = "Further agentd flags, `name = value` for `--name=value` (lists repeat the flag).";
+    };
+
+    extraArgs = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      description = "Extra command-line arguments for agentd.";
+    };
+
+    extraPostBuildHooks = mkOption {
+      type = types.listOf (types.submodule {
+        options = {
+          command = mkOption { type = types.str; description = "Command to run after nixspool queued the outputs (it sees OUT_PATHS and DRV_PATH)."; };
+          timeout = mkOption { type = types.str; default = "30s"; description = "Time limit (coreutils timeout syntax)."; };
+        };
+      });
+      default = [ ];
+      description = ''
+        Other post-build hooks to run (NixOS has a single `post-build-hook`). They run after
+        the outputs are queued, each with its own timeout; their failure never fails the build.
+      '';
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = cfg.secretKeyFiles != [ ];
+        message = "services.nixspool.secretKeyFiles must name at least one signing key (nix key generate-secret --key-name NAME > /var/lib/secrets/nixspool.key).";
+      }
+      {
+        assertion = hasPrefix "s3://" cfg.cache || hasPrefix "file:///" cfg.cache;
+        message = "services.nixspool.cache must be an s3://BUCKET?… or file:///DIR URL, not \"${cfg.cache}\".";
+      }
+      {
+        assertion = !(cfg.compression != null && hasInfix "compression=" cfg.cache);
+        message = "services.nixspool: set the compression either in `cache` (compression=…) or in `compression`, not both.";
+      }
+      {
+        assertion = cfg.credentialsFile == null || !(inStore cfg.credentialsFile);
+        message = "services.nixspool.credentialsFile ${toString cfg.credentialsFile} is in the Nix store, where every user can read it; keep it outside the store (e.g. /var/lib/secrets).";
+      }
+    ] ++ map (f: {
+      assertion = !(inStore f);
+      message = "services.nixspool.secretKeyFiles: ${f} is in the Nix store, where every user can read it; keep signing keys outside the store (e.g. /var/lib/secrets).";
+    }) cfg.secretKeyFiles;
+
+    users.groups = mkIf (cfg.socketGroup == "nixspool") { nixspool = { }; };
+
+    environment.systemPackages = [ cfg.package ];
+
+    nix.settings.post-build-hook = postBuildHook;
+
+    systemd.tmpfiles.rules = optionals cfg.gcRoots [ "d ${gcRootsDir} 0755 root root -" ];
+
+    systemd.sockets.nixspool = {
+      description = "nixspool agent socket";
+      wantedBy = [ "sockets.target" ];
+      socketConfig = {
+        ListenStream = socketPath;
+        SocketMode = "0660";
+        SocketUser = "root";
+        SocketGroup = cfg.socketGroup;
+        DirectoryMode = "0750";
+        Backlog = 512;
+      };
+    };
+
+    systemd.services.nixspool = {
+      description = "nixspool agent: uploads Nix build results to a binary cache";
+      requires = [ "nixspool.socket" ];
+      after = [ "nixspool.socket" "network-online.target" "nix-daemon.socket" ];
+      wants = [ "network-online.target" ];
+      wantedBy = [ "multi-user.target" ];
+      path = [ config.nix.package ];
+      script = "exec ${cfg.package}/bin/agentd ${agentdArgs}";
+      serviceConfig = {
+        Type = "notify";
+        NotifyAccess = "main";
+        LoadCredential = map (k: "${k.name}:${k.path}") keyCredentials;
+        EnvironmentFile = optional (cfg.credentialsFile != null) cfg.credentialsFile;
+        StateDirectory = "nixspool";
+        StateDirectoryMode = "0700";
+        Restart = "on-failure";
+        RestartSec = "2s";
+        WatchdogSec = "2min";
+        TimeoutStopSec = "45s";
+        KillMode = "mixed";
+
+        # Root without any capability; see systemd/nixspool.service for why.
+        User = "root";
+        CapabilityBoundingSet = "";
+        AmbientCapabilities = "";
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ReadWritePaths = optional cfg.gcRoots "-${gcRootsDir}";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        ProtectHostname = true;
+        RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [ "@system-service" "~@privileged" ];
+        SystemCallErrorNumber = "EPERM";
+        UMask = "0077";
+      };
+    };
+  };
+}

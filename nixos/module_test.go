@@ -1,0 +1,159 @@
+// Package nixos tests nixos-module.nix, package.nix and flake.nix: they
+// parse with Nix, and, when a nixpkgs lib is available (NIXPKGS_LIB=/path
+// to nixpkgs' lib directory), the module evaluates with the real module
+// system to the expected units, socket and nix.conf settings, and its
+// assertions fire for bad configurations.
+package nixos
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/nixspool/nixspool/internal/testenv"
+)
+
+func TestNixFilesParse(t *testing.T) {
+	if _, err := exec.LookPath("nix-instantiate"); err != nil {
+		testenv.Missing(t, "nix-instantiate")
+	}
+	for _, f := range []string{"nixos-module.nix", "package.nix", "flake.nix", "nixos/eval.nix"} {
+		out, err := exec.Command("nix-instantiate", "--parse", filepath.Join(testenv.RepoRoot(), f)).CombinedOutput()
+		if err != nil {
+			t.Errorf("%s does not parse: %v\n%s", f, err, out)
+		}
+	}
+}
+
+type evalResult struct {
+	FailedAssertions []string       `json:"failedAssertions"`
+	Groups           []string       `json:"groups"`
+	Tmpfiles         []string       `json:"tmpfiles"`
+	Packages         []string       `json:"packages"`
+	Hook             string         `json:"hook"`
+	HookText         string         `json:"hookText"`
+	Socket           map[string]any `json:"socket"`
+	Service          map[string]any `json:"service"`
+	raw              map[string]any
+}
+
+func evalModule(t *testing.T, configuration string) evalResult {
+	t.Helper()
+	libDir := os.Getenv("NIXPKGS_LIB")
+	if libDir == "" {
+		t.Skip("set NIXPKGS_LIB to a nixpkgs lib directory to evaluate the module (see README)")
+	}
+	cfg := filepath.Join(t.TempDir(), "cfg.nix")
+	if err := os.WriteFile(cfg, []byte(configuration), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("nix-instantiate", "--eval", "--strict", "--json", filepath.Join(testenv.RepoRoot(), "nixos", "eval.nix"),
+		"--arg", "lib", "import "+libDir, "--arg", "configuration", "import "+cfg)
+	cmd.Env = testenv.NixEnv("")
+	out, err := cmd.Output()
+	if err != nil {
+		var stderr string
+		if ee, ok := err.(*exec.ExitError); ok {
+			stderr = string(ee.Stderr)
+		}
+		t.Fatalf("evaluation failed: %v\n%s", err, stderr)
+	}
+	var r evalResult
+	if err := json.Unmarshal(out, &r); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	return r
+}
+
+func TestModuleTypicalConfiguration(t *testing.T) {
+	r := evalModule(t, `{
+  services.nixspool = {
+    enable = true;
+    cache = "s3://my-cache?endpoint=s3.example.org&region=eu-1";
+    secretKeyFiles = [ "/var/lib/secrets/cache-1.key" "/var/lib/secrets/cache-2.key" ];
+    credentialsFile = "/var/lib/secrets/s3.env";
+    compression = "zstd";
+    jobs = 4;
+    metrics.listen = "127.0.0.1:9443";
+    settings = { max-attempts = 20; log-format = "json"; exclude = [ "-doc$" ]; };
+    extraPostBuildHooks = [ { command = "/run/current-system/sw/bin/notify-build"; timeout = "5s"; } ];
+  };
+}`)
+	if len(r.FailedAssertions) != 0 {
+		t.Fatalf("assertions failed for a good configuration: %v", r.FailedAssertions)
+	}
+	script, _ := r.Service["script"].(string)
+	for _, want := range []string{
+		"/bin/agentd ",
+		"--cache 's3://my-cache?endpoint=s3.example.org&region=eu-1&compression=zstd'",
+		"--secret-key-file ${CREDENTIALS_DIRECTORY}/secret-key-0",
+		"--secret-key-file ${CREDENTIALS_DIRECTORY}/secret-key-1",
+		"--gc-roots /nix/var/nix/gcroots/nixspool",
+		"--jobs 4",
+		"--metrics-listen 127.0.0.1:9443",
+		"--max-attempts=20",
+		"--exclude='-doc$'",
+	} {
+		if !strings.Contains(script, want) {
+			t.Errorf("service script lacks %q:\n%s", want, script)
+		}
+	}
+	if strings.Contains(script, "/var/lib/secrets") {
+		t.Errorf("key paths leak into argv instead of LoadCredential:\n%s", script)
+	}
+	sc := r.Service["serviceConfig"].(map[string]any)
+	if sc["Type"] != "notify" || sc["ProtectSystem"] != "strict" || sc["NoNewPrivileges"] != true || sc["StateDirectory"] != "nixspool" {
+		t.Errorf("serviceConfig = %v", sc)
+	}
+	creds, _ := json.Marshal(sc["LoadCredential"])
+	if !strings.Contains(string(creds), "secret-key-0:/var/lib/secrets/cache-1.key") {
+		t.Errorf("LoadCredential = %s", creds)
+	}
+	env, _ := json.Marshal(sc["EnvironmentFile"])
+	if !strings.Contains(string(env), "/var/lib/secrets/s3.env") {
+		t.Errorf("EnvironmentFile = %s", env)
+	}
+	sock := r.Socket["socketConfig"].(map[string]any)
+	if sock["ListenStream"] != "/run/nixspool/agentd.sock" || sock["SocketMode"] != "0660" || sock["SocketGroup"] != "nixspool" {
+		t.Errorf("socketConfig = %v", sock)
+	}
+	if !strings.Contains(r.HookText, "NIXSPOOL_SOCKET=/run/nixspool/agentd.sock") || !strings.Contains(r.HookText, "/bin/nixspool-hook") ||
+		!strings.Contains(r.HookText, "timeout --kill-after=5 5s /run/current-system/sw/bin/notify-build") || !strings.HasSuffix(strings.TrimSpace(r.HookText), "exit 0") {
+		t.Errorf("post-build hook script:\n%s", r.HookText)
+	}
+	if !strings.HasPrefix(r.Hook, "/nix/store/") {
+		t.Errorf("post-build-hook = %q, want a store path", r.Hook)
+	}
+	if len(r.Groups) != 1 || r.Groups[0] != "nixspool" || len(r.Packages) != 1 || len(r.Tmpfiles) != 1 {
+		t.Errorf("groups %v, packages %v, tmpfiles %v", r.Groups, r.Packages, r.Tmpfiles)
+	}
+}
+
+func TestModuleAssertions(t *testing.T) {
+	r := evalModule(t, `{
+  services.nixspool = {
+    enable = true;
+    cache = "http://example.org/cache?compression=xz";
+    compression = "zstd";
+    secretKeyFiles = [ "/nix/store/11111111111111111111111111111111-key" ];
+    credentialsFile = "/nix/store/22222222222222222222222222222222-s3.env";
+  };
+}`)
+	joined := strings.Join(r.FailedAssertions, "\n")
+	for _, want := range []string{"must be an s3://", "either in `cache`", "credentialsFile", "secretKeyFiles: /nix/store/1111"} {
+		if !strings.Contains(joined, want) {
+			t.Errorf("no assertion mentioning %q; got:\n%s", want, joined)
+		}
+	}
+	r = evalModule(t, `{ services.nixspool = { enable = true; cache = "file:///var/cache/nix"; secretKeyFiles = [ ]; }; }`)
+	if len(r.FailedAssertions) != 1 || !strings.Contains(r.FailedAssertions[0], "at least one signing key") {
+		t.Errorf("empty key list: %v", r.FailedAssertions)
+	}
+	r = evalModule(t, `{ services.nixspool.enable = false; }`)
+	if len(r.FailedAssertions) != 0 || len(r.Packages) != 0 {
+		t.Errorf("disabled module did something: %+v", r)
+	}
+}
