@@ -17,7 +17,7 @@ buildGoModule rec {
       !(builtins.elem base [ "bin" "var" ".tools" "result" ]);
   };
 
-  vendorHash = "sha256-rHVHQF0Fv5xK26/DyxshCiKlf/Meaj2GHhiIXIfE5RU=";
+  vendorHash = "sha256-DAI33kOtXuQDQ13PlkUMxgLdO+5XVuuJghLgmW6Wli0=";
 
   subPackages = [ "cmd/hook" "cmd/agentd" "cmd/agentctl" ];
 

@@ -20,7 +20,9 @@ import (
 	s3bucket "github.com/nixspool/nixspool/bucket/s3"
 	"github.com/nixspool/nixspool/cacheurl"
 	"github.com/nixspool/nixspool/gcroots"
+	"github.com/nixspool/nixspool/metrics"
 	"github.com/nixspool/nixspool/nixstore"
+	"github.com/nixspool/nixspool/protocol"
 	"github.com/nixspool/nixspool/queue"
 	"github.com/nixspool/nixspool/systemd"
 	"github.com/nixspool/nixspool/uploader"
@@ -42,6 +44,9 @@ type Agent struct {
 	now      func() time.Time
 
 	breaker     *breaker
+	filter      *filter
+	metrics     *metrics.Metrics // nil when off
+	rate        rateWindow
 	reachable   atomic.Int32 // 0 unknown, 1 yes, 2 no
 	stateErrMu  sync.Mutex
 	stateErr    string // last state-directory (queue/spool) error, for status
@@ -58,6 +63,7 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger, started: time.Now(), now: time.Now, sockGID: -1}
 	a.breaker = newBreaker(a.backoff)
+	a.filter = newFilter(cfg)
 	var err error
 	if a.cache, err = cacheurl.Parse(cfg.Cache); err != nil {
 		return nil, err
@@ -93,10 +99,20 @@ func New(cfg Config) (*Agent, error) {
 		TempDir: filepath.Join(cfg.StateDir, "tmp"),
 		Logger:  a.log,
 		Resume:  a.queue,
+		Skip:    a.filter.skip,
 	})
 	if err != nil {
 		a.queue.Close()
 		return nil, err
+	}
+	if cfg.MetricsListen != "" {
+		a.metrics = metrics.New(a.snapshot)
+		addr, err := a.metrics.Serve(cfg.MetricsListen, a.log)
+		if err != nil {
+			a.queue.Close()
+			return nil, err
+		}
+		a.log.Info("serving metrics", "addr", addr.String())
 	}
 	if err := a.listen(); err != nil {
 		a.queue.Close()
@@ -283,12 +299,22 @@ func (a *Agent) mainLoop(ctx context.Context) {
 }
 
 func (a *Agent) publishStatus() {
+	if s, err := a.status(); err == nil {
+		systemd.Status(protocol.Summary(s))
+	}
+}
+
+// snapshot feeds the metrics gauges.
+func (a *Agent) snapshot() (metrics.Snapshot, error) {
 	st, err := a.queue.Stats()
 	if err != nil {
-		return
+		return metrics.Snapshot{}, err
 	}
-	systemd.Status(fmt.Sprintf("%d pending, %d uploading, %d retrying, %d failed, %d uploaded",
-		st.Pending, st.Leased, st.Retrying, st.Failed, st.Uploaded))
+	snap := metrics.Snapshot{Pending: st.Pending, Uploading: st.Leased, Retrying: st.Retrying, Failed: st.Failed}
+	if !st.OldestActive.IsZero() {
+		snap.OldestPending = a.now().Sub(st.OldestActive)
+	}
+	return snap, nil
 }
 
 // recover re-creates GC roots for every queued path (a crash may have lost

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"regexp"
 	"time"
 
 	"github.com/nixspool/nixspool/cacheurl"
@@ -34,6 +35,10 @@ type Config struct {
 	BackoffInitial        time.Duration
 	BackoffMax            time.Duration
 	SpoolInterval         time.Duration
+	Excludes              []string // regular expressions on the store path name (after "<hash>-")
+	MaxNARSize            int64    // 0 = no limit
+	SkipSignedBy          []string // key names: paths signed by one of them are not uploaded
+	MetricsListen         string   // "" = no metrics endpoint
 	Logger                *slog.Logger
 }
 
@@ -54,6 +59,7 @@ func DefaultConfig() Config {
 		BackoffInitial: time.Second,
 		BackoffMax:     10 * time.Minute,
 		SpoolInterval:  5 * time.Second,
+		SkipSignedBy:   []string{"cache.nixos.org-1"},
 	}
 }
 
@@ -92,6 +98,14 @@ func (c *Config) Validate() error {
 	}
 	if c.BackoffInitial <= 0 || c.BackoffMax < c.BackoffInitial {
 		errs = append(errs, errors.New("--backoff-max: must be at least the initial backoff (1s)"))
+	}
+	for _, e := range c.Excludes {
+		if _, err := regexp.Compile(e); err != nil {
+			errs = append(errs, fmt.Errorf("--exclude %q: %w", e, err))
+		}
+	}
+	if c.MaxNARSize < 0 {
+		errs = append(errs, errors.New("--max-nar-size: must not be negative"))
 	}
 	if c.SpoolInterval <= 0 {
 		errs = append(errs, errors.New("--spool-interval: must be positive"))

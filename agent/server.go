@@ -127,13 +127,24 @@ func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer) *pr
 	switch req.Op {
 	case protocol.OpEnqueue, protocol.OpPush:
 		start := time.Now()
-		jobs, err := a.enqueue(ctx, req.Paths, req.Drv)
+		paths := req.Paths
+		if req.Closure {
+			var err error
+			if paths, err = a.closureOf(ctx, req.Paths); err != nil {
+				a.log.Warn("push refused", "err", err, "peer_uid", p.uid)
+				return &protocol.Response{Error: err.Error()}
+			}
+		}
+		jobs, err := a.enqueue(ctx, paths, req.Drv)
 		if err != nil {
 			a.log.Warn("enqueue refused", "op", req.Op, "err", err, "peer_uid", p.uid, "peer_pid", p.pid)
 			return &protocol.Response{Error: err.Error()}
 		}
-		a.log.Info("enqueued", "op", req.Op, "paths", len(req.Paths), "drv", req.Drv, "peer_uid", p.uid, "peer_pid", p.pid, "duration", time.Since(start))
-		return &protocol.Response{Jobs: jobs}
+		a.metrics.Enqueued(time.Since(start))
+		a.log.Info("enqueued", "op", req.Op, "paths", len(paths), "drv", req.Drv, "peer_uid", p.uid, "peer_pid", p.pid, "duration", time.Since(start))
+		return &protocol.Response{Jobs: jobs, Count: len(jobs)}
+	case protocol.OpDoctor:
+		return &protocol.Response{Checks: a.doctor(ctx)}
 	case protocol.OpStatus:
 		st, err := a.status()
 		if err != nil {
@@ -189,6 +200,29 @@ func jobView(j queue.Job) protocol.Job {
 	return v
 }
 
+// closureOf returns paths and everything they reference, after checking
+// that each given path is a store path.
+func (a *Agent) closureOf(ctx context.Context, paths []string) ([]string, error) {
+	seen := map[string]bool{}
+	var out []string
+	for _, p := range paths {
+		if err := storepath.Check(a.cfg.StoreDir, p); err != nil {
+			return nil, &RefusedError{err}
+		}
+		infos, err := a.store.Closure(ctx, p)
+		if err != nil {
+			return nil, &RefusedError{err}
+		}
+		for _, info := range infos {
+			if !seen[info.Path] {
+				seen[info.Path] = true
+				out = append(out, info.Path)
+			}
+		}
+	}
+	return out, nil
+}
+
 // RefusedError is a path refused for what it is (not a store path, not
 // valid in the store), as opposed to a failure to check it.
 type RefusedError struct{ Err error }
@@ -198,8 +232,8 @@ func (e *RefusedError) Unwrap() error { return e.Err }
 
 // checkPaths refuses anything that is not a valid, registered store path.
 func (a *Agent) checkPaths(ctx context.Context, paths []string) error {
-	if len(paths) > 10000 {
-		return &RefusedError{fmt.Errorf("too many paths in one request (%d > 10000)", len(paths))}
+	if len(paths) > 100000 {
+		return &RefusedError{fmt.Errorf("too many paths in one request (%d > 100000)", len(paths))}
 	}
 	for _, p := range paths {
 		if err := storepath.Check(a.cfg.StoreDir, p); err != nil {
@@ -325,8 +359,11 @@ func (a *Agent) status() (*protocol.Status, error) {
 		Uploaded:          st.Uploaded,
 		UploadedNARBytes:  st.NARBytes,
 		UploadedFileBytes: st.FileBytes,
+		UploadedPaths:     st.Paths,
+		Skipped:           st.Skipped,
 		LastError:         st.LastError,
 	}
+	s.RatePathsPerSecond, s.RateNARBytesPerSec = a.rate.rates(now, a.started)
 	if r := a.reachable.Load(); r != 0 {
 		ok := r == 1
 		s.CacheReachable = &ok

@@ -101,7 +101,8 @@ func (a *Agent) process(job *queue.Job) {
 	switch {
 	case err == nil:
 		a.setReachable(true)
-		if err := a.queue.Ack(job.ID, res.NARBytes, res.FileBytes); err != nil && !errors.Is(err, queue.ErrNotFound) {
+		totals := queue.Totals{Paths: uint64(res.Paths), NARBytes: res.NARBytes, FileBytes: res.FileBytes, Skipped: uint64(res.Skipped)}
+		if err := a.queue.Ack(job.ID, totals); err != nil && !errors.Is(err, queue.ErrNotFound) {
 			a.setStateErr(err)
 			log.Error("ack", "err", err)
 			return
@@ -109,7 +110,9 @@ func (a *Agent) process(job *queue.Job) {
 		if err := a.roots.Remove(job.Path); err != nil {
 			log.Warn("remove gc root", "err", err)
 		}
-		log.Info("job done", "uploaded_paths", res.Paths, "nar_bytes", res.NARBytes, "file_bytes", res.FileBytes, "duration", time.Since(start))
+		a.rate.add(now, res.Paths, res.NARBytes)
+		a.metrics.Uploaded(time.Since(start), res.NARBytes, res.FileBytes, uint64(res.Skipped))
+		log.Info("job done", "uploaded_paths", res.Paths, "skipped_paths", res.Skipped, "nar_bytes", res.NARBytes, "file_bytes", res.FileBytes, "duration", time.Since(start))
 	case a.uploadCtx.Err() != nil:
 		if err := a.queue.Release(job.ID); err != nil {
 			log.Error("release", "err", err)
@@ -120,23 +123,28 @@ func (a *Agent) process(job *queue.Job) {
 			log.Error("fail", "err", err)
 		}
 		a.uploader.Discard(a.uploadCtx, job.Path)
+		a.metrics.Failed(time.Since(start), "failed", "permanent")
 		log.Error("job failed permanently", "err", err, "duration", time.Since(start))
 	case a.cfg.MaxAttempts > 0 && job.Attempts+1 >= a.cfg.MaxAttempts:
 		if err := a.queue.Fail(job.ID, "gave up after "+strconv.Itoa(job.Attempts+1)+" attempts: "+err.Error(), now); err != nil {
 			log.Error("fail", "err", err)
 		}
+		a.metrics.Failed(time.Since(start), "failed", "transient")
 		log.Error("job failed: attempts exhausted", "err", err)
 	default:
 		delay := a.backoff(job.Attempts + 1)
 		ra, _ := bucket.RetryAfter(err)
 		delay = max(delay, ra)
+		class := "transient"
 		if errors.Is(err, bucket.ErrUnavailable) {
 			// The bucket, not this job, is the problem: pause everyone and
 			// probe. This job is due again as soon as a probe succeeds.
 			a.setReachable(false)
 			a.breaker.trip(now, ra)
 			delay = ra
+			class = "unavailable"
 		}
+		a.metrics.Failed(time.Since(start), "retry", class)
 		if err := a.queue.RetryLater(job.ID, now.Add(delay), err.Error(), now); err != nil {
 			log.Error("retry later", "err", err)
 		}

@@ -21,10 +21,12 @@
 //
 //	enqueue  paths, drv  hook: queue built outputs; durable ack ("ok")
 //	push     paths       agentctl push: same, paths given by an operator
+//	         closure     also queue every path in their closures
 //	status               queue counts, last error, in-flight uploads
 //	list     state       jobs in a state ("ready", "leased", "failed", or "" for all)
 //	retry    id | all    failed job(s) back to ready
 //	drop     id          remove a job (and its GC root)
+//	doctor               agentd checks its configuration, keys, store and cache
 //
 // A response has "ok": true and the data of the operation, or "ok": false and
 // "error", a one-line reason.
@@ -37,6 +39,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 )
 
 // Version is the protocol version this package speaks.
@@ -56,17 +59,19 @@ const (
 	OpList    = "list"
 	OpRetry   = "retry"
 	OpDrop    = "drop"
+	OpDoctor  = "doctor"
 )
 
 // Request is one client request.
 type Request struct {
-	V     int      `json:"v"`
-	Op    string   `json:"op"`
-	Paths []string `json:"paths,omitempty"`
-	Drv   string   `json:"drv,omitempty"`
-	ID    uint64   `json:"id,omitempty"`
-	All   bool     `json:"all,omitempty"`
-	State string   `json:"state,omitempty"`
+	V       int      `json:"v"`
+	Op      string   `json:"op"`
+	Paths   []string `json:"paths,omitempty"`
+	Drv     string   `json:"drv,omitempty"`
+	ID      uint64   `json:"id,omitempty"`
+	All     bool     `json:"all,omitempty"`
+	State   string   `json:"state,omitempty"`
+	Closure bool     `json:"closure,omitempty"`
 }
 
 // Response is agentd's answer to one request.
@@ -77,6 +82,15 @@ type Response struct {
 	Jobs   []Job   `json:"jobs,omitempty"`
 	Status *Status `json:"status,omitempty"`
 	Count  int     `json:"count,omitempty"`
+	Checks []Check `json:"checks,omitempty"`
+}
+
+// Check is one line of `agentctl doctor`.
+type Check struct {
+	Name   string `json:"name"`
+	Status string `json:"status"` // "ok", "warn" or "fail"
+	Detail string `json:"detail,omitempty"`
+	Hint   string `json:"hint,omitempty"`
 }
 
 // Job describes one queued store path.
@@ -111,6 +125,10 @@ type Status struct {
 	Uploaded             uint64   `json:"uploaded"`
 	UploadedNARBytes     uint64   `json:"uploaded_nar_bytes"`
 	UploadedFileBytes    uint64   `json:"uploaded_file_bytes"`
+	UploadedPaths        uint64   `json:"uploaded_paths"`
+	Skipped              uint64   `json:"skipped"`
+	RatePathsPerSecond   float64  `json:"rate_paths_per_second"`
+	RateNARBytesPerSec   float64  `json:"rate_nar_bytes_per_second"`
 	OldestPendingSeconds int64    `json:"oldest_pending_seconds"`
 	LastError            string   `json:"last_error,omitempty"`
 	LastErrorAt          int64    `json:"last_error_at,omitempty"`
@@ -151,7 +169,7 @@ func DecodeRequest(line []byte) (*Request, error) {
 		if len(req.Paths) == 0 {
 			return nil, fmt.Errorf("%s: no paths", req.Op)
 		}
-	case OpStatus, OpList:
+	case OpStatus, OpList, OpDoctor:
 	case OpRetry:
 		if req.ID == 0 && !req.All {
 			return nil, errors.New("retry: need an id or all")
@@ -211,4 +229,18 @@ func readLine(r io.Reader, max int) ([]byte, error) {
 			return nil, err
 		}
 	}
+}
+
+// Summary is the one-line queue summary used for systemd's STATUS= and by
+// `agentctl watch` when its output is not a terminal.
+func Summary(s *Status) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%d pending, %d uploading, %d retrying, %d failed; %d uploaded", s.Pending, s.Uploading, s.Retrying, s.Failed, s.Uploaded)
+	if s.RatePathsPerSecond > 0 {
+		fmt.Fprintf(&b, " (%.1f paths/s, %.1f MB/s)", s.RatePathsPerSecond, s.RateNARBytesPerSec/1e6)
+	}
+	if s.CacheReachable != nil && !*s.CacheReachable {
+		b.WriteString("; cache unreachable")
+	}
+	return b.String()
 }

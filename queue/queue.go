@@ -92,6 +92,8 @@ const (
 	cntUploaded  = "n_uploaded"
 	cntNARBytes  = "n_nar_bytes"
 	cntFileBytes = "n_file_bytes"
+	cntSkipped   = "n_skipped"
+	cntPaths     = "n_paths"
 	keyLastErr   = "last_error"
 	keyLastErrAt = "last_error_at"
 )
@@ -363,9 +365,17 @@ func (q *Queue) NextDue() (due time.Time, ok bool, err error) {
 	return due, ok, err
 }
 
+// Totals are what one finished job adds to the upload counters.
+type Totals struct {
+	Paths     uint64 // paths uploaded (the job's path and missing dependencies)
+	NARBytes  uint64
+	FileBytes uint64
+	Skipped   uint64 // paths left out by a filter
+}
+
 // Ack removes a leased job after its path was uploaded, and adds to the
 // upload totals. A job dropped while it was leased is not an error.
-func (q *Queue) Ack(id uint64, narBytes, fileBytes uint64) error {
+func (q *Queue) Ack(id uint64, t Totals) error {
 	if !q.isLeased(id) {
 		return fmt.Errorf("job %d is not leased: %w", id, ErrState)
 	}
@@ -382,7 +392,7 @@ func (q *Queue) Ack(id uint64, narBytes, fileBytes uint64) error {
 			return err
 		}
 		m := tx.Bucket(bktMeta)
-		for k, v := range map[string]uint64{cntUploaded: 1, cntNARBytes: narBytes, cntFileBytes: fileBytes} {
+		for k, v := range map[string]uint64{cntUploaded: 1, cntNARBytes: t.NARBytes, cntFileBytes: t.FileBytes, cntSkipped: t.Skipped, cntPaths: t.Paths} {
 			if err := addCounter(m, k, int64(v)); err != nil {
 				return err
 			}
@@ -555,6 +565,7 @@ func (q *Queue) List(state State, limit int) ([]Job, error) {
 type Stats struct {
 	Pending, Retrying, Leased, Failed int
 	Uploaded, NARBytes, FileBytes     uint64
+	Paths, Skipped                    uint64    // store paths uploaded (jobs and dependencies); paths filtered out
 	OldestActive                      time.Time // zero if nothing is ready or leased
 	NextRetry                         time.Time // earliest not-before of a retrying job, if any
 	LastError                         string
@@ -582,6 +593,8 @@ func (q *Queue) Stats() (Stats, error) {
 		s.Uploaded = uint64(counter(m, cntUploaded))
 		s.NARBytes = uint64(counter(m, cntNARBytes))
 		s.FileBytes = uint64(counter(m, cntFileBytes))
+		s.Paths = uint64(counter(m, cntPaths))
+		s.Skipped = uint64(counter(m, cntSkipped))
 		s.LastError = string(m.Get([]byte(keyLastErr)))
 		if v := m.Get([]byte(keyLastErrAt)); len(v) == 8 {
 			s.LastErrorAt = time.Unix(int64(binary.BigEndian.Uint64(v)), 0)

@@ -92,7 +92,7 @@ func TestLifecycle(t *testing.T) {
 	if !ok || !due.Equal(t0.Add(time.Minute)) {
 		t.Fatalf("NextDue = %v %v", due, ok)
 	}
-	if err := q.Ack(j2.ID, 100, 40); err != nil {
+	if err := q.Ack(j2.ID, Totals{Paths: 1, NARBytes: 100, FileBytes: 40}); err != nil {
 		t.Fatal(err)
 	}
 	j, _ = q.Lease(t0.Add(time.Minute))
@@ -110,7 +110,7 @@ func TestLifecycle(t *testing.T) {
 	if len(failed) != 1 || failed[0].LastError != "access denied" || failed[0].Attempts != 2 {
 		t.Fatalf("failed = %+v", failed)
 	}
-	if err := q.Ack(j.ID, 1, 1); !errors.Is(err, ErrState) {
+	if err := q.Ack(j.ID, Totals{Paths: 1, NARBytes: 1, FileBytes: 1}); !errors.Is(err, ErrState) {
 		t.Fatalf("ack of a failed job = %v, want ErrState", err)
 	}
 	if err := q.Retry(j.ID, t0); err != nil {

@@ -105,6 +105,7 @@ type Result struct {
 	Paths     int
 	NARBytes  uint64
 	FileBytes uint64
+	Skipped   int // paths of the closure left out by Options.Skip
 }
 
 // New returns an Uploader and removes temp files an earlier run left.
@@ -225,7 +226,12 @@ func (u *Uploader) ensureOnce(ctx context.Context, infos map[string]*nixstore.Pa
 		return fmt.Errorf("%s: not in the closure", p)
 	}
 	if u.opt.Skip != nil && u.opt.Skip(info) {
+		// A filtered path counts as present: clients get it elsewhere
+		// (e.g. from the upstream cache that signed it).
 		u.present.Store(p, struct{}{})
+		mu.Lock()
+		res.Skipped++
+		mu.Unlock()
 		return nil
 	}
 	// Upload checked the whole closure's presence before calling ensure:
@@ -321,6 +327,10 @@ func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*nar
 		}
 		defer func() { <-u.narSlots }()
 	}
+	// Shown by agentctl status/watch for the whole upload, not only while
+	// the NAR is being read.
+	u.progress.Store(info.Path, &Progress{Path: info.Path, Total: int64(info.NarSize)})
+	defer u.progress.Delete(info.Path)
 	if mp, ok := u.opt.Bucket.(bucket.Multipart); ok && u.opt.Resume != nil && info.NarSize >= uint64(u.opt.ResumeAbove) {
 		return u.uploadResumable(ctx, info, mp)
 	}
@@ -394,9 +404,7 @@ func (u *Uploader) finishNAR(ctx context.Context, info *nixstore.PathInfo, key s
 // A NAR whose hash or size differs from the store's record is a permanent
 // error, and nothing of it may be uploaded.
 func (u *Uploader) compressNAR(ctx context.Context, info *nixstore.PathInfo, sink io.Writer, small bool) ([]byte, int64, *nar.Listing, error) {
-	prog := &Progress{Path: info.Path, Total: int64(info.NarSize)}
-	u.progress.Store(info.Path, prog)
-	defer u.progress.Delete(info.Path)
+	prog := u.trackProgress(info)
 
 	narHash, fileHash := sha256.New(), sha256.New()
 	fileCount := &countWriter{w: io.MultiWriter(sink, fileHash)}
@@ -426,6 +434,14 @@ func (u *Uploader) compressNAR(ctx context.Context, info *nixstore.PathInfo, sin
 		})
 	}
 	return fileHash.Sum(nil), fileCount.n, listing, nil
+}
+
+// trackProgress returns the progress entry of info's upload.
+func (u *Uploader) trackProgress(info *nixstore.PathInfo) *Progress {
+	if v, ok := u.progress.Load(info.Path); ok {
+		return v.(*Progress)
+	}
+	return &Progress{Path: info.Path, Total: int64(info.NarSize)}
 }
 
 // memFile is an in-memory file for small compressed NARs.

@@ -24,10 +24,13 @@ const usage = `usage: agentctl [--socket PATH] COMMAND [ARGS]
 Commands:
   status [--json]            queue counts, totals, uploads in progress, last error
   list [--state S] [--json]  jobs (S: ready, retrying, leased, failed)
-  push PATH...               queue store paths (and their closures) for upload
+  watch [--interval D]       live view; progress bars for uploads in progress
+  push [--closure] PATH...   queue store paths for upload (--closure: every path of their closures)
   retry ID | --all           move failed jobs back to the queue
   drop ID                    remove a job from the queue
   wait [--timeout D]         wait until every job queued now is uploaded or failed
+                             (exit 0: all uploaded, 1: some failed, 3: timed out)
+  doctor                     check the socket, configuration, keys, store and cache
 
 The socket is --socket, else $NIXSPOOL_SOCKET, else /run/nixspool/agentd.sock.
 `
@@ -106,6 +109,10 @@ func run(args []string, out io.Writer) error {
 		return cmdDrop(c, rest, out)
 	case "wait":
 		return cmdWait(c, rest, out)
+	case "watch":
+		return cmdWatch(c, rest, out)
+	case "doctor":
+		return cmdDoctor(c, rest, out)
 	case "help":
 		fs.Usage()
 		return nil
@@ -138,31 +145,7 @@ func cmdStatus(c *client, args []string, out io.Writer) error {
 		enc.SetIndent("", "  ")
 		return enc.Encode(s)
 	}
-	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	reach := "unknown"
-	if s.CacheReachable != nil {
-		reach = map[bool]string{true: "reachable", false: "UNREACHABLE"}[*s.CacheReachable]
-	}
-	fmt.Fprintf(w, "agentd\t%s, up %s\n", s.Version, (time.Duration(s.UptimeSeconds) * time.Second).String())
-	fmt.Fprintf(w, "cache\t%s (%s)\n", s.Cache, reach)
-	fmt.Fprintf(w, "queue\t%d pending, %d uploading, %d retrying, %d failed\n", s.Pending, s.Uploading, s.Retrying, s.Failed)
-	if s.OldestPendingSeconds > 0 {
-		fmt.Fprintf(w, "oldest pending\t%s\n", (time.Duration(s.OldestPendingSeconds) * time.Second).String())
-	}
-	fmt.Fprintf(w, "uploaded\t%d paths, %s NAR, %s compressed\n", s.Uploaded, bytesStr(s.UploadedNARBytes), bytesStr(s.UploadedFileBytes))
-	for _, u := range s.InProgress {
-		fmt.Fprintf(w, "uploading\t%s %s / %s\n", filepath.Base(u.Path), bytesStr(uint64(u.BytesDone)), bytesStr(uint64(u.BytesSize)))
-	}
-	if s.LastError != "" {
-		fmt.Fprintf(w, "last error\t%s (%s ago)\n", oneLine(s.LastError), ago(s.LastErrorAt))
-	}
-	if s.NextRetryAt > 0 {
-		fmt.Fprintf(w, "next retry\tin %s\n", time.Until(time.Unix(s.NextRetryAt, 0)).Round(time.Second))
-	}
-	if s.StateDirError != "" {
-		fmt.Fprintf(w, "STATE DIR ERROR\t%s\n", oneLine(s.StateDirError))
-	}
-	return w.Flush()
+	return renderStatus(out, s)
 }
 
 func cmdList(c *client, args []string, out io.Writer) error {
@@ -209,7 +192,8 @@ func cmdList(c *client, args []string, out io.Writer) error {
 }
 
 func cmdPush(c *client, args []string, out io.Writer) error {
-	fs := subFlags("push", "PATH...")
+	fs := subFlags("push", "[--closure] PATH...")
+	closure := fs.Bool("closure", false, "also queue every path in the closures (for paths the hook never saw)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -226,9 +210,13 @@ func cmdPush(c *client, args []string, out io.Writer) error {
 		}
 		paths = append(paths, p)
 	}
-	resp, err := c.call(&protocol.Request{Op: protocol.OpPush, Paths: paths})
+	resp, err := c.call(&protocol.Request{Op: protocol.OpPush, Paths: paths, Closure: *closure})
 	if err != nil {
 		return err
+	}
+	if len(resp.Jobs) > 20 {
+		fmt.Fprintf(out, "queued %d paths\n", len(resp.Jobs))
+		return nil
 	}
 	for _, j := range resp.Jobs {
 		fmt.Fprintf(out, "queued %s (job %d, %s)\n", j.Path, j.ID, j.State)

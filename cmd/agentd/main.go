@@ -26,6 +26,24 @@ type multiFlag []string
 func (m *multiFlag) String() string     { return strings.Join(*m, ",") }
 func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }
 
+// defaultedList is a repeatable flag whose default is replaced by the
+// first use; an empty value clears the list.
+type defaultedList struct {
+	vals []string
+	set  bool
+}
+
+func (d *defaultedList) String() string { return strings.Join(d.vals, ",") }
+func (d *defaultedList) Set(v string) error {
+	if !d.set {
+		d.vals, d.set = nil, true
+	}
+	if v != "" {
+		d.vals = append(d.vals, v)
+	}
+	return nil
+}
+
 func main() {
 	if err := run(os.Args[1:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -43,7 +61,8 @@ func run(args []string) error {
 		fmt.Fprintln(fs.Output(), "usage: agentd --secret-key-file FILE [--cache URL] [options]\n\nOptions:")
 		fs.PrintDefaults()
 	}
-	var keys multiFlag
+	var keys, excludes multiFlag
+	skipSigned := &defaultedList{vals: cfg.SkipSignedBy}
 	var gcRoots, logFormat, logLevel, pprofAddr string
 	fs.StringVar(&cfg.Cache, "cache", "", "binary cache URL: s3://BUCKET?endpoint=HOST&region=R&scheme=http|https&profile=P&compression=zstd|xz|none… or file:///DIR (default file://STATE-DIR/cache)")
 	fs.Var(&keys, "secret-key-file", "Nix secret signing key file (repeatable)")
@@ -60,6 +79,10 @@ func run(args []string) error {
 	fs.DurationVar(&cfg.BackoffMax, "backoff-max", cfg.BackoffMax, "longest delay between retries of a job")
 	fs.DurationVar(&cfg.SpoolInterval, "spool-interval", cfg.SpoolInterval, "how often to import the hook's spool directory")
 	fs.StringVar(&pprofAddr, "pprof-listen", "", "serve Go's pprof profiles on this loopback address (debugging; off by default)")
+	fs.Var(&excludes, "exclude", "do not upload paths whose name (after the hash) matches this regular expression (repeatable)")
+	fs.Int64Var(&cfg.MaxNARSize, "max-nar-size", 0, "do not upload paths whose NAR is larger than this many bytes (0: no limit)")
+	fs.Var(skipSigned, "skip-signed-by", `do not upload paths already signed by this key name (repeatable; "" for none)`)
+	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "", "serve Prometheus metrics on this address (e.g. 127.0.0.1:9443; off by default)")
 	fs.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
@@ -69,6 +92,8 @@ func run(args []string) error {
 		return fmt.Errorf("unexpected argument %q (see --help)", fs.Arg(0))
 	}
 	cfg.SecretKeyFiles = keys
+	cfg.Excludes = excludes
+	cfg.SkipSignedBy = skipSigned.vals
 	if gcRoots != "off" {
 		cfg.GCRootsDir = gcRoots
 	}

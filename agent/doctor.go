@@ -1,0 +1,146 @@
+package agent
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/protocol"
+	"github.com/nixspool/nixspool/storepath"
+	"github.com/nixspool/nixspool/uploader"
+)
+
+// doctor checks what agentd depends on, each with a hint when it fails.
+func (a *Agent) doctor(ctx context.Context) []protocol.Check {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	var checks []protocol.Check
+	add := func(name, status, detail, hint string) {
+		checks = append(checks, protocol.Check{Name: name, Status: status, Detail: detail, Hint: hint})
+	}
+
+	add("configuration", "ok", fmt.Sprintf("cache %s, %d jobs, state in %s", a.cache.String(), a.cfg.Jobs, a.cfg.StateDir), "")
+
+	keys, err := uploader.LoadSecretKeys(a.cfg.SecretKeyFiles, a.cfg.AllowInsecureKeyPerms)
+	if err != nil {
+		add("signing keys", "fail", err.Error(), "fix the key file, then restart agentd")
+	} else {
+		var pubs []string
+		for _, k := range keys {
+			pubs = append(pubs, k.ToPublicKey().String())
+		}
+		add("signing keys", "ok", "trusted-public-keys = "+strings.Join(pubs, " "), "")
+	}
+
+	if _, err := a.store.QueryValidPaths(ctx, nil); err != nil {
+		add("nix store", "fail", err.Error(), "agentd reads path metadata from the Nix daemon (--nix-daemon-socket) or `nix-daemon --stdio`; is Nix installed and the daemon running?")
+	} else {
+		add("nix store", "ok", "via "+a.store.String(), "")
+	}
+
+	probe := filepath.Join(a.cfg.StateDir, ".doctor-probe")
+	if err := os.WriteFile(probe, []byte("x"), 0o600); err != nil {
+		add("state directory", "fail", err.Error(), "agentd must be able to write "+a.cfg.StateDir+" (queue, spool, temp files)")
+	} else {
+		os.Remove(probe)
+		var st syscall.Statfs_t
+		if syscall.Statfs(a.cfg.StateDir, &st) == nil {
+			free := st.Bavail * uint64(st.Bsize)
+			if free < 1<<30 {
+				add("state directory", "warn", fmt.Sprintf("%s: only %d MiB free", a.cfg.StateDir, free>>20), "large NARs are compressed into "+a.cfg.StateDir+"/tmp before upload")
+			} else {
+				add("state directory", "ok", fmt.Sprintf("%s: %d GiB free", a.cfg.StateDir, free>>30), "")
+			}
+		}
+	}
+
+	if a.roots.Enabled() {
+		if err := a.roots.Add(filepath.Join(a.cfg.StoreDir, "00000000000000000000000000000000-nixspool-doctor")); err != nil {
+			add("gc roots", "fail", err.Error(), "agentd keeps queued paths alive with roots in "+a.roots.Dir())
+		} else {
+			a.roots.Remove(filepath.Join(a.cfg.StoreDir, "00000000000000000000000000000000-nixspool-doctor"))
+			add("gc roots", "ok", a.roots.Dir(), "")
+		}
+	} else {
+		add("gc roots", "warn", "off", "queued paths can be garbage-collected before they are uploaded")
+	}
+
+	a.doctorBucket(ctx, add)
+
+	if a.filter.active() {
+		st, _ := a.queue.Stats()
+		var what []string
+		if len(a.filter.signers) > 0 {
+			what = append(what, "paths signed by "+strings.Join(a.cfg.SkipSignedBy, ", "))
+		}
+		if len(a.filter.excludes) > 0 {
+			what = append(what, "names matching "+strings.Join(a.cfg.Excludes, ", "))
+		}
+		if a.filter.maxSize > 0 {
+			what = append(what, fmt.Sprintf("NARs over %d bytes", a.filter.maxSize))
+		}
+		add("filters", "warn", fmt.Sprintf("not uploading %s (%d skipped so far)", strings.Join(what, "; "), st.Skipped),
+			"closures in this cache are complete only for clients that also use the upstream cache (e.g. cache.nixos.org); use --skip-signed-by= and no --exclude for a self-contained cache")
+	}
+
+	if st, err := a.queue.Stats(); err == nil && st.Failed > 0 {
+		add("queue", "warn", fmt.Sprintf("%d failed job(s)", st.Failed), "agentctl list --state failed; then agentctl retry ID|--all or drop ID")
+	} else if err == nil {
+		add("queue", "ok", fmt.Sprintf("%d pending, %d retrying", st.Pending, st.Retrying), "")
+	}
+	return checks
+}
+
+// doctorBucket makes a real put/head/delete round trip of a small probe
+// object and checks nix-cache-info.
+func (a *Agent) doctorBucket(ctx context.Context, add func(name, status, detail, hint string)) {
+	var rnd [6]byte
+	rand.Read(rnd[:])
+	host, _ := os.Hostname()
+	key := "nixspool-probe/" + host + "-" + hex.EncodeToString(rnd[:])
+	body := "nixspool doctor probe\n"
+	err := a.bucket.Put(ctx, key, strings.NewReader(body), int64(len(body)), bucket.PutOptions{ContentType: "text/plain"})
+	if err == nil {
+		var info bucket.Info
+		info, err = a.bucket.Stat(ctx, key)
+		if err == nil && info.Size != int64(len(body)) {
+			err = fmt.Errorf("probe object has %d bytes, want %d", info.Size, len(body))
+		}
+		if derr := a.bucket.Delete(ctx, key); err == nil {
+			err = derr
+		}
+	}
+	switch {
+	case err == nil:
+		a.setReachable(true)
+		add("cache", "ok", a.bucket.String()+": put, head and delete of a probe object work", "")
+	case bucket.IsPermanent(err):
+		add("cache", "fail", err.Error(), "the bucket refuses: check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile=, the credentials file), the bucket name and region, and that the policy allows s3:PutObject, s3:GetObject, s3:DeleteObject and s3:ListBucket")
+		return
+	case errors.Is(err, bucket.ErrUnavailable):
+		add("cache", "fail", err.Error(), "the cache cannot be reached: check endpoint=, scheme= (https unless scheme=http) and the network")
+		return
+	default:
+		add("cache", "fail", err.Error(), "check the cache URL and permissions")
+		return
+	}
+	data, err := a.bucket.Get(ctx, "nix-cache-info", 64<<10)
+	switch {
+	case bucket.IsNotExist(err):
+		add("nix-cache-info", "fail", "missing", "agentd writes it at start when the cache is reachable; restart agentd. Without it Nix refuses the cache (\"does not appear to be a binary cache\")")
+	case err != nil:
+		add("nix-cache-info", "fail", err.Error(), "")
+	case !strings.Contains(string(data), "StoreDir: "+storepath.DefaultStoreDir):
+		add("nix-cache-info", "fail", strings.TrimSpace(string(data)), "this cache is for another store directory; Nix clients with /nix/store will refuse it")
+	default:
+		add("nix-cache-info", "ok", strings.ReplaceAll(strings.TrimSpace(string(data)), "\n", ", "), "")
+	}
+}

@@ -1,0 +1,30 @@
+package agent
+
+import (
+	"testing"
+
+	"github.com/nixspool/nixspool/nixstore"
+)
+
+func TestFilter(t *testing.T) {
+	f := newFilter(Config{Excludes: []string{"-source$", "^doc-"}, MaxNARSize: 1000, SkipSignedBy: []string{"cache.nixos.org-1"}})
+	const h = "/nix/store/r7kyvs66hayj3v09hzgqyrl8f60sll7q-"
+	for _, c := range []struct {
+		info nixstore.PathInfo
+		skip bool
+	}{
+		{nixstore.PathInfo{Path: h + "hello-2.12", NarSize: 10}, false},
+		{nixstore.PathInfo{Path: h + "hello-2.12-source", NarSize: 10}, true},
+		{nixstore.PathInfo{Path: h + "doc-x", NarSize: 10}, true},
+		{nixstore.PathInfo{Path: h + "big", NarSize: 1001}, true},
+		{nixstore.PathInfo{Path: h + "glibc", NarSize: 10, Sigs: []string{"cache.nixos.org-1:abc=="}}, true},
+		{nixstore.PathInfo{Path: h + "mine", NarSize: 10, Sigs: []string{"my-cache-1:abc=="}}, false},
+	} {
+		if got := f.skip(&c.info); got != c.skip {
+			t.Errorf("skip(%s) = %v, want %v", c.info.Path, got, c.skip)
+		}
+	}
+	if newFilter(Config{}).active() {
+		t.Error("empty filter is active")
+	}
+}

@@ -1,0 +1,57 @@
+package agent
+
+import (
+	"sync"
+	"time"
+)
+
+// rateWindow is the recent upload rate: completions over the last minute.
+type rateWindow struct {
+	mu     sync.Mutex
+	events []rateEvent
+}
+
+type rateEvent struct {
+	at    time.Time
+	paths int
+	bytes uint64
+}
+
+const rateSpan = time.Minute
+
+func (r *rateWindow) add(at time.Time, paths int, bytes uint64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.events = append(r.events, rateEvent{at, paths, bytes})
+	r.trim(at)
+}
+
+func (r *rateWindow) trim(now time.Time) {
+	i := 0
+	for i < len(r.events) && now.Sub(r.events[i].at) > rateSpan {
+		i++
+	}
+	r.events = r.events[i:]
+}
+
+// rates returns paths/s and NAR bytes/s over the last minute (or since
+// the first upload, if that is more recent).
+func (r *rateWindow) rates(now time.Time, since time.Time) (float64, float64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.trim(now)
+	if len(r.events) == 0 {
+		return 0, 0
+	}
+	span := min(rateSpan, now.Sub(since))
+	if span < time.Second {
+		span = time.Second
+	}
+	var paths int
+	var bytes uint64
+	for _, e := range r.events {
+		paths += e.paths
+		bytes += e.bytes
+	}
+	return float64(paths) / span.Seconds(), float64(bytes) / span.Seconds()
+}

@@ -1,0 +1,278 @@
+package e2e
+
+import (
+	"bytes"
+	"crypto/rand"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nixspool/nixspool/internal/testenv"
+)
+
+// TestOperatorView drives a real agentd and checks what operators see:
+// status numbers, wait, doctor, push --closure and the metrics endpoint.
+func TestOperatorView(t *testing.T) {
+	testenv.RequireNix(t)
+	m := testenv.StartMinIO(t)
+	sk, pk := keyPair(t, "e2e-ops-1")
+	metricsAddr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
+	a := newAgent(t, m.CacheURL(""), sk, m.Env(), "--metrics-listen", metricsAddr)
+	a.Start()
+
+	top := build(t, testenv.NixEnv(hookConfig(), a.HookEnv()...), testenv.WriteGraph(t, t.TempDir(), false))
+	// wait returns only once everything queued is in the bucket: stock Nix
+	// must find the closure right after it.
+	if out, err := a.Ctl("wait", "--timeout", "2m"); err != nil {
+		t.Fatalf("wait: %v\n%s", err, out)
+	}
+	verifyCache(t, m.HTTPURL(), pk, top)
+	s := a.Status()
+	if s.Uploaded != testenv.GraphPaths || s.UploadedPaths != testenv.GraphPaths || s.Pending+s.Uploading+s.Retrying+s.Failed != 0 {
+		t.Fatalf("status after wait = %+v", s)
+	}
+	if s.RatePathsPerSecond <= 0 || s.UploadedNARBytes == 0 || s.Cache == "" || s.CacheReachable == nil || !*s.CacheReachable {
+		t.Fatalf("status lacks rate, totals or reachability: %+v", s)
+	}
+	if strings.Contains(s.Cache, m.SecretKey) {
+		t.Fatal("status shows a secret")
+	}
+	human, _ := a.Ctl("status")
+	for _, want := range []string{"queue", "0 pending", "uploaded", "rate (1 min)", "(reachable)"} {
+		if !strings.Contains(human, want) {
+			t.Errorf("human status lacks %q:\n%s", want, human)
+		}
+	}
+
+	out, err := a.Ctl("doctor")
+	if err != nil || !strings.Contains(out, "trusted-public-keys = "+pk) || !strings.Contains(out, "put, head and delete") {
+		t.Fatalf("doctor against a good MinIO: %v\n%s", err, out)
+	}
+
+	// push --closure: a path the hook never saw, with its dependencies.
+	src := filepath.Join(t.TempDir(), "closure-"+testenv.Unique())
+	os.WriteFile(src, []byte(top), 0o644) // mentions top, but --add records no references
+	extra := strings.TrimSpace(testenv.Run(t, testenv.NixEnv(""), "nix-store", "--add", src))
+	if out, err := a.Ctl("push", "--closure", extra, top); err != nil || !strings.Contains(out, "queued") {
+		t.Fatalf("push --closure: %v\n%s", err, out)
+	}
+	if out, err := a.Ctl("wait", "--timeout", "1m"); err != nil {
+		t.Fatalf("wait: %v\n%s", err, out)
+	}
+	verifyCache(t, m.HTTPURL(), pk, extra)
+
+	resp, err := http.Get("http://" + metricsAddr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{
+		"nixspool_jobs_pending 0",
+		"nixspool_jobs_failed 0",
+		fmt.Sprintf(`nixspool_uploads_total{result="uploaded"} %d`, testenv.GraphPaths+1+testenv.GraphPaths),
+		"nixspool_enqueue_duration_seconds_count",
+		"nixspool_upload_duration_seconds_bucket",
+	} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+}
+
+// TestWaitTimesOutAndDoctorFails: with MinIO down, wait gives up at its
+// timeout with exit status 3; with wrong credentials doctor fails with a
+// hint about credentials.
+func TestWaitTimesOutAndDoctorFails(t *testing.T) {
+	testenv.RequireNix(t)
+	m := testenv.StartMinIO(t)
+	sk, _ := keyPair(t, "e2e-wait-1")
+	a := newAgent(t, m.CacheURL(""), sk, m.Env())
+	a.Start()
+	m.Stop()
+	build(t, testenv.NixEnv(hookConfig(), a.HookEnv()...), testenv.WriteGraph(t, t.TempDir(), false))
+	start := time.Now()
+	out, err := a.Ctl("wait", "--timeout", "2s")
+	var ee *exec.ExitError
+	if !errorsAs(err, &ee) || ee.ExitCode() != 3 || !strings.Contains(out, "timed out") {
+		t.Fatalf("wait with the cache down: %v\n%s", err, out)
+	}
+	if el := time.Since(start); el > 15*time.Second {
+		t.Fatalf("wait --timeout 2s took %v", el)
+	}
+	m.Start()
+
+	bad := newAgent(t, m.CacheURL(""), sk, []string{"AWS_ACCESS_KEY_ID=" + m.AccessKey, "AWS_SECRET_ACCESS_KEY=wrong"})
+	bad.Start()
+	out, err = bad.Ctl("doctor")
+	if err == nil || !strings.Contains(out, "FAIL") || !strings.Contains(out, "check the credentials") {
+		t.Fatalf("doctor with wrong credentials: %v\n%s", err, out)
+	}
+	if strings.Contains(out, "wrong") {
+		t.Fatalf("doctor printed the secret:\n%s", out)
+	}
+}
+
+func errorsAs(err error, target **exec.ExitError) bool {
+	e, ok := err.(*exec.ExitError)
+	if ok {
+		*target = e
+	}
+	return ok
+}
+
+// openPTY returns a pseudo-terminal pair.
+func openPTY(t *testing.T) (master, slave *os.File) {
+	t.Helper()
+	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR|syscall.O_NOCTTY, 0)
+	if err != nil {
+		t.Skipf("no pseudo-terminals here: %v", err)
+	}
+	var unlock int32
+	if _, _, e := syscall.Syscall(syscall.SYS_IOCTL, m.Fd(), unix.TIOCSPTLCK, uintptr(unsafe.Pointer(&unlock))); e != 0 {
+		t.Fatal(e)
+	}
+	n, err := unix.IoctlGetInt(int(m.Fd()), unix.TIOCGPTN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|syscall.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m, s
+}
+
+// TestWatchOnTerminal runs agentctl watch on a pseudo-terminal while a
+// large path uploads slowly, and checks for the in-place redraw, the
+// progress bar and a clean exit on Ctrl-C (SIGINT).
+func TestWatchOnTerminal(t *testing.T) {
+	testenv.RequireNix(t)
+	m := testenv.StartMinIO(t)
+	p := testenv.StartFaultProxy(t, m.Endpoint)
+	p.DelayFor = 5 * time.Second
+	p.Decide = func(r *http.Request, n int) testenv.Fault {
+		if r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/nar/") {
+			return testenv.Delay
+		}
+		return testenv.Pass
+	}
+	sk, _ := keyPair(t, "e2e-watch-1")
+	a := newAgent(t, strings.Replace(m.CacheURL(""), m.Endpoint, p.Endpoint, 1), sk, m.Env())
+	a.Start()
+	src := filepath.Join(t.TempDir(), "watched-"+testenv.Unique())
+	data := make([]byte, 3<<20)
+	rand.Read(data)
+	os.WriteFile(src, data, 0o644)
+	path := strings.TrimSpace(testenv.Run(t, testenv.NixEnv(""), "nix-store", "--add", src))
+	t.Cleanup(func() { testenv.Output(testenv.NixEnv(""), "nix-store", "--delete", path) })
+	if out, err := a.Ctl("push", path); err != nil {
+		t.Fatalf("push: %v\n%s", err, out)
+	}
+
+	master, slave := openPTY(t)
+	defer master.Close()
+	cmd := exec.Command(bin("agentctl"), "--socket", a.Socket, "watch", "--interval", "200ms")
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = slave, slave, slave
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	slave.Close()
+	var screen bytes.Buffer
+	got := make(chan struct{})
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			n, err := master.Read(buf)
+			screen.Write(buf[:n])
+			if strings.Contains(screen.String(), "100%") && strings.Contains(screen.String(), filepath.Base(path)) {
+				select {
+				case <-got:
+				default:
+					close(got)
+				}
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	select {
+	case <-got:
+	case <-time.After(20 * time.Second):
+		cmd.Process.Kill()
+		t.Fatalf("no progress bar on the terminal:\n%q", screen.String())
+	}
+	cmd.Process.Signal(syscall.SIGINT)
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("watch did not exit cleanly on Ctrl-C: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		cmd.Process.Kill()
+		t.Fatal("watch ignored Ctrl-C")
+	}
+	out := screen.String()
+	if !strings.Contains(out, "\x1b[H\x1b[2J") || !strings.Contains(out, "[########") {
+		t.Fatalf("no in-place redraw or progress bar:\n%q", out)
+	}
+}
+
+// TestFilters: paths signed by an upstream key and excluded names are not
+// uploaded, count as present for the closure rule, are counted in status,
+// and doctor warns about the consequence.
+func TestFilters(t *testing.T) {
+	testenv.RequireNix(t)
+	sk, _ := keyPair(t, "e2e-filter-1")
+	upstream, _ := keyPair(t, "upstream-cache-1")
+	env := testenv.NixEnv("")
+	top := build(t, env, testenv.WriteGraph(t, t.TempDir(), false)) // no hook: built before agentd knows
+	var leaf1, leaf3, mid1 string
+	for _, p := range testenv.Requisites(t, env, top) {
+		switch {
+		case strings.HasSuffix(p, "-leaf1"):
+			leaf1 = p
+		case strings.HasSuffix(p, "-leaf3"):
+			leaf3 = p
+		case strings.HasSuffix(p, "-mid1"):
+			mid1 = p
+		}
+	}
+	testenv.Run(t, env, "nix", "store", "sign", "--key-file", upstream, leaf1)
+	cacheDir := filepath.Join(t.TempDir(), "cache")
+	a := newAgent(t, "file://"+cacheDir, sk, nil, "--skip-signed-by", "upstream-cache-1", "--exclude", "^leaf3$")
+	a.Start()
+	if out, err := a.Ctl("push", "--closure", top); err != nil {
+		t.Fatalf("push: %v\n%s", err, out)
+	}
+	if out, err := a.Ctl("wait", "--timeout", "1m"); err != nil {
+		t.Fatalf("wait: %v\n%s", err, out)
+	}
+	has := func(p string) bool {
+		_, err := os.Stat(filepath.Join(cacheDir, filepath.Base(p)[:32]+".narinfo"))
+		return err == nil
+	}
+	if has(leaf1) || has(leaf3) || !has(mid1) || !has(top) {
+		t.Fatalf("filtered paths uploaded or others missing: leaf1 %v leaf3 %v mid1 %v top %v", has(leaf1), has(leaf3), has(mid1), has(top))
+	}
+	if s := a.Status(); s.Skipped < 2 || s.Failed != 0 {
+		t.Fatalf("status = %+v, want the 2 filtered paths counted as skipped", s)
+	}
+	out, _ := a.Ctl("doctor")
+	if !strings.Contains(out, "WARN") || !strings.Contains(out, "upstream-cache-1") || !strings.Contains(out, "complete only for clients") {
+		t.Fatalf("doctor does not warn about the filters:\n%s", out)
+	}
+}

@@ -1,0 +1,125 @@
+// Package metrics is agentd's optional Prometheus endpoint: queue gauges
+// read from the queue on every scrape, and counters and histograms of
+// enqueues, uploads and errors.
+package metrics
+
+import (
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Snapshot is the queue state a scrape reports.
+type Snapshot struct {
+	Pending, Uploading, Retrying, Failed int
+	OldestPending                        time.Duration
+}
+
+// Metrics holds agentd's collectors. A nil *Metrics records nothing, so
+// callers need not check whether metrics are enabled.
+type Metrics struct {
+	reg        *prometheus.Registry
+	uploads    *prometheus.CounterVec
+	bytes      *prometheus.CounterVec
+	errors     *prometheus.CounterVec
+	skipped    prometheus.Counter
+	enqueueDur prometheus.Histogram
+	uploadDur  *prometheus.HistogramVec
+}
+
+// New registers the collectors; snapshot is called on every scrape for
+// the queue gauges.
+func New(snapshot func() (Snapshot, error)) *Metrics {
+	m := &Metrics{reg: prometheus.NewRegistry()}
+	m.uploads = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "nixspool_uploads_total", Help: "Jobs finished, by result (uploaded, retry, failed).",
+	}, []string{"result"})
+	m.bytes = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "nixspool_upload_bytes_total", Help: "Bytes of uploaded paths, by kind (nar: uncompressed, file: sent).",
+	}, []string{"kind"})
+	m.errors = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "nixspool_errors_total", Help: "Upload errors, by class (transient, unavailable, permanent).",
+	}, []string{"class"})
+	m.skipped = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "nixspool_skipped_paths_total", Help: "Paths not uploaded because of a filter.",
+	})
+	m.enqueueDur = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name: "nixspool_enqueue_duration_seconds", Help: "Time from a hook's request to its durable acknowledgement.",
+		Buckets: prometheus.ExponentialBuckets(0.0002, 2, 14),
+	})
+	m.uploadDur = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name: "nixspool_upload_duration_seconds", Help: "Time to upload one job (its path and missing closure), by result.",
+		Buckets: prometheus.ExponentialBuckets(0.005, 2, 16),
+	}, []string{"result"})
+	gauge := func(name, help string, v func(Snapshot) float64) prometheus.Collector {
+		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, func() float64 {
+			s, err := snapshot()
+			if err != nil {
+				return 0
+			}
+			return v(s)
+		})
+	}
+	m.reg.MustRegister(m.uploads, m.bytes, m.errors, m.skipped, m.enqueueDur, m.uploadDur,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		gauge("nixspool_jobs_pending", "Jobs waiting for their first attempt.", func(s Snapshot) float64 { return float64(s.Pending) }),
+		gauge("nixspool_jobs_uploading", "Jobs being uploaded.", func(s Snapshot) float64 { return float64(s.Uploading) }),
+		gauge("nixspool_jobs_retrying", "Jobs waiting to be retried.", func(s Snapshot) float64 { return float64(s.Retrying) }),
+		gauge("nixspool_jobs_failed", "Jobs in the dead letter (agentctl list --state failed).", func(s Snapshot) float64 { return float64(s.Failed) }),
+		gauge("nixspool_oldest_pending_seconds", "Age of the oldest job not yet uploaded.", func(s Snapshot) float64 { return s.OldestPending.Seconds() }),
+	)
+	return m
+}
+
+// Serve serves /metrics on addr until the listener fails.
+func (m *Metrics) Serve(addr string, log *slog.Logger) (net.Addr, error) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--metrics-listen: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := srv.Serve(l); err != nil {
+			log.Error("metrics server", "err", err)
+		}
+	}()
+	return l.Addr(), nil
+}
+
+// Enqueued records one durable enqueue.
+func (m *Metrics) Enqueued(d time.Duration) {
+	if m != nil {
+		m.enqueueDur.Observe(d.Seconds())
+	}
+}
+
+// Uploaded records a finished job.
+func (m *Metrics) Uploaded(d time.Duration, narBytes, fileBytes, skipped uint64) {
+	if m == nil {
+		return
+	}
+	m.uploads.WithLabelValues("uploaded").Inc()
+	m.uploadDur.WithLabelValues("uploaded").Observe(d.Seconds())
+	m.bytes.WithLabelValues("nar").Add(float64(narBytes))
+	m.bytes.WithLabelValues("file").Add(float64(fileBytes))
+	m.skipped.Add(float64(skipped))
+}
+
+// Failed records a failed attempt: result is "retry" or "failed", class
+// the error class.
+func (m *Metrics) Failed(d time.Duration, result, class string) {
+	if m == nil {
+		return
+	}
+	m.uploads.WithLabelValues(result).Inc()
+	m.uploadDur.WithLabelValues(result).Observe(d.Seconds())
+	m.errors.WithLabelValues(class).Inc()
+}
