@@ -56,7 +56,7 @@ func TestBreaker(t *testing.T) {
 
 func TestBackoffGrowsAndIsCapped(t *testing.T) {
 	a := &Agent{cfg: Config{BackoffInitial: time.Second, BackoffMax: time.Minute}}
-	for attempt, base := range map[int]time.Duration{1: time.Second, 2: 1500 * time.Millisecond, 4: 3375 * time.Millisecond, 30: time.Minute} {
+	for attempt, base := range map[int]time.Duration{1: time.Second, 2: 2 * time.Second, 4: 8 * time.Second, 30: time.Minute} {
 		for i := 0; i < 20; i++ {
 			d := a.backoff(attempt)
 			if d < base/2 || d > base*3/2 || d > time.Minute {

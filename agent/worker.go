@@ -152,11 +152,12 @@ func (a *Agent) process(job *queue.Job) {
 	}
 }
 
-// backoff returns the delay before attempt number attempts+1: exponential
-// from BackoffInitial, capped at BackoffMax, with ±50% jitter.
+// backoff returns the delay before attempt number attempts+1: doubling
+// from BackoffInitial, ±50% jitter, capped at BackoffMax.
 func (a *Agent) backoff(attempts int) time.Duration {
 	b := backoff.NewExponentialBackOff()
 	b.InitialInterval = a.cfg.BackoffInitial
+	b.Multiplier = 2
 	b.MaxInterval = a.cfg.BackoffMax
 	b.MaxElapsedTime = 0
 	b.Reset()

@@ -95,6 +95,7 @@ type Multipart interface {
 	// ListParts returns the parts the server holds; an error wrapping
 	// ErrNotExist means the upload is gone (completed or aborted).
 	ListParts(ctx context.Context, key, uploadID string) ([]Part, error)
+	// PutPart uploads one part; md5, if not nil, is checked by the server.
 	PutPart(ctx context.Context, key, uploadID string, number int, r io.Reader, size int64, md5 []byte) (Part, error)
 	CompleteMultipart(ctx context.Context, key, uploadID string, parts []Part) error
 	AbortMultipart(ctx context.Context, key, uploadID string) error

@@ -12,9 +12,11 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 
 	"github.com/nix-community/go-nix/pkg/narinfo"
 	"github.com/nix-community/go-nix/pkg/nixbase32"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/nixspool/nixspool/bucket"
 	"github.com/nixspool/nixspool/nar"
@@ -160,35 +162,51 @@ func (u *Uploader) sendParts(ctx context.Context, p string, rec *resumeRecord, m
 		return 0, err
 	}
 	defer f.Close()
-	var parts []bucket.Part
-	var sent uint64
-	reused := 0
-	for n, off := 1, int64(0); off < rec.FileSize; n, off = n+1, off+rec.PartSize {
+	// Parts go up three at a time: while one waits for the server, the
+	// next is being hashed and signed.
+	n := int((rec.FileSize + rec.PartSize - 1) / rec.PartSize)
+	parts := make([]bucket.Part, n)
+	var sent, reused atomic.Int64
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(3)
+	for i := 0; i < n; i++ {
+		off := int64(i) * rec.PartSize
 		size := min(rec.PartSize, rec.FileSize-off)
-		h := md5.New()
-		if _, err := io.Copy(h, io.NewSectionReader(f, off, size)); err != nil {
-			return sent, err
-		}
-		sum := h.Sum(nil)
-		if got, ok := onServer[n]; ok && got.Size == size && strings.EqualFold(got.ETag, hex.EncodeToString(sum)) {
-			parts = append(parts, got)
-			reused++
-			continue
-		}
-		part, err := mp.PutPart(ctx, rec.Key, rec.UploadID, n, io.NewSectionReader(f, off, size), size, sum)
-		if err != nil {
-			return sent, err
-		}
-		parts = append(parts, part)
-		sent += uint64(size)
+		g.Go(func() error {
+			// A part the server already has is kept if its ETag (the MD5
+			// of its bytes) matches the local part; MD5 is computed only
+			// then. New parts are protected in transit by TLS or, over
+			// plain http, by the signed payload hash.
+			if got, ok := onServer[i+1]; ok && got.Size == size {
+				h := md5.New()
+				if _, err := io.Copy(h, io.NewSectionReader(f, off, size)); err != nil {
+					return err
+				}
+				if strings.EqualFold(got.ETag, hex.EncodeToString(h.Sum(nil))) {
+					parts[i] = got
+					reused.Add(1)
+					return nil
+				}
+			}
+			part, err := mp.PutPart(gctx, rec.Key, rec.UploadID, i+1, io.NewSectionReader(f, off, size), size, nil)
+			if err != nil {
+				return err
+			}
+			parts[i] = part
+			sent.Add(size)
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return uint64(sent.Load()), err
 	}
 	if err := mp.CompleteMultipart(ctx, rec.Key, rec.UploadID, parts); err != nil {
-		return sent, err
+		return uint64(sent.Load()), err
 	}
-	if reused > 0 {
-		u.log.Info("resumed upload completed", "path", p, "parts_reused", reused, "parts_sent", len(parts)-reused, "bytes_sent", sent)
+	if r := reused.Load(); r > 0 {
+		u.log.Info("resumed upload completed", "path", p, "parts_reused", r, "parts_sent", int64(n)-r, "bytes_sent", sent.Load())
 	}
-	return sent, nil
+	return uint64(sent.Load()), nil
 }
 
 // checkPartial verifies that the kept compressed NAR is intact.

@@ -187,10 +187,14 @@ func (b *Bucket) ListParts(ctx context.Context, key, uploadID string) ([]bucket.
 	}
 }
 
-// PutPart implements bucket.Multipart. The MD5 is sent as Content-MD5, so
-// the server rejects a part that arrives damaged.
+// PutPart implements bucket.Multipart. A given MD5 is sent as Content-MD5,
+// so the server rejects a part that arrives damaged.
 func (b *Bucket) PutPart(ctx context.Context, key, uploadID string, number int, r io.Reader, size int64, md5sum []byte) (bucket.Part, error) {
-	p, err := b.core().PutObjectPart(ctx, b.name, b.prefix+key, uploadID, number, r, size, minio.PutObjectPartOptions{Md5Base64: base64.StdEncoding.EncodeToString(md5sum)})
+	var opts minio.PutObjectPartOptions
+	if md5sum != nil {
+		opts.Md5Base64 = base64.StdEncoding.EncodeToString(md5sum)
+	}
+	p, err := b.core().PutObjectPart(ctx, b.name, b.prefix+key, uploadID, number, r, size, opts)
 	if err != nil {
 		return bucket.Part{}, fmt.Errorf("put part %d of %s: %w", number, key, b.classify(err, false))
 	}

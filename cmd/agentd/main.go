@@ -14,6 +14,7 @@ import (
 	_ "net/http/pprof"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 
@@ -103,6 +104,12 @@ func run(args []string) error {
 	}
 	cfg.Logger = logger
 
+	// A soft memory limit makes the GC work harder before the heap (mostly
+	// zstd's block buffers while a large NAR streams) doubles, keeping the
+	// resident set bounded. GOMEMLIMIT in the environment overrides it.
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(128 << 20)
+	}
 	signal.Ignore(syscall.SIGPIPE)
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
