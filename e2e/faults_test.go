@@ -433,6 +433,8 @@ func TestResumeLargeUpload(t *testing.T) {
 	}
 	testenv.Poll(t, time.Minute, "two parts to be uploaded", func() bool { return p.PartsDone.Load() >= 2 })
 	a.Kill()
+	// Requests the killed agentd had under way were counted on arrival.
+	testenv.Poll(t, 30*time.Second, "the killed agent's requests to end", func() bool { return p.InFlight.Load() == 0 })
 	before := p.PutBytes.Load()
 	slow.Store(false)
 	a.Start()
@@ -451,5 +453,5 @@ func TestResumeLargeUpload(t *testing.T) {
 	if keys := m.Keys(t); len(keys) == 0 {
 		t.Fatal("empty bucket")
 	}
-	t.Logf("resume: %d bytes sent before SIGKILL, %d after (object %d bytes)", before, after, len(data))
+	t.Logf("resume: %d bytes of PUT requests before SIGKILL, %d after the restart (object %d bytes)", before, after, len(data))
 }

@@ -39,10 +39,12 @@ type FaultProxy struct {
 	Injected map[Fault]int
 	srv      *http.Server
 
-	// PutBytes counts the request body bytes of PUTs passed to the server;
-	// PartsDone counts multipart part uploads the server accepted.
+	// PutBytes counts the request body bytes of PUTs as they arrive;
+	// PartsDone counts multipart part uploads the server accepted;
+	// InFlight is the number of requests being handled.
 	PutBytes  atomic.Int64
 	PartsDone atomic.Int64
+	InFlight  atomic.Int64
 }
 
 type statusRecorder struct {
@@ -58,9 +60,6 @@ func (s *statusRecorder) WriteHeader(code int) {
 // forward passes r to the server, counting what the S3 client sent.
 func (p *FaultProxy) forward(rp http.Handler, w http.ResponseWriter, r *http.Request) {
 	rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
-	if r.Method == http.MethodPut && r.ContentLength > 0 {
-		p.PutBytes.Add(r.ContentLength)
-	}
 	rp.ServeHTTP(rec, r)
 	if r.Method == http.MethodPut && r.URL.Query().Get("partNumber") != "" && rec.status == http.StatusOK {
 		p.PartsDone.Add(1)
@@ -78,6 +77,11 @@ func StartFaultProxy(t T, target string) *FaultProxy {
 	p.URL = "http://" + p.Endpoint
 	rp := httputil.NewSingleHostReverseProxy(&url.URL{Scheme: "http", Host: target})
 	p.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p.InFlight.Add(1)
+		defer p.InFlight.Add(-1)
+		if r.Method == http.MethodPut && r.ContentLength > 0 {
+			p.PutBytes.Add(r.ContentLength)
+		}
 		p.mu.Lock()
 		p.n++
 		f := Pass
