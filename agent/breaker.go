@@ -76,3 +76,10 @@ func (b *breaker) isOpen() bool {
 	defer b.mu.Unlock()
 	return b.open
 }
+
+// pausedUntil returns when the next probe is due, if uploads are paused.
+func (b *breaker) pausedUntil() (time.Time, bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.nextProbe, b.open
+}

@@ -377,6 +377,10 @@ func (a *Agent) status() (*protocol.Status, error) {
 	if !st.NextRetry.IsZero() {
 		s.NextRetryAt = st.NextRetry.Unix()
 	}
+	if probe, paused := a.breaker.pausedUntil(); paused && probe.Unix() > s.NextRetryAt {
+		// Uploads wait for the next probe of the cache.
+		s.NextRetryAt = probe.Unix()
+	}
 	for _, p := range a.uploader.InProgress() {
 		s.InProgress = append(s.InProgress, protocol.Upload{Path: p.Path, BytesDone: p.Done(), BytesSize: p.Total})
 	}

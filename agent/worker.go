@@ -63,10 +63,18 @@ func (a *Agent) waitForWork(ctx context.Context) {
 func (a *Agent) probe(ctx context.Context) {
 	err := a.uploader.EnsureCacheInfo(ctx)
 	ra, _ := bucket.RetryAfter(err)
-	a.breaker.probed(a.now(), err == nil, ra)
-	if err == nil {
+	// Any answer but "unavailable" means the bucket is back: if it now
+	// refuses (e.g. access denied), the jobs fail with that reason, where
+	// an operator sees it, instead of waiting forever.
+	back := err == nil || !errors.Is(err, bucket.ErrUnavailable)
+	a.breaker.probed(a.now(), back, ra)
+	if back {
 		a.setReachable(true)
-		a.log.Info("cache reachable again; resuming uploads")
+		if err != nil {
+			a.log.Warn("cache answers again but refuses; resuming uploads", "err", err)
+		} else {
+			a.log.Info("cache reachable again; resuming uploads")
+		}
 		a.queue.Poke()
 		return
 	}

@@ -143,6 +143,7 @@ func cmdStatus(c *client, args []string, out io.Writer) error {
 	if *asJSON {
 		enc := json.NewEncoder(out)
 		enc.SetIndent("", "  ")
+		enc.SetEscapeHTML(false)
 		return enc.Encode(s)
 	}
 	return renderStatus(out, s)
