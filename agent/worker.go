@@ -110,14 +110,18 @@ func (a *Agent) process(job *queue.Job) {
 	case err == nil:
 		a.setReachable(true)
 		totals := queue.Totals{Paths: uint64(res.Paths), NARBytes: res.NARBytes, FileBytes: res.FileBytes, Skipped: uint64(res.Skipped)}
-		if err := a.queue.Ack(job.ID, totals); err != nil && !errors.Is(err, queue.ErrNotFound) {
-			a.setStateErr(err)
-			log.Error("ack", "err", err)
-			return
-		}
-		if err := a.roots.Remove(job.Path); err != nil {
-			log.Warn("remove gc root", "err", err)
-		}
+		// The acknowledgement rides with the next commit; the GC root goes
+		// once it is durable.
+		a.queue.AckAsync(job.ID, totals, func(err error) {
+			if err != nil && !errors.Is(err, queue.ErrNotFound) {
+				a.setStateErr(err)
+				log.Error("ack", "err", err)
+				return
+			}
+			if err := a.roots.Remove(job.Path); err != nil {
+				log.Warn("remove gc root", "err", err)
+			}
+		})
 		a.rate.add(now, res.Paths, res.NARBytes)
 		a.metrics.Uploaded(time.Since(start), res.NARBytes, res.FileBytes, uint64(res.Skipped))
 		log.Info("job done", "uploaded_paths", res.Paths, "skipped_paths", res.Skipped, "nar_bytes", res.NARBytes, "file_bytes", res.FileBytes, "duration", time.Since(start))

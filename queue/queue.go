@@ -112,8 +112,12 @@ type Queue struct {
 
 type op struct {
 	fn   func(tx *bolt.Tx) error
-	done chan error
+	done chan error // receives the outcome; buffered
+	lazy bool       // may wait for the next commit (see AckAsync)
 }
+
+// lazyDelay bounds how long a lazy operation waits for company.
+const lazyDelay = 50 * time.Millisecond
 
 // Open opens (creating if needed) the queue at path. Jobs that were being
 // uploaded when the previous process stopped are simply ready.
@@ -188,19 +192,33 @@ func (q *Queue) update(fn func(tx *bolt.Tx) error) error {
 	return <-o.done
 }
 
-// commitLoop is the group committer. It never waits for company: when the
-// writer is idle the first operation commits immediately, and operations
-// that arrive during a commit are committed together in the next one.
+// commitLoop is the group committer. It never makes a waiting caller wait
+// for company: when the writer is idle the first operation commits
+// immediately, and operations that arrive during a commit are committed
+// together in the next one. Lazy operations (acknowledgements of finished
+// uploads, which nobody waits for) ride along with the next commit, or are
+// committed on their own after lazyDelay; so a steady stream of builds costs
+// one fsynced commit per hook rather than two.
 func (q *Queue) commitLoop() {
 	defer close(q.done)
+	var lazy []*op
+	var timer *time.Timer
+	var timeout <-chan time.Time
 	for {
 		var first *op
 		select {
 		case first = <-q.ops:
+		case <-timeout:
 		case <-q.stop:
+			if len(lazy) > 0 {
+				q.commit(lazy)
+			}
 			return
 		}
-		batch := []*op{first}
+		var batch []*op
+		if first != nil {
+			batch = append(batch, first)
+		}
 	gather:
 		for len(batch) < 1000 {
 			select {
@@ -210,7 +228,24 @@ func (q *Queue) commitLoop() {
 				break gather
 			}
 		}
-		q.commit(batch)
+		urgent := false
+		for _, o := range batch {
+			urgent = urgent || !o.lazy
+		}
+		lazy = append(lazy, batch...)
+		if !urgent && first != nil {
+			if timeout == nil {
+				timer = time.NewTimer(lazyDelay)
+				timeout = timer.C
+			}
+			continue
+		}
+		if timer != nil {
+			timer.Stop()
+			timer, timeout = nil, nil
+		}
+		q.commit(lazy)
+		lazy = nil
 	}
 }
 
@@ -404,11 +439,40 @@ type Totals struct {
 // Ack removes a leased job after its path was uploaded, and adds to the
 // upload totals. A job dropped while it was leased is not an error.
 func (q *Queue) Ack(id uint64, t Totals) error {
+	done := make(chan error, 1)
+	q.AckAsync(id, t, func(err error) { done <- err })
+	return <-done
+}
+
+// AckAsync is Ack without waiting: the removal is committed with the next
+// commit (at most lazyDelay later) and then, when given, after is called
+// with the outcome. The job stays leased (never handed out again) until
+// then. Losing the acknowledgement in a crash only means the path is
+// checked again, and found present, after the restart.
+func (q *Queue) AckAsync(id uint64, t Totals, after func(error)) {
 	if !q.isLeased(id) {
-		return fmt.Errorf("job %d is not leased: %w", id, ErrState)
+		if after != nil {
+			after(fmt.Errorf("job %d is not leased: %w", id, ErrState))
+		}
+		return
 	}
-	defer q.unlease(id)
-	return q.update(func(tx *bolt.Tx) error {
+	o := &op{fn: ackFn(id, t), done: make(chan error, 1), lazy: true}
+	go func() {
+		err := <-o.done
+		q.unlease(id)
+		if after != nil {
+			after(err)
+		}
+	}()
+	select {
+	case q.ops <- o:
+	case <-q.stop:
+		o.done <- errors.New("queue closed")
+	}
+}
+
+func ackFn(id uint64, t Totals) func(tx *bolt.Tx) error {
+	return func(tx *bolt.Tx) error {
 		j, err := getJob(tx, id)
 		if errors.Is(err, ErrNotFound) {
 			return nil
@@ -426,7 +490,7 @@ func (q *Queue) Ack(id uint64, t Totals) error {
 			}
 		}
 		return nil
-	})
+	}
 }
 
 // RetryLater returns a leased job to ready, due at notBefore, counting one

@@ -173,23 +173,34 @@ func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
 
 // Upload makes path and its whole closure available in the cache.
 func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
-	closure, err := u.opt.Store.Closure(ctx, path)
-	if err != nil {
-		var inv *nixstore.InvalidPathError
-		if errors.As(err, &inv) {
-			return Result{}, Permanent(err)
-		}
-		return Result{}, err
-	}
-	// The top path first: if it is there, its closure is too.
 	if _, ok := u.present.Load(path); ok {
 		return Result{}, nil
 	}
-	if have, err := u.hasNarinfo(ctx, path); err != nil || have {
-		if have {
-			u.present.Store(path, struct{}{})
+	closure, err := u.opt.Store.Closure(ctx, path)
+	if err != nil {
+		var inv *nixstore.InvalidPathError
+		if !errors.As(err, &inv) {
+			return Result{}, err
 		}
-		return Result{}, err
+		// Gone from the store. If it reached the cache before (an
+		// acknowledgement lost in a crash), the job is done after all.
+		if have, herr := u.hasNarinfo(ctx, path); herr == nil && have {
+			u.present.Store(path, struct{}{})
+			return Result{}, nil
+		}
+		return Result{}, Permanent(err)
+	}
+	top := closure[len(closure)-1]
+	// The top path first: if it is there, its closure is too. A small
+	// NAR is simply uploaded (the PUT is idempotent and costs about what
+	// the HEAD would); a large one is worth the HEAD.
+	if top.NarSize >= smallNAR {
+		if have, err := u.hasNarinfo(ctx, path); err != nil || have {
+			if have {
+				u.present.Store(path, struct{}{})
+			}
+			return Result{}, err
+		}
 	}
 	infos := make(map[string]*nixstore.PathInfo, len(closure))
 	var deps []string
