@@ -7,7 +7,6 @@ import (
 	"io"
 	"os"
 	"os/exec"
-	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -75,7 +74,7 @@ func fakeHash(i int) string {
 func runtimeGOROOT() string {
 	out, err := exec.Command("go", "env", "GOROOT").Output()
 	if err != nil {
-		return runtime.GOROOT()
+		return "/usr/local/go"
 	}
 	return strings.TrimSpace(string(out))
 }

@@ -37,7 +37,6 @@ type evalResult struct {
 	HookText         string         `json:"hookText"`
 	Socket           map[string]any `json:"socket"`
 	Service          map[string]any `json:"service"`
-	raw              map[string]any
 }
 
 func evalModule(t *testing.T, configuration string) evalResult {

@@ -3,8 +3,11 @@
 package s3
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/base64"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -111,6 +114,9 @@ func (b *Bucket) Stat(ctx context.Context, key string) (bucket.Info, error) {
 // multipart upload whose part size keeps the part count under S3's limit;
 // the returned size is checked against what was meant to be sent.
 func (b *Bucket) Put(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) error {
+	if size >= 0 && size <= smallObject {
+		return b.putSmall(ctx, key, r, size, opts)
+	}
 	info, err := b.client.PutObject(ctx, b.name, b.prefix+key, r, size, minio.PutObjectOptions{
 		ContentType:     opts.ContentType,
 		ContentEncoding: opts.ContentEncoding,
@@ -121,6 +127,32 @@ func (b *Bucket) Put(ctx context.Context, key string, r io.Reader, size int64, o
 		return fmt.Errorf("put %s: %w", key, b.classify(err, false))
 	}
 	if size >= 0 && info.Size != size {
+		return fmt.Errorf("put %s: server stored %d bytes, want %d", key, info.Size, size)
+	}
+	return nil
+}
+
+// smallObject is the size up to which an object is read into memory and
+// sent with its SHA-256 in the signature. minio-go would otherwise use
+// chunked streaming signatures, whose per-chunk signing costs the server
+// (and us) more than the object itself for narinfos and tiny NARs.
+const smallObject = 1 << 20
+
+func (b *Bucket) putSmall(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) error {
+	data := make([]byte, size)
+	if _, err := io.ReadFull(r, data); err != nil {
+		return fmt.Errorf("put %s: read body: %w", key, err)
+	}
+	if n, _ := r.Read(make([]byte, 1)); n > 0 {
+		return fmt.Errorf("put %s: body longer than %d bytes", key, size)
+	}
+	sum := sha256.Sum256(data)
+	info, err := b.core().PutObject(ctx, b.name, b.prefix+key, bytes.NewReader(data), size, "", hex.EncodeToString(sum[:]),
+		minio.PutObjectOptions{ContentType: opts.ContentType, ContentEncoding: opts.ContentEncoding})
+	if err != nil {
+		return fmt.Errorf("put %s: %w", key, b.classify(err, false))
+	}
+	if info.Size != size {
 		return fmt.Errorf("put %s: server stored %d bytes, want %d", key, info.Size, size)
 	}
 	return nil
