@@ -61,7 +61,7 @@ func (a *Agent) waitForWork(ctx context.Context) {
 // probe checks whether the bucket is back (nix-cache-info is read, and
 // written if missing) while the breaker is open.
 func (a *Agent) probe(ctx context.Context) {
-	err := a.uploader.EnsureCacheInfo(ctx)
+	err := a.uploader.Probe(ctx)
 	ra, _ := bucket.RetryAfter(err)
 	// Any answer but "unavailable" means the bucket is back: if it now
 	// refuses (e.g. access denied), the jobs fail with that reason, where

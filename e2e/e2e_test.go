@@ -89,9 +89,17 @@ func TestSpoolWhileAgentDown(t *testing.T) {
 	a := newAgent(t, "file://"+cacheDir, sk, nil)
 	g := testenv.WriteGraph(t, t.TempDir(), false)
 	env := testenv.NixEnv(hookConfig(), a.HookEnv()...)
-	out := testenv.Run(t, env, "nix-build", g.File, "--no-out-link")
-	top := strings.TrimSpace(out[strings.LastIndex(strings.TrimSpace(out), "\n")+1:])
-	if !strings.Contains(out, "spooled to") {
+	out, err := testenv.Output(env, "nix-build", g.File, "--no-out-link")
+	if err != nil {
+		t.Fatalf("nix-build with agentd down: %v\n%s", err, out)
+	}
+	var top string
+	for _, f := range strings.Fields(out) {
+		if strings.HasPrefix(f, "/nix/store/") && strings.HasSuffix(f, "-top") {
+			top = f
+		}
+	}
+	if !strings.Contains(out, "spooled to") || top == "" {
 		t.Fatalf("hook did not report spooling:\n%s", out)
 	}
 	files, err := spool.Files(filepath.Join(a.StateDir, "spool"))

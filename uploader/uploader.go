@@ -86,8 +86,11 @@ type Uploader struct {
 	narSlots chan struct{}
 	headSlot chan struct{}
 	present  sync.Map // store path → struct{}: known to have a narinfo in this cache
-	progress sync.Map // store path → *Progress
-	log      *slog.Logger
+	// cacheInfoOK: nix-cache-info is known to exist. No narinfo is written
+	// before it: without it Nix refuses the whole cache.
+	cacheInfoOK atomic.Bool
+	progress    sync.Map // store path → *Progress
+	log         *slog.Logger
 }
 
 // Progress is one NAR being streamed.
@@ -152,9 +155,14 @@ func (u *Uploader) InProgress() []*Progress {
 }
 
 // EnsureCacheInfo writes nix-cache-info at the cache root if it is missing.
+// Once it has succeeded it costs nothing.
 func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
+	if u.cacheInfoOK.Load() {
+		return nil
+	}
 	_, err := u.opt.Bucket.Stat(ctx, "nix-cache-info")
 	if err == nil {
+		u.cacheInfoOK.Store(true)
 		return nil
 	}
 	if !bucket.IsNotExist(err) {
@@ -168,13 +176,24 @@ func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
 	if err := u.opt.Bucket.Put(ctx, "nix-cache-info", strings.NewReader(body), int64(len(body)), bucket.PutOptions{ContentType: "text/x-nix-cache-info"}); err != nil {
 		return fmt.Errorf("write nix-cache-info: %w", err)
 	}
+	u.cacheInfoOK.Store(true)
 	return nil
+}
+
+// Probe asks the cache for nix-cache-info (writing it if missing): a real
+// round trip, to learn whether the bucket is back after an outage.
+func (u *Uploader) Probe(ctx context.Context) error {
+	u.cacheInfoOK.Store(false)
+	return u.EnsureCacheInfo(ctx)
 }
 
 // Upload makes path and its whole closure available in the cache.
 func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	if _, ok := u.present.Load(path); ok {
 		return Result{}, nil
+	}
+	if err := u.EnsureCacheInfo(ctx); err != nil {
+		return Result{}, err
 	}
 	closure, err := u.opt.Store.Closure(ctx, path)
 	if err != nil {

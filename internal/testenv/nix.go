@@ -41,14 +41,19 @@ func NixEnv(extraConfig string, extra ...string) []string {
 	return append(env, extra...)
 }
 
-// Run runs a command and fails the test with its output if it fails.
+// Run runs a command and returns its standard output (Nix prints
+// warnings such as "SQLite database is busy" on stderr); it fails the test
+// with both outputs if the command fails.
 func Run(t T, env []string, name string, args ...string) string {
 	t.Helper()
-	out, err := Output(env, name, args...)
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	cmd := exec.Command(name, args...)
+	cmd.Env = env
+	var stdout, stderr strings.Builder
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("%s %s: %v\n%s%s", name, strings.Join(args, " "), err, stdout.String(), stderr.String())
 	}
-	return out
+	return stdout.String()
 }
 
 // Output runs a command and returns its combined output.
