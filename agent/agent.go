@@ -100,6 +100,8 @@ func New(cfg Config) (*Agent, error) {
 		Logger:  a.log,
 		Resume:  a.queue,
 		Skip:    a.filter.skip,
+
+		UploadLogs: cfg.UploadBuildLogs,
 	})
 	if err != nil {
 		a.queue.Close()

@@ -39,6 +39,7 @@ type Config struct {
 	MaxNARSize            int64    // 0 = no limit
 	SkipSignedBy          []string // key names: paths signed by one of them are not uploaded
 	MetricsListen         string   // "" = no metrics endpoint
+	UploadBuildLogs       bool     // also upload log/<drv> for uploaded paths
 	Logger                *slog.Logger
 }
 

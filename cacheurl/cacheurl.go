@@ -73,7 +73,10 @@ func Parse(raw string) (*Cache, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cache URL query: %w", err)
 	}
-	s3Only := map[string]bool{"endpoint": true, "region": true, "aws-region": true, "scheme": true, "profile": true, "addressing-style": true}
+	// Metadata compression travels as Content-Encoding, which only HTTP
+	// (S3) readers undo; a file:// reader would get compressed bytes.
+	s3Only := map[string]bool{"endpoint": true, "region": true, "aws-region": true, "scheme": true, "profile": true, "addressing-style": true,
+		"narinfo-compression": true, "ls-compression": true, "log-compression": true}
 	for key, vals := range q {
 		if len(vals) != 1 {
 			return nil, fmt.Errorf("cache URL parameter %q given %d times", key, len(vals))

@@ -60,7 +60,7 @@ func TestMultiUserToFileCache(t *testing.T) {
 	sk, pk := keyPair(t, "e2e-file-1")
 	cacheDir := filepath.Join(t.TempDir(), "cache")
 	// The agent is created first so the daemon's hook knows its socket.
-	a := newAgent(t, "file://"+cacheDir+"?write-nar-listing=1", sk, nil)
+	a := newAgent(t, "file://"+cacheDir+"?write-nar-listing=1", sk, nil, "--upload-build-logs")
 	daemon := testenv.StartNixDaemon(t, testenv.NixEnv(hookConfig(), a.HookEnv()...))
 	a.args = append(a.args, "--nix-daemon-socket", daemon.Socket)
 	a.Start()
@@ -78,6 +78,11 @@ func TestMultiUserToFileCache(t *testing.T) {
 		t.Errorf("write-nar-listing=1 wrote no listing: %v", err)
 	}
 	verifyCache(t, "file://"+cacheDir, pk, top)
+	// The build log went up too, and stock Nix reads it from the cache.
+	drv := strings.TrimSpace(testenv.Run(t, testenv.NixEnv(""), "nix-store", "-q", "--deriver", top))
+	if out := testenv.Run(t, testenv.NixEnv(""), "nix-store", "--store", "file://"+cacheDir, "--read-log", drv); !strings.Contains(out, "building top") {
+		t.Fatalf("nix log from the cache: %q", out)
+	}
 }
 
 // TestSpoolWhileAgentDown: with agentd stopped the build still succeeds and

@@ -67,6 +67,10 @@ type Options struct {
 	// ResumeAbove is the NAR size from which uploads are resumable
 	// (default 64 MiB).
 	ResumeAbove int64
+	// UploadLogs uploads the build log of each uploaded path's deriver,
+	// read from LogDir (default /nix/var/log/nix).
+	UploadLogs bool
+	LogDir     string
 }
 
 // ResumeStore durably keeps one opaque record per store path.
@@ -89,6 +93,7 @@ type Uploader struct {
 	// cacheInfoOK: nix-cache-info is known to exist. No narinfo is written
 	// before it: without it Nix refuses the whole cache.
 	cacheInfoOK atomic.Bool
+	logsDone    sync.Map // drv base name → true: build log uploaded (or being)
 	progress    sync.Map // store path → *Progress
 	log         *slog.Logger
 }
@@ -118,6 +123,9 @@ func New(opt Options) (*Uploader, error) {
 	}
 	if opt.ResumeAbove <= 0 {
 		opt.ResumeAbove = 64 << 20
+	}
+	if opt.LogDir == "" {
+		opt.LogDir = DefaultLogDir
 	}
 	if opt.Logger == nil {
 		opt.Logger = slog.New(slog.DiscardHandler)
@@ -299,6 +307,9 @@ func (u *Uploader) ensureOnce(ctx context.Context, infos map[string]*nixstore.Pa
 		return err
 	}
 	u.present.Store(p, struct{}{})
+	if u.opt.UploadLogs && info.Deriver != "" {
+		u.uploadLog(ctx, info.Deriver)
+	}
 	mu.Lock()
 	res.Paths++
 	res.NARBytes += ni.NarSize

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -68,6 +69,9 @@ func (c *client) call(req *protocol.Request) (*protocol.Response, error) {
 	resp, err := protocol.Call(c.socket, req, c.timeout)
 	var de *protocol.DialError
 	if errors.As(err, &de) {
+		if errors.Is(de.Err, syscall.EACCES) {
+			return nil, fmt.Errorf("permission denied on %s: root and members of the socket's group may use agentd", c.socket)
+		}
 		return nil, fmt.Errorf("agentd is not running (cannot connect to %s: %v)", c.socket, de.Err)
 	}
 	if err != nil {

@@ -88,6 +88,7 @@ let
     system = builtins.currentSystem;
     builder = "/bin/sh";
     args = [ "-c" ''
+      echo "building ${name}"
       mkdir -p $out
       echo ${name} > $out/name
       for d in ${toString deps}; do echo $d >> $out/deps; done
