@@ -81,7 +81,7 @@ func TestKillLoop(t *testing.T) {
 		return testenv.Pass
 	}
 	sk, pk := keyPair(t, "e2e-kill-1")
-	a := newAgent(t, strings.Replace(m.CacheURL(""), m.Endpoint, p.Endpoint, 1), sk, m.Env(), "--jobs", "4")
+	a := newAgent(t, m.CacheURLVia(p), sk, m.Env(), "--jobs", "4")
 	a.Start()
 	dir := t.TempDir()
 	var files []string
@@ -217,7 +217,7 @@ func TestFaultProxy(t *testing.T) {
 		return testenv.Pass
 	}
 	sk, pk := keyPair(t, "e2e-faults-1")
-	cache := strings.Replace(m.CacheURL(""), m.Endpoint, p.Endpoint, 1)
+	cache := m.CacheURLVia(p)
 	a := newAgent(t, cache, sk, m.Env(), "--backoff-max", "1s")
 	a.Start()
 	g := testenv.WriteGraph(t, t.TempDir(), true)
@@ -252,7 +252,7 @@ func TestShutdownDuringUpload(t *testing.T) {
 		return testenv.Pass
 	}
 	sk, pk := keyPair(t, "e2e-term-1")
-	cache := strings.Replace(m.CacheURL(""), m.Endpoint, p.Endpoint, 1)
+	cache := m.CacheURLVia(p)
 	a := newAgent(t, cache, sk, m.Env(), "--shutdown-grace", "1s")
 	a.Start()
 	src := filepath.Join(t.TempDir(), "term-"+testenv.Unique())
@@ -416,7 +416,7 @@ func TestResumeLargeUpload(t *testing.T) {
 		return testenv.Pass
 	}
 	sk, pk := keyPair(t, "e2e-resume-1")
-	a := newAgent(t, strings.Replace(m.CacheURL(""), m.Endpoint, p.Endpoint, 1), sk, m.Env())
+	a := newAgent(t, m.CacheURLVia(p), sk, m.Env())
 	a.Start()
 
 	// 80 MiB of random bytes: zstd cannot shrink it, so 5 parts of 16 MiB.

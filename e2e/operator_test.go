@@ -168,7 +168,7 @@ func TestWatchOnTerminal(t *testing.T) {
 		return testenv.Pass
 	}
 	sk, _ := keyPair(t, "e2e-watch-1")
-	a := newAgent(t, strings.Replace(m.CacheURL(""), m.Endpoint, p.Endpoint, 1), sk, m.Env())
+	a := newAgent(t, m.CacheURLVia(p), sk, m.Env())
 	a.Start()
 	src := filepath.Join(t.TempDir(), "watched-"+testenv.Unique())
 	data := make([]byte, 3<<20)

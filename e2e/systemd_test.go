@@ -21,23 +21,7 @@ import (
 func TestSystemdNotify(t *testing.T) {
 	testenv.RequireNix(t)
 	sk, _ := keyPair(t, "e2e-notify-1")
-	notify := filepath.Join(t.TempDir(), "notify.sock")
-	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notify, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	msgs := make(chan string, 1000)
-	go func() {
-		buf := make([]byte, 4096)
-		for {
-			n, err := conn.Read(buf)
-			if err != nil {
-				return
-			}
-			msgs <- string(buf[:n])
-		}
-	}()
+	notify, msgs := testenv.NotifySocket(t)
 
 	a := newAgent(t, "file://"+filepath.Join(t.TempDir(), "cache"), sk, []string{"NOTIFY_SOCKET=" + notify, "WATCHDOG_USEC=300000"})
 	// A spooled request from before the start must be imported before READY.

@@ -6,6 +6,7 @@
 package spool
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -17,6 +18,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/nixspool/nixspool/atomicfile"
 )
 
 // Entry is the content of one spool file.
@@ -46,44 +49,10 @@ func Write(dir string, e Entry) (string, error) {
 	}
 	name := strconv.FormatInt(time.Now().UnixNano(), 10) + "-" + strconv.Itoa(os.Getpid()) + "-" + hex.EncodeToString(rnd[:]) + suffix
 	final := filepath.Join(dir, name)
-	tmp := filepath.Join(dir, "."+name+".tmp")
-	if err := writeSync(tmp, data); err != nil {
-		os.Remove(tmp)
-		return "", fmt.Errorf("spool: %w", err)
-	}
-	if err := os.Rename(tmp, final); err != nil {
-		os.Remove(tmp)
-		return "", fmt.Errorf("spool: %w", err)
-	}
-	if err := syncDir(dir); err != nil {
+	if err := atomicfile.Write(final, bytes.NewReader(data), int64(len(data)), 0o600); err != nil {
 		return "", fmt.Errorf("spool: %w", err)
 	}
 	return final, nil
-}
-
-func writeSync(path string, data []byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // Files lists the complete spool files in dir, oldest first. A missing
@@ -132,7 +101,7 @@ func Remove(path string) error {
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	return syncDir(filepath.Dir(path))
+	return atomicfile.SyncDir(filepath.Dir(path))
 }
 
 // Quarantine renames a spool file that cannot be imported so that it is not

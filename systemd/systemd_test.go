@@ -1,7 +1,6 @@
 package systemd
 
 import (
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,30 +10,6 @@ import (
 
 	"github.com/nixspool/nixspool/internal/testenv"
 )
-
-// notifySocket listens like systemd's notify socket and returns the
-// messages it receives.
-func notifySocket(t *testing.T) (string, <-chan string) {
-	t.Helper()
-	path := filepath.Join(t.TempDir(), "notify.sock")
-	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	msgs := make(chan string, 100)
-	go func() {
-		buf := make([]byte, 4096)
-		for {
-			n, err := conn.Read(buf)
-			if err != nil {
-				return
-			}
-			msgs <- string(buf[:n])
-		}
-	}()
-	return path, msgs
-}
 
 func expect(t *testing.T, msgs <-chan string, want string) {
 	t.Helper()
@@ -49,7 +24,7 @@ func expect(t *testing.T, msgs <-chan string, want string) {
 }
 
 func TestNotify(t *testing.T) {
-	path, msgs := notifySocket(t)
+	path, msgs := testenv.NotifySocket(t)
 	t.Setenv("NOTIFY_SOCKET", path)
 	Ready()
 	expect(t, msgs, "READY=1")

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/nixspool/nixspool/atomicfile"
 	"github.com/nixspool/nixspool/bucket"
 )
 
@@ -67,37 +68,10 @@ func (b *Bucket) Put(ctx context.Context, key string, r io.Reader, size int64, _
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("put %s: %w", key, err)
 	}
-	f, err := os.CreateTemp(dir, ".tmp-*")
-	if err != nil {
+	if err := atomicfile.Write(p, &ctxReader{ctx: ctx, r: r}, size, 0o644); err != nil {
 		return fmt.Errorf("put %s: %w", key, err)
 	}
-	tmp := f.Name()
-	fail := func(err error) error {
-		f.Close()
-		os.Remove(tmp)
-		return fmt.Errorf("put %s: %w", key, err)
-	}
-	n, err := io.Copy(f, &ctxReader{ctx: ctx, r: r})
-	if err != nil {
-		return fail(err)
-	}
-	if size >= 0 && n != size {
-		return fail(fmt.Errorf("got %d bytes, want %d", n, size))
-	}
-	if err := f.Chmod(0o644); err != nil {
-		return fail(err)
-	}
-	if err := f.Sync(); err != nil {
-		return fail(err)
-	}
-	if err := f.Close(); err != nil {
-		return fail(err)
-	}
-	if err := os.Rename(tmp, p); err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("put %s: %w", key, err)
-	}
-	return syncDir(dir)
+	return nil
 }
 
 // Get implements bucket.Bucket.
@@ -138,20 +112,11 @@ func (b *Bucket) Delete(ctx context.Context, key string) error {
 
 func (b *Bucket) removeTemps() {
 	filepath.WalkDir(b.root, func(p string, d os.DirEntry, err error) error {
-		if err == nil && !d.IsDir() && strings.HasPrefix(d.Name(), ".tmp-") {
+		if err == nil && !d.IsDir() && strings.HasPrefix(d.Name(), atomicfile.TempPrefix) {
 			os.Remove(p)
 		}
 		return nil
 	})
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 type ctxReader struct {

@@ -8,6 +8,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -133,4 +134,9 @@ func (p *FaultProxy) Count(f Fault) int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.Injected[f]
+}
+
+// CacheURLVia is the s3:// address of m's test bucket reached through p.
+func (m *MinIO) CacheURLVia(p *FaultProxy) string {
+	return strings.Replace(m.CacheURL(""), m.Endpoint, p.Endpoint, 1)
 }
