@@ -1,6 +1,8 @@
 package e2e
 
 import (
+	"crypto/rand"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -237,4 +239,71 @@ func TestDotDotNamesUpload(t *testing.T) {
 		t.Fatalf("status = %+v", s)
 	}
 	verifyCache(t, "file://"+cacheDir, pk, p)
+}
+
+// TestXZAndNoCompression: the other compressions stock Nix reads.
+func TestXZAndNoCompression(t *testing.T) {
+	testenv.RequireNix(t)
+	sk, pk := keyPair(t, "e2e-xz-1")
+	g := testenv.WriteGraph(t, t.TempDir(), false)
+	top := build(t, testenv.NixEnv(""), g)
+	for _, comp := range []string{"xz", "none"} {
+		cacheDir := filepath.Join(t.TempDir(), "cache-"+comp)
+		a := newAgent(t, "file://"+cacheDir+"?compression="+comp, sk, nil, "--skip-signed-by=")
+		a.Start()
+		if out, err := a.Ctl("push", "--closure", top); err != nil {
+			t.Fatalf("push: %v\n%s", err, out)
+		}
+		if out, err := a.Ctl("wait", "--timeout", "1m"); err != nil {
+			t.Fatalf("wait: %v\n%s", err, out)
+		}
+		ni, err := os.ReadFile(filepath.Join(cacheDir, storepath.HashPart(top)+".narinfo"))
+		if err != nil || !strings.Contains(string(ni), "Compression: "+comp+"\n") {
+			t.Fatalf("narinfo with compression=%s: %v\n%s", comp, err, ni)
+		}
+		verifyCache(t, "file://"+cacheDir, pk, top)
+		a.Kill()
+	}
+}
+
+// TestMemoryBound uploads a 384 MiB path and checks agentd's peak resident
+// set from /proc: a bound, not a timing.
+func TestMemoryBound(t *testing.T) {
+	testenv.RequireNix(t)
+	m := testenv.StartMinIO(t)
+	sk, _ := keyPair(t, "e2e-rss-1")
+	a := newAgent(t, m.CacheURL(""), sk, m.Env())
+	a.Start()
+	dir := filepath.Join(t.TempDir(), "rss-"+testenv.Unique())
+	os.MkdirAll(dir, 0o755)
+	buf := make([]byte, 64<<20)
+	for i := 0; i < 6; i++ {
+		rand.Read(buf)
+		if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("part-%d", i)), buf, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p := strings.TrimSpace(testenv.Run(t, testenv.NixEnv(""), "nix-store", "--add", dir))
+	os.RemoveAll(dir)
+	t.Cleanup(func() { testenv.Output(testenv.NixEnv(""), "nix-store", "--delete", p) })
+	if out, err := a.Ctl("push", p); err != nil {
+		t.Fatalf("push: %v\n%s", err, out)
+	}
+	if s := a.WaitDrained(3 * time.Minute); s.Uploaded != 1 {
+		t.Fatalf("status %+v", s)
+	}
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", a.cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var hwm int
+	for _, line := range strings.Split(string(status), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			fmt.Sscanf(strings.TrimSpace(v), "%d", &hwm)
+		}
+	}
+	if hwm == 0 || hwm > 200*1024 {
+		t.Fatalf("agentd peak RSS %d KiB for a 384 MiB NAR, want at most 200 MiB", hwm)
+	}
+	t.Logf("peak RSS %d MiB for a 384 MiB NAR", hwm/1024)
 }
