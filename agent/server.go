@@ -290,6 +290,7 @@ func (a *Agent) enqueue(ctx context.Context, paths []string, drv string) ([]prot
 // renamed *.bad and kept for inspection.
 func (a *Agent) importSpool(ctx context.Context) {
 	dir := a.spoolDir()
+	spool.RemoveStaleTemps(dir, time.Hour)
 	files, err := spool.Files(dir)
 	if err != nil {
 		a.log.Error("list spool", "dir", dir, "err", err)
@@ -362,6 +363,7 @@ func (a *Agent) status() (*protocol.Status, error) {
 		UploadedPaths:     st.Paths,
 		Skipped:           st.Skipped,
 		LastError:         st.LastError,
+		InProgress:        []protocol.Upload{},
 	}
 	s.RatePathsPerSecond, s.RateNARBytesPerSec = a.rate.rates(now, a.started)
 	if r := a.reachable.Load(); r != 0 {

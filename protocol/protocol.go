@@ -102,7 +102,7 @@ type Job struct {
 	Attempts   int    `json:"attempts"`
 	EnqueuedAt int64  `json:"enqueued_at"`          // unix seconds
 	NotBefore  int64  `json:"not_before,omitempty"` // unix seconds
-	LastError  string `json:"last_error,omitempty"`
+	LastError  string `json:"last_error"`
 }
 
 // Upload is one upload in progress.
@@ -117,7 +117,7 @@ type Status struct {
 	Version              string   `json:"version"`
 	UptimeSeconds        int64    `json:"uptime_seconds"`
 	Cache                string   `json:"cache"`
-	CacheReachable       *bool    `json:"cache_reachable,omitempty"`
+	CacheReachable       *bool    `json:"cache_reachable"`
 	Pending              int      `json:"pending"`
 	Uploading            int      `json:"uploading"`
 	Retrying             int      `json:"retrying"`
@@ -130,11 +130,11 @@ type Status struct {
 	RatePathsPerSecond   float64  `json:"rate_paths_per_second"`
 	RateNARBytesPerSec   float64  `json:"rate_nar_bytes_per_second"`
 	OldestPendingSeconds int64    `json:"oldest_pending_seconds"`
-	LastError            string   `json:"last_error,omitempty"`
-	LastErrorAt          int64    `json:"last_error_at,omitempty"`
-	NextRetryAt          int64    `json:"next_retry_at,omitempty"`
-	InProgress           []Upload `json:"in_progress,omitempty"`
-	StateDirError        string   `json:"state_dir_error,omitempty"`
+	LastError            string   `json:"last_error"`
+	LastErrorAt          int64    `json:"last_error_at"`
+	NextRetryAt          int64    `json:"next_retry_at"`
+	InProgress           []Upload `json:"in_progress"`
+	StateDirError        string   `json:"state_dir_error"`
 }
 
 // ErrTooLarge is returned by ReadRequest for a request over MaxRequestSize.

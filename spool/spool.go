@@ -109,3 +109,20 @@ func Remove(path string) error {
 func Quarantine(path string) error {
 	return os.Rename(path, path+".bad")
 }
+
+// RemoveStaleTemps removes temp files of writers that died mid-write
+// (older than age: a live writer finishes within its timeout).
+func RemoveStaleTemps(dir string, age time.Duration) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		if !strings.HasPrefix(e.Name(), atomicfile.TempPrefix) {
+			continue
+		}
+		if fi, err := e.Info(); err == nil && time.Since(fi.ModTime()) > age {
+			os.Remove(filepath.Join(dir, e.Name()))
+		}
+	}
+}

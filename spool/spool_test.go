@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"testing"
+	"time"
 )
 
 func TestWriteReadRemove(t *testing.T) {
@@ -50,5 +51,22 @@ func TestReadRejectsGarbage(t *testing.T) {
 	}
 	if files, _ := Files(filepath.Join(t.TempDir(), "missing")); files != nil {
 		t.Fatal("missing dir should list nothing")
+	}
+}
+
+func TestRemoveStaleTemps(t *testing.T) {
+	dir := t.TempDir()
+	old := filepath.Join(dir, ".tmp-123")
+	fresh := filepath.Join(dir, ".tmp-456")
+	os.WriteFile(old, nil, 0o600)
+	os.WriteFile(fresh, nil, 0o600)
+	past := time.Now().Add(-2 * time.Hour)
+	os.Chtimes(old, past, past)
+	RemoveStaleTemps(dir, time.Hour)
+	if _, err := os.Stat(old); !os.IsNotExist(err) {
+		t.Error("stale temp file kept")
+	}
+	if _, err := os.Stat(fresh); err != nil {
+		t.Error("fresh temp file removed")
 	}
 }
