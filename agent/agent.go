@@ -92,14 +92,15 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a.uploader, err = uploader.New(uploader.Options{
-		Bucket:  a.bucket,
-		Cache:   a.cache,
-		Store:   a.store,
-		Keys:    keys,
-		TempDir: filepath.Join(cfg.StateDir, "tmp"),
-		Logger:  a.log,
-		Resume:  a.queue,
-		Skip:    a.filter.skip,
+		Bucket:   a.bucket,
+		Cache:    a.cache,
+		Store:    a.store,
+		Keys:     keys,
+		TempDir:  filepath.Join(cfg.StateDir, "tmp"),
+		Logger:   a.log,
+		Resume:   a.queue,
+		Presence: a.queue,
+		Skip:     a.filter.skip,
 
 		UploadLogs: cfg.UploadBuildLogs,
 	})

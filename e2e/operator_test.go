@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -274,5 +275,45 @@ func TestFilters(t *testing.T) {
 	out, _ := a.Ctl("doctor")
 	if !strings.Contains(out, "WARN") || !strings.Contains(out, "upstream-cache-1") || !strings.Contains(out, "complete only for clients") {
 		t.Fatalf("doctor does not warn about the filters:\n%s", out)
+	}
+}
+
+// TestPresenceSurvivesRestart: after a restart, paths known to be in the
+// cache are not asked about again.
+func TestPresenceSurvivesRestart(t *testing.T) {
+	testenv.RequireNix(t)
+	m := testenv.StartMinIO(t)
+	p := testenv.StartFaultProxy(t, m.Endpoint)
+	var heads atomic.Int64
+	p.Decide = func(r *http.Request, n int) testenv.Fault {
+		if r.Method == http.MethodHead && strings.HasSuffix(r.URL.Path, ".narinfo") {
+			heads.Add(1)
+		}
+		return testenv.Pass
+	}
+	sk, _ := keyPair(t, "e2e-presence-1")
+	a := newAgent(t, m.CacheURLVia(p), sk, m.Env())
+	a.Start()
+	top := build(t, testenv.NixEnv(""), testenv.WriteGraph(t, t.TempDir(), false))
+	if out, err := a.Ctl("push", "--closure", top); err != nil {
+		t.Fatalf("push: %v\n%s", err, out)
+	}
+	if out, err := a.Ctl("wait", "--timeout", "1m"); err != nil {
+		t.Fatalf("wait: %v\n%s", err, out)
+	}
+	a.Stop()
+	a.Start()
+	before := heads.Load()
+	if out, err := a.Ctl("push", "--closure", top); err != nil {
+		t.Fatalf("push: %v\n%s", err, out)
+	}
+	if out, err := a.Ctl("wait", "--timeout", "1m"); err != nil {
+		t.Fatalf("wait: %v\n%s", err, out)
+	}
+	if n := heads.Load() - before; n != 0 {
+		t.Fatalf("%d narinfo HEADs after the restart for paths already known to be in the cache", n)
+	}
+	if !strings.Contains(a.log.String(), "presence cache loaded") {
+		t.Fatal("presence cache not loaded at start")
 	}
 }

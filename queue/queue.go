@@ -16,6 +16,7 @@
 //	paths   store path → id               deduplication
 //	meta    counters and the last error
 //	uploads store path → the uploader's resume record for a large upload
+//	presence/<cache identity>  store path → unix time it was seen in that cache
 //
 // State changes touch only these few keys; counts and the oldest pending job
 // are read without scanning.
@@ -74,14 +75,15 @@ var (
 const recordVersion = 1
 
 var (
-	bktJobs    = []byte("jobs")
-	bktReady   = []byte("ready")
-	bktFailed  = []byte("failed")
-	bktActive  = []byte("active")
-	bktPaths   = []byte("paths")
-	bktMeta    = []byte("meta")
-	bktUploads = []byte("uploads")
-	allBkts    = [][]byte{bktJobs, bktReady, bktFailed, bktActive, bktPaths, bktMeta, bktUploads}
+	bktJobs     = []byte("jobs")
+	bktReady    = []byte("ready")
+	bktFailed   = []byte("failed")
+	bktActive   = []byte("active")
+	bktPaths    = []byte("paths")
+	bktMeta     = []byte("meta")
+	bktUploads  = []byte("uploads")
+	bktPresence = []byte("presence")
+	allBkts     = [][]byte{bktJobs, bktReady, bktFailed, bktActive, bktPaths, bktMeta, bktUploads, bktPresence}
 )
 
 // Counter keys in the meta bucket.
@@ -879,4 +881,59 @@ func (q *Queue) Uploads() (map[string][]byte, error) {
 		})
 	})
 	return out, err
+}
+
+// AddPresent records that paths have narinfos in the cache with the given
+// identity. It does not wait: the records ride along with the next commit.
+func (q *Queue) AddPresent(identity string, paths []string, now time.Time) {
+	if len(paths) == 0 {
+		return
+	}
+	ts := be64(uint64(now.Unix()))
+	o := &op{done: make(chan error, 1), lazy: true, fn: func(tx *bolt.Tx) error {
+		b, err := tx.Bucket(bktPresence).CreateBucketIfNotExists([]byte(identity))
+		if err != nil {
+			return err
+		}
+		for _, p := range paths {
+			if err := b.Put([]byte(p), ts); err != nil {
+				return err
+			}
+		}
+		return nil
+	}}
+	select {
+	case q.ops <- o:
+	case <-q.stop:
+	}
+}
+
+// Present returns the paths recorded as present in the cache with the
+// given identity since notBefore.
+func (q *Queue) Present(identity string, notBefore time.Time) ([]string, error) {
+	var out []string
+	err := q.db.View(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bktPresence).Bucket([]byte(identity))
+		if b == nil {
+			return nil
+		}
+		return b.ForEach(func(k, v []byte) error {
+			if len(v) == 8 && int64(binary.BigEndian.Uint64(v)) >= notBefore.Unix() {
+				out = append(out, string(k))
+			}
+			return nil
+		})
+	})
+	return out, err
+}
+
+// ForgetPresent drops the presence records of a cache.
+func (q *Queue) ForgetPresent(identity string) error {
+	return q.update(func(tx *bolt.Tx) error {
+		err := tx.Bucket(bktPresence).DeleteBucket([]byte(identity))
+		if errors.Is(err, bolterrors.ErrBucketNotFound) {
+			return nil
+		}
+		return err
+	})
 }

@@ -363,3 +363,26 @@ func BenchmarkEnqueueConcurrent32(b *testing.B) {
 		}
 	})
 }
+
+func TestPresence(t *testing.T) {
+	q, _ := openTest(t)
+	q.AddPresent("s3://a/b/", []string{"/nix/store/x", "/nix/store/y"}, t0)
+	q.AddPresent("s3://other/", []string{"/nix/store/z"}, t0.Add(-30*24*time.Hour))
+	// Lazy records are committed by the next commit.
+	if _, err := q.Enqueue([]string{"/p/flush"}, "", t0); err != nil {
+		t.Fatal(err)
+	}
+	got, err := q.Present("s3://a/b/", t0.Add(-time.Hour))
+	if err != nil || len(got) != 2 {
+		t.Fatalf("Present = %v, %v", got, err)
+	}
+	if old, _ := q.Present("s3://other/", t0.Add(-7*24*time.Hour)); len(old) != 0 {
+		t.Fatalf("expired records returned: %v", old)
+	}
+	if err := q.ForgetPresent("s3://a/b/"); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := q.Present("s3://a/b/", time.Time{}); len(got) != 0 {
+		t.Fatalf("after forget: %v", got)
+	}
+}

@@ -27,6 +27,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/nix-community/go-nix/pkg/narinfo"
 	"github.com/nix-community/go-nix/pkg/narinfo/signature"
@@ -61,6 +62,8 @@ type Options struct {
 	// Skip, if set, reports paths that count as present without being
 	// uploaded (filters); it is consulted for every path of a closure.
 	Skip func(*nixstore.PathInfo) bool
+	// Presence, if set, keeps the presence cache across restarts.
+	Presence PresenceStore
 	// Resume keeps the records that let a large multipart upload resume
 	// after a crash (the queue database implements it). Nil disables resume.
 	Resume ResumeStore
@@ -72,6 +75,18 @@ type Options struct {
 	UploadLogs bool
 	LogDir     string
 }
+
+// PresenceStore remembers, per cache identity (endpoint, bucket and
+// prefix), which paths the cache holds, so a restart does not have to ask
+// again. Records older than PresenceTTL are not trusted.
+type PresenceStore interface {
+	AddPresent(identity string, paths []string, now time.Time)
+	Present(identity string, notBefore time.Time) ([]string, error)
+	ForgetPresent(identity string) error
+}
+
+// PresenceTTL is how long a remembered "the cache has it" is trusted.
+const PresenceTTL = 7 * 24 * time.Hour
 
 // ResumeStore durably keeps one opaque record per store path.
 type ResumeStore interface {
@@ -143,13 +158,26 @@ func New(opt Options) (*Uploader, error) {
 		}
 		opt.Logger.Info("removed orphaned temp files", "count", len(old))
 	}
-	return &Uploader{
+	u := &Uploader{
 		opt:      opt,
 		comp:     comp,
 		narSlots: make(chan struct{}, opt.Streams),
 		headSlot: make(chan struct{}, 16),
 		log:      opt.Logger,
-	}, nil
+	}
+	if opt.Presence != nil {
+		known, err := opt.Presence.Present(opt.Cache.Identity(), time.Now().Add(-PresenceTTL))
+		if err != nil {
+			return nil, fmt.Errorf("load presence cache: %w", err)
+		}
+		for _, p := range known {
+			u.present.Store(p, struct{}{})
+		}
+		if len(known) > 0 {
+			opt.Logger.Info("presence cache loaded", "cache", opt.Cache.String(), "paths", len(known))
+		}
+	}
+	return u, nil
 }
 
 // InProgress returns the NARs being streamed now.
@@ -212,7 +240,7 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		// Gone from the store. If it reached the cache before (an
 		// acknowledgement lost in a crash), the job is done after all.
 		if have, herr := u.hasNarinfo(ctx, path); herr == nil && have {
-			u.present.Store(path, struct{}{})
+			u.markPresent(path)
 			return Result{}, nil
 		}
 		return Result{}, Permanent(err)
@@ -224,7 +252,7 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	if top.NarSize >= smallNAR {
 		if have, err := u.hasNarinfo(ctx, path); err != nil || have {
 			if have {
-				u.present.Store(path, struct{}{})
+				u.markPresent(path)
 			}
 			return Result{}, err
 		}
@@ -306,7 +334,7 @@ func (u *Uploader) ensureOnce(ctx context.Context, infos map[string]*nixstore.Pa
 	if err := u.putNarinfo(ctx, ni); err != nil {
 		return err
 	}
-	u.present.Store(p, struct{}{})
+	u.markPresent(p)
 	if u.opt.UploadLogs && info.Deriver != "" {
 		u.uploadLog(ctx, info.Deriver)
 	}
@@ -566,10 +594,27 @@ func (u *Uploader) putNarinfo(ctx context.Context, ni *narinfo.NarInfo) error {
 		bucket.PutOptions{ContentType: "text/x-nix-narinfo", ContentEncoding: u.opt.Cache.NarinfoCompression})
 }
 
-// Forget drops the in-memory presence of every path (for tests and after
-// the bucket was emptied by an operator).
-func (u *Uploader) Forget() {
+// markPresent remembers that p has a narinfo in the cache, in memory and,
+// with a PresenceStore, across restarts.
+func (u *Uploader) markPresent(p string) {
+	u.present.Store(p, struct{}{})
+	u.persistPresent([]string{p})
+}
+
+func (u *Uploader) persistPresent(paths []string) {
+	if u.opt.Presence != nil && len(paths) > 0 {
+		u.opt.Presence.AddPresent(u.opt.Cache.Identity(), paths, time.Now())
+	}
+}
+
+// Forget drops what is known about the cache's contents (after an
+// operator emptied the bucket, for example).
+func (u *Uploader) Forget() error {
 	u.present.Clear()
+	if u.opt.Presence != nil {
+		return u.opt.Presence.ForgetPresent(u.opt.Cache.Identity())
+	}
+	return nil
 }
 
 // PermanentError marks an error that retrying cannot fix.
@@ -621,6 +666,8 @@ func (c *ctxWriter) Write(p []byte) (int, error) {
 // the ones that do, and returns the ones that do not. Paths already known to
 // be present cost nothing.
 func (u *Uploader) CheckPresence(ctx context.Context, paths []string) (missing []string, err error) {
+	var found []string
+	defer func() { u.persistPresent(found) }()
 	todo := make(chan string)
 	var mu sync.Mutex
 	var wg sync.WaitGroup
@@ -638,6 +685,7 @@ func (u *Uploader) CheckPresence(ctx context.Context, paths []string) (missing [
 					}
 				case have:
 					u.present.Store(p, struct{}{})
+					found = append(found, p)
 				default:
 					missing = append(missing, p)
 				}
