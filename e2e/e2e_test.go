@@ -270,6 +270,9 @@ func TestXZAndNoCompression(t *testing.T) {
 // set from /proc: a bound, not a timing.
 func TestMemoryBound(t *testing.T) {
 	testenv.RequireNix(t)
+	if os.Getenv("NIXSPOOL_RACE") == "1" {
+		t.Skip("the race detector multiplies memory use")
+	}
 	m := testenv.StartMinIO(t)
 	sk, _ := keyPair(t, "e2e-rss-1")
 	a := newAgent(t, m.CacheURL(""), sk, m.Env())

@@ -27,7 +27,11 @@ func TestMain(m *testing.M) {
 	if err != nil {
 		panic(err)
 	}
-	cmd := exec.Command("go", "build", "-o", dir+"/", "./cmd/hook", "./cmd/agentd", "./cmd/agentctl")
+	args := []string{"build", "-o", dir + "/"}
+	if os.Getenv("NIXSPOOL_RACE") == "1" { // make test-race: race-checked daemons
+		args = append(args, "-race")
+	}
+	cmd := exec.Command("go", append(args, "./cmd/hook", "./cmd/agentd", "./cmd/agentctl")...)
 	cmd.Dir = testenv.RepoRoot()
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Run(); err != nil {
