@@ -203,15 +203,7 @@ func (b *bench) tinyPaths() error {
 
 	// The ceiling on this box: a path is two PUTs (NAR, narinfo), and
 	// MinIO shares the two cores. Measure MinIO's raw rate of 1 KB PUTs.
-	for _, kv := range m.Env() {
-		k, v, _ := strings.Cut(kv, "=")
-		os.Setenv(k, v)
-	}
-	c, err := cacheurl.Parse(b.newBucket())
-	if err != nil {
-		return err
-	}
-	bu, err := s3bucket.New(c)
+	bu, _, err := b.freshBucket()
 	if err != nil {
 		return err
 	}
@@ -233,19 +225,10 @@ func (b *bench) tinyPaths() error {
 func (b *bench) presence() error {
 	const n = 10000
 	fmt.Fprintf(os.Stderr, "presence check of %d paths\n", n)
-	m, err := b.startMinIO()
-	if err != nil {
+	if _, err := b.startMinIO(); err != nil {
 		return err
 	}
-	for _, kv := range m.Env() {
-		k, v, _ := strings.Cut(kv, "=")
-		os.Setenv(k, v)
-	}
-	c, err := cacheurl.Parse(b.newBucket())
-	if err != nil {
-		return err
-	}
-	bu, err := s3bucket.New(c)
+	bu, c, err := b.freshBucket()
 	if err != nil {
 		return err
 	}
@@ -327,4 +310,19 @@ func (b *bench) hugePathRSS() error {
 	}
 	add(Row{Name: "agentd peak RSS, 1.1 GiB path", Value: peakRSS(cmdA.Process.Pid), Unit: "MiB", Baseline: "agentd RSS before the upload", BaseVal: base, Target: "≤ 200 MiB"})
 	return nil
+}
+
+// freshBucket makes a new bucket on the bench's MinIO and a client for it
+// with the server's credentials.
+func (b *bench) freshBucket() (*s3bucket.Bucket, *cacheurl.Cache, error) {
+	for _, kv := range b.minio.Env() {
+		k, v, _ := strings.Cut(kv, "=")
+		os.Setenv(k, v)
+	}
+	c, err := cacheurl.Parse(b.newBucket())
+	if err != nil {
+		return nil, nil, err
+	}
+	bu, err := s3bucket.New(c)
+	return bu, c, err
 }

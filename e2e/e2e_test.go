@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"crypto/rand"
 	"fmt"
 	"io"
 	"net"
@@ -277,18 +276,8 @@ func TestMemoryBound(t *testing.T) {
 	sk, _ := keyPair(t, "e2e-rss-1")
 	a := newAgent(t, m.CacheURL(""), sk, m.Env())
 	a.Start()
-	dir := filepath.Join(t.TempDir(), "rss-"+testenv.Unique())
-	os.MkdirAll(dir, 0o755)
-	buf := make([]byte, 64<<20)
-	for i := 0; i < 6; i++ {
-		rand.Read(buf)
-		if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("part-%d", i)), buf, 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	p := strings.TrimSpace(testenv.Run(t, testenv.NixEnv(""), "nix-store", "--add", dir))
-	os.RemoveAll(dir)
-	t.Cleanup(func() { testenv.Output(testenv.NixEnv(""), "nix-store", "--delete", p) })
+	const part = 64 << 20
+	p := testenv.AddRandomPath(t, "rss", part, part, part, part, part, part)
 	if out, err := a.Ctl("push", p); err != nil {
 		t.Fatalf("push: %v\n%s", err, out)
 	}

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	crand "crypto/rand"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -420,14 +419,8 @@ func TestResumeLargeUpload(t *testing.T) {
 	a.Start()
 
 	// 80 MiB of random bytes: zstd cannot shrink it, so 5 parts of 16 MiB.
-	src := filepath.Join(t.TempDir(), "big-"+testenv.Unique())
-	data := make([]byte, 80<<20)
-	crand.Read(data)
-	if err := os.WriteFile(src, data, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	path := strings.TrimSpace(testenv.Run(t, testenv.NixEnv(""), "nix-store", "--add", src))
-	t.Cleanup(func() { testenv.Output(testenv.NixEnv(""), "nix-store", "--delete", path) })
+	const size = 80 << 20
+	path := testenv.AddRandomPath(t, "big", size)
 	if out, err := a.Ctl("push", path); err != nil {
 		t.Fatalf("push: %v\n%s", err, out)
 	}
@@ -443,8 +436,8 @@ func TestResumeLargeUpload(t *testing.T) {
 		t.Fatalf("after restart: %+v", s)
 	}
 	after := p.PutBytes.Load() - before
-	if after >= int64(len(data)) {
-		t.Fatalf("sent %d bytes after the restart, not less than the %d-byte object: the upload started over", after, len(data))
+	if after >= size {
+		t.Fatalf("sent %d bytes after the restart, not less than the %d-byte object: the upload started over", after, size)
 	}
 	if !strings.Contains(a.log.String(), "resumed upload completed") {
 		t.Errorf("no resume logged:\n%s", a.log.String())
@@ -453,5 +446,5 @@ func TestResumeLargeUpload(t *testing.T) {
 	if keys := m.Keys(t); len(keys) == 0 {
 		t.Fatal("empty bucket")
 	}
-	t.Logf("resume: %d bytes of PUT requests before SIGKILL, %d after the restart (object %d bytes)", before, after, len(data))
+	t.Logf("resume: %d bytes of PUT requests before SIGKILL, %d after the restart (object %d bytes)", before, after, size)
 }

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"bytes"
-	"crypto/rand"
 	"fmt"
 	"io"
 	"net/http"
@@ -171,12 +170,7 @@ func TestWatchOnTerminal(t *testing.T) {
 	sk, _ := keyPair(t, "e2e-watch-1")
 	a := newAgent(t, m.CacheURLVia(p), sk, m.Env())
 	a.Start()
-	src := filepath.Join(t.TempDir(), "watched-"+testenv.Unique())
-	data := make([]byte, 3<<20)
-	rand.Read(data)
-	os.WriteFile(src, data, 0o644)
-	path := strings.TrimSpace(testenv.Run(t, testenv.NixEnv(""), "nix-store", "--add", src))
-	t.Cleanup(func() { testenv.Output(testenv.NixEnv(""), "nix-store", "--delete", path) })
+	path := testenv.AddRandomPath(t, "watched", 3<<20)
 	if out, err := a.Ctl("push", path); err != nil {
 		t.Fatalf("push: %v\n%s", err, out)
 	}

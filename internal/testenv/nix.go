@@ -1,6 +1,7 @@
 package testenv
 
 import (
+	"crypto/rand"
 	"fmt"
 	"os"
 	"os/exec"
@@ -170,4 +171,31 @@ func StartNixDaemon(t T, env []string) *NixDaemon {
 // ClientEnv is the environment of a Nix client of this daemon.
 func (d *NixDaemon) ClientEnv(base []string) []string {
 	return append(base, "NIX_REMOTE=daemon", "NIX_DAEMON_SOCKET_PATH="+d.Socket)
+}
+
+// AddRandomPath adds a store path named name-<unique> holding files of
+// random bytes with the given sizes (a single file if there is one size),
+// and deletes it at cleanup.
+func AddRandomPath(t T, name string, sizes ...int) string {
+	t.Helper()
+	src := filepath.Join(t.TempDir(), name+"-"+Unique())
+	write := func(p string, n int) {
+		data := make([]byte, n)
+		rand.Read(data)
+		if err := os.WriteFile(p, data, 0o644); err != nil {
+			t.Fatalf("%v", err)
+		}
+	}
+	if len(sizes) == 1 {
+		write(src, sizes[0])
+	} else {
+		os.MkdirAll(src, 0o755)
+		for i, n := range sizes {
+			write(filepath.Join(src, fmt.Sprintf("part-%d", i)), n)
+		}
+	}
+	p := strings.TrimSpace(Run(t, NixEnv(""), "nix-store", "--add", src))
+	os.RemoveAll(src)
+	t.Cleanup(func() { Output(NixEnv(""), "nix-store", "--delete", p) })
+	return p
 }
