@@ -361,6 +361,8 @@ func (a *Agent) status() (*protocol.Status, error) {
 		UploadedNARBytes:  st.NARBytes,
 		UploadedFileBytes: st.FileBytes,
 		UploadedPaths:     st.Paths,
+		OldestPendingJob:  st.OldestActiveID,
+		NewestJob:         st.NewestID,
 		Skipped:           st.Skipped,
 		LastError:         st.LastError,
 		InProgress:        []protocol.Upload{},

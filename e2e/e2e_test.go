@@ -1,10 +1,12 @@
 package e2e
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -213,6 +215,12 @@ func TestHashMismatchIsRefused(t *testing.T) {
 	out, _ := a.Ctl("list", "--state", "failed")
 	if !strings.Contains(out, p) {
 		t.Errorf("list --state failed does not show the path:\n%s", out)
+	}
+	// wait reports the failure with exit status 1.
+	out, err := a.Ctl("wait", "--timeout", "30s")
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(out, "failed: "+p) {
+		t.Errorf("wait after a failure: %v\n%s", err, out)
 	}
 }
 

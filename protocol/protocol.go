@@ -130,6 +130,8 @@ type Status struct {
 	RatePathsPerSecond   float64  `json:"rate_paths_per_second"`
 	RateNARBytesPerSec   float64  `json:"rate_nar_bytes_per_second"`
 	OldestPendingSeconds int64    `json:"oldest_pending_seconds"`
+	OldestPendingJob     uint64   `json:"oldest_pending_job"` // id; 0 when nothing is pending
+	NewestJob            uint64   `json:"newest_job"`         // last job id assigned
 	LastError            string   `json:"last_error"`
 	LastErrorAt          int64    `json:"last_error_at"`
 	NextRetryAt          int64    `json:"next_retry_at"`

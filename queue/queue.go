@@ -661,6 +661,7 @@ type Stats struct {
 	Uploaded, NARBytes, FileBytes     uint64
 	Paths, Skipped                    uint64    // store paths uploaded (jobs and dependencies); paths filtered out
 	OldestActive                      time.Time // zero if nothing is ready or leased
+	OldestActiveID, NewestID          uint64    // id of the oldest ready job (0 if none); last id assigned
 	NextRetry                         time.Time // earliest not-before of a retrying job, if any
 	LastError                         string
 	LastErrorAt                       time.Time
@@ -699,7 +700,9 @@ func (q *Queue) Stats() (Stats, error) {
 				return err
 			}
 			s.OldestActive = j.EnqueuedAt
+			s.OldestActiveID = j.ID
 		}
+		s.NewestID = tx.Bucket(bktJobs).Sequence()
 		if s.Retrying > 0 {
 			// The first ready key is the earliest due job; if it is a retry
 			// that is the next retry time. Good enough for display.

@@ -30,7 +30,7 @@ Commands:
   retry ID | --all           move failed jobs back to the queue
   drop ID                    remove a job from the queue
   wait [--timeout D]         wait until every job queued now is uploaded or failed
-                             (exit 0: all uploaded, 1: some failed, 3: timed out)
+                             (exit 0: all uploaded, 1: failed jobs remain, 3: timed out)
   doctor                     check the socket, configuration, keys, store and cache
 
 The socket is --socket, else $NIXSPOOL_SOCKET, else /run/nixspool/agentd.sock.
@@ -271,51 +271,48 @@ func cmdDrop(c *client, args []string, out io.Writer) error {
 }
 
 // cmdWait blocks until every job queued when it started has left the queue
-// (uploaded) or failed. Exit status: 0 all uploaded, 1 some failed, 3 timeout.
+// (uploaded) or failed. Job ids grow with time, so "queued when it started"
+// is "id up to the newest id then", and the oldest pending id tells when
+// they are all done: two counters per poll, whatever the queue's size.
+// Exit status: 0 all uploaded, 1 some are in the dead letter (failed now or
+// earlier and not yet retried or dropped), 3 timeout.
 func cmdWait(c *client, args []string, out io.Writer) error {
 	fs := subFlags("wait", "[--timeout D]")
 	timeout := fs.Duration("timeout", 0, "give up after this long (0: wait forever)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	resp, err := c.call(&protocol.Request{Op: protocol.OpList})
+	resp, err := c.call(&protocol.Request{Op: protocol.OpStatus})
 	if err != nil {
 		return err
 	}
-	waiting := map[uint64]string{}
-	for _, j := range resp.Jobs {
-		if j.State != "failed" {
-			waiting[j.ID] = j.Path
-		}
-	}
+	last := resp.Status.NewestJob
 	var deadline time.Time
 	if *timeout > 0 {
 		deadline = time.Now().Add(*timeout)
 	}
-	failed := 0
-	for len(waiting) > 0 {
+	for {
+		s := resp.Status
+		if s.OldestPendingJob == 0 || s.OldestPendingJob > last {
+			break
+		}
 		if !deadline.IsZero() && time.Now().After(deadline) {
-			return &exitError{code: 3, msg: fmt.Sprintf("timed out with %d job(s) still queued", len(waiting))}
+			return &exitError{code: 3, msg: fmt.Sprintf("timed out: %d job(s) still queued (%d retrying)", s.Pending+s.Uploading+s.Retrying, s.Retrying)}
 		}
 		time.Sleep(200 * time.Millisecond)
-		resp, err := c.call(&protocol.Request{Op: protocol.OpList})
-		if err != nil {
+		if resp, err = c.call(&protocol.Request{Op: protocol.OpStatus}); err != nil {
 			return err
 		}
-		now := map[uint64]protocol.Job{}
-		for _, j := range resp.Jobs {
-			now[j.ID] = j
-		}
-		for id, p := range waiting {
-			j, ok := now[id]
-			switch {
-			case !ok:
-				delete(waiting, id)
-			case j.State == "failed":
-				fmt.Fprintf(out, "failed: %s: %s\n", p, oneLine(j.LastError))
-				failed++
-				delete(waiting, id)
-			}
+	}
+	resp, err = c.call(&protocol.Request{Op: protocol.OpList, State: "failed"})
+	if err != nil {
+		return err
+	}
+	failed := 0
+	for _, j := range resp.Jobs {
+		if j.ID <= last {
+			fmt.Fprintf(out, "failed: %s: %s\n", j.Path, oneLine(j.LastError))
+			failed++
 		}
 	}
 	if failed > 0 {
