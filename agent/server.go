@@ -135,6 +135,13 @@ func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer) *pr
 				return &protocol.Response{Error: err.Error()}
 			}
 		}
+		if req.Floating {
+			var err error
+			if paths, err = a.withFloatingOutputs(ctx, paths, req.Drv); err != nil {
+				a.log.Warn("enqueue refused", "op", req.Op, "err", err, "peer_uid", p.uid, "peer_pid", p.pid)
+				return &protocol.Response{Error: err.Error()}
+			}
+		}
 		jobs, err := a.enqueue(ctx, paths, req.Drv)
 		if err != nil {
 			a.log.Warn("enqueue refused", "op", req.Op, "err", err, "peer_uid", p.uid, "peer_pid", p.pid)
@@ -223,6 +230,32 @@ func (a *Agent) closureOf(ctx context.Context, paths []string) ([]string, error)
 	return out, nil
 }
 
+// withFloatingOutputs adds the realised floating content-addressed outputs
+// of drv (which have no path in the .drv) to paths.
+func (a *Agent) withFloatingOutputs(ctx context.Context, paths []string, drv string) ([]string, error) {
+	if err := storepath.Check(a.cfg.StoreDir, drv); err != nil {
+		return nil, &RefusedError{err}
+	}
+	outs, err := a.store.QueryDerivationOutputMap(ctx, drv)
+	if err != nil {
+		return nil, err
+	}
+	have := map[string]bool{}
+	for _, p := range paths {
+		have[p] = true
+	}
+	for _, p := range outs {
+		if p != "" && !have[p] {
+			have[p] = true
+			paths = append(paths, p)
+		}
+	}
+	if len(paths) == 0 {
+		return nil, &RefusedError{fmt.Errorf("derivation %s has no realised outputs", drv)}
+	}
+	return paths, nil
+}
+
 // RefusedError is a path refused for what it is (not a store path, not
 // valid in the store), as opposed to a failure to check it.
 type RefusedError struct{ Err error }
@@ -302,6 +335,19 @@ func (a *Agent) importSpool(ctx context.Context) {
 			a.log.Error("unreadable spool file; renamed to .bad", "file", f, "err", err)
 			spool.Quarantine(f)
 			continue
+		}
+		if e.Floating && e.Drv != "" {
+			paths, err := a.withFloatingOutputs(ctx, e.Paths, e.Drv)
+			var refused *RefusedError
+			switch {
+			case err == nil:
+				e.Paths = paths
+			case errors.As(err, &refused):
+				a.log.Warn("spooled derivation refused", "file", f, "drv", e.Drv, "err", err)
+			default:
+				a.log.Warn("spool import postponed", "file", f, "err", err)
+				return
+			}
 		}
 		var good []string
 		for _, p := range e.Paths {

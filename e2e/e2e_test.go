@@ -307,3 +307,33 @@ func TestMemoryBound(t *testing.T) {
 	}
 	t.Logf("peak RSS %d MiB for a 384 MiB NAR", hwm/1024)
 }
+
+// TestFloatingCAOutputs: a floating content-addressed derivation has no
+// output path in its .drv (and Nix 2.8 leaves OUT_PATHS empty): the hook
+// hands over the derivation and agentd finds the realised output.
+func TestFloatingCAOutputs(t *testing.T) {
+	testenv.RequireNix(t)
+	sk, pk := keyPair(t, "e2e-ca-1")
+	cacheDir := filepath.Join(t.TempDir(), "cache")
+	caConfig := "experimental-features = nix-command ca-derivations\n"
+	a := newAgent(t, "file://"+cacheDir, sk, []string{"NIX_CONFIG=" + testenv.NixConfig + caConfig})
+	a.Start()
+	expr := filepath.Join(t.TempDir(), "ca.nix")
+	os.WriteFile(expr, []byte(fmt.Sprintf(`builtins.derivation {
+  name = "ca-out"; system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+  args = [ "-c" "echo floating > $out" ];
+  __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256";
+  nonce = "%s";
+}`, testenv.Unique())), 0o644)
+	env := testenv.NixEnv(hookConfig()+caConfig, a.HookEnv()...)
+	out := strings.TrimSpace(testenv.Run(t, env, "nix-build", expr, "--no-out-link"))
+	top := out[strings.LastIndex(out, "\n")+1:]
+	if s := a.WaitDrained(time.Minute); s.Uploaded != 1 || s.Failed != 0 {
+		t.Fatalf("status = %+v, want the floating output uploaded", s)
+	}
+	ni, err := os.ReadFile(filepath.Join(cacheDir, storepath.HashPart(top)+".narinfo"))
+	if err != nil || !strings.Contains(string(ni), "CA: fixed:r:sha256:") {
+		t.Fatalf("narinfo of the CA output: %v\n%s", err, ni)
+	}
+	verifyCache(t, "file://"+cacheDir, pk, top)
+}

@@ -74,15 +74,17 @@ func Run(getenv func(string) string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "nixspool: %v\n", err)
 		return failStatus(cfg.Strict)
 	}
-	paths, drvErr := Outputs(cfg.OutPaths, cfg.DrvPath)
-	if len(paths) == 0 {
+	paths, floating, drvErr := Outputs(cfg.OutPaths, cfg.DrvPath)
+	if len(paths) == 0 && !floating {
 		if drvErr != nil {
 			fmt.Fprintf(stderr, "nixspool: no outputs to queue: %v\n", drvErr)
 			return failStatus(cfg.Strict)
 		}
 		return 0
 	}
-	req := &protocol.Request{Op: protocol.OpEnqueue, Paths: paths, Drv: cfg.DrvPath}
+	// Floating content-addressed outputs have no path in the .drv; agentd
+	// asks the Nix daemon for the realised paths.
+	req := &protocol.Request{Op: protocol.OpEnqueue, Paths: paths, Drv: cfg.DrvPath, Floating: floating}
 	resp, err := protocol.Call(cfg.Socket, req, cfg.Timeout)
 	if err == nil && resp.OK {
 		return 0
@@ -90,7 +92,7 @@ func Run(getenv func(string) string, stderr io.Writer) int {
 	if err == nil {
 		err = errors.New(resp.Error)
 	}
-	file, serr := spool.Write(filepath.Join(cfg.StateDir, "spool"), spool.Entry{Paths: paths, Drv: cfg.DrvPath})
+	file, serr := spool.Write(filepath.Join(cfg.StateDir, "spool"), spool.Entry{Paths: paths, Drv: cfg.DrvPath, Floating: floating})
 	if serr != nil {
 		fmt.Fprintf(stderr, "nixspool: agentd did not take %d path(s) (%v) and spooling failed (%v); they are NOT queued\n", len(paths), err, serr)
 		return failStatus(cfg.Strict)
@@ -109,9 +111,10 @@ func failStatus(strict bool) int {
 // Outputs returns the existing output paths of the build: those listed in
 // outPaths plus every output recorded in the derivation at drvPath (Nix
 // 2.8.0 leaves OUT_PATHS empty, and 2.8.1–2.15 list only the wanted
-// outputs). Floating content-addressed outputs have no path in the .drv and
-// are left out. The error reports a derivation that could not be read.
-func Outputs(outPaths, drvPath string) ([]string, error) {
+// outputs). Floating content-addressed outputs have no path in the .drv:
+// floating reports that there are some, for agentd to resolve. The error
+// reports a derivation that could not be read.
+func Outputs(outPaths, drvPath string) (paths []string, floating bool, err error) {
 	set := map[string]bool{}
 	for _, p := range strings.Fields(outPaths) {
 		set[p] = true
@@ -127,6 +130,8 @@ func Outputs(outPaths, drvPath string) ([]string, error) {
 				for _, o := range drv.Outputs {
 					if o.Path != "" {
 						set[o.Path] = true
+					} else {
+						floating = true
 					}
 				}
 			}
@@ -135,12 +140,11 @@ func Outputs(outPaths, drvPath string) ([]string, error) {
 			drvErr = fmt.Errorf("read derivation %s: %w", drvPath, err)
 		}
 	}
-	var out []string
 	for p := range set {
 		if _, err := os.Lstat(p); err == nil {
-			out = append(out, p)
+			paths = append(paths, p)
 		}
 	}
-	sort.Strings(out)
-	return out, drvErr
+	sort.Strings(paths)
+	return paths, floating, drvErr
 }

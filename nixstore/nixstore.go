@@ -176,6 +176,41 @@ func (s *Store) QueryValidPaths(ctx context.Context, paths []string) ([]string, 
 	return valid, nil
 }
 
+// QueryDerivationOutputMap returns the output paths of the derivation at
+// drv by output name; an output not built (or not realised) maps to "".
+// This is how floating content-addressed outputs are found.
+func (s *Store) QueryDerivationOutputMap(ctx context.Context, drv string) (map[string]string, error) {
+	out := map[string]string{}
+	err := s.with(ctx, func(c *conn) error {
+		if err := c.send(opQueryDerivationOutputMap, drv); err != nil {
+			return err
+		}
+		n, err := wire.ReadUint64(c.r)
+		if err != nil {
+			return err
+		}
+		if n > maxList {
+			return fmt.Errorf("output map of %d entries is too long", n)
+		}
+		for i := uint64(0); i < n; i++ {
+			name, err := wire.ReadString(c.r, maxString)
+			if err != nil {
+				return err
+			}
+			p, err := wire.ReadString(c.r, maxString)
+			if err != nil {
+				return err
+			}
+			out[name] = p
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("query outputs of %s: %w", drv, err)
+	}
+	return out, nil
+}
+
 // Closure returns the metadata of p and of everything it references,
 // recursively, ordered so that every path comes after its references.
 func (s *Store) Closure(ctx context.Context, p string) ([]*PathInfo, error) {
@@ -255,9 +290,10 @@ const (
 	workerMagic2  = 0x6478696f
 	clientVersion = 1<<8 | 34 // 1.34: Nix 2.8 … 2.14; every newer daemon downgrades to it
 
-	opIsValidPath     = 1
-	opQueryPathInfo   = 26
-	opQueryValidPaths = 31
+	opIsValidPath              = 1
+	opQueryPathInfo            = 26
+	opQueryValidPaths          = 31
+	opQueryDerivationOutputMap = 41
 
 	stderrNext          = 0x6f6c6d67
 	stderrRead          = 0x64617461

@@ -20,6 +20,7 @@
 // # Operations
 //
 //	enqueue  paths, drv  hook: queue built outputs; durable ack ("ok")
+//	         floating    the drv has floating CA outputs: agentd resolves them
 //	push     paths       agentctl push: same, paths given by an operator
 //	         closure     also queue every path in their closures
 //	status               queue counts, last error, in-flight uploads
@@ -64,14 +65,15 @@ const (
 
 // Request is one client request.
 type Request struct {
-	V       int      `json:"v"`
-	Op      string   `json:"op"`
-	Paths   []string `json:"paths,omitempty"`
-	Drv     string   `json:"drv,omitempty"`
-	ID      uint64   `json:"id,omitempty"`
-	All     bool     `json:"all,omitempty"`
-	State   string   `json:"state,omitempty"`
-	Closure bool     `json:"closure,omitempty"`
+	V        int      `json:"v"`
+	Op       string   `json:"op"`
+	Paths    []string `json:"paths,omitempty"`
+	Drv      string   `json:"drv,omitempty"`
+	ID       uint64   `json:"id,omitempty"`
+	All      bool     `json:"all,omitempty"`
+	State    string   `json:"state,omitempty"`
+	Closure  bool     `json:"closure,omitempty"`
+	Floating bool     `json:"floating,omitempty"`
 }
 
 // Response is agentd's answer to one request.
@@ -168,7 +170,7 @@ func DecodeRequest(line []byte) (*Request, error) {
 	}
 	switch req.Op {
 	case OpEnqueue, OpPush:
-		if len(req.Paths) == 0 {
+		if len(req.Paths) == 0 && !(req.Op == OpEnqueue && req.Floating && req.Drv != "") {
 			return nil, fmt.Errorf("%s: no paths", req.Op)
 		}
 	case OpStatus, OpList, OpDoctor:

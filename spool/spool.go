@@ -24,8 +24,9 @@ import (
 
 // Entry is the content of one spool file.
 type Entry struct {
-	Paths []string `json:"paths"`
-	Drv   string   `json:"drv,omitempty"`
+	Paths    []string `json:"paths"`
+	Drv      string   `json:"drv,omitempty"`
+	Floating bool     `json:"floating,omitempty"` // the derivation has floating CA outputs
 }
 
 const suffix = ".json"
