@@ -126,15 +126,28 @@ func (a *Agent) Start() {
 	a.cmd = cmd
 	a.done = make(chan struct{})
 	go func() { cmd.Wait(); close(a.done) }()
-	testenv.Poll(a.t, 20*time.Second, "agentd to answer", func() bool {
+	deadline := time.Now().Add(20 * time.Second)
+	for {
 		select {
 		case <-a.done:
 			a.t.Fatalf("agentd exited during start-up:\n%s", a.log.String())
 		default:
 		}
 		_, err := protocol.Call(a.Socket, &protocol.Request{Op: protocol.OpStatus}, time.Second)
-		return err == nil
-	})
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			// Ask the Go runtime for a goroutine dump before giving up.
+			cmd.Process.Signal(syscall.SIGQUIT)
+			select {
+			case <-a.done:
+			case <-time.After(5 * time.Second):
+			}
+			a.t.Fatalf("agentd did not answer within 20s (last error: %v)", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // Kill SIGKILLs agentd (no-op if not running).

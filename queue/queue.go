@@ -102,6 +102,7 @@ const (
 
 // Queue is an open queue database. Its methods are safe for concurrent use.
 type Queue struct {
+	// Lock order: mu before any bbolt transaction, never the reverse.
 	db   *bolt.DB
 	ops  chan *op
 	stop chan struct{}
@@ -670,21 +671,27 @@ type Stats struct {
 // Stats returns the counters without scanning the queue.
 func (q *Queue) Stats() (Stats, error) {
 	var s Stats
+	// Snapshot the leases first: q.mu must never be taken inside a read
+	// transaction. Lease takes q.mu and then opens one; a reader waiting
+	// for q.mu while holding bbolt's mmap read lock would deadlock with a
+	// writer that needs to grow the file.
+	var leasedFresh, leasedRetrying int
+	q.mu.Lock()
+	for _, j := range q.leased {
+		if j.Attempts > 0 {
+			leasedRetrying++
+		} else {
+			leasedFresh++
+		}
+	}
+	q.mu.Unlock()
 	err := q.db.View(func(tx *bolt.Tx) error {
 		m := tx.Bucket(bktMeta)
-		s.Pending = int(counter(m, cntPending))
-		s.Retrying = int(counter(m, cntRetrying))
+		// A lease whose ack just committed is briefly counted twice.
+		s.Pending = max(int(counter(m, cntPending))-leasedFresh, 0)
+		s.Retrying = max(int(counter(m, cntRetrying))-leasedRetrying, 0)
+		s.Leased = leasedFresh + leasedRetrying
 		s.Failed = int(counter(m, cntFailed))
-		q.mu.Lock()
-		for _, j := range q.leased {
-			s.Leased++
-			if j.Attempts > 0 {
-				s.Retrying--
-			} else {
-				s.Pending--
-			}
-		}
-		q.mu.Unlock()
 		s.Uploaded = uint64(counter(m, cntUploaded))
 		s.NARBytes = uint64(counter(m, cntNARBytes))
 		s.FileBytes = uint64(counter(m, cntFileBytes))

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -384,5 +385,62 @@ func TestPresence(t *testing.T) {
 	}
 	if got, _ := q.Present("s3://a/b/", time.Time{}); len(got) != 0 {
 		t.Fatalf("after forget: %v", got)
+	}
+}
+
+// TestNoDeadlockWhileGrowing runs status reads, leases and enqueues that
+// grow the file (bbolt remaps it, waiting for readers) at the same time.
+// Taking the lease lock inside a read transaction deadlocked here.
+func TestNoDeadlockWhileGrowing(t *testing.T) {
+	q, _ := openTest(t)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		var wg sync.WaitGroup
+		stop := make(chan struct{})
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if _, err := q.Stats(); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if j, _ := q.Lease(time.Now()); j != nil {
+					q.Release(j.ID)
+				}
+			}
+		}()
+		long := strings.Repeat("x", 2000)
+		for i := 0; i < 3000; i++ {
+			if _, err := q.Enqueue([]string{fmt.Sprintf("/nix/store/%d-%s", i, long)}, "", time.Now()); err != nil {
+				t.Error(err)
+				break
+			}
+		}
+		close(stop)
+		wg.Wait()
+	}()
+	select {
+	case <-done:
+	case <-time.After(2 * time.Minute):
+		// Not t.Fatal: the cleanup would block on the deadlocked database.
+		// A panic prints every goroutine's stack and ends the test binary.
+		panic("deadlock: enqueues, leases and status reads stopped making progress")
 	}
 }

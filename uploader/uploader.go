@@ -281,6 +281,11 @@ func (u *Uploader) ensure(ctx context.Context, infos map[string]*nixstore.PathIn
 		return nil
 	}
 	_, err, _ := u.sf.Do(p, func() (any, error) {
+		// Another job may have finished p between the check above and
+		// this call; singleflight only merges calls that overlap.
+		if _, ok := u.present.Load(p); ok {
+			return nil, nil
+		}
 		return nil, u.ensureOnce(ctx, infos, p, res, mu)
 	})
 	return err
