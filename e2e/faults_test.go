@@ -242,10 +242,11 @@ func TestShutdownDuringUpload(t *testing.T) {
 	testenv.RequireNix(t)
 	m := testenv.StartMinIO(t)
 	p := testenv.StartFaultProxy(t, m.Endpoint)
-	slow := true
+	var slow atomic.Bool
+	slow.Store(true)
 	p.DelayFor = 20 * time.Second
 	p.Decide = func(r *http.Request, n int) testenv.Fault {
-		if slow && r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/nar/") {
+		if slow.Load() && r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/nar/") {
 			return testenv.Delay
 		}
 		return testenv.Pass
@@ -269,7 +270,7 @@ func TestShutdownDuringUpload(t *testing.T) {
 	if !strings.Contains(a.log.String(), "job is ready again") {
 		t.Errorf("interrupted job not released:\n%s", a.log.String())
 	}
-	slow = false
+	slow.Store(false)
 	a.Start()
 	if s := a.WaitDrained(time.Minute); s.Uploaded != 1 || s.Failed != 0 {
 		t.Fatalf("after restart: %+v", s)

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bytes"
 	"fmt"
 	"io"
 	"net/http"
@@ -183,7 +182,7 @@ func TestWatchOnTerminal(t *testing.T) {
 		t.Fatal(err)
 	}
 	slave.Close()
-	var screen bytes.Buffer
+	var screen lockedBuffer
 	got := make(chan struct{})
 	go func() {
 		buf := make([]byte, 4096)
