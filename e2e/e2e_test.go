@@ -192,10 +192,8 @@ func TestHashMismatchIsRefused(t *testing.T) {
 	cacheDir := filepath.Join(t.TempDir(), "cache")
 	a := newAgent(t, "file://"+cacheDir, sk, nil)
 	a.Start()
-	src := filepath.Join(t.TempDir(), "victim-"+testenv.Unique())
-	os.WriteFile(src, []byte("original contents\n"), 0o644)
 	env := testenv.NixEnv("")
-	p := strings.TrimSpace(testenv.Run(t, env, "nix-store", "--add", src))
+	p := testenv.AddTextPath(t, "victim", "original contents\n")
 	t.Cleanup(func() { testenv.Output(env, "nix-store", "--delete", p) })
 	os.Chmod(p, 0o644)
 	if err := os.WriteFile(p, []byte("tampered contents!\n"), 0o444); err != nil {

@@ -72,13 +72,7 @@ func TestKillLoop(t *testing.T) {
 	m := testenv.StartMinIO(t)
 	// Every PUT takes 150 ms longer, so the kills land while uploads run.
 	p := testenv.StartFaultProxy(t, m.Endpoint)
-	p.DelayFor = 150 * time.Millisecond
-	p.Decide = func(r *http.Request, n int) testenv.Fault {
-		if r.Method == http.MethodPut {
-			return testenv.Delay
-		}
-		return testenv.Pass
-	}
+	p.DelayPuts(150*time.Millisecond, "")
 	sk, pk := keyPair(t, "e2e-kill-1")
 	a := newAgent(t, m.CacheURLVia(p), sk, m.Env(), "--jobs", "4")
 	a.Start()
@@ -255,9 +249,7 @@ func TestShutdownDuringUpload(t *testing.T) {
 	cache := m.CacheURLVia(p)
 	a := newAgent(t, cache, sk, m.Env(), "--shutdown-grace", "1s")
 	a.Start()
-	src := filepath.Join(t.TempDir(), "term-"+testenv.Unique())
-	os.WriteFile(src, []byte("shutdown test\n"), 0o644)
-	path := strings.TrimSpace(testenv.Run(t, testenv.NixEnv(""), "nix-store", "--add", src))
+	path := testenv.AddTextPath(t, "term", "shutdown test\n")
 	if out, err := a.Ctl("push", path); err != nil {
 		t.Fatalf("push: %v\n%s", err, out)
 	}
@@ -286,11 +278,7 @@ func TestGCRoots(t *testing.T) {
 	m := testenv.StartMinIO(t)
 	sk, _ := keyPair(t, "e2e-gc-1")
 	env := testenv.NixEnv("")
-	add := func(name string) string {
-		src := filepath.Join(t.TempDir(), name+"-"+testenv.Unique())
-		os.WriteFile(src, []byte(name+"\n"), 0o644)
-		return strings.TrimSpace(testenv.Run(t, env, "nix-store", "--add", src))
-	}
+	add := func(name string) string { return testenv.AddTextPath(t, name, name+"\n") }
 	roots := filepath.Join("/nix/var/nix/gcroots", "nixspool-test-"+testenv.Unique())
 	t.Cleanup(func() { os.RemoveAll(roots) })
 	a := newAgent(t, m.CacheURL(""), sk, m.Env(), "--gc-roots", roots)

@@ -59,9 +59,7 @@ func TestOperatorView(t *testing.T) {
 	}
 
 	// push --closure: a path the hook never saw, with its dependencies.
-	src := filepath.Join(t.TempDir(), "closure-"+testenv.Unique())
-	os.WriteFile(src, []byte(top), 0o644) // mentions top, but --add records no references
-	extra := strings.TrimSpace(testenv.Run(t, testenv.NixEnv(""), "nix-store", "--add", src))
+	extra := testenv.AddTextPath(t, "closure", top) // mentions top, but --add records no references
 	if out, err := a.Ctl("push", "--closure", extra, top); err != nil || !strings.Contains(out, "queued") {
 		t.Fatalf("push --closure: %v\n%s", err, out)
 	}
@@ -159,13 +157,7 @@ func TestWatchOnTerminal(t *testing.T) {
 	testenv.RequireNix(t)
 	m := testenv.StartMinIO(t)
 	p := testenv.StartFaultProxy(t, m.Endpoint)
-	p.DelayFor = 5 * time.Second
-	p.Decide = func(r *http.Request, n int) testenv.Fault {
-		if r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/nar/") {
-			return testenv.Delay
-		}
-		return testenv.Pass
-	}
+	p.DelayPuts(5*time.Second, "/nar/")
 	sk, _ := keyPair(t, "e2e-watch-1")
 	a := newAgent(t, m.CacheURLVia(p), sk, m.Env())
 	a.Start()

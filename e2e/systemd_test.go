@@ -25,9 +25,7 @@ func TestSystemdNotify(t *testing.T) {
 
 	a := newAgent(t, "file://"+filepath.Join(t.TempDir(), "cache"), sk, []string{"NOTIFY_SOCKET=" + notify, "WATCHDOG_USEC=300000"})
 	// A spooled request from before the start must be imported before READY.
-	src := filepath.Join(t.TempDir(), "notify-"+testenv.Unique())
-	os.WriteFile(src, []byte("x\n"), 0o644)
-	p := strings.TrimSpace(testenv.Run(t, testenv.NixEnv(""), "nix-store", "--add", src))
+	p := testenv.AddTextPath(t, "notify", "x\n")
 	if _, err := spool.Write(filepath.Join(a.StateDir, "spool"), spool.Entry{Paths: []string{p}}); err != nil {
 		t.Fatal(err)
 	}
@@ -84,9 +82,7 @@ func TestSocketActivation(t *testing.T) {
 	defer lf.Close()
 
 	// The hook fires while no agentd is running: it must wait, not fail.
-	src := filepath.Join(dir, "activation-"+testenv.Unique())
-	os.WriteFile(src, []byte("y\n"), 0o644)
-	p := strings.TrimSpace(testenv.Run(t, testenv.NixEnv(""), "nix-store", "--add", src))
+	p := testenv.AddTextPath(t, "activation", "y\n")
 	hook := exec.Command(bin("hook"))
 	hook.Env = append(os.Environ(), "OUT_PATHS="+p, "NIXSPOOL_SOCKET="+sock, "NIXSPOOL_STATE_DIR="+filepath.Join(dir, "hookstate"), "NIXSPOOL_TIMEOUT=20s", "NIXSPOOL_STRICT=1")
 	hookOut := &lockedBuffer{}

@@ -129,6 +129,17 @@ func StartFaultProxy(t T, target string) *FaultProxy {
 	return p
 }
 
+// DelayPuts holds every PUT whose URL path contains pathPart for d.
+func (p *FaultProxy) DelayPuts(d time.Duration, pathPart string) {
+	p.DelayFor = d
+	p.Decide = func(r *http.Request, n int) Fault {
+		if r.Method == http.MethodPut && strings.Contains(r.URL.Path, pathPart) {
+			return Delay
+		}
+		return Pass
+	}
+}
+
 // Count returns how often f was injected.
 func (p *FaultProxy) Count(f Fault) int {
 	p.mu.Lock()

@@ -173,6 +173,16 @@ func (d *NixDaemon) ClientEnv(base []string) []string {
 	return append(base, "NIX_REMOTE=daemon", "NIX_DAEMON_SOCKET_PATH="+d.Socket)
 }
 
+// AddTextPath adds a store path name-<unique> holding one file with text.
+func AddTextPath(t T, name, text string) string {
+	t.Helper()
+	src := filepath.Join(t.TempDir(), name+"-"+Unique())
+	if err := os.WriteFile(src, []byte(text), 0o644); err != nil {
+		t.Fatalf("%v", err)
+	}
+	return addToStore(t, src)
+}
+
 // AddRandomPath adds a store path named name-<unique> holding files of
 // random bytes with the given sizes (a single file if there is one size),
 // and deletes it at cleanup.
@@ -194,8 +204,13 @@ func AddRandomPath(t T, name string, sizes ...int) string {
 			write(filepath.Join(src, fmt.Sprintf("part-%d", i)), n)
 		}
 	}
-	p := strings.TrimSpace(Run(t, NixEnv(""), "nix-store", "--add", src))
+	p := addToStore(t, src)
 	os.RemoveAll(src)
 	t.Cleanup(func() { Output(NixEnv(""), "nix-store", "--delete", p) })
 	return p
+}
+
+func addToStore(t T, src string) string {
+	t.Helper()
+	return strings.TrimSpace(Run(t, NixEnv(""), "nix-store", "--add", src))
 }
