@@ -16,8 +16,7 @@ import (
 	"time"
 
 	"github.com/nixspool/nixspool/bucket"
-	filebucket "github.com/nixspool/nixspool/bucket/file"
-	s3bucket "github.com/nixspool/nixspool/bucket/s3"
+	"github.com/nixspool/nixspool/bucket/open"
 	"github.com/nixspool/nixspool/cacheurl"
 	"github.com/nixspool/nixspool/gcroots"
 	"github.com/nixspool/nixspool/metrics"
@@ -72,13 +71,7 @@ func New(cfg Config) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	switch a.cache.Scheme {
-	case "file":
-		a.bucket, err = filebucket.New(a.cache.Dir)
-	default:
-		a.bucket, err = s3bucket.New(a.cache)
-	}
-	if err != nil {
+	if a.bucket, err = open.Cache(a.cache); err != nil {
 		return nil, err
 	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
@@ -214,18 +207,16 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 	if err := a.uploader.RecoverUploads(ctx); err != nil {
 		a.log.Error("recover resumable uploads", "err", err)
 	}
-	if sb, ok := a.bucket.(*s3bucket.Bucket); ok {
-		go func() {
-			// Multipart uploads nobody will complete cost storage; ones
-			// younger than a day may be another machine's, still running.
-			n, err := sb.AbortStaleUploads(ctx, "nar/", 24*time.Hour)
-			if err != nil {
-				a.log.Warn("clean up stale multipart uploads", "err", err)
-			} else if n > 0 {
-				a.log.Info("aborted stale multipart uploads", "count", n)
-			}
-		}()
-	}
+	go func() {
+		// Multipart uploads nobody will complete cost storage; ones
+		// younger than a day may be another machine's, still running.
+		n, err := a.uploader.AbortStaleUploads(ctx, 24*time.Hour)
+		if err != nil {
+			a.log.Warn("clean up stale multipart uploads", "err", err)
+		} else if n > 0 {
+			a.log.Info("aborted stale multipart uploads", "count", n)
+		}
+	}()
 	a.importSpool(ctx)
 	if err := a.uploader.EnsureCacheInfo(ctx); err != nil {
 		a.setReachable(false)

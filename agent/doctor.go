@@ -107,7 +107,7 @@ func (a *Agent) doctorBucket(ctx context.Context, add func(name, status, detail,
 	host, _ := os.Hostname()
 	key := "nixspool-probe/" + host + "-" + hex.EncodeToString(rnd[:])
 	body := "nixspool doctor probe\n"
-	err := a.bucket.Put(ctx, key, strings.NewReader(body), int64(len(body)), bucket.PutOptions{ContentType: "text/plain"})
+	_, err := a.bucket.Put(ctx, key, strings.NewReader(body), int64(len(body)), bucket.PutOptions{ContentType: "text/plain"})
 	if err == nil {
 		var info bucket.Info
 		info, err = a.bucket.Stat(ctx, key)
@@ -132,7 +132,7 @@ func (a *Agent) doctorBucket(ctx context.Context, add func(name, status, detail,
 		add("cache", "fail", err.Error(), "check the cache URL and permissions")
 		return
 	}
-	data, err := a.bucket.Get(ctx, "nix-cache-info", 64<<10)
+	data, _, err := a.bucket.Get(ctx, "nix-cache-info", 64<<10)
 	switch {
 	case bucket.IsNotExist(err):
 		add("nix-cache-info", "fail", "missing", "agentd writes it at start when the cache is reachable; restart agentd. Without it Nix refuses the cache (\"does not appear to be a binary cache\")")

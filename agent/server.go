@@ -103,10 +103,11 @@ func (a *Agent) handle(ctx context.Context, c net.Conn) {
 		a.log.Warn("bad request", "err", err, "peer_uid", p.uid, "peer_pid", p.pid)
 		resp = &protocol.Response{Error: "bad request: " + err.Error()}
 	} else {
-		resp = a.dispatch(ctx, req, p)
+		resp = a.dispatch(ctx, req, p, a.progressWriter(c))
 	}
 	resp.V = protocol.Version
 	resp.OK = resp.Error == ""
+	c.SetWriteDeadline(time.Now().Add(connDeadline))
 	b, err := protocol.Encode(resp)
 	if err == nil {
 		_, err = c.Write(b)
@@ -116,7 +117,28 @@ func (a *Agent) handle(ctx context.Context, c net.Conn) {
 	}
 }
 
-func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer) *protocol.Response {
+// progressWriter returns the function long operations report progress
+// with: it lifts the connection's overall deadline (the operation may take
+// minutes) and writes each report as a line, failing once the client has
+// gone away.
+func (a *Agent) progressWriter(c net.Conn) func(*protocol.Progress) error {
+	lifted := false
+	return func(pr *protocol.Progress) error {
+		if !lifted {
+			c.SetDeadline(time.Time{})
+			lifted = true
+		}
+		b, err := protocol.Encode(&protocol.Response{V: protocol.Version, Progress: pr})
+		if err != nil {
+			return err
+		}
+		c.SetWriteDeadline(time.Now().Add(connDeadline))
+		_, err = c.Write(b)
+		return err
+	}
+}
+
+func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer, progress func(*protocol.Progress) error) *protocol.Response {
 	switch req.Op {
 	case protocol.OpEnqueue, protocol.OpPush, protocol.OpRetry, protocol.OpDrop:
 		if !a.mayMutate(p) {
@@ -152,6 +174,8 @@ func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer) *pr
 		return &protocol.Response{Jobs: jobs, Count: len(jobs)}
 	case protocol.OpDoctor:
 		return &protocol.Response{Checks: a.doctor(ctx)}
+	case protocol.OpAudit:
+		return a.audit(ctx, req, progress)
 	case protocol.OpStatus:
 		st, err := a.status()
 		if err != nil {

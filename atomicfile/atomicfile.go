@@ -61,3 +61,37 @@ func SyncDir(dir string) error {
 	defer d.Close()
 	return d.Sync()
 }
+
+// WriteNew is Write for a file that must not exist yet: it fails with an
+// error wrapping os.ErrExist, writing nothing, if path exists. Concurrent
+// writers of the same path (in any process) cannot both succeed: the file
+// is linked into place, which fails if the name is taken.
+func WriteNew(path string, r io.Reader, size int64, perm os.FileMode) error {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, TempPrefix+"*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	defer os.Remove(tmp)
+	n, err := io.Copy(f, r)
+	if err == nil && size >= 0 && n != size {
+		err = fmt.Errorf("got %d bytes, want %d", n, size)
+	}
+	if err == nil {
+		err = f.Chmod(perm)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	if err := os.Link(tmp, path); err != nil {
+		return err // *LinkError wrapping EEXIST satisfies errors.Is(err, os.ErrExist)
+	}
+	return SyncDir(dir)
+}

@@ -211,7 +211,8 @@ func (b *bench) tinyPaths() error {
 	payload := strings.Repeat("x", 1000)
 	t0 = time.Now()
 	if err := parallel(16, puts, func(i int) error {
-		return bu.Put(context.Background(), fmt.Sprintf("raw/%d", i), strings.NewReader(payload), int64(len(payload)), bucket.PutOptions{})
+		_, err := bu.Put(context.Background(), fmt.Sprintf("raw/%d", i), strings.NewReader(payload), int64(len(payload)), bucket.PutOptions{})
+		return err
 	}); err != nil {
 		return err
 	}
@@ -242,7 +243,8 @@ func (b *bench) presence() error {
 		keys[i] = h + ".narinfo"
 	}
 	if err := parallel(32, n, func(i int) error {
-		return bu.Put(ctx, keys[i], stringsReader("x"), 1, bucket.PutOptions{})
+		_, err := bu.Put(ctx, keys[i], stringsReader("x"), 1, bucket.PutOptions{})
+		return err
 	}); err != nil {
 		return err
 	}

@@ -1,7 +1,7 @@
-// Package bucket is the small object-store interface the uploader writes a
-// binary cache through, with implementations for S3 (bucket/s3) and a local
-// directory (bucket/file). The contract is checked for both by one suite,
-// bucket/buckettest.
+// Package bucket is the small object-store interface the uploader, the
+// auditor and the collector work through, with implementations for S3
+// (bucket/s3) and a local directory (bucket/file). The contract is checked
+// for both by one suite, bucket/buckettest.
 package bucket
 
 import (
@@ -11,11 +11,12 @@ import (
 	"time"
 )
 
-// ErrNotExist is wrapped by Stat and Get when the key does not exist.
+// ErrNotExist is wrapped by Stat, Get and Open when the key does not exist.
 var ErrNotExist = errors.New("object does not exist")
 
 // ErrPermanent is wrapped by errors that retrying cannot fix (access
-// denied, no such bucket, invalid credentials).
+// denied, no such bucket, invalid credentials, a request the store rejects
+// as malformed).
 var ErrPermanent = errors.New("permanent bucket error")
 
 // ErrUnavailable is wrapped by errors that say the bucket cannot be reached
@@ -23,6 +24,19 @@ var ErrPermanent = errors.New("permanent bucket error")
 // other request would fail the same way, so callers should pause and probe
 // rather than keep trying.
 var ErrUnavailable = errors.New("bucket unavailable")
+
+// ErrThrottled is wrapped (together with ErrUnavailable) by errors that ask
+// the client to slow down: HTTP 429, 503 SlowDown and their relatives.
+var ErrThrottled = errors.New("throttled")
+
+// ErrPrecondition is wrapped by a conditional Put whose condition does not
+// hold: the key exists (IfNoneMatch) or holds another version (IfMatch).
+var ErrPrecondition = errors.New("precondition failed")
+
+// ErrLocal is wrapped by errors that happened on this machine, not in the
+// bucket: the body of a Put could not be read. They say nothing about the
+// bucket's health.
+var ErrLocal = errors.New("local I/O error")
 
 // RetryAfterError carries the delay a server asked for (Retry-After).
 type RetryAfterError struct {
@@ -42,15 +56,60 @@ func RetryAfter(err error) (time.Duration, bool) {
 	return 0, false
 }
 
-// PutOptions are the object's HTTP metadata.
+// HintError is a permanent error with advice on what to change.
+type HintError struct {
+	Err  error
+	Hint string
+}
+
+func (e *HintError) Error() string { return e.Err.Error() + " (hint: " + e.Hint + ")" }
+func (e *HintError) Unwrap() error { return e.Err }
+
+// PutOptions are the object's HTTP metadata and the write's condition.
 type PutOptions struct {
 	ContentType     string
 	ContentEncoding string
+	// StorageClass is sent as x-amz-storage-class (S3 only).
+	StorageClass string
+	// IfNoneMatch makes the write fail with ErrPrecondition if the key
+	// exists. Stores that ignore the condition (see ProbeConditional)
+	// overwrite instead.
+	IfNoneMatch bool
+	// IfMatch, if set, makes the write fail with ErrPrecondition unless the
+	// key holds the object with this ETag.
+	IfMatch string
 }
 
 // Info describes an object.
 type Info struct {
 	Size int64
+	// ETag identifies this version of the object (quotes removed). A new
+	// write of the key gives a new ETag unless the store derives ETags
+	// from the content (S3 does for simple uploads).
+	ETag string
+	// LastModified is when the object was written, by the store's clock.
+	// It may be zero in the answer to Put.
+	LastModified time.Time
+	// ContentEncoding is the object's Content-Encoding, where the answer
+	// carries it (Stat, Get, Open; not listings).
+	ContentEncoding string
+}
+
+// Object is one entry of a listing.
+type Object struct {
+	Key string
+	Info
+}
+
+// ListOptions select what List returns.
+type ListOptions struct {
+	// Prefix restricts the listing to keys that start with it.
+	Prefix string
+	// StartAfter skips keys up to and including it.
+	StartAfter string
+	// Recursive lists keys below "/" as well; otherwise only the keys in
+	// the prefix's own "directory" are returned (no common prefixes).
+	Recursive bool
 }
 
 // Bucket stores objects by key ("nar/abc.nar.zst", "abc.narinfo").
@@ -64,11 +123,19 @@ type Bucket interface {
 	Stat(ctx context.Context, key string) (Info, error)
 	// Put writes size bytes from r (an io.ReaderAt/io.Seeker such as an
 	// *os.File lets implementations retry and upload in parallel parts).
-	Put(ctx context.Context, key string, r io.Reader, size int64, opts PutOptions) error
+	// The returned Info carries at least the new ETag where the store
+	// reports one.
+	Put(ctx context.Context, key string, r io.Reader, size int64, opts PutOptions) (Info, error)
 	// Get returns the whole object if it is at most max bytes.
-	Get(ctx context.Context, key string, max int64) ([]byte, error)
+	Get(ctx context.Context, key string, max int64) ([]byte, Info, error)
+	// Open streams length bytes of the object from offset (length < 0: to
+	// the end). The caller closes the reader.
+	Open(ctx context.Context, key string, offset, length int64) (io.ReadCloser, Info, error)
 	// Delete removes the object; deleting a missing key is not an error.
 	Delete(ctx context.Context, key string) error
+	// List calls fn for every object matching opts, in key order, until fn
+	// returns an error (which List returns).
+	List(ctx context.Context, opts ListOptions, fn func(Object) error) error
 	// String names the bucket for logs (no secrets).
 	String() string
 }
@@ -79,11 +146,24 @@ func IsNotExist(err error) bool { return errors.Is(err, ErrNotExist) }
 // IsPermanent reports whether err cannot be fixed by retrying.
 func IsPermanent(err error) bool { return errors.Is(err, ErrPermanent) }
 
+// IsPrecondition reports whether a conditional Put found its condition false.
+func IsPrecondition(err error) bool { return errors.Is(err, ErrPrecondition) }
+
+// IsThrottled reports whether the store asked the client to slow down.
+func IsThrottled(err error) bool { return errors.Is(err, ErrThrottled) }
+
 // Part is one uploaded part of a multipart upload.
 type Part struct {
 	Number int
 	ETag   string // MD5 of the part's bytes, hex, for unencrypted S3 objects
 	Size   int64
+}
+
+// Upload is one multipart upload in progress on the server.
+type Upload struct {
+	Key       string // relative to the bucket's prefix
+	UploadID  string
+	Initiated time.Time
 }
 
 // Multipart is implemented by buckets whose large uploads can be resumed
@@ -99,4 +179,51 @@ type Multipart interface {
 	PutPart(ctx context.Context, key, uploadID string, number int, r io.Reader, size int64, md5 []byte) (Part, error)
 	CompleteMultipart(ctx context.Context, key, uploadID string, parts []Part) error
 	AbortMultipart(ctx context.Context, key, uploadID string) error
+	// ListUploads returns the multipart uploads in progress under prefix
+	// (relative to the bucket's own prefix).
+	ListUploads(ctx context.Context, prefix string) ([]Upload, error)
+}
+
+// Clock is implemented by buckets that know the store's clock, which
+// LastModified is measured by: Now estimates the store's current time
+// (S3 buckets learn it from the Date header of recent answers).
+type Clock interface {
+	Now() time.Time
+}
+
+// Now returns the store's current time if b knows it, else the local time.
+func Now(b Bucket) time.Time {
+	if c, ok := b.(Clock); ok {
+		return c.Now()
+	}
+	return time.Now()
+}
+
+// BatchDeleter is implemented by buckets that delete many keys per request
+// (S3's DeleteObjects). Keys are deleted in no particular order within one
+// call; missing keys are not errors.
+type BatchDeleter interface {
+	DeleteMany(ctx context.Context, keys []string) error
+}
+
+// DeleteAll deletes keys, in batches where the bucket supports it. Within
+// one call the order is unspecified: callers that need an order (referrers
+// before what they refer to) call it once per step.
+func DeleteAll(ctx context.Context, b Bucket, keys []string) error {
+	if bd, ok := b.(BatchDeleter); ok {
+		for len(keys) > 0 {
+			n := min(len(keys), 1000)
+			if err := bd.DeleteMany(ctx, keys[:n]); err != nil {
+				return err
+			}
+			keys = keys[n:]
+		}
+		return nil
+	}
+	for _, k := range keys {
+		if err := b.Delete(ctx, k); err != nil {
+			return err
+		}
+	}
+	return nil
 }

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nixspool/nixspool/audit"
 	"github.com/nixspool/nixspool/internal/testenv"
 	"github.com/nixspool/nixspool/protocol"
 )
@@ -76,6 +77,9 @@ type Agent struct {
 	cmd      *exec.Cmd
 	log      *lockedBuffer
 	done     chan struct{}
+	// SkipAudit leaves out the final audit of the agent's cache (for a
+	// second agent on a cache another one already audits).
+	SkipAudit bool
 }
 
 type lockedBuffer struct {
@@ -104,6 +108,13 @@ func newAgent(t *testing.T, cache, keyFile string, env []string, extra ...string
 	a.args = append([]string{"--cache", cache, "--secret-key-file", keyFile, "--socket", a.Socket, "--state-dir", a.StateDir,
 		"--gc-roots", "off", "--backoff-max", "2s", "--spool-interval", "200ms"}, extra...)
 	a.env = append(testenv.NixEnv(""), env...)
+	// Every test that runs an agent ends with a deep audit of its whole
+	// cache (after the agent is stopped: cleanups run last first).
+	t.Cleanup(func() {
+		if !t.Failed() && !a.SkipAudit {
+			auditCache(t, cache, a.env)
+		}
+	})
 	t.Cleanup(func() {
 		a.Kill()
 		if t.Failed() {
@@ -111,6 +122,30 @@ func newAgent(t *testing.T, cache, keyFile string, env []string, extra ...string
 		}
 	})
 	return a
+}
+
+// auditCache runs `agentd audit --deep` on the cache and fails the test
+// unless stock Nix could use everything in it. It returns the report.
+func auditCache(t *testing.T, cache string, env []string) *audit.Report {
+	t.Helper()
+	cmd := exec.Command(bin("agentd"), "audit", "--cache", cache, "--deep", "--json")
+	cmd.Env = env
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	var rep audit.Report
+	if jerr := json.Unmarshal(stdout.Bytes(), &rep); jerr != nil {
+		t.Fatalf("agentd audit: %v (%v)\n%s%s", err, jerr, stdout.String(), stderr.String())
+	}
+	if err != nil || !rep.OK() {
+		var lines []string
+		for _, p := range rep.Problems {
+			lines = append(lines, p.String())
+		}
+		t.Fatalf("the cache audit found problems (%v):\n%s\n%s", err, strings.Join(lines, "\n"), rep.Summary())
+	}
+	t.Logf("%s", rep.Summary())
+	return &rep
 }
 
 // Start starts agentd and waits until it answers on its socket.

@@ -1,6 +1,7 @@
 package protocol
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -16,6 +17,13 @@ import (
 // net's poller starts extra runtime threads that cost about a millisecond per
 // hook (see perf.md, "hookraw").
 func Call(socketPath string, req *Request, timeout time.Duration) (*Response, error) {
+	return CallStream(socketPath, req, timeout, nil)
+}
+
+// CallStream is Call for long operations: progress lines that arrive
+// before the response are passed to progress (if not nil). timeout bounds
+// the wait for each line, not the whole call.
+func CallStream(socketPath string, req *Request, timeout time.Duration, progress func(*Progress)) (*Response, error) {
 	req.V = Version
 	msg, err := Encode(req)
 	if err != nil {
@@ -46,11 +54,26 @@ func Call(socketPath string, req *Request, timeout time.Duration) (*Response, er
 		}
 		msg = msg[n:]
 	}
-	resp, err := ReadResponse(&fdReader{fd: fd, deadline: deadline})
-	if err != nil {
-		return nil, fmt.Errorf("read reply from %s: %w", socketPath, err)
+	r := &fdReader{fd: fd, deadline: deadline}
+	if progress == nil {
+		resp, err := ReadResponse(r)
+		if err != nil {
+			return nil, fmt.Errorf("read reply from %s: %w", socketPath, err)
+		}
+		return resp, nil
 	}
-	return resp, nil
+	br := bufio.NewReaderSize(r, 64<<10)
+	for {
+		r.deadline = time.Now().Add(timeout)
+		resp, err := ReadResponse(br)
+		if err != nil {
+			return nil, fmt.Errorf("read reply from %s: %w", socketPath, err)
+		}
+		if resp.Progress == nil {
+			return resp, nil
+		}
+		progress(resp.Progress)
+	}
 }
 
 // DialError means agentd could not be reached at all.

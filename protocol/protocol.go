@@ -28,6 +28,15 @@
 //	retry    id | all    failed job(s) back to ready
 //	drop     id          remove a job (and its GC root)
 //	doctor               agentd checks its configuration, keys, store and cache
+//	audit    deep, keys  agentd audits its cache (read-only); result in "result"
+//
+// # Long operations
+//
+// An operation that takes long (audit) may send any number of progress lines
+// before its response: objects with "progress" and without "ok". A client
+// that asked for such an operation reads lines until one without
+// "progress". The connection has no overall deadline then; agentd gives up
+// on a client that stops reading.
 //
 // A response has "ok": true and the data of the operation, or "ok": false and
 // "error", a one-line reason.
@@ -61,6 +70,7 @@ const (
 	OpRetry   = "retry"
 	OpDrop    = "drop"
 	OpDoctor  = "doctor"
+	OpAudit   = "audit"
 )
 
 // Request is one client request.
@@ -74,6 +84,8 @@ type Request struct {
 	State    string   `json:"state,omitempty"`
 	Closure  bool     `json:"closure,omitempty"`
 	Floating bool     `json:"floating,omitempty"`
+	Deep     bool     `json:"deep,omitempty"`
+	Keys     []string `json:"keys,omitempty"` // audit: trusted public keys
 }
 
 // Response is agentd's answer to one request.
@@ -85,6 +97,18 @@ type Response struct {
 	Status *Status `json:"status,omitempty"`
 	Count  int     `json:"count,omitempty"`
 	Checks []Check `json:"checks,omitempty"`
+	// Result is the outcome of a long operation (audit: an audit.Report).
+	Result json.RawMessage `json:"result,omitempty"`
+	// Progress, on a line before the response, reports a long
+	// operation's progress.
+	Progress *Progress `json:"progress,omitempty"`
+}
+
+// Progress is one progress report of a long operation.
+type Progress struct {
+	Stage string `json:"stage"`
+	Done  int64  `json:"done"`
+	Total int64  `json:"total"`
 }
 
 // Check is one line of `agentctl doctor`.
@@ -173,7 +197,7 @@ func DecodeRequest(line []byte) (*Request, error) {
 		if len(req.Paths) == 0 && !(req.Op == OpEnqueue && req.Floating && req.Drv != "") {
 			return nil, fmt.Errorf("%s: no paths", req.Op)
 		}
-	case OpStatus, OpList, OpDoctor:
+	case OpStatus, OpList, OpDoctor, OpAudit:
 	case OpRetry:
 		if req.ID == 0 && !req.All {
 			return nil, errors.New("retry: need an id or all")
@@ -210,12 +234,21 @@ func Encode(v any) ([]byte, error) {
 	return append(b, '\n'), nil
 }
 
+// readLine reads one line of at most max bytes. Given a *bufio.Reader it
+// reads from it directly, so that several lines can be read from one
+// stream; otherwise it reads no further than max bytes.
 func readLine(r io.Reader, max int) ([]byte, error) {
-	br := bufio.NewReaderSize(io.LimitReader(r, int64(max)), 4096)
+	br, shared := r.(*bufio.Reader)
+	if !shared {
+		br = bufio.NewReaderSize(io.LimitReader(r, int64(max)), 4096)
+	}
 	var line []byte
 	for {
 		chunk, err := br.ReadSlice('\n')
 		line = append(line, chunk...)
+		if shared && len(line) > max {
+			return nil, ErrTooLarge
+		}
 		switch {
 		case err == nil:
 			return line[:len(line)-1], nil

@@ -37,7 +37,7 @@ func (u *Uploader) uploadLog(ctx context.Context, drv string) {
 	if err == nil {
 		var body []byte
 		if body, err = compressMeta(u.opt.Cache.LogCompression, data); err == nil {
-			err = u.opt.Bucket.Put(ctx, "log/"+base, bytes.NewReader(body), int64(len(body)),
+			_, err = u.opt.Bucket.Put(ctx, "log/"+base, bytes.NewReader(body), int64(len(body)),
 				bucket.PutOptions{ContentType: "text/plain; charset=utf-8", ContentEncoding: u.opt.Cache.LogCompression})
 		}
 	}

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/nix-community/go-nix/pkg/narinfo"
 	"github.com/nix-community/go-nix/pkg/nixbase32"
@@ -300,4 +301,44 @@ func (u *Uploader) RecoverUploads(ctx context.Context) error {
 		u.log.Info("resumable uploads found", "count", len(files))
 	}
 	return nil
+}
+
+// AbortStaleUploads aborts multipart uploads of NARs that were started more
+// than olderThan ago and that no resume record of this agent refers to:
+// leftovers of crashes that nobody will complete. Younger ones may belong to
+// another machine's agent, still uploading. (MinIO lists uploads of exact
+// keys only, and expires stale ones itself.)
+func (u *Uploader) AbortStaleUploads(ctx context.Context, olderThan time.Duration) (int, error) {
+	mp, ok := u.opt.Bucket.(bucket.Multipart)
+	if !ok {
+		return 0, nil
+	}
+	ours := map[string]bool{}
+	if u.opt.Resume != nil {
+		recs, err := u.opt.Resume.Uploads()
+		if err != nil {
+			return 0, err
+		}
+		for _, data := range recs {
+			var rec resumeRecord
+			if json.Unmarshal(data, &rec) == nil && rec.UploadID != "" {
+				ours[rec.UploadID] = true
+			}
+		}
+	}
+	ups, err := mp.ListUploads(ctx, "nar/")
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, up := range ups {
+		if ours[up.UploadID] || time.Since(up.Initiated) < olderThan {
+			continue
+		}
+		if err := mp.AbortMultipart(ctx, up.Key, up.UploadID); err != nil {
+			return n, err
+		}
+		n++
+	}
+	return n, nil
 }

@@ -209,7 +209,7 @@ func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
 		wmq = 1
 	}
 	body := fmt.Sprintf("StoreDir: %s\nWantMassQuery: %d\nPriority: %d\n", storepath.DefaultStoreDir, wmq, u.opt.Cache.Priority)
-	if err := u.opt.Bucket.Put(ctx, "nix-cache-info", strings.NewReader(body), int64(len(body)), bucket.PutOptions{ContentType: "text/x-nix-cache-info"}); err != nil {
+	if _, err := u.opt.Bucket.Put(ctx, "nix-cache-info", strings.NewReader(body), int64(len(body)), bucket.PutOptions{ContentType: "text/x-nix-cache-info"}); err != nil {
 		return fmt.Errorf("write nix-cache-info: %w", err)
 	}
 	u.cacheInfoOK.Store(true)
@@ -442,7 +442,7 @@ func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*nar
 		if _, err := sink.Seek(0, io.SeekStart); err != nil {
 			return nil, 0, err
 		}
-		if err := u.opt.Bucket.Put(ctx, key, sink, size, bucket.PutOptions{ContentType: "application/x-nix-nar"}); err != nil {
+		if _, err := u.opt.Bucket.Put(ctx, key, sink, size, bucket.PutOptions{ContentType: "application/x-nix-nar"}); err != nil {
 			return nil, 0, err
 		}
 		sent = uint64(size)
@@ -545,8 +545,9 @@ func (u *Uploader) putListing(ctx context.Context, p string, listing *nar.Listin
 	if err != nil {
 		return err
 	}
-	return u.opt.Bucket.Put(ctx, storepath.HashPart(p)+".ls", bytes.NewReader(body), int64(len(body)),
+	_, err = u.opt.Bucket.Put(ctx, storepath.HashPart(p)+".ls", bytes.NewReader(body), int64(len(body)),
 		bucket.PutOptions{ContentType: "application/json", ContentEncoding: u.opt.Cache.LsCompression})
+	return err
 }
 
 // makeNarinfo builds the narinfo: Nix's field order (go-nix renders it),
@@ -595,8 +596,9 @@ func (u *Uploader) putNarinfo(ctx context.Context, ni *narinfo.NarInfo) error {
 	if err != nil {
 		return err
 	}
-	return u.opt.Bucket.Put(ctx, storepath.HashPart(ni.StorePath)+".narinfo", bytes.NewReader(body), int64(len(body)),
+	_, err = u.opt.Bucket.Put(ctx, storepath.HashPart(ni.StorePath)+".narinfo", bytes.NewReader(body), int64(len(body)),
 		bucket.PutOptions{ContentType: "text/x-nix-narinfo", ContentEncoding: u.opt.Cache.NarinfoCompression})
+	return err
 }
 
 // markPresent remembers that p has a narinfo in the cache, in memory and,

@@ -62,17 +62,18 @@ type recorder struct {
 	failKey func(string) bool
 }
 
-func (r *recorder) Put(ctx context.Context, key string, body io.Reader, size int64, opts bucket.PutOptions) error {
+func (r *recorder) Put(ctx context.Context, key string, body io.Reader, size int64, opts bucket.PutOptions) (bucket.Info, error) {
 	if r.failKey != nil && r.failKey(key) {
-		return fmt.Errorf("put %s: %w: injected", key, bucket.ErrPermanent)
+		return bucket.Info{}, fmt.Errorf("put %s: %w: injected", key, bucket.ErrPermanent)
 	}
-	if err := r.Bucket.Put(ctx, key, body, size, opts); err != nil {
-		return err
+	info, err := r.Bucket.Put(ctx, key, body, size, opts)
+	if err != nil {
+		return info, err
 	}
 	r.mu.Lock()
 	r.puts = append(r.puts, key)
 	r.mu.Unlock()
-	return nil
+	return info, nil
 }
 
 func (r *recorder) index(key string) int {
@@ -158,7 +159,7 @@ func (f *fixture) uploader(t *testing.T, opt Options) *Uploader {
 
 func (f *fixture) narinfo(t *testing.T, i int) *narinfo.NarInfo {
 	t.Helper()
-	data, err := f.rec.Get(context.Background(), hashes[i]+".narinfo", 1<<20)
+	data, _, err := f.rec.Get(context.Background(), hashes[i]+".narinfo", 1<<20)
 	if err != nil {
 		t.Fatalf("narinfo of p%d: %v", i, err)
 	}

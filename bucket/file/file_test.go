@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/nixspool/nixspool/bucket/buckettest"
 )
@@ -30,10 +31,17 @@ func TestRemovesTempsAtStart(t *testing.T) {
 	os.MkdirAll(filepath.Join(dir, "nar"), 0o755)
 	tmp := filepath.Join(dir, "nar", ".tmp-123")
 	os.WriteFile(tmp, []byte("partial"), 0o644)
+	old := time.Now().Add(-2 * time.Hour)
+	os.Chtimes(tmp, old, old)
+	young := filepath.Join(dir, "nar", ".tmp-456") // another process's write in progress
+	os.WriteFile(young, []byte("partial"), 0o644)
 	if _, err := New(dir); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(tmp); !os.IsNotExist(err) {
 		t.Fatal("orphaned temp file survived New")
+	}
+	if _, err := os.Stat(young); err != nil {
+		t.Fatal("a young temp file (another writer's) was removed")
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -107,29 +108,47 @@ func (b *Bucket) Stat(ctx context.Context, key string) (bucket.Info, error) {
 	if err != nil {
 		return bucket.Info{}, fmt.Errorf("stat %s: %w", key, b.classify(err, true))
 	}
-	return bucket.Info{Size: info.Size}, nil
+	return infoOf(info), nil
+}
+
+func infoOf(o minio.ObjectInfo) bucket.Info {
+	return bucket.Info{Size: o.Size, ETag: strings.Trim(o.ETag, `"`), LastModified: o.LastModified, ContentEncoding: o.Metadata.Get("Content-Encoding")}
+}
+
+func putOptions(opts bucket.PutOptions) minio.PutObjectOptions {
+	po := minio.PutObjectOptions{ContentType: opts.ContentType, ContentEncoding: opts.ContentEncoding, StorageClass: opts.StorageClass}
+	if opts.IfNoneMatch {
+		po.SetMatchETagExcept("*")
+	}
+	if opts.IfMatch != "" {
+		po.SetMatchETag(opts.IfMatch)
+	}
+	return po
 }
 
 // Put implements bucket.Bucket. With a known size, large objects go up as a
 // multipart upload whose part size keeps the part count under S3's limit;
-// the returned size is checked against what was meant to be sent.
-func (b *Bucket) Put(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) error {
+// the returned size is checked against what was meant to be sent. An error
+// reading r is reported as bucket.ErrLocal, never as the bucket's fault.
+func (b *Bucket) Put(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) (bucket.Info, error) {
 	if size >= 0 && size <= smallObject {
 		return b.putSmall(ctx, key, r, size, opts)
 	}
-	info, err := b.client.PutObject(ctx, b.name, b.prefix+key, r, size, minio.PutObjectOptions{
-		ContentType:     opts.ContentType,
-		ContentEncoding: opts.ContentEncoding,
-		PartSize:        PartSize(size),
-		NumThreads:      2,
-	})
+	body, readErr := watchReads(r)
+	po := putOptions(opts)
+	po.PartSize = PartSize(size)
+	po.NumThreads = 2
+	info, err := b.client.PutObject(ctx, b.name, b.prefix+key, body, size, po)
 	if err != nil {
-		return fmt.Errorf("put %s: %w", key, b.classify(err, false))
+		if rerr := readErr(); rerr != nil {
+			return bucket.Info{}, fmt.Errorf("put %s: read body: %w: %w", key, bucket.ErrLocal, rerr)
+		}
+		return bucket.Info{}, fmt.Errorf("put %s: %w", key, b.classify(err, false))
 	}
 	if size >= 0 && info.Size != size {
-		return fmt.Errorf("put %s: server stored %d bytes, want %d", key, info.Size, size)
+		return bucket.Info{}, fmt.Errorf("put %s: server stored %d bytes, want %d", key, info.Size, size)
 	}
-	return nil
+	return bucket.Info{Size: info.Size, ETag: strings.Trim(info.ETag, `"`), LastModified: info.LastModified}, nil
 }
 
 // smallObject is the size up to which an object is read into memory and
@@ -138,41 +157,76 @@ func (b *Bucket) Put(ctx context.Context, key string, r io.Reader, size int64, o
 // (and us) more than the object itself for narinfos and tiny NARs.
 const smallObject = 1 << 20
 
-func (b *Bucket) putSmall(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) error {
+func (b *Bucket) putSmall(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) (bucket.Info, error) {
 	data := make([]byte, size)
 	if _, err := io.ReadFull(r, data); err != nil {
-		return fmt.Errorf("put %s: read body: %w", key, err)
+		return bucket.Info{}, fmt.Errorf("put %s: read body: %w: %w", key, bucket.ErrLocal, err)
 	}
 	if n, _ := r.Read(make([]byte, 1)); n > 0 {
-		return fmt.Errorf("put %s: body longer than %d bytes", key, size)
+		return bucket.Info{}, fmt.Errorf("put %s: %w: body longer than %d bytes", key, bucket.ErrLocal, size)
 	}
 	sum := sha256.Sum256(data)
-	info, err := b.core().PutObject(ctx, b.name, b.prefix+key, bytes.NewReader(data), size, "", hex.EncodeToString(sum[:]),
-		minio.PutObjectOptions{ContentType: opts.ContentType, ContentEncoding: opts.ContentEncoding})
+	info, err := b.core().PutObject(ctx, b.name, b.prefix+key, bytes.NewReader(data), size, "", hex.EncodeToString(sum[:]), putOptions(opts))
 	if err != nil {
-		return fmt.Errorf("put %s: %w", key, b.classify(err, false))
+		return bucket.Info{}, fmt.Errorf("put %s: %w", key, b.classify(err, false))
 	}
 	if info.Size != size {
-		return fmt.Errorf("put %s: server stored %d bytes, want %d", key, info.Size, size)
+		return bucket.Info{}, fmt.Errorf("put %s: server stored %d bytes, want %d", key, info.Size, size)
 	}
-	return nil
+	return bucket.Info{Size: info.Size, ETag: strings.Trim(info.ETag, `"`), LastModified: info.LastModified}, nil
 }
 
 // Get implements bucket.Bucket.
-func (b *Bucket) Get(ctx context.Context, key string, max int64) ([]byte, error) {
-	obj, err := b.client.GetObject(ctx, b.name, b.prefix+key, minio.GetObjectOptions{})
+func (b *Bucket) Get(ctx context.Context, key string, max int64) ([]byte, bucket.Info, error) {
+	rc, info, err := b.Open(ctx, key, 0, -1)
 	if err != nil {
-		return nil, fmt.Errorf("get %s: %w", key, b.classify(err, true))
+		return nil, bucket.Info{}, err
 	}
-	defer obj.Close()
-	data, err := io.ReadAll(io.LimitReader(obj, max+1))
+	defer rc.Close()
+	if info.Size > max {
+		return nil, bucket.Info{}, fmt.Errorf("get %s: larger than %d bytes", key, max)
+	}
+	data, err := io.ReadAll(io.LimitReader(rc, max+1))
 	if err != nil {
-		return nil, fmt.Errorf("get %s: %w", key, b.classify(err, true))
+		return nil, bucket.Info{}, fmt.Errorf("get %s: %w", key, b.classify(err, true))
 	}
 	if int64(len(data)) > max {
-		return nil, fmt.Errorf("get %s: larger than %d bytes", key, max)
+		return nil, bucket.Info{}, fmt.Errorf("get %s: larger than %d bytes", key, max)
 	}
-	return data, nil
+	return data, info, nil
+}
+
+// Open implements bucket.Bucket: one GET (ranged unless the whole object
+// is wanted), whose answer is checked before Open returns.
+func (b *Bucket) Open(ctx context.Context, key string, offset, length int64) (io.ReadCloser, bucket.Info, error) {
+	var opts minio.GetObjectOptions
+	if offset > 0 || length >= 0 {
+		end := int64(0)
+		if length >= 0 {
+			if length == 0 {
+				return io.NopCloser(bytes.NewReader(nil)), bucket.Info{}, nil
+			}
+			end = offset + length - 1
+		}
+		if err := opts.SetRange(offset, end); err != nil {
+			return nil, bucket.Info{}, fmt.Errorf("get %s: %w", key, err)
+		}
+	}
+	rc, oi, h, err := b.core().GetObject(ctx, b.name, b.prefix+key, opts)
+	if err != nil {
+		return nil, bucket.Info{}, fmt.Errorf("get %s: %w", key, b.classify(err, true))
+	}
+	info := infoOf(oi)
+	// A ranged answer's Content-Length is the range's; the object's size
+	// follows the slash of Content-Range ("bytes 0-15/12345").
+	if cr := h.Get("Content-Range"); cr != "" {
+		if _, total, ok := strings.Cut(cr, "/"); ok {
+			if n, err := strconv.ParseInt(total, 10, 64); err == nil {
+				info.Size = n
+			}
+		}
+	}
+	return rc, info, nil
 }
 
 // Delete implements bucket.Bucket.
@@ -183,13 +237,54 @@ func (b *Bucket) Delete(ctx context.Context, key string) error {
 	return nil
 }
 
+var _ bucket.BatchDeleter = (*Bucket)(nil)
+
+// DeleteMany implements bucket.BatchDeleter with S3's multi-object delete
+// (up to 1,000 keys a request).
+func (b *Bucket) DeleteMany(ctx context.Context, keys []string) error {
+	ch := make(chan minio.ObjectInfo, len(keys))
+	for _, k := range keys {
+		ch <- minio.ObjectInfo{Key: b.prefix + k}
+	}
+	close(ch)
+	var first error
+	for e := range b.client.RemoveObjects(ctx, b.name, ch, minio.RemoveObjectsOptions{}) {
+		if e.Err != nil && first == nil {
+			first = fmt.Errorf("delete %s: %w", strings.TrimPrefix(e.ObjectName, b.prefix), b.classify(e.Err, false))
+		}
+	}
+	return first
+}
+
+// List implements bucket.Bucket (ListObjectsV2, 1,000 keys a request).
+func (b *Bucket) List(ctx context.Context, opts bucket.ListOptions, fn func(bucket.Object) error) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	lo := minio.ListObjectsOptions{Prefix: b.prefix + opts.Prefix, Recursive: opts.Recursive}
+	if opts.StartAfter != "" {
+		lo.StartAfter = b.prefix + opts.StartAfter
+	}
+	for o := range b.client.ListObjects(ctx, b.name, lo) {
+		if o.Err != nil {
+			return fmt.Errorf("list %q: %w", opts.Prefix, b.classify(o.Err, false))
+		}
+		if strings.HasSuffix(o.Key, "/") {
+			continue // a common prefix ("directory") of a non-recursive listing
+		}
+		if err := fn(bucket.Object{Key: strings.TrimPrefix(o.Key, b.prefix), Info: infoOf(o)}); err != nil {
+			return err
+		}
+	}
+	return ctx.Err()
+}
+
 var _ bucket.Multipart = (*Bucket)(nil)
 
 func (b *Bucket) core() minio.Core { return minio.Core{Client: b.client} }
 
 // StartMultipart implements bucket.Multipart.
 func (b *Bucket) StartMultipart(ctx context.Context, key string, opts bucket.PutOptions) (string, error) {
-	id, err := b.core().NewMultipartUpload(ctx, b.name, b.prefix+key, minio.PutObjectOptions{ContentType: opts.ContentType, ContentEncoding: opts.ContentEncoding})
+	id, err := b.core().NewMultipartUpload(ctx, b.name, b.prefix+key, putOptions(opts))
 	if err != nil {
 		return "", fmt.Errorf("start multipart upload of %s: %w", key, b.classify(err, false))
 	}
@@ -226,8 +321,12 @@ func (b *Bucket) PutPart(ctx context.Context, key, uploadID string, number int, 
 	if md5sum != nil {
 		opts.Md5Base64 = base64.StdEncoding.EncodeToString(md5sum)
 	}
-	p, err := b.core().PutObjectPart(ctx, b.name, b.prefix+key, uploadID, number, r, size, opts)
+	body, readErr := watchReads(r)
+	p, err := b.core().PutObjectPart(ctx, b.name, b.prefix+key, uploadID, number, body, size, opts)
 	if err != nil {
+		if rerr := readErr(); rerr != nil {
+			return bucket.Part{}, fmt.Errorf("put part %d of %s: read body: %w: %w", number, key, bucket.ErrLocal, rerr)
+		}
 		return bucket.Part{}, fmt.Errorf("put part %d of %s: %w", number, key, b.classify(err, false))
 	}
 	return bucket.Part{Number: number, ETag: strings.Trim(p.ETag, `"`), Size: size}, nil
@@ -257,49 +356,141 @@ func (b *Bucket) AbortMultipart(ctx context.Context, key, uploadID string) error
 	return nil
 }
 
-// AbortStaleUploads aborts multipart uploads under prefix that were started
-// more than olderThan ago: leftovers of crashes that no agent will resume.
-// Younger ones may belong to another machine's agent still uploading.
-func (b *Bucket) AbortStaleUploads(ctx context.Context, prefix string, olderThan time.Duration) (int, error) {
-	n := 0
+// ListUploads implements bucket.Multipart. Keys are returned relative to
+// the cache's prefix, like every other key.
+func (b *Bucket) ListUploads(ctx context.Context, prefix string) ([]bucket.Upload, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var out []bucket.Upload
 	for u := range b.client.ListIncompleteUploads(ctx, b.name, b.prefix+prefix, true) {
 		if u.Err != nil {
-			return n, b.classify(u.Err, false)
+			return out, fmt.Errorf("list multipart uploads: %w", b.classify(u.Err, false))
 		}
-		if time.Since(u.Initiated) < olderThan {
-			continue
-		}
-		if err := b.core().AbortMultipartUpload(ctx, b.name, u.Key, u.UploadID); err != nil {
-			return n, b.classify(err, false)
-		}
-		n++
+		out = append(out, bucket.Upload{Key: strings.TrimPrefix(u.Key, b.prefix), UploadID: u.UploadID, Initiated: u.Initiated})
 	}
-	return n, nil
+	return out, nil
 }
 
-// permanentCodes are S3 error codes that retrying cannot fix.
-var permanentCodes = map[string]bool{
-	"AccessDenied":          true,
-	"AllAccessDisabled":     true,
-	"InvalidAccessKeyId":    true,
-	"SignatureDoesNotMatch": true,
-	"NoSuchBucket":          true,
-	"InvalidBucketName":     true,
-	"AccountProblem":        true,
-	"InvalidRange":          true,
-	"MethodNotAllowed":      true,
+// watchReads wraps r so that an error reading it can be told apart from the
+// store's errors afterwards. The wrapper keeps io.ReaderAt and io.Seeker
+// when r has them, so that minio-go still uploads parts from the file
+// instead of buffering them.
+func watchReads(r io.Reader) (io.Reader, func() error) {
+	var mu sync.Mutex
+	var first error
+	note := func(err error) {
+		if err != nil && err != io.EOF {
+			mu.Lock()
+			if first == nil {
+				first = err
+			}
+			mu.Unlock()
+		}
+	}
+	get := func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		return first
+	}
+	if f, ok := r.(fileLike); ok {
+		return &watchedFile{f: f, note: note}, get
+	}
+	return &watchedReader{r: r, note: note}, get
+}
+
+type fileLike interface {
+	io.Reader
+	io.ReaderAt
+	io.Seeker
+}
+
+type watchedReader struct {
+	r    io.Reader
+	note func(error)
+}
+
+func (w *watchedReader) Read(p []byte) (int, error) {
+	n, err := w.r.Read(p)
+	w.note(err)
+	return n, err
+}
+
+type watchedFile struct {
+	f    fileLike
+	note func(error)
+}
+
+func (w *watchedFile) Read(p []byte) (int, error) {
+	n, err := w.f.Read(p)
+	w.note(err)
+	return n, err
+}
+
+func (w *watchedFile) ReadAt(p []byte, off int64) (int, error) {
+	n, err := w.f.ReadAt(p, off)
+	w.note(err)
+	return n, err
+}
+
+func (w *watchedFile) Seek(off int64, whence int) (int64, error) { return w.f.Seek(off, whence) }
+
+// permanentCodes are S3 error codes that retrying cannot fix, each with what
+// to change. Codes not listed and not throttling are transient.
+var permanentCodes = map[string]string{
+	"AccessDenied":                       "the credentials are valid but lack permission: the policy must allow s3:PutObject, s3:GetObject, s3:DeleteObject and s3:ListBucket on the bucket",
+	"AllAccessDisabled":                  "all access to this bucket has been disabled by its owner",
+	"InvalidAccessKeyId":                 "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile=, the credentials file)",
+	"SignatureDoesNotMatch":              "check the secret key, and that region= matches what the store expects",
+	"NoSuchBucket":                       "the bucket does not exist: create it, or fix the bucket name in the cache URL",
+	"InvalidBucketName":                  "the bucket name is not valid for this store",
+	"AccountProblem":                     "the store reports a problem with the account",
+	"MethodNotAllowed":                   "the store does not allow this operation on the bucket",
+	"AuthorizationHeaderMalformed":       "the region is wrong: set region= in the cache URL to the bucket's region (the store's message names it)",
+	"PermanentRedirect":                  "the bucket lives in another region or behind another endpoint: set region= (and endpoint=) in the cache URL",
+	"IllegalLocationConstraintException": "the bucket lives in another region: set region= in the cache URL",
+	"InvalidArgument":                    "the store rejected a request parameter: check storage-class=, addressing-style= and endpoint= in the cache URL",
+	"InvalidRequest":                     "the store rejected the request: check addressing-style=, endpoint= and scheme= in the cache URL",
+	"NotImplemented":                     "this S3 implementation does not support a feature used here; check the cache URL parameters (storage-class=, multipart-*)",
+	"EntityTooLarge":                     "the object is larger than the store accepts: exclude such paths (--max-nar-size) or raise the store's limit",
+	"EntityTooSmall":                     "the store rejected a multipart part as too small: raise multipart-chunk-size=",
+	"InvalidStorageClass":                "storage-class= names a class this store does not offer",
+	"MalformedXML":                       "the store could not parse a request; it may not support this operation",
+	"KeyTooLongError":                    "the object key is too long for this store (a long prefix in the cache URL?)",
+	"MissingContentLength":               "the store requires a content length (a proxy in between may strip it)",
+	"InvalidDigest":                      "the store rejected a Content-MD5 header",
+}
+
+// transientCodes are errors of this request (or of this moment) that a
+// retry of the same job can fix, and which say nothing about the bucket's
+// health: clock skew, credentials about to be refreshed, bytes damaged in
+// transit.
+var transientCodes = map[string]string{
+	"RequestTimeTooSkewed":       "this machine's clock differs from the store's by more than 15 minutes: check NTP",
+	"ExpiredToken":               "temporary credentials expired; they are refreshed on the next attempt",
+	"TokenRefreshRequired":       "temporary credentials must be refreshed",
+	"BadDigest":                  "",
+	"XAmzContentSHA256Mismatch":  "",
+	"IncompleteBody":             "",
+	"RequestTimeout":             "",
+	"ConditionalRequestConflict": "",
+	"OperationAborted":           "",
 }
 
 // throttleCodes are S3 error codes that mean "slow down".
 var throttleCodes = map[string]bool{
-	"SlowDown":                   true,
-	"Throttling":                 true,
-	"ThrottlingException":        true,
-	"RequestLimitExceeded":       true,
-	"TooManyRequests":            true,
+	"SlowDown":             true,
+	"SlowDownWrite":        true,
+	"SlowDownRead":         true,
+	"Throttling":           true,
+	"ThrottlingException":  true,
+	"RequestLimitExceeded": true,
+	"TooManyRequests":      true,
+}
+
+// unavailableCodes are S3 error codes that mean the service is down.
+var unavailableCodes = map[string]bool{
 	"ServiceUnavailable":         true,
 	"InternalError":              true,
-	"RequestTimeout":             true,
 	"XMinioServerNotInitialized": true,
 }
 
@@ -316,38 +507,80 @@ func (b *Bucket) classify(err error, read bool) error {
 		// No S3 answer at all: connection refused or reset, DNS, TLS.
 		return fmt.Errorf("%w: %w", bucket.ErrUnavailable, err)
 	}
+	if hint, ok := transientCodes[resp.Code]; ok {
+		if hint != "" {
+			return fmt.Errorf("%s: %s (hint: %s)", resp.Code, resp.Message, hint)
+		}
+		return err
+	}
 	switch {
 	case resp.Code == "NoSuchKey" || (read && resp.StatusCode == http.StatusNotFound && resp.Code != "NoSuchBucket"):
 		return fmt.Errorf("%w (%s)", bucket.ErrNotExist, resp.Code)
-	case read && resp.StatusCode == http.StatusForbidden && resp.Code != "InvalidAccessKeyId" && resp.Code != "SignatureDoesNotMatch":
+	case read && resp.StatusCode == http.StatusForbidden && resp.Code != "InvalidAccessKeyId" && resp.Code != "SignatureDoesNotMatch" && resp.Code != "AllAccessDisabled":
 		return fmt.Errorf("%w (403 %s)", bucket.ErrNotExist, resp.Code)
-	case permanentCodes[resp.Code]:
+	case resp.Code == "PreconditionFailed" || resp.StatusCode == http.StatusPreconditionFailed:
+		return fmt.Errorf("%w (%s)", bucket.ErrPrecondition, resp.Code)
+	case permanentCodes[resp.Code] != "":
+		return &bucket.HintError{Err: fmt.Errorf("%w: %s: %s", bucket.ErrPermanent, resp.Code, resp.Message), Hint: permanentCodes[resp.Code]}
+	case throttleCodes[resp.Code] || resp.StatusCode == http.StatusTooManyRequests:
+		return b.withRetryAfter(fmt.Errorf("%w: %w: %w", bucket.ErrUnavailable, bucket.ErrThrottled, err))
+	case unavailableCodes[resp.Code] || resp.StatusCode >= 500:
+		return b.withRetryAfter(fmt.Errorf("%w: %w", bucket.ErrUnavailable, err))
+	case resp.StatusCode == http.StatusBadRequest || resp.StatusCode == http.StatusMethodNotAllowed || resp.StatusCode == http.StatusNotImplemented:
 		return fmt.Errorf("%w: %s: %s", bucket.ErrPermanent, resp.Code, resp.Message)
-	case throttleCodes[resp.Code] || resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode >= 500:
-		err = fmt.Errorf("%w: %w", bucket.ErrUnavailable, err)
-		if d := b.hints.retryAfter(); d > 0 {
-			return &bucket.RetryAfterError{Err: err, After: d}
-		}
-		return err
+	}
+	return err
+}
+
+func (b *Bucket) withRetryAfter(err error) error {
+	if d := b.hints.retryAfter(); d > 0 {
+		return &bucket.RetryAfterError{Err: err, After: d}
 	}
 	return err
 }
 
 // retryAfterTransport remembers the latest Retry-After a server sent with a
-// 429 or 503, which minio-go's errors do not carry.
+// 429 or 503, which minio-go's errors do not carry, and the offset of the
+// server's clock (from the Date header) from ours.
 type retryAfterTransport struct {
-	base  http.RoundTripper
-	until atomic.Int64 // unix nanoseconds
+	base   http.RoundTripper
+	until  atomic.Int64 // unix nanoseconds
+	offset atomic.Int64 // server clock minus local clock, nanoseconds
+	dated  atomic.Bool
 }
 
 func (t *retryAfterTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	sent := time.Now()
 	resp, err := t.base.RoundTrip(req)
-	if err == nil && (resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode == http.StatusServiceUnavailable) {
+	if err != nil {
+		return resp, err
+	}
+	if d, perr := http.ParseTime(resp.Header.Get("Date")); perr == nil {
+		// The Date header has one-second resolution and was stamped
+		// somewhere between sending and now: take the middle.
+		now := time.Now()
+		mid := sent.Add(now.Sub(sent) / 2)
+		t.offset.Store(int64(d.Add(500 * time.Millisecond).Sub(mid)))
+		t.dated.Store(true)
+	}
+	if resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode == http.StatusServiceUnavailable {
 		if d := parseRetryAfter(resp.Header.Get("Retry-After"), time.Now()); d > 0 {
 			t.until.Store(time.Now().Add(d).UnixNano())
 		}
 	}
 	return resp, err
+}
+
+var _ bucket.Clock = (*Bucket)(nil)
+
+// Now implements bucket.Clock: the local time corrected by the offset of
+// the server's clock seen in its last answer (to within a second).
+func (b *Bucket) Now() time.Time {
+	now := time.Now()
+	if b.hints.dated.Load() {
+		return now.Add(time.Duration(b.hints.offset.Load()))
+	}
+	return now
 }
 
 func (t *retryAfterTransport) retryAfter() time.Duration {

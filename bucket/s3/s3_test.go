@@ -38,7 +38,7 @@ func TestContractMinIO(t *testing.T) {
 func TestWrongCredentialsArePermanent(t *testing.T) {
 	m := testenv.StartMinIO(t)
 	b := newTestBucket(t, m, m.AccessKey, "wrong-secret")
-	err := b.Put(context.Background(), "x", strings.NewReader("x"), 1, bucket.PutOptions{})
+	_, err := b.Put(context.Background(), "x", strings.NewReader("x"), 1, bucket.PutOptions{})
 	if !bucket.IsPermanent(err) {
 		t.Fatalf("Put with a wrong secret = %v, want a permanent error", err)
 	}
@@ -53,7 +53,7 @@ func TestMissingBucketIsPermanent(t *testing.T) {
 	t.Setenv("AWS_SECRET_ACCESS_KEY", m.SecretKey)
 	c, _ := cacheurl.Parse(strings.Replace(m.CacheURL(""), m.Bucket, "no-such-bucket", 1))
 	b, _ := New(c)
-	err := b.Put(context.Background(), "x", strings.NewReader("x"), 1, bucket.PutOptions{})
+	_, err := b.Put(context.Background(), "x", strings.NewReader("x"), 1, bucket.PutOptions{})
 	if !bucket.IsPermanent(err) {
 		t.Fatalf("Put to a missing bucket = %v, want a permanent error", err)
 	}

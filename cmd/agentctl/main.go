@@ -17,6 +17,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/nixspool/nixspool/audit"
 	"github.com/nixspool/nixspool/protocol"
 )
 
@@ -32,6 +33,9 @@ Commands:
   wait [--timeout D]         wait until every job queued now is uploaded or failed
                              (exit 0: all uploaded, 1: failed jobs remain, 3: timed out)
   doctor                     check the socket, configuration, keys, store and cache
+  audit [--deep] [--trusted-public-keys K] [--json]
+                             check that stock Nix can use everything in the cache (read-only;
+                             exit 0: healthy, 1: problems found)
 
 The socket is --socket, else $NIXSPOOL_SOCKET, else /run/nixspool/agentd.sock.
 `
@@ -67,20 +71,25 @@ type client struct {
 
 func (c *client) call(req *protocol.Request) (*protocol.Response, error) {
 	resp, err := protocol.Call(c.socket, req, c.timeout)
-	var de *protocol.DialError
-	if errors.As(err, &de) {
-		if errors.Is(de.Err, syscall.EACCES) {
-			return nil, fmt.Errorf("permission denied on %s: root and members of the socket's group may use agentd", c.socket)
-		}
-		return nil, fmt.Errorf("agentd is not running (cannot connect to %s: %v)", c.socket, de.Err)
-	}
 	if err != nil {
-		return nil, err
+		return nil, c.explain(err)
 	}
 	if !resp.OK {
 		return nil, errors.New(resp.Error)
 	}
 	return resp, nil
+}
+
+// explain turns a failure to reach agentd into a one-line reason.
+func (c *client) explain(err error) error {
+	var de *protocol.DialError
+	if errors.As(err, &de) {
+		if errors.Is(de.Err, syscall.EACCES) {
+			return fmt.Errorf("permission denied on %s: root and members of the socket's group may use agentd", c.socket)
+		}
+		return fmt.Errorf("agentd is not running (cannot connect to %s: %v)", c.socket, de.Err)
+	}
+	return err
 }
 
 func run(args []string, out io.Writer) error {
@@ -117,6 +126,8 @@ func run(args []string, out io.Writer) error {
 		return cmdWatch(c, rest, out)
 	case "doctor":
 		return cmdDoctor(c, rest, out)
+	case "audit":
+		return cmdAudit(c, rest, out)
 	case "help":
 		fs.Usage()
 		return nil
@@ -319,6 +330,57 @@ func cmdWait(c *client, args []string, out io.Writer) error {
 		return &exitError{code: 1, msg: fmt.Sprintf("%d job(s) failed", failed)}
 	}
 	fmt.Fprintln(out, "all queued paths are uploaded")
+	return nil
+}
+
+// cmdAudit has agentd audit its cache. Progress goes to stderr when that
+// is a terminal.
+func cmdAudit(c *client, args []string, out io.Writer) error {
+	fs := subFlags("audit", "[--deep] [--trusted-public-keys 'NAME:KEY …'] [--json]")
+	deep := fs.Bool("deep", false, "also download every NAR and check FileHash, NarHash and NarSize")
+	keys := fs.String("trusted-public-keys", "", "require every narinfo to be signed by one of these keys")
+	asJSON := fs.Bool("json", false, "print the report as JSON")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	req := &protocol.Request{Op: protocol.OpAudit, Deep: *deep}
+	if *keys != "" {
+		req.Keys = []string{*keys}
+	}
+	var onProgress func(*protocol.Progress)
+	if isTerminal(os.Stderr) {
+		onProgress = func(p *protocol.Progress) {
+			fmt.Fprintf(os.Stderr, "\raudit: %d/%d %s checked", p.Done, p.Total, p.Stage)
+		}
+	} else {
+		onProgress = func(*protocol.Progress) {}
+	}
+	resp, err := protocol.CallStream(c.socket, req, c.timeout, onProgress)
+	if isTerminal(os.Stderr) {
+		fmt.Fprint(os.Stderr, "\r\033[K")
+	}
+	if err != nil {
+		return c.explain(err)
+	}
+	if !resp.OK {
+		return errors.New(resp.Error)
+	}
+	var rep audit.Report
+	if err := json.Unmarshal(resp.Result, &rep); err != nil {
+		return fmt.Errorf("audit report: %w", err)
+	}
+	if *asJSON {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(&rep); err != nil {
+			return err
+		}
+	} else if err := rep.Write(out); err != nil {
+		return err
+	}
+	if !rep.OK() {
+		return &exitError{code: 1}
+	}
 	return nil
 }
 

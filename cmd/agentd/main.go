@@ -50,16 +50,22 @@ func main() {
 		if errors.Is(err, flag.ErrHelp) {
 			os.Exit(0)
 		}
+		if errors.Is(err, errProblems) {
+			os.Exit(1)
+		}
 		fmt.Fprintln(os.Stderr, "agentd:", err)
 		os.Exit(1)
 	}
 }
 
 func run(args []string) error {
+	if len(args) > 0 && args[0] == "audit" {
+		return runAudit(args[1:])
+	}
 	cfg := agent.DefaultConfig()
 	fs := flag.NewFlagSet("agentd", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "usage: agentd --secret-key-file FILE [--cache URL] [options]\n\nOptions:")
+		fmt.Fprintln(fs.Output(), "usage: agentd --secret-key-file FILE [--cache URL] [options]\n       agentd audit --cache URL [--deep] [--trusted-public-keys K] [--json]\n\nOptions:")
 		fs.PrintDefaults()
 	}
 	var keys, excludes multiFlag

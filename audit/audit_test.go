@@ -1,0 +1,191 @@
+package audit
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/klauspost/compress/zstd"
+	"github.com/nix-community/go-nix/pkg/narinfo/signature"
+	"github.com/nix-community/go-nix/pkg/nixbase32"
+
+	"github.com/nixspool/nixspool/bucket"
+	filebucket "github.com/nixspool/nixspool/bucket/file"
+	"github.com/nixspool/nixspool/cachefmt"
+	"github.com/nixspool/nixspool/nar"
+)
+
+// cache builds small caches by hand, the way Nix lays them out.
+type cache struct {
+	t   *testing.T
+	b   bucket.Bucket
+	key signature.SecretKey
+}
+
+func newCache(t *testing.T) *cache {
+	b, err := filebucket.New(filepath.Join(t.TempDir(), "cache"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sk, _, err := signature.GenerateKeypair("audit-test-1", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &cache{t: t, b: b, key: sk}
+	c.put("nix-cache-info", []byte("StoreDir: /nix/store\n"))
+	return c
+}
+
+func (c *cache) put(key string, data []byte) {
+	c.t.Helper()
+	if _, err := c.b.Put(context.Background(), key, bytes.NewReader(data), int64(len(data)), bucket.PutOptions{}); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+func hashOf(i int) string {
+	s := fmt.Sprintf("%032d", i)
+	return strings.NewReplacer("0", "a", "1", "b", "2", "c", "3", "d", "4", "f", "5", "g", "6", "h", "7", "i", "8", "j", "9", "k").Replace(s)
+}
+
+// path adds a store path i with contents and references refs (indexes),
+// zstd-compressed; it returns the narinfo key.
+func (c *cache) path(i int, contents string, refs ...int) string {
+	c.t.Helper()
+	src := filepath.Join(c.t.TempDir(), "f")
+	os.WriteFile(src, []byte(contents), 0o644)
+	var narBuf bytes.Buffer
+	if _, _, err := nar.Dump(&narBuf, src, false); err != nil {
+		c.t.Fatal(err)
+	}
+	enc, _ := zstd.NewWriter(nil)
+	file := enc.EncodeAll(narBuf.Bytes(), nil)
+	fileSum, narSum := sha256.Sum256(file), sha256.Sum256(narBuf.Bytes())
+	url := "nar/" + nixbase32.EncodeToString(fileSum[:]) + ".nar.zst"
+	c.put(url, file)
+	ni := &cachefmt.NarInfo{
+		StorePath: fmt.Sprintf("/nix/store/%s-p%d", hashOf(i), i), URL: url, Compression: "zstd",
+		FileHash: "sha256:" + nixbase32.EncodeToString(fileSum[:]), FileSize: int64(len(file)),
+		NarHash: "sha256:" + nixbase32.EncodeToString(narSum[:]), NarSize: int64(narBuf.Len()),
+	}
+	for _, r := range refs {
+		ni.References = append(ni.References, fmt.Sprintf("%s-p%d", hashOf(r), r))
+	}
+	fp, err := Fingerprint(ni)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	sig, _ := c.key.Sign(nil, fp)
+	var b strings.Builder
+	fmt.Fprintf(&b, "StorePath: %s\nURL: %s\nCompression: %s\nFileHash: %s\nFileSize: %d\nNarHash: %s\nNarSize: %d\nReferences: %s\nSig: %s\nFutureField: ignored\n",
+		ni.StorePath, ni.URL, ni.Compression, ni.FileHash, ni.FileSize, ni.NarHash, ni.NarSize, strings.Join(ni.References, " "), sig.String())
+	key := hashOf(i) + ".narinfo"
+	c.put(key, []byte(b.String()))
+	return key
+}
+
+func (c *cache) audit(opt Options) *Report {
+	c.t.Helper()
+	rep, err := Run(context.Background(), c.b, opt)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return rep
+}
+
+func kinds(r *Report) string {
+	var k []string
+	for _, p := range r.Problems {
+		k = append(k, p.Kind)
+	}
+	return strings.Join(k, ",")
+}
+
+func TestHealthyCache(t *testing.T) {
+	c := newCache(t)
+	c.path(1, "leaf")
+	c.path(2, "mid", 1)
+	c.path(3, "top", 1, 2, 3) // a self-reference is fine
+	c.put("nar/orphan.nar.zst", []byte("left over"))
+	rep := c.audit(Options{Deep: true, TrustedKeys: []signature.PublicKey{c.key.ToPublicKey()}})
+	if !rep.OK() || rep.Narinfos != 3 || rep.NARs != 4 || rep.OrphanNARs != 1 {
+		t.Fatalf("report %s: %v", rep.Summary(), rep.Problems)
+	}
+	if !strings.Contains(rep.Summary(), "healthy") {
+		t.Fatalf("summary %q", rep.Summary())
+	}
+}
+
+func TestFindsEachProblem(t *testing.T) {
+	for name, tc := range map[string]struct {
+		breakIt func(c *cache)
+		opt     Options
+		want    string
+	}{
+		"missing NAR": {func(c *cache) {
+			k := c.path(5, "x")
+			data, _, _ := c.b.Get(context.Background(), k, 1<<20)
+			ni, _ := cachefmt.ParseNarInfo(data)
+			c.b.Delete(context.Background(), ni.URL)
+		}, Options{}, KindMissingNAR},
+		"missing reference": {func(c *cache) { c.path(6, "x", 7) }, Options{}, KindMissingRef},
+		"wrong compression": {func(c *cache) {
+			k := c.path(8, "x")
+			data, _, _ := c.b.Get(context.Background(), k, 1<<20)
+			c.put(k, bytes.Replace(data, []byte("Compression: zstd"), []byte("Compression: none"), 1))
+		}, Options{}, KindCompression},
+		"wrong size": {func(c *cache) {
+			k := c.path(9, "x")
+			data, _, _ := c.b.Get(context.Background(), k, 1<<20)
+			ni, _ := cachefmt.ParseNarInfo(data)
+			c.put(ni.URL, append(mustGet(c, ni.URL), 0))
+		}, Options{}, KindNARSize},
+		"NarHash mismatch (deep)": {func(c *cache) {
+			k := c.path(10, "contents")
+			data, _, _ := c.b.Get(context.Background(), k, 1<<20)
+			ni, _ := cachefmt.ParseNarInfo(data)
+			c.put(k, bytes.Replace(data, []byte(ni.NarHash), []byte("sha256:"+strings.Repeat("0", 52)), 1))
+		}, Options{Deep: true}, KindHash},
+		"unparsable": {func(c *cache) { c.put(hashOf(11)+".narinfo", []byte("garbage\n")) }, Options{}, KindUnparsable},
+		"wrong store path": {func(c *cache) {
+			k := c.path(12, "x")
+			data, _, _ := c.b.Get(context.Background(), k, 1<<20)
+			c.put(hashOf(13)+".narinfo", data)
+		}, Options{}, KindStorePath},
+		"untrusted": {func(c *cache) {
+			k := c.path(14, "x")
+			data, _, _ := c.b.Get(context.Background(), k, 1<<20)
+			c.put(k, bytes.Replace(data, []byte("Sig: audit-test-1:"), []byte("Sig: other-1:"), 1))
+		}, Options{}, KindSignature},
+		"no nix-cache-info": {func(c *cache) { c.b.Delete(context.Background(), "nix-cache-info") }, Options{}, KindCacheInfo},
+		"realisation without output": {func(c *cache) {
+			c.put("realisations/sha256:abc!out.doi", []byte(`{"id":"sha256:abc!out","outPath":"`+hashOf(15)+`-p15","signatures":[]}`))
+		}, Options{}, KindRealisationOuput},
+	} {
+		t.Run(name, func(t *testing.T) {
+			c := newCache(t)
+			c.path(1, "healthy")
+			tc.breakIt(c)
+			if tc.want == KindSignature {
+				tc.opt.TrustedKeys = []signature.PublicKey{c.key.ToPublicKey()}
+			}
+			rep := c.audit(tc.opt)
+			if kinds(rep) != tc.want {
+				t.Fatalf("problems %v, want exactly one %s", rep.Problems, tc.want)
+			}
+		})
+	}
+}
+
+func mustGet(c *cache, key string) []byte {
+	data, _, err := c.b.Get(context.Background(), key, 1<<30)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return data
+}
