@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/bucket/limit"
 	"github.com/nixspool/nixspool/bucket/open"
 	"github.com/nixspool/nixspool/cacheurl"
 	"github.com/nixspool/nixspool/gcroots"
@@ -43,6 +44,7 @@ type Agent struct {
 	now      func() time.Time
 
 	breaker     *breaker
+	window      *limit.Limiter
 	filter      *filter
 	metrics     *metrics.Metrics // nil when off
 	rate        rateWindow
@@ -84,16 +86,20 @@ func New(cfg Config) (*Agent, error) {
 	if a.queue, err = queue.Open(filepath.Join(cfg.StateDir, "queue.db")); err != nil {
 		return nil, err
 	}
+	// Every request uploads make goes through one adaptive window.
+	a.window = limit.New(limit.Options{Min: cfg.MinRequests, Max: cfg.MaxRequests})
 	a.uploader, err = uploader.New(uploader.Options{
-		Bucket:   a.bucket,
+		Bucket:   limit.Wrap(a.bucket, a.window),
 		Cache:    a.cache,
 		Store:    a.store,
 		Keys:     keys,
 		TempDir:  filepath.Join(cfg.StateDir, "tmp"),
+		Workers:  cfg.MaxRequests,
 		Logger:   a.log,
 		Resume:   a.queue,
 		Presence: a.queue,
-		Skip:     a.filter.skip,
+		Upstream: a.filter.upstream,
+		Exclude:  a.filter.exclude,
 
 		UploadLogs: cfg.UploadBuildLogs,
 	})
@@ -115,7 +121,7 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a.log.Info("agentd started", "version", Version, "cache", a.cache.String(), "socket", a.listener.Addr().String(),
-		"nix_store", a.store.String(), "gc_roots", cfg.GCRootsDir, "jobs", cfg.Jobs, "keys", len(keys))
+		"nix_store", a.store.String(), "gc_roots", cfg.GCRootsDir, "jobs", cfg.Jobs, "max_requests", cfg.MaxRequests, "keys", len(keys))
 	return a, nil
 }
 
@@ -230,8 +236,9 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 	}
 
 	var wg sync.WaitGroup
-	wg.Add(1)
+	wg.Add(2)
 	go func() { defer wg.Done(); a.serve(ctx) }()
+	go func() { defer wg.Done(); a.chores(ctx) }()
 	var workers sync.WaitGroup
 	for i := 0; i < a.cfg.Jobs; i++ {
 		workers.Add(1)
@@ -257,6 +264,7 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 		<-done
 	}
 	wg.Wait()
+	a.uploader.Close()
 	err := a.queue.Close()
 	a.log.Info("agentd stopped")
 	return err
@@ -288,6 +296,33 @@ func (a *Agent) mainLoop(ctx context.Context) {
 			a.publishStatus()
 		case <-wdC:
 			systemd.Watchdog()
+		}
+	}
+}
+
+// chores runs the periodic checks that must not wait on the main loop:
+// whether the cache was reset (its generation), and pruning what grows
+// with uptime.
+func (a *Agent) chores(ctx context.Context) {
+	gen := time.NewTicker(a.cfg.GenerationInterval)
+	defer gen.Stop()
+	prune := time.NewTicker(10 * time.Minute)
+	defer prune.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-gen.C:
+			if a.breaker.isOpen() {
+				continue // the probes check it
+			}
+			cctx, cancel := context.WithTimeout(ctx, time.Minute)
+			if err := a.uploader.CheckGeneration(cctx); err != nil {
+				a.log.Debug("check cache generation", "err", err)
+			}
+			cancel()
+		case <-prune.C:
+			a.uploader.Maintain()
 		}
 	}
 }

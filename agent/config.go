@@ -31,6 +31,9 @@ type Config struct {
 	NixDaemonSocket       string        // "" = as Nix finds it, else `nix-daemon --stdio`
 	GCRootsDir            string        // "" = GC roots off
 	Jobs                  int           // jobs uploaded concurrently
+	MinRequests           int           // lower bound of the adaptive request window
+	MaxRequests           int           // upper bound of requests in flight to the bucket
+	GenerationInterval    time.Duration // how often to check that the cache was not reset
 	ShutdownGrace         time.Duration // how long in-flight uploads may finish on SIGTERM
 	MaxAttempts           int           // 0 = retry transient errors forever
 	BackoffInitial        time.Duration
@@ -53,15 +56,18 @@ const (
 // DefaultConfig returns a Config with every default filled in.
 func DefaultConfig() Config {
 	return Config{
-		Socket:         DefaultSocket,
-		StateDir:       DefaultStateDir,
-		StoreDir:       storepath.DefaultStoreDir,
-		Jobs:           8,
-		ShutdownGrace:  30 * time.Second,
-		BackoffInitial: time.Second,
-		BackoffMax:     10 * time.Minute,
-		SpoolInterval:  5 * time.Second,
-		SkipSignedBy:   []string{"cache.nixos.org-1"},
+		Socket:             DefaultSocket,
+		StateDir:           DefaultStateDir,
+		StoreDir:           storepath.DefaultStoreDir,
+		Jobs:               32,
+		MinRequests:        2,
+		MaxRequests:        64,
+		GenerationInterval: 30 * time.Second,
+		ShutdownGrace:      30 * time.Second,
+		BackoffInitial:     time.Second,
+		BackoffMax:         10 * time.Minute,
+		SpoolInterval:      5 * time.Second,
+		SkipSignedBy:       []string{"cache.nixos.org-1"},
 	}
 }
 
@@ -89,8 +95,14 @@ func (c *Config) Validate() error {
 	if c.GCRootsDir != "" && !filepath.IsAbs(c.GCRootsDir) {
 		errs = append(errs, fmt.Errorf("--gc-roots %q: want an absolute directory or \"off\"", c.GCRootsDir))
 	}
-	if c.Jobs < 1 || c.Jobs > 64 {
-		errs = append(errs, fmt.Errorf("--jobs %d: want 1 to 64", c.Jobs))
+	if c.Jobs < 1 || c.Jobs > 256 {
+		errs = append(errs, fmt.Errorf("--jobs %d: want 1 to 256", c.Jobs))
+	}
+	if c.MinRequests < 1 || c.MaxRequests < c.MinRequests || c.MaxRequests > 1024 {
+		errs = append(errs, fmt.Errorf("--min-requests %d / --max-requests %d: want 1 ≤ min ≤ max ≤ 1024", c.MinRequests, c.MaxRequests))
+	}
+	if c.GenerationInterval <= 0 {
+		c.GenerationInterval = 30 * time.Second
 	}
 	if c.ShutdownGrace < 0 {
 		errs = append(errs, errors.New("--shutdown-grace: must not be negative"))

@@ -77,18 +77,21 @@ func (a *Agent) doctor(ctx context.Context) []protocol.Check {
 
 	if a.filter.active() {
 		st, _ := a.queue.Stats()
-		var what []string
 		if len(a.filter.signers) > 0 {
-			what = append(what, "paths signed by "+strings.Join(a.cfg.SkipSignedBy, ", "))
+			add("filters", "warn", fmt.Sprintf("paths signed by %s are never uploaded, as dependencies neither (%d paths skipped so far)", strings.Join(a.cfg.SkipSignedBy, ", "), st.Skipped),
+				"narinfos in this cache may name such paths as references: closures here are complete only for clients that also substitute from the cache that signed them (e.g. cache.nixos.org). Use --skip-signed-by= for a self-contained cache; `agentd audit --upstream URL` checks completeness with the upstream")
 		}
+		var what []string
 		if len(a.filter.excludes) > 0 {
 			what = append(what, "names matching "+strings.Join(a.cfg.Excludes, ", "))
 		}
 		if a.filter.maxSize > 0 {
 			what = append(what, fmt.Sprintf("NARs over %d bytes", a.filter.maxSize))
 		}
-		add("filters", "warn", fmt.Sprintf("not uploading %s (%d skipped so far)", strings.Join(what, "; "), st.Skipped),
-			"closures in this cache are complete only for clients that also use the upstream cache (e.g. cache.nixos.org); use --skip-signed-by= and no --exclude for a self-contained cache")
+		if len(what) > 0 {
+			add("exclusions", "ok", "not uploading paths handed over with "+strings.Join(what, "; ")+
+				"; an excluded path that an uploaded path references is uploaded anyway, so that no narinfo names a reference the cache lacks", "")
+		}
 	}
 
 	if st, err := a.queue.Stats(); err == nil && st.Failed > 0 {

@@ -10,18 +10,21 @@ func TestFilter(t *testing.T) {
 	f := newFilter(Config{Excludes: []string{"-source$", "^doc-"}, MaxNARSize: 1000, SkipSignedBy: []string{"cache.nixos.org-1"}})
 	const h = "/nix/store/r7kyvs66hayj3v09hzgqyrl8f60sll7q-"
 	for _, c := range []struct {
-		info nixstore.PathInfo
-		skip bool
+		info              nixstore.PathInfo
+		exclude, upstream bool
 	}{
-		{nixstore.PathInfo{Path: h + "hello-2.12", NarSize: 10}, false},
-		{nixstore.PathInfo{Path: h + "hello-2.12-source", NarSize: 10}, true},
-		{nixstore.PathInfo{Path: h + "doc-x", NarSize: 10}, true},
-		{nixstore.PathInfo{Path: h + "big", NarSize: 1001}, true},
-		{nixstore.PathInfo{Path: h + "glibc", NarSize: 10, Sigs: []string{"cache.nixos.org-1:abc=="}}, true},
-		{nixstore.PathInfo{Path: h + "mine", NarSize: 10, Sigs: []string{"my-cache-1:abc=="}}, false},
+		{nixstore.PathInfo{Path: h + "hello-2.12", NarSize: 10}, false, false},
+		{nixstore.PathInfo{Path: h + "hello-2.12-source", NarSize: 10}, true, false},
+		{nixstore.PathInfo{Path: h + "doc-x", NarSize: 10}, true, false},
+		{nixstore.PathInfo{Path: h + "big", NarSize: 1001}, true, false},
+		{nixstore.PathInfo{Path: h + "glibc", NarSize: 10, Sigs: []string{"cache.nixos.org-1:abc=="}}, false, true},
+		{nixstore.PathInfo{Path: h + "mine", NarSize: 10, Sigs: []string{"my-cache-1:abc=="}}, false, false},
 	} {
-		if got := f.skip(&c.info); got != c.skip {
-			t.Errorf("skip(%s) = %v, want %v", c.info.Path, got, c.skip)
+		if got := f.exclude(&c.info); got != c.exclude {
+			t.Errorf("exclude(%s) = %v, want %v", c.info.Path, got, c.exclude)
+		}
+		if got := f.upstream(&c.info); got != c.upstream {
+			t.Errorf("upstream(%s) = %v, want %v", c.info.Path, got, c.upstream)
 		}
 	}
 	if newFilter(Config{}).active() {

@@ -137,7 +137,9 @@ func (a *Agent) process(job *queue.Job) {
 		a.uploader.Discard(a.uploadCtx, job.Path)
 		a.metrics.Failed(time.Since(start), "failed", "permanent")
 		log.Error("job failed permanently", "err", err, "duration", time.Since(start))
-	case a.cfg.MaxAttempts > 0 && job.Attempts+1 >= a.cfg.MaxAttempts:
+	case !errors.Is(err, bucket.ErrUnavailable) && a.cfg.MaxAttempts > 0 && job.Attempts+1 >= a.cfg.MaxAttempts:
+		// Only failures of the job itself count: an outage or throttling
+		// of the bucket is not the job's fault.
 		if err := a.queue.Fail(job.ID, "gave up after "+strconv.Itoa(job.Attempts+1)+" attempts: "+err.Error(), now); err != nil {
 			log.Error("fail", "err", err)
 		}
@@ -148,7 +150,12 @@ func (a *Agent) process(job *queue.Job) {
 		ra, _ := bucket.RetryAfter(err)
 		delay = max(delay, ra)
 		class := "transient"
-		if errors.Is(err, bucket.ErrUnavailable) {
+		switch {
+		case bucket.IsThrottled(err):
+			// The bucket's window has shrunk already; this job waits what
+			// the store asked for, or its own backoff.
+			class = "throttled"
+		case errors.Is(err, bucket.ErrUnavailable) && a.bucketDown():
 			// The bucket, not this job, is the problem: pause everyone and
 			// probe. This job is due again as soon as a probe succeeds.
 			a.setReachable(false)
@@ -160,8 +167,23 @@ func (a *Agent) process(job *queue.Job) {
 		if err := a.queue.RetryLater(job.ID, now.Add(delay), err.Error(), now); err != nil {
 			log.Error("retry later", "err", err)
 		}
-		log.Warn("upload failed; will retry", "err", err, "retry_in", delay.Round(time.Millisecond), "cache_paused", a.breaker.isOpen())
+		log.Warn("upload failed; will retry", "err", err, "class", class, "retry_in", delay.Round(time.Millisecond), "cache_paused", a.breaker.isOpen())
 	}
+}
+
+// bucketDown tells a bucket that is down from one object that keeps
+// failing: after an "unavailable" error it asks the bucket itself (one
+// small request; concurrent askers share it). Only if that fails too are
+// all uploads paused; otherwise the failing job keeps its own backoff and
+// the others go on.
+func (a *Agent) bucketDown() bool {
+	if a.breaker.isOpen() {
+		return true
+	}
+	ctx, cancel := context.WithTimeout(a.uploadCtx, 15*time.Second)
+	defer cancel()
+	err := a.uploader.Probe(ctx)
+	return err != nil && (errors.Is(err, bucket.ErrUnavailable) || errors.Is(err, context.DeadlineExceeded))
 }
 
 // backoff returns the delay before attempt number attempts+1: doubling

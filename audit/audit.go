@@ -49,6 +49,17 @@ type Options struct {
 	// Progress, if set, is called now and then with the narinfos checked
 	// so far and the total.
 	Progress func(done, total int)
+	// Upstreams are caches clients also substitute from (e.g.
+	// cache.nixos.org for a cache filled with --skip-signed-by): a
+	// reference this cache lacks is fine if an upstream has it.
+	Upstreams []Upstream
+}
+
+// Upstream is another cache a reference may be served from.
+type Upstream interface {
+	// HasNarinfo reports whether the upstream has a narinfo for hash.
+	HasNarinfo(ctx context.Context, hash string) (bool, error)
+	String() string
 }
 
 // Problem kinds.
@@ -205,8 +216,8 @@ func Run(ctx context.Context, b bucket.Bucket, opt Options) (*Report, error) {
 			if _, ok := a.refs[r]; ok {
 				continue
 			}
-			if !a.exists(ctx, r+".narinfo") {
-				a.problem(h+".narinfo", KindMissingRef, "references %s, which has no narinfo in the cache", r)
+			if !a.exists(ctx, r+".narinfo") && !a.upstreamHas(ctx, r) {
+				a.problem(h+".narinfo", KindMissingRef, "references %s, which has no narinfo in the cache%s", r, a.upstreamNote())
 			}
 		}
 	}
@@ -263,6 +274,27 @@ func (a *auditor) exists(ctx context.Context, key string) bool {
 	a.reqs.Add(1)
 	_, err := a.b.Stat(ctx, key)
 	return err == nil
+}
+
+func (a *auditor) upstreamHas(ctx context.Context, hash string) bool {
+	for _, up := range a.opt.Upstreams {
+		a.reqs.Add(1)
+		if ok, err := up.HasNarinfo(ctx, hash); err == nil && ok {
+			return true
+		}
+	}
+	return false
+}
+
+func (a *auditor) upstreamNote() string {
+	if len(a.opt.Upstreams) == 0 {
+		return ""
+	}
+	var names []string
+	for _, up := range a.opt.Upstreams {
+		names = append(names, up.String())
+	}
+	return " nor upstream (" + strings.Join(names, ", ") + ")"
 }
 
 func (a *auditor) checkCacheInfo(ctx context.Context) {

@@ -80,6 +80,8 @@ type Agent struct {
 	// SkipAudit leaves out the final audit of the agent's cache (for a
 	// second agent on a cache another one already audits).
 	SkipAudit bool
+	// AuditUpstream is a cache the final audit may find references in.
+	AuditUpstream string
 }
 
 type lockedBuffer struct {
@@ -112,7 +114,7 @@ func newAgent(t *testing.T, cache, keyFile string, env []string, extra ...string
 	// cache (after the agent is stopped: cleanups run last first).
 	t.Cleanup(func() {
 		if !t.Failed() && !a.SkipAudit {
-			auditCache(t, cache, a.env)
+			auditCache(t, cache, a.env, a.AuditUpstream)
 		}
 	})
 	t.Cleanup(func() {
@@ -126,9 +128,15 @@ func newAgent(t *testing.T, cache, keyFile string, env []string, extra ...string
 
 // auditCache runs `agentd audit --deep` on the cache and fails the test
 // unless stock Nix could use everything in it. It returns the report.
-func auditCache(t *testing.T, cache string, env []string) *audit.Report {
+func auditCache(t *testing.T, cache string, env []string, upstreams ...string) *audit.Report {
 	t.Helper()
-	cmd := exec.Command(bin("agentd"), "audit", "--cache", cache, "--deep", "--json")
+	args := []string{"audit", "--cache", cache, "--deep", "--json"}
+	for _, u := range upstreams {
+		if u != "" {
+			args = append(args, "--upstream", u)
+		}
+	}
+	cmd := exec.Command(bin("agentd"), args...)
 	cmd.Env = env
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr

@@ -110,6 +110,7 @@ func TestWaitTimesOutAndDoctorFails(t *testing.T) {
 	m.Start()
 
 	bad := newAgent(t, m.CacheURL(""), sk, []string{"AWS_ACCESS_KEY_ID=" + m.AccessKey, "AWS_SECRET_ACCESS_KEY=wrong"})
+	bad.SkipAudit = true // it cannot read the bucket; the first agent audits it
 	bad.Start()
 	out, err = bad.Ctl("doctor")
 	if err == nil || !strings.Contains(out, "FAIL") || !strings.Contains(out, "check the credentials") {
@@ -238,9 +239,14 @@ func TestFilters(t *testing.T) {
 		}
 	}
 	testenv.Run(t, env, "nix", "store", "sign", "--key-file", upstream, leaf1)
+	// The upstream cache that serves what its key signed.
+	upstreamCache := "file://" + filepath.Join(t.TempDir(), "upstream")
+	testenv.Run(t, env, "nix", "copy", "--to", upstreamCache, leaf1)
 	cacheDir := filepath.Join(t.TempDir(), "cache")
-	a := newAgent(t, "file://"+cacheDir, sk, nil, "--skip-signed-by", "upstream-cache-1", "--exclude", "^leaf3$")
-	a.SkipAudit = true // filtered dependencies leave references unserved (issue: filters publish unusable closures)
+	// leaf3 is excluded but mid2 needs it; top is excluded and nothing
+	// needs it.
+	a := newAgent(t, "file://"+cacheDir, sk, nil, "--skip-signed-by", "upstream-cache-1", "--exclude", "^leaf3$", "--exclude", "^top$")
+	a.AuditUpstream = upstreamCache
 	a.Start()
 	if out, err := a.Ctl("push", "--closure", top); err != nil {
 		t.Fatalf("push: %v\n%s", err, out)
@@ -252,15 +258,23 @@ func TestFilters(t *testing.T) {
 		_, err := os.Stat(filepath.Join(cacheDir, filepath.Base(p)[:32]+".narinfo"))
 		return err == nil
 	}
-	if has(leaf1) || has(leaf3) || !has(mid1) || !has(top) {
-		t.Fatalf("filtered paths uploaded or others missing: leaf1 %v leaf3 %v mid1 %v top %v", has(leaf1), has(leaf3), has(mid1), has(top))
+	if has(leaf1) || !has(leaf3) || !has(mid1) || has(top) {
+		t.Fatalf("want leaf1 (upstream) and top (excluded, not needed) left out, leaf3 (excluded, but needed by mid2) and mid1 uploaded: leaf1 %v leaf3 %v mid1 %v top %v",
+			has(leaf1), has(leaf3), has(mid1), has(top))
 	}
 	if s := a.Status(); s.Skipped < 2 || s.Failed != 0 {
-		t.Fatalf("status = %+v, want the 2 filtered paths counted as skipped", s)
+		t.Fatalf("status = %+v, want the filtered paths counted as skipped", s)
 	}
-	out, _ := a.Ctl("doctor")
-	if !strings.Contains(out, "WARN") || !strings.Contains(out, "upstream-cache-1") || !strings.Contains(out, "complete only for clients") {
-		t.Fatalf("doctor does not warn about the filters:\n%s", out)
+	// Without the upstream, the cache is knowingly incomplete: mid1 names
+	// leaf1. The audit says so, and with the upstream it is complete (the
+	// harness audits with it at the end).
+	out, err := testenv.Output(testenv.NixEnv(""), bin("agentd"), "audit", "--cache", "file://"+cacheDir)
+	if err == nil || !strings.Contains(out, "missing-reference") || !strings.Contains(out, filepath.Base(leaf1)[:32]) {
+		t.Fatalf("audit without the upstream: err=%v\n%s", err, out)
+	}
+	out, _ = a.Ctl("doctor")
+	if !strings.Contains(out, "WARN") || !strings.Contains(out, "upstream-cache-1") || !strings.Contains(out, "complete only for clients") || !strings.Contains(out, "uploaded anyway") {
+		t.Fatalf("doctor does not explain the filters:\n%s", out)
 	}
 }
 

@@ -36,6 +36,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -946,4 +947,51 @@ func (q *Queue) ForgetPresent(identity string) error {
 		}
 		return err
 	})
+}
+
+// PrunePresent deletes presence records older than notBefore, and every
+// identity that starts with prefix other than keep (earlier generations of
+// the same cache). It returns how many records went.
+func (q *Queue) PrunePresent(prefix, keep string, notBefore time.Time) (int, error) {
+	n := 0
+	err := q.update(func(tx *bolt.Tx) error {
+		n = 0
+		top := tx.Bucket(bktPresence)
+		var drop [][]byte
+		err := top.ForEachBucket(func(name []byte) error {
+			id := string(name)
+			if id != keep && strings.HasPrefix(id, prefix) {
+				drop = append(drop, bytes.Clone(name))
+				return nil
+			}
+			b := top.Bucket(name)
+			var old [][]byte
+			if err := b.ForEach(func(k, v []byte) error {
+				if len(v) != 8 || int64(binary.BigEndian.Uint64(v)) < notBefore.Unix() {
+					old = append(old, bytes.Clone(k))
+				}
+				return nil
+			}); err != nil {
+				return err
+			}
+			for _, k := range old {
+				if err := b.Delete(k); err != nil {
+					return err
+				}
+			}
+			n += len(old)
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		for _, name := range drop {
+			n += top.Bucket(name).Stats().KeyN
+			if err := top.DeleteBucket(name); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return n, err
 }

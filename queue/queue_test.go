@@ -386,6 +386,20 @@ func TestPresence(t *testing.T) {
 	if got, _ := q.Present("s3://a/b/", time.Time{}); len(got) != 0 {
 		t.Fatalf("after forget: %v", got)
 	}
+	// Pruning: old records go, and so do other generations of a cache.
+	q.AddPresent("s3://c/#gen1", []string{"h1"}, t0)
+	q.AddPresent("s3://c/#gen2", []string{"h2", "h3"}, t0)
+	q.AddPresent("s3://c/#gen2", []string{"h4"}, t0.Add(-48*time.Hour))
+	n, err := q.PrunePresent("s3://c/#", "s3://c/#gen2", t0.Add(-24*time.Hour))
+	if err != nil || n != 2 {
+		t.Fatalf("PrunePresent = %d, %v; want 2 (gen1's record and the old one)", n, err)
+	}
+	if got, _ := q.Present("s3://c/#gen2", time.Time{}); len(got) != 2 {
+		t.Fatalf("after pruning: %v", got)
+	}
+	if got, _ := q.Present("s3://c/#gen1", time.Time{}); len(got) != 0 {
+		t.Fatalf("an old generation survived: %v", got)
+	}
 }
 
 // TestNoDeadlockWhileGrowing runs status reads, leases and enqueues that

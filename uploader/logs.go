@@ -19,6 +19,11 @@ const DefaultLogDir = "/nix/var/log/nix"
 // maxLogSize bounds a build log read into memory for upload.
 const maxLogSize = 64 << 20
 
+// maxLogsRemembered bounds the record of derivations whose log was
+// uploaded; beyond it the record starts over (a log may then be uploaded
+// twice, which is harmless).
+const maxLogsRemembered = 10000
+
 // uploadLog uploads the build log of the derivation drv, if Nix kept one,
 // as log/<drv basename> (what `nix-store --store <cache> --read-log` reads). It is
 // best-effort: a missing or unreadable log never fails an upload.
@@ -27,7 +32,11 @@ func (u *Uploader) uploadLog(ctx context.Context, drv string) {
 	if len(base) < 3 {
 		return
 	}
-	if _, done := u.logsDone.LoadOrStore(base, true); done {
+	u.logsMu.Lock()
+	done := u.logsDone[base]
+	u.logsDone[base] = true
+	u.logsMu.Unlock()
+	if done {
 		return
 	}
 	data, err := readBuildLog(u.opt.LogDir, base)
@@ -42,7 +51,9 @@ func (u *Uploader) uploadLog(ctx context.Context, drv string) {
 		}
 	}
 	if err != nil {
-		u.logsDone.Delete(base) // try again with the next output of this derivation
+		u.logsMu.Lock()
+		delete(u.logsDone, base) // try again with the next output of this derivation
+		u.logsMu.Unlock()
 		u.log.Warn("upload build log", "drv", drv, "err", err)
 	}
 }

@@ -1,26 +1,38 @@
 // Package uploader turns store paths into binary cache objects that stock Nix
-// accepts: for a path P it walks P's closure, finds which paths the cache
-// lacks, streams each missing path's NAR through hashing and compression,
-// uploads the NAR, and writes the signed narinfo last.
+// accepts: for a path P it finds which paths of P's closure the cache lacks,
+// streams each missing path's NAR through hashing and compression, uploads
+// the NAR, and writes the signed narinfo last.
 //
 // Invariants it keeps (design.md §4):
 //   - a narinfo is written only after its NAR is complete and after the
 //     narinfos of all its references exist in the cache;
+//   - a narinfo already in the cache is never replaced (another machine's
+//     signatures would be lost): writes are create-only;
+//   - a narinfo is only written on the strength of presence answers from the
+//     cache's current generation (a reset bucket is forgotten at once), and,
+//     with a garbage collector at work, only if nothing it relies on is about
+//     to be deleted (Guard);
 //   - a NAR whose streamed hash differs from the store's NarHash is never
 //     uploaded (a permanent error naming both hashes);
-//   - memory does not grow with NAR size: the compressed NAR goes to a temp
-//     file (which also gives FileHash and FileSize before the upload, and a
-//     seekable body the S3 client can retry and send in parallel parts).
+//   - memory does not grow with NAR size or with the closure's shape: small
+//     NARs are compressed in memory within a fixed byte budget, large ones
+//     into a temp file, a few at a time, and all NAR work runs on a fixed set
+//     of workers (see graph.go); requests in flight are bounded by the
+//     bucket's adaptive window (bucket/limit).
+//
+// Filters: paths signed by an upstream cache's key (Upstream) count as
+// present and are never uploaded: clients get them from the upstream cache.
+// Exclusions (Exclude: name patterns, size limits) apply to the path a job
+// is for; a path that is excluded but needed by a path being uploaded is
+// uploaded anyway, so that no narinfo ever names a reference the cache
+// cannot serve.
 package uploader
 
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -29,23 +41,23 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/nix-community/go-nix/pkg/narinfo"
 	"github.com/nix-community/go-nix/pkg/narinfo/signature"
-	"github.com/nix-community/go-nix/pkg/nixbase32"
-	"github.com/nix-community/go-nix/pkg/nixhash"
+	"golang.org/x/sync/semaphore"
 	"golang.org/x/sync/singleflight"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/cacheurl"
-	"github.com/nixspool/nixspool/nar"
 	"github.com/nixspool/nixspool/nixstore"
 	"github.com/nixspool/nixspool/storepath"
 )
 
-// MetadataSource gives the closure of a path with each path's metadata,
-// ordered dependencies first (nixstore.Store implements it).
+// MetadataSource gives store path metadata (nixstore.Store implements it).
 type MetadataSource interface {
-	Closure(ctx context.Context, path string) ([]*nixstore.PathInfo, error)
+	// QueryPathInfo returns p's metadata, or nil if p is not valid.
+	QueryPathInfo(ctx context.Context, p string) (*nixstore.PathInfo, error)
+	// Closure returns the closure of p, dependencies first.
+	Closure(ctx context.Context, p string) ([]*nixstore.PathInfo, error)
 }
 
 // Options configure an Uploader.
@@ -55,15 +67,28 @@ type Options struct {
 	Store   MetadataSource
 	Keys    []signature.SecretKey
 	TempDir string // for compressed NARs before upload; emptied by New
-	// Streams bounds how many large (≥ 1 MiB) NARs are compressed at once;
-	// each already uses two cores (default 2).
+	// Workers is how many NARs are worked on at once (default 64). Each
+	// holds at most one request; the bucket's window decides how many are
+	// really in flight.
+	Workers int
+	// Streams bounds how many large (≥ 1 MiB) NARs are compressed and
+	// uploaded at once; each already uses two cores (default 2).
 	Streams int
-	Logger  *slog.Logger
-	// Skip, if set, reports paths that count as present without being
-	// uploaded (filters); it is consulted for every path of a closure.
-	Skip func(*nixstore.PathInfo) bool
+	// SmallBudget bounds the bytes of small NARs held in memory at once
+	// (default 32 MiB).
+	SmallBudget int64
+	Logger      *slog.Logger
+	// Upstream, if set, reports paths clients get from an upstream cache
+	// (signed by its key): they count as present and are never uploaded.
+	Upstream func(*nixstore.PathInfo) bool
+	// Exclude, if set, reports paths not to upload when a job is for them.
+	// A path another uploaded path needs is uploaded regardless.
+	Exclude func(*nixstore.PathInfo) bool
 	// Presence, if set, keeps the presence cache across restarts.
 	Presence PresenceStore
+	// PresenceTTL is how long a "the cache has it" is trusted (default
+	// DefaultPresenceTTL).
+	PresenceTTL time.Duration
 	// Resume keeps the records that let a large multipart upload resume
 	// after a crash (the queue database implements it). Nil disables resume.
 	Resume ResumeStore
@@ -74,19 +99,11 @@ type Options struct {
 	// read from LogDir (default /nix/var/log/nix).
 	UploadLogs bool
 	LogDir     string
+	// Guard, if set, coordinates with a garbage collector of the cache.
+	Guard Guard
+	// Realiser, if set, supplies realisations written after narinfos.
+	Realiser Realiser
 }
-
-// PresenceStore remembers, per cache identity (endpoint, bucket and
-// prefix), which paths the cache holds, so a restart does not have to ask
-// again. Records older than PresenceTTL are not trusted.
-type PresenceStore interface {
-	AddPresent(identity string, paths []string, now time.Time)
-	Present(identity string, notBefore time.Time) ([]string, error)
-	ForgetPresent(identity string) error
-}
-
-// PresenceTTL is how long a remembered "the cache has it" is trusted.
-const PresenceTTL = 7 * 24 * time.Hour
 
 // ResumeStore durably keeps one opaque record per store path.
 type ResumeStore interface {
@@ -96,39 +113,43 @@ type ResumeStore interface {
 	Uploads() (map[string][]byte, error)
 }
 
+// generationCheckEvery bounds how long uploads go on without confirming
+// that the cache was not reset.
+const generationCheckEvery = 30 * time.Second
+
 // Uploader uploads closures. It is safe for concurrent use: a dependency
 // shared by concurrent uploads is uploaded once.
 type Uploader struct {
-	opt      Options
-	comp     *narCompressor
-	sf       singleflight.Group
-	narSlots chan struct{}
-	headSlot chan struct{}
-	present  sync.Map // store path → struct{}: known to have a narinfo in this cache
+	opt           Options
+	comp          *narCompressor
+	presence      *presence
+	graph         *graph
+	largeSlots    chan struct{}
+	compressSlots chan struct{}
+	smallBudget   *semaphore.Weighted
+	conditional   atomic.Int32 // condUnknown, condYes, condNo
 	// cacheInfoOK: nix-cache-info is known to exist. No narinfo is written
 	// before it: without it Nix refuses the whole cache.
 	cacheInfoOK atomic.Bool
-	logsDone    sync.Map // drv base name → true: build log uploaded (or being)
-	progress    sync.Map // store path → *Progress
+	fresh       singleflight.Group
+	logsMu      sync.Mutex
+	logsDone    map[string]bool // drv base name → build log uploaded (or being)
+	progress    sync.Map        // store path → *Progress
 	log         *slog.Logger
 }
 
-// Progress is one NAR being streamed.
-type Progress struct {
-	Path  string
-	Total int64
-	done  atomic.Int64
-}
-
-// Done is the number of NAR bytes processed so far.
-func (p *Progress) Done() int64 { return p.done.Load() }
-
 // Result sums what one Upload call uploaded.
 type Result struct {
-	Paths     int
+	Paths     int // narinfos written
 	NARBytes  uint64
-	FileBytes uint64
-	Skipped   int // paths of the closure left out by Options.Skip
+	FileBytes uint64 // compressed bytes sent
+	// Skipped counts paths not uploaded because of a filter: the job's
+	// path if excluded, and upstream paths of its closure.
+	Skipped int
+	// Kept counts narinfos another writer put in place while this upload
+	// ran (left as they were).
+	Kept         int
+	Realisations int
 }
 
 // New returns an Uploader and removes temp files an earlier run left.
@@ -136,8 +157,17 @@ func New(opt Options) (*Uploader, error) {
 	if opt.Streams <= 0 {
 		opt.Streams = 2
 	}
+	if opt.Workers <= 0 {
+		opt.Workers = 64
+	}
+	if opt.SmallBudget <= 0 {
+		opt.SmallBudget = 32 << 20
+	}
 	if opt.ResumeAbove <= 0 {
 		opt.ResumeAbove = 64 << 20
+	}
+	if opt.PresenceTTL <= 0 {
+		opt.PresenceTTL = DefaultPresenceTTL
 	}
 	if opt.LogDir == "" {
 		opt.LogDir = DefaultLogDir
@@ -159,26 +189,21 @@ func New(opt Options) (*Uploader, error) {
 		opt.Logger.Info("removed orphaned temp files", "count", len(old))
 	}
 	u := &Uploader{
-		opt:      opt,
-		comp:     comp,
-		narSlots: make(chan struct{}, opt.Streams),
-		headSlot: make(chan struct{}, 16),
-		log:      opt.Logger,
+		opt:           opt,
+		comp:          comp,
+		largeSlots:    make(chan struct{}, opt.Streams),
+		compressSlots: make(chan struct{}, 4),
+		smallBudget:   semaphore.NewWeighted(opt.SmallBudget),
+		logsDone:      map[string]bool{},
+		log:           opt.Logger,
 	}
-	if opt.Presence != nil {
-		known, err := opt.Presence.Present(opt.Cache.Identity(), time.Now().Add(-PresenceTTL))
-		if err != nil {
-			return nil, fmt.Errorf("load presence cache: %w", err)
-		}
-		for _, p := range known {
-			u.present.Store(p, struct{}{})
-		}
-		if len(known) > 0 {
-			opt.Logger.Info("presence cache loaded", "cache", opt.Cache.String(), "paths", len(known))
-		}
-	}
+	u.presence = newPresence(u)
+	u.graph = newGraph(u, opt.Workers)
 	return u, nil
 }
+
+// Close stops the uploader's workers. Uploads in progress must have ended.
+func (u *Uploader) Close() { u.graph.work.close() }
 
 // InProgress returns the NARs being streamed now.
 func (u *Uploader) InProgress() []*Progress {
@@ -190,438 +215,361 @@ func (u *Uploader) InProgress() []*Progress {
 	return out
 }
 
-// EnsureCacheInfo writes nix-cache-info at the cache root if it is missing.
-// Once it has succeeded it costs nothing.
+// EnsureCacheInfo makes sure nix-cache-info exists at the cache root
+// (writing it if missing) and learns the cache's generation from it. Once
+// it has succeeded it costs nothing until CheckGeneration runs.
 func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
 	if u.cacheInfoOK.Load() {
 		return nil
 	}
-	_, err := u.opt.Bucket.Stat(ctx, "nix-cache-info")
-	if err == nil {
-		u.cacheInfoOK.Store(true)
-		return nil
+	info, err := u.opt.Bucket.Stat(ctx, "nix-cache-info")
+	if bucket.IsNotExist(err) {
+		info, err = u.writeCacheInfo(ctx)
 	}
-	if !bucket.IsNotExist(err) {
+	if err != nil {
 		return fmt.Errorf("check nix-cache-info: %w", err)
 	}
-	wmq := 0
-	if u.opt.Cache.WantMassQuery {
-		wmq = 1
-	}
-	body := fmt.Sprintf("StoreDir: %s\nWantMassQuery: %d\nPriority: %d\n", storepath.DefaultStoreDir, wmq, u.opt.Cache.Priority)
-	if _, err := u.opt.Bucket.Put(ctx, "nix-cache-info", strings.NewReader(body), int64(len(body)), bucket.PutOptions{ContentType: "text/x-nix-cache-info"}); err != nil {
-		return fmt.Errorf("write nix-cache-info: %w", err)
+	if _, err := u.presence.setGeneration(generationName(info)); err != nil {
+		u.log.Warn("presence cache", "err", err)
 	}
 	u.cacheInfoOK.Store(true)
 	return nil
 }
 
-// Probe asks the cache for nix-cache-info (writing it if missing): a real
-// round trip, to learn whether the bucket is back after an outage.
-func (u *Uploader) Probe(ctx context.Context) error {
-	u.cacheInfoOK.Store(false)
-	return u.EnsureCacheInfo(ctx)
+// writeCacheInfo creates nix-cache-info (create-only: of two agents
+// writing it at once, one wins and both see the same object).
+func (u *Uploader) writeCacheInfo(ctx context.Context) (bucket.Info, error) {
+	wmq := 0
+	if u.opt.Cache.WantMassQuery {
+		wmq = 1
+	}
+	body := fmt.Sprintf("StoreDir: %s\nWantMassQuery: %d\nPriority: %d\n", storepath.DefaultStoreDir, wmq, u.opt.Cache.Priority)
+	_, err := u.opt.Bucket.Put(ctx, "nix-cache-info", strings.NewReader(body), int64(len(body)), bucket.PutOptions{ContentType: "text/x-nix-cache-info", IfNoneMatch: true})
+	if err != nil && !bucket.IsPrecondition(err) {
+		return bucket.Info{}, fmt.Errorf("write nix-cache-info: %w", err)
+	}
+	u.log.Info("wrote nix-cache-info", "cache", u.opt.Cache.String())
+	return u.opt.Bucket.Stat(ctx, "nix-cache-info")
 }
 
-// Upload makes path and its whole closure available in the cache.
-func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
-	if _, ok := u.present.Load(path); ok {
-		return Result{}, nil
-	}
-	if err := u.EnsureCacheInfo(ctx); err != nil {
-		return Result{}, err
-	}
-	closure, err := u.opt.Store.Closure(ctx, path)
-	if err != nil {
-		var inv *nixstore.InvalidPathError
-		if !errors.As(err, &inv) {
-			return Result{}, err
-		}
-		// Gone from the store. If it reached the cache before (an
-		// acknowledgement lost in a crash), the job is done after all.
-		if have, herr := u.hasNarinfo(ctx, path); herr == nil && have {
-			u.markPresent(path)
-			return Result{}, nil
-		}
-		return Result{}, Permanent(err)
-	}
-	top := closure[len(closure)-1]
-	// The top path first: if it is there, its closure is too. A small
-	// NAR is simply uploaded (the PUT is idempotent and costs about what
-	// the HEAD would); a large one is worth the HEAD.
-	if top.NarSize >= smallNAR {
-		if have, err := u.hasNarinfo(ctx, path); err != nil || have {
-			if have {
-				u.markPresent(path)
+// generationName identifies one incarnation of the cache: its
+// nix-cache-info object, which a reset or a recreated bucket replaces.
+func generationName(info bucket.Info) string {
+	return info.ETag + "@" + info.LastModified.UTC().Format(time.RFC3339Nano)
+}
+
+// CheckGeneration asks the cache whether it is the same cache as before (a
+// real round trip): if its nix-cache-info changed or vanished, everything
+// known about its contents is forgotten (and nix-cache-info written again).
+func (u *Uploader) CheckGeneration(ctx context.Context) error {
+	_, err, _ := u.fresh.Do("generation", func() (any, error) {
+		info, err := u.opt.Bucket.Stat(ctx, "nix-cache-info")
+		if bucket.IsNotExist(err) {
+			u.log.Warn("nix-cache-info is gone: the cache was emptied; forgetting what it held", "cache", u.opt.Cache.String())
+			if rerr := u.presence.reset(); rerr != nil {
+				u.log.Warn("presence cache", "err", rerr)
 			}
-			return Result{}, err
+			info, err = u.writeCacheInfo(ctx)
 		}
-	}
-	infos := make(map[string]*nixstore.PathInfo, len(closure))
-	var deps []string
-	for _, info := range closure {
-		infos[info.Path] = info
-		if info.Path != path {
-			deps = append(deps, info.Path)
+		if err != nil {
+			return nil, fmt.Errorf("check nix-cache-info: %w", err)
 		}
-	}
-	if _, err := u.CheckPresence(ctx, deps); err != nil {
-		return Result{}, err
-	}
-	var res Result
-	var mu sync.Mutex
-	err = u.ensure(ctx, infos, path, &res, &mu)
-	return res, err
-}
-
-// ensure makes p present in the cache, uploading its references first. It
-// is shared (singleflight) between concurrent callers for the same path.
-func (u *Uploader) ensure(ctx context.Context, infos map[string]*nixstore.PathInfo, p string, res *Result, mu *sync.Mutex) error {
-	if _, ok := u.present.Load(p); ok {
-		return nil
-	}
-	_, err, _ := u.sf.Do(p, func() (any, error) {
-		// Another job may have finished p between the check above and
-		// this call; singleflight only merges calls that overlap.
-		if _, ok := u.present.Load(p); ok {
-			return nil, nil
-		}
-		return nil, u.ensureOnce(ctx, infos, p, res, mu)
+		_, err = u.presence.setGeneration(generationName(info))
+		u.cacheInfoOK.Store(true)
+		return nil, err
 	})
 	return err
 }
 
-func (u *Uploader) ensureOnce(ctx context.Context, infos map[string]*nixstore.PathInfo, p string, res *Result, mu *sync.Mutex) error {
-	info := infos[p]
-	if info == nil {
-		return fmt.Errorf("%s: not in the closure", p)
+// Probe asks the cache for nix-cache-info (writing it if missing): a real
+// round trip, to learn whether the bucket is back after an outage.
+func (u *Uploader) Probe(ctx context.Context) error {
+	return u.CheckGeneration(ctx)
+}
+
+// ensureFresh makes sure nix-cache-info exists and the generation was
+// confirmed recently.
+func (u *Uploader) ensureFresh(ctx context.Context) error {
+	if !u.cacheInfoOK.Load() {
+		return u.EnsureCacheInfo(ctx)
 	}
-	if u.opt.Skip != nil && u.opt.Skip(info) {
-		// A filtered path counts as present: clients get it elsewhere
-		// (e.g. from the upstream cache that signed it).
-		u.present.Store(p, struct{}{})
-		mu.Lock()
-		res.Skipped++
-		mu.Unlock()
-		return nil
+	if u.presence.generationAge() > generationCheckEvery {
+		return u.CheckGeneration(ctx)
 	}
-	// Upload checked the whole closure's presence before calling ensure:
-	// a path that is not known present here is missing.
-	// References in parallel with this path's own NAR upload; its narinfo
-	// waits for both.
-	var wg sync.WaitGroup
-	var depErr error
-	var depMu sync.Mutex
-	for _, r := range info.References {
-		if r == p {
-			continue
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := u.ensure(ctx, infos, r, res, mu); err != nil {
-				depMu.Lock()
-				if depErr == nil {
-					depErr = fmt.Errorf("dependency %s: %w", r, err)
-				}
-				depMu.Unlock()
-			}
-		}()
-	}
-	ni, up, narErr := u.uploadNAR(ctx, info)
-	wg.Wait()
-	if narErr != nil {
-		return narErr
-	}
-	if depErr != nil {
-		return depErr
-	}
-	if err := u.putNarinfo(ctx, ni); err != nil {
-		return err
-	}
-	u.markPresent(p)
-	if u.opt.UploadLogs && info.Deriver != "" {
-		u.uploadLog(ctx, info.Deriver)
-	}
-	mu.Lock()
-	res.Paths++
-	res.NARBytes += ni.NarSize
-	res.FileBytes += up
-	mu.Unlock()
-	u.log.Info("path uploaded", "path", p, "nar_bytes", ni.NarSize, "file_bytes", ni.FileSize)
 	return nil
 }
 
-func (u *Uploader) hasNarinfo(ctx context.Context, p string) (bool, error) {
-	select {
-	case u.headSlot <- struct{}{}:
-	case <-ctx.Done():
-		return false, ctx.Err()
+// Upload makes path and its whole closure available in the cache.
+func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
+	if err := u.ensureFresh(ctx); err != nil {
+		return Result{}, err
 	}
-	defer func() { <-u.headSlot }()
-	_, err := u.opt.Bucket.Stat(ctx, storepath.HashPart(p)+".narinfo")
-	switch {
-	case err == nil:
-		return true, nil
-	case bucket.IsNotExist(err):
-		return false, nil
-	default:
-		return false, err
-	}
-}
-
-// HashMismatchError means the store's contents no longer match its record.
-type HashMismatchError struct {
-	Path            string
-	Want, Got       string
-	WantSize, GotSz uint64
-}
-
-func (e *HashMismatchError) Error() string {
-	return fmt.Sprintf("NAR of %s does not match the store's record: store says %s (%d bytes), contents hash to %s (%d bytes); upload aborted", e.Path, e.Want, e.WantSize, e.Got, e.GotSz)
-}
-
-// smallNAR is the size below which a NAR is compressed in memory and
-// uploaded without a HEAD first: for tiny paths the per-path cost is
-// round trips and syscalls, not bytes (perf.md §8).
-const smallNAR = 1 << 20
-
-// uploadNAR streams p's NAR through hashing and compression (to memory for
-// small NARs, to a temp file otherwise), checks the NAR hash against the
-// store's, uploads the compressed file under its content hash, and returns
-// the narinfo to write and the number of bytes sent.
-func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*narinfo.NarInfo, uint64, error) {
-	small := info.NarSize < smallNAR
-	if !small {
-		// Large NARs are CPU-bound (compression); limit how many run at once.
-		select {
-		case u.narSlots <- struct{}{}:
-		case <-ctx.Done():
-			return nil, 0, ctx.Err()
-		}
-		defer func() { <-u.narSlots }()
-	}
-	// Shown by agentctl status/watch for the whole upload, not only while
-	// the NAR is being read.
-	u.progress.Store(info.Path, &Progress{Path: info.Path, Total: int64(info.NarSize)})
-	defer u.progress.Delete(info.Path)
-	if mp, ok := u.opt.Bucket.(bucket.Multipart); ok && u.opt.Resume != nil && info.NarSize >= uint64(u.opt.ResumeAbove) {
-		return u.uploadResumable(ctx, info, mp)
-	}
-
-	var sink interface {
-		io.Writer
-		io.ReadSeeker
-	}
-	if small {
-		sink = &memFile{}
-	} else {
-		tmp, err := os.CreateTemp(u.opt.TempDir, "nar-*.tmp")
-		if err != nil {
-			return nil, 0, fmt.Errorf("temp file: %w", err)
-		}
-		defer func() {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}()
-		sink = tmp
-	}
-	fileSum, size, listing, err := u.compressNAR(ctx, info, sink, small)
+	info, err := u.opt.Store.QueryPathInfo(ctx, path)
 	if err != nil {
-		return nil, 0, err
+		return Result{}, err
 	}
-	key := u.narKey(fileSum)
-	sent := uint64(0)
-	exists := false
-	if !small {
-		// Worth a HEAD: skipping a large upload that is already there
-		// (same content, same key) saves far more than the round trip.
-		exists = u.objectExists(ctx, key, size)
-	}
-	if !exists {
-		if _, err := sink.Seek(0, io.SeekStart); err != nil {
-			return nil, 0, err
+	if info == nil {
+		// Gone from the store. If it reached the cache before (an
+		// acknowledgement lost in a crash), the job is done after all.
+		if have, herr := u.hasNarinfo(ctx, path); herr == nil && have {
+			u.presence.mark([]string{path})
+			return Result{}, nil
 		}
-		if _, err := u.opt.Bucket.Put(ctx, key, sink, size, bucket.PutOptions{ContentType: "application/x-nix-nar"}); err != nil {
-			return nil, 0, err
-		}
-		sent = uint64(size)
+		return Result{}, Permanent(&nixstore.InvalidPathError{Path: path})
 	}
-	return u.finishNAR(ctx, info, key, fileSum, size, listing, sent)
-}
-
-func (u *Uploader) narKey(fileSum []byte) string {
-	return "nar/" + nixbase32.EncodeToString(fileSum) + ".nar" + u.comp.ext
-}
-
-func (u *Uploader) objectExists(ctx context.Context, key string, size int64) bool {
-	st, err := u.opt.Bucket.Stat(ctx, key)
-	return err == nil && st.Size == size
-}
-
-// finishNAR uploads the listing (if any) and builds the narinfo.
-func (u *Uploader) finishNAR(ctx context.Context, info *nixstore.PathInfo, key string, fileSum []byte, size int64, listing *nar.Listing, sent uint64) (*narinfo.NarInfo, uint64, error) {
-	if listing != nil {
-		if err := u.putListing(ctx, info.Path, listing); err != nil {
-			return nil, 0, err
-		}
+	if u.isUpstream(info) || (u.opt.Exclude != nil && u.opt.Exclude(info)) {
+		return Result{Skipped: 1}, nil
 	}
-	ni, err := u.makeNarinfo(info, key, fileSum, uint64(size))
+	gen := u.presence.gen.Load()
+	// The path itself first: if its narinfo is there, its closure is too.
+	if u.presence.has(path) {
+		return Result{}, nil
+	}
+	missing, err := u.presence.check(ctx, []string{path})
 	if err != nil {
-		return nil, 0, err
+		return Result{}, err
 	}
-	return ni, sent, nil
-}
-
-// compressNAR writes the compressed NAR of info.Path to sink and returns
-// the compressed file's SHA-256 and size, and the listing if one is wanted.
-// A NAR whose hash or size differs from the store's record is a permanent
-// error, and nothing of it may be uploaded.
-func (u *Uploader) compressNAR(ctx context.Context, info *nixstore.PathInfo, sink io.Writer, small bool) ([]byte, int64, *nar.Listing, error) {
-	prog := u.trackProgress(info)
-
-	narHash, fileHash := sha256.New(), sha256.New()
-	fileCount := &countWriter{w: io.MultiWriter(sink, fileHash)}
-	cw, err := u.comp.wrap(fileCount, small)
+	if len(missing) == 0 {
+		return Result{}, u.reviveIfDoomed(ctx, path)
+	}
+	closure, err := u.opt.Store.Closure(ctx, path)
 	if err != nil {
-		return nil, 0, nil, err
-	}
-	narSink := &ctxWriter{ctx: ctx, w: io.MultiWriter(narHash, cw), prog: prog}
-	narSize, listing, err := nar.Dump(narSink, info.Path, u.opt.Cache.WriteNARListing)
-	if cerr := cw.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil, 0, nil, ctx.Err()
+		var inv *nixstore.InvalidPathError
+		if errors.As(err, &inv) {
+			return Result{}, Permanent(err)
 		}
-		if _, serr := os.Lstat(info.Path); errors.Is(serr, os.ErrNotExist) {
-			return nil, 0, nil, Permanent(fmt.Errorf("%s was deleted from the store (garbage-collected?): %w", info.Path, err))
-		}
-		return nil, 0, nil, fmt.Errorf("stream NAR of %s: %w", info.Path, err)
+		return Result{}, err
 	}
-	gotHash := narHash.Sum(nil)
-	if !bytes.Equal(gotHash, info.NarHash) || uint64(narSize) != info.NarSize {
-		return nil, 0, nil, Permanent(&HashMismatchError{
-			Path: info.Path, Want: "sha256:" + nixbase32.EncodeToString(info.NarHash), WantSize: info.NarSize,
-			Got: "sha256:" + nixbase32.EncodeToString(gotHash), GotSz: uint64(narSize),
-		})
-	}
-	return fileHash.Sum(nil), fileCount.n, listing, nil
-}
-
-// trackProgress returns the progress entry of info's upload.
-func (u *Uploader) trackProgress(info *nixstore.PathInfo) *Progress {
-	if v, ok := u.progress.Load(info.Path); ok {
-		return v.(*Progress)
-	}
-	return &Progress{Path: info.Path, Total: int64(info.NarSize)}
-}
-
-// memFile is an in-memory file for small compressed NARs.
-type memFile struct {
-	buf bytes.Buffer
-	r   *bytes.Reader
-}
-
-func (m *memFile) Write(p []byte) (int, error) { return m.buf.Write(p) }
-func (m *memFile) Read(p []byte) (int, error) {
-	if m.r == nil {
-		m.r = bytes.NewReader(m.buf.Bytes())
-	}
-	return m.r.Read(p)
-}
-func (m *memFile) Seek(off int64, whence int) (int64, error) {
-	m.r = bytes.NewReader(m.buf.Bytes())
-	return m.r.Seek(off, whence)
-}
-
-func (u *Uploader) putListing(ctx context.Context, p string, listing *nar.Listing) error {
-	js, err := json.Marshal(listing)
-	if err != nil {
-		return err
-	}
-	body, err := compressMeta(u.opt.Cache.LsCompression, js)
-	if err != nil {
-		return err
-	}
-	_, err = u.opt.Bucket.Put(ctx, storepath.HashPart(p)+".ls", bytes.NewReader(body), int64(len(body)),
-		bucket.PutOptions{ContentType: "application/json", ContentEncoding: u.opt.Cache.LsCompression})
-	return err
-}
-
-// makeNarinfo builds the narinfo: Nix's field order (go-nix renders it),
-// references sorted as base names, our signatures plus the ones the path
-// already carries from other keys.
-func (u *Uploader) makeNarinfo(info *nixstore.PathInfo, url string, fileSum []byte, fileSize uint64) (*narinfo.NarInfo, error) {
-	comp := u.opt.Cache.Compression
-	ni := &narinfo.NarInfo{
-		StorePath:   info.Path,
-		URL:         url,
-		Compression: comp,
-		FileHash:    nixhash.MustNewHashWithEncoding(nixhash.SHA256, fileSum, nixhash.NixBase32, true),
-		FileSize:    fileSize,
-		NarHash:     nixhash.MustNewHashWithEncoding(nixhash.SHA256, info.NarHash, nixhash.NixBase32, true),
-		NarSize:     info.NarSize,
-		CA:          info.CA,
-	}
-	for _, r := range info.References { // already sorted; base names sort the same
-		ni.References = append(ni.References, filepath.Base(r))
-	}
-	if info.Deriver != "" {
-		ni.Deriver = filepath.Base(info.Deriver)
-	}
-	fp := ni.Fingerprint()
-	ours := map[string]bool{}
-	for _, k := range u.opt.Keys {
-		sig, err := k.Sign(nil, fp)
-		if err != nil {
-			return nil, fmt.Errorf("sign %s: %w", info.Path, err)
-		}
-		ni.Signatures = append(ni.Signatures, sig)
-		ours[sig.Name] = true
-	}
-	for _, s := range info.Sigs {
-		sig, err := signature.ParseSignature(s)
-		if err != nil || ours[sig.Name] {
+	skipped := 0
+	var deps []string
+	for _, i := range closure[:len(closure)-1] {
+		if u.isUpstream(i) {
+			skipped++
 			continue
 		}
-		ni.Signatures = append(ni.Signatures, sig)
+		deps = append(deps, i.Path)
 	}
-	return ni, nil
+	missingDeps, err := u.presence.check(ctx, deps)
+	if err != nil {
+		return Result{}, err
+	}
+	want := map[string]bool{path: true}
+	for _, p := range missingDeps {
+		want[p] = true
+	}
+	job := &jobResult{}
+	interest, top := u.graph.plan(job, closure, want, u.opt.Upstream, gen)
+	defer u.graph.release(interest)
+	if top == nil {
+		return Result{Skipped: skipped}, nil // uploaded by another job meanwhile
+	}
+	select {
+	case <-top.done:
+	case <-ctx.Done():
+		return Result{}, ctx.Err()
+	}
+	job.mu.Lock()
+	res := job.res
+	job.mu.Unlock()
+	res.Skipped += skipped
+	return res, top.err
 }
 
-func (u *Uploader) putNarinfo(ctx context.Context, ni *narinfo.NarInfo) error {
-	body, err := compressMeta(u.opt.Cache.NarinfoCompression, []byte(ni.String()))
+func (u *Uploader) isUpstream(info *nixstore.PathInfo) bool {
+	return u.opt.Upstream != nil && u.opt.Upstream(info)
+}
+
+// runNAR is the first task of a node: its NAR.
+func (u *Uploader) runNAR(n *node) {
+	if err := n.ctx.Err(); err != nil {
+		u.graph.fail(n, err)
+		return
+	}
+	ni, sent, relied, err := u.uploadNAR(n.ctx, n.info)
+	if err != nil {
+		u.graph.fail(n, fmt.Errorf("upload %s: %w", n.info.Path, err))
+		return
+	}
+	u.graph.narUploaded(n, ni, sent, relied)
+}
+
+// runNarinfo is the last task of a node: its narinfo (and what follows it),
+// once its NAR is up and its references' narinfos are written.
+func (u *Uploader) runNarinfo(n *node) {
+	ctx := n.ctx
+	fail := func(err error) { u.graph.fail(n, fmt.Errorf("upload %s: %w", n.info.Path, err)) }
+	if err := ctx.Err(); err != nil {
+		fail(err)
+		return
+	}
+	if n.gen != u.presence.gen.Load() {
+		fail(errReset)
+		return
+	}
+	if g := u.opt.Guard; g != nil {
+		if err := g.Check(ctx, n.relied); err != nil {
+			fail(err)
+			return
+		}
+	}
+	wrote, err := u.putNarinfo(ctx, n.ni)
+	if err != nil {
+		fail(err)
+		return
+	}
+	extras, err := u.putExtras(ctx, n.info)
+	if err != nil {
+		fail(err)
+		return
+	}
+	if u.opt.UploadLogs && n.info.Deriver != "" {
+		u.uploadLog(ctx, n.info.Deriver)
+	}
+	n.owner.add(func(r *Result) {
+		if wrote {
+			r.Paths++
+		} else {
+			r.Kept++
+		}
+		r.NARBytes += n.ni.NarSize
+		r.FileBytes += n.sent
+		r.Realisations += extras
+	})
+	if wrote {
+		u.log.Info("path uploaded", "path", n.info.Path, "nar_bytes", n.ni.NarSize, "file_bytes", n.ni.FileSize)
+	} else {
+		u.log.Info("narinfo already in the cache (another writer); kept it", "path", n.info.Path)
+	}
+	u.graph.succeed(n)
+}
+
+// putExtras writes what the Realiser supplies for a path, create-only.
+func (u *Uploader) putExtras(ctx context.Context, info *nixstore.PathInfo) (int, error) {
+	if u.opt.Realiser == nil {
+		return 0, nil
+	}
+	extras, err := u.opt.Realiser.For(ctx, info)
+	if err != nil {
+		return 0, err
+	}
+	for _, x := range extras {
+		_, err := u.opt.Bucket.Put(ctx, x.Key, bytes.NewReader(x.Body), int64(len(x.Body)), bucket.PutOptions{ContentType: x.ContentType, IfNoneMatch: true})
+		if err != nil && !bucket.IsPrecondition(err) {
+			return 0, err
+		}
+	}
+	return len(extras), nil
+}
+
+// reviveIfDoomed rewrites the narinfo of a path found present if a
+// collector announced it for deletion: the path was just built or pushed
+// again, so it becomes a fresh root instead of disappearing.
+func (u *Uploader) reviveIfDoomed(ctx context.Context, path string) error {
+	g := u.opt.Guard
+	key := storepath.HashPart(path) + ".narinfo"
+	if g == nil || !g.Doomed(key) {
+		return nil
+	}
+	data, info, err := u.opt.Bucket.Get(ctx, key, 16<<20)
+	if bucket.IsNotExist(err) {
+		u.presence.forget([]string{path})
+		return fmt.Errorf("%s was deleted by a garbage collector meanwhile; will upload it again", path)
+	}
 	if err != nil {
 		return err
 	}
-	_, err = u.opt.Bucket.Put(ctx, storepath.HashPart(ni.StorePath)+".narinfo", bytes.NewReader(body), int64(len(body)),
-		bucket.PutOptions{ContentType: "text/x-nix-narinfo", ContentEncoding: u.opt.Cache.NarinfoCompression})
-	return err
-}
-
-// markPresent remembers that p has a narinfo in the cache, in memory and,
-// with a PresenceStore, across restarts.
-func (u *Uploader) markPresent(p string) {
-	u.present.Store(p, struct{}{})
-	u.persistPresent([]string{p})
-}
-
-func (u *Uploader) persistPresent(paths []string) {
-	if u.opt.Presence != nil && len(paths) > 0 {
-		u.opt.Presence.AddPresent(u.opt.Cache.Identity(), paths, time.Now())
+	plain, err := cachefmt.DecodeContentEncoding(info.ContentEncoding, data)
+	if err != nil {
+		return err
 	}
+	ni, err := cachefmt.ParseNarInfo(plain)
+	if err != nil {
+		return fmt.Errorf("narinfo of %s in the cache: %w", path, err)
+	}
+	relied := []string{ni.URL}
+	for _, r := range ni.References {
+		if h := cachefmt.RefHash(r); h != "" && h != storepath.HashPart(path) {
+			relied = append(relied, h+".narinfo")
+		}
+	}
+	if err := g.Check(ctx, relied); err != nil {
+		return err
+	}
+	_, err = u.opt.Bucket.Put(ctx, key, bytes.NewReader(data), int64(len(data)),
+		bucket.PutOptions{ContentType: "text/x-nix-narinfo", ContentEncoding: info.ContentEncoding, IfMatch: info.ETag})
+	if err != nil && !bucket.IsPrecondition(err) {
+		return fmt.Errorf("revive %s: %w", key, err)
+	}
+	u.log.Info("rewrote a narinfo announced for deletion (the path is in use again)", "path", path)
+	return nil
+}
+
+// CheckPresence asks the cache which of paths have a narinfo and returns
+// the ones that do not. Paths known to be present cost nothing.
+func (u *Uploader) CheckPresence(ctx context.Context, paths []string) ([]string, error) {
+	return u.presence.check(ctx, paths)
 }
 
 // Forget drops what is known about the cache's contents (after an
 // operator emptied the bucket, for example).
 func (u *Uploader) Forget() error {
-	u.present.Clear()
-	if u.opt.Presence != nil {
-		return u.opt.Presence.ForgetPresent(u.opt.Cache.Identity())
+	return u.presence.reset()
+}
+
+// ForgetPaths drops what is known about paths (a collector announced them
+// for deletion).
+func (u *Uploader) ForgetPaths(paths []string) { u.presence.forget(paths) }
+
+// Maintain prunes what grows with uptime: presence entries older than the
+// TTL (in memory and persisted) and the record of uploaded build logs.
+func (u *Uploader) Maintain() {
+	n := u.presence.prune()
+	if ps := u.opt.Presence; ps != nil {
+		u.presence.mu.Lock()
+		identity := u.presence.identity
+		u.presence.mu.Unlock()
+		if identity != "" {
+			m, err := ps.PrunePresent(u.opt.Cache.Identity()+"#", identity, time.Now().Add(-u.opt.PresenceTTL))
+			if err != nil {
+				u.log.Warn("prune presence records", "err", err)
+			}
+			n += m
+		}
 	}
-	return nil
+	u.logsMu.Lock()
+	if len(u.logsDone) > maxLogsRemembered {
+		u.logsDone = map[string]bool{}
+	}
+	u.logsMu.Unlock()
+	if n > 0 {
+		u.log.Debug("pruned presence cache", "entries", n)
+	}
+}
+
+// Stats describe the uploader's state for status and doctor.
+type Stats struct {
+	KnownPresent      int
+	Generation        string
+	GenerationAge     time.Duration
+	ConditionalWrites string // "yes", "no" or "unknown"
+	PathsInProgress   int
+}
+
+// Stats returns the uploader's state.
+func (u *Uploader) Stats() Stats {
+	s := Stats{KnownPresent: u.presence.count(), GenerationAge: u.presence.generationAge(), PathsInProgress: u.graph.inProgress()}
+	u.presence.mu.Lock()
+	s.Generation = u.presence.genName
+	u.presence.mu.Unlock()
+	switch u.conditional.Load() {
+	case condYes:
+		s.ConditionalWrites = "yes"
+	case condNo:
+		s.ConditionalWrites = "no"
+	default:
+		s.ConditionalWrites = "unknown"
+	}
+	return s
 }
 
 // PermanentError marks an error that retrying cannot fix.
@@ -639,73 +587,4 @@ func Permanent(err error) error { return &PermanentError{Err: err} }
 func IsPermanent(err error) bool {
 	var pe *PermanentError
 	return errors.As(err, &pe) || bucket.IsPermanent(err)
-}
-
-type countWriter struct {
-	w io.Writer
-	n int64
-}
-
-func (c *countWriter) Write(p []byte) (int, error) {
-	n, err := c.w.Write(p)
-	c.n += int64(n)
-	return n, err
-}
-
-// ctxWriter stops a NAR stream when ctx is cancelled and reports progress.
-type ctxWriter struct {
-	ctx  context.Context
-	w    io.Writer
-	prog *Progress
-}
-
-func (c *ctxWriter) Write(p []byte) (int, error) {
-	if err := c.ctx.Err(); err != nil {
-		return 0, err
-	}
-	n, err := c.w.Write(p)
-	c.prog.done.Add(int64(n))
-	return n, err
-}
-
-// CheckPresence asks the cache which of paths already have a narinfo, with
-// up to 16 HEAD requests in flight over kept-alive connections, remembers
-// the ones that do, and returns the ones that do not. Paths already known to
-// be present cost nothing.
-func (u *Uploader) CheckPresence(ctx context.Context, paths []string) (missing []string, err error) {
-	var found []string
-	defer func() { u.persistPresent(found) }()
-	todo := make(chan string)
-	var mu sync.Mutex
-	var wg sync.WaitGroup
-	for w := 0; w < cap(u.headSlot); w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for p := range todo {
-				have, herr := u.hasNarinfo(ctx, p)
-				mu.Lock()
-				switch {
-				case herr != nil:
-					if err == nil {
-						err = herr
-					}
-				case have:
-					u.present.Store(p, struct{}{})
-					found = append(found, p)
-				default:
-					missing = append(missing, p)
-				}
-				mu.Unlock()
-			}
-		}()
-	}
-	for _, p := range paths {
-		if _, ok := u.present.Load(p); !ok {
-			todo <- p
-		}
-	}
-	close(todo)
-	wg.Wait()
-	return missing, err
 }

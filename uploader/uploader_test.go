@@ -54,6 +54,10 @@ func (f *fakeStore) Closure(_ context.Context, p string) ([]*nixstore.PathInfo, 
 	return nixstore.TopoSort(sub), nil
 }
 
+func (f *fakeStore) QueryPathInfo(_ context.Context, p string) (*nixstore.PathInfo, error) {
+	return f.infos[p], nil
+}
+
 // recorder wraps a bucket and records the order of successful puts.
 type recorder struct {
 	bucket.Bucket
@@ -273,9 +277,9 @@ func TestSharedDependencyUploadedOnce(t *testing.T) {
 	}
 }
 
-func TestSkippedDependencyCountsAsPresent(t *testing.T) {
+func TestUpstreamDependencyCountsAsPresent(t *testing.T) {
 	f := newFixture(t, map[int][]int{1: {0}})
-	u := f.uploader(t, Options{Skip: func(i *nixstore.PathInfo) bool { return i.Path == f.path(0) }})
+	u := f.uploader(t, Options{Upstream: func(i *nixstore.PathInfo) bool { return i.Path == f.path(0) }})
 	res, err := u.Upload(context.Background(), f.path(1))
 	if err != nil {
 		t.Fatal(err)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/nixspool/nixspool/audit"
@@ -24,7 +25,7 @@ var errProblems = errors.New("")
 func runAudit(args []string) error {
 	fs := flag.NewFlagSet("agentd audit", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "usage: agentd audit --cache URL [--deep] [--trusted-public-keys 'NAME:KEY …'] [--json]\n\nChecks that stock Nix can use everything in the cache (read-only). Exit 0: healthy, 1: problems found.\n\nOptions:")
+		fmt.Fprintln(fs.Output(), "usage: agentd audit --cache URL [--deep] [--trusted-public-keys 'NAME:KEY …'] [--upstream URL]… [--json]\n\nChecks that stock Nix can use everything in the cache (read-only). Exit 0: healthy, 1: problems found.\n\nOptions:")
 		fs.PrintDefaults()
 	}
 	cache := fs.String("cache", "", "binary cache URL (s3://BUCKET?… or file:///DIR)")
@@ -32,6 +33,8 @@ func runAudit(args []string) error {
 	keys := fs.String("trusted-public-keys", "", "require every narinfo to be signed by one of these keys (space-separated)")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
 	concurrency := fs.Int("concurrency", 32, "requests in flight")
+	var upstreams multiFlag
+	fs.Var(&upstreams, "upstream", "a cache clients also substitute from (https://…, s3://…, file://…): references it serves are not missing (repeatable)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -50,9 +53,17 @@ func runAudit(args []string) error {
 	if err != nil {
 		return err
 	}
+	var ups []audit.Upstream
+	for _, u := range upstreams {
+		up, err := openUpstream(u)
+		if err != nil {
+			return fmt.Errorf("--upstream %s: %w", u, err)
+		}
+		ups = append(ups, up)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	rep, err := audit.Run(ctx, b, audit.Options{Deep: *deep, TrustedKeys: pubs, Concurrency: *concurrency})
+	rep, err := audit.Run(ctx, b, audit.Options{Deep: *deep, TrustedKeys: pubs, Concurrency: *concurrency, Upstreams: ups})
 	if err != nil {
 		return err
 	}
@@ -70,4 +81,19 @@ func runAudit(args []string) error {
 		return errProblems
 	}
 	return nil
+}
+
+func openUpstream(raw string) (audit.Upstream, error) {
+	if strings.HasPrefix(raw, "http://") || strings.HasPrefix(raw, "https://") {
+		return audit.HTTPUpstream{URL: raw}, nil
+	}
+	c, err := cacheurl.Parse(raw)
+	if err != nil {
+		return nil, err
+	}
+	b, err := open.Cache(c)
+	if err != nil {
+		return nil, err
+	}
+	return audit.BucketUpstream{Bucket: b}, nil
 }

@@ -1,0 +1,279 @@
+package uploader
+
+import (
+	"context"
+	"fmt"
+	"sync"
+
+	"github.com/nix-community/go-nix/pkg/narinfo"
+
+	"github.com/nixspool/nixspool/nixstore"
+	"github.com/nixspool/nixspool/storepath"
+)
+
+// The scheduler. Every path some job needs uploaded is one node, shared by
+// all jobs that need it. A node's NAR is compressed and uploaded by one of a
+// fixed number of workers as soon as one is free; its narinfo is written
+// once its NAR is up and the narinfos of all its references are written
+// (references that the cache already held count from the start). Nothing
+// is a goroutine per path: a closure of 10,000 missing paths is 10,000
+// small nodes in a map and a queue, worked by the same workers as
+// everything else, so memory and requests in flight are bounded by design
+// (workers, the in-memory NAR budget, large-NAR slots and the bucket's
+// adaptive window), whatever the closure's shape.
+
+// node is one path being uploaded.
+type node struct {
+	info   *nixstore.PathInfo
+	ctx    context.Context
+	cancel context.CancelFunc
+	// interest counts the jobs waiting for this node; when it drops to zero
+	// before the node is done, the node's work is cancelled.
+	interest int
+	// refsLeft counts references being uploaded whose narinfo is not yet
+	// written.
+	refsLeft   int
+	dependents []*node
+	// relied are the keys of objects that existed before this upload and
+	// that the narinfo relies on: narinfos of references, and the NAR if
+	// an identical one was already there.
+	relied  []string
+	gen     uint64 // the cache generation the plan was made in
+	narDone bool
+	ni      *narinfo.NarInfo
+	sent    uint64
+	owner   *jobResult // the job that created the node counts its upload
+	done    chan struct{}
+	err     error
+}
+
+// jobResult accumulates what one Upload call uploaded.
+type jobResult struct {
+	mu  sync.Mutex
+	res Result
+}
+
+func (j *jobResult) add(f func(*Result)) {
+	j.mu.Lock()
+	f(&j.res)
+	j.mu.Unlock()
+}
+
+// graph holds the nodes in progress and the work queue.
+type graph struct {
+	u     *Uploader
+	mu    sync.Mutex
+	nodes map[string]*node
+	work  *workQueue
+}
+
+func newGraph(u *Uploader, workers int) *graph {
+	g := &graph{u: u, nodes: map[string]*node{}, work: newWorkQueue()}
+	for i := 0; i < workers; i++ {
+		go g.work.run()
+	}
+	return g
+}
+
+// errDependencyGone is the error of a node whose reference is neither in
+// the cache nor being uploaded (its upload just failed).
+type errDependencyGone struct{ path string }
+
+func (e *errDependencyGone) Error() string {
+	return fmt.Sprintf("dependency %s is not in the cache (its upload failed); will retry", e.path)
+}
+
+// plan registers the upload of missing (closure order: dependencies first)
+// for one job, and returns the nodes the job is interested in and the
+// node of top (nil if top needs no upload).
+func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing map[string]bool, upstream func(*nixstore.PathInfo) bool, gen uint64) (interest []*node, top *node) {
+	g.mu.Lock()
+	var created []*node
+	topPath := closure[len(closure)-1].Path
+	isUpstream := map[string]bool{}
+	for _, info := range closure {
+		if upstream != nil && upstream(info) {
+			isUpstream[info.Path] = true
+		}
+	}
+	for _, info := range closure {
+		p := info.Path
+		if isUpstream[p] {
+			continue
+		}
+		if n := g.nodes[p]; n != nil {
+			n.interest++
+			interest = append(interest, n)
+			continue
+		}
+		if !missing[p] || g.u.presence.seen(p) {
+			continue
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		n := &node{info: info, ctx: ctx, cancel: cancel, interest: 1, gen: gen, owner: job, done: make(chan struct{})}
+		for _, r := range info.References {
+			switch {
+			case r == p || isUpstream[r]:
+			case g.nodes[r] != nil:
+				n.refsLeft++
+				g.nodes[r].dependents = append(g.nodes[r].dependents, n)
+			case g.u.presence.seen(r):
+				n.relied = append(n.relied, storepath.HashPart(r)+".narinfo")
+			default:
+				n.err = &errDependencyGone{path: r}
+			}
+		}
+		g.nodes[p] = n
+		interest = append(interest, n)
+		created = append(created, n)
+	}
+	top = g.nodes[topPath]
+	g.mu.Unlock()
+	for _, n := range created {
+		if n.err != nil {
+			g.fail(n, n.err)
+			continue
+		}
+		g.work.push(false, func() { g.u.runNAR(n) })
+	}
+	return interest, top
+}
+
+// release ends a job's interest in nodes; nodes nobody waits for any more
+// are cancelled.
+func (g *graph) release(nodes []*node) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for _, n := range nodes {
+		n.interest--
+		if n.interest <= 0 {
+			n.cancel()
+		}
+	}
+}
+
+// narUploaded records that n's NAR is up; its narinfo is due if its
+// references are written.
+func (g *graph) narUploaded(n *node, ni *narinfo.NarInfo, sent uint64, relied []string) {
+	g.mu.Lock()
+	n.ni, n.sent, n.narDone = ni, sent, true
+	n.relied = append(n.relied, relied...)
+	ready := n.refsLeft == 0 && n.err == nil
+	g.mu.Unlock()
+	if ready {
+		g.work.push(true, func() { g.u.runNarinfo(n) })
+	}
+}
+
+// succeed records that n's narinfo is written: it is present, and its
+// dependents may be due.
+func (g *graph) succeed(n *node) {
+	g.u.presence.mark([]string{n.info.Path})
+	var due []*node
+	g.mu.Lock()
+	delete(g.nodes, n.info.Path)
+	close(n.done)
+	for _, d := range n.dependents {
+		d.refsLeft--
+		if d.refsLeft == 0 && d.narDone && d.err == nil {
+			due = append(due, d)
+		}
+	}
+	g.mu.Unlock()
+	n.cancel()
+	for _, d := range due {
+		g.work.push(true, func() { g.u.runNarinfo(d) })
+	}
+}
+
+// fail records that n cannot be uploaded now, and fails every node above it.
+func (g *graph) fail(n *node, err error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	stack := []*node{n}
+	errs := []error{err}
+	for len(stack) > 0 {
+		cur, cerr := stack[len(stack)-1], errs[len(errs)-1]
+		stack, errs = stack[:len(stack)-1], errs[:len(errs)-1]
+		select {
+		case <-cur.done:
+			continue
+		default:
+		}
+		cur.err = cerr
+		close(cur.done)
+		cur.cancel()
+		if g.nodes[cur.info.Path] == cur {
+			delete(g.nodes, cur.info.Path)
+		}
+		for _, d := range cur.dependents {
+			stack = append(stack, d)
+			errs = append(errs, fmt.Errorf("dependency %s: %w", cur.info.Path, cerr))
+		}
+	}
+}
+
+// inProgress is how many paths are being uploaded.
+func (g *graph) inProgress() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return len(g.nodes)
+}
+
+// workQueue is a FIFO of tasks with a priority lane (narinfo writes, which
+// unblock other paths) worked by a fixed set of goroutines.
+type workQueue struct {
+	mu     sync.Mutex
+	cond   *sync.Cond
+	high   []func()
+	low    []func()
+	closed bool
+}
+
+func newWorkQueue() *workQueue {
+	q := &workQueue{}
+	q.cond = sync.NewCond(&q.mu)
+	return q
+}
+
+func (q *workQueue) push(high bool, task func()) {
+	q.mu.Lock()
+	if high {
+		q.high = append(q.high, task)
+	} else {
+		q.low = append(q.low, task)
+	}
+	q.mu.Unlock()
+	q.cond.Signal()
+}
+
+func (q *workQueue) pop() func() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for len(q.high) == 0 && len(q.low) == 0 && !q.closed {
+		q.cond.Wait()
+	}
+	var t func()
+	switch {
+	case len(q.high) > 0:
+		t, q.high[0] = q.high[0], nil
+		q.high = q.high[1:]
+	case len(q.low) > 0:
+		t, q.low[0] = q.low[0], nil
+		q.low = q.low[1:]
+	}
+	return t
+}
+
+func (q *workQueue) run() {
+	for t := q.pop(); t != nil; t = q.pop() {
+		t()
+	}
+}
+
+func (q *workQueue) close() {
+	q.mu.Lock()
+	q.closed = true
+	q.mu.Unlock()
+	q.cond.Broadcast()
+}

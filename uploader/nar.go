@@ -1,0 +1,375 @@
+package uploader
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+
+	"github.com/nix-community/go-nix/pkg/narinfo"
+	"github.com/nix-community/go-nix/pkg/narinfo/signature"
+	"github.com/nix-community/go-nix/pkg/nixbase32"
+	"github.com/nix-community/go-nix/pkg/nixhash"
+
+	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/nar"
+	"github.com/nixspool/nixspool/nixstore"
+	"github.com/nixspool/nixspool/storepath"
+)
+
+// smallNAR is the size below which a NAR is compressed in memory and
+// uploaded without a HEAD first: for tiny paths the per-path cost is round
+// trips and syscalls, not bytes (perf.md §8). Overwriting a NAR object with
+// the same content is harmless: its key is the hash of its content.
+const smallNAR = 1 << 20
+
+// smallOverhead is what one in-memory NAR costs beyond its size
+// (incompressible input grows a little; buffers round up).
+const smallOverhead = 64 << 10
+
+// HashMismatchError means the store's contents no longer match its record.
+type HashMismatchError struct {
+	Path            string
+	Want, Got       string
+	WantSize, GotSz uint64
+}
+
+func (e *HashMismatchError) Error() string {
+	return fmt.Sprintf("NAR of %s does not match the store's record: store says %s (%d bytes), contents hash to %s (%d bytes); upload aborted", e.Path, e.Want, e.WantSize, e.Got, e.GotSz)
+}
+
+// uploadNAR streams info's NAR through hashing and compression (to memory
+// for small NARs, to a temp file otherwise), checks the NAR hash against the
+// store's, uploads the compressed file under its content hash, and returns
+// the narinfo to write, the bytes sent and the keys of existing objects the
+// narinfo relies on (the NAR, if an identical one was already there).
+func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*narinfo.NarInfo, uint64, []string, error) {
+	// Shown by agentctl status/watch for the whole upload, not only while
+	// the NAR is being read.
+	u.progress.Store(info.Path, &Progress{Path: info.Path, Total: int64(info.NarSize)})
+	defer u.progress.Delete(info.Path)
+	if info.NarSize < smallNAR {
+		return u.uploadSmallNAR(ctx, info)
+	}
+	// Large NARs are CPU-bound (compression on both cores) and keep a temp
+	// file: a few at a time.
+	select {
+	case u.largeSlots <- struct{}{}:
+	case <-ctx.Done():
+		return nil, 0, nil, ctx.Err()
+	}
+	defer func() { <-u.largeSlots }()
+	if mp, ok := u.opt.Bucket.(bucket.Multipart); ok && u.opt.Resume != nil && info.NarSize >= uint64(u.opt.ResumeAbove) {
+		ni, sent, err := u.uploadResumable(ctx, info, mp)
+		if err != nil {
+			return nil, 0, nil, err
+		}
+		var relied []string
+		if sent == 0 {
+			relied = []string{ni.URL}
+		}
+		return ni, sent, relied, nil
+	}
+	tmp, err := os.CreateTemp(u.opt.TempDir, "nar-*.tmp")
+	if err != nil {
+		return nil, 0, nil, fmt.Errorf("temp file: %w: %w", bucket.ErrLocal, err)
+	}
+	defer func() {
+		tmp.Close()
+		os.Remove(tmp.Name())
+	}()
+	fileSum, size, listing, err := u.compressNAR(ctx, info, tmp, false)
+	if err != nil {
+		return nil, 0, nil, err
+	}
+	key := u.narKey(fileSum)
+	// Worth a HEAD: skipping a large upload that is already there (same
+	// content, same key) saves far more than the round trip. The narinfo
+	// then relies on that existing object.
+	if u.objectExists(ctx, key, size) {
+		ni, _, err := u.finishNAR(ctx, info, key, fileSum, size, listing, 0)
+		return ni, 0, []string{key}, err
+	}
+	if _, err := tmp.Seek(0, io.SeekStart); err != nil {
+		return nil, 0, nil, fmt.Errorf("%w: %w", bucket.ErrLocal, err)
+	}
+	if _, err := u.opt.Bucket.Put(ctx, key, tmp, size, bucket.PutOptions{ContentType: "application/x-nix-nar"}); err != nil {
+		return nil, 0, nil, err
+	}
+	ni, sent, err := u.finishNAR(ctx, info, key, fileSum, size, listing, uint64(size))
+	return ni, sent, nil, err
+}
+
+// uploadSmallNAR compresses a small NAR into memory and uploads it. Memory
+// is bounded by design: every in-memory NAR holds its size (plus overhead)
+// of a fixed byte budget while it exists, and only a few are compressed at
+// once (each compressor keeps a window).
+func (u *Uploader) uploadSmallNAR(ctx context.Context, info *nixstore.PathInfo) (*narinfo.NarInfo, uint64, []string, error) {
+	need := int64(info.NarSize) + smallOverhead
+	if err := u.smallBudget.Acquire(ctx, need); err != nil {
+		return nil, 0, nil, err
+	}
+	defer u.smallBudget.Release(need)
+	select {
+	case u.compressSlots <- struct{}{}:
+	case <-ctx.Done():
+		return nil, 0, nil, ctx.Err()
+	}
+	buf := &memFile{}
+	buf.buf.Grow(int(info.NarSize/2) + 512)
+	fileSum, size, listing, err := u.compressNAR(ctx, info, buf, true)
+	<-u.compressSlots
+	if err != nil {
+		return nil, 0, nil, err
+	}
+	key := u.narKey(fileSum)
+	if _, err := u.opt.Bucket.Put(ctx, key, buf, size, bucket.PutOptions{ContentType: "application/x-nix-nar"}); err != nil {
+		return nil, 0, nil, err
+	}
+	ni, sent, err := u.finishNAR(ctx, info, key, fileSum, size, listing, uint64(size))
+	return ni, sent, nil, err
+}
+
+func (u *Uploader) narKey(fileSum []byte) string {
+	return "nar/" + nixbase32.EncodeToString(fileSum) + ".nar" + u.comp.ext
+}
+
+func (u *Uploader) objectExists(ctx context.Context, key string, size int64) bool {
+	st, err := u.opt.Bucket.Stat(ctx, key)
+	if err != nil || st.Size != size {
+		return false
+	}
+	// An object a collector announced for deletion is not trusted either.
+	return u.opt.Guard == nil || !u.opt.Guard.Doomed(key)
+}
+
+// finishNAR uploads the listing (if any) and builds the narinfo.
+func (u *Uploader) finishNAR(ctx context.Context, info *nixstore.PathInfo, key string, fileSum []byte, size int64, listing *nar.Listing, sent uint64) (*narinfo.NarInfo, uint64, error) {
+	if listing != nil {
+		if err := u.putListing(ctx, info.Path, listing); err != nil {
+			return nil, 0, err
+		}
+	}
+	ni, err := u.makeNarinfo(info, key, fileSum, uint64(size), u.comp.method)
+	if err != nil {
+		return nil, 0, err
+	}
+	return ni, sent, nil
+}
+
+// compressNAR writes the compressed NAR of info.Path to sink and returns
+// the compressed file's SHA-256 and size, and the listing if one is wanted.
+// A NAR whose hash or size differs from the store's record is a permanent
+// error, and nothing of it may be uploaded.
+func (u *Uploader) compressNAR(ctx context.Context, info *nixstore.PathInfo, sink io.Writer, small bool) ([]byte, int64, *nar.Listing, error) {
+	prog := u.trackProgress(info)
+
+	narHash, fileHash := sha256.New(), sha256.New()
+	fileCount := &countWriter{w: io.MultiWriter(sink, fileHash)}
+	cw, err := u.comp.wrap(fileCount, small)
+	if err != nil {
+		return nil, 0, nil, err
+	}
+	narSink := &ctxWriter{ctx: ctx, w: io.MultiWriter(narHash, cw), prog: prog}
+	narSize, listing, err := nar.Dump(narSink, info.Path, u.opt.Cache.WriteNARListing)
+	if cerr := cw.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, 0, nil, ctx.Err()
+		}
+		if _, serr := os.Lstat(info.Path); errors.Is(serr, os.ErrNotExist) {
+			return nil, 0, nil, Permanent(fmt.Errorf("%s was deleted from the store (garbage-collected?): %w", info.Path, err))
+		}
+		return nil, 0, nil, fmt.Errorf("stream NAR of %s: %w: %w", info.Path, bucket.ErrLocal, err)
+	}
+	gotHash := narHash.Sum(nil)
+	if !bytes.Equal(gotHash, info.NarHash) || uint64(narSize) != info.NarSize {
+		return nil, 0, nil, Permanent(&HashMismatchError{
+			Path: info.Path, Want: "sha256:" + nixbase32.EncodeToString(info.NarHash), WantSize: info.NarSize,
+			Got: "sha256:" + nixbase32.EncodeToString(gotHash), GotSz: uint64(narSize),
+		})
+	}
+	return fileHash.Sum(nil), fileCount.n, listing, nil
+}
+
+// Progress is one NAR being streamed.
+type Progress struct {
+	Path  string
+	Total int64
+	done  atomic.Int64
+}
+
+// Done is the number of NAR bytes processed so far.
+func (p *Progress) Done() int64 { return p.done.Load() }
+
+// trackProgress returns the progress entry of info's upload.
+func (u *Uploader) trackProgress(info *nixstore.PathInfo) *Progress {
+	if v, ok := u.progress.Load(info.Path); ok {
+		return v.(*Progress)
+	}
+	return &Progress{Path: info.Path, Total: int64(info.NarSize)}
+}
+
+// memFile is an in-memory file for small compressed NARs.
+type memFile struct {
+	buf bytes.Buffer
+	r   *bytes.Reader
+}
+
+func (m *memFile) Write(p []byte) (int, error) { return m.buf.Write(p) }
+func (m *memFile) Read(p []byte) (int, error) {
+	if m.r == nil {
+		m.r = bytes.NewReader(m.buf.Bytes())
+	}
+	return m.r.Read(p)
+}
+func (m *memFile) Seek(off int64, whence int) (int64, error) {
+	m.r = bytes.NewReader(m.buf.Bytes())
+	return m.r.Seek(off, whence)
+}
+
+func (u *Uploader) putListing(ctx context.Context, p string, listing *nar.Listing) error {
+	js, err := json.Marshal(listing)
+	if err != nil {
+		return err
+	}
+	body, err := compressMeta(u.opt.Cache.LsCompression, js)
+	if err != nil {
+		return err
+	}
+	_, err = u.opt.Bucket.Put(ctx, storepath.HashPart(p)+".ls", bytes.NewReader(body), int64(len(body)),
+		bucket.PutOptions{ContentType: "application/json", ContentEncoding: u.opt.Cache.LsCompression})
+	return err
+}
+
+// makeNarinfo builds the narinfo: Nix's field order (go-nix renders it),
+// references sorted as base names, our signatures plus the ones the path
+// already carries from other keys. compression is the method of the file
+// at url as it was actually uploaded.
+func (u *Uploader) makeNarinfo(info *nixstore.PathInfo, url string, fileSum []byte, fileSize uint64, compression string) (*narinfo.NarInfo, error) {
+	ni := &narinfo.NarInfo{
+		StorePath:   info.Path,
+		URL:         url,
+		Compression: compression,
+		FileHash:    nixhash.MustNewHashWithEncoding(nixhash.SHA256, fileSum, nixhash.NixBase32, true),
+		FileSize:    fileSize,
+		NarHash:     nixhash.MustNewHashWithEncoding(nixhash.SHA256, info.NarHash, nixhash.NixBase32, true),
+		NarSize:     info.NarSize,
+		CA:          info.CA,
+	}
+	for _, r := range info.References { // already sorted; base names sort the same
+		ni.References = append(ni.References, filepath.Base(r))
+	}
+	if info.Deriver != "" {
+		ni.Deriver = filepath.Base(info.Deriver)
+	}
+	fp := ni.Fingerprint()
+	ours := map[string]bool{}
+	for _, k := range u.opt.Keys {
+		sig, err := k.Sign(nil, fp)
+		if err != nil {
+			return nil, fmt.Errorf("sign %s: %w", info.Path, err)
+		}
+		ni.Signatures = append(ni.Signatures, sig)
+		ours[sig.Name] = true
+	}
+	for _, s := range info.Sigs {
+		sig, err := signature.ParseSignature(s)
+		if err != nil || ours[sig.Name] {
+			continue
+		}
+		ni.Signatures = append(ni.Signatures, sig)
+	}
+	return ni, nil
+}
+
+// putNarinfo writes ni's narinfo unless the cache already has one: like
+// Nix, nixspool never replaces a narinfo (another machine's signatures would
+// be lost). With a store that honours create-only writes the check and the
+// write are one request; with one that does not, a HEAD comes first (a
+// writer racing in between can still be overwritten: the store's limit). It
+// reports whether this call wrote the narinfo.
+func (u *Uploader) putNarinfo(ctx context.Context, ni *narinfo.NarInfo) (bool, error) {
+	key := storepath.HashPart(ni.StorePath) + ".narinfo"
+	body, err := compressMeta(u.opt.Cache.NarinfoCompression, []byte(ni.String()))
+	if err != nil {
+		return false, err
+	}
+	if !u.conditionalWrites(ctx) {
+		if _, err := u.opt.Bucket.Stat(ctx, key); err == nil {
+			return false, nil
+		} else if !bucket.IsNotExist(err) {
+			return false, err
+		}
+	}
+	_, err = u.opt.Bucket.Put(ctx, key, bytes.NewReader(body), int64(len(body)),
+		bucket.PutOptions{ContentType: "text/x-nix-narinfo", ContentEncoding: u.opt.Cache.NarinfoCompression, IfNoneMatch: true})
+	if bucket.IsPrecondition(err) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+// conditionalWrites reports whether the store honours create-only writes,
+// probing it the first time (and again after a failed probe).
+func (u *Uploader) conditionalWrites(ctx context.Context) bool {
+	switch u.conditional.Load() {
+	case condYes:
+		return true
+	case condNo:
+		return false
+	}
+	ok, err := bucket.ProbeConditional(ctx, u.opt.Bucket, "nixspool/probe/")
+	if err != nil {
+		u.log.Warn("cannot tell whether the store honours create-only writes; looking before writing narinfos", "err", err)
+		return false
+	}
+	if ok {
+		u.conditional.Store(condYes)
+	} else {
+		u.conditional.Store(condNo)
+		u.log.Warn("the store ignores create-only writes (If-None-Match); narinfos are checked with a HEAD before they are written, so two machines writing the same path at the same instant can still replace each other's narinfo", "cache", u.opt.Cache.String())
+	}
+	return ok
+}
+
+const (
+	condUnknown int32 = iota
+	condYes
+	condNo
+)
+
+type countWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// ctxWriter stops a NAR stream when ctx is cancelled and reports progress.
+type ctxWriter struct {
+	ctx  context.Context
+	w    io.Writer
+	prog *Progress
+}
+
+func (c *ctxWriter) Write(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	n, err := c.w.Write(p)
+	c.prog.done.Add(int64(n))
+	return n, err
+}

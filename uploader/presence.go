@@ -1,0 +1,410 @@
+package uploader
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cachefmt"
+	"github.com/nixspool/nixspool/storepath"
+)
+
+// PresenceStore remembers, per cache identity and generation, which
+// narinfos (by hash part) the cache holds, so that a restart does not have
+// to ask again.
+type PresenceStore interface {
+	AddPresent(identity string, hashes []string, now time.Time)
+	// Present returns the hashes recorded since notBefore.
+	Present(identity string, notBefore time.Time) ([]string, error)
+	// PrunePresent deletes records older than notBefore, and all records
+	// of identities that start with prefix other than keep.
+	PrunePresent(prefix, keep string, notBefore time.Time) (int, error)
+	ForgetPresent(identity string) error
+}
+
+// DefaultPresenceTTL is how long a remembered "the cache has it" is
+// trusted when nothing says otherwise. A reset of the bucket is noticed
+// much sooner, through the cache's generation (see presence).
+const DefaultPresenceTTL = 24 * time.Hour
+
+// maxPresent bounds the in-memory presence cache; beyond it the oldest
+// entries are dropped (they are asked about again if needed).
+const maxPresent = 500_000
+
+// presence is what the uploader knows about which narinfos the cache
+// holds, keyed by hash part.
+//
+// Every answer belongs to a generation of the cache: the identity of its
+// nix-cache-info object (ETag and modification time). A bucket that is
+// emptied and recreated, or reset by an operator, gets a new
+// nix-cache-info, and with it a new generation; everything known about the
+// old one is forgotten at once. The generation is checked when agentd
+// starts, by every probe, and at least every generationCheckEvery while
+// uploads run; a narinfo is only written if the generation its
+// references were found present in is still the current one.
+type presence struct {
+	u       *Uploader
+	mu      sync.Mutex
+	known   map[string]int64 // hash → unix time it was seen present
+	pending map[string]*pendingCheck
+	// gen counts resets seen by this process; entries of known belong to
+	// the current one.
+	gen      atomic.Uint64
+	genName  string // generation name of the cache, "" until first seen
+	genAt    time.Time
+	identity string // persistence key: cache identity + generation
+
+	// bucketKeys estimates the keys at the cache's root (narinfos and
+	// listings), learned from listings: it decides HEADs versus listing.
+	bucketKeys atomic.Int64
+}
+
+type pendingCheck struct {
+	done    chan struct{}
+	present bool
+	err     error
+}
+
+func newPresence(u *Uploader) *presence {
+	return &presence{u: u, known: map[string]int64{}, pending: map[string]*pendingCheck{}}
+}
+
+// seen reports whether the cache is known to hold p's narinfo, whether or
+// not a collector announced it: a narinfo written now may still rely on it
+// (Guard.Check decides when it is written).
+func (pr *presence) seen(p string) bool {
+	h := storepath.HashPart(p)
+	pr.mu.Lock()
+	at, ok := pr.known[h]
+	pr.mu.Unlock()
+	return ok && time.Since(time.Unix(at, 0)) <= pr.u.opt.PresenceTTL
+}
+
+// has reports whether the cache holds p's narinfo and it can be trusted to
+// stay: known present and not announced for deletion.
+func (pr *presence) has(p string) bool {
+	if !pr.seen(p) {
+		return false
+	}
+	g := pr.u.opt.Guard
+	return g == nil || !g.Doomed(storepath.HashPart(p)+".narinfo")
+}
+
+// mark records that the narinfos of paths are in the cache, in memory and
+// (lazily) in the presence store.
+func (pr *presence) mark(paths []string) {
+	if len(paths) == 0 {
+		return
+	}
+	now := time.Now()
+	hashes := make([]string, len(paths))
+	pr.mu.Lock()
+	for i, p := range paths {
+		hashes[i] = storepath.HashPart(p)
+		pr.known[hashes[i]] = now.Unix()
+	}
+	if len(pr.known) > maxPresent {
+		pr.evictLocked()
+	}
+	identity := pr.identity
+	pr.mu.Unlock()
+	if ps := pr.u.opt.Presence; ps != nil && identity != "" {
+		ps.AddPresent(identity, hashes, now)
+	}
+}
+
+// evictLocked drops the older half of the in-memory cache.
+func (pr *presence) evictLocked() {
+	var sum int64
+	for _, at := range pr.known {
+		sum += at
+	}
+	mean := sum / int64(len(pr.known))
+	for h, at := range pr.known {
+		if at <= mean {
+			delete(pr.known, h)
+		}
+	}
+}
+
+// forget drops what is known about paths (a collector announced them).
+func (pr *presence) forget(paths []string) {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	for _, p := range paths {
+		delete(pr.known, storepath.HashPart(p))
+	}
+}
+
+// reset forgets everything: the cache's generation changed (or an operator
+// asked). Uploads planned before fail their narinfo write and start over.
+func (pr *presence) reset() error {
+	pr.gen.Add(1)
+	pr.mu.Lock()
+	pr.known = map[string]int64{}
+	identity := pr.identity
+	pr.mu.Unlock()
+	if ps := pr.u.opt.Presence; ps != nil && identity != "" {
+		return ps.ForgetPresent(identity)
+	}
+	return nil
+}
+
+// count is how many narinfos the cache is known to hold.
+func (pr *presence) count() int {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	return len(pr.known)
+}
+
+// setGeneration records the cache's current generation name. A change from
+// a known one resets the presence cache. The first generation seen in
+// this process loads what an earlier run remembered of it.
+func (pr *presence) setGeneration(name string) (changed bool, err error) {
+	pr.mu.Lock()
+	old := pr.genName
+	pr.genAt = time.Now()
+	if old == name {
+		pr.mu.Unlock()
+		return false, nil
+	}
+	pr.genName = name
+	base := pr.u.opt.Cache.Identity() + "#"
+	pr.identity = base + name
+	identity := pr.identity
+	pr.mu.Unlock()
+	if old != "" {
+		pr.u.log.Warn("the cache was reset (its nix-cache-info changed); forgetting what it held", "cache", pr.u.opt.Cache.String())
+		if err := pr.reset(); err != nil {
+			return true, err
+		}
+	}
+	ps := pr.u.opt.Presence
+	if ps == nil {
+		return old != "", nil
+	}
+	notBefore := time.Now().Add(-pr.u.opt.PresenceTTL)
+	if n, err := ps.PrunePresent(base, identity, notBefore); err != nil {
+		return old != "", err
+	} else if n > 0 {
+		pr.u.log.Info("pruned presence records", "records", n)
+	}
+	if old != "" {
+		return true, nil
+	}
+	hashes, err := ps.Present(identity, notBefore)
+	if err != nil {
+		return false, fmt.Errorf("load presence cache: %w", err)
+	}
+	pr.mu.Lock()
+	now := time.Now().Unix()
+	for _, h := range hashes {
+		if _, ok := pr.known[h]; !ok {
+			pr.known[h] = now
+		}
+	}
+	pr.mu.Unlock()
+	if len(hashes) > 0 {
+		pr.u.log.Info("presence cache loaded", "cache", pr.u.opt.Cache.String(), "paths", len(hashes))
+	}
+	return false, nil
+}
+
+// generationAge is how long ago the generation was last confirmed.
+func (pr *presence) generationAge() time.Duration {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	if pr.genAt.IsZero() {
+		return time.Duration(1<<62 - 1)
+	}
+	return time.Since(pr.genAt)
+}
+
+// prune drops in-memory entries older than the TTL.
+func (pr *presence) prune() int {
+	cutoff := time.Now().Add(-pr.u.opt.PresenceTTL).Unix()
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	n := 0
+	for h, at := range pr.known {
+		if at < cutoff {
+			delete(pr.known, h)
+			n++
+		}
+	}
+	return n
+}
+
+// check finds out which of paths have a narinfo in the cache and returns
+// the ones that do not. Paths known present cost nothing; paths another
+// caller is asking about right now are waited for, not asked twice. For
+// many paths one listing per hash prefix replaces a HEAD per path (1,000
+// keys per request); the first error stops the rest.
+func (pr *presence) check(ctx context.Context, paths []string) (missing []string, err error) {
+	var mine []string
+	var wait []*pendingCheck
+	var waitPaths []string
+	pr.mu.Lock()
+	now := time.Now()
+	for _, p := range paths {
+		h := storepath.HashPart(p)
+		if at, ok := pr.known[h]; ok && now.Sub(time.Unix(at, 0)) <= pr.u.opt.PresenceTTL && !pr.doomedLocked(h) {
+			continue
+		}
+		if pc, ok := pr.pending[h]; ok {
+			wait = append(wait, pc)
+			waitPaths = append(waitPaths, p)
+			continue
+		}
+		pr.pending[h] = &pendingCheck{done: make(chan struct{})}
+		mine = append(mine, p)
+	}
+	pr.mu.Unlock()
+
+	found, err := pr.ask(ctx, mine)
+	pr.mark(found)
+	foundSet := make(map[string]bool, len(found))
+	for _, p := range found {
+		foundSet[p] = true
+	}
+	pr.mu.Lock()
+	for _, p := range mine {
+		h := storepath.HashPart(p)
+		pc := pr.pending[h]
+		delete(pr.pending, h)
+		pc.present, pc.err = foundSet[p], err
+		close(pc.done)
+		if err == nil && !foundSet[p] {
+			missing = append(missing, p)
+		}
+	}
+	pr.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	for i, pc := range wait {
+		select {
+		case <-pc.done:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		if pc.err != nil {
+			return nil, pc.err
+		}
+		if !pc.present {
+			missing = append(missing, waitPaths[i])
+		}
+	}
+	return missing, nil
+}
+
+func (pr *presence) doomedLocked(h string) bool {
+	g := pr.u.opt.Guard
+	return g != nil && g.Doomed(h+".narinfo")
+}
+
+// listingWorthIt decides between a HEAD per path and listing the hash
+// prefixes the paths fall under, from the estimated size of the cache.
+func (pr *presence) listingWorthIt(paths []string) bool {
+	if len(paths) < 32 {
+		return false
+	}
+	prefixes := map[byte]bool{}
+	for _, p := range paths {
+		prefixes[storepath.HashPart(p)[0]] = true
+	}
+	keys := pr.bucketKeys.Load()
+	pagesPerPrefix := max(int64(1), (keys/32+999)/1000)
+	return int64(len(prefixes))*pagesPerPrefix*4 <= int64(len(paths))
+}
+
+// ask asks the cache about paths and returns those it holds.
+func (pr *presence) ask(ctx context.Context, paths []string) ([]string, error) {
+	if len(paths) == 0 {
+		return nil, nil
+	}
+	if pr.listingWorthIt(paths) {
+		return pr.askByListing(ctx, paths)
+	}
+	return pr.askByHead(ctx, paths)
+}
+
+func (pr *presence) askByHead(ctx context.Context, paths []string) ([]string, error) {
+	var mu sync.Mutex
+	var found []string
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(64) // the bucket's window bounds what is really in flight
+	for _, p := range paths {
+		g.Go(func() error {
+			have, err := pr.u.hasNarinfo(gctx, p)
+			if err != nil {
+				return err
+			}
+			if have {
+				mu.Lock()
+				found = append(found, p)
+				mu.Unlock()
+			}
+			return nil
+		})
+	}
+	return found, g.Wait()
+}
+
+func (pr *presence) askByListing(ctx context.Context, paths []string) ([]string, error) {
+	want := map[string]string{} // hash → path
+	prefixes := map[byte]bool{}
+	for _, p := range paths {
+		h := storepath.HashPart(p)
+		want[h] = p
+		prefixes[h[0]] = true
+	}
+	var mu sync.Mutex
+	var found []string
+	var seen atomic.Int64
+	g, gctx := errgroup.WithContext(ctx)
+	for c := range prefixes {
+		g.Go(func() error {
+			return pr.u.opt.Bucket.List(gctx, bucket.ListOptions{Prefix: string(c)}, func(o bucket.Object) error {
+				seen.Add(1)
+				if h := cachefmt.NarinfoHash(o.Key); h != "" {
+					if p, ok := want[h]; ok {
+						mu.Lock()
+						found = append(found, p)
+						mu.Unlock()
+					}
+				}
+				return nil
+			})
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return nil, err
+	}
+	pr.bucketKeys.Store(seen.Load() * 32 / int64(len(prefixes)))
+	pr.u.log.Debug("presence by listing", "paths", len(paths), "prefixes", len(prefixes), "keys_listed", seen.Load(), "found", len(found))
+	return found, nil
+}
+
+// hasNarinfo asks the cache (a HEAD) whether p's narinfo exists.
+func (u *Uploader) hasNarinfo(ctx context.Context, p string) (bool, error) {
+	_, err := u.opt.Bucket.Stat(ctx, storepath.HashPart(p)+".narinfo")
+	switch {
+	case err == nil:
+		return true, nil
+	case bucket.IsNotExist(err):
+		return false, nil
+	default:
+		return false, err
+	}
+}
+
+// errReset is returned for uploads planned in an earlier generation of the
+// cache: what they believed present may be gone.
+var errReset = errors.New("the cache was reset while this upload was under way; starting over")

@@ -1,0 +1,452 @@
+package uploader
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nix-community/go-nix/pkg/narinfo/signature"
+	"github.com/nix-community/go-nix/pkg/nixbase32"
+
+	"github.com/nixspool/nixspool/bucket"
+	filebucket "github.com/nixspool/nixspool/bucket/file"
+	"github.com/nixspool/nixspool/cachefmt"
+	"github.com/nixspool/nixspool/cacheurl"
+	"github.com/nixspool/nixspool/nar"
+	"github.com/nixspool/nixspool/nixstore"
+)
+
+// world is a fake store of n paths with real contents on disk, and a file
+// bucket behind a counting wrapper.
+type world struct {
+	t     *testing.T
+	dir   string
+	store *fakeStore
+	paths []string
+	b     *counting
+	fb    *filebucket.Bucket
+	key   signature.SecretKey
+}
+
+func hashFor(i int) string {
+	sum := sha256.Sum256([]byte(fmt.Sprint("path-", i)))
+	return nixbase32.EncodeToString(sum[:20])
+}
+
+// newWorld makes n paths; refs(i) lists the paths i references (all below
+// i), size(i) its file's size (random bytes: incompressible).
+func newWorld(t *testing.T, n int, refs func(i int) []int, size func(i int) int) *world {
+	t.Helper()
+	w := &world{t: t, dir: t.TempDir(), store: &fakeStore{infos: map[string]*nixstore.PathInfo{}}}
+	var err error
+	if w.key, _, err = signature.GenerateKeypair("test-1", nil); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < n; i++ {
+		p := filepath.Join(w.dir, "store", hashFor(i)+"-p"+fmt.Sprint(i))
+		os.MkdirAll(filepath.Dir(p), 0o755)
+		data := make([]byte, size(i))
+		rand.Read(data)
+		if err := os.WriteFile(p, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		h := sha256.New()
+		sz, _, err := nar.Dump(h, p, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		info := &nixstore.PathInfo{Path: p, NarHash: h.Sum(nil), NarSize: uint64(sz)}
+		for _, r := range refs(i) {
+			info.References = append(info.References, w.paths[r])
+		}
+		w.paths = append(w.paths, p)
+		w.store.infos[p] = info
+	}
+	w.fb, err = filebucket.New(filepath.Join(w.dir, "cache"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.b = &counting{Bucket: w.fb}
+	return w
+}
+
+func (w *world) uploader(opt Options) *Uploader {
+	w.t.Helper()
+	c, _ := cacheurl.Parse("file://" + filepath.Join(w.dir, "cache"))
+	if opt.Bucket == nil {
+		opt.Bucket = w.b
+	}
+	opt.Cache, opt.Store, opt.Keys = c, w.store, []signature.SecretKey{w.key}
+	opt.TempDir = filepath.Join(w.dir, "tmp")
+	u, err := New(opt)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	w.t.Cleanup(u.Close)
+	return u
+}
+
+func (w *world) has(i int) bool {
+	_, err := w.fb.Stat(context.Background(), hashFor(i)+".narinfo")
+	return err == nil
+}
+
+// counting wraps a bucket: it counts calls by kind, tracks how many Puts
+// run at once, and can delay or fail them.
+type counting struct {
+	bucket.Bucket
+	stats, lists, puts atomic.Int64
+	inPut, maxInPut    atomic.Int64
+	putDelay           time.Duration
+	failPut            func(key string) error
+	staleStat          func(key string) bool // answer NotExist although it exists
+}
+
+func (c *counting) Stat(ctx context.Context, key string) (bucket.Info, error) {
+	c.stats.Add(1)
+	if c.staleStat != nil && c.staleStat(key) {
+		return bucket.Info{}, fmt.Errorf("stat %s: %w", key, bucket.ErrNotExist)
+	}
+	return c.Bucket.Stat(ctx, key)
+}
+
+func (c *counting) List(ctx context.Context, o bucket.ListOptions, fn func(bucket.Object) error) error {
+	c.lists.Add(1)
+	return c.Bucket.List(ctx, o, fn)
+}
+
+func (c *counting) Put(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) (bucket.Info, error) {
+	n := c.inPut.Add(1)
+	defer c.inPut.Add(-1)
+	for {
+		m := c.maxInPut.Load()
+		if n <= m || c.maxInPut.CompareAndSwap(m, n) {
+			break
+		}
+	}
+	if c.failPut != nil {
+		if err := c.failPut(key); err != nil {
+			return bucket.Info{}, err
+		}
+	}
+	if c.putDelay > 0 && strings.HasPrefix(key, "nar/") {
+		time.Sleep(c.putDelay)
+	}
+	if !strings.HasPrefix(key, "nixspool/") && key != "nix-cache-info" {
+		c.puts.Add(1)
+	}
+	return c.Bucket.Put(ctx, key, r, size, opts)
+}
+
+func chain(i int) []int {
+	if i == 0 {
+		return nil
+	}
+	return []int{i - 1}
+}
+
+func flat(n int) func(int) []int {
+	return func(i int) []int {
+		if i < n-1 {
+			return nil
+		}
+		all := make([]int, n-1)
+		for j := range all {
+			all[j] = j
+		}
+		return all
+	}
+}
+
+func size(n int) func(int) int { return func(int) int { return n } }
+
+// TestExcludedDependencyIsUploadedAnyway: an exclusion applies to the path
+// a job is for; a dependency needed by an uploaded path goes up regardless,
+// so no narinfo names a reference the cache lacks.
+func TestExcludedDependencyIsUploadedAnyway(t *testing.T) {
+	w := newWorld(t, 3, chain, size(100))
+	excluded := func(i *nixstore.PathInfo) bool { return i.Path == w.paths[0] }
+	u := w.uploader(Options{Exclude: excluded})
+	if res, err := u.Upload(context.Background(), w.paths[0]); err != nil || res.Skipped != 1 || w.has(0) {
+		t.Fatalf("job for the excluded path: %+v, %v, uploaded %v", res, err, w.has(0))
+	}
+	res, err := u.Upload(context.Background(), w.paths[2])
+	if err != nil || res.Paths != 3 || !w.has(0) {
+		t.Fatalf("job above it: %+v, %v; excluded dependency uploaded: %v", res, err, w.has(0))
+	}
+}
+
+// TestNarinfoIsNeverReplaced: a narinfo another writer put in place between
+// our presence check and our write stays as it was (its signatures too),
+// with a store that honours create-only writes and with one that ignores
+// them (a HEAD right before the write then protects it).
+func TestNarinfoIsNeverReplaced(t *testing.T) {
+	for _, conditional := range []bool{true, false} {
+		t.Run(fmt.Sprint("conditional=", conditional), func(t *testing.T) {
+			w := newWorld(t, 2, chain, size(100))
+			key := hashFor(0) + ".narinfo"
+			theirs := []byte("StorePath: " + w.paths[0] + "\nURL: nar/x.nar\nNarHash: sha256:" + strings.Repeat("0", 52) + "\nNarSize: 1\nSig: other-1:xyz\n")
+			w.fb.Put(context.Background(), key, bytes.NewReader(theirs), int64(len(theirs)), bucket.PutOptions{})
+			// The presence check does not see it yet (it arrives right
+			// after); later requests do.
+			var asked atomic.Int32
+			w.b.staleStat = func(k string) bool { return k == key && asked.Add(1) == 1 }
+			var b bucket.Bucket = w.b
+			if !conditional {
+				b = &ignoresConditions{w.b}
+			}
+			u := w.uploader(Options{Bucket: b})
+			res, err := u.Upload(context.Background(), w.paths[0])
+			if err != nil || res.Kept != 1 || res.Paths != 0 {
+				t.Fatalf("Upload = %+v, %v; want the other writer's narinfo kept", res, err)
+			}
+			got, _, _ := w.fb.Get(context.Background(), key, 1<<20)
+			if !bytes.Equal(got, theirs) {
+				t.Fatalf("the other writer's narinfo was replaced:\n%s", got)
+			}
+		})
+	}
+}
+
+// ignoresConditions is a store that silently ignores conditional writes.
+type ignoresConditions struct{ bucket.Bucket }
+
+func (b *ignoresConditions) Put(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) (bucket.Info, error) {
+	opts.IfNoneMatch, opts.IfMatch = false, ""
+	return b.Bucket.Put(ctx, key, r, size, opts)
+}
+
+func TestConditionalProbeFindsStoresThatIgnoreIt(t *testing.T) {
+	w := newWorld(t, 1, chain, size(10))
+	if u := w.uploader(Options{}); !u.conditionalWrites(context.Background()) {
+		t.Fatal("the file bucket honours create-only writes")
+	}
+	if u := w.uploader(Options{Bucket: &ignoresConditions{w.b}}); u.conditionalWrites(context.Background()) {
+		t.Fatal("a store ignoring If-None-Match was taken for one honouring it")
+	}
+}
+
+// TestResetBucketIsNoticed: after the bucket is emptied, what was known
+// present is forgotten — after a restart (persisted presence) and while
+// running (the generation check) — and dependencies go up again.
+func TestResetBucketIsNoticed(t *testing.T) {
+	w := newWorld(t, 3, chain, size(100))
+	ps := &memPresence{recs: map[string]map[string]time.Time{}}
+	u := w.uploader(Options{Presence: ps})
+	ctx := context.Background()
+	if _, err := u.Upload(ctx, w.paths[1]); err != nil {
+		t.Fatal(err)
+	}
+	wipe := func() {
+		var keys []string
+		w.fb.List(ctx, bucket.ListOptions{Recursive: true}, func(o bucket.Object) error { keys = append(keys, o.Key); return nil })
+		bucket.DeleteAll(ctx, w.fb, keys)
+		time.Sleep(10 * time.Millisecond) // a new nix-cache-info gets another mtime
+	}
+	// Restart after a wipe: the persisted presence belongs to the old
+	// generation and is not used.
+	wipe()
+	u2 := w.uploader(Options{Presence: ps})
+	if _, err := u2.Upload(ctx, w.paths[2]); err != nil {
+		t.Fatal(err)
+	}
+	if !w.has(0) || !w.has(1) {
+		t.Fatal("after a wipe and a restart, dependencies were trusted from the old generation")
+	}
+	// While running: the generation check notices.
+	wipe()
+	if err := u2.CheckGeneration(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := u2.Upload(ctx, w.paths[2]); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		if !w.has(i) {
+			t.Fatalf("after a wipe noticed while running, p%d was not uploaded again", i)
+		}
+	}
+}
+
+type memPresence struct {
+	mu   sync.Mutex
+	recs map[string]map[string]time.Time
+}
+
+func (m *memPresence) AddPresent(id string, hs []string, now time.Time) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.recs[id] == nil {
+		m.recs[id] = map[string]time.Time{}
+	}
+	for _, h := range hs {
+		m.recs[id][h] = now
+	}
+}
+func (m *memPresence) Present(id string, nb time.Time) ([]string, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []string
+	for h, at := range m.recs[id] {
+		if !at.Before(nb) {
+			out = append(out, h)
+		}
+	}
+	return out, nil
+}
+func (m *memPresence) PrunePresent(prefix, keep string, nb time.Time) (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	n := 0
+	for id, r := range m.recs {
+		if id != keep && strings.HasPrefix(id, prefix) {
+			n += len(r)
+			delete(m.recs, id)
+		}
+	}
+	return n, nil
+}
+func (m *memPresence) ForgetPresent(id string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.recs, id)
+	return nil
+}
+
+// TestPresenceByListing: a closure of many paths already in the cache is
+// reconciled with a listing per hash prefix, not a HEAD per path, and
+// nothing is sent again.
+func TestPresenceByListing(t *testing.T) {
+	const n = 400
+	w := newWorld(t, n, flat(n), size(10))
+	// All but the top are in the cache.
+	first := w.uploader(Options{})
+	for i := 0; i < n-1; i++ {
+		if _, err := first.Upload(context.Background(), w.paths[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w.b.stats.Store(0)
+	w.b.puts.Store(0)
+	fresh := w.uploader(Options{})
+	res, err := fresh.Upload(context.Background(), w.paths[n-1])
+	if err != nil || res.Paths != 1 {
+		t.Fatalf("Upload = %+v, %v", res, err)
+	}
+	if s, l, p := w.b.stats.Load(), w.b.lists.Load(), w.b.puts.Load(); s > 10 || l > 32 || p != 2 {
+		t.Fatalf("%d HEADs, %d listings, %d PUTs; want few HEADs, at most 32 listings, and only the top's NAR and narinfo sent", s, l, p)
+	}
+}
+
+// TestBoundedWork: NAR work for a closure of many paths runs on a fixed
+// number of workers, and in-memory NARs stay within their byte budget.
+func TestBoundedWork(t *testing.T) {
+	const n = 300
+	w := newWorld(t, n, flat(n), size(200<<10))
+	w.b.putDelay = 5 * time.Millisecond
+	u := w.uploader(Options{Workers: 16, SmallBudget: 2 << 20})
+	res, err := u.Upload(context.Background(), w.paths[n-1])
+	if err != nil || res.Paths != n {
+		t.Fatalf("Upload = %+v, %v", res, err)
+	}
+	// 2 MiB of budget holds at most 7 NARs of 200 kB (+ overhead) at once;
+	// narinfo writes may run beside them.
+	if max := w.b.maxInPut.Load(); max > 16 {
+		t.Fatalf("%d PUTs at once with 16 workers", max)
+	}
+	if got := runtimeGoroutinesBound(t, u); got > 0 {
+		t.Fatalf("%d goroutines per path", got)
+	}
+}
+
+// runtimeGoroutinesBound checks that no goroutine per path was started:
+// the graph is empty after the upload and the workers are the only ones.
+func runtimeGoroutinesBound(t *testing.T, u *Uploader) int {
+	t.Helper()
+	return u.graph.inProgress()
+}
+
+// TestPoisonPathFailsOnlyItsDependents: one path whose NAR upload keeps
+// failing fails the jobs that need it; a job that does not need it goes on.
+func TestPoisonPathFailsOnlyItsDependents(t *testing.T) {
+	w := newWorld(t, 4, func(i int) []int {
+		if i == 2 {
+			return []int{0}
+		}
+		return nil
+	}, size(100))
+	// p0 is uploaded first: its NAR is the first NAR put, and keeps failing.
+	var poisonKey string
+	u := w.uploader(Options{})
+	w.b.failPut = func(key string) error {
+		if strings.HasPrefix(key, "nar/") && poisonKey == "" {
+			poisonKey = key
+		}
+		if key == poisonKey {
+			return fmt.Errorf("put %s: %w: injected", key, bucket.ErrLocal)
+		}
+		return nil
+	}
+	if _, err := u.Upload(context.Background(), w.paths[0]); err == nil || !errors.Is(err, bucket.ErrLocal) {
+		t.Fatalf("poisoned upload = %v, want the local error", err)
+	}
+	if _, err := u.Upload(context.Background(), w.paths[2]); err == nil || !strings.Contains(err.Error(), "dependency") {
+		t.Fatalf("upload above the poisoned path = %v, want a dependency error", err)
+	}
+	if _, err := u.Upload(context.Background(), w.paths[3]); err != nil || !w.has(3) {
+		t.Fatalf("an unrelated upload failed: %v", err)
+	}
+	if w.has(2) {
+		t.Fatal("narinfo written above a failed dependency")
+	}
+}
+
+// TestCancelledJobLeavesSharedWork: a job cancelled while a dependency it
+// shares with another job is uploading does not cancel the other job.
+func TestCancelledJobLeavesSharedWork(t *testing.T) {
+	w := newWorld(t, 3, func(i int) []int {
+		if i > 0 {
+			return []int{0}
+		}
+		return nil
+	}, size(100))
+	w.b.putDelay = 200 * time.Millisecond
+	u := w.uploader(Options{})
+	ctx, cancel := context.WithCancel(context.Background())
+	errs := make(chan error, 2)
+	go func() { _, err := u.Upload(ctx, w.paths[1]); errs <- err }()
+	go func() { _, err := u.Upload(context.Background(), w.paths[2]); errs <- err }()
+	time.Sleep(50 * time.Millisecond) // both jobs planned; p0's NAR in flight
+	cancel()
+	var got []error
+	for i := 0; i < 2; i++ {
+		got = append(got, <-errs)
+	}
+	if !w.has(0) || !w.has(2) {
+		t.Fatalf("the surviving job did not complete: %v", got)
+	}
+}
+
+func TestNarinfoParsesAsNixDoes(t *testing.T) {
+	w := newWorld(t, 2, chain, size(10))
+	u := w.uploader(Options{})
+	if _, err := u.Upload(context.Background(), w.paths[1]); err != nil {
+		t.Fatal(err)
+	}
+	data, _, _ := w.fb.Get(context.Background(), hashFor(1)+".narinfo", 1<<20)
+	ni, err := cachefmt.ParseNarInfo(data)
+	if err != nil || len(ni.References) != 1 || ni.Compression != "zstd" {
+		t.Fatalf("%+v %v", ni, err)
+	}
+}
