@@ -53,6 +53,8 @@ type Agent struct {
 	stateErr    string // last state-directory (queue/spool) error, for status
 	uploadCtx   context.Context
 	stopUploads context.CancelFunc
+	spoolBusy   atomic.Bool  // a spool import is running
+	spoolBeat   atomic.Int64 // unix ns of its last progress
 }
 
 // New opens everything agentd needs: the queue (returning interrupted jobs
@@ -100,6 +102,8 @@ func New(cfg Config) (*Agent, error) {
 		Presence: a.queue,
 		Upstream: a.filter.upstream,
 		Exclude:  a.filter.exclude,
+
+		GenerationCheck: cfg.GenerationInterval,
 
 		UploadLogs: cfg.UploadBuildLogs,
 	})
@@ -270,34 +274,65 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 	return err
 }
 
-// mainLoop runs periodic chores until ctx is done: spool import, the
+// mainLoop runs periodic chores until ctx is done: spool imports, the
 // systemd status line and watchdog pings. The watchdog is pinged from here
-// so that a wedged loop gets the service restarted.
+// only while the loop and the spool import it started make progress, so that
+// a wedged agentd gets the service restarted; a spool import that is merely
+// long (a big spool) keeps the pings going file by file.
 func (a *Agent) mainLoop(ctx context.Context) {
 	spoolTick := time.NewTicker(a.cfg.SpoolInterval)
 	defer spoolTick.Stop()
 	statusTick := time.NewTicker(5 * time.Second)
 	defer statusTick.Stop()
 	var wdC <-chan time.Time
-	if iv := systemd.WatchdogInterval(); iv > 0 {
+	iv := systemd.WatchdogInterval()
+	if iv > 0 {
 		t := time.NewTicker(iv)
 		defer t.Stop()
 		wdC = t.C
 		systemd.Watchdog()
 	}
 	a.publishStatus()
+	var importing sync.WaitGroup
+	defer importing.Wait()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-spoolTick.C:
-			a.importSpool(ctx)
+			if !a.spoolBusy.CompareAndSwap(false, true) {
+				continue // the previous import is still running
+			}
+			a.spoolBeat.Store(time.Now().UnixNano())
+			importing.Add(1)
+			go func() {
+				defer importing.Done()
+				defer a.spoolBusy.Store(false)
+				a.importSpool(ctx)
+			}()
 		case <-statusTick.C:
 			a.publishStatus()
 		case <-wdC:
+			if stalled := a.spoolStalled(max(4*iv, 2*time.Minute)); stalled > 0 {
+				a.log.Error("spool import made no progress; not pinging the watchdog", "stalled_for", stalled.Round(time.Second))
+				continue
+			}
 			systemd.Watchdog()
 		}
 	}
+}
+
+// spoolStalled returns how long a running spool import has made no
+// progress, if longer than limit; otherwise 0.
+func (a *Agent) spoolStalled(limit time.Duration) time.Duration {
+	if !a.spoolBusy.Load() {
+		return 0
+	}
+	d := time.Since(time.Unix(0, a.spoolBeat.Load()))
+	if d > limit {
+		return d
+	}
+	return 0
 }
 
 // chores runs the periodic checks that must not wait on the main loop:

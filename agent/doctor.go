@@ -75,6 +75,13 @@ func (a *Agent) doctor(ctx context.Context) []protocol.Check {
 
 	a.doctorBucket(ctx, add)
 
+	us := a.uploader.Stats()
+	if us.Generation != "" {
+		add("presence cache", "ok", fmt.Sprintf("%d paths known to be in the cache (generation %s, confirmed %s ago); narinfo writes are create-only (store honours If-None-Match: %s); `agentctl forget` clears it",
+			us.KnownPresent, us.Generation, us.GenerationAge.Round(time.Second), us.ConditionalWrites),
+			"")
+	}
+
 	if a.filter.active() {
 		st, _ := a.queue.Stats()
 		if len(a.filter.signers) > 0 {

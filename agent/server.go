@@ -18,6 +18,10 @@ import (
 	"github.com/nixspool/nixspool/storepath"
 )
 
+// prefetchAbove is the number of paths in one request above which their
+// presence in the cache is asked about in bulk right away.
+const prefetchAbove = 64
+
 // connDeadline bounds one connection: a client that sends nothing (or
 // sends slowly) cannot hold a handler for longer.
 const connDeadline = 10 * time.Second
@@ -140,7 +144,7 @@ func (a *Agent) progressWriter(c net.Conn) func(*protocol.Progress) error {
 
 func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer, progress func(*protocol.Progress) error) *protocol.Response {
 	switch req.Op {
-	case protocol.OpEnqueue, protocol.OpPush, protocol.OpRetry, protocol.OpDrop:
+	case protocol.OpEnqueue, protocol.OpPush, protocol.OpRetry, protocol.OpDrop, protocol.OpForget:
 		if !a.mayMutate(p) {
 			a.log.Warn("request refused: not allowed", "op", req.Op, "peer_uid", p.uid, "peer_pid", p.pid)
 			return &protocol.Response{Error: fmt.Sprintf("permission denied: uid %d may not %s (root, agentd's user and the socket's group may)", p.uid, req.Op)}
@@ -170,12 +174,24 @@ func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer, pro
 			return &protocol.Response{Error: err.Error()}
 		}
 		a.metrics.Enqueued(time.Since(start))
+		if len(paths) > prefetchAbove {
+			// Many paths at once (push --closure): learn which the cache
+			// holds with a few listings now, instead of a HEAD per job.
+			go a.uploader.Prefetch(a.uploadCtx, paths)
+		}
 		a.log.Info("enqueued", "op", req.Op, "paths", len(paths), "drv", req.Drv, "peer_uid", p.uid, "peer_pid", p.pid, "duration", time.Since(start))
 		return &protocol.Response{Jobs: jobs, Count: len(jobs)}
 	case protocol.OpDoctor:
 		return &protocol.Response{Checks: a.doctor(ctx)}
 	case protocol.OpAudit:
 		return a.audit(ctx, req, progress)
+	case protocol.OpForget:
+		n := a.uploader.Stats().KnownPresent
+		if err := a.uploader.Forget(); err != nil {
+			return &protocol.Response{Error: "forget: " + err.Error()}
+		}
+		a.log.Info("presence cache cleared by request", "paths", n, "peer_uid", p.uid)
+		return &protocol.Response{Count: n}
 	case protocol.OpStatus:
 		st, err := a.status()
 		if err != nil {
@@ -354,6 +370,10 @@ func (a *Agent) importSpool(ctx context.Context) {
 		return
 	}
 	for _, f := range files {
+		a.spoolBeat.Store(time.Now().UnixNano())
+		if ctx.Err() != nil {
+			return
+		}
 		e, err := spool.Read(f)
 		if err != nil {
 			a.log.Error("unreadable spool file; renamed to .bad", "file", f, "err", err)
@@ -461,5 +481,8 @@ func (a *Agent) status() (*protocol.Status, error) {
 	a.stateErrMu.Lock()
 	s.StateDirError = a.stateErr
 	a.stateErrMu.Unlock()
+	s.KnownPresent = a.uploader.Stats().KnownPresent
+	ws := a.window.Stats()
+	s.RequestWindow, s.RequestsInFlight = ws.Limit, ws.InFlight
 	return s, nil
 }

@@ -24,6 +24,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/nix-community/go-nix/pkg/wire"
 )
@@ -62,6 +63,10 @@ type Options struct {
 	NixDaemon string
 	// MaxConns bounds concurrent connections (default 4).
 	MaxConns int
+	// StallTimeout bounds how long one read or write on a connection may
+	// block: a daemon that stops answering closes the connection with an
+	// error instead of stalling a worker forever (default 2 minutes).
+	StallTimeout time.Duration
 }
 
 // Open prepares a Store; connections are made on first use.
@@ -69,6 +74,10 @@ func Open(opts Options) *Store {
 	if opts.MaxConns <= 0 {
 		opts.MaxConns = 4
 	}
+	if opts.StallTimeout <= 0 {
+		opts.StallTimeout = 2 * time.Minute
+	}
+	stall := opts.StallTimeout
 	s := &Store{idle: make(chan *conn, opts.MaxConns), slots: make(chan struct{}, opts.MaxConns)}
 	sock := opts.Socket
 	if sock == "" {
@@ -85,7 +94,7 @@ func Open(opts Options) *Store {
 			if err != nil {
 				return nil, err
 			}
-			return handshake(c, c)
+			return handshake(c, c, stall)
 		}
 	} else {
 		bin := opts.NixDaemon
@@ -93,7 +102,7 @@ func Open(opts Options) *Store {
 			bin = "nix-daemon"
 		}
 		s.where = bin + " --stdio"
-		s.dial = func(ctx context.Context) (*conn, error) { return dialStdio(bin) }
+		s.dial = func(ctx context.Context) (*conn, error) { return dialStdio(bin, stall) }
 	}
 	return s
 }
@@ -318,8 +327,10 @@ type conn struct {
 
 func (c *conn) close() { c.once.Do(func() { c.closer.Close() }) }
 
-func handshake(rw io.ReadWriter, closer io.Closer) (*conn, error) {
-	c := &conn{r: bufio.NewReaderSize(rw, 64<<10), w: bufio.NewWriter(rw), closer: closer}
+func handshake(rw io.ReadWriter, closer io.Closer, stall time.Duration) (*conn, error) {
+	c := &conn{closer: closer}
+	sg := &stallGuard{rw: rw, timeout: stall, onStall: c.close}
+	c.r, c.w = bufio.NewReaderSize(sg, 64<<10), bufio.NewWriter(sg)
 	fail := func(err error) (*conn, error) {
 		closer.Close()
 		return nil, fmt.Errorf("handshake: %w", err)
@@ -628,7 +639,7 @@ func (c *conn) queryValidPaths(paths []string) ([]string, error) {
 
 // dialStdio starts `nix-daemon --stdio` and speaks the protocol over its
 // stdin and stdout.
-func dialStdio(bin string) (*conn, error) {
+func dialStdio(bin string, stall time.Duration) (*conn, error) {
 	cmd := exec.Command(bin, "--stdio")
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
@@ -643,7 +654,39 @@ func dialStdio(bin string) (*conn, error) {
 		return nil, err
 	}
 	p := &pipeConn{cmd: cmd, in: stdin, out: stdout}
-	return handshake(p, p)
+	return handshake(p, p, stall)
+}
+
+// stallGuard closes a connection whose read or write blocks longer than
+// timeout: the daemon protocol has no timeouts of its own, and a hung
+// daemon must not hold a worker forever.
+type stallGuard struct {
+	rw      io.ReadWriter
+	timeout time.Duration
+	onStall func()
+}
+
+// ErrStalled is wrapped by the error of a request the daemon did not
+// answer in time.
+var ErrStalled = errors.New("the nix daemon stopped answering")
+
+func (s *stallGuard) guard(n int, err error, t *time.Timer) (int, error) {
+	if !t.Stop() {
+		return n, fmt.Errorf("%w (nothing for %v); connection closed: %v", ErrStalled, s.timeout, err)
+	}
+	return n, err
+}
+
+func (s *stallGuard) Read(p []byte) (int, error) {
+	t := time.AfterFunc(s.timeout, s.onStall)
+	n, err := s.rw.Read(p)
+	return s.guard(n, err, t)
+}
+
+func (s *stallGuard) Write(p []byte) (int, error) {
+	t := time.AfterFunc(s.timeout, s.onStall)
+	n, err := s.rw.Write(p)
+	return s.guard(n, err, t)
 }
 
 type pipeConn struct {

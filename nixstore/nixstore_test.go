@@ -3,11 +3,14 @@ package nixstore
 import (
 	"context"
 	"encoding/hex"
+	"errors"
+	"net"
 	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nix-community/go-nix/pkg/nixhash"
 
@@ -116,4 +119,34 @@ func TestDaemonSocket(t *testing.T) {
 		t.Fatalf("store = %s, want the daemon socket", s)
 	}
 	checkAgainstCLI(t, s, env, top)
+}
+
+// TestHungDaemonTimesOut: a daemon that accepts a connection and then never
+// answers fails the request after the stall timeout instead of blocking a
+// worker forever.
+func TestHungDaemonTimesOut(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "hung.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close() // read nothing, answer nothing
+		}
+	}()
+	s := Open(Options{Socket: sock, StallTimeout: 200 * time.Millisecond})
+	start := time.Now()
+	_, err = s.QueryPathInfo(context.Background(), "/nix/store/r7kyvs66hayj3v09hzgqyrl8f60sll7q-x")
+	if !errors.Is(err, ErrStalled) {
+		t.Fatalf("request to a hung daemon = %v, want ErrStalled", err)
+	}
+	if el := time.Since(start); el > 10*time.Second {
+		t.Fatalf("took %v with a 200 ms stall timeout", el)
+	}
 }

@@ -29,6 +29,7 @@
 //	drop     id          remove a job (and its GC root)
 //	doctor               agentd checks its configuration, keys, store and cache
 //	audit    deep, keys  agentd audits its cache (read-only); result in "result"
+//	forget               agentd forgets what it knows the cache holds
 //
 // # Long operations
 //
@@ -71,6 +72,7 @@ const (
 	OpDrop    = "drop"
 	OpDoctor  = "doctor"
 	OpAudit   = "audit"
+	OpForget  = "forget"
 )
 
 // Request is one client request.
@@ -163,6 +165,13 @@ type Status struct {
 	NextRetryAt          int64    `json:"next_retry_at"`
 	InProgress           []Upload `json:"in_progress"`
 	StateDirError        string   `json:"state_dir_error"`
+	// KnownPresent is how many paths agentd knows the cache holds (its
+	// presence cache, bound to the cache's current generation).
+	KnownPresent int `json:"known_present"`
+	// RequestWindow is the adaptive limit of requests in flight to the
+	// bucket; RequestsInFlight how many are.
+	RequestWindow    int `json:"request_window"`
+	RequestsInFlight int `json:"requests_in_flight"`
 }
 
 // ErrTooLarge is returned by ReadRequest for a request over MaxRequestSize.
@@ -197,7 +206,7 @@ func DecodeRequest(line []byte) (*Request, error) {
 		if len(req.Paths) == 0 && !(req.Op == OpEnqueue && req.Floating && req.Drv != "") {
 			return nil, fmt.Errorf("%s: no paths", req.Op)
 		}
-	case OpStatus, OpList, OpDoctor, OpAudit:
+	case OpStatus, OpList, OpDoctor, OpAudit, OpForget:
 	case OpRetry:
 		if req.ID == 0 && !req.All {
 			return nil, errors.New("retry: need an id or all")

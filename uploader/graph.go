@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/nix-community/go-nix/pkg/narinfo"
 
@@ -38,7 +39,8 @@ type node struct {
 	// that the narinfo relies on: narinfos of references, and the NAR if
 	// an identical one was already there.
 	relied  []string
-	gen     uint64 // the cache generation the plan was made in
+	gen     uint64    // the cache generation the plan was made in
+	planned time.Time // when the job planned it
 	narDone bool
 	ni      *narinfo.NarInfo
 	sent    uint64
@@ -86,7 +88,8 @@ func (e *errDependencyGone) Error() string {
 // plan registers the upload of missing (closure order: dependencies first)
 // for one job, and returns the nodes the job is interested in and the
 // node of top (nil if top needs no upload).
-func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing map[string]bool, upstream func(*nixstore.PathInfo) bool, gen uint64) (interest []*node, top *node) {
+func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing map[string]bool, upstream func(*nixstore.PathInfo) bool, gen uint64) (interest []*node, top *node, relies bool) {
+	planned := time.Now()
 	g.mu.Lock()
 	var created []*node
 	topPath := closure[len(closure)-1].Path
@@ -110,7 +113,7 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing map[s
 			continue
 		}
 		ctx, cancel := context.WithCancel(context.Background())
-		n := &node{info: info, ctx: ctx, cancel: cancel, interest: 1, gen: gen, owner: job, done: make(chan struct{})}
+		n := &node{info: info, ctx: ctx, cancel: cancel, interest: 1, gen: gen, planned: planned, owner: job, done: make(chan struct{})}
 		for _, r := range info.References {
 			switch {
 			case r == p || isUpstream[r]:
@@ -126,6 +129,7 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing map[s
 		g.nodes[p] = n
 		interest = append(interest, n)
 		created = append(created, n)
+		relies = relies || len(n.relied) > 0
 	}
 	top = g.nodes[topPath]
 	g.mu.Unlock()
@@ -136,7 +140,7 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing map[s
 		}
 		g.work.push(false, func() { g.u.runNAR(n) })
 	}
-	return interest, top
+	return interest, top, relies
 }
 
 // release ends a job's interest in nodes; nodes nobody waits for any more

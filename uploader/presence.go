@@ -166,10 +166,15 @@ func (pr *presence) count() int {
 // setGeneration records the cache's current generation name. A change from
 // a known one resets the presence cache. The first generation seen in
 // this process loads what an earlier run remembered of it.
-func (pr *presence) setGeneration(name string) (changed bool, err error) {
+//
+// asked is when the question that got name was sent: a confirmation counts
+// for plans made before it.
+func (pr *presence) setGeneration(name string, asked time.Time) (changed bool, err error) {
 	pr.mu.Lock()
 	old := pr.genName
-	pr.genAt = time.Now()
+	if asked.After(pr.genAt) {
+		pr.genAt = asked
+	}
 	if old == name {
 		pr.mu.Unlock()
 		return false, nil
@@ -214,6 +219,14 @@ func (pr *presence) setGeneration(name string) (changed bool, err error) {
 		pr.u.log.Info("presence cache loaded", "cache", pr.u.opt.Cache.String(), "paths", len(hashes))
 	}
 	return false, nil
+}
+
+// confirmedSince reports whether the generation was confirmed by a
+// question sent after t.
+func (pr *presence) confirmedSince(t time.Time) bool {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	return !pr.genAt.Before(t)
 }
 
 // generationAge is how long ago the generation was last confirmed.

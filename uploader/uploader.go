@@ -103,6 +103,9 @@ type Options struct {
 	Guard Guard
 	// Realiser, if set, supplies realisations written after narinfos.
 	Realiser Realiser
+	// GenerationCheck bounds how long uploads go on without confirming
+	// that the cache was not reset (default 30 s).
+	GenerationCheck time.Duration
 }
 
 // ResumeStore durably keeps one opaque record per store path.
@@ -112,10 +115,6 @@ type ResumeStore interface {
 	DeleteUpload(path string) error
 	Uploads() (map[string][]byte, error)
 }
-
-// generationCheckEvery bounds how long uploads go on without confirming
-// that the cache was not reset.
-const generationCheckEvery = 30 * time.Second
 
 // Uploader uploads closures. It is safe for concurrent use: a dependency
 // shared by concurrent uploads is uploaded once.
@@ -165,6 +164,9 @@ func New(opt Options) (*Uploader, error) {
 	}
 	if opt.ResumeAbove <= 0 {
 		opt.ResumeAbove = 64 << 20
+	}
+	if opt.GenerationCheck <= 0 {
+		opt.GenerationCheck = 30 * time.Second
 	}
 	if opt.PresenceTTL <= 0 {
 		opt.PresenceTTL = DefaultPresenceTTL
@@ -222,6 +224,7 @@ func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
 	if u.cacheInfoOK.Load() {
 		return nil
 	}
+	asked := time.Now()
 	info, err := u.opt.Bucket.Stat(ctx, "nix-cache-info")
 	if bucket.IsNotExist(err) {
 		info, err = u.writeCacheInfo(ctx)
@@ -229,7 +232,7 @@ func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("check nix-cache-info: %w", err)
 	}
-	if _, err := u.presence.setGeneration(generationName(info)); err != nil {
+	if _, err := u.presence.setGeneration(generationName(info), asked); err != nil {
 		u.log.Warn("presence cache", "err", err)
 	}
 	u.cacheInfoOK.Store(true)
@@ -263,6 +266,7 @@ func generationName(info bucket.Info) string {
 // known about its contents is forgotten (and nix-cache-info written again).
 func (u *Uploader) CheckGeneration(ctx context.Context) error {
 	_, err, _ := u.fresh.Do("generation", func() (any, error) {
+		asked := time.Now()
 		info, err := u.opt.Bucket.Stat(ctx, "nix-cache-info")
 		if bucket.IsNotExist(err) {
 			u.log.Warn("nix-cache-info is gone: the cache was emptied; forgetting what it held", "cache", u.opt.Cache.String())
@@ -274,7 +278,7 @@ func (u *Uploader) CheckGeneration(ctx context.Context) error {
 		if err != nil {
 			return nil, fmt.Errorf("check nix-cache-info: %w", err)
 		}
-		_, err = u.presence.setGeneration(generationName(info))
+		_, err = u.presence.setGeneration(generationName(info), asked)
 		u.cacheInfoOK.Store(true)
 		return nil, err
 	})
@@ -293,7 +297,7 @@ func (u *Uploader) ensureFresh(ctx context.Context) error {
 	if !u.cacheInfoOK.Load() {
 		return u.EnsureCacheInfo(ctx)
 	}
-	if u.presence.generationAge() > generationCheckEvery {
+	if u.presence.generationAge() > u.opt.GenerationCheck {
 		return u.CheckGeneration(ctx)
 	}
 	return nil
@@ -358,8 +362,17 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		want[p] = true
 	}
 	job := &jobResult{}
-	interest, top := u.graph.plan(job, closure, want, u.opt.Upstream, gen)
+	interest, top, relies := u.graph.plan(job, closure, want, u.opt.Upstream, gen)
 	defer u.graph.release(interest)
+	if relies {
+		// Its narinfos will need a confirmation of the cache's generation
+		// asked after the plan: ask now, while the NARs go up.
+		go func() {
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+			defer cancel()
+			u.CheckGeneration(cctx)
+		}()
+	}
 	if top == nil {
 		return Result{Skipped: skipped}, nil // uploaded by another job meanwhile
 	}
@@ -402,7 +415,16 @@ func (u *Uploader) runNarinfo(n *node) {
 		fail(err)
 		return
 	}
-	if n.gen != u.presence.gen.Load() {
+	// A narinfo relying on objects found present earlier is written only
+	// once the cache is confirmed to be the same cache (not reset) by a
+	// question asked after this upload was planned.
+	for i := 0; len(n.relied) > 0 && !u.presence.confirmedSince(n.planned) && i < 3; i++ {
+		if err := u.CheckGeneration(ctx); err != nil {
+			fail(err)
+			return
+		}
+	}
+	if n.gen != u.presence.gen.Load() || (len(n.relied) > 0 && !u.presence.confirmedSince(n.planned)) {
 		fail(errReset)
 		return
 	}
@@ -508,6 +530,23 @@ func (u *Uploader) reviveIfDoomed(ctx context.Context, path string) error {
 // the ones that do not. Paths known to be present cost nothing.
 func (u *Uploader) CheckPresence(ctx context.Context, paths []string) ([]string, error) {
 	return u.presence.check(ctx, paths)
+}
+
+// Prefetch learns which of paths the cache holds, in bulk (listings where
+// that is cheaper), so that the jobs for them, which ask about their own
+// path first, find the answer known or in flight. Errors are only logged:
+// the jobs ask again.
+func (u *Uploader) Prefetch(ctx context.Context, paths []string) {
+	start := time.Now()
+	if err := u.ensureFresh(ctx); err != nil {
+		return
+	}
+	missing, err := u.presence.check(ctx, paths)
+	if err != nil {
+		u.log.Debug("prefetch presence", "paths", len(paths), "err", err)
+		return
+	}
+	u.log.Info("presence checked in bulk", "paths", len(paths), "missing", len(missing), "duration", time.Since(start))
 }
 
 // Forget drops what is known about the cache's contents (after an

@@ -33,6 +33,8 @@ Commands:
   wait [--timeout D]         wait until every job queued now is uploaded or failed
                              (exit 0: all uploaded, 1: failed jobs remain, 3: timed out)
   doctor                     check the socket, configuration, keys, store and cache
+  forget                     forget what agentd knows the cache holds (after resetting a
+                             bucket by hand; agentd also notices a reset on its own)
   audit [--deep] [--trusted-public-keys K] [--json]
                              check that stock Nix can use everything in the cache (read-only;
                              exit 0: healthy, 1: problems found)
@@ -128,6 +130,16 @@ func run(args []string, out io.Writer) error {
 		return cmdDoctor(c, rest, out)
 	case "audit":
 		return cmdAudit(c, rest, out)
+	case "forget":
+		if len(rest) > 0 {
+			return &exitError{code: 2, msg: "forget takes no arguments"}
+		}
+		resp, err := c.call(&protocol.Request{Op: protocol.OpForget})
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "forgot %d paths known to be in the cache; they will be checked again\n", resp.Count)
+		return nil
 	case "help":
 		fs.Usage()
 		return nil

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"sort"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -36,7 +37,16 @@ func renderStatus(out io.Writer, s *protocol.Status) error {
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintf(w, "rate (1 min)\t%.1f paths/s, %.1f MB/s\n", s.RatePathsPerSecond, s.RateNARBytesPerSec/1e6)
-	for _, u := range s.InProgress {
+	fmt.Fprintf(w, "requests\t%d in flight, window %d (adapts to the store's latency and throttling)\n", s.RequestsInFlight, s.RequestWindow)
+	fmt.Fprintf(w, "known in cache\t%d paths\n", s.KnownPresent)
+	// The largest uploads first; many small ones are summed up.
+	ups := append([]protocol.Upload(nil), s.InProgress...)
+	sort.Slice(ups, func(i, j int) bool { return ups[i].BytesSize > ups[j].BytesSize })
+	for i, u := range ups {
+		if i == maxShownUploads && len(ups) > maxShownUploads+1 {
+			fmt.Fprintf(w, "uploading\t… and %d smaller\n", len(ups)-i)
+			break
+		}
 		fmt.Fprintf(w, "uploading\t%s %s\n", progressBar(u.BytesDone, u.BytesSize, 24), filepath.Base(u.Path))
 	}
 	if s.LastError != "" {
@@ -50,6 +60,9 @@ func renderStatus(out io.Writer, s *protocol.Status) error {
 	}
 	return w.Flush()
 }
+
+// maxShownUploads bounds the uploads listed one per line.
+const maxShownUploads = 8
 
 // progressBar renders "[#####.....]  45% 12.0 MiB / 26.5 MiB".
 func progressBar(done, total int64, width int) string {

@@ -87,6 +87,7 @@ func run(args []string) error {
 	fs.IntVar(&cfg.MaxAttempts, "max-attempts", 0, "give up on a job after this many transient failures (0: never)")
 	fs.DurationVar(&cfg.BackoffMax, "backoff-max", cfg.BackoffMax, "longest delay between retries of a job")
 	fs.DurationVar(&cfg.SpoolInterval, "spool-interval", cfg.SpoolInterval, "how often to import the hook's spool directory")
+	fs.DurationVar(&cfg.GenerationInterval, "cache-check-interval", cfg.GenerationInterval, "how often to check that the cache was not reset (its nix-cache-info replaced), forgetting what it held if it was")
 	fs.StringVar(&pprofAddr, "pprof-listen", "", "serve Go's pprof profiles on this loopback address (debugging; off by default)")
 	fs.Var(&excludes, "exclude", "do not upload paths whose name (after the hash) matches this regular expression (repeatable)")
 	fs.Int64Var(&cfg.MaxNARSize, "max-nar-size", 0, "do not upload paths whose NAR is larger than this many bytes (0: no limit)")

@@ -46,6 +46,9 @@ type FaultProxy struct {
 	PutBytes  atomic.Int64
 	PartsDone atomic.Int64
 	InFlight  atomic.Int64
+	// OnResponse, if set, is called after each forwarded request with the
+	// status the server answered.
+	OnResponse func(r *http.Request, status int)
 }
 
 type statusRecorder struct {
@@ -64,6 +67,9 @@ func (p *FaultProxy) forward(rp http.Handler, w http.ResponseWriter, r *http.Req
 	rp.ServeHTTP(rec, r)
 	if r.Method == http.MethodPut && r.URL.Query().Get("partNumber") != "" && rec.status == http.StatusOK {
 		p.PartsDone.Add(1)
+	}
+	if p.OnResponse != nil {
+		p.OnResponse(r, rec.status)
 	}
 }
 
