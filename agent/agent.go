@@ -90,6 +90,9 @@ func New(cfg Config) (*Agent, error) {
 	}
 	// Every request uploads make goes through one adaptive window.
 	a.window = limit.New(limit.Options{Min: cfg.MinRequests, Max: cfg.MaxRequests})
+	if t, ok := a.bucket.(interface{ OnThrottle(func()) }); ok {
+		t.OnThrottle(a.window.Throttled) // every 429/503, also those the S3 client retries itself
+	}
 	a.uploader, err = uploader.New(uploader.Options{
 		Bucket:   limit.Wrap(a.bucket, a.window),
 		Cache:    a.cache,

@@ -33,6 +33,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/bucket/limit"
 	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/storepath"
 )
@@ -161,6 +162,9 @@ func Run(ctx context.Context, b bucket.Bucket, opt Options) (*Report, error) {
 	if opt.Concurrency <= 0 {
 		opt.Concurrency = 32
 	}
+	// A store that throttles gets fewer requests at once, and a request it
+	// refused for now is asked again before anything counts as unreadable.
+	b = &retrying{Bucket: limit.Wrap(b, limit.New(limit.Options{Min: 2, Max: opt.Concurrency, Initial: opt.Concurrency}))}
 	a := &auditor{b: b, opt: opt, keys: map[string]bucket.Info{}, refs: map[string][]string{}, urls: map[string]bool{}}
 	rep := &Report{Deep: opt.Deep}
 	var narinfos, realisations []string

@@ -5,9 +5,11 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/klauspost/compress/zstd"
@@ -188,4 +190,47 @@ func mustGet(c *cache, key string) []byte {
 		c.t.Fatal(err)
 	}
 	return data
+}
+
+// flaky throttles the first two requests for every key.
+type flaky struct {
+	bucket.Bucket
+	mu   sync.Mutex
+	seen map[string]int
+}
+
+func (f *flaky) fault(key string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.seen[key]++
+	if f.seen[key] <= 2 {
+		return fmt.Errorf("get %s: %w: %w", key, bucket.ErrUnavailable, bucket.ErrThrottled)
+	}
+	return nil
+}
+
+func (f *flaky) Get(ctx context.Context, key string, max int64) ([]byte, bucket.Info, error) {
+	if err := f.fault(key); err != nil {
+		return nil, bucket.Info{}, err
+	}
+	return f.Bucket.Get(ctx, key, max)
+}
+
+func (f *flaky) Open(ctx context.Context, key string, off, n int64) (io.ReadCloser, bucket.Info, error) {
+	if err := f.fault("open " + key); err != nil {
+		return nil, bucket.Info{}, err
+	}
+	return f.Bucket.Open(ctx, key, off, n)
+}
+
+// TestThrottlingStoreIsNotAProblem: requests the store refuses for now are
+// asked again; the audit reports the cache, not the store's load.
+func TestThrottlingStoreIsNotAProblem(t *testing.T) {
+	c := newCache(t)
+	c.path(1, "leaf")
+	c.path(2, "top", 1)
+	rep, err := Run(context.Background(), &flaky{Bucket: c.b, seen: map[string]int{}}, Options{Deep: true})
+	if err != nil || !rep.OK() {
+		t.Fatalf("%v %v", rep.Problems, err)
+	}
 }

@@ -144,6 +144,16 @@ func (l *Limiter) Release(o Outcome, latency time.Duration, small bool) {
 	l.cond.Broadcast()
 }
 
+// Throttled shrinks the window because the store asked to slow down, seen
+// below the bucket (an HTTP answer that the S3 client then retried by
+// itself, so that no error reaches the window).
+func (l *Limiter) Throttled() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.throttles++
+	l.decrease(l.opt.Now(), 0.5)
+}
+
 // observe records a small request's latency and reports whether requests
 // queue: the smoothed latency is well above the base round trip.
 func (l *Limiter) observe(now time.Time, rtt time.Duration) bool {

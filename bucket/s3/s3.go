@@ -547,7 +547,14 @@ type retryAfterTransport struct {
 	until  atomic.Int64 // unix nanoseconds
 	offset atomic.Int64 // server clock minus local clock, nanoseconds
 	dated  atomic.Bool
+	// onThrottle, if set, is called for every 429/503 answer, including
+	// those minio-go retries by itself.
+	onThrottle atomic.Pointer[func()]
 }
+
+// OnThrottle sets f to be called whenever the store answers 429 or 503
+// (an adaptive window shrinks on it).
+func (b *Bucket) OnThrottle(f func()) { b.hints.onThrottle.Store(&f) }
 
 func (t *retryAfterTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	sent := time.Now()
@@ -566,6 +573,9 @@ func (t *retryAfterTransport) RoundTrip(req *http.Request) (*http.Response, erro
 	if resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode == http.StatusServiceUnavailable {
 		if d := parseRetryAfter(resp.Header.Get("Retry-After"), time.Now()); d > 0 {
 			t.until.Store(time.Now().Add(d).UnixNano())
+		}
+		if f := t.onThrottle.Load(); f != nil {
+			(*f)()
 		}
 	}
 	return resp, err
