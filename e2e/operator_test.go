@@ -110,6 +110,7 @@ func TestWaitTimesOutAndDoctorFails(t *testing.T) {
 	m.Start()
 
 	bad := newAgent(t, m.CacheURL(""), sk, []string{"AWS_ACCESS_KEY_ID=" + m.AccessKey, "AWS_SECRET_ACCESS_KEY=wrong"})
+	bad.SkipAudit = true // the audit would use the same wrong credentials
 	bad.Start()
 	out, err = bad.Ctl("doctor")
 	if err == nil || !strings.Contains(out, "FAIL") || !strings.Contains(out, "check the credentials") {
