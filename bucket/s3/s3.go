@@ -481,6 +481,12 @@ var permanentCodes = map[string]string{
 	// versitygw without an IAM service answers an unknown access key with
 	// this code and 404 instead of InvalidAccessKeyId and 403.
 	"XAdminUserNotFound": "the store knows no such access key: check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile=, the credentials file)",
+	// File-backed stores (versitygw's posix backend) cannot hold both an
+	// object "a" and an object "a/b" (409). nixspool's own keys never
+	// collide so; a key prefix in the cache URL that names an existing
+	// object can.
+	"ObjectParentIsFile":        "an object in the bucket has the name of this key's directory: check the key prefix in the cache URL",
+	"ExistingObjectIsDirectory": "objects in the bucket are stored under this key as a directory: check the key prefix in the cache URL",
 }
 
 // transientCodes are errors of this request (or of this moment) that a

@@ -102,6 +102,23 @@ func TestMissingBucketIsPermanent(t *testing.T) {
 	})
 }
 
+// TestKeyConflictAltVersityGW: versitygw's posix backend stores objects as
+// files, so "a" and "a/b" cannot both exist; the refusal is permanent (a
+// retry cannot fix it), not an outage.
+func TestKeyConflictAltVersityGW(t *testing.T) {
+	b := newTestBucketOn(t, testenv.StartVersityGW(t))
+	ctx := context.Background()
+	for _, keys := range [][2]string{{"a", "a/b"}, {"c/d", "c"}} {
+		if _, err := b.Put(ctx, keys[0], strings.NewReader("x"), 1, bucket.PutOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		_, err := b.Put(ctx, keys[1], strings.NewReader("y"), 1, bucket.PutOptions{})
+		if !bucket.IsPermanent(err) {
+			t.Fatalf("Put %s after %s = %v, want a permanent error", keys[1], keys[0], err)
+		}
+	}
+}
+
 // TestListManyKeys lists more keys than one ListObjectsV2 answer holds
 // (1,000), from the start and after a key on the second page, and deletes
 // them in two multi-object deletes.
