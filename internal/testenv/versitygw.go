@@ -62,8 +62,8 @@ func StartVersityGW(t T) *VersityGW {
 			t.Fatalf("%v", err)
 		}
 	}
+	t.Cleanup(v.Stop) // also if Start gives up on a running process
 	v.Start()
-	t.Cleanup(v.Stop)
 	v.MakeBucket(v.Bucket)
 	return v
 }
