@@ -10,13 +10,15 @@ GO           ?= go
 TOOLS        := $(CURDIR)/.tools/bin
 # MinIO for the S3 tests, pinned (MinIO publishes pseudo-versions only).
 MINIO_VERSION       := v0.0.0-20260212201848-7aac2a2c5b7c
+# The Versity S3 Gateway, a second S3 implementation independent of MinIO's code.
+VERSITYGW_VERSION   := v1.8.0
 STATICCHECK_VERSION := v0.8.2
 VERSION      ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS      := -s -w -X github.com/nixspool/nixspool/agent.Version=$(VERSION)
 export PATH  := $(TOOLS):$(PATH)
 NIX          := nix --extra-experimental-features nix-command
 
-.PHONY: all build test test-race run bench lint tools tool-nix tool-minio tool-staticcheck clean
+.PHONY: all build test test-race run bench lint tools tool-nix tool-minio tool-versitygw tool-staticcheck clean
 
 all: build
 
@@ -24,7 +26,7 @@ build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ ./cmd/hook ./cmd/agentd ./cmd/agentctl
 
 ## tools: what the tests need, installed only when missing.
-tools: tool-nix tool-minio
+tools: tool-nix tool-minio tool-versitygw
 
 tool-nix:
 	@if ! command -v nix-build >/dev/null; then \
@@ -44,6 +46,12 @@ tool-minio:
 	@if [ ! -x $(TOOLS)/minio ] || [ "$$(cat $(TOOLS)/.minio-version 2>/dev/null)" != "$(MINIO_VERSION)" ]; then \
 	  echo "building the MinIO server $(MINIO_VERSION) into .tools/bin (takes a few minutes once)"; \
 	  GOBIN=$(TOOLS) $(GO) install github.com/minio/minio@$(MINIO_VERSION) && echo $(MINIO_VERSION) > $(TOOLS)/.minio-version; \
+	fi
+
+tool-versitygw:
+	@if [ ! -x $(TOOLS)/versitygw ] || [ "$$(cat $(TOOLS)/.versitygw-version 2>/dev/null)" != "$(VERSITYGW_VERSION)" ]; then \
+	  echo "building the Versity S3 gateway $(VERSITYGW_VERSION) into .tools/bin (about two minutes once)"; \
+	  GOBIN=$(TOOLS) $(GO) install github.com/versity/versitygw/cmd/versitygw@$(VERSITYGW_VERSION) && echo $(VERSITYGW_VERSION) > $(TOOLS)/.versitygw-version; \
 	fi
 
 tool-staticcheck:

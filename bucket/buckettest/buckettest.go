@@ -1,11 +1,18 @@
 // Package buckettest is the contract every bucket.Bucket implementation must
-// meet, as one suite run against each of them.
+// meet, as one suite run against each of them: a local directory, MinIO and
+// a second, independent S3 implementation (the Versity S3 Gateway).
+//
+// S3 implementations differ in a few things nixspool can live with either
+// way; Caps names them, so the suite checks that a store does what it
+// claims and, where it does not, that nixspool's fallback holds.
 package buckettest
 
 import (
 	"bytes"
 	"context"
+	"crypto/md5"
 	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"io"
 	"sort"
@@ -25,8 +32,38 @@ func put(t *testing.T, b bucket.Bucket, key, body string, opts bucket.PutOptions
 	return info
 }
 
-// Run runs the contract suite against the bucket b, which must be empty.
-func Run(t *testing.T, b bucket.Bucket) {
+// Caps are the optional behaviours of a store. The zero value is the
+// contract every store meets; a field set to true claims (or, for
+// IgnoresConditions, admits) a difference, which the suite then checks.
+type Caps struct {
+	// IgnoresConditions: the store ignores If-None-Match and If-Match and
+	// overwrites (older S3 implementations). ProbeConditional must then
+	// report false, without an error, so callers know to look before they
+	// write.
+	IgnoresConditions bool
+	// ContentEncoding: the store keeps an object's Content-Encoding and
+	// reports it (S3 stores do; a plain directory does not, which is why
+	// file:// caches refuse metadata compression).
+	ContentEncoding bool
+	// ListUploadsByPrefix: ListUploads finds the uploads under a key
+	// prefix ("nar/"), as AWS S3 and versitygw do. MinIO lists the uploads
+	// of one exact key only (it expires stale uploads itself), so stale
+	// upload cleanup finds nothing there, harmlessly.
+	ListUploadsByPrefix bool
+	// PartETagIsMD5: a multipart part's ETag is the hex MD5 of its bytes.
+	// A resumed upload keeps the parts already on the server only when
+	// their ETag matches the local part's MD5; elsewhere it sends them
+	// again, which is slower but correct.
+	PartETagIsMD5 bool
+}
+
+// Run runs the contract suite against the bucket b, which must be empty,
+// for a store without any optional behaviour.
+func Run(t *testing.T, b bucket.Bucket) { RunWith(t, b, Caps{}) }
+
+// RunWith runs the contract suite against the bucket b, which must be
+// empty, checking the optional behaviours caps claims.
+func RunWith(t *testing.T, b bucket.Bucket, caps Caps) {
 	ctx := context.Background()
 	t.Run("StatMissing", func(t *testing.T) {
 		_, err := b.Stat(ctx, "missing.narinfo")
@@ -48,8 +85,8 @@ func Run(t *testing.T, b bucket.Bucket) {
 			t.Fatal(err)
 		}
 		info, err := b.Stat(ctx, "abc.narinfo")
-		if err != nil || info.Size != int64(len(data)) || info.ETag == "" {
-			t.Fatalf("Stat = %+v, %v", info, err)
+		if err != nil || info.Size != int64(len(data)) || info.ETag == "" || info.ContentEncoding != "" {
+			t.Fatalf("Stat = %+v, %v; want no Content-Encoding", info, err)
 		}
 		if pinfo.ETag != info.ETag {
 			t.Fatalf("Put reported ETag %q, Stat %q", pinfo.ETag, info.ETag)
@@ -100,21 +137,25 @@ func Run(t *testing.T, b bucket.Bucket) {
 		}
 	})
 	t.Run("NestedKeyAndLargeObject", func(t *testing.T) {
-		data := make([]byte, 20<<20+12345) // above the multipart threshold
-		rand.Read(data)
-		if _, err := b.Put(ctx, "nar/big.nar.zst", bytes.NewReader(data), int64(len(data)), bucket.PutOptions{ContentType: "application/x-nix-nar"}); err != nil {
-			t.Fatal(err)
-		}
-		info, err := b.Stat(ctx, "nar/big.nar.zst")
-		if err != nil || info.Size != int64(len(data)) {
-			t.Fatalf("Stat = %+v, %v", info, err)
-		}
-		got, _, err := b.Get(ctx, "nar/big.nar.zst", int64(len(data)))
-		if err != nil || !bytes.Equal(got, data) {
-			t.Fatalf("Get returned %d bytes, %v", len(got), err)
-		}
-		if err := b.Delete(ctx, "nar/big.nar.zst"); err != nil {
-			t.Fatal(err)
+		// Above the small-object limit (one PUT request) and above the
+		// multipart threshold.
+		for _, size := range []int{2<<20 + 1, 20<<20 + 12345} {
+			data := make([]byte, size)
+			rand.Read(data)
+			if _, err := b.Put(ctx, "nar/big.nar.zst", bytes.NewReader(data), int64(len(data)), bucket.PutOptions{ContentType: "application/x-nix-nar"}); err != nil {
+				t.Fatal(err)
+			}
+			info, err := b.Stat(ctx, "nar/big.nar.zst")
+			if err != nil || info.Size != int64(len(data)) || info.ContentEncoding != "" {
+				t.Fatalf("Stat = %+v, %v; want %d bytes, no Content-Encoding", info, err, size)
+			}
+			got, _, err := b.Get(ctx, "nar/big.nar.zst", int64(len(data)))
+			if err != nil || !bytes.Equal(got, data) {
+				t.Fatalf("Get returned %d bytes, %v", len(got), err)
+			}
+			if err := b.Delete(ctx, "nar/big.nar.zst"); err != nil {
+				t.Fatal(err)
+			}
 		}
 	})
 	t.Run("ShortReaderFailsAndLeavesNothing", func(t *testing.T) {
@@ -148,31 +189,20 @@ func Run(t *testing.T, b bucket.Bucket) {
 			t.Fatal("Put with a cancelled context succeeded")
 		}
 	})
-	t.Run("ConditionalWrites", func(t *testing.T) {
-		first := put(t, b, "cond.narinfo", "first\n", bucket.PutOptions{IfNoneMatch: true})
-		_, err := b.Put(ctx, "cond.narinfo", strings.NewReader("second\n"), 7, bucket.PutOptions{IfNoneMatch: true})
-		if !bucket.IsPrecondition(err) {
-			t.Fatalf("create-only Put over an existing key = %v, want ErrPrecondition", err)
-		}
-		if got, _, _ := b.Get(ctx, "cond.narinfo", 100); string(got) != "first\n" {
-			t.Fatalf("a refused create-only Put changed the object to %q", got)
-		}
-		second := put(t, b, "cond.narinfo", "second\n", bucket.PutOptions{IfMatch: first.ETag})
-		if second.ETag == first.ETag {
-			t.Fatal("a rewrite kept the ETag")
-		}
-		if _, err := b.Put(ctx, "cond.narinfo", strings.NewReader("third\n"), 6, bucket.PutOptions{IfMatch: first.ETag}); !bucket.IsPrecondition(err) {
-			t.Fatalf("Put with a stale IfMatch = %v, want ErrPrecondition", err)
-		}
-		if got, _, _ := b.Get(ctx, "cond.narinfo", 100); string(got) != "second\n" {
-			t.Fatalf("object is %q after a refused IfMatch Put", got)
-		}
-		ok, err := bucket.ProbeConditional(ctx, b, "nixspool/probe/")
-		if err != nil || !ok {
-			t.Fatalf("ProbeConditional = %v, %v; want true", ok, err)
-		}
-		b.Delete(ctx, "cond.narinfo")
-	})
+	if caps.IgnoresConditions {
+		t.Run("ConditionsIgnored", func(t *testing.T) {
+			put(t, b, "cond.narinfo", "first\n", bucket.PutOptions{IfNoneMatch: true})
+			put(t, b, "cond.narinfo", "second\n", bucket.PutOptions{IfNoneMatch: true})
+			ok, err := bucket.ProbeConditional(ctx, b, "nixspool/probe/")
+			if err != nil || ok {
+				t.Fatalf("ProbeConditional = %v, %v on a store that ignores conditions; want false, nil", ok, err)
+			}
+			b.Delete(ctx, "cond.narinfo")
+		})
+	}
+	if !caps.IgnoresConditions {
+		t.Run("ConditionalWrites", func(t *testing.T) { conditionalWrites(t, b) })
+	}
 	t.Run("List", func(t *testing.T) {
 		keys := []string{"0a.narinfo", "0b.ls", "1c.narinfo", "nar/0a.nar.zst", "nar/1c.nar", "nix-cache-info", "log/x.drv"}
 		for _, k := range keys {
@@ -224,30 +254,196 @@ func Run(t *testing.T, b bucket.Bucket) {
 			t.Fatalf("after DeleteAll: %v", got)
 		}
 	})
-	if mp, ok := b.(bucket.Multipart); ok {
-		t.Run("MultipartListUploads", func(t *testing.T) {
-			id, err := mp.StartMultipart(ctx, "nar/pending.nar", bucket.PutOptions{})
-			if err != nil {
-				t.Fatal(err)
+	t.Run("KeyCharacters", func(t *testing.T) {
+		// Store path names may hold + = ? . _ - beside letters and digits;
+		// build logs are stored under the derivation's name.
+		keys := []string{"log/0c6a-gtk+-3.24=x?y_z.drv", "0c6b+=?_.narinfo"}
+		for _, k := range keys {
+			put(t, b, k, "body of "+k, bucket.PutOptions{})
+			if info, err := b.Stat(ctx, k); err != nil || info.Size != int64(len("body of "+k)) {
+				t.Fatalf("Stat %q = %+v, %v", k, info, err)
 			}
-			// The exact key: MinIO lists uploads of one key only (and
-			// expires stale ones itself).
-			ups, err := mp.ListUploads(ctx, "nar/pending.nar")
-			if err != nil {
-				t.Fatal(err)
+			if got, _, err := b.Get(ctx, k, 1000); err != nil || string(got) != "body of "+k {
+				t.Fatalf("Get %q = %q, %v", k, got, err)
 			}
-			found := false
-			for _, u := range ups {
-				found = found || (u.Key == "nar/pending.nar" && u.UploadID == id && !u.Initiated.IsZero())
+		}
+		var listed []string
+		if err := b.List(ctx, bucket.ListOptions{Recursive: true}, func(o bucket.Object) error {
+			listed = append(listed, o.Key)
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		want := append([]string(nil), keys...)
+		sort.Strings(want)
+		if strings.Join(listed, " ") != strings.Join(want, " ") {
+			t.Fatalf("List = %q, want %q", listed, want)
+		}
+		if err := bucket.DeleteAll(ctx, b, keys); err != nil {
+			t.Fatal(err)
+		}
+		for _, k := range keys {
+			if _, err := b.Stat(ctx, k); !bucket.IsNotExist(err) {
+				t.Fatalf("Stat %q after delete = %v", k, err)
 			}
-			if !found {
-				t.Fatalf("ListUploads = %+v, want nar/pending.nar %s", ups, id)
+		}
+	})
+	if caps.ContentEncoding {
+		t.Run("ContentEncoding", func(t *testing.T) {
+			// Exactly what was set: a store must not keep the aws-chunked
+			// framing of the request (stock Nix cannot decode it).
+			for _, size := range []int{16, 2<<20 + 1} { // one small and one larger PUT
+				data := make([]byte, size)
+				rand.Read(data)
+				if _, err := b.Put(ctx, "log/enc.drv", bytes.NewReader(data), int64(size), bucket.PutOptions{ContentType: "text/plain", ContentEncoding: "zstd"}); err != nil {
+					t.Fatal(err)
+				}
+				if info, err := b.Stat(ctx, "log/enc.drv"); err != nil || info.ContentEncoding != "zstd" {
+					t.Fatalf("Stat = %+v, %v; want Content-Encoding zstd", info, err)
+				}
+				got, info, err := b.Get(ctx, "log/enc.drv", int64(size))
+				if err != nil || info.ContentEncoding != "zstd" || !bytes.Equal(got, data) {
+					t.Fatalf("Get = %d bytes, %+v, %v; want the %d bytes as stored, with Content-Encoding zstd", len(got), info, err, size)
+				}
 			}
-			if err := mp.AbortMultipart(ctx, "nar/pending.nar", id); err != nil {
-				t.Fatal(err)
-			}
+			b.Delete(ctx, "log/enc.drv")
 		})
 	}
+	if mp, ok := b.(bucket.Multipart); ok {
+		t.Run("Multipart", func(t *testing.T) { multipart(t, b, mp, caps) })
+	}
+}
+
+// multipart checks what resumable uploads rely on: parts survive on the
+// server and are listed with their sizes and ETags, a damaged part is
+// refused, the object appears only when completed, and a finished or
+// aborted upload is reported as gone.
+func multipart(t *testing.T, b bucket.Bucket, mp bucket.Multipart, caps Caps) {
+	ctx := context.Background()
+	const key = "nar/pending.nar"
+	data := make([]byte, 5<<20+4321) // parts other than the last must be at least 5 MiB
+	rand.Read(data)
+	bodies := [][]byte{data[:5<<20], data[5<<20:]}
+	id, err := mp.StartMultipart(ctx, key, bucket.PutOptions{ContentType: "application/x-nix-nar"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sent []bucket.Part
+	for i, body := range bodies {
+		sum := md5.Sum(body)
+		p, err := mp.PutPart(ctx, key, id, i+1, bytes.NewReader(body), int64(len(body)), sum[:])
+		if err != nil {
+			t.Fatalf("PutPart %d: %v", i+1, err)
+		}
+		if p.Number != i+1 || p.Size != int64(len(body)) || p.ETag == "" {
+			t.Fatalf("PutPart %d = %+v", i+1, p)
+		}
+		if caps.PartETagIsMD5 && !strings.EqualFold(p.ETag, hex.EncodeToString(sum[:])) {
+			t.Errorf("part %d ETag %q is not the MD5 of its bytes %x", i+1, p.ETag, sum)
+		}
+		sent = append(sent, p)
+	}
+	// A part whose bytes do not match the MD5 sent with them is refused,
+	// and the part stored before stays.
+	wrong := md5.Sum([]byte("something else"))
+	if _, err := mp.PutPart(ctx, key, id, 2, bytes.NewReader(bodies[1]), int64(len(bodies[1])), wrong[:]); err == nil {
+		t.Fatal("PutPart with a wrong Content-MD5 succeeded")
+	}
+	parts, err := mp.ListParts(ctx, key, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(parts) != 2 {
+		t.Fatalf("ListParts = %+v, want 2 parts", parts)
+	}
+	for i, p := range parts {
+		if p != sent[i] {
+			t.Errorf("ListParts[%d] = %+v, PutPart said %+v", i, p, sent[i])
+		}
+	}
+	listed := func(prefix string) bool {
+		ups, err := mp.ListUploads(ctx, prefix)
+		if err != nil {
+			t.Fatalf("ListUploads(%q): %v", prefix, err)
+		}
+		for _, u := range ups {
+			if u.Key == key && u.UploadID == id && !u.Initiated.IsZero() {
+				return true
+			}
+		}
+		return false
+	}
+	if !listed(key) {
+		t.Errorf("ListUploads(%q) does not list upload %s", key, id)
+	}
+	if caps.ListUploadsByPrefix && !listed("nar/") {
+		t.Errorf("ListUploads(\"nar/\") does not list upload %s of %s", id, key)
+	}
+	if _, err := b.Stat(ctx, key); !bucket.IsNotExist(err) {
+		t.Fatalf("an unfinished upload is visible: Stat = %v", err)
+	}
+	if err := mp.CompleteMultipart(ctx, key, id, parts); err != nil {
+		t.Fatal(err)
+	}
+	got, _, err := b.Get(ctx, key, int64(len(data)))
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("the completed object has %d bytes (%v), want the %d sent", len(got), err, len(data))
+	}
+	if _, err := mp.ListParts(ctx, key, id); !bucket.IsNotExist(err) {
+		t.Errorf("ListParts of a completed upload = %v, want ErrNotExist", err)
+	}
+	if listed(key) {
+		t.Errorf("a completed upload is still listed")
+	}
+	b.Delete(ctx, key)
+
+	// An aborted upload is gone: ListParts says so (the uploader then
+	// starts over), and aborting again is not an error.
+	id, err = mp.StartMultipart(ctx, key, bucket.PutOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mp.AbortMultipart(ctx, key, id); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := mp.ListParts(ctx, key, id); !bucket.IsNotExist(err) {
+		t.Errorf("ListParts of an aborted upload = %v, want ErrNotExist", err)
+	}
+	if err := mp.AbortMultipart(ctx, key, id); err != nil {
+		t.Errorf("aborting an aborted upload = %v, want nil", err)
+	}
+	if _, err := b.Stat(ctx, key); !bucket.IsNotExist(err) {
+		t.Errorf("an aborted upload left an object: %v", err)
+	}
+}
+
+// conditionalWrites checks create-only writes (IfNoneMatch) and
+// compare-and-swap (IfMatch), and that ProbeConditional finds them.
+func conditionalWrites(t *testing.T, b bucket.Bucket) {
+	ctx := context.Background()
+	first := put(t, b, "cond.narinfo", "first\n", bucket.PutOptions{IfNoneMatch: true})
+	_, err := b.Put(ctx, "cond.narinfo", strings.NewReader("second\n"), 7, bucket.PutOptions{IfNoneMatch: true})
+	if !bucket.IsPrecondition(err) {
+		t.Fatalf("create-only Put over an existing key = %v, want ErrPrecondition", err)
+	}
+	if got, _, _ := b.Get(ctx, "cond.narinfo", 100); string(got) != "first\n" {
+		t.Fatalf("a refused create-only Put changed the object to %q", got)
+	}
+	second := put(t, b, "cond.narinfo", "second\n", bucket.PutOptions{IfMatch: first.ETag})
+	if second.ETag == first.ETag {
+		t.Fatal("a rewrite kept the ETag")
+	}
+	if _, err := b.Put(ctx, "cond.narinfo", strings.NewReader("third\n"), 6, bucket.PutOptions{IfMatch: first.ETag}); !bucket.IsPrecondition(err) {
+		t.Fatalf("Put with a stale IfMatch = %v, want ErrPrecondition", err)
+	}
+	if got, _, _ := b.Get(ctx, "cond.narinfo", 100); string(got) != "second\n" {
+		t.Fatalf("object is %q after a refused IfMatch Put", got)
+	}
+	ok, err := bucket.ProbeConditional(ctx, b, "nixspool/probe/")
+	if err != nil || !ok {
+		t.Fatalf("ProbeConditional = %v, %v; want true", ok, err)
+	}
+	b.Delete(ctx, "cond.narinfo")
 }
 
 type errReader struct{}

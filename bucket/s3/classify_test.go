@@ -18,7 +18,7 @@ func TestClassify(t *testing.T) {
 	b := &Bucket{hints: &retryAfterTransport{}}
 	type want struct {
 		permanent, unavailable, throttled, precondition, notExist bool
-		hint                                                     string
+		hint                                                      string
 	}
 	for _, c := range []struct {
 		code   string

@@ -138,6 +138,9 @@ func (b *Bucket) Put(ctx context.Context, key string, r io.Reader, size int64, o
 	po := putOptions(opts)
 	po.PartSize = PartSize(size)
 	po.NumThreads = 2
+	if size >= 0 && uint64(size) < po.PartSize {
+		po = unframed(po, false) // one PUT request
+	}
 	info, err := b.client.PutObject(ctx, b.name, b.prefix+key, body, size, po)
 	if err != nil {
 		if rerr := readErr(); rerr != nil {
@@ -157,6 +160,23 @@ func (b *Bucket) Put(ctx context.Context, key string, r io.Reader, size int64, o
 // (and us) more than the object itself for narinfos and tiny NARs.
 const smallObject = 1 << 20
 
+// unframed makes a single-request PUT go without minio-go's aws-chunked
+// streaming signature, which it uses over plain http and declares as
+// "Content-Encoding: aws-chunked[,<ours>]". S3 and MinIO drop that token
+// from the object's metadata, but some servers (versitygw up to 1.8.0,
+// versity/versitygw#2398) keep the header as it came and serve it back, and
+// stock Nix then fails with "input compression not recognized". The body is
+// protected instead by its SHA-256 in the signature when the caller passes
+// it (sha256Known), else by Content-MD5, which minio-go computes (reading a
+// seekable body twice, buffering another one). Multipart parts may still be
+// streamed: an object's metadata comes from the request that starts its
+// upload, which has no body.
+func unframed(po minio.PutObjectOptions, sha256Known bool) minio.PutObjectOptions {
+	po.DisableContentSha256 = true
+	po.SendContentMd5 = !sha256Known
+	return po
+}
+
 func (b *Bucket) putSmall(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) (bucket.Info, error) {
 	data := make([]byte, size)
 	if _, err := io.ReadFull(r, data); err != nil {
@@ -166,7 +186,7 @@ func (b *Bucket) putSmall(ctx context.Context, key string, r io.Reader, size int
 		return bucket.Info{}, fmt.Errorf("put %s: %w: body longer than %d bytes", key, bucket.ErrLocal, size)
 	}
 	sum := sha256.Sum256(data)
-	info, err := b.core().PutObject(ctx, b.name, b.prefix+key, bytes.NewReader(data), size, "", hex.EncodeToString(sum[:]), putOptions(opts))
+	info, err := b.core().PutObject(ctx, b.name, b.prefix+key, bytes.NewReader(data), size, "", hex.EncodeToString(sum[:]), unframed(putOptions(opts), true))
 	if err != nil {
 		return bucket.Info{}, fmt.Errorf("put %s: %w", key, b.classify(err, false))
 	}
@@ -458,6 +478,15 @@ var permanentCodes = map[string]string{
 	"KeyTooLongError":                    "the object key is too long for this store (a long prefix in the cache URL?)",
 	"MissingContentLength":               "the store requires a content length (a proxy in between may strip it)",
 	"InvalidDigest":                      "the store rejected a Content-MD5 header",
+	// versitygw without an IAM service answers an unknown access key with
+	// this code and 404 instead of InvalidAccessKeyId and 403.
+	"XAdminUserNotFound": "the store knows no such access key: check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile=, the credentials file)",
+	// File-backed stores (versitygw's posix backend) cannot hold both an
+	// object "a" and an object "a/b" (409). nixspool's own keys never
+	// collide so; a key prefix in the cache URL that names an existing
+	// object can.
+	"ObjectParentIsFile":        "an object in the bucket has the name of this key's directory: check the key prefix in the cache URL",
+	"ExistingObjectIsDirectory": "objects in the bucket are stored under this key as a directory: check the key prefix in the cache URL",
 }
 
 // transientCodes are errors of this request (or of this moment) that a
