@@ -1,6 +1,9 @@
 package cacheurl
 
 import (
+	"os"
+	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -248,6 +251,51 @@ func TestStringHasNoSecrets(t *testing.T) {
 	c, _ = Parse("s3://b?endpoint=http://h:1")
 	if got := c.String(); got != "s3://b?endpoint=h%3A1&region=us-east-1&scheme=http" {
 		t.Fatalf("String = %q", got)
+	}
+}
+
+// TestReadmeListsEveryParameter: the README's table of cache URL
+// parameters has exactly one row per parameter the parser knows.
+func TestReadmeListsEveryParameter(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join("..", "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := string(data)
+	start := strings.Index(text, "### Cache URL parameters")
+	if start < 0 {
+		t.Fatal("README has no \"### Cache URL parameters\" section")
+	}
+	section := text[start+4:]
+	if end := strings.Index(section, "\n#"); end >= 0 {
+		section = section[:end]
+	}
+	row := regexp.MustCompile("(?m)^\\| `([a-z0-9-]+)` \\| ([a-z0-9, ]+) \\| (.*) \\|$")
+	var listed []string
+	for _, m := range row.FindAllStringSubmatch(section, -1) {
+		listed = append(listed, m[1])
+		for _, p := range Params {
+			if p.Name != m[1] {
+				continue
+			}
+			stores := "s3, file"
+			if p.S3Only {
+				stores = "s3"
+			}
+			if m[2] != stores || m[3] != p.Effect {
+				t.Errorf("README row for %s says\n  %s | %s\nthe code says\n  %s | %s", p.Name, m[2], m[3], stores, p.Effect)
+			}
+		}
+	}
+	for _, p := range Params {
+		if n := strings.Count(" "+strings.Join(listed, " ")+" ", " "+p.Name+" "); n != 1 {
+			t.Errorf("README lists %s %d times, want once", p.Name, n)
+		}
+	}
+	for _, name := range listed {
+		if !slices.ContainsFunc(Params, func(p Param) bool { return p.Name == name }) {
+			t.Errorf("README lists %s, which the parser does not know", name)
+		}
 	}
 }
 
