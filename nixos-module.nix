@@ -8,7 +8,8 @@ let
 
   cfg = config.services.nixspool;
 
-  socketPath = "/run/nixspool/agentd.sock";
+  socketDir = "/run/nixspool";
+  socketPath = "${socketDir}/agentd.sock";
   stateDir = "/var/lib/nixspool";
   gcRootsDir = "/nix/var/nix/gcroots/nixspool";
 
@@ -64,14 +65,17 @@ in
       type = types.str;
       example = "s3://my-nix-cache?region=eu-west-1";
       description = ''
-        Binary cache URL, as Nix writes it: `s3://BUCKET?endpoint=HOST&region=R&scheme=https&profile=P`
-        (plus Nix's upload options such as `write-nar-listing=1`), or `file:///DIR`.
-        Credentials never go here; see `credentialsFile`.
+        Binary cache URL, as Nix writes it: `s3://BUCKET[/PREFIX]?endpoint=https://HOST&region=R&profile=P`
+        with any parameter of Nix's S3 store (`compression`, `write-nar-listing`, `storage-class`,
+        `multipart-chunk-size`, …; see the README's table), or `file:///DIR`.
+        S3 credentials never go here; see `credentialsFile`. Prefer `secretKeyFiles` to
+        `secret-key=` here: those reach agentd through `LoadCredential=`.
       '';
     };
 
     secretKeyFiles = mkOption {
       type = types.listOf types.str;
+      default = [ ];
       example = [ "/var/lib/secrets/nixspool/cache-1.key" ];
       description = ''
         Nix secret signing keys (`nix key generate-secret --key-name NAME`), as paths
@@ -92,7 +96,7 @@ in
     };
 
     compression = mkOption {
-      type = types.nullOr (types.enum [ "zstd" "xz" "none" ]);
+      type = types.nullOr (types.enum [ "zstd" "xz" "br" "gzip" "lz4" "none" ]);
       default = null;
       description = "NAR compression (null: the cache URL's `compression=`, else zstd).";
     };
@@ -113,7 +117,8 @@ in
       type = types.str;
       default = "nixspool";
       description = ''
-        Group that may use the agent's socket (`agentctl push/retry/drop`); the socket is 0660.
+        Group that may use the agent's socket (`agentctl push/retry/drop`): the socket is
+        0660 root:socketGroup in a 0755 directory, so the socket's mode is the access control.
         The group is created if it is the default.
       '';
     };
@@ -156,8 +161,8 @@ in
   config = mkIf cfg.enable {
     assertions = [
       {
-        assertion = cfg.secretKeyFiles != [ ];
-        message = "services.nixspool.secretKeyFiles must name at least one signing key (nix key generate-secret --key-name NAME > /var/lib/secrets/nixspool.key).";
+        assertion = cfg.secretKeyFiles != [ ] || hasInfix "secret-key" cfg.cache;
+        message = "services.nixspool.secretKeyFiles must name at least one signing key (nix key generate-secret --key-name NAME > /var/lib/secrets/nixspool.key), unless the cache URL has secret-key=.";
       }
       {
         assertion = hasPrefix "s3://" cfg.cache || hasPrefix "file:///" cfg.cache;
@@ -182,7 +187,11 @@ in
 
     nix.settings.post-build-hook = postBuildHook;
 
-    systemd.tmpfiles.rules = optionals cfg.gcRoots [ "d ${gcRootsDir} 0755 root root -" ];
+    # systemd creates the socket's directory root:root with DirectoryMode=;
+    # the rule also fixes the mode of a directory an older version made 0750
+    # (/run survives a configuration switch), which kept the group out.
+    systemd.tmpfiles.rules = [ "d ${socketDir} 0755 root root -" ]
+      ++ optionals cfg.gcRoots [ "d ${gcRootsDir} 0755 root root -" ];
 
     systemd.sockets.nixspool = {
       description = "nixspool agent socket";
@@ -192,7 +201,9 @@ in
         SocketMode = "0660";
         SocketUser = "root";
         SocketGroup = cfg.socketGroup;
-        DirectoryMode = "0750";
+        # The group must reach the socket: the directory is open, the
+        # socket's 0660 is what keeps other users out.
+        DirectoryMode = "0755";
         Backlog = 512;
       };
     };

@@ -71,7 +71,10 @@ func New(cfg Config) (*Agent, error) {
 	if a.cache, err = cacheurl.Parse(cfg.Cache); err != nil {
 		return nil, err
 	}
-	keys, err := uploader.LoadSecretKeys(cfg.SecretKeyFiles, cfg.AllowInsecureKeyPerms)
+	// Signing keys from the cache URL (secret-key=, secret-keys=) join
+	// --secret-key-file's; doctor checks the same list.
+	a.cfg.SecretKeyFiles = uploader.KeyFiles(cfg.SecretKeyFiles, a.cache.SecretKeyFiles)
+	keys, err := uploader.LoadSecretKeys(a.cfg.SecretKeyFiles, cfg.AllowInsecureKeyPerms)
 	if err != nil {
 		return nil, err
 	}
@@ -126,6 +129,9 @@ func New(cfg Config) (*Agent, error) {
 	if err := a.listen(); err != nil {
 		a.queue.Close()
 		return nil, err
+	}
+	if len(a.cache.NoEffect) > 0 {
+		a.log.Warn("cache URL parameters with no effect here", "params", a.cache.NoEffect)
 	}
 	a.log.Info("agentd started", "version", Version, "cache", a.cache.String(), "socket", a.listener.Addr().String(),
 		"nix_store", a.store.String(), "gc_roots", cfg.GCRootsDir, "jobs", cfg.Jobs, "max_requests", cfg.MaxRequests, "keys", len(keys))

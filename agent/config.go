@@ -22,7 +22,7 @@ var Version = "dev"
 // Config is agentd's configuration.
 type Config struct {
 	Cache                 string        // cache URL; "" = file://<StateDir>/cache
-	SecretKeyFiles        []string      // at least one
+	SecretKeyFiles        []string      // at least one, here or in the cache URL (secret-key=, secret-keys=)
 	AllowInsecureKeyPerms bool          // accept key files readable by group/others
 	Socket                string        // unix socket to listen on (unless socket-activated)
 	SocketGroup           string        // group allowed to connect and enqueue ("" = agentd's own)
@@ -77,11 +77,12 @@ func (c *Config) Validate() error {
 	if c.Cache == "" {
 		c.Cache = "file://" + filepath.Join(c.StateDir, "cache")
 	}
-	if _, err := cacheurl.Parse(c.Cache); err != nil {
+	cache, err := cacheurl.Parse(c.Cache)
+	if err != nil {
 		errs = append(errs, fmt.Errorf("--cache: %w", err))
 	}
-	if len(c.SecretKeyFiles) == 0 {
-		errs = append(errs, errors.New("--secret-key-file: at least one signing key is required (create one with `nix key generate-secret --key-name NAME`)"))
+	if len(c.SecretKeyFiles) == 0 && (cache == nil || len(cache.SecretKeyFiles) == 0) {
+		errs = append(errs, errors.New("--secret-key-file: at least one signing key is required, here or as secret-key= in the cache URL (create one with `nix key generate-secret --key-name NAME`)"))
 	}
 	if !filepath.IsAbs(c.StateDir) {
 		errs = append(errs, fmt.Errorf("--state-dir %q: must be absolute", c.StateDir))

@@ -29,3 +29,17 @@ func TestConfigValidate(t *testing.T) {
 		}
 	}
 }
+
+// TestKeyInCacheURLSatisfiesKeyRequirement: secret-key= in the cache URL
+// is a signing key like --secret-key-file.
+func TestKeyInCacheURLSatisfiesKeyRequirement(t *testing.T) {
+	c := DefaultConfig()
+	c.Cache = "s3://bucket?endpoint=http://127.0.0.1:9000&secret-key=/etc/nix/cache.key"
+	if err := c.Validate(); err != nil {
+		t.Fatalf("key in the URL: %v", err)
+	}
+	c.Cache = "s3://bucket?endpoint=http://127.0.0.1:9000&secret-keys="
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "secret-key") {
+		t.Fatalf("no key anywhere: %v", err)
+	}
+}

@@ -29,6 +29,11 @@ func (a *Agent) doctor(ctx context.Context) []protocol.Check {
 
 	add("configuration", "ok", fmt.Sprintf("cache %s, %d jobs, state in %s", a.cache.String(), a.cfg.Jobs, a.cfg.StateDir), "")
 
+	if len(a.cache.NoEffect) > 0 {
+		add("cache URL parameters", "warn", "no effect here: "+strings.Join(a.cache.NoEffect, ", "),
+			"accepted because Nix knows them; the README's table of cache URL parameters says why each does nothing here")
+	}
+
 	keys, err := uploader.LoadSecretKeys(a.cfg.SecretKeyFiles, a.cfg.AllowInsecureKeyPerms)
 	if err != nil {
 		add("signing keys", "fail", err.Error(), "fix the key file, then restart agentd")

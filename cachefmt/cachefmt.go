@@ -19,6 +19,7 @@ import (
 	"github.com/andybalholm/brotli"
 	"github.com/klauspost/compress/zstd"
 	"github.com/nix-community/go-nix/pkg/nixbase32"
+	"github.com/pierrec/lz4/v4"
 	"github.com/ulikunitz/xz"
 )
 
@@ -247,6 +248,8 @@ func Decompress(method string, r io.Reader) (io.ReadCloser, error) {
 			return nil, err
 		}
 		return d, nil
+	case "lz4":
+		return io.NopCloser(lz4.NewReader(r)), nil
 	}
 	return nil, fmt.Errorf("compression %q: not supported here", method)
 }

@@ -1,12 +1,23 @@
 // Package cacheurl parses binary cache addresses the way Nix users write
-// them: s3://BUCKET?endpoint=…&region=…&scheme=…&profile=… with Nix's upload
-// options, or file:///ABS/DIR.
+// them: s3://BUCKET[/PREFIX]?endpoint=…&region=…&… or file:///ABS/DIR, with
+// every parameter Nix's S3, HTTP and local binary cache stores accept.
+//
+// The parameters and what nixspool does with each are one table, Params:
+// a parameter is honoured (it changes where or how objects are written),
+// or accepted with no effect here (it only matters to Nix as a reader, or
+// names a feature nixspool does not have) and then listed in
+// Cache.NoEffect so that agentd and doctor can say so. Only a parameter
+// Nix itself does not know for the store type is an error, and the error
+// names it.
 package cacheurl
 
 import (
 	"fmt"
+	"net"
 	"net/url"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -16,27 +27,130 @@ type Cache struct {
 	Scheme string // "s3" or "file"
 
 	// s3
-	Bucket    string
-	Prefix    string // key prefix inside the bucket ("" or "dir/")
-	Endpoint  string // host[:port]; "" means AWS
-	Region    string
-	Secure    bool // https unless scheme=http
-	Profile   string
-	PathStyle string // "auto", "path" or "virtual"
+	Bucket      string
+	Prefix      string // key prefix inside the bucket ("" or "dir/")
+	Endpoint    string // host[:port]; "" means AWS
+	Region      string
+	Secure      bool // https unless scheme=http or an http:// endpoint
+	Profile     string
+	PathStyle   string // addressing-style as given: "auto", "path" or "virtual"
+	VirtualHost bool   // resolved: requests go to BUCKET.ENDPOINT/KEY, else ENDPOINT/BUCKET/KEY
+	// StorageClass is sent as x-amz-storage-class with every upload
+	// ("" = the bucket's default).
+	StorageClass string
+	// PartSize is the smallest multipart part (multipart-chunk-size or
+	// buffer-size); 0 means the uploader's default.
+	PartSize uint64
+	// MultipartThreshold is the object size below which an upload is a
+	// single PUT (multipart-upload=true with multipart-threshold); 0 means
+	// one part's size.
+	MultipartThreshold int64
+	// TLSCertificate and TLSPrivateKey are a client certificate for the
+	// endpoint (PEM files).
+	TLSCertificate string
+	TLSPrivateKey  string
 
 	// file
 	Dir string
 
 	// Upload options (Nix's names).
-	Compression        string // "zstd", "xz" or "none"
-	CompressionLevel   int    // -1: the algorithm's default
-	WriteNARListing    bool
-	NarinfoCompression string // "", "br", "gzip" or "zstd"
-	LsCompression      string
-	LogCompression     string
-	Priority           int
-	WantMassQuery      bool
+	Compression         string // one of WritableCompressions
+	CompressionLevel    int    // -1: the method's default
+	ParallelCompression bool   // as Nix 2.35: default true for zstd, false otherwise
+	WriteNARListing     bool
+	NarinfoCompression  string // "", "br", "gzip" or "zstd"
+	LsCompression       string
+	LogCompression      string
+	Priority            int
+	WantMassQuery       bool
+	// SecretKeyFiles are signing keys named by secret-key= and
+	// secret-keys= (in that order); agentd adds them to --secret-key-file.
+	SecretKeyFiles []string
+
+	// NoEffect lists the parameters given that have no effect here,
+	// sorted; see Params for why each has none.
+	NoEffect []string
 }
+
+// Param is one cache URL parameter of Nix's binary cache stores.
+type Param struct {
+	Name string
+	// S3Only: a setting of Nix's S3 (and HTTP) binary cache store only;
+	// Nix's file:// store does not know it.
+	S3Only bool
+	// Effect says what nixspool does with it (the README's table).
+	Effect string
+}
+
+// Params are the parameters Nix's S3, HTTP and local binary cache stores
+// know (checked against Nix 2.8 and 2.35: BinaryCacheStoreConfig,
+// HttpBinaryCacheStoreConfig, S3BinaryCacheStoreConfig and the StoreConfig
+// settings every store has).
+var Params = []Param{
+	{"endpoint", true, "S3-compatible endpoint: `host[:port]` (TLS unless `scheme=http`) or `http(s)://host[:port]` (the URL's scheme decides TLS; a different `scheme=` is an error)"},
+	{"region", true, "signing region (default `us-east-1`)"},
+	{"aws-region", true, "old name of `region` (Nix ≤ 2.14)"},
+	{"scheme", true, "`http` or `https` for a bare-host endpoint (deprecated in Nix for an endpoint URL)"},
+	{"profile", true, "AWS profile in the shared credentials file, tried first"},
+	{"addressing-style", true, "`auto` (default: virtual-host style for AWS, path style for a custom endpoint or a bucket name with dots), `path` or `virtual`"},
+	{"storage-class", true, "sent as `x-amz-storage-class` with every upload"},
+	{"multipart-chunk-size", true, "smallest multipart part (5 MiB to 5 GiB; default 16 MiB); larger objects get larger parts to stay under 10,000 parts"},
+	{"buffer-size", true, "old name of `multipart-chunk-size` (Nix ≤ 2.32)"},
+	{"multipart-upload", true, "`true`: objects under `multipart-threshold` go up in one PUT; `false`: no effect (an object larger than one part always goes up in parts)"},
+	{"multipart-threshold", true, "with `multipart-upload=true`, the size under which an object goes up in one PUT (default 100 MiB, at most 5 GiB); no effect otherwise"},
+	{"narinfo-compression", true, "compress narinfos (`br`, `gzip` or `zstd`), sent as Content-Encoding"},
+	{"ls-compression", true, "compress `.ls` listings, likewise"},
+	{"log-compression", true, "compress build logs, likewise"},
+	{"tls-certificate", true, "client certificate (PEM) presented to the endpoint"},
+	{"tls-private-key", true, "key of `tls-certificate` (PEM; default: the certificate file)"},
+	{"retry-attempts", true, "no effect: agentd retries each job with persisted backoff (`--max-attempts`, `--backoff-max`)"},
+	{"retry-delay", true, "no effect, likewise"},
+	{"retry-delay-rate-limited", true, "no effect, likewise"},
+	{"retry-max-delay", true, "no effect, likewise"},
+	{"compression", false, "NAR compression: `zstd` (default), `xz`, `br`, `gzip`, `lz4` or `none`; refused: `bzip2`, `lzip`, `lzop`, `compress`, `grzip`, `lrzip` (no maintained Go encoder) and `lzma` (stock Nix 2.8 cannot read it back)"},
+	{"compression-level", false, "level of `compression` (zstd 0–22, xz 0–9, gzip 0–9, br 0–11, lz4 1–9); no effect with `none`"},
+	{"parallel-compression", false, "zstd and lz4 compress large NARs on two threads (Nix 2.35's default for zstd) unless `false`; with another method, `true` has no effect"},
+	{"write-nar-listing", false, "also write `<hash>.ls` listings"},
+	{"secret-key", false, "signing key file, in addition to `--secret-key-file` (same permission check)"},
+	{"secret-keys", false, "comma-separated signing key files, likewise"},
+	{"priority", false, "written to `nix-cache-info` (default 40)"},
+	{"want-mass-query", false, "written to `nix-cache-info` (default true)"},
+	{"store", false, "must be `/nix/store`, the only store nixspool uploads from"},
+	{"index-debug-info", false, "no effect: `debuginfo/` objects are not written"},
+	{"local-nar-cache", false, "no effect (a reader's setting)"},
+	{"trusted", false, "no effect (a reader's setting)"},
+	{"path-info-cache-size", false, "no effect (a reader's setting)"},
+	{"system-features", false, "no effect (a builder's setting)"},
+}
+
+// WritableCompressions are the NAR compressions nixspool writes.
+var WritableCompressions = []string{"zstd", "xz", "br", "gzip", "lz4", "none"}
+
+// refusedCompressions are the other methods Nix accepts for compression=,
+// each with why nixspool does not write it.
+var refusedCompressions = map[string]string{
+	"bzip2":    "no maintained Go encoder",
+	"lzip":     "no maintained Go encoder",
+	"lzop":     "no maintained Go encoder",
+	"compress": "no maintained Go encoder",
+	"grzip":    "no Go encoder",
+	"lrzip":    "no Go encoder",
+	"lzma":     "stock Nix 2.8 aborts reading it back, even what it wrote itself",
+}
+
+// levelRange is the compression-level range each method accepts.
+var levelRange = map[string][2]int{
+	"zstd": {0, 22}, "xz": {0, 9}, "gzip": {0, 9}, "br": {0, 11}, "lz4": {1, 9},
+}
+
+const (
+	minPartSize      = 5 << 20
+	maxPartSize      = 5 << 30
+	maxSinglePut     = 5 << 30
+	defaultThreshold = 100 << 20 // Nix's multipart-threshold default
+)
+
+var storageClassRE = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
 
 // Parse parses a cache URL. Unknown or malformed parameters are errors that
 // name the parameter.
@@ -73,41 +187,49 @@ func Parse(raw string) (*Cache, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cache URL query: %w", err)
 	}
-	// Metadata compression travels as Content-Encoding, which only HTTP
-	// (S3) readers undo; a file:// reader would get compressed bytes.
-	s3Only := map[string]bool{"endpoint": true, "region": true, "aws-region": true, "scheme": true, "profile": true, "addressing-style": true,
-		"narinfo-compression": true, "ls-compression": true, "log-compression": true}
+	known := map[string]Param{}
+	for _, p := range Params {
+		known[p.Name] = p
+	}
+	var (
+		scheme, endpointScheme string
+		chunk, bufferSize      uint64
+		threshold              int64
+		multipart, parallel    *bool
+		noEffect               []string
+	)
 	for key, vals := range q {
+		p, ok := known[key]
+		if !ok {
+			return nil, fmt.Errorf("cache URL parameter %q is not a setting of Nix's %s binary cache store", key, storeName(c.Scheme))
+		}
 		if len(vals) != 1 {
 			return nil, fmt.Errorf("cache URL parameter %q given %d times", key, len(vals))
+		}
+		if p.S3Only && c.Scheme != "s3" {
+			return nil, fmt.Errorf("cache URL parameter %q only applies to s3:// caches", key)
 		}
 		v := vals[0]
 		bad := func(want string) error {
 			return fmt.Errorf("cache URL parameter %s=%q: want %s", key, v, want)
 		}
-		if s3Only[key] && c.Scheme != "s3" {
-			return nil, fmt.Errorf("cache URL parameter %q only applies to s3:// caches", key)
-		}
 		switch key {
 		case "endpoint":
-			if v == "" || strings.Contains(v, "/") {
-				return nil, bad("host[:port]")
+			host, sch, err := parseEndpoint(v)
+			if err != nil {
+				return nil, fmt.Errorf("cache URL parameter endpoint=%q: %w", v, err)
 			}
-			c.Endpoint = v
+			c.Endpoint, endpointScheme = host, sch
 		case "region", "aws-region":
 			if v == "" {
 				return nil, bad("a region name")
 			}
 			c.Region = v
 		case "scheme":
-			switch v {
-			case "http":
-				c.Secure = false
-			case "https":
-				c.Secure = true
-			default:
+			if v != "http" && v != "https" {
 				return nil, bad("http or https")
 			}
+			scheme = v
 		case "profile":
 			c.Profile = v
 		case "addressing-style":
@@ -117,28 +239,36 @@ func Parse(raw string) (*Cache, error) {
 			default:
 				return nil, bad("auto, path or virtual")
 			}
-		case "compression":
-			switch v {
-			case "zstd", "xz", "none":
-				c.Compression = v
-			default:
-				return nil, bad("zstd, xz or none")
+		case "storage-class":
+			if v != "" && !storageClassRE.MatchString(v) {
+				return nil, bad("a storage class name such as STANDARD_IA")
 			}
-		case "compression-level":
-			n, err := strconv.Atoi(v)
-			if err != nil || n < -1 || n > 22 {
-				return nil, bad("an integer from -1 to 22")
+			c.StorageClass = v
+		case "multipart-chunk-size", "buffer-size":
+			n, err := parseSize(v)
+			if err != nil || n < minPartSize || n > maxPartSize {
+				return nil, bad("a size from 5M to 5G (bytes, or with a K, M or G suffix)")
 			}
-			c.CompressionLevel = n
-		case "write-nar-listing", "want-mass-query":
+			if key == "buffer-size" {
+				bufferSize = n
+			} else {
+				chunk = n
+			}
+		case "multipart-threshold":
+			n, err := parseSize(v)
+			if err != nil || n > maxSinglePut {
+				return nil, bad("a size up to 5G, the largest single PUT (bytes, or with a K, M or G suffix)")
+			}
+			threshold = int64(n)
+		case "multipart-upload", "parallel-compression":
 			b, err := parseBool(v)
 			if err != nil {
 				return nil, bad("true or false")
 			}
-			if key == "write-nar-listing" {
-				c.WriteNARListing = b
+			if key == "multipart-upload" {
+				multipart = &b
 			} else {
-				c.WantMassQuery = b
+				parallel = &b
 			}
 		case "narinfo-compression", "ls-compression", "log-compression":
 			switch v {
@@ -154,24 +284,253 @@ func Parse(raw string) (*Cache, error) {
 			default:
 				c.LogCompression = v
 			}
+		case "tls-certificate", "tls-private-key", "local-nar-cache":
+			if v != "" && !filepath.IsAbs(v) {
+				return nil, bad("an absolute path")
+			}
+			switch key {
+			case "tls-certificate":
+				c.TLSCertificate = v
+			case "tls-private-key":
+				c.TLSPrivateKey = v
+			default:
+				noEffect = append(noEffect, key)
+			}
+		case "compression":
+			switch {
+			case slices.Contains(WritableCompressions, v):
+				c.Compression = v
+			case refusedCompressions[v] != "":
+				return nil, fmt.Errorf("cache URL parameter compression=%s: not written by nixspool (%s); use one of %s", v, refusedCompressions[v], strings.Join(WritableCompressions, ", "))
+			default:
+				return nil, bad(strings.Join(WritableCompressions, ", "))
+			}
+		case "compression-level":
+			n, err := strconv.Atoi(v)
+			if err != nil || n < -1 {
+				return nil, bad("an integer, -1 for the method's default")
+			}
+			c.CompressionLevel = n
+		case "write-nar-listing", "want-mass-query", "trusted", "index-debug-info":
+			b, err := parseBool(v)
+			if err != nil {
+				return nil, bad("true or false")
+			}
+			switch key {
+			case "write-nar-listing":
+				c.WriteNARListing = b
+			case "want-mass-query":
+				c.WantMassQuery = b
+			default:
+				noEffect = append(noEffect, key)
+			}
+		case "secret-key":
+			if v != "" {
+				if !filepath.IsAbs(v) {
+					return nil, bad("an absolute path")
+				}
+				c.SecretKeyFiles = append([]string{v}, c.SecretKeyFiles...)
+			}
+		case "secret-keys":
+			for _, f := range strings.Split(v, ",") {
+				if f = strings.TrimSpace(f); f == "" {
+					continue
+				}
+				if !filepath.IsAbs(f) {
+					return nil, fmt.Errorf("cache URL parameter secret-keys: %q is not an absolute path", f)
+				}
+				c.SecretKeyFiles = append(c.SecretKeyFiles, f)
+			}
 		case "priority":
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 0 {
 				return nil, bad("a non-negative integer")
 			}
 			c.Priority = n
+		case "store":
+			if filepath.Clean(v) != "/nix/store" {
+				return nil, bad("/nix/store, the only store nixspool uploads from")
+			}
+		case "path-info-cache-size":
+			if _, err := strconv.Atoi(v); err != nil {
+				return nil, bad("an integer")
+			}
+			noEffect = append(noEffect, key)
+		case "retry-attempts", "retry-delay", "retry-delay-rate-limited", "retry-max-delay":
+			if _, err := strconv.ParseUint(v, 10, 32); err != nil {
+				return nil, bad("a non-negative integer")
+			}
+			noEffect = append(noEffect, key)
+		case "system-features":
+			noEffect = append(noEffect, key)
 		default:
-			return nil, fmt.Errorf("cache URL parameter %q is not supported", key)
+			// A parameter in Params without a case here is a bug.
+			return nil, fmt.Errorf("cache URL parameter %q: not handled", key)
 		}
 	}
+
+	// Settings that depend on each other.
+	switch {
+	case endpointScheme != "" && scheme != "" && scheme != endpointScheme:
+		return nil, fmt.Errorf("cache URL: endpoint=%s://%s says %s but scheme=%s; drop scheme= or make them agree", endpointScheme, c.Endpoint, endpointScheme, scheme)
+	case endpointScheme != "":
+		c.Secure = endpointScheme == "https"
+	case scheme != "":
+		c.Secure = scheme == "https"
+	}
+	if c.Scheme == "s3" {
+		dotted := strings.Contains(c.Bucket, ".")
+		switch c.PathStyle {
+		case "path":
+			c.VirtualHost = false
+		case "virtual":
+			if dotted {
+				return nil, fmt.Errorf("cache URL: bucket name %q contains a dot, which virtual-host addressing cannot serve over TLS; use addressing-style=path or auto", c.Bucket)
+			}
+			c.VirtualHost = true
+		default:
+			// As Nix: virtual-host style for AWS, path style for a custom
+			// endpoint, and path style for a dotted bucket name.
+			c.VirtualHost = c.Endpoint == "" && !dotted
+		}
+	}
+	if chunk != 0 && bufferSize != 0 && chunk != bufferSize {
+		return nil, fmt.Errorf("cache URL: multipart-chunk-size=%d and buffer-size=%d disagree (buffer-size is its old name)", chunk, bufferSize)
+	}
+	c.PartSize = max(chunk, bufferSize)
+	if multipart != nil && *multipart {
+		c.MultipartThreshold = defaultThreshold
+		if q.Has("multipart-threshold") {
+			c.MultipartThreshold = threshold
+		}
+	} else {
+		if multipart != nil {
+			noEffect = append(noEffect, "multipart-upload")
+		}
+		if q.Has("multipart-threshold") {
+			noEffect = append(noEffect, "multipart-threshold")
+		}
+	}
+	if c.TLSPrivateKey != "" && c.TLSCertificate == "" {
+		return nil, fmt.Errorf("cache URL: tls-private-key needs tls-certificate")
+	}
+	if c.CompressionLevel != -1 {
+		if r, ok := levelRange[c.Compression]; !ok {
+			noEffect = append(noEffect, "compression-level")
+		} else if c.CompressionLevel < r[0] || c.CompressionLevel > r[1] {
+			return nil, fmt.Errorf("cache URL parameter compression-level=%d: want %d to %d for compression=%s (or -1)", c.CompressionLevel, r[0], r[1], c.Compression)
+		}
+	}
+	// zstd and lz4 compress a NAR on both cores unless told not to; the
+	// other methods are single-threaded here whatever is asked.
+	threaded := c.Compression == "zstd" || c.Compression == "lz4"
+	c.ParallelCompression = threaded
+	if parallel != nil {
+		if threaded {
+			c.ParallelCompression = *parallel
+		} else if *parallel {
+			noEffect = append(noEffect, "parallel-compression")
+		}
+	}
+	slices.Sort(noEffect)
+	c.NoEffect = noEffect
 	return c, nil
 }
 
+func storeName(scheme string) string {
+	if scheme == "file" {
+		return "local (file://)"
+	}
+	return "S3"
+}
+
+// parseEndpoint reads endpoint=: a bare host[:port], or an http(s) URL
+// whose scheme is returned.
+func parseEndpoint(v string) (host, scheme string, err error) {
+	if v == "" {
+		return "", "", fmt.Errorf("empty")
+	}
+	if strings.Contains(v, "://") {
+		u, err := url.Parse(v)
+		if err != nil {
+			return "", "", err
+		}
+		if u.Scheme != "http" && u.Scheme != "https" {
+			return "", "", fmt.Errorf("want an http:// or https:// URL")
+		}
+		if u.User != nil {
+			return "", "", fmt.Errorf("credentials do not belong in the URL; use the AWS credential chain")
+		}
+		if (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.Fragment != "" {
+			return "", "", fmt.Errorf("a path in the endpoint is not supported; put the key prefix in the cache URL (s3://BUCKET/PREFIX?…)")
+		}
+		if err := checkHostPort(u.Host); err != nil {
+			return "", "", err
+		}
+		return u.Host, u.Scheme, nil
+	}
+	if strings.ContainsAny(v, "/?#@") {
+		return "", "", fmt.Errorf("want host[:port] or http(s)://host[:port]")
+	}
+	if err := checkHostPort(v); err != nil {
+		return "", "", err
+	}
+	return v, "", nil
+}
+
+func checkHostPort(hp string) error {
+	host, port := hp, ""
+	if h, p, err := net.SplitHostPort(hp); err == nil {
+		host, port = h, p
+	} else if strings.Contains(strings.Trim(hp, "[]"), ":") && !strings.HasPrefix(hp, "[") {
+		return fmt.Errorf("want host[:port] or http(s)://host[:port]")
+	}
+	if host == "" || strings.HasSuffix(hp, ":") {
+		return fmt.Errorf("want host[:port] or http(s)://host[:port]")
+	}
+	if port != "" {
+		if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+			return fmt.Errorf("port %q is not a port number", port)
+		}
+	}
+	return nil
+}
+
+// parseSize reads a byte count with an optional K, M, G or T suffix
+// (powers of 1024), as Nix reads its integer settings.
+func parseSize(s string) (uint64, error) {
+	mult := uint64(1)
+	if s != "" {
+		switch s[len(s)-1] {
+		case 'k', 'K':
+			mult = 1 << 10
+		case 'm', 'M':
+			mult = 1 << 20
+		case 'g', 'G':
+			mult = 1 << 30
+		case 't', 'T':
+			mult = 1 << 40
+		}
+		if mult != 1 {
+			s = s[:len(s)-1]
+		}
+	}
+	n, err := strconv.ParseUint(s, 10, 64)
+	if err != nil {
+		return 0, err
+	}
+	if n > (1<<64-1)/mult {
+		return 0, fmt.Errorf("too large")
+	}
+	return n * mult, nil
+}
+
+// parseBool reads a boolean as Nix does.
 func parseBool(s string) (bool, error) {
 	switch s {
-	case "1", "true":
+	case "1", "true", "yes":
 		return true, nil
-	case "0", "false":
+	case "0", "false", "no":
 		return false, nil
 	}
 	return false, fmt.Errorf("not a boolean")

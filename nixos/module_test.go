@@ -126,8 +126,46 @@ func TestModuleTypicalConfiguration(t *testing.T) {
 	if !strings.HasPrefix(r.Hook, "/nix/store/") {
 		t.Errorf("post-build-hook = %q, want a store path", r.Hook)
 	}
-	if len(r.Groups) != 1 || r.Groups[0] != "nixspool" || len(r.Packages) != 1 || len(r.Tmpfiles) != 1 {
+	if len(r.Groups) != 1 || r.Groups[0] != "nixspool" || len(r.Packages) != 1 || len(r.Tmpfiles) != 2 {
 		t.Errorf("groups %v, packages %v, tmpfiles %v", r.Groups, r.Packages, r.Tmpfiles)
+	}
+}
+
+// TestModuleSocketGroupCanReachTheSocket: the group's members must be able
+// to reach the 0660 socket, so its directory is 0755 (created so by
+// systemd, and corrected by tmpfiles on a running system), not systemd's
+// root-only 0750.
+func TestModuleSocketGroupCanReachTheSocket(t *testing.T) {
+	r := evalModule(t, `{
+  services.nixspool = {
+    enable = true;
+    cache = "s3://cache?endpoint=https://minio.example.org&secret-key=/var/lib/secrets/cache.key";
+    socketGroup = "builders";
+    gcRoots = false;
+  };
+}`)
+	if len(r.FailedAssertions) != 0 {
+		t.Fatalf("a signing key in the cache URL should do: %v", r.FailedAssertions)
+	}
+	sock := r.Socket["socketConfig"].(map[string]any)
+	if sock["SocketMode"] != "0660" || sock["SocketGroup"] != "builders" || sock["SocketUser"] != "root" || sock["DirectoryMode"] != "0755" {
+		t.Errorf("socketConfig = %v", sock)
+	}
+	if len(r.Tmpfiles) != 1 || r.Tmpfiles[0] != "d /run/nixspool 0755 root root -" {
+		t.Errorf("tmpfiles = %v", r.Tmpfiles)
+	}
+	if len(r.Groups) != 0 {
+		t.Errorf("created groups %v for a group it does not own", r.Groups)
+	}
+	// The shipped unit for other distributions agrees.
+	unit, err := os.ReadFile(filepath.Join(testenv.RepoRoot(), "systemd", "nixspool.socket"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"\nDirectoryMode=0755\n", "\nSocketMode=0660\n"} {
+		if !strings.Contains(string(unit), want) {
+			t.Errorf("systemd/nixspool.socket lacks %q", strings.TrimSpace(want))
+		}
 	}
 }
 

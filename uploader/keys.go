@@ -3,10 +3,25 @@ package uploader
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/nix-community/go-nix/pkg/narinfo/signature"
 )
+
+// KeyFiles joins the key files given on the command line with those the
+// cache URL names (secret-key=, secret-keys=), in that order, each once.
+func KeyFiles(flags, fromURL []string) []string {
+	var out []string
+	seen := map[string]bool{}
+	for _, f := range append(append([]string(nil), flags...), fromURL...) {
+		if c := filepath.Clean(f); !seen[c] {
+			seen[c] = true
+			out = append(out, f)
+		}
+	}
+	return out
+}
 
 // LoadSecretKeys reads Nix secret key files (as written by `nix key
 // generate-secret` or `nix-store --generate-binary-cache-key`). A key file

@@ -116,7 +116,7 @@ func (u *Uploader) resumeOrPrepare(ctx context.Context, info *nixstore.PathInfo,
 	if err != nil {
 		return nil, nil, err
 	}
-	rec := &resumeRecord{Key: key, UploadID: id, File: file, FileSize: size, FileHash: nixbase32.EncodeToString(fileSum), PartSize: int64(partSize(size))}
+	rec := &resumeRecord{Key: key, UploadID: id, File: file, FileSize: size, FileHash: nixbase32.EncodeToString(fileSum), PartSize: int64(narPartSize(mp, size))}
 	data, _ := json.Marshal(rec)
 	if err := u.opt.Resume.SaveUpload(info.Path, data); err != nil {
 		mp.AbortMultipart(context.WithoutCancel(ctx), key, id)
@@ -124,6 +124,15 @@ func (u *Uploader) resumeOrPrepare(ctx context.Context, info *nixstore.PathInfo,
 	}
 	keep = true
 	return rec, listing, nil
+}
+
+// narPartSize is the bucket's own part size for size bytes when it has one
+// (S3: the cache URL's multipart-chunk-size), else partSize.
+func narPartSize(mp bucket.Multipart, size int64) uint64 {
+	if b, ok := mp.(interface{ PartSize(size int64) uint64 }); ok {
+		return b.PartSize(size)
+	}
+	return partSize(size)
 }
 
 // partSize keeps every upload under 10,000 parts, with parts of at least

@@ -177,7 +177,7 @@ func New(opt Options) (*Uploader, error) {
 	if opt.Logger == nil {
 		opt.Logger = slog.New(slog.DiscardHandler)
 	}
-	comp, err := newNARCompressor(opt.Cache.Compression, opt.Cache.CompressionLevel)
+	comp, err := newNARCompressorThreads(opt.Cache.Compression, opt.Cache.CompressionLevel, opt.Cache.ParallelCompression)
 	if err != nil {
 		return nil, err
 	}

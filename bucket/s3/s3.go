@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/minio/minio-go/v7"
 	"github.com/minio/minio-go/v7/pkg/credentials"
+	"github.com/minio/minio-go/v7/pkg/s3utils"
 
 	"github.com/nixspool/nixspool/bucket"
 	"github.com/nixspool/nixspool/cacheurl"
@@ -32,12 +34,17 @@ type Bucket struct {
 	prefix string
 	desc   string
 	hints  *retryAfterTransport
+
+	storageClass string // applied to uploads that do not name one
+	partFloor    uint64 // smallest multipart part
+	threshold    int64  // below this size a known-size upload is one PUT
 }
 
 var _ bucket.Bucket = (*Bucket)(nil)
 
-// MinPartSize is the smallest multipart part size used; larger objects get
-// larger parts so that no upload needs more than maxParts parts.
+// MinPartSize is the default smallest multipart part size (the cache URL's
+// multipart-chunk-size changes it); larger objects get larger parts so that
+// no upload needs more than maxParts parts.
 const (
 	MinPartSize = 16 << 20
 	maxParts    = 9000 // below S3's limit of 10,000, with headroom
@@ -47,24 +54,34 @@ const (
 // usual AWS chain: with profile= the shared credentials file's profile
 // first, then AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the shared file, and
 // instance roles. They never appear in c.
+//
+// Requests go where Nix sends them for the same URL: to BUCKET.ENDPOINT/KEY
+// (virtual-host style) or ENDPOINT/BUCKET/KEY (path style) as c.VirtualHost
+// says, ENDPOINT being s3.REGION.amazonaws.com without endpoint=. Nothing
+// here asks about the bucket itself (existence, location): with an
+// endpoint that already names a bucket (BUCKET.REGION.digitaloceanspaces.com)
+// such questions fail although every object operation works.
 func New(c *cacheurl.Cache) (*Bucket, error) {
+	return newBucket(c, nil)
+}
+
+// newBucket is New; adjust, if set, changes the HTTP transport (tests point
+// it at a capturing server).
+func newBucket(c *cacheurl.Cache, adjust func(*http.Transport)) (*Bucket, error) {
+	if err := s3utils.CheckValidBucketName(c.Bucket); err != nil {
+		return nil, fmt.Errorf("cache URL: bucket %q: %w", c.Bucket, err)
+	}
 	file := &credentials.FileAWSCredentials{Profile: c.Profile}
 	chain := []credentials.Provider{&credentials.EnvAWS{}, file, &credentials.IAM{Client: &http.Client{}}}
 	if c.Profile != "" {
 		chain = []credentials.Provider{file, &credentials.EnvAWS{}, &credentials.IAM{Client: &http.Client{}}}
 	}
 	endpoint := c.Endpoint
-	lookup := minio.BucketLookupAuto
 	if endpoint == "" {
 		endpoint = "s3." + c.Region + ".amazonaws.com"
-	} else {
-		// Like Nix, path-style addressing for custom endpoints unless told.
-		lookup = minio.BucketLookupPath
 	}
-	switch c.PathStyle {
-	case "path":
-		lookup = minio.BucketLookupPath
-	case "virtual":
+	lookup := minio.BucketLookupPath
+	if c.VirtualHost {
 		lookup = minio.BucketLookupDNS
 	}
 	tr, err := minio.DefaultTransport(c.Secure)
@@ -72,6 +89,24 @@ func New(c *cacheurl.Cache) (*Bucket, error) {
 		return nil, err
 	}
 	tr.MaxIdleConnsPerHost = 64 // keep-alive for many small concurrent requests
+	if c.TLSCertificate != "" {
+		keyFile := c.TLSPrivateKey
+		if keyFile == "" {
+			keyFile = c.TLSCertificate
+		}
+		cert, err := tls.LoadX509KeyPair(c.TLSCertificate, keyFile)
+		if err != nil {
+			// The error names the files, never their contents.
+			return nil, fmt.Errorf("tls-certificate: %w", err)
+		}
+		if tr.TLSClientConfig == nil {
+			tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+		}
+		tr.TLSClientConfig.Certificates = []tls.Certificate{cert}
+	}
+	if adjust != nil {
+		adjust(tr)
+	}
 	hints := &retryAfterTransport{base: tr}
 	client, err := minio.New(endpoint, &minio.Options{
 		Creds:        credentials.NewChainCredentials(chain),
@@ -86,14 +121,31 @@ func New(c *cacheurl.Cache) (*Bucket, error) {
 	if err != nil {
 		return nil, fmt.Errorf("s3 client: %w", err)
 	}
-	return &Bucket{client: client, name: c.Bucket, prefix: c.Prefix, desc: c.String(), hints: hints}, nil
+	// The endpoints Nix uses (s3.REGION.amazonaws.com), not the dual-stack
+	// ones: a firewall or VPC endpoint policy written for Nix applies.
+	client.SetS3EnableDualstack(false)
+	b := &Bucket{client: client, name: c.Bucket, prefix: c.Prefix, desc: c.String(), hints: hints,
+		storageClass: c.StorageClass, partFloor: MinPartSize, threshold: c.MultipartThreshold}
+	if c.PartSize > 0 {
+		b.partFloor = c.PartSize
+	}
+	return b, nil
 }
 
 func (b *Bucket) String() string { return b.desc }
 
-// PartSize returns the multipart part size for an object of size bytes.
-func PartSize(size int64) uint64 {
-	ps := uint64(MinPartSize)
+// PartSize returns the multipart part size for an object of size bytes:
+// the floor (default MinPartSize), raised to whole MiB so that no upload
+// needs more than 9,000 parts.
+func (b *Bucket) PartSize(size int64) uint64 {
+	return partSize(b.partFloor, size)
+}
+
+// PartSize is Bucket.PartSize with the default floor.
+func PartSize(size int64) uint64 { return partSize(MinPartSize, size) }
+
+func partSize(floor uint64, size int64) uint64 {
+	ps := floor
 	if size > 0 {
 		if need := uint64(size)/maxParts + 1; need > ps {
 			ps = (need + (1<<20 - 1)) &^ (1<<20 - 1) // round up to MiB
@@ -115,8 +167,13 @@ func infoOf(o minio.ObjectInfo) bucket.Info {
 	return bucket.Info{Size: o.Size, ETag: strings.Trim(o.ETag, `"`), LastModified: o.LastModified, ContentEncoding: o.Metadata.Get("Content-Encoding")}
 }
 
-func putOptions(opts bucket.PutOptions) minio.PutObjectOptions {
+// putOptions maps opts to minio-go's, with the cache's storage class unless
+// opts names another.
+func (b *Bucket) putOptions(opts bucket.PutOptions) minio.PutObjectOptions {
 	po := minio.PutObjectOptions{ContentType: opts.ContentType, ContentEncoding: opts.ContentEncoding, StorageClass: opts.StorageClass}
+	if po.StorageClass == "" {
+		po.StorageClass = b.storageClass
+	}
 	if opts.IfNoneMatch {
 		po.SetMatchETagExcept("*")
 	}
@@ -126,19 +183,21 @@ func putOptions(opts bucket.PutOptions) minio.PutObjectOptions {
 	return po
 }
 
-// Put implements bucket.Bucket. With a known size, large objects go up as a
-// multipart upload whose part size keeps the part count under S3's limit;
-// the returned size is checked against what was meant to be sent. An error
+// Put implements bucket.Bucket. With a known size, an object larger than one
+// part (and than the cache's multipart threshold, if it sets one) goes up
+// as a multipart upload whose part size keeps the part count under S3's
+// limit; the returned size is checked against what was meant to be sent. An error
 // reading r is reported as bucket.ErrLocal, never as the bucket's fault.
 func (b *Bucket) Put(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) (bucket.Info, error) {
 	if size >= 0 && size <= smallObject {
 		return b.putSmall(ctx, key, r, size, opts)
 	}
 	body, readErr := watchReads(r)
-	po := putOptions(opts)
-	po.PartSize = PartSize(size)
+	po := b.putOptions(opts)
+	po.PartSize = b.PartSize(size)
 	po.NumThreads = 2
-	if size >= 0 && uint64(size) < po.PartSize {
+	if size >= 0 && (uint64(size) < po.PartSize || size < b.threshold) {
+		po.DisableMultipart = true
 		po = unframed(po, false) // one PUT request
 	}
 	info, err := b.client.PutObject(ctx, b.name, b.prefix+key, body, size, po)
@@ -186,7 +245,7 @@ func (b *Bucket) putSmall(ctx context.Context, key string, r io.Reader, size int
 		return bucket.Info{}, fmt.Errorf("put %s: %w: body longer than %d bytes", key, bucket.ErrLocal, size)
 	}
 	sum := sha256.Sum256(data)
-	info, err := b.core().PutObject(ctx, b.name, b.prefix+key, bytes.NewReader(data), size, "", hex.EncodeToString(sum[:]), unframed(putOptions(opts), true))
+	info, err := b.core().PutObject(ctx, b.name, b.prefix+key, bytes.NewReader(data), size, "", hex.EncodeToString(sum[:]), unframed(b.putOptions(opts), true))
 	if err != nil {
 		return bucket.Info{}, fmt.Errorf("put %s: %w", key, b.classify(err, false))
 	}
@@ -304,7 +363,7 @@ func (b *Bucket) core() minio.Core { return minio.Core{Client: b.client} }
 
 // StartMultipart implements bucket.Multipart.
 func (b *Bucket) StartMultipart(ctx context.Context, key string, opts bucket.PutOptions) (string, error) {
-	id, err := b.core().NewMultipartUpload(ctx, b.name, b.prefix+key, putOptions(opts))
+	id, err := b.core().NewMultipartUpload(ctx, b.name, b.prefix+key, b.putOptions(opts))
 	if err != nil {
 		return "", fmt.Errorf("start multipart upload of %s: %w", key, b.classify(err, false))
 	}

@@ -65,14 +65,14 @@ func run(args []string) error {
 	cfg := agent.DefaultConfig()
 	fs := flag.NewFlagSet("agentd", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "usage: agentd --secret-key-file FILE [--cache URL] [options]\n       agentd audit --cache URL [--deep] [--trusted-public-keys K] [--json]\n\nOptions:")
+		fmt.Fprintln(fs.Output(), "usage: agentd --secret-key-file FILE [--cache URL] [options]\n       agentd --cache 'URL?secret-key=FILE' [options]\n       agentd audit --cache URL [--deep] [--trusted-public-keys K] [--json]\n\nOptions:")
 		fs.PrintDefaults()
 	}
 	var keys, excludes multiFlag
 	skipSigned := &defaultedList{vals: cfg.SkipSignedBy}
 	var gcRoots, logFormat, logLevel, pprofAddr string
-	fs.StringVar(&cfg.Cache, "cache", "", "binary cache URL: s3://BUCKET?endpoint=HOST&region=R&scheme=http|https&profile=P&compression=zstd|xz|none… or file:///DIR (default file://STATE-DIR/cache)")
-	fs.Var(&keys, "secret-key-file", "Nix secret signing key file (repeatable)")
+	fs.StringVar(&cfg.Cache, "cache", "", "binary cache URL as Nix writes it: s3://BUCKET[/PREFIX]?endpoint=http(s)://HOST[:PORT]&region=R&profile=P&compression=zstd|xz|br|gzip|lz4|none&secret-key=FILE… (every parameter of Nix's S3 store; see README) or file:///DIR (default file://STATE-DIR/cache)")
+	fs.Var(&keys, "secret-key-file", "Nix secret signing key file (repeatable; required unless the cache URL has secret-key= or secret-keys=)")
 	fs.BoolVar(&cfg.AllowInsecureKeyPerms, "allow-insecure-key-perms", false, "accept key files readable by group or others")
 	fs.StringVar(&cfg.Socket, "socket", cfg.Socket, "unix socket to listen on (ignored when socket-activated)")
 	fs.StringVar(&cfg.SocketGroup, "socket-group", "", "group that may connect and queue paths (the socket is 0660)")
