@@ -74,6 +74,9 @@ type Options struct {
 	// read from LogDir (default /nix/var/log/nix).
 	UploadLogs bool
 	LogDir     string
+	// Realiser, if set, supplies realisations to write after each
+	// narinfo (content-addressed derivations).
+	Realiser Realiser
 }
 
 // PresenceStore remembers, per cache identity (endpoint, bucket and
@@ -110,6 +113,8 @@ type Uploader struct {
 	cacheInfoOK atomic.Bool
 	logsDone    sync.Map // drv base name → true: build log uploaded (or being)
 	progress    sync.Map // store path → *Progress
+	extrasDone  sync.Map // key → sha256 of the body written (see putRealisations)
+	extrasCount atomic.Int64
 	log         *slog.Logger
 }
 
@@ -129,6 +134,8 @@ type Result struct {
 	NARBytes  uint64
 	FileBytes uint64
 	Skipped   int // paths of the closure left out by Options.Skip
+	// Realisations counts the realisation objects written (Options.Realiser).
+	Realisations int
 }
 
 // New returns an Uploader and removes temp files an earlier run left.
@@ -339,6 +346,10 @@ func (u *Uploader) ensureOnce(ctx context.Context, infos map[string]*nixstore.Pa
 	if err := u.putNarinfo(ctx, ni); err != nil {
 		return err
 	}
+	nReal, err := u.putRealisations(ctx, info)
+	if err != nil {
+		return err
+	}
 	u.markPresent(p)
 	if u.opt.UploadLogs && info.Deriver != "" {
 		u.uploadLog(ctx, info.Deriver)
@@ -347,6 +358,7 @@ func (u *Uploader) ensureOnce(ctx context.Context, infos map[string]*nixstore.Pa
 	res.Paths++
 	res.NARBytes += ni.NarSize
 	res.FileBytes += up
+	res.Realisations += nReal
 	mu.Unlock()
 	u.log.Info("path uploaded", "path", p, "nar_bytes", ni.NarSize, "file_bytes", ni.FileSize)
 	return nil
@@ -618,6 +630,7 @@ func (u *Uploader) persistPresent(paths []string) {
 // operator emptied the bucket, for example).
 func (u *Uploader) Forget() error {
 	u.present.Clear()
+	u.extrasDone.Clear()
 	if u.opt.Presence != nil {
 		return u.opt.Presence.ForgetPresent(u.opt.Cache.Identity())
 	}
