@@ -23,6 +23,7 @@ import (
 	"github.com/nixspool/nixspool/nixstore"
 	"github.com/nixspool/nixspool/protocol"
 	"github.com/nixspool/nixspool/queue"
+	"github.com/nixspool/nixspool/realisation"
 	"github.com/nixspool/nixspool/systemd"
 	"github.com/nixspool/nixspool/uploader"
 )
@@ -36,6 +37,7 @@ type Agent struct {
 	queue    *queue.Queue
 	store    *nixstore.Store
 	uploader *uploader.Uploader
+	realiser *realisation.Realiser
 	roots    *gcroots.Roots
 	listener net.Listener
 	sockGID  int // group allowed to mutate; -1 if none besides root/own uid
@@ -84,6 +86,7 @@ func New(cfg Config) (*Agent, error) {
 	if a.queue, err = queue.Open(filepath.Join(cfg.StateDir, "queue.db")); err != nil {
 		return nil, err
 	}
+	a.realiser = realisation.New(realisation.Options{Store: a.store, Keys: keys, StoreDir: cfg.StoreDir, Logger: a.log})
 	a.uploader, err = uploader.New(uploader.Options{
 		Bucket:   a.bucket,
 		Cache:    a.cache,
@@ -94,6 +97,7 @@ func New(cfg Config) (*Agent, error) {
 		Resume:   a.queue,
 		Presence: a.queue,
 		Skip:     a.filter.skip,
+		Realiser: a.realiser,
 
 		UploadLogs: cfg.UploadBuildLogs,
 	})
