@@ -24,6 +24,7 @@ import (
 	"github.com/nixspool/nixspool/nixstore"
 	"github.com/nixspool/nixspool/protocol"
 	"github.com/nixspool/nixspool/queue"
+	"github.com/nixspool/nixspool/realisation"
 	"github.com/nixspool/nixspool/systemd"
 	"github.com/nixspool/nixspool/uploader"
 )
@@ -37,6 +38,7 @@ type Agent struct {
 	queue    *queue.Queue
 	store    *nixstore.Store
 	uploader *uploader.Uploader
+	realiser *realisation.Realiser
 	roots    *gcroots.Roots
 	listener net.Listener
 	sockGID  int // group allowed to mutate; -1 if none besides root/own uid
@@ -96,6 +98,7 @@ func New(cfg Config) (*Agent, error) {
 	if t, ok := a.bucket.(interface{ OnThrottle(func()) }); ok {
 		t.OnThrottle(a.window.Throttled) // every 429/503, also those the S3 client retries itself
 	}
+	a.realiser = realisation.New(realisation.Options{Store: a.store, Keys: keys, StoreDir: cfg.StoreDir, Logger: a.log})
 	a.uploader, err = uploader.New(uploader.Options{
 		Bucket:   limit.Wrap(a.bucket, a.window),
 		Cache:    a.cache,
@@ -108,6 +111,7 @@ func New(cfg Config) (*Agent, error) {
 		Presence: a.queue,
 		Upstream: a.filter.upstream,
 		Exclude:  a.filter.exclude,
+		Realiser: a.realiser,
 
 		GenerationCheck: cfg.GenerationInterval,
 

@@ -168,6 +168,9 @@ func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer, pro
 				return &protocol.Response{Error: err.Error()}
 			}
 		}
+		// Before the commit: a job that finishes meanwhile sees the note
+		// (see realiseLate).
+		a.realiser.Note(req.Drv, paths...)
 		jobs, err := a.enqueue(ctx, paths, req.Drv)
 		if err != nil {
 			a.log.Warn("enqueue refused", "op", req.Op, "err", err, "peer_uid", p.uid, "peer_pid", p.pid)
@@ -411,6 +414,7 @@ func (a *Agent) importSpool(ctx context.Context) {
 			drv = ""
 		}
 		if len(good) > 0 {
+			a.realiser.Note(drv, good...)
 			for _, p := range good {
 				if err := a.roots.Add(p); err != nil {
 					a.log.Warn("gc root", "path", p, "err", err)
@@ -457,6 +461,7 @@ func (a *Agent) status() (*protocol.Status, error) {
 		LastError:         st.LastError,
 		InProgress:        []protocol.Upload{},
 	}
+	s.UploadedRealisations = st.Realisations
 	s.RatePathsPerSecond, s.RateNARBytesPerSec = a.rate.rates(now, a.started)
 	if r := a.reachable.Load(); r != 0 {
 		ok := r == 1

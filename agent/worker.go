@@ -105,11 +105,17 @@ func (a *Agent) process(job *queue.Job) {
 	log := a.log.With("job", job.ID, "path", job.Path, "attempt", job.Attempts+1)
 	start := time.Now()
 	res, err := a.uploader.Upload(a.uploadCtx, job.Path)
+	var noted []string
+	if err == nil {
+		var n int
+		noted, n, err = a.realise(a.uploadCtx, job)
+		res.Realisations += n
+	}
 	now := a.now()
 	switch {
 	case err == nil:
 		a.setReachable(true)
-		totals := queue.Totals{Paths: uint64(res.Paths), NARBytes: res.NARBytes, FileBytes: res.FileBytes, Skipped: uint64(res.Skipped)}
+		totals := queue.Totals{Paths: uint64(res.Paths), NARBytes: res.NARBytes, FileBytes: res.FileBytes, Skipped: uint64(res.Skipped), Realisations: uint64(res.Realisations)}
 		// The acknowledgement rides with the next commit; the GC root goes
 		// once it is durable.
 		a.queue.AckAsync(job.ID, totals, func(err error) {
@@ -121,10 +127,12 @@ func (a *Agent) process(job *queue.Job) {
 			if err := a.roots.Remove(job.Path); err != nil {
 				log.Warn("remove gc root", "err", err)
 			}
+			a.realiseLate(job, noted)
 		})
 		a.rate.add(now, res.Paths, res.NARBytes)
 		a.metrics.Uploaded(time.Since(start), res.NARBytes, res.FileBytes, uint64(res.Skipped))
-		log.Info("job done", "uploaded_paths", res.Paths, "skipped_paths", res.Skipped, "nar_bytes", res.NARBytes, "file_bytes", res.FileBytes, "duration", time.Since(start))
+		a.metrics.Realisations(res.Realisations)
+		log.Info("job done", "uploaded_paths", res.Paths, "skipped_paths", res.Skipped, "realisations", res.Realisations, "nar_bytes", res.NARBytes, "file_bytes", res.FileBytes, "duration", time.Since(start))
 	case a.uploadCtx.Err() != nil:
 		if err := a.queue.Release(job.ID); err != nil {
 			log.Error("release", "err", err)

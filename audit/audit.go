@@ -1,7 +1,10 @@
 // Package audit checks that a binary cache is one stock Nix can use: every
 // narinfo parses, names its own store path, points at a NAR object that
 // exists with the size and compression it claims, and every reference has a
-// narinfo; every realisation's output has a narinfo. With Deep, every NAR is
+// narinfo; every realisation parses, is what its key says, and its output
+// has a narinfo; the realisations it depends on are in the cache and agree
+// on their outputs (what Nix 2.8 needs to substitute by derivation). With
+// Deep, every NAR is
 // also downloaded and must hash to FileHash and decompress to NarHash and
 // NarSize. It only reads.
 //
@@ -35,6 +38,8 @@ import (
 	"github.com/nixspool/nixspool/bucket"
 	"github.com/nixspool/nixspool/bucket/limit"
 	"github.com/nixspool/nixspool/cachefmt"
+	"github.com/nixspool/nixspool/nixstore"
+	"github.com/nixspool/nixspool/realisation"
 	"github.com/nixspool/nixspool/storepath"
 )
 
@@ -78,6 +83,7 @@ const (
 	KindHash             = "hash"
 	KindRealisation      = "realisation"
 	KindRealisationOuput = "realisation-output"
+	KindRealisationDep   = "realisation-dependency"
 )
 
 // Problem is one thing stock Nix would trip over.
@@ -148,6 +154,10 @@ type auditor struct {
 	// per narinfo (by hash): what the second pass needs
 	refs map[string][]string // hash → reference hashes
 	urls map[string]bool     // NAR keys narinfos point at
+	// realisations (realisations/ layout): id → output base name, and
+	// key → dependencies (id → output base name) for the second pass
+	realOut  map[string]string
+	realDeps map[string]map[string]string
 }
 
 func (a *auditor) problem(key, kind, format string, args ...any) {
@@ -165,7 +175,8 @@ func Run(ctx context.Context, b bucket.Bucket, opt Options) (*Report, error) {
 	// A store that throttles gets fewer requests at once, and a request it
 	// refused for now is asked again before anything counts as unreadable.
 	b = &retrying{Bucket: limit.Wrap(b, limit.New(limit.Options{Min: 2, Max: opt.Concurrency, Initial: opt.Concurrency}))}
-	a := &auditor{b: b, opt: opt, keys: map[string]bucket.Info{}, refs: map[string][]string{}, urls: map[string]bool{}}
+	a := &auditor{b: b, opt: opt, keys: map[string]bucket.Info{}, refs: map[string][]string{}, urls: map[string]bool{},
+		realOut: map[string]string{}, realDeps: map[string]map[string]string{}}
 	rep := &Report{Deep: opt.Deep}
 	var narinfos, realisations []string
 	err := b.List(ctx, bucket.ListOptions{Recursive: true}, func(o bucket.Object) error {
@@ -225,6 +236,7 @@ func Run(ctx context.Context, b bucket.Bucket, opt Options) (*Report, error) {
 			}
 		}
 	}
+	a.checkRealisationDeps(ctx)
 	for k, info := range a.keys {
 		if strings.HasPrefix(k, "nar/") && !a.urls[k] {
 			rep.OrphanNARs++
@@ -493,7 +505,9 @@ func (a *auditor) checkSignature(key string, ni *cachefmt.NarInfo) {
 	a.problem(key, KindSignature, "no valid signature by a trusted key (has %d signature(s))", len(ni.Sigs))
 }
 
-// checkRealisation checks that a realisation's output path has a narinfo.
+// checkRealisation checks a realisation in either layout: it parses, is
+// what its key says, is signed by a trusted key (when keys are given), and
+// its output path has a narinfo.
 func (a *auditor) checkRealisation(ctx context.Context, key string) error {
 	a.reqs.Add(1)
 	data, _, err := a.b.Get(ctx, key, 1<<20)
@@ -507,22 +521,117 @@ func (a *auditor) checkRealisation(ctx context.Context, key string) error {
 		a.problem(key, KindUnreadable, "%v", err)
 		return nil
 	}
-	var r struct {
-		OutPath string `json:"outPath"`
+	var outPath string
+	if id, ok := strings.CutPrefix(key, "realisations/"); ok {
+		id = strings.TrimSuffix(id, ".doi")
+		r, err := nixstore.ParseRealisation(data)
+		if err != nil {
+			a.problem(key, KindRealisation, "%v", err)
+			return nil
+		}
+		if r.ID != id {
+			a.problem(key, KindRealisation, "holds the realisation of %s, not of the %s its key names", r.ID, id)
+			return nil
+		}
+		if len(a.opt.TrustedKeys) > 0 && !a.signedByTrusted(string(realisation.Fingerprint(r)), r.Signatures) {
+			a.problem(key, KindSignature, "no valid signature by a trusted key (has %d signature(s))", len(r.Signatures))
+		}
+		a.mu.Lock()
+		a.realOut[r.ID] = r.OutPath
+		if len(r.DependentRealisations) > 0 {
+			a.realDeps[key] = r.DependentRealisations
+		}
+		a.mu.Unlock()
+		outPath = r.OutPath
+	} else {
+		rest := strings.TrimSuffix(strings.TrimPrefix(key, "build-trace-v2/"), ".doi")
+		drvBase, output, _ := strings.Cut(rest, "/")
+		if !strings.HasSuffix(drvBase, ".drv") || storepath.CheckBase(drvBase) != nil || output == "" || strings.Contains(output, "/") {
+			a.problem(key, KindRealisation, "not build-trace-v2/<derivation>/<output>.doi")
+			return nil
+		}
+		var r struct {
+			OutPath    string            `json:"outPath"`
+			Signatures []json.RawMessage `json:"signatures"`
+		}
+		if err := json.Unmarshal(data, &r); err != nil || r.OutPath == "" {
+			a.problem(key, KindRealisation, "not a build trace entry (no outPath): %v", err)
+			return nil
+		}
+		if len(a.opt.TrustedKeys) > 0 {
+			sigs, err := buildTraceSigs(r.Signatures)
+			if err != nil {
+				a.problem(key, KindRealisation, "signatures: %v", err)
+			} else if !a.signedByTrusted(string(realisation.BuildTraceFingerprint(drvBase, output, r.OutPath)), sigs) {
+				a.problem(key, KindSignature, "no valid signature by a trusted key (has %d signature(s))", len(sigs))
+			}
+		}
+		outPath = r.OutPath
 	}
-	if err := json.Unmarshal(data, &r); err != nil || r.OutPath == "" {
-		a.problem(key, KindRealisation, "not a realisation (no outPath): %v", err)
-		return nil
-	}
-	h := cachefmt.RefHash(r.OutPath)
+	h := cachefmt.RefHash(outPath)
 	if h == "" {
-		a.problem(key, KindRealisation, "outPath %q is not a store path", r.OutPath)
+		a.problem(key, KindRealisation, "outPath %q is not a store path", outPath)
 		return nil
 	}
 	if !a.exists(ctx, h+".narinfo") {
-		a.problem(key, KindRealisationOuput, "its output %s has no narinfo", r.OutPath)
+		a.problem(key, KindRealisationOuput, "its output %s has no narinfo", outPath)
 	}
 	return nil
+}
+
+// buildTraceSigs reads Nix 2.35's signatures: "name:base64" strings or
+// {"keyName": …, "sig": base64} objects.
+func buildTraceSigs(raw []json.RawMessage) ([]string, error) {
+	var out []string
+	for _, m := range raw {
+		var s string
+		if json.Unmarshal(m, &s) == nil {
+			out = append(out, s)
+			continue
+		}
+		var o struct {
+			KeyName string `json:"keyName"`
+			Sig     string `json:"sig"`
+		}
+		if err := json.Unmarshal(m, &o); err != nil || o.KeyName == "" || o.Sig == "" {
+			return nil, fmt.Errorf("%s is neither \"name:base64\" nor {keyName, sig}", m)
+		}
+		out = append(out, o.KeyName+":"+o.Sig)
+	}
+	return out, nil
+}
+
+func (a *auditor) signedByTrusted(fingerprint string, sigs []string) bool {
+	for _, s := range sigs {
+		sig, err := signature.ParseSignature(s)
+		if err != nil {
+			continue
+		}
+		for _, k := range a.opt.TrustedKeys {
+			if k.Name == sig.Name && k.Verify(fingerprint, sig) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// checkRealisationDeps checks, once every realisation is read, that the
+// realisations each one depends on are in the cache with the outputs it
+// names: Nix substitutes them first and gives up on the whole derivation
+// when one is missing.
+func (a *auditor) checkRealisationDeps(ctx context.Context) {
+	for key, deps := range a.realDeps {
+		for id, out := range deps {
+			got, ok := a.realOut[id]
+			switch {
+			case ok && got != out:
+				a.problem(key, KindRealisationDep, "depends on %s realised by %s, but the cache realises it by %s", id, out, got)
+			case !ok && !a.exists(ctx, realisation.Key(id)):
+				a.problem(key, KindRealisationDep, "depends on %s, which has no realisation in the cache", id)
+			}
+		}
+	}
 }
 
 // ParsePublicKeys parses Nix public keys (NAME:BASE64), as given to

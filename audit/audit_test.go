@@ -20,6 +20,8 @@ import (
 	filebucket "github.com/nixspool/nixspool/bucket/file"
 	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/nar"
+	"github.com/nixspool/nixspool/nixstore"
+	"github.com/nixspool/nixspool/realisation"
 )
 
 // cache builds small caches by hand, the way Nix lays them out.
@@ -166,14 +168,38 @@ func TestFindsEachProblem(t *testing.T) {
 		}, Options{}, KindSignature},
 		"no nix-cache-info": {func(c *cache) { c.b.Delete(context.Background(), "nix-cache-info") }, Options{}, KindCacheInfo},
 		"realisation without output": {func(c *cache) {
-			c.put("realisations/sha256:abc!out.doi", []byte(`{"id":"sha256:abc!out","outPath":"`+hashOf(15)+`-p15","signatures":[]}`))
+			c.realisation(idOf(1), 15, nil)
 		}, Options{}, KindRealisationOuput},
+		"realisation dependency missing": {func(c *cache) {
+			c.path(16, "x", 1)
+			c.realisation(idOf(2), 16, map[string]int{idOf(3): 1})
+		}, Options{}, KindRealisationDep},
+		"realisation dependency realised differently": {func(c *cache) {
+			c.path(17, "x", 1)
+			c.path(18, "y")
+			c.realisation(idOf(4), 18, nil)
+			c.realisation(idOf(5), 17, map[string]int{idOf(4): 1})
+		}, Options{}, KindRealisationDep},
+		"realisation under another id": {func(c *cache) {
+			c.put("realisations/"+idOf(6)+".doi", mustGet(c, c.realisation(idOf(7), 1, nil)))
+			c.b.Delete(context.Background(), "realisations/"+idOf(7)+".doi")
+		}, Options{}, KindRealisation},
+		"realisation not JSON": {func(c *cache) { c.put("realisations/"+idOf(8)+".doi", []byte("<html>")) }, Options{}, KindRealisation},
+		"unsigned realisation": {func(c *cache) {
+			c.put("realisations/"+idOf(9)+".doi", []byte(`{"dependentRealisations":{},"id":"`+idOf(9)+`","outPath":"`+hashOf(1)+`-p1","signatures":[]}`))
+		}, Options{TrustedKeys: []signature.PublicKey{}}, KindSignature},
+		"build trace entry without output": {func(c *cache) {
+			c.buildTrace(hashOf(20)+"-p20.drv", 19)
+		}, Options{}, KindRealisationOuput},
+		"build trace entry under a bad key": {func(c *cache) {
+			c.put("build-trace-v2/not-a-drv/out.doi", []byte(`{"outPath":"`+hashOf(1)+`-p1","signatures":[]}`))
+		}, Options{}, KindRealisation},
 	} {
 		t.Run(name, func(t *testing.T) {
 			c := newCache(t)
 			c.path(1, "healthy")
 			tc.breakIt(c)
-			if tc.want == KindSignature {
+			if tc.want == KindSignature || tc.opt.TrustedKeys != nil {
 				tc.opt.TrustedKeys = []signature.PublicKey{c.key.ToPublicKey()}
 			}
 			rep := c.audit(tc.opt)
@@ -232,5 +258,67 @@ func TestThrottlingStoreIsNotAProblem(t *testing.T) {
 	rep, err := Run(context.Background(), &flaky{Bucket: c.b, seen: map[string]int{}}, Options{Deep: true})
 	if err != nil || !rep.OK() {
 		t.Fatalf("%v %v", rep.Problems, err)
+	}
+}
+
+// idOf is a realisation id (derivation output) i.
+func idOf(i int) string { return fmt.Sprintf("sha256:%064x!out", i) }
+
+// realisation writes a signed realisation (Nix 2.8 layout) of id by store
+// path out (an index of path), depending on deps (id → path index).
+func (c *cache) realisation(id string, out int, deps map[string]int) string {
+	c.t.Helper()
+	r := &nixstore.Realisation{ID: id, OutPath: fmt.Sprintf("%s-p%d", hashOf(out), out), DependentRealisations: map[string]string{}}
+	for d, i := range deps {
+		r.DependentRealisations[d] = fmt.Sprintf("%s-p%d", hashOf(i), i)
+	}
+	if err := realisation.Sign(r, []signature.SecretKey{c.key}); err != nil {
+		c.t.Fatal(err)
+	}
+	c.put(realisation.Key(id), realisation.Document(r))
+	return realisation.Key(id)
+}
+
+// buildTrace writes a signed build trace entry (Nix 2.35 layout).
+func (c *cache) buildTrace(drvBase string, out int) string {
+	c.t.Helper()
+	outPath := fmt.Sprintf("%s-p%d", hashOf(out), out)
+	body, err := realisation.BuildTraceDocument(drvBase, "out", outPath, []signature.SecretKey{c.key})
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	c.put(realisation.BuildTraceKey(drvBase, "out"), body)
+	return realisation.BuildTraceKey(drvBase, "out")
+}
+
+// TestHealthyRealisations: realisations in both layouts, one depending on
+// another, signed, pass an audit with trusted keys; so does a build trace
+// entry signed in the older string form.
+func TestHealthyRealisations(t *testing.T) {
+	c := newCache(t)
+	c.path(1, "dep")
+	c.path(2, "top", 1)
+	c.realisation(idOf(1), 1, nil)
+	c.realisation(idOf(2), 2, map[string]int{idOf(1): 1})
+	c.buildTrace(hashOf(3)+"-p2.drv", 2)
+	drv := hashOf(4) + "-p1.drv"
+	fp := realisation.BuildTraceFingerprint(drv, "out", hashOf(1)+"-p1")
+	sig, _ := c.key.Sign(nil, string(fp))
+	c.put(realisation.BuildTraceKey(drv, "out"), []byte(`{"outPath":"`+hashOf(1)+`-p1","signatures":["`+sig.String()+`"]}`))
+	rep := c.audit(Options{TrustedKeys: []signature.PublicKey{c.key.ToPublicKey()}})
+	if !rep.OK() || rep.Realisations != 4 {
+		t.Fatalf("report %s: %v", rep.Summary(), rep.Problems)
+	}
+	// The same cache with a key that signed none of it.
+	other, _, _ := signature.GenerateKeypair("other-1", nil)
+	rep = c.audit(Options{TrustedKeys: []signature.PublicKey{other.ToPublicKey()}})
+	n := 0
+	for _, p := range rep.Problems {
+		if p.Kind == KindSignature && (strings.HasPrefix(p.Key, "realisations/") || strings.HasPrefix(p.Key, "build-trace-v2/")) {
+			n++
+		}
+	}
+	if n != 4 {
+		t.Fatalf("%d realisation signature problems with an unknown key, want 4: %v", n, rep.Problems)
 	}
 }

@@ -17,8 +17,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nix-community/go-nix/pkg/derivation"
-
+	"github.com/nixspool/nixspool/drvhash"
 	"github.com/nixspool/nixspool/protocol"
 	"github.com/nixspool/nixspool/spool"
 )
@@ -121,11 +120,12 @@ func Outputs(outPaths, drvPath string) (paths []string, floating bool, err error
 	}
 	var drvErr error
 	if drvPath != "" {
-		f, err := os.Open(drvPath)
+		// drvhash reads every kind of output (go-nix refuses deferred
+		// and multi-output floating ones).
+		b, err := os.ReadFile(drvPath)
 		if err == nil {
-			var drv *derivation.Derivation
-			drv, err = derivation.ReadDerivation(f)
-			f.Close()
+			var drv *drvhash.Derivation
+			drv, err = drvhash.Parse(b)
 			if err == nil {
 				for _, o := range drv.Outputs {
 					if o.Path != "" {

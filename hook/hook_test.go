@@ -86,3 +86,37 @@ func TestConfig(t *testing.T) {
 		t.Fatal("bad timeout accepted")
 	}
 }
+
+// TestOutputsOfEveryDerivationKind: the outputs come from the .drv for
+// input-addressed outputs; a multi-output floating content-addressed
+// derivation and a deferred one (depends on floating outputs) have
+// outputs without a path, reported as floating for agentd to resolve.
+func TestOutputsOfEveryDerivationKind(t *testing.T) {
+	dir := t.TempDir()
+	out := filepath.Join(dir, "out")
+	os.WriteFile(out, nil, 0o644)
+	for name, tc := range map[string]struct {
+		drv      string
+		paths    []string
+		floating bool
+	}{
+		"input-addressed":         {`Derive([("dev","` + dir + `/gone","",""),("out","` + out + `","","")],[],[],"x86_64-linux","/bin/sh",[],[("name","x")])`, []string{out}, false},
+		"multi-output floating":   {`Derive([("dev","","r:sha256",""),("out","","r:sha256","")],[],[],"x86_64-linux","/bin/sh",[],[("name","x")])`, nil, true},
+		"deferred":                {`Derive([("out","","","")],[("/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x.drv",["out"])],[],"x86_64-linux","/bin/sh",[],[("name","x")])`, nil, true},
+		"floating, OUT_PATHS set": {`Derive([("out","","r:sha256","")],[],[],"x86_64-linux","/bin/sh",[],[("name","x")])`, []string{out}, true},
+	} {
+		f := filepath.Join(dir, strings.ReplaceAll(name, " ", "-")+".drv")
+		os.WriteFile(f, []byte(tc.drv), 0o644)
+		outPaths := ""
+		if strings.Contains(name, "OUT_PATHS") {
+			outPaths = out
+		}
+		paths, floating, err := Outputs(outPaths, f)
+		if err != nil || floating != tc.floating || strings.Join(paths, " ") != strings.Join(tc.paths, " ") {
+			t.Errorf("%s: Outputs = %v, %v, %v; want %v, %v", name, paths, floating, err, tc.paths, tc.floating)
+		}
+	}
+	if _, _, err := Outputs("", filepath.Join(dir, "missing.drv")); err == nil {
+		t.Error("no error for a missing derivation")
+	}
+}

@@ -29,6 +29,7 @@ type Metrics struct {
 	bytes      *prometheus.CounterVec
 	errors     *prometheus.CounterVec
 	skipped    prometheus.Counter
+	reals      prometheus.Counter
 	enqueueDur prometheus.Histogram
 	uploadDur  *prometheus.HistogramVec
 }
@@ -49,6 +50,9 @@ func New(snapshot func() (Snapshot, error)) *Metrics {
 	m.skipped = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "nixspool_skipped_paths_total", Help: "Paths not uploaded because of a filter.",
 	})
+	m.reals = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "nixspool_realisations_uploaded_total", Help: "Realisation objects (.doi, content-addressed derivations) written.",
+	})
 	m.enqueueDur = prometheus.NewHistogram(prometheus.HistogramOpts{
 		Name: "nixspool_enqueue_duration_seconds", Help: "Time from a hook's request to its durable acknowledgement.",
 		Buckets: prometheus.ExponentialBuckets(0.0002, 2, 14),
@@ -66,7 +70,7 @@ func New(snapshot func() (Snapshot, error)) *Metrics {
 			return v(s)
 		})
 	}
-	m.reg.MustRegister(m.uploads, m.bytes, m.errors, m.skipped, m.enqueueDur, m.uploadDur,
+	m.reg.MustRegister(m.uploads, m.bytes, m.errors, m.skipped, m.reals, m.enqueueDur, m.uploadDur,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		gauge("nixspool_jobs_pending", "Jobs waiting for their first attempt.", func(s Snapshot) float64 { return float64(s.Pending) }),
 		gauge("nixspool_jobs_uploading", "Jobs being uploaded.", func(s Snapshot) float64 { return float64(s.Uploading) }),
@@ -111,6 +115,13 @@ func (m *Metrics) Uploaded(d time.Duration, narBytes, fileBytes, skipped uint64)
 	m.bytes.WithLabelValues("nar").Add(float64(narBytes))
 	m.bytes.WithLabelValues("file").Add(float64(fileBytes))
 	m.skipped.Add(float64(skipped))
+}
+
+// Realisations records realisation objects written.
+func (m *Metrics) Realisations(n int) {
+	if m != nil && n > 0 {
+		m.reals.Add(float64(n))
+	}
 }
 
 // Failed records a failed attempt: result is "retry" or "failed", class

@@ -303,6 +303,7 @@ const (
 	opQueryPathInfo            = 26
 	opQueryValidPaths          = 31
 	opQueryDerivationOutputMap = 41
+	opQueryRealisation         = 43
 
 	stderrNext          = 0x6f6c6d67
 	stderrRead          = 0x64617461

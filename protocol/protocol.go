@@ -155,6 +155,7 @@ type Status struct {
 	UploadedFileBytes    uint64   `json:"uploaded_file_bytes"`
 	UploadedPaths        uint64   `json:"uploaded_paths"`
 	Skipped              uint64   `json:"skipped"`
+	UploadedRealisations uint64   `json:"uploaded_realisations"` // realisation objects (.doi) written
 	RatePathsPerSecond   float64  `json:"rate_paths_per_second"`
 	RateNARBytesPerSec   float64  `json:"rate_nar_bytes_per_second"`
 	OldestPendingSeconds int64    `json:"oldest_pending_seconds"`

@@ -97,6 +97,7 @@ const (
 	cntFileBytes = "n_file_bytes"
 	cntSkipped   = "n_skipped"
 	cntPaths     = "n_paths"
+	cntReals     = "n_realisations"
 	keyLastErr   = "last_error"
 	keyLastErrAt = "last_error_at"
 )
@@ -438,6 +439,8 @@ type Totals struct {
 	NARBytes  uint64
 	FileBytes uint64
 	Skipped   uint64 // paths left out by a filter
+	// Realisations counts realisation objects written (CA derivations).
+	Realisations uint64
 }
 
 // Ack removes a leased job after its path was uploaded, and adds to the
@@ -488,7 +491,7 @@ func ackFn(id uint64, t Totals) func(tx *bolt.Tx) error {
 			return err
 		}
 		m := tx.Bucket(bktMeta)
-		for k, v := range map[string]uint64{cntUploaded: 1, cntNARBytes: t.NARBytes, cntFileBytes: t.FileBytes, cntSkipped: t.Skipped, cntPaths: t.Paths} {
+		for k, v := range map[string]uint64{cntUploaded: 1, cntNARBytes: t.NARBytes, cntFileBytes: t.FileBytes, cntSkipped: t.Skipped, cntPaths: t.Paths, cntReals: t.Realisations} {
 			if err := addCounter(m, k, int64(v)); err != nil {
 				return err
 			}
@@ -662,6 +665,7 @@ type Stats struct {
 	Pending, Retrying, Leased, Failed int
 	Uploaded, NARBytes, FileBytes     uint64
 	Paths, Skipped                    uint64    // store paths uploaded (jobs and dependencies); paths filtered out
+	Realisations                      uint64    // realisation objects written
 	OldestActive                      time.Time // zero if nothing is ready or leased
 	OldestActiveID, NewestID          uint64    // id of the oldest ready job (0 if none); last id assigned
 	NextRetry                         time.Time // earliest not-before of a retrying job, if any
@@ -698,6 +702,7 @@ func (q *Queue) Stats() (Stats, error) {
 		s.FileBytes = uint64(counter(m, cntFileBytes))
 		s.Paths = uint64(counter(m, cntPaths))
 		s.Skipped = uint64(counter(m, cntSkipped))
+		s.Realisations = uint64(counter(m, cntReals))
 		s.LastError = string(m.Get([]byte(keyLastErr)))
 		if v := m.Get([]byte(keyLastErrAt)); len(v) == 8 {
 			s.LastErrorAt = time.Unix(int64(binary.BigEndian.Uint64(v)), 0)

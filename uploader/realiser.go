@@ -1,8 +1,12 @@
 package uploader
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
+	"fmt"
 
+	"github.com/nixspool/nixspool/bucket"
 	"github.com/nixspool/nixspool/nixstore"
 )
 
@@ -17,4 +21,56 @@ type Realiser interface {
 type Extra struct {
 	Key, ContentType string
 	Body             []byte
+}
+
+// maxExtrasDone bounds the memory of extras already written.
+const maxExtrasDone = 100_000
+
+// putRealisations writes the objects Options.Realiser supplies for info,
+// whose narinfo (and its references' narinfos) must already be in the
+// cache, in the order given. Like narinfos they are written create-only: a
+// realisation another machine wrote first (with its signature, and perhaps
+// another output of a non-deterministic build, whose narinfo it wrote) is
+// kept. An object this uploader already wrote with the same body is not
+// written again (dependent realisations recur for every path that relies
+// on them). It returns how many objects it wrote.
+func (u *Uploader) putRealisations(ctx context.Context, info *nixstore.PathInfo) (int, error) {
+	if u.opt.Realiser == nil {
+		return 0, nil
+	}
+	extras, err := u.opt.Realiser.For(ctx, info)
+	if err != nil {
+		return 0, fmt.Errorf("realisations of %s: %w", info.Path, err)
+	}
+	n := 0
+	for _, e := range extras {
+		sum := sha256.Sum256(e.Body)
+		if v, ok := u.extrasDone.Load(e.Key); ok && v.([32]byte) == sum {
+			continue
+		}
+		_, err := u.opt.Bucket.Put(ctx, e.Key, bytes.NewReader(e.Body), int64(len(e.Body)), bucket.PutOptions{ContentType: e.ContentType, IfNoneMatch: true})
+		if bucket.IsPrecondition(err) {
+			u.extrasDone.Store(e.Key, sum)
+			continue
+		}
+		if err != nil {
+			return n, fmt.Errorf("write %s: %w", e.Key, err)
+		}
+		if u.extrasCount.Add(1) > maxExtrasDone {
+			u.extrasDone.Clear()
+			u.extrasCount.Store(1)
+		}
+		u.extrasDone.Store(e.Key, sum)
+		n++
+		u.log.Info("realisation uploaded", "path", info.Path, "key", e.Key)
+	}
+	return n, nil
+}
+
+// PutRealisations writes the realisations of info.Path, which is already
+// in the cache (its narinfo and its closure's): for a job whose path was
+// found present, so that derivations that produced it later (or that the
+// agent learnt about after the narinfo was written) still get theirs.
+func (u *Uploader) PutRealisations(ctx context.Context, info *nixstore.PathInfo) (int, error) {
+	return u.putRealisations(ctx, info)
 }

@@ -134,6 +134,8 @@ type Uploader struct {
 	logsMu      sync.Mutex
 	logsDone    map[string]bool // drv base name → build log uploaded (or being)
 	progress    sync.Map        // store path → *Progress
+	extrasDone  sync.Map        // key → sha256 of the body written (see putRealisations)
+	extrasCount atomic.Int64
 	log         *slog.Logger
 }
 
@@ -147,7 +149,8 @@ type Result struct {
 	Skipped int
 	// Kept counts narinfos another writer put in place while this upload
 	// ran (left as they were).
-	Kept         int
+	Kept int
+	// Realisations counts the realisation objects written (Options.Realiser).
 	Realisations int
 }
 
@@ -325,16 +328,23 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		return Result{Skipped: 1}, nil
 	}
 	gen := u.presence.gen.Load()
-	// The path itself first: if its narinfo is there, its closure is too.
+	// The path itself first: if its narinfo is there, its closure is too
+	// (and only its realisations may be missing: a failed attempt, or a
+	// second derivation with the same output).
 	if u.presence.has(path) {
-		return Result{}, nil
+		n, err := u.putRealisations(ctx, info)
+		return Result{Realisations: n}, err
 	}
 	missing, err := u.presence.check(ctx, []string{path})
 	if err != nil {
 		return Result{}, err
 	}
 	if len(missing) == 0 {
-		return Result{}, u.reviveIfDoomed(ctx, path)
+		if err := u.reviveIfDoomed(ctx, path); err != nil {
+			return Result{}, err
+		}
+		n, err := u.putRealisations(ctx, info)
+		return Result{Realisations: n}, err
 	}
 	closure, err := u.opt.Store.Closure(ctx, path)
 	if err != nil {
@@ -439,7 +449,7 @@ func (u *Uploader) runNarinfo(n *node) {
 		fail(err)
 		return
 	}
-	extras, err := u.putExtras(ctx, n.info)
+	extras, err := u.putRealisations(ctx, n.info)
 	if err != nil {
 		fail(err)
 		return
@@ -463,24 +473,6 @@ func (u *Uploader) runNarinfo(n *node) {
 		u.log.Info("narinfo already in the cache (another writer); kept it", "path", n.info.Path)
 	}
 	u.graph.succeed(n)
-}
-
-// putExtras writes what the Realiser supplies for a path, create-only.
-func (u *Uploader) putExtras(ctx context.Context, info *nixstore.PathInfo) (int, error) {
-	if u.opt.Realiser == nil {
-		return 0, nil
-	}
-	extras, err := u.opt.Realiser.For(ctx, info)
-	if err != nil {
-		return 0, err
-	}
-	for _, x := range extras {
-		_, err := u.opt.Bucket.Put(ctx, x.Key, bytes.NewReader(x.Body), int64(len(x.Body)), bucket.PutOptions{ContentType: x.ContentType, IfNoneMatch: true})
-		if err != nil && !bucket.IsPrecondition(err) {
-			return 0, err
-		}
-	}
-	return len(extras), nil
 }
 
 // reviveIfDoomed rewrites the narinfo of a path found present if a
@@ -552,6 +544,7 @@ func (u *Uploader) Prefetch(ctx context.Context, paths []string) {
 // Forget drops what is known about the cache's contents (after an
 // operator emptied the bucket, for example).
 func (u *Uploader) Forget() error {
+	u.extrasDone.Clear()
 	return u.presence.reset()
 }
 

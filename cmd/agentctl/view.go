@@ -32,6 +32,9 @@ func renderStatus(out io.Writer, s *protocol.Status) error {
 		fmt.Fprintf(w, "oldest pending\t%s\n", (time.Duration(s.OldestPendingSeconds) * time.Second).String())
 	}
 	fmt.Fprintf(w, "uploaded\t%d jobs, %d paths, %s NAR, %s sent", s.Uploaded, s.UploadedPaths, bytesStr(s.UploadedNARBytes), bytesStr(s.UploadedFileBytes))
+	if s.UploadedRealisations > 0 {
+		fmt.Fprintf(w, ", %d realisations", s.UploadedRealisations)
+	}
 	if s.Skipped > 0 {
 		fmt.Fprintf(w, ", %d paths skipped by filters", s.Skipped)
 	}

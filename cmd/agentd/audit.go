@@ -30,7 +30,7 @@ func runAudit(args []string) error {
 	}
 	cache := fs.String("cache", "", "binary cache URL (s3://BUCKET?… or file:///DIR)")
 	deep := fs.Bool("deep", false, "also download every NAR and check FileHash, NarHash and NarSize")
-	keys := fs.String("trusted-public-keys", "", "require every narinfo to be signed by one of these keys (space-separated)")
+	keys := fs.String("trusted-public-keys", "", "require every narinfo and realisation to be signed by one of these keys (space-separated)")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
 	concurrency := fs.Int("concurrency", 32, "requests in flight")
 	var upstreams multiFlag

@@ -1,0 +1,44 @@
+package agent
+
+import (
+	"context"
+
+	"github.com/nixspool/nixspool/queue"
+)
+
+// realise publishes the realisations of a job's path once the path is in
+// the cache, for the derivations noted for it: the job's own (which
+// produced it) and those whose hook requests were folded into this job
+// (a resolved content-addressed build fires the hook for the resolved
+// derivation and then for the one clients know, with the same output).
+// The uploader already wrote the ones it knew of with the narinfo; this
+// covers a path that was in the cache before (an early cut-off rebuild,
+// a second derivation with the same output) and notes that arrived while
+// it was being uploaded. It returns the notes it covered.
+func (a *Agent) realise(ctx context.Context, job *queue.Job) (noted []string, n int, err error) {
+	a.realiser.Note(job.Drv, job.Path)
+	noted = a.realiser.Noted(job.Path)
+	if !a.realiser.Wants(job.Path) {
+		return noted, 0, nil
+	}
+	info, err := a.store.QueryPathInfo(ctx, job.Path)
+	if err != nil || info == nil {
+		return noted, 0, err
+	}
+	n, err = a.uploader.PutRealisations(ctx, info)
+	return noted, n, err
+}
+
+// realiseLate runs once a job's acknowledgement is durable: derivations
+// noted for its path after realise ran were folded into the finished job
+// by deduplication; each gets a job of its own, so its realisation is
+// published too.
+func (a *Agent) realiseLate(job *queue.Job, covered []string) {
+	for _, drv := range a.realiser.Forget(job.Path, covered) {
+		if _, err := a.enqueue(a.uploadCtx, []string{job.Path}, drv); err != nil {
+			a.log.Warn("queue path again for a late derivation", "path", job.Path, "drv", drv, "err", err)
+			continue
+		}
+		a.log.Info("path queued again for the realisation of a derivation noted during its upload", "path", job.Path, "drv", drv)
+	}
+}

@@ -1,0 +1,62 @@
+// Package realisation publishes the realisations of content-addressed
+// derivation outputs to a binary cache, so that another machine finds a
+// floating content-addressed output (which has no path in its .drv) by
+// its derivation instead of building it.
+//
+// # What Nix reads
+//
+// Checked against Nix's source (realisation.cc, binary-cache-store.cc,
+// build/drv-output-substitution-goal.cc, build/derivation-goal.cc) for
+// 2.8 and 2.35, and by experiment with Nix 2.8:
+//
+// Nix 2.4 … 2.34 look up
+//
+//	realisations/<id>.doi     id = sha256:<base16 hash modulo of the drv>!<output>
+//
+// a JSON object, keys sorted, no whitespace (nlohmann's dump):
+//
+//	{"dependentRealisations":{"<id>":"<out base name>",…},"id":"<id>","outPath":"<base name>","signatures":["name:base64",…]}
+//
+// A signature signs the same object without "signatures". The client
+// computes the id from the derivation it evaluated (drvhash), fetches the
+// realisation, then substitutes every dependent realisation the same way
+// and the output path by its narinfo; only when all of that succeeded does
+// it register the realisation. A missing dependent realisation makes the
+// whole substitution fail and Nix builds instead, so the cache must hold
+// the realisation closure. Nix 2.8 does not check realisation signatures
+// when substituting; they are written for readers that do.
+//
+// Nix 2.35 keys realisations ("build trace entries") by derivation path
+// and records them only for resolved derivations (no input derivations):
+//
+//	build-trace-v2/<drv base name>/<output>.doi   {"outPath":"<base name>","signatures":[{"keyName":"…","sig":"<base64>"}]}
+//
+// signed over {"key":{"drvPath":"<drv base name>","outputName":"<output>"},"value":{"outPath":"<base name>"}}.
+// A 2.35 client resolves a derivation itself (substituting its inputs'
+// entries) and then looks up the resolved derivation's entry.
+//
+// # What is written
+//
+// Both layouts. For a store path P (after P's narinfo is in the cache) the
+// Realiser looks at the derivations known to have produced P: P's deriver
+// (for a resolved build, the resolved derivation) and the derivations the
+// post-build hook named for P (the unresolved one, whose id clients
+// compute). A derivation whose output paths are all written in the .drv
+// needs no realisation and costs no daemon query. For the others it asks
+// the Nix daemon which output is P (QueryDerivationOutputMap, which also
+// proves the daemon has ca-derivations on: a Nix 2.8 daemon without it
+// aborts on a realisation query), computes the id, and fetches the
+// realisation and, recursively, the realisations it depends on
+// (QueryRealisation). Every realisation is signed with our keys (keeping
+// signatures the store has from other keys) and written in the
+// realisations/ layout, dependencies first; a realisation whose
+// derivation path is known and has no input derivations is also written
+// in the build-trace-v2/ layout. A dependency is accepted only if its
+// output is a reference of the output that depends on it, so that its
+// narinfo is in the cache already (closure order); otherwise the
+// realisation is left out rather than written early.
+//
+// A Nix 2.35 daemon answers realisation queries only behind a protocol
+// feature this client (protocol 1.34) does not negotiate: agentd then
+// logs once and uploads no realisations.
+package realisation

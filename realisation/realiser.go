@@ -1,0 +1,418 @@
+package realisation
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"slices"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/nix-community/go-nix/pkg/narinfo/signature"
+
+	"github.com/nixspool/nixspool/drvhash"
+	"github.com/nixspool/nixspool/nixstore"
+	"github.com/nixspool/nixspool/storepath"
+	"github.com/nixspool/nixspool/uploader"
+)
+
+// Store is what the Realiser asks the Nix daemon (nixstore.Store).
+type Store interface {
+	QueryDerivationOutputMap(ctx context.Context, drv string) (map[string]string, error)
+	QueryRealisation(ctx context.Context, id string) (*nixstore.Realisation, error)
+	QueryPathInfo(ctx context.Context, p string) (*nixstore.PathInfo, error)
+}
+
+// Options configure a Realiser.
+type Options struct {
+	Store    Store
+	Keys     []signature.SecretKey
+	StoreDir string // default /nix/store
+	Logger   *slog.Logger
+	// ReadDrv reads a .drv (os.ReadFile if nil).
+	ReadDrv func(path string) ([]byte, error)
+}
+
+// Realiser finds and renders the realisations of store paths; it
+// implements uploader.Realiser. It is safe for concurrent use.
+type Realiser struct {
+	opt    Options
+	hasher *drvhash.Hasher
+	log    *slog.Logger
+
+	mu     sync.Mutex
+	notes  map[string]map[string]time.Time // store path → derivations that produced it → when noted
+	static map[string]bool                 // drv path → every output path is in the .drv
+	// quietUntil: the daemon refused realisation queries; not asked
+	// again (and not logged again) before then.
+	quietUntil time.Time
+}
+
+// Bounds of the in-memory state.
+const (
+	maxNotes    = 10_000
+	noteTTL     = time.Hour
+	maxStatic   = 100_000
+	quietPeriod = 10 * time.Minute
+)
+
+// New returns a Realiser.
+func New(opt Options) *Realiser {
+	if opt.StoreDir == "" {
+		opt.StoreDir = storepath.DefaultStoreDir
+	}
+	if opt.Logger == nil {
+		opt.Logger = slog.New(slog.DiscardHandler)
+	}
+	return &Realiser{
+		opt:    opt,
+		hasher: &drvhash.Hasher{Read: opt.ReadDrv},
+		log:    opt.Logger,
+		notes:  map[string]map[string]time.Time{},
+		static: map[string]bool{},
+	}
+}
+
+// Note records that drv produced paths (the post-build hook says so). For
+// a resolved build this is the only link between the output and the
+// derivation clients know (the output's deriver is the resolved one).
+// Notes live in memory until Forget, at most an hour.
+func (r *Realiser) Note(drv string, paths ...string) {
+	if drv == "" || storepath.Check(r.opt.StoreDir, drv) != nil {
+		return
+	}
+	now := time.Now()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.notes) >= maxNotes {
+		for p, ds := range r.notes {
+			for d, at := range ds {
+				if now.Sub(at) > noteTTL {
+					delete(ds, d)
+				}
+			}
+			if len(ds) == 0 {
+				delete(r.notes, p)
+			}
+		}
+		if len(r.notes) >= maxNotes {
+			return
+		}
+	}
+	for _, p := range paths {
+		ds := r.notes[p]
+		if ds == nil {
+			ds = map[string]time.Time{}
+			r.notes[p] = ds
+		}
+		ds[drv] = now
+	}
+}
+
+// Noted returns the derivations noted for path.
+func (r *Realiser) Noted(path string) []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]string, 0, len(r.notes[path]))
+	for d := range r.notes[path] {
+		out = append(out, d)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// Forget removes the notes drvs of path (their realisations are written)
+// and returns the derivations noted for path since.
+func (r *Realiser) Forget(path string, drvs []string) (since []string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ds := r.notes[path]
+	for _, d := range drvs {
+		delete(ds, d)
+	}
+	for d := range ds {
+		since = append(since, d)
+	}
+	if len(ds) == 0 {
+		delete(r.notes, path)
+	}
+	sort.Strings(since)
+	return since
+}
+
+// found is one realisation with what is known of its derivation.
+type found struct {
+	real   *nixstore.Realisation
+	drv    string // derivation path; "" when reached as a dependency (known by id only)
+	output string
+	// resolved: the derivation has no input derivations (what Nix 2.35
+	// records build trace entries for).
+	resolved bool
+}
+
+// For returns the realisation objects to write for info.Path, whose
+// narinfo is in the cache: dependencies first, then the realisations of
+// the derivation outputs info.Path realises.
+func (r *Realiser) For(ctx context.Context, info *nixstore.PathInfo) ([]uploader.Extra, error) {
+	roots, err := r.roots(ctx, info)
+	if err != nil || len(roots) == 0 {
+		return nil, err
+	}
+	cache := map[string]*nixstore.Realisation{}
+	var order []found
+	seen := map[string]bool{}
+	for _, root := range roots {
+		deps, err := r.closure(ctx, info, root.real, cache)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			var bad *badClosureError
+			if errors.As(err, &bad) {
+				r.log.Warn("realisation left out", "path", info.Path, "drv", root.drv, "id", root.real.ID, "err", err)
+				continue
+			}
+			return nil, err
+		}
+		for _, d := range deps {
+			if !seen[d.ID] {
+				seen[d.ID] = true
+				order = append(order, found{real: d})
+			}
+		}
+		if !seen[root.real.ID] {
+			seen[root.real.ID] = true
+			order = append(order, root)
+		} else if root.drv != "" {
+			// Known as a dependency of an earlier root, and by path too.
+			order = append(order, found{real: root.real, drv: root.drv, output: root.output, resolved: root.resolved})
+		}
+	}
+	var extras []uploader.Extra
+	written := map[string]bool{}
+	for _, f := range order {
+		real := *f.real
+		real.Signatures = slices.Clone(real.Signatures)
+		if err := Sign(&real, r.opt.Keys); err != nil {
+			return nil, err
+		}
+		if k := Key(real.ID); !written[k] {
+			written[k] = true
+			extras = append(extras, uploader.Extra{Key: k, ContentType: ContentType, Body: Document(&real)})
+		}
+		if f.drv != "" && f.resolved {
+			drvBase := filepath.Base(f.drv)
+			body, err := BuildTraceDocument(drvBase, f.output, real.OutPath, r.opt.Keys)
+			if err != nil {
+				return nil, err
+			}
+			if k := BuildTraceKey(drvBase, f.output); !written[k] {
+				written[k] = true
+				extras = append(extras, uploader.Extra{Key: k, ContentType: ContentType, Body: body})
+			}
+		}
+	}
+	return extras, nil
+}
+
+// roots finds the realisations whose output is info.Path, among the
+// derivations known to have produced it.
+func (r *Realiser) roots(ctx context.Context, info *nixstore.PathInfo) ([]found, error) {
+	candidates := r.Noted(info.Path)
+	if info.Deriver != "" && !slices.Contains(candidates, info.Deriver) {
+		candidates = append(candidates, info.Deriver)
+	}
+	base := filepath.Base(info.Path)
+	var roots []found
+	for _, drvPath := range candidates {
+		if storepath.Check(r.opt.StoreDir, drvPath) != nil || r.isStatic(drvPath) {
+			continue
+		}
+		d, err := r.hasher.Load(drvPath)
+		if err != nil {
+			// Typically the deriver is not in this store (the path was
+			// substituted, or the .drv collected): nothing to publish.
+			r.log.Debug("derivation unreadable; no realisation", "path", info.Path, "drv", drvPath, "err", err)
+			r.setStatic(drvPath)
+			continue
+		}
+		if d.StaticOutputs() {
+			r.setStatic(drvPath)
+			continue
+		}
+		if r.quiet() {
+			return nil, nil
+		}
+		outs, err := r.opt.Store.QueryDerivationOutputMap(ctx, drvPath)
+		if err != nil {
+			var de *nixstore.DaemonError
+			if errors.As(err, &de) {
+				r.log.Warn("derivation outputs unknown to the Nix daemon; no realisation", "path", info.Path, "drv", drvPath, "err", err)
+				continue
+			}
+			return nil, err
+		}
+		for _, o := range d.Outputs {
+			if outs[o.Name] != info.Path {
+				// Not this output, or the daemon knows no realisation
+				// (ca-derivations off there: never ask it for one then).
+				continue
+			}
+			id, err := r.hasher.ID(d, o.Name)
+			if err != nil {
+				r.log.Warn("cannot compute the realisation id", "path", info.Path, "drv", drvPath, "output", o.Name, "err", err)
+				continue
+			}
+			real, err := r.opt.Store.QueryRealisation(ctx, id)
+			if errors.Is(err, nixstore.ErrRealisationsUnsupported) {
+				r.setQuiet(err)
+				return nil, nil
+			}
+			if err != nil {
+				return nil, err
+			}
+			if real == nil || real.OutPath != base {
+				r.log.Warn("the Nix daemon has no matching realisation", "path", info.Path, "drv", drvPath, "id", id)
+				continue
+			}
+			roots = append(roots, found{real: real, drv: drvPath, output: o.Name, resolved: len(d.InputDrvs) == 0})
+		}
+	}
+	return roots, nil
+}
+
+// badClosureError is a realisation whose dependencies cannot be written
+// in closure order.
+type badClosureError struct{ msg string }
+
+func (e *badClosureError) Error() string { return e.msg }
+
+// closure returns the realisations root depends on, recursively, each
+// after its own dependencies. Every dependency's output must be a
+// reference of the output that depends on it.
+func (r *Realiser) closure(ctx context.Context, info *nixstore.PathInfo, root *nixstore.Realisation, cache map[string]*nixstore.Realisation) ([]*nixstore.Realisation, error) {
+	var out []*nixstore.Realisation
+	done := map[string]bool{}
+	onStack := map[string]bool{}
+	var visit func(real *nixstore.Realisation) error
+	visit = func(real *nixstore.Realisation) error {
+		if len(real.DependentRealisations) == 0 {
+			return nil
+		}
+		refs, err := r.references(ctx, info, real.OutPath)
+		if err != nil {
+			return err
+		}
+		ids := make([]string, 0, len(real.DependentRealisations))
+		for id := range real.DependentRealisations {
+			ids = append(ids, id)
+		}
+		sort.Strings(ids)
+		for _, id := range ids {
+			depOut := real.DependentRealisations[id]
+			if id == real.ID || done[id] {
+				continue
+			}
+			if onStack[id] {
+				return &badClosureError{fmt.Sprintf("realisation %s depends on itself", id)}
+			}
+			if !refs[depOut] {
+				return &badClosureError{fmt.Sprintf("dependency %s (%s) is not a reference of %s", id, depOut, real.OutPath)}
+			}
+			dep := cache[id]
+			if dep == nil {
+				dep, err = r.opt.Store.QueryRealisation(ctx, id)
+				if err != nil {
+					return err
+				}
+				if dep == nil {
+					return &badClosureError{fmt.Sprintf("dependency %s is not in the store", id)}
+				}
+				cache[id] = dep
+			}
+			if dep.OutPath != depOut {
+				return &badClosureError{fmt.Sprintf("dependency %s is realised by %s, not %s", id, dep.OutPath, depOut)}
+			}
+			onStack[id] = true
+			if err := visit(dep); err != nil {
+				return err
+			}
+			onStack[id] = false
+			done[id] = true
+			out = append(out, dep)
+		}
+		return nil
+	}
+	onStack[root.ID] = true
+	return out, visit(root)
+}
+
+// references returns the references (base names) of the store path with
+// base name base.
+func (r *Realiser) references(ctx context.Context, info *nixstore.PathInfo, base string) (map[string]bool, error) {
+	refs := info.References
+	if base != filepath.Base(info.Path) {
+		pi, err := r.opt.Store.QueryPathInfo(ctx, filepath.Join(r.opt.StoreDir, base))
+		if err != nil {
+			return nil, err
+		}
+		if pi == nil {
+			return nil, &badClosureError{fmt.Sprintf("%s is not valid in the store", base)}
+		}
+		refs = pi.References
+	}
+	m := make(map[string]bool, len(refs))
+	for _, p := range refs {
+		m[filepath.Base(p)] = true
+	}
+	return m, nil
+}
+
+func (r *Realiser) isStatic(drv string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.static[drv]
+}
+
+func (r *Realiser) setStatic(drv string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.static) >= maxStatic {
+		clear(r.static)
+	}
+	r.static[drv] = true
+}
+
+func (r *Realiser) quiet() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return time.Now().Before(r.quietUntil)
+}
+
+func (r *Realiser) setQuiet(err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.quietUntil = time.Now().Add(quietPeriod)
+	r.log.Warn("no realisations uploaded: the Nix daemon does not answer realisation queries (ca-derivations off, or a Nix whose protocol this agentd does not speak); asking again in 10 minutes", "err", err)
+}
+
+// Wants reports whether a derivation noted for path may have a
+// realisation to publish (its outputs are not all written in the .drv),
+// reading the .drv if need be. It asks the daemon nothing.
+func (r *Realiser) Wants(path string) bool {
+	for _, drv := range r.Noted(path) {
+		if storepath.Check(r.opt.StoreDir, drv) != nil || r.isStatic(drv) {
+			continue
+		}
+		d, err := r.hasher.Load(drv)
+		if err != nil || d.StaticOutputs() {
+			r.setStatic(drv)
+			continue
+		}
+		return true
+	}
+	return false
+}
