@@ -447,7 +447,7 @@ func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*nar
 		}
 		sent = uint64(size)
 	}
-	return u.finishNAR(ctx, info, key, fileSum, size, listing, sent)
+	return u.finishNAR(ctx, info, key, u.comp.method, fileSum, size, listing, sent)
 }
 
 func (u *Uploader) narKey(fileSum []byte) string {
@@ -459,14 +459,15 @@ func (u *Uploader) objectExists(ctx context.Context, key string, size int64) boo
 	return err == nil && st.Size == size
 }
 
-// finishNAR uploads the listing (if any) and builds the narinfo.
-func (u *Uploader) finishNAR(ctx context.Context, info *nixstore.PathInfo, key string, fileSum []byte, size int64, listing *nar.Listing, sent uint64) (*narinfo.NarInfo, uint64, error) {
+// finishNAR uploads the listing (if any) and builds the narinfo of the NAR
+// file uploaded at key, compressed with compression.
+func (u *Uploader) finishNAR(ctx context.Context, info *nixstore.PathInfo, key, compression string, fileSum []byte, size int64, listing *nar.Listing, sent uint64) (*narinfo.NarInfo, uint64, error) {
 	if listing != nil {
 		if err := u.putListing(ctx, info.Path, listing); err != nil {
 			return nil, 0, err
 		}
 	}
-	ni, err := u.makeNarinfo(info, key, fileSum, uint64(size))
+	ni, err := u.makeNarinfo(info, key, compression, fileSum, uint64(size))
 	if err != nil {
 		return nil, 0, err
 	}
@@ -552,13 +553,14 @@ func (u *Uploader) putListing(ctx context.Context, p string, listing *nar.Listin
 
 // makeNarinfo builds the narinfo: Nix's field order (go-nix renders it),
 // references sorted as base names, our signatures plus the ones the path
-// already carries from other keys.
-func (u *Uploader) makeNarinfo(info *nixstore.PathInfo, url string, fileSum []byte, fileSize uint64) (*narinfo.NarInfo, error) {
-	comp := u.opt.Cache.Compression
+// already carries from other keys. url, compression, fileSum and fileSize
+// describe the NAR file actually uploaded (a resumed upload's file may
+// predate the cache's configuration).
+func (u *Uploader) makeNarinfo(info *nixstore.PathInfo, url, compression string, fileSum []byte, fileSize uint64) (*narinfo.NarInfo, error) {
 	ni := &narinfo.NarInfo{
 		StorePath:   info.Path,
 		URL:         url,
-		Compression: comp,
+		Compression: compression,
 		FileHash:    nixhash.MustNewHashWithEncoding(nixhash.SHA256, fileSum, nixhash.NixBase32, true),
 		FileSize:    fileSize,
 		NarHash:     nixhash.MustNewHashWithEncoding(nixhash.SHA256, info.NarHash, nixhash.NixBase32, true),
