@@ -163,6 +163,16 @@ type Status struct {
 	NextRetryAt          int64    `json:"next_retry_at"`
 	InProgress           []Upload `json:"in_progress"`
 	StateDirError        string   `json:"state_dir_error"`
+	Spooled              Spooled  `json:"spooled"`
+}
+
+// Spooled counts the requests waiting in the spool directory: hooks that
+// could not hand their paths to agentd spooled them, and agentd imports them
+// every spool interval. They are not jobs yet.
+type Spooled struct {
+	Files    int   `json:"files"`
+	Paths    int   `json:"paths"`
+	OldestAt int64 `json:"oldest_at"` // unix seconds the oldest was spooled; 0 when none
 }
 
 // ErrTooLarge is returned by ReadRequest for a request over MaxRequestSize.
@@ -275,6 +285,9 @@ func Summary(s *Status) string {
 	fmt.Fprintf(&b, "%d pending, %d uploading, %d retrying, %d failed; %d uploaded", s.Pending, s.Uploading, s.Retrying, s.Failed, s.Uploaded)
 	if s.RatePathsPerSecond > 0 {
 		fmt.Fprintf(&b, " (%.1f paths/s, %.1f MB/s)", s.RatePathsPerSecond, s.RateNARBytesPerSec/1e6)
+	}
+	if s.Spooled.Files > 0 {
+		fmt.Fprintf(&b, "; %d spooled request(s) not imported yet", s.Spooled.Files)
 	}
 	if s.CacheReachable != nil && !*s.CacheReachable {
 		b.WriteString("; cache unreachable")
