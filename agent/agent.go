@@ -51,6 +51,7 @@ type Agent struct {
 	stateErr    string // last state-directory (queue/spool) error, for status
 	uploadCtx   context.Context
 	stopUploads context.CancelFunc
+	running     runningJobs // jobs being uploaded (a drop stops them)
 	spoolSeen   spoolCache
 }
 

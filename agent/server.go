@@ -214,8 +214,13 @@ func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer, pro
 		if err := a.roots.Remove(j.Path); err != nil {
 			a.log.Warn("remove gc root", "path", j.Path, "err", err)
 		}
-		a.uploader.Discard(ctx, j.Path)
-		a.log.Info("job dropped", "job", j.ID, "path", j.Path, "peer_uid", p.uid)
+		// A job being uploaded is stopped; its worker discards the
+		// resumable upload state once it no longer reads it.
+		uploading := a.stopDropped(j.ID)
+		if !uploading {
+			a.uploader.Discard(ctx, j.Path)
+		}
+		a.log.Info("job dropped", "job", j.ID, "path", j.Path, "was_uploading", uploading, "peer_uid", p.uid)
 		return &protocol.Response{Count: 1, Jobs: []protocol.Job{jobView(*j)}}
 	}
 	return &protocol.Response{Error: "unknown operation " + req.Op}

@@ -104,7 +104,11 @@ func (a *Agent) sleep(ctx context.Context, d time.Duration) {
 func (a *Agent) process(job *queue.Job) {
 	log := a.log.With("job", job.ID, "path", job.Path, "attempt", job.Attempts+1)
 	start := time.Now()
-	res, err := a.uploader.Upload(a.uploadCtx, job.Path)
+	ctx, finish := a.startJob(job) // dropping the job cancels ctx
+	res, err := a.uploader.Upload(ctx, job.Path)
+	if finish() {
+		return // dropped meanwhile: there is no outcome to record
+	}
 	now := a.now()
 	switch {
 	case err == nil:
