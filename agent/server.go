@@ -346,7 +346,17 @@ func (a *Agent) enqueue(ctx context.Context, paths []string, drv string) ([]prot
 	for _, r := range res {
 		jobs = append(jobs, jobView(r.Job))
 	}
+	a.logRequeued(res)
 	return jobs, nil
+}
+
+// logRequeued logs the failed jobs a new request made ready again.
+func (a *Agent) logRequeued(res []queue.EnqueueResult) {
+	for _, r := range res {
+		if r.Requeued {
+			a.log.Info("failed job queued again by a new request", "job", r.Job.ID, "path", r.Job.Path, "last_error", r.Job.LastError)
+		}
+	}
 }
 
 // importSpool queues the requests the hook spooled while agentd was away.
@@ -402,11 +412,13 @@ func (a *Agent) importSpool(ctx context.Context) {
 			if err := a.roots.AddAll(good); err != nil {
 				a.log.Warn("gc root", "file", f, "err", err)
 			}
-			if _, err := a.queue.Enqueue(good, drv, a.now()); err != nil {
+			res, err := a.queue.Enqueue(good, drv, a.now())
+			if err != nil {
 				a.setStateErr(err)
 				a.log.Error("spool import postponed", "file", f, "err", err)
 				return
 			}
+			a.logRequeued(res)
 		}
 		if err := spool.Remove(f); err != nil {
 			a.log.Error("remove imported spool file", "file", f, "err", err)
