@@ -44,6 +44,7 @@ let
   postBuildHook = pkgs.writeShellScript "nixspool-post-build-hook" (''
     export NIXSPOOL_SOCKET=${socketPath}
     export NIXSPOOL_STATE_DIR=${stateDir}
+    export NIXSPOOL_GC_ROOTS=${if cfg.gcRoots then gcRootsDir else "off"}
     ${cfg.package}/bin/nixspool-hook
   '' + concatStringsSep "\n" (map (h: ''
     ${pkgs.coreutils}/bin/timeout --kill-after=5 ${escapeShellArg h.timeout} ${h.command} </dev/null \

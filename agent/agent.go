@@ -57,6 +57,8 @@ type Agent struct {
 	stopUploads context.CancelFunc
 	spoolBusy   atomic.Bool  // a spool import is running
 	spoolBeat   atomic.Int64 // unix ns of its last progress
+	running     runningJobs  // jobs being uploaded (a drop stops them)
+	spoolSeen   spoolCache
 }
 
 // New opens everything agentd needs: the queue (returning interrupted jobs
@@ -224,6 +226,8 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 	a.uploadCtx, a.stopUploads = context.WithCancel(context.WithoutCancel(ctx))
 	defer a.stopUploads()
 
+	// The spool first: its paths become jobs, rooted as any other.
+	a.importSpool(ctx)
 	if err := a.recover(ctx); err != nil {
 		a.log.Error("start-up recovery", "err", err)
 	}
@@ -240,7 +244,6 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 			a.log.Info("aborted stale multipart uploads", "count", n)
 		}
 	}()
-	a.importSpool(ctx)
 	if err := a.uploader.EnsureCacheInfo(ctx); err != nil {
 		a.setReachable(false)
 		if errors.Is(err, bucket.ErrUnavailable) {
@@ -395,7 +398,10 @@ func (a *Agent) snapshot() (metrics.Snapshot, error) {
 }
 
 // recover re-creates GC roots for every queued path (a crash may have lost
-// some) and removes roots of paths no longer queued.
+// some) and removes roots of paths that are neither queued nor waiting in
+// the spool (the hook roots what it spools; a spooled request whose import
+// was postponed keeps its roots). Roots younger than a minute are spared:
+// a hook may be spooling right now.
 func (a *Agent) recover(ctx context.Context) error {
 	if !a.roots.Enabled() {
 		return nil
@@ -404,11 +410,13 @@ func (a *Agent) recover(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	keep := make([]string, 0, len(jobs))
+	_, spooled := a.spooled()
+	keep := make([]string, 0, len(jobs)+len(spooled))
 	for _, j := range jobs {
 		keep = append(keep, j.Path)
 	}
-	added, removed, err := a.roots.Reconcile(keep)
+	keep = append(keep, spooled...)
+	added, removed, err := a.roots.Reconcile(keep, time.Minute)
 	if added+removed > 0 {
 		a.log.Info("reconciled gc roots", "added", added, "removed", removed)
 	}

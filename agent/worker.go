@@ -104,12 +104,16 @@ func (a *Agent) sleep(ctx context.Context, d time.Duration) {
 func (a *Agent) process(job *queue.Job) {
 	log := a.log.With("job", job.ID, "path", job.Path, "attempt", job.Attempts+1)
 	start := time.Now()
-	res, err := a.uploader.Upload(a.uploadCtx, job.Path)
+	ctx, finish := a.startJob(job) // dropping the job cancels ctx
+	res, err := a.uploader.Upload(ctx, job.Path)
 	var noted []string
 	if err == nil {
 		var n int
-		noted, n, err = a.realise(a.uploadCtx, job)
+		noted, n, err = a.realise(ctx, job)
 		res.Realisations += n
+	}
+	if finish() {
+		return // dropped meanwhile: there is no outcome to record
 	}
 	now := a.now()
 	switch {

@@ -60,7 +60,7 @@ func (b *bench) hookLatency() error {
 	if err != nil {
 		return err
 	}
-	hookEnv := append(os.Environ(), "NIXSPOOL_SOCKET="+sock, "NIXSPOOL_STATE_DIR="+filepath.Join(b.work, "hook", "state"), "OUT_PATHS="+paths[0], "NIXSPOOL_STRICT=1")
+	hookEnv := append(os.Environ(), "NIXSPOOL_SOCKET="+sock, "NIXSPOOL_STATE_DIR="+filepath.Join(b.work, "hook", "state"), "OUT_PATHS="+paths[0], "NIXSPOOL_STRICT=1", "NIXSPOOL_GC_ROOTS=off")
 	mkHook := func() *exec.Cmd {
 		c := exec.Command(filepath.Join(*binDir, "hook"))
 		c.Env = hookEnv

@@ -131,7 +131,7 @@ func TestStrictHookFailsBuild(t *testing.T) {
 	testenv.RequireNix(t)
 	g := testenv.WriteGraph(t, t.TempDir(), false)
 	dir := t.TempDir()
-	env := testenv.NixEnv(hookConfig(), "NIXSPOOL_SOCKET="+dir+"/none.sock", "NIXSPOOL_STATE_DIR="+dir, "NIXSPOOL_STRICT=1")
+	env := testenv.NixEnv(hookConfig(), "NIXSPOOL_SOCKET="+dir+"/none.sock", "NIXSPOOL_STATE_DIR="+dir, "NIXSPOOL_STRICT=1", "NIXSPOOL_GC_ROOTS=off")
 	if out, err := testenv.Output(env, "nix-build", g.File, "--no-out-link"); err == nil {
 		t.Fatalf("strict hook with agentd down did not fail the build:\n%s", out)
 	}

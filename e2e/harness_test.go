@@ -221,9 +221,16 @@ func (a *Agent) Stop() {
 	a.cmd = nil
 }
 
-// HookEnv is what Nix must pass the hook so it finds this agentd.
+// HookEnv is what Nix must pass the hook so it finds this agentd (and
+// roots what it spools where this agentd keeps its GC roots).
 func (a *Agent) HookEnv() []string {
-	return []string{"NIXSPOOL_SOCKET=" + a.Socket, "NIXSPOOL_STATE_DIR=" + a.StateDir}
+	roots := "off"
+	for i, arg := range a.args {
+		if arg == "--gc-roots" && i+1 < len(a.args) {
+			roots = a.args[i+1]
+		}
+	}
+	return []string{"NIXSPOOL_SOCKET=" + a.Socket, "NIXSPOOL_STATE_DIR=" + a.StateDir, "NIXSPOOL_GC_ROOTS=" + roots}
 }
 
 // Status runs `agentctl status --json`.

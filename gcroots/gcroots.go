@@ -1,6 +1,17 @@
 // Package gcroots keeps queued store paths alive: while a path waits for
 // upload, a symlink to it in a directory under /nix/var/nix/gcroots/ makes it
 // a garbage-collector root, so `nix-collect-garbage` cannot delete it.
+//
+// Two programs write the directory: agentd roots every path it queues, and
+// the post-build hook roots the paths it spools while agentd is away (agentd
+// takes those roots over when it imports the spool). A root is named after
+// the store path's base name, so both agree on it and adding is idempotent.
+//
+// New roots are durable before Add returns (the symlink is renamed into
+// place and the directory fsynced): after a power loss a root must not be
+// missing for a path whose request was acknowledged or spooled. Removals are
+// not synced: a root that comes back after a crash only keeps a path alive
+// until agentd reconciles the directory at its next start.
 package gcroots
 
 import (
@@ -8,6 +19,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"time"
+
+	"github.com/nixspool/nixspool/atomicfile"
 )
 
 // DefaultDir is where agentd keeps its roots.
@@ -36,25 +50,51 @@ func (r *Roots) Enabled() bool { return r.dir != "" }
 // Dir is the roots directory ("" when disabled).
 func (r *Roots) Dir() string { return r.dir }
 
-// Add makes storePath a GC root. It is idempotent.
-func (r *Roots) Add(storePath string) error {
+// Add makes storePath a GC root, durably. It is idempotent.
+func (r *Roots) Add(storePath string) error { return r.AddAll([]string{storePath}) }
+
+// AddAll makes every path a GC root and syncs the directory once, if a root
+// was created.
+func (r *Roots) AddAll(paths []string) error {
 	if r.dir == "" {
 		return nil
 	}
-	link := filepath.Join(r.dir, filepath.Base(storePath))
-	if target, err := os.Readlink(link); err == nil && target == storePath {
+	created := false
+	for _, p := range paths {
+		made, err := r.link(p)
+		if err != nil {
+			return err
+		}
+		created = created || made
+	}
+	if !created {
 		return nil
 	}
-	tmp := link + ".tmp"
+	if err := atomicfile.SyncDir(r.dir); err != nil {
+		return fmt.Errorf("gc roots: sync %s: %w", r.dir, err)
+	}
+	return nil
+}
+
+// link creates the root symlink for storePath unless it exists, and
+// reports whether it created one.
+func (r *Roots) link(storePath string) (bool, error) {
+	link := filepath.Join(r.dir, filepath.Base(storePath))
+	if target, err := os.Readlink(link); err == nil && target == storePath {
+		return false, nil
+	}
+	// A per-process temp name: the hook and agentd may root the same path
+	// at the same time.
+	tmp := fmt.Sprintf("%s.tmp-%d", link, os.Getpid())
 	os.Remove(tmp)
 	if err := os.Symlink(storePath, tmp); err != nil {
-		return fmt.Errorf("gc root for %s: %w", storePath, err)
+		return false, fmt.Errorf("gc root for %s: %w", storePath, err)
 	}
 	if err := os.Rename(tmp, link); err != nil {
 		os.Remove(tmp)
-		return fmt.Errorf("gc root for %s: %w", storePath, err)
+		return false, fmt.Errorf("gc root for %s: %w", storePath, err)
 	}
-	return nil
+	return true, nil
 }
 
 // Remove drops the root for storePath; a missing root is not an error.
@@ -69,9 +109,11 @@ func (r *Roots) Remove(storePath string) error {
 	return nil
 }
 
-// Reconcile makes the directory hold exactly the roots for keep: it adds
-// missing ones (e.g. lost in a crash) and removes stale ones.
-func (r *Roots) Reconcile(keep []string) (added, removed int, err error) {
+// Reconcile makes the directory hold the roots for keep: it adds missing
+// ones (e.g. lost in a crash) and removes the others, except those created
+// less than spare ago: a hook may have just rooted paths for a request it is
+// about to spool.
+func (r *Roots) Reconcile(keep []string, spare time.Duration) (added, removed int, err error) {
 	if r.dir == "" {
 		return 0, 0, nil
 	}
@@ -84,20 +126,24 @@ func (r *Roots) Reconcile(keep []string) (added, removed int, err error) {
 		return 0, 0, err
 	}
 	for _, e := range ents {
-		if _, ok := want[e.Name()]; !ok {
-			if os.Remove(filepath.Join(r.dir, e.Name())) == nil {
-				removed++
-			}
-		}
-	}
-	for _, p := range want {
-		if _, err := os.Lstat(filepath.Join(r.dir, filepath.Base(p))); err == nil {
+		if _, ok := want[e.Name()]; ok {
 			continue
 		}
-		if err := r.Add(p); err != nil {
-			return added, removed, err
+		if fi, err := e.Info(); err != nil || time.Since(fi.ModTime()) < spare {
+			continue
 		}
-		added++
+		if os.Remove(filepath.Join(r.dir, e.Name())) == nil {
+			removed++
+		}
 	}
-	return added, removed, nil
+	var missing []string
+	for _, p := range want {
+		if _, err := os.Lstat(filepath.Join(r.dir, filepath.Base(p))); err != nil {
+			missing = append(missing, p)
+		}
+	}
+	if err := r.AddAll(missing); err != nil {
+		return 0, removed, err
+	}
+	return len(missing), removed, nil
 }

@@ -1,9 +1,13 @@
 package gcroots
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestRoots(t *testing.T) {
@@ -21,7 +25,7 @@ func TestRoots(t *testing.T) {
 	if got, _ := os.Readlink(filepath.Join(dir, filepath.Base(a))); got != a {
 		t.Fatalf("root points at %q", got)
 	}
-	added, removed, err := r.Reconcile([]string{b})
+	added, removed, err := r.Reconcile([]string{b}, 0)
 	if err != nil || added != 1 || removed != 1 {
 		t.Fatalf("Reconcile = %d, %d, %v", added, removed, err)
 	}
@@ -37,5 +41,49 @@ func TestRoots(t *testing.T) {
 	off, _ := New("")
 	if off.Enabled() || off.Add(a) != nil {
 		t.Fatal("disabled roots did something")
+	}
+}
+
+// TestReconcileSparesYoungRoots: a root made a moment ago (by a hook about
+// to spool its request) survives reconciliation; an old one does not.
+func TestReconcileSparesYoungRoots(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "roots")
+	r, _ := New(dir)
+	old, young := "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-old", "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-young"
+	if err := r.AddAll([]string{old, young}); err != nil {
+		t.Fatal(err)
+	}
+	hourAgo := time.Now().Add(-time.Hour)
+	if err := lchtimes(filepath.Join(dir, filepath.Base(old)), hourAgo); err != nil {
+		t.Fatal(err)
+	}
+	_, removed, err := r.Reconcile(nil, time.Minute)
+	if err != nil || removed != 1 {
+		t.Fatalf("Reconcile = %d removed, %v", removed, err)
+	}
+	if _, err := os.Lstat(filepath.Join(dir, filepath.Base(young))); err != nil {
+		t.Fatalf("young root removed: %v", err)
+	}
+	if _, err := os.Lstat(filepath.Join(dir, filepath.Base(old))); err == nil {
+		t.Fatal("old root kept")
+	}
+}
+
+func lchtimes(path string, t time.Time) error {
+	ts := []unix.Timespec{unix.NsecToTimespec(t.UnixNano()), unix.NsecToTimespec(t.UnixNano())}
+	return unix.UtimesNanoAt(unix.AT_FDCWD, path, ts, unix.AT_SYMLINK_NOFOLLOW)
+}
+
+// BenchmarkAdd roots one new path per operation (a symlink, a rename and
+// a directory fsync): what rooting adds to each hook's request.
+func BenchmarkAdd(b *testing.B) {
+	r, err := New(filepath.Join(b.TempDir(), "roots"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	for i := 0; b.Loop(); i++ {
+		if err := r.Add(fmt.Sprintf("/nix/store/%032d-p", i)); err != nil {
+			b.Fatal(err)
+		}
 	}
 }

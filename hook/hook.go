@@ -5,6 +5,12 @@
 // It must stay small and must never make a build fail (unless strict mode is
 // asked for): Nix blocks its build loop on the hook and fails the build when
 // the hook exits non-zero. It links neither bbolt nor an S3 client.
+//
+// Paths it spools are made garbage-collector roots first (in agentd's roots
+// directory, NIXSPOOL_GC_ROOTS), so that a collection before agentd imports
+// the spool cannot delete them; agentd removes the roots once the paths are
+// uploaded. Floating content-addressed outputs are not known to the hook and
+// cannot be rooted before agentd resolves them.
 package hook
 
 import (
@@ -18,8 +24,10 @@ import (
 	"time"
 
 	"github.com/nixspool/nixspool/drvhash"
+	"github.com/nixspool/nixspool/gcroots"
 	"github.com/nixspool/nixspool/protocol"
 	"github.com/nixspool/nixspool/spool"
+	"github.com/nixspool/nixspool/storepath"
 )
 
 // Defaults, overridden by the NIXSPOOL_* environment variables.
@@ -27,6 +35,7 @@ const (
 	DefaultSocket   = "/run/nixspool/agentd.sock"
 	DefaultStateDir = "/var/lib/nixspool"
 	DefaultTimeout  = 2 * time.Second
+	DefaultGCRoots  = gcroots.DefaultDir
 )
 
 // Config is what the hook reads from its environment.
@@ -37,6 +46,11 @@ type Config struct {
 	StateDir string
 	Timeout  time.Duration
 	Strict   bool
+	// GCRoots is agentd's GC roots directory, where spooled paths are
+	// rooted ("" when NIXSPOOL_GC_ROOTS=off).
+	GCRoots string
+	// Warnings are configuration problems that do not stop the hook.
+	Warnings []string
 }
 
 // ConfigFromEnv reads the hook's configuration from the environment.
@@ -48,6 +62,17 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 		StateDir: or(getenv("NIXSPOOL_STATE_DIR"), DefaultStateDir),
 		Timeout:  DefaultTimeout,
 		Strict:   getenv("NIXSPOOL_STRICT") == "1",
+		GCRoots:  DefaultGCRoots,
+	}
+	switch r := getenv("NIXSPOOL_GC_ROOTS"); {
+	case r == "":
+	case r == "off":
+		c.GCRoots = ""
+	case filepath.IsAbs(r):
+		c.GCRoots = filepath.Clean(r)
+	default:
+		c.GCRoots = ""
+		c.Warnings = append(c.Warnings, fmt.Sprintf("NIXSPOOL_GC_ROOTS=%q: want an absolute directory or \"off\"; spooled paths are not rooted", r))
 	}
 	if s := getenv("NIXSPOOL_TIMEOUT"); s != "" {
 		d, err := time.ParseDuration(s)
@@ -73,6 +98,9 @@ func Run(getenv func(string) string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "nixspool: %v\n", err)
 		return failStatus(cfg.Strict)
 	}
+	for _, w := range cfg.Warnings {
+		fmt.Fprintf(stderr, "nixspool: %s\n", w)
+	}
 	paths, floating, drvErr := Outputs(cfg.OutPaths, cfg.DrvPath)
 	if len(paths) == 0 && !floating {
 		if drvErr != nil {
@@ -91,13 +119,36 @@ func Run(getenv func(string) string, stderr io.Writer) int {
 	if err == nil {
 		err = errors.New(resp.Error)
 	}
+	// Root first: a spooled path is never without a root.
+	rooted := ""
+	if rerr := rootPaths(cfg.GCRoots, paths); rerr != nil {
+		rooted = fmt.Sprintf(" (NOT protected from garbage collection: %v)", rerr)
+	}
 	file, serr := spool.Write(filepath.Join(cfg.StateDir, "spool"), spool.Entry{Paths: paths, Drv: cfg.DrvPath, Floating: floating})
 	if serr != nil {
 		fmt.Fprintf(stderr, "nixspool: agentd did not take %d path(s) (%v) and spooling failed (%v); they are NOT queued\n", len(paths), err, serr)
 		return failStatus(cfg.Strict)
 	}
-	fmt.Fprintf(stderr, "nixspool: agentd did not take %d path(s) (%v); spooled to %s\n", len(paths), err, file)
+	fmt.Fprintf(stderr, "nixspool: agentd did not take %d path(s) (%v); spooled to %s%s\n", len(paths), err, file, rooted)
 	return failStatus(cfg.Strict)
+}
+
+// rootPaths makes the store paths among paths GC roots in dir ("": off).
+func rootPaths(dir string, paths []string) error {
+	var roots []string
+	for _, p := range paths {
+		if storepath.Check(storepath.DefaultStoreDir, p) == nil {
+			roots = append(roots, p)
+		}
+	}
+	if dir == "" || len(roots) == 0 {
+		return nil
+	}
+	r, err := gcroots.New(dir)
+	if err != nil {
+		return err
+	}
+	return r.AddAll(roots)
 }
 
 func failStatus(strict bool) int {

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/nixspool/nixspool/spool"
+	"github.com/nixspool/nixspool/storepath"
 )
 
 func envOf(m map[string]string) func(string) string {
@@ -118,5 +119,70 @@ func TestOutputsOfEveryDerivationKind(t *testing.T) {
 	}
 	if _, _, err := Outputs("", filepath.Join(dir, "missing.drv")); err == nil {
 		t.Error("no error for a missing derivation")
+	}
+}
+
+// aStorePath returns some path of the real Nix store (the hook only roots
+// store paths that exist), or skips.
+func aStorePath(t *testing.T) string {
+	t.Helper()
+	ents, _ := os.ReadDir(storepath.DefaultStoreDir)
+	for _, e := range ents {
+		p := filepath.Join(storepath.DefaultStoreDir, e.Name())
+		if storepath.Check(storepath.DefaultStoreDir, p) == nil {
+			return p
+		}
+	}
+	t.Skip("no Nix store here")
+	return ""
+}
+
+// TestRootsWhatItSpools: with agentd down, the spooled store paths are GC
+// roots in NIXSPOOL_GC_ROOTS (named as agentd names its roots), so that a
+// collection before agentd imports the spool cannot delete them.
+func TestRootsWhatItSpools(t *testing.T) {
+	dir := t.TempDir()
+	p := aStorePath(t)
+	roots := filepath.Join(dir, "gcroots", "nixspool")
+	env := map[string]string{
+		"OUT_PATHS":          p,
+		"NIXSPOOL_SOCKET":    filepath.Join(dir, "none.sock"),
+		"NIXSPOOL_STATE_DIR": dir,
+		"NIXSPOOL_TIMEOUT":   "300ms",
+		"NIXSPOOL_GC_ROOTS":  roots,
+	}
+	var stderr bytes.Buffer
+	if code := Run(envOf(env), &stderr); code != 0 || !strings.Contains(stderr.String(), "spooled to") || strings.Count(stderr.String(), "\n") != 1 {
+		t.Fatalf("exit %d, stderr %q", code, stderr.String())
+	}
+	if got, err := os.Readlink(filepath.Join(roots, filepath.Base(p))); err != nil || got != p {
+		t.Fatalf("root = %q, %v; want a symlink to %s", got, err, p)
+	}
+
+	off := t.TempDir()
+	env["NIXSPOOL_STATE_DIR"], env["NIXSPOOL_GC_ROOTS"] = off, "off"
+	stderr.Reset()
+	if code := Run(envOf(env), &stderr); code != 0 {
+		t.Fatalf("exit %d, stderr %q", code, stderr.String())
+	}
+	if ents, _ := os.ReadDir(roots); len(ents) != 1 {
+		t.Fatalf("NIXSPOOL_GC_ROOTS=off made roots: %v", ents)
+	}
+}
+
+func TestGCRootsConfig(t *testing.T) {
+	for _, c := range []struct {
+		env, want string
+		warn      bool
+	}{
+		{"", DefaultGCRoots, false},
+		{"off", "", false},
+		{"/nix/var/nix/gcroots/other/", "/nix/var/nix/gcroots/other", false},
+		{"relative/dir", "", true},
+	} {
+		cfg, err := ConfigFromEnv(envOf(map[string]string{"NIXSPOOL_GC_ROOTS": c.env}))
+		if err != nil || cfg.GCRoots != c.want || (len(cfg.Warnings) > 0) != c.warn {
+			t.Errorf("NIXSPOOL_GC_ROOTS=%q: roots %q, warnings %v, err %v; want %q", c.env, cfg.GCRoots, cfg.Warnings, err, c.want)
+		}
 	}
 }

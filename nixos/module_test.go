@@ -120,6 +120,7 @@ func TestModuleTypicalConfiguration(t *testing.T) {
 		t.Errorf("socketConfig = %v", sock)
 	}
 	if !strings.Contains(r.HookText, "NIXSPOOL_SOCKET=/run/nixspool/agentd.sock") || !strings.Contains(r.HookText, "/bin/nixspool-hook") ||
+		!strings.Contains(r.HookText, "NIXSPOOL_GC_ROOTS=/nix/var/nix/gcroots/nixspool") ||
 		!strings.Contains(r.HookText, "timeout --kill-after=5 5s /run/current-system/sw/bin/notify-build") || !strings.HasSuffix(strings.TrimSpace(r.HookText), "exit 0") {
 		t.Errorf("post-build hook script:\n%s", r.HookText)
 	}

@@ -171,8 +171,18 @@ type Status struct {
 	KnownPresent int `json:"known_present"`
 	// RequestWindow is the adaptive limit of requests in flight to the
 	// bucket; RequestsInFlight how many are.
-	RequestWindow    int `json:"request_window"`
-	RequestsInFlight int `json:"requests_in_flight"`
+	RequestWindow    int     `json:"request_window"`
+	RequestsInFlight int     `json:"requests_in_flight"`
+	Spooled          Spooled `json:"spooled"`
+}
+
+// Spooled counts the requests waiting in the spool directory: hooks that
+// could not hand their paths to agentd spooled them, and agentd imports them
+// every spool interval. They are not jobs yet.
+type Spooled struct {
+	Files    int   `json:"files"`
+	Paths    int   `json:"paths"`
+	OldestAt int64 `json:"oldest_at"` // unix seconds the oldest was spooled; 0 when none
 }
 
 // ErrTooLarge is returned by ReadRequest for a request over MaxRequestSize.
@@ -285,6 +295,9 @@ func Summary(s *Status) string {
 	fmt.Fprintf(&b, "%d pending, %d uploading, %d retrying, %d failed; %d uploaded", s.Pending, s.Uploading, s.Retrying, s.Failed, s.Uploaded)
 	if s.RatePathsPerSecond > 0 {
 		fmt.Fprintf(&b, " (%.1f paths/s, %.1f MB/s)", s.RatePathsPerSecond, s.RateNARBytesPerSec/1e6)
+	}
+	if s.Spooled.Files > 0 {
+		fmt.Fprintf(&b, "; %d spooled request(s) not imported yet", s.Spooled.Files)
 	}
 	if s.CacheReachable != nil && !*s.CacheReachable {
 		b.WriteString("; cache unreachable")

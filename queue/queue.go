@@ -26,6 +26,13 @@
 // was being uploaded to the queue without any recovery step, and taking a
 // job costs no fsync: a job's life is two durable commits (enqueue and
 // outcome), not three.
+//
+// Acknowledged means durable, also for the shortcut that answers a request
+// whose paths are all queued already from a read transaction: bbolt lets a
+// reader see a commit as soon as its meta page is written, before that page
+// is fsynced, so the shortcut answers only when the transaction it read is
+// one the committer has seen complete (it waits for the commit in flight
+// otherwise).
 package queue
 
 import (
@@ -113,6 +120,24 @@ type Queue struct {
 
 	mu     sync.Mutex
 	leased map[uint64]Job // in-memory leases
+	// dropped holds jobs dropped while leased: the worker's outcome for
+	// them is accepted quietly (there is nothing left to record).
+	dropped map[uint64]struct{}
+
+	// durable is the id of the last transaction known to be on disk,
+	// attempted the id of the last one whose commit has finished, with or
+	// without success; durableCh is closed (and replaced) after every
+	// commit attempt.
+	durableMu sync.Mutex
+	durable   int
+	attempted int
+	durableCh chan struct{}
+
+	// Test hooks: afterWrite runs after a commit is written and before it
+	// is recorded as durable; waitingDurable runs when the already-queued
+	// shortcut waits for a commit in flight.
+	afterWrite     func()
+	waitingDurable func()
 }
 
 type op struct {
@@ -144,6 +169,9 @@ func Open(path string) (*Queue, error) {
 		done:   make(chan struct{}),
 		wake:   make(chan struct{}, 1),
 		leased: map[uint64]Job{},
+
+		dropped:   map[uint64]struct{}{},
+		durableCh: make(chan struct{}),
 	}
 	if err := db.Update(func(tx *bolt.Tx) error {
 		for _, b := range allBkts {
@@ -160,6 +188,8 @@ func Open(path string) (*Queue, error) {
 		db.Close()
 		return nil, fmt.Errorf("open queue %s: %w", path, err)
 	}
+	// What is in the file at open counts as durable.
+	db.View(func(tx *bolt.Tx) error { q.durable, q.attempted = tx.ID(), tx.ID(); return nil })
 	go q.commitLoop()
 	return q, nil
 }
@@ -262,7 +292,9 @@ type opFailed struct {
 func (e *opFailed) Error() string { return e.err.Error() }
 
 func (q *Queue) commit(batch []*op) {
+	var txid int
 	err := q.db.Update(func(tx *bolt.Tx) error {
+		txid = tx.ID()
 		for i, o := range batch {
 			if err := o.fn(tx); err != nil {
 				return &opFailed{i: i, err: err}
@@ -270,6 +302,10 @@ func (q *Queue) commit(batch []*op) {
 		}
 		return nil
 	})
+	if q.afterWrite != nil {
+		q.afterWrite()
+	}
+	q.committed(txid, err == nil)
 	var failed *opFailed
 	switch {
 	case err == nil:
@@ -293,18 +329,66 @@ func (q *Queue) commit(batch []*op) {
 	}
 }
 
+// committed records the outcome of the commit of transaction txid and
+// wakes whoever waits for one.
+func (q *Queue) committed(txid int, ok bool) {
+	q.durableMu.Lock()
+	defer q.durableMu.Unlock()
+	if ok && txid > q.durable {
+		q.durable = txid
+	}
+	q.attempted = max(q.attempted, txid)
+	close(q.durableCh)
+	q.durableCh = make(chan struct{})
+}
+
+// waitDurable reports whether transaction txid, which a reader saw, is on
+// disk, waiting for the commit in flight if it is not known to be yet. The
+// transaction a reader sees is the last one whose meta page was written:
+// either its commit has finished, or it is the one in flight, so one commit
+// outcome settles it. False means that commit failed (after writing its
+// meta page, so that readers saw it); the caller then commits itself.
+func (q *Queue) waitDurable(txid int) bool {
+	q.durableMu.Lock()
+	if q.durable >= txid || q.attempted >= txid {
+		ok := q.durable >= txid
+		q.durableMu.Unlock()
+		return ok
+	}
+	ch := q.durableCh
+	q.durableMu.Unlock()
+	if q.waitingDurable != nil {
+		q.waitingDurable()
+	}
+	select {
+	case <-ch:
+	case <-q.stop:
+		return false
+	}
+	q.durableMu.Lock()
+	defer q.durableMu.Unlock()
+	return q.durable >= txid
+}
+
 // EnqueueResult is the job for one enqueued path and whether it was new.
 type EnqueueResult struct {
 	Job Job
 	New bool
+	// Requeued is set when the path's job was in the dead letter and this
+	// request made it ready again.
+	Requeued bool
 }
 
 // Enqueue adds a ready job for every path not already queued and returns
-// the job for each path (the existing one for a path already queued). It
+// the job for each path (the existing one for a path already queued). A
+// path whose job failed is ready again, with its attempts reset (as after
+// Retry; its last error is kept until it is uploaded): a new request for
+// it, typically after it was built again, means it should be uploaded. It
 // returns only after the jobs are durably committed.
 func (q *Queue) Enqueue(paths []string, drv string, now time.Time) ([]EnqueueResult, error) {
-	// Paths that are all queued already are durable already: answer from a
-	// read transaction, without a commit (and its two fsyncs).
+	// Paths that are all queued (and not failed) already are durable
+	// already: answer from a read transaction, without a commit (and its
+	// two fsyncs).
 	if res, ok := q.lookupAll(paths); ok {
 		return res, nil
 	}
@@ -317,7 +401,24 @@ func (q *Queue) Enqueue(paths []string, drv string, now time.Time) ([]EnqueueRes
 				if err != nil {
 					return err
 				}
-				res = append(res, EnqueueResult{Job: *j})
+				if j.State != StateFailed {
+					res = append(res, EnqueueResult{Job: *j})
+					continue
+				}
+				if err := leaveState(tx, j); err != nil {
+					return err
+				}
+				j.State, j.Attempts, j.NotBefore = StateReady, 0, now.UTC()
+				if drv != "" {
+					j.Drv = drv
+				}
+				if err := putJob(tx, j); err != nil {
+					return err
+				}
+				if err := enterState(tx, j); err != nil {
+					return err
+				}
+				res = append(res, EnqueueResult{Job: *j, Requeued: true})
 				continue
 			}
 			id, err := tx.Bucket(bktJobs).NextSequence()
@@ -344,11 +445,14 @@ func (q *Queue) Enqueue(paths []string, drv string, now time.Time) ([]EnqueueRes
 	return res, nil
 }
 
-// lookupAll returns the jobs of paths if every one of them is queued.
+// lookupAll returns the jobs of paths if every one of them is queued, in a
+// state Enqueue would not change (not failed), by a durable commit.
 func (q *Queue) lookupAll(paths []string) ([]EnqueueResult, bool) {
 	var res []EnqueueResult
 	ok := true
+	var txid int
 	q.db.View(func(tx *bolt.Tx) error {
+		txid = tx.ID()
 		for _, p := range paths {
 			idb := tx.Bucket(bktPaths).Get([]byte(p))
 			if idb == nil {
@@ -356,7 +460,7 @@ func (q *Queue) lookupAll(paths []string) ([]EnqueueResult, bool) {
 				return nil
 			}
 			j, err := getJob(tx, binary.BigEndian.Uint64(idb))
-			if err != nil {
+			if err != nil || j.State == StateFailed {
 				ok = false
 				return nil
 			}
@@ -364,7 +468,11 @@ func (q *Queue) lookupAll(paths []string) ([]EnqueueResult, bool) {
 		}
 		return nil
 	})
-	return res, ok && len(res) > 0
+	if !ok || len(res) == 0 {
+		return nil, false
+	}
+	// The jobs may come from a commit whose fsync has not finished.
+	return res, q.waitDurable(txid)
 }
 
 // Lease hands out the first ready job that is due at now and not already
@@ -415,6 +523,18 @@ func (q *Queue) isLeased(id uint64) bool {
 	return ok
 }
 
+// IsLeased reports whether job id is leased now (false once it was dropped).
+func (q *Queue) IsLeased(id uint64) bool { return q.isLeased(id) }
+
+// wasDropped reports (once) whether job id was dropped while it was leased.
+func (q *Queue) wasDropped(id uint64) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	_, ok := q.dropped[id]
+	delete(q.dropped, id)
+	return ok
+}
+
 // NextDue returns when the earliest ready job becomes due; ok is false when
 // no job is ready.
 func (q *Queue) NextDue() (due time.Time, ok bool, err error) {
@@ -458,8 +578,12 @@ func (q *Queue) Ack(id uint64, t Totals) error {
 // checked again, and found present, after the restart.
 func (q *Queue) AckAsync(id uint64, t Totals, after func(error)) {
 	if !q.isLeased(id) {
+		var err error
+		if !q.wasDropped(id) {
+			err = fmt.Errorf("job %d is not leased: %w", id, ErrState)
+		}
 		if after != nil {
-			after(fmt.Errorf("job %d is not leased: %w", id, ErrState))
+			after(err)
 		}
 		return
 	}
@@ -516,9 +640,13 @@ func (q *Queue) Fail(id uint64, reason string, now time.Time) error {
 }
 
 // Release ends a lease without an outcome (agentd is shutting down during
-// the upload): the job is ready again, with nothing to commit.
+// the upload, or the job was dropped): the job is ready again, with nothing
+// to commit.
 func (q *Queue) Release(id uint64) error {
 	if !q.isLeased(id) {
+		if q.wasDropped(id) {
+			return nil
+		}
 		return fmt.Errorf("job %d is not leased: %w", id, ErrState)
 	}
 	q.unlease(id)
@@ -567,7 +695,9 @@ func (q *Queue) RetryAll(now time.Time) (int, error) {
 	return n, err
 }
 
-// Drop removes a job in any state and returns it.
+// Drop removes a job in any state and returns it. A job dropped while it
+// is leased is no longer leased; the outcome its worker reports later (Ack,
+// RetryLater, Fail, Release) is accepted without error and changes nothing.
 func (q *Queue) Drop(id uint64) (*Job, error) {
 	var dropped *Job
 	err := q.update(func(tx *bolt.Tx) error {
@@ -579,7 +709,13 @@ func (q *Queue) Drop(id uint64) (*Job, error) {
 		return removeJob(tx, j)
 	})
 	if err == nil {
-		q.unlease(id)
+		q.mu.Lock()
+		if _, ok := q.leased[id]; ok {
+			delete(q.leased, id)
+			q.dropped[id] = struct{}{}
+			dropped.State = StateLeased
+		}
+		q.mu.Unlock()
 	}
 	return dropped, err
 }
@@ -588,6 +724,9 @@ func (q *Queue) transition(id uint64, from State, change func(*Job), reason stri
 	diskFrom := from
 	if from == StateLeased {
 		if !q.isLeased(id) {
+			if q.wasDropped(id) {
+				return nil
+			}
 			return fmt.Errorf("job %d is not leased: %w", id, ErrState)
 		}
 		defer q.unlease(id)

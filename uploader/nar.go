@@ -54,7 +54,9 @@ func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*nar
 	// the NAR is being read.
 	u.progress.Store(info.Path, &Progress{Path: info.Path, Total: int64(info.NarSize)})
 	defer u.progress.Delete(info.Path)
-	if info.NarSize < smallNAR {
+	mp, multipart := u.opt.Bucket.(bucket.Multipart)
+	resumable := multipart && u.opt.Resume != nil && info.NarSize >= uint64(u.opt.ResumeAbove)
+	if info.NarSize < smallNAR && !resumable {
 		return u.uploadSmallNAR(ctx, info)
 	}
 	// Large NARs are CPU-bound (compression on both cores) and keep a temp
@@ -65,7 +67,7 @@ func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*nar
 		return nil, 0, nil, ctx.Err()
 	}
 	defer func() { <-u.largeSlots }()
-	if mp, ok := u.opt.Bucket.(bucket.Multipart); ok && u.opt.Resume != nil && info.NarSize >= uint64(u.opt.ResumeAbove) {
+	if resumable {
 		ni, sent, err := u.uploadResumable(ctx, info, mp)
 		if err != nil {
 			return nil, 0, nil, err
@@ -93,7 +95,7 @@ func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*nar
 	// content, same key) saves far more than the round trip. The narinfo
 	// then relies on that existing object.
 	if u.objectExists(ctx, key, size) {
-		ni, _, err := u.finishNAR(ctx, info, key, fileSum, size, listing, 0)
+		ni, _, err := u.finishNAR(ctx, info, key, u.comp.method, fileSum, size, listing, 0)
 		return ni, 0, []string{key}, err
 	}
 	if _, err := tmp.Seek(0, io.SeekStart); err != nil {
@@ -102,7 +104,7 @@ func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*nar
 	if _, err := u.opt.Bucket.Put(ctx, key, tmp, size, bucket.PutOptions{ContentType: "application/x-nix-nar"}); err != nil {
 		return nil, 0, nil, err
 	}
-	ni, sent, err := u.finishNAR(ctx, info, key, fileSum, size, listing, uint64(size))
+	ni, sent, err := u.finishNAR(ctx, info, key, u.comp.method, fileSum, size, listing, uint64(size))
 	return ni, sent, nil, err
 }
 
@@ -132,7 +134,7 @@ func (u *Uploader) uploadSmallNAR(ctx context.Context, info *nixstore.PathInfo) 
 	if _, err := u.opt.Bucket.Put(ctx, key, buf, size, bucket.PutOptions{ContentType: "application/x-nix-nar"}); err != nil {
 		return nil, 0, nil, err
 	}
-	ni, sent, err := u.finishNAR(ctx, info, key, fileSum, size, listing, uint64(size))
+	ni, sent, err := u.finishNAR(ctx, info, key, u.comp.method, fileSum, size, listing, uint64(size))
 	return ni, sent, nil, err
 }
 
@@ -149,14 +151,15 @@ func (u *Uploader) objectExists(ctx context.Context, key string, size int64) boo
 	return u.opt.Guard == nil || !u.opt.Guard.Doomed(key)
 }
 
-// finishNAR uploads the listing (if any) and builds the narinfo.
-func (u *Uploader) finishNAR(ctx context.Context, info *nixstore.PathInfo, key string, fileSum []byte, size int64, listing *nar.Listing, sent uint64) (*narinfo.NarInfo, uint64, error) {
+// finishNAR uploads the listing (if any) and builds the narinfo of the NAR
+// file uploaded at key, compressed with compression.
+func (u *Uploader) finishNAR(ctx context.Context, info *nixstore.PathInfo, key, compression string, fileSum []byte, size int64, listing *nar.Listing, sent uint64) (*narinfo.NarInfo, uint64, error) {
 	if listing != nil {
 		if err := u.putListing(ctx, info.Path, listing); err != nil {
 			return nil, 0, err
 		}
 	}
-	ni, err := u.makeNarinfo(info, key, fileSum, uint64(size), u.comp.method)
+	ni, err := u.makeNarinfo(info, key, compression, fileSum, uint64(size))
 	if err != nil {
 		return nil, 0, err
 	}
@@ -252,9 +255,10 @@ func (u *Uploader) putListing(ctx context.Context, p string, listing *nar.Listin
 
 // makeNarinfo builds the narinfo: Nix's field order (go-nix renders it),
 // references sorted as base names, our signatures plus the ones the path
-// already carries from other keys. compression is the method of the file
-// at url as it was actually uploaded.
-func (u *Uploader) makeNarinfo(info *nixstore.PathInfo, url string, fileSum []byte, fileSize uint64, compression string) (*narinfo.NarInfo, error) {
+// already carries from other keys. url, compression, fileSum and fileSize
+// describe the NAR file actually uploaded (a resumed upload's file may
+// predate the cache's configuration).
+func (u *Uploader) makeNarinfo(info *nixstore.PathInfo, url, compression string, fileSum []byte, fileSize uint64) (*narinfo.NarInfo, error) {
 	ni := &narinfo.NarInfo{
 		StorePath:   info.Path,
 		URL:         url,

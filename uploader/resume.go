@@ -29,13 +29,37 @@ import (
 // NAR stays in the temp dir, the multipart upload and its completed parts
 // stay on the server, and this record (in the queue database) ties them to
 // the store path.
+//
+// It also binds everything the narinfo is built from besides the path's
+// metadata: the compression of the kept file and the NAR it holds (NarHash,
+// NarSize). A record that does not match the cache's compression or the
+// path's current NAR (the operator changed compression=; the path was
+// collected and built again with other contents) is discarded and the
+// upload starts over, so a narinfo never contradicts its NAR. Records
+// written before these fields existed do not match either.
 type resumeRecord struct {
-	Key      string `json:"key"`
-	UploadID string `json:"upload_id"`
-	File     string `json:"file"`
-	FileSize int64  `json:"file_size"`
-	FileHash string `json:"file_hash"` // nix32 SHA-256 of the compressed NAR
-	PartSize int64  `json:"part_size"`
+	Key         string `json:"key"`
+	UploadID    string `json:"upload_id"`
+	File        string `json:"file"`
+	FileSize    int64  `json:"file_size"`
+	FileHash    string `json:"file_hash"` // nix32 SHA-256 of the compressed NAR
+	PartSize    int64  `json:"part_size"`
+	Compression string `json:"compression"`
+	NarHash     string `json:"nar_hash"` // nix32 SHA-256 of the NAR the file holds
+	NarSize     uint64 `json:"nar_size"`
+}
+
+// mismatch says why rec cannot be resumed for info with the current
+// configuration ("" if it can).
+func (u *Uploader) mismatch(rec *resumeRecord, info *nixstore.PathInfo) string {
+	switch {
+	case rec.Compression != u.comp.method:
+		return fmt.Sprintf("kept NAR is compressed with %q, the cache wants %q", rec.Compression, u.comp.method)
+	case rec.NarHash != nixbase32.EncodeToString(info.NarHash) || rec.NarSize != info.NarSize:
+		return fmt.Sprintf("kept NAR is sha256:%s (%d bytes), the store path now has sha256:%s (%d bytes)",
+			rec.NarHash, rec.NarSize, nixbase32.EncodeToString(info.NarHash), info.NarSize)
+	}
+	return ""
 }
 
 const partialSuffix = ".partial"
@@ -56,7 +80,7 @@ func (u *Uploader) uploadResumable(ctx context.Context, info *nixstore.PathInfo,
 	if u.objectExists(ctx, rec.Key, rec.FileSize) {
 		// The upload completed, but the record outlived it.
 		u.discardRecord(ctx, info.Path, rec, mp, false)
-		return u.finishNAR(ctx, info, rec.Key, fileSum, rec.FileSize, listing, 0)
+		return u.finishNAR(ctx, info, rec.Key, rec.Compression, fileSum, rec.FileSize, listing, 0)
 	}
 	sent, err := u.sendParts(ctx, info.Path, rec, mp)
 	if err != nil {
@@ -66,7 +90,7 @@ func (u *Uploader) uploadResumable(ctx context.Context, info *nixstore.PathInfo,
 		return nil, 0, err
 	}
 	u.discardRecord(ctx, info.Path, rec, mp, false)
-	return u.finishNAR(ctx, info, rec.Key, fileSum, rec.FileSize, listing, sent)
+	return u.finishNAR(ctx, info, rec.Key, rec.Compression, fileSum, rec.FileSize, listing, sent)
 }
 
 // resumeOrPrepare returns the resume record of info.Path, creating it (by
@@ -75,6 +99,9 @@ func (u *Uploader) uploadResumable(ctx context.Context, info *nixstore.PathInfo,
 func (u *Uploader) resumeOrPrepare(ctx context.Context, info *nixstore.PathInfo, mp bucket.Multipart) (*resumeRecord, *nar.Listing, error) {
 	if rec := u.loadRecord(info.Path); rec != nil {
 		err := u.checkPartial(rec)
+		if why := u.mismatch(rec, info); why != "" {
+			err = errors.New(why)
+		}
 		if err == nil {
 			var listing *nar.Listing
 			if u.opt.Cache.WriteNARListing {
@@ -110,13 +137,14 @@ func (u *Uploader) resumeOrPrepare(ctx context.Context, info *nixstore.PathInfo,
 	key := u.narKey(fileSum)
 	if u.objectExists(ctx, key, size) {
 		// Already uploaded (same content): nothing to resume.
-		return &resumeRecord{Key: key, FileSize: size, FileHash: nixbase32.EncodeToString(fileSum)}, listing, nil
+		return &resumeRecord{Key: key, FileSize: size, FileHash: nixbase32.EncodeToString(fileSum), Compression: u.comp.method}, listing, nil
 	}
 	id, err := mp.StartMultipart(ctx, key, bucket.PutOptions{ContentType: "application/x-nix-nar"})
 	if err != nil {
 		return nil, nil, err
 	}
-	rec := &resumeRecord{Key: key, UploadID: id, File: file, FileSize: size, FileHash: nixbase32.EncodeToString(fileSum), PartSize: int64(narPartSize(mp, size))}
+	rec := &resumeRecord{Key: key, UploadID: id, File: file, FileSize: size, FileHash: nixbase32.EncodeToString(fileSum), PartSize: int64(narPartSize(mp, size)),
+		Compression: u.comp.method, NarHash: nixbase32.EncodeToString(info.NarHash), NarSize: info.NarSize}
 	data, _ := json.Marshal(rec)
 	if err := u.opt.Resume.SaveUpload(info.Path, data); err != nil {
 		mp.AbortMultipart(context.WithoutCancel(ctx), key, id)

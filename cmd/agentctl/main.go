@@ -297,6 +297,9 @@ func cmdDrop(c *client, args []string, out io.Writer) error {
 // (uploaded) or failed. Job ids grow with time, so "queued when it started"
 // is "id up to the newest id then", and the oldest pending id tells when
 // they are all done: two counters per poll, whatever the queue's size.
+// Requests hooks spooled before the call (agentd was unreachable) are not
+// jobs yet: wait first waits until they are imported, and then for the jobs
+// they became too.
 // Exit status: 0 all uploaded, 1 some are in the dead letter (failed now or
 // earlier and not yet retried or dropped), 3 timeout.
 func cmdWait(c *client, args []string, out io.Writer) error {
@@ -305,6 +308,7 @@ func cmdWait(c *client, args []string, out io.Writer) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	started := time.Now()
 	resp, err := c.call(&protocol.Request{Op: protocol.OpStatus})
 	if err != nil {
 		return err
@@ -312,15 +316,31 @@ func cmdWait(c *client, args []string, out io.Writer) error {
 	last := resp.Status.NewestJob
 	var deadline time.Time
 	if *timeout > 0 {
-		deadline = time.Now().Add(*timeout)
+		deadline = started.Add(*timeout)
 	}
+	importing := false
 	for {
 		s := resp.Status
-		if s.OldestPendingJob == 0 || s.OldestPendingJob > last {
+		// Spooled before the call (to the second; a later one may be
+		// waited for too, which is harmless).
+		spooled := s.Spooled.Files > 0 && s.Spooled.OldestAt <= started.Unix()
+		if spooled {
+			importing = true
+		} else if importing {
+			// Everything spooled before the call is imported now: its
+			// jobs are at most the newest one.
+			last = max(last, s.NewestJob)
+			importing = false
+		}
+		if !spooled && (s.OldestPendingJob == 0 || s.OldestPendingJob > last) {
 			break
 		}
 		if !deadline.IsZero() && time.Now().After(deadline) {
-			return &exitError{code: 3, msg: fmt.Sprintf("timed out: %d job(s) still queued (%d retrying)", s.Pending+s.Uploading+s.Retrying, s.Retrying)}
+			msg := fmt.Sprintf("timed out: %d job(s) still queued (%d retrying)", s.Pending+s.Uploading+s.Retrying, s.Retrying)
+			if spooled {
+				msg += fmt.Sprintf(", %d spooled request(s) (%d paths) not imported yet", s.Spooled.Files, s.Spooled.Paths)
+			}
+			return &exitError{code: 3, msg: msg}
 		}
 		time.Sleep(200 * time.Millisecond)
 		if resp, err = c.call(&protocol.Request{Op: protocol.OpStatus}); err != nil {

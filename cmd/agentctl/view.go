@@ -28,6 +28,9 @@ func renderStatus(out io.Writer, s *protocol.Status) error {
 	fmt.Fprintf(w, "agentd\t%s, up %s\n", s.Version, (time.Duration(s.UptimeSeconds) * time.Second).String())
 	fmt.Fprintf(w, "cache\t%s (%s)\n", s.Cache, reach)
 	fmt.Fprintf(w, "queue\t%d pending, %d uploading, %d retrying, %d failed\n", s.Pending, s.Uploading, s.Retrying, s.Failed)
+	if s.Spooled.Files > 0 {
+		fmt.Fprintf(w, "spooled\t%d request(s), %d paths, not queued yet (agentd imports the spool periodically)\n", s.Spooled.Files, s.Spooled.Paths)
+	}
 	if s.OldestPendingSeconds > 0 {
 		fmt.Fprintf(w, "oldest pending\t%s\n", (time.Duration(s.OldestPendingSeconds) * time.Second).String())
 	}

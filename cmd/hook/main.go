@@ -5,7 +5,9 @@
 // Environment: NIXSPOOL_SOCKET (default /run/nixspool/agentd.sock),
 // NIXSPOOL_STATE_DIR (default /var/lib/nixspool; spool/ below it),
 // NIXSPOOL_TIMEOUT (default 2s), NIXSPOOL_STRICT=1 (fail the build when the
-// paths could not be handed to agentd).
+// paths could not be handed to agentd), NIXSPOOL_GC_ROOTS (agentd's GC roots
+// directory, where spooled paths are rooted; default
+// /nix/var/nix/gcroots/nixspool, "off" to disable).
 package main
 
 import (

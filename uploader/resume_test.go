@@ -1,0 +1,364 @@
+package uploader
+
+import (
+	"bytes"
+	"context"
+	"crypto/md5"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/klauspost/compress/zstd"
+	"github.com/nix-community/go-nix/pkg/narinfo/signature"
+
+	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cacheurl"
+	"github.com/nixspool/nixspool/nar"
+)
+
+// memResume is an in-memory ResumeStore.
+type memResume struct {
+	mu   sync.Mutex
+	recs map[string][]byte
+}
+
+func (m *memResume) SaveUpload(p string, rec []byte) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.recs == nil {
+		m.recs = map[string][]byte{}
+	}
+	m.recs[p] = bytes.Clone(rec)
+	return nil
+}
+
+func (m *memResume) LoadUpload(p string) ([]byte, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return bytes.Clone(m.recs[p]), nil
+}
+
+func (m *memResume) DeleteUpload(p string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.recs, p)
+	return nil
+}
+
+func (m *memResume) Uploads() (map[string][]byte, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := map[string][]byte{}
+	for k, v := range m.recs {
+		out[k] = bytes.Clone(v)
+	}
+	return out, nil
+}
+
+// fakeMultipart adds multipart uploads to a bucket, as a bucket under a key
+// prefix sees them (keys relative to the prefix, like bucket/s3): it keeps
+// uploads by full key and records which ones were aborted. failParts makes
+// PutPart fail with a transient error.
+type fakeMultipart struct {
+	bucket.Bucket
+	prefix string
+
+	mu        sync.Mutex
+	next      int
+	uploads   map[string]*fakeUpload // upload id → upload
+	aborted   []string               // full keys
+	failParts bool
+}
+
+type fakeUpload struct {
+	key       string // full key
+	initiated time.Time
+	parts     map[int][]byte
+}
+
+func (f *fakeMultipart) StartMultipart(_ context.Context, key string, _ bucket.PutOptions) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.next++
+	id := fmt.Sprintf("upload-%d", f.next)
+	if f.uploads == nil {
+		f.uploads = map[string]*fakeUpload{}
+	}
+	f.uploads[id] = &fakeUpload{key: f.prefix + key, initiated: time.Now(), parts: map[int][]byte{}}
+	return id, nil
+}
+
+func (f *fakeMultipart) upload(key, id string) (*fakeUpload, error) {
+	up := f.uploads[id]
+	if up == nil || up.key != f.prefix+key {
+		return nil, fmt.Errorf("upload %s of %s: %w", id, key, bucket.ErrNotExist)
+	}
+	return up, nil
+}
+
+func (f *fakeMultipart) ListParts(_ context.Context, key, id string) ([]bucket.Part, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	up, err := f.upload(key, id)
+	if err != nil {
+		return nil, err
+	}
+	var out []bucket.Part
+	for n, b := range up.parts {
+		out = append(out, bucket.Part{Number: n, Size: int64(len(b)), ETag: fmt.Sprintf("%x", md5sum(b))})
+	}
+	return out, nil
+}
+
+func (f *fakeMultipart) PutPart(_ context.Context, key, id string, n int, r io.Reader, size int64, _ []byte) (bucket.Part, error) {
+	b, err := io.ReadAll(r)
+	if err != nil {
+		return bucket.Part{}, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.failParts {
+		return bucket.Part{}, errors.New("connection reset by peer (injected)")
+	}
+	up, err := f.upload(key, id)
+	if err != nil {
+		return bucket.Part{}, err
+	}
+	up.parts[n] = b
+	return bucket.Part{Number: n, Size: int64(len(b)), ETag: fmt.Sprintf("%x", md5sum(b))}, nil
+}
+
+func (f *fakeMultipart) CompleteMultipart(ctx context.Context, key, id string, parts []bucket.Part) error {
+	f.mu.Lock()
+	up, err := f.upload(key, id)
+	var body []byte
+	if err == nil {
+		for _, p := range parts {
+			body = append(body, up.parts[p.Number]...)
+		}
+		delete(f.uploads, id)
+	}
+	f.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	_, err = f.Bucket.Put(ctx, key, bytes.NewReader(body), int64(len(body)), bucket.PutOptions{})
+	return err
+}
+
+func (f *fakeMultipart) AbortMultipart(_ context.Context, key, id string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	up, err := f.upload(key, id)
+	if err != nil {
+		return err
+	}
+	delete(f.uploads, id)
+	f.aborted = append(f.aborted, up.key)
+	return nil
+}
+
+func (f *fakeMultipart) ListUploads(_ context.Context, prefix string) ([]bucket.Upload, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []bucket.Upload
+	for id, up := range f.uploads {
+		if strings.HasPrefix(up.key, f.prefix+prefix) {
+			out = append(out, bucket.Upload{Key: strings.TrimPrefix(up.key, f.prefix), UploadID: id, Initiated: up.initiated})
+		}
+	}
+	return out, nil
+}
+
+func md5sum(b []byte) []byte {
+	s := md5.Sum(b)
+	return s[:]
+}
+
+func (f *fakeMultipart) abortedKeys() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.aborted)
+}
+
+// resumableUploader is an uploader of f's paths that uploads every NAR as a
+// resumable multipart upload, with the given compression.
+func (f *fixture) resumableUploader(t *testing.T, mp *fakeMultipart, rs ResumeStore, compression string) *Uploader {
+	t.Helper()
+	c, err := cacheurl.Parse("file://" + filepath.Join(f.dir, "cache") + "?compression=" + compression)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, err := New(Options{Bucket: mp, Cache: c, Store: f.store, Keys: []signature.SecretKey{f.key},
+		TempDir: filepath.Join(f.dir, "tmp"), Resume: rs, ResumeAbove: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return u
+}
+
+// checkNAR checks that p0's narinfo describes the object it names: its
+// Compression, and the NAR the object decompresses to (NarHash, NarSize).
+func (f *fixture) checkNAR(t *testing.T, wantCompression string) {
+	t.Helper()
+	ni := f.narinfo(t, 0)
+	info := f.store.infos[f.path(0)]
+	if ni.Compression != wantCompression {
+		t.Fatalf("narinfo says Compression: %s, want %s", ni.Compression, wantCompression)
+	}
+	obj, _, err := f.rec.Get(context.Background(), ni.URL, 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	narBytes := obj
+	if ni.Compression == "zstd" {
+		d, _ := zstd.NewReader(nil)
+		defer d.Close()
+		if narBytes, err = d.DecodeAll(obj, nil); err != nil {
+			t.Fatalf("NAR object %s is not zstd as its narinfo says: %v", ni.URL, err)
+		}
+	}
+	sum := sha256.Sum256(narBytes)
+	if !bytes.Equal(sum[:], info.NarHash) || uint64(len(narBytes)) != info.NarSize || ni.NarSize != info.NarSize {
+		t.Fatalf("NAR object %s (Compression: %s) does not hold the path's NAR", ni.URL, ni.Compression)
+	}
+	if ni.FileSize != uint64(len(obj)) {
+		t.Fatalf("narinfo FileSize %d, object has %d bytes", ni.FileSize, len(obj))
+	}
+}
+
+// interrupt starts a resumable upload of p0 that fails after its multipart
+// upload started, leaving a resume record, a kept file and the upload.
+func (f *fixture) interrupt(t *testing.T, mp *fakeMultipart, rs *memResume, compression string) {
+	t.Helper()
+	mp.failParts = true
+	u := f.resumableUploader(t, mp, rs, compression)
+	if _, err := u.Upload(context.Background(), f.path(0)); err == nil || IsPermanent(err) {
+		t.Fatalf("interrupted upload = %v, want a transient error", err)
+	}
+	mp.failParts = false
+	if recs, _ := rs.Uploads(); len(recs) != 1 {
+		t.Fatalf("resume records after the interruption: %d, want 1", len(recs))
+	}
+}
+
+// TestResumeAfterCompressionChange: the operator changes compression=
+// between an interrupted upload and the next attempt. The kept file (zstd)
+// must not be published under a narinfo that says none: the record is
+// discarded, its upload aborted, and the NAR uploaded again as configured.
+func TestResumeAfterCompressionChange(t *testing.T) {
+	f := newFixture(t, nil)
+	mp := &fakeMultipart{Bucket: f.rec}
+	rs := &memResume{}
+	f.interrupt(t, mp, rs, "zstd")
+
+	u := f.resumableUploader(t, mp, rs, "none")
+	if _, err := u.Upload(context.Background(), f.path(0)); err != nil {
+		t.Fatal(err)
+	}
+	f.checkNAR(t, "none")
+	if got := mp.abortedKeys(); len(got) != 1 || !strings.HasSuffix(got[0], ".nar.zst") {
+		t.Fatalf("aborted uploads = %v, want the zstd one", got)
+	}
+	if kept, _ := filepath.Glob(filepath.Join(f.dir, "tmp", "*"+partialSuffix)); len(kept) != 0 {
+		t.Fatalf("kept files left: %v", kept)
+	}
+	if recs, _ := rs.Uploads(); len(recs) != 0 {
+		t.Fatalf("resume records left: %v", recs)
+	}
+}
+
+// TestResumeAfterPathChanged: the store path was collected and built again
+// with other contents (a non-reproducible build) between two attempts. The
+// kept file holds the old NAR: it must not be published under the new
+// NarHash.
+func TestResumeAfterPathChanged(t *testing.T) {
+	f := newFixture(t, nil)
+	mp := &fakeMultipart{Bucket: f.rec}
+	rs := &memResume{}
+	f.interrupt(t, mp, rs, "zstd")
+
+	p := f.path(0)
+	if err := os.WriteFile(filepath.Join(p, "data"), []byte("built again, other bytes"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	h := sha256.New()
+	n, _, err := nar.Dump(h, p, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.store.infos[p].NarHash, f.store.infos[p].NarSize = h.Sum(nil), uint64(n)
+
+	u := f.resumableUploader(t, mp, rs, "zstd")
+	if _, err := u.Upload(context.Background(), p); err != nil {
+		t.Fatal(err)
+	}
+	f.checkNAR(t, "zstd")
+	if got := mp.abortedKeys(); len(got) != 1 {
+		t.Fatalf("aborted uploads = %v, want the old one", got)
+	}
+}
+
+// TestResumeSameConfigurationResumes: nothing changed, so the interrupted
+// upload is continued, not started over.
+func TestResumeSameConfigurationResumes(t *testing.T) {
+	f := newFixture(t, nil)
+	mp := &fakeMultipart{Bucket: f.rec}
+	rs := &memResume{}
+	f.interrupt(t, mp, rs, "zstd")
+	u := f.resumableUploader(t, mp, rs, "zstd")
+	if _, err := u.Upload(context.Background(), f.path(0)); err != nil {
+		t.Fatal(err)
+	}
+	f.checkNAR(t, "zstd")
+	if got := mp.abortedKeys(); len(got) != 0 {
+		t.Fatalf("aborted uploads = %v, want the interrupted one resumed", got)
+	}
+}
+
+// TestAbortStaleUploads: in a cache under a key prefix, stale-upload
+// cleanup lists and aborts NAR uploads by keys relative to the prefix; it
+// aborts an old upload nobody resumes, and spares this agent's own
+// resumable upload (however old) and young uploads (maybe another
+// machine's, still running).
+func TestAbortStaleUploads(t *testing.T) {
+	c, err := cacheurl.Parse("s3://bucket/prefix?endpoint=127.0.0.1:1&scheme=http")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mp := &fakeMultipart{prefix: c.Prefix, uploads: map[string]*fakeUpload{}}
+	old, young := time.Now().Add(-48*time.Hour), time.Now().Add(-time.Hour)
+	add := func(id, key string, at time.Time) {
+		mp.uploads[id] = &fakeUpload{key: c.Prefix + key, initiated: at, parts: map[int][]byte{}}
+	}
+	add("stale", "nar/aaaa.nar.zst", old)
+	add("ours", "nar/bbbb.nar.zst", old)
+	add("young", "nar/cccc.nar.zst", young)
+	add("elsewhere", "log/dddd.drv", old) // not a NAR: not ours to clean up
+	rs := &memResume{}
+	rs.SaveUpload("/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-b", []byte(`{"key":"nar/bbbb.nar.zst","upload_id":"ours"}`))
+	u, err := New(Options{Bucket: mp, Cache: c, TempDir: t.TempDir(), Resume: rs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := u.AbortStaleUploads(context.Background(), 24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mp.abortedKeys(); n != 1 || len(got) != 1 || got[0] != "prefix/nar/aaaa.nar.zst" {
+		t.Fatalf("aborted %d: %v, want only prefix/nar/aaaa.nar.zst", n, got)
+	}
+	for _, id := range []string{"ours", "young", "elsewhere"} {
+		if mp.uploads[id] == nil {
+			t.Errorf("upload %q was aborted", id)
+		}
+	}
+}
