@@ -7,6 +7,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -171,26 +172,38 @@ func run() (err error) {
 	b := &bench{work: work, env: testenv.NixEnv(""), t: bt}
 	defer bt.runCleanups()
 	defer b.cleanup()
-	defer func() {
-		if r := recover(); r != nil {
-			err = fmt.Errorf("%s: %v", current, r)
-		}
-	}()
+	// A failed section is reported and the others still run.
+	var failed []string
 	for _, s := range todo {
 		current = s.name
-		if err := s.run(b); err != nil {
-			return fmt.Errorf("%s: %w", s.name, err)
+		if err := runSection(b, s); err != nil {
+			fmt.Fprintf(os.Stderr, "  section %s failed: %v\n", s.name, err)
+			failed = append(failed, fmt.Sprintf("%s: %v", s.name, err))
 		}
 	}
 	printTable()
+	if len(failed) > 0 {
+		err = fmt.Errorf("%d section(s) failed: %s", len(failed), strings.Join(failed, "; "))
+	}
 	if *outFile != "" {
-		data, _ := json.MarshalIndent(map[string]any{"time": time.Now().UTC(), "settings": settings(), "rows": rows}, "", "  ")
+		data, _ := json.MarshalIndent(map[string]any{"time": time.Now().UTC(), "settings": settings(), "rows": rows, "failed": failed}, "", "  ")
 		if err := os.WriteFile(*outFile, append(data, '\n'), 0o644); err != nil {
 			return err
 		}
 		fmt.Printf("\nwritten to %s\n", *outFile)
 	}
-	return nil
+	return err
+}
+
+// runSection runs one section; the test helpers' fatal errors (panics)
+// end only that section.
+func runSection(b *bench, s section) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("%v", r)
+		}
+	}()
+	return s.run(b)
 }
 
 // settings are the flags that shape the figures, kept with them.
@@ -295,12 +308,29 @@ func status(sock string) (*protocol.Status, error) {
 }
 
 // waitUploaded waits until agentd has uploaded n jobs and nothing is queued.
+// A status call that fails (agentd too busy to answer within its timeout)
+// is retried until the deadline; the slowest answer is reported.
 func waitUploaded(sock string, n uint64, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
+	var slowest time.Duration
+	failures := 0
+	defer func() {
+		if slowest > time.Second || failures > 0 {
+			fmt.Fprintf(os.Stderr, "  (agentd status: slowest answer %v, %d calls failed)\n", slowest.Round(time.Millisecond), failures)
+		}
+	}()
 	for {
+		t0 := time.Now()
 		s, err := status(sock)
+		slowest = max(slowest, time.Since(t0))
 		if err != nil {
-			return err
+			failures++
+			var dial *protocol.DialError
+			if errors.As(err, &dial) || time.Now().After(deadline) {
+				return err
+			}
+			time.Sleep(100 * time.Millisecond)
+			continue
 		}
 		if s.Failed > 0 {
 			return fmt.Errorf("a job failed: %s", s.LastError)
