@@ -231,7 +231,11 @@ func printTable() {
 				ratio += fmt.Sprintf(" (%.3g× slower)", 1/r.Faster)
 			}
 		}
-		fmt.Fprintf(w, "%s\t%s %s\t%s\t%s\t%s\t%s\t\n", r.Name, num(r.Value), r.Unit, r.Baseline, num(r.BaseVal), ratio, r.Target)
+		base := num(r.BaseVal)
+		if r.Baseline == "" {
+			base = "-"
+		}
+		fmt.Fprintf(w, "%s\t%s %s\t%s\t%s\t%s\t%s\t\n", r.Name, num(r.Value), r.Unit, r.Baseline, base, ratio, r.Target)
 	}
 	w.Flush()
 }
