@@ -7,8 +7,8 @@ package testenv
 // one chunk per round trip, as on a real long link). An optional bandwidth
 // cap models one shared bottleneck per direction.
 //
-// Use it in front of MinIO (or in front of a FaultProxy, to combine faults
-// with distance):
+// Use it in front of MinIO, or in front of a FaultProxy to combine faults
+// (throttling, 503s) with distance (StartDelayProxy(t, fp.Endpoint, …)):
 //
 //	m := testenv.StartMinIO(t)
 //	p := testenv.StartDelayProxy(t, m.Endpoint, 50*time.Millisecond, 0) // 100 ms RTT, no cap
@@ -16,8 +16,15 @@ package testenv
 //	…
 //	p.Count("PUT", "/"+m.Bucket+"/nar/")  // PUT requests whose URL path starts so
 //	p.MaxInFlight()                       // most requests awaiting an answer at once
+//	p.Requests()                          // each request: method, path, query, body size, status, times
+//	p.BytesUp.Load(), p.BytesDown.Load()  // bytes carried each way
 //	p.SetDelay(5 * time.Millisecond)      // change the distance mid-test
-//	p.Reset()                             // forget the requests seen so far
+//	p.SetRate(1 << 20)                    // cap each direction at 1 MiB/s from now on
+//	p.Reset()                             // forget the requests and bytes seen so far
+//
+// Each direction of a connection holds at most Window bytes in transit, as
+// a TCP window would; with a bandwidth cap, all connections share one
+// bottleneck per direction.
 //
 // The proxy understands HTTP/1.x on each connection it carries (it parses a
 // copy of the byte stream; forwarding never waits for the parser): it
