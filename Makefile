@@ -3,6 +3,7 @@
 #   make run    start agentd on a local file:// cache in ./var (prints nix.conf lines)
 #   make test   install the test tools if missing, then run every test
 #   make bench  print performance figures against same-run baselines
+#               (BENCH_FLAGS="-only burst,fanout" to choose; go run ./bench -list)
 #   make lint   gofmt, go vet, staticcheck
 
 SHELL        := /bin/bash
@@ -83,7 +84,7 @@ run: tool-nix build
 
 ## bench: performance figures, each beside a baseline from the same run.
 bench: tools build
-	$(GO) run ./bench -bin $(CURDIR)/bin -out bench/results.json
+	$(GO) run ./bench -bin $(CURDIR)/bin -out bench/results.json $(BENCH_FLAGS)
 
 lint: tool-staticcheck
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
