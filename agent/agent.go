@@ -31,19 +31,21 @@ import (
 
 // Agent is a running agentd.
 type Agent struct {
-	cfg      Config
-	log      *slog.Logger
-	cache    *cacheurl.Cache
-	bucket   bucket.Bucket
-	queue    *queue.Queue
-	store    *nixstore.Store
-	uploader *uploader.Uploader
-	realiser *realisation.Realiser
-	roots    *gcroots.Roots
-	listener net.Listener
-	sockGID  int // group allowed to mutate; -1 if none besides root/own uid
-	started  time.Time
-	now      func() time.Time
+	cfg    Config
+	log    *slog.Logger
+	cache  *cacheurl.Cache
+	bucket bucket.Bucket
+	queue  *queue.Queue
+	store  *nixstore.Store
+	// checkStore answers the validity checks of requests (the hook's).
+	checkStore *nixstore.Store
+	uploader   *uploader.Uploader
+	realiser   *realisation.Realiser
+	roots      *gcroots.Roots
+	listener   net.Listener
+	sockGID    int // group allowed to mutate; -1 if none besides root/own uid
+	started    time.Time
+	now        func() time.Time
 
 	breaker     *breaker
 	window      *limit.Limiter
@@ -92,6 +94,9 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a.store = nixstore.Open(nixstore.Options{Socket: cfg.NixDaemonSocket, MaxConns: min(cfg.Jobs, 8)})
+	// Requests (the hook's) check their paths on connections of their own,
+	// so that a hook never waits behind the uploads' metadata queries.
+	a.checkStore = nixstore.Open(nixstore.Options{Socket: cfg.NixDaemonSocket, MaxConns: 2})
 	if a.queue, err = queue.Open(filepath.Join(cfg.StateDir, "queue.db")); err != nil {
 		return nil, err
 	}
@@ -223,6 +228,7 @@ func socketGID(path string) int {
 // (abort cancels that wait: second signal), and closes everything.
 func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 	defer a.store.Close()
+	defer a.checkStore.Close()
 	a.uploadCtx, a.stopUploads = context.WithCancel(context.WithoutCancel(ctx))
 	defer a.stopUploads()
 

@@ -284,7 +284,7 @@ func (a *Agent) withFloatingOutputs(ctx context.Context, paths []string, drv str
 	if err := storepath.Check(a.cfg.StoreDir, drv); err != nil {
 		return nil, &RefusedError{err}
 	}
-	outs, err := a.store.QueryDerivationOutputMap(ctx, drv)
+	outs, err := a.checkStore.QueryDerivationOutputMap(ctx, drv)
 	if err != nil {
 		return nil, err
 	}
@@ -321,7 +321,7 @@ func (a *Agent) checkPaths(ctx context.Context, paths []string) error {
 			return &RefusedError{err}
 		}
 	}
-	valid, err := a.store.QueryValidPaths(ctx, paths)
+	valid, err := a.checkStore.QueryValidPaths(ctx, paths)
 	if err != nil {
 		return err
 	}
@@ -507,9 +507,13 @@ func (a *Agent) status() (*protocol.Status, error) {
 	a.stateErrMu.Lock()
 	s.StateDirError = a.stateErr
 	a.stateErrMu.Unlock()
-	s.KnownPresent = a.uploader.Stats().KnownPresent
-	ws := a.window.Stats()
-	s.RequestWindow, s.RequestsInFlight = ws.Limit, ws.InFlight
+	if a.uploader != nil {
+		s.KnownPresent = a.uploader.Stats().KnownPresent
+	}
+	if a.window != nil {
+		ws := a.window.Stats()
+		s.RequestWindow, s.RequestsInFlight = ws.Limit, ws.InFlight
+	}
 	s.Spooled = spooled
 	return s, nil
 }
