@@ -61,20 +61,33 @@ func (j *jobResult) add(f func(*Result)) {
 	j.mu.Unlock()
 }
 
-// graph holds the nodes in progress and the work queue.
+// graph holds the nodes in progress and the work queues: large NARs
+// (compressed on both cores into a temp file) have workers of their own,
+// as many as may run at once, so that they never hold the workers small
+// paths and narinfos need.
 type graph struct {
 	u     *Uploader
 	mu    sync.Mutex
 	nodes map[string]*node
 	work  *workQueue
+	large *workQueue
 }
 
-func newGraph(u *Uploader, workers int) *graph {
-	g := &graph{u: u, nodes: map[string]*node{}, work: newWorkQueue()}
+func newGraph(u *Uploader, workers, largeWorkers int) *graph {
+	g := &graph{u: u, nodes: map[string]*node{}, work: newWorkQueue(), large: newWorkQueue()}
 	for i := 0; i < workers; i++ {
 		go g.work.run()
 	}
+	for i := 0; i < largeWorkers; i++ {
+		go g.large.run()
+	}
 	return g
+}
+
+// close stops the workers.
+func (g *graph) close() {
+	g.work.close()
+	g.large.close()
 }
 
 // errDependencyGone is the error of a node whose reference is neither in
@@ -138,7 +151,11 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing map[s
 			g.fail(n, n.err)
 			continue
 		}
-		g.work.push(false, func() { g.u.runNAR(n) })
+		q := g.work
+		if g.u.isLarge(n.info) {
+			q = g.large
+		}
+		q.push(false, func() { g.u.runNAR(n) })
 	}
 	return interest, top, relies
 }

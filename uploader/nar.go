@@ -54,20 +54,12 @@ func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*nar
 	// the NAR is being read.
 	u.progress.Store(info.Path, &Progress{Path: info.Path, Total: int64(info.NarSize)})
 	defer u.progress.Delete(info.Path)
-	mp, multipart := u.opt.Bucket.(bucket.Multipart)
-	resumable := multipart && u.opt.Resume != nil && info.NarSize >= uint64(u.opt.ResumeAbove)
-	if info.NarSize < smallNAR && !resumable {
+	if !u.isLarge(info) {
 		return u.uploadSmallNAR(ctx, info)
 	}
 	// Large NARs are CPU-bound (compression on both cores) and keep a temp
-	// file: a few at a time.
-	select {
-	case u.largeSlots <- struct{}{}:
-	case <-ctx.Done():
-		return nil, 0, nil, ctx.Err()
-	}
-	defer func() { <-u.largeSlots }()
-	if resumable {
+	// file: they run on the large-NAR workers, a few at a time.
+	if mp, ok := u.resumable(info); ok {
 		ni, sent, err := u.uploadResumable(ctx, info, mp)
 		if err != nil {
 			return nil, 0, nil, err
@@ -136,6 +128,19 @@ func (u *Uploader) uploadSmallNAR(ctx context.Context, info *nixstore.PathInfo) 
 	}
 	ni, sent, err := u.finishNAR(ctx, info, key, u.comp.method, fileSum, size, listing, uint64(size))
 	return ni, sent, nil, err
+}
+
+// isLarge reports whether info's NAR goes through a temp file (large, or
+// resumable) rather than memory.
+func (u *Uploader) isLarge(info *nixstore.PathInfo) bool {
+	_, resumable := u.resumable(info)
+	return info.NarSize >= smallNAR || resumable
+}
+
+// resumable returns the multipart bucket if info's upload is resumable.
+func (u *Uploader) resumable(info *nixstore.PathInfo) (bucket.Multipart, bool) {
+	mp, ok := u.opt.Bucket.(bucket.Multipart)
+	return mp, ok && u.opt.Resume != nil && info.NarSize >= uint64(u.opt.ResumeAbove)
 }
 
 func (u *Uploader) narKey(fileSum []byte) string {

@@ -450,3 +450,46 @@ func TestNarinfoParsesAsNixDoes(t *testing.T) {
 		t.Fatalf("%+v %v", ni, err)
 	}
 }
+
+// TestLargeNARsDoNotStarveSmallOnes: many large NARs queued at once run on
+// their own workers, a few at a time; small paths queued after them still
+// go up at once instead of waiting for every worker to be free again.
+func TestLargeNARsDoNotStarveSmallOnes(t *testing.T) {
+	const large, small = 8, 10
+	w := newWorld(t, large+small, func(int) []int { return nil }, func(i int) int {
+		if i < large {
+			return smallNAR + 1000
+		}
+		return 100
+	})
+	w.b.putDelay = 300 * time.Millisecond // every NAR PUT; the large ones go one at a time
+	u := w.uploader(Options{Workers: 4, Streams: 1})
+	var largeDone atomic.Int64
+	var wg sync.WaitGroup
+	for i := 0; i < large; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := u.Upload(context.Background(), w.paths[i]); err != nil {
+				t.Error(err)
+			}
+			largeDone.Add(1)
+		}()
+	}
+	time.Sleep(100 * time.Millisecond) // the large ones are queued first
+	var smallWG sync.WaitGroup
+	for i := large; i < large+small; i++ {
+		smallWG.Add(1)
+		go func() {
+			defer smallWG.Done()
+			if _, err := u.Upload(context.Background(), w.paths[i]); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	smallWG.Wait()
+	if n := largeDone.Load(); n >= large/2 {
+		t.Fatalf("the small paths finished only after %d of the %d large ones", n, large)
+	}
+	wg.Wait()
+}

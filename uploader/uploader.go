@@ -123,7 +123,6 @@ type Uploader struct {
 	comp          *narCompressor
 	presence      *presence
 	graph         *graph
-	largeSlots    chan struct{}
 	compressSlots chan struct{}
 	smallBudget   *semaphore.Weighted
 	conditional   atomic.Int32 // condUnknown, condYes, condNo
@@ -196,19 +195,18 @@ func New(opt Options) (*Uploader, error) {
 	u := &Uploader{
 		opt:           opt,
 		comp:          comp,
-		largeSlots:    make(chan struct{}, opt.Streams),
 		compressSlots: make(chan struct{}, 4),
 		smallBudget:   semaphore.NewWeighted(opt.SmallBudget),
 		logsDone:      map[string]bool{},
 		log:           opt.Logger,
 	}
 	u.presence = newPresence(u)
-	u.graph = newGraph(u, opt.Workers)
+	u.graph = newGraph(u, opt.Workers, opt.Streams)
 	return u, nil
 }
 
 // Close stops the uploader's workers. Uploads in progress must have ended.
-func (u *Uploader) Close() { u.graph.work.close() }
+func (u *Uploader) Close() { u.graph.close() }
 
 // InProgress returns the NARs being streamed now.
 func (u *Uploader) InProgress() []*Progress {
