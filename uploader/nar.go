@@ -57,8 +57,9 @@ func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*nar
 	if !u.isLarge(info) {
 		return u.uploadSmallNAR(ctx, info)
 	}
-	// Large NARs are CPU-bound (compression on both cores) and keep a temp
-	// file: they run on the large-NAR workers, a few at a time.
+	// Large NARs keep a temp file and run on the large-NAR workers (4 per
+	// compression stream): their number bounds the temp files, and only
+	// Streams of them compress at once.
 	if mp, ok := u.resumable(info); ok {
 		ni, sent, err := u.uploadResumable(ctx, info, mp)
 		if err != nil {
@@ -78,7 +79,7 @@ func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*nar
 		tmp.Close()
 		os.Remove(tmp.Name())
 	}()
-	fileSum, size, listing, err := u.compressNAR(ctx, info, tmp, false)
+	fileSum, size, listing, err := u.compressLarge(ctx, info, tmp)
 	if err != nil {
 		return nil, 0, nil, err
 	}
@@ -98,6 +99,20 @@ func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*nar
 	}
 	ni, sent, err := u.finishNAR(ctx, info, key, u.comp.method, fileSum, size, listing, uint64(size))
 	return ni, sent, nil, err
+}
+
+// compressLarge compresses a large NAR into file, a few at a time (each
+// compressor uses both cores and keeps a window in memory); the upload that
+// follows needs no slot, so distant buckets get several large uploads in
+// flight while the cores compress the next ones.
+func (u *Uploader) compressLarge(ctx context.Context, info *nixstore.PathInfo, file io.Writer) ([]byte, int64, *nar.Listing, error) {
+	select {
+	case u.largeCompress <- struct{}{}:
+	case <-ctx.Done():
+		return nil, 0, nil, ctx.Err()
+	}
+	defer func() { <-u.largeCompress }()
+	return u.compressNAR(ctx, info, file, false)
 }
 
 // uploadSmallNAR compresses a small NAR into memory and uploads it. Memory

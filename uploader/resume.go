@@ -127,7 +127,7 @@ func (u *Uploader) resumeOrPrepare(ctx context.Context, info *nixstore.PathInfo,
 			os.Remove(file)
 		}
 	}()
-	fileSum, size, listing, err := u.compressNAR(ctx, info, f, false)
+	fileSum, size, listing, err := u.compressLarge(ctx, info, f)
 	if err != nil {
 		return nil, nil, err
 	}

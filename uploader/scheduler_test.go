@@ -109,6 +109,7 @@ type counting struct {
 	stats, lists, puts atomic.Int64
 	inPut, maxInPut    atomic.Int64
 	putDelay           time.Duration
+	bigPutDelay        time.Duration // instead of putDelay for bodies of 500 kB and more
 	failPut            func(key string) error
 	staleStat          func(key string) bool // answer NotExist although it exists
 }
@@ -140,8 +141,12 @@ func (c *counting) Put(ctx context.Context, key string, r io.Reader, size int64,
 			return bucket.Info{}, err
 		}
 	}
-	if c.putDelay > 0 && strings.HasPrefix(key, "nar/") {
-		time.Sleep(c.putDelay)
+	if strings.HasPrefix(key, "nar/") {
+		if size >= 500<<10 && c.bigPutDelay > 0 {
+			time.Sleep(c.bigPutDelay)
+		} else if c.putDelay > 0 {
+			time.Sleep(c.putDelay)
+		}
 	}
 	if !strings.HasPrefix(key, "nixspool/") && key != "nix-cache-info" {
 		c.puts.Add(1)
@@ -462,7 +467,7 @@ func TestLargeNARsDoNotStarveSmallOnes(t *testing.T) {
 		}
 		return 100
 	})
-	w.b.putDelay = 300 * time.Millisecond // every NAR PUT; the large ones go one at a time
+	w.b.putDelay, w.b.bigPutDelay = 100*time.Millisecond, 1500*time.Millisecond
 	u := w.uploader(Options{Workers: 4, Streams: 1})
 	var largeDone atomic.Int64
 	var wg sync.WaitGroup

@@ -71,8 +71,9 @@ type Options struct {
 	// holds at most one request; the bucket's window decides how many are
 	// really in flight.
 	Workers int
-	// Streams bounds how many large (≥ 1 MiB) NARs are compressed and
-	// uploaded at once; each already uses two cores (default 2).
+	// Streams bounds how many large (≥ 1 MiB) NARs are compressed at once;
+	// each already uses two cores (default 2). Four times as many may be
+	// uploading (each holds a temp file).
 	Streams int
 	// SmallBudget bounds the bytes of small NARs held in memory at once
 	// (default 32 MiB).
@@ -123,7 +124,8 @@ type Uploader struct {
 	comp          *narCompressor
 	presence      *presence
 	graph         *graph
-	compressSlots chan struct{}
+	compressSlots chan struct{} // small NARs compressing
+	largeCompress chan struct{} // large NARs compressing
 	smallBudget   *semaphore.Weighted
 	conditional   atomic.Int32 // condUnknown, condYes, condNo
 	// cacheInfoOK: nix-cache-info is known to exist. No narinfo is written
@@ -196,12 +198,13 @@ func New(opt Options) (*Uploader, error) {
 		opt:           opt,
 		comp:          comp,
 		compressSlots: make(chan struct{}, 4),
+		largeCompress: make(chan struct{}, opt.Streams),
 		smallBudget:   semaphore.NewWeighted(opt.SmallBudget),
 		logsDone:      map[string]bool{},
 		log:           opt.Logger,
 	}
 	u.presence = newPresence(u)
-	u.graph = newGraph(u, opt.Workers, opt.Streams)
+	u.graph = newGraph(u, opt.Workers, 4*opt.Streams)
 	return u, nil
 }
 
