@@ -103,9 +103,9 @@ in
     };
 
     jobs = mkOption {
-      type = types.ints.between 1 64;
-      default = 8;
-      description = "Jobs uploaded concurrently.";
+      type = types.ints.between 1 256;
+      default = 64;
+      description = "Jobs (paths handed over) worked on at once; their NARs share one bounded pool, and requests to the bucket one adaptive window (`settings.max-requests`, default 128).";
     };
 
     gcRoots = mkOption {

@@ -53,6 +53,11 @@ type presence struct {
 	mu      sync.Mutex
 	known   map[string]int64 // hash → unix time it was seen present
 	pending map[string]*pendingCheck
+	// absent remembers, briefly, hashes the cache was just found to lack
+	// (a bulk check ahead of the jobs): the job need not ask again. Being
+	// wrong costs nothing worse than an upload the cache then keeps as it
+	// is (narinfo writes are create-only).
+	absent map[string]time.Time
 	// gen counts resets seen by this process; entries of known belong to
 	// the current one.
 	gen      atomic.Uint64
@@ -72,7 +77,7 @@ type pendingCheck struct {
 }
 
 func newPresence(u *Uploader) *presence {
-	return &presence{u: u, known: map[string]int64{}, pending: map[string]*pendingCheck{}}
+	return &presence{u: u, known: map[string]int64{}, pending: map[string]*pendingCheck{}, absent: map[string]time.Time{}}
 }
 
 // seen reports whether the cache is known to hold p's narinfo, whether or
@@ -148,6 +153,7 @@ func (pr *presence) reset() error {
 	pr.gen.Add(1)
 	pr.mu.Lock()
 	pr.known = map[string]int64{}
+	pr.absent = map[string]time.Time{}
 	identity := pr.identity
 	pr.mu.Unlock()
 	if ps := pr.u.opt.Presence; ps != nil && identity != "" {
@@ -245,6 +251,11 @@ func (pr *presence) prune() int {
 	pr.mu.Lock()
 	defer pr.mu.Unlock()
 	n := 0
+	for h, at := range pr.absent {
+		if time.Since(at) > absentTTL {
+			delete(pr.absent, h)
+		}
+	}
 	for h, at := range pr.known {
 		if at < cutoff {
 			delete(pr.known, h)
@@ -254,12 +265,20 @@ func (pr *presence) prune() int {
 	return n
 }
 
+// absentTTL is how long a "the cache lacks it" is used for; maxAbsent
+// bounds how many are kept.
+const (
+	absentTTL = time.Minute
+	maxAbsent = 100_000
+)
+
 // check finds out which of paths have a narinfo in the cache and returns
-// the ones that do not. Paths known present cost nothing; paths another
+// the ones that do not. With remember, the answers "missing" are kept
+// briefly for the next question about each path (see absent). Paths known present cost nothing; paths another
 // caller is asking about right now are waited for, not asked twice. For
 // many paths one listing per hash prefix replaces a HEAD per path (1,000
 // keys per request); the first error stops the rest.
-func (pr *presence) check(ctx context.Context, paths []string) (missing []string, err error) {
+func (pr *presence) check(ctx context.Context, paths []string, remember bool) (missing []string, err error) {
 	var mine []string
 	var wait []*pendingCheck
 	var waitPaths []string
@@ -274,6 +293,13 @@ func (pr *presence) check(ctx context.Context, paths []string) (missing []string
 			wait = append(wait, pc)
 			waitPaths = append(waitPaths, p)
 			continue
+		}
+		if at, ok := pr.absent[h]; ok {
+			delete(pr.absent, h) // an answer is used once
+			if now.Sub(at) <= absentTTL {
+				missing = append(missing, p)
+				continue
+			}
 		}
 		pr.pending[h] = &pendingCheck{done: make(chan struct{})}
 		mine = append(mine, p)
@@ -295,6 +321,9 @@ func (pr *presence) check(ctx context.Context, paths []string) (missing []string
 		close(pc.done)
 		if err == nil && !foundSet[p] {
 			missing = append(missing, p)
+			if remember && len(pr.absent) < maxAbsent {
+				pr.absent[h] = now
+			}
 		}
 	}
 	pr.mu.Unlock()

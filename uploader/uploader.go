@@ -336,7 +336,7 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		n, err := u.putRealisations(ctx, info)
 		return Result{Realisations: n}, err
 	}
-	missing, err := u.presence.check(ctx, []string{path})
+	missing, err := u.presence.check(ctx, []string{path}, false)
 	if err != nil {
 		return Result{}, err
 	}
@@ -364,7 +364,7 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		}
 		deps = append(deps, i.Path)
 	}
-	missingDeps, err := u.presence.check(ctx, deps)
+	missingDeps, err := u.presence.check(ctx, deps, false)
 	if err != nil {
 		return Result{}, err
 	}
@@ -522,7 +522,7 @@ func (u *Uploader) reviveIfDoomed(ctx context.Context, path string) error {
 // CheckPresence asks the cache which of paths have a narinfo and returns
 // the ones that do not. Paths known to be present cost nothing.
 func (u *Uploader) CheckPresence(ctx context.Context, paths []string) ([]string, error) {
-	return u.presence.check(ctx, paths)
+	return u.presence.check(ctx, paths, false)
 }
 
 // Prefetch learns which of paths the cache holds, in bulk (listings where
@@ -534,7 +534,7 @@ func (u *Uploader) Prefetch(ctx context.Context, paths []string) {
 	if err := u.ensureFresh(ctx); err != nil {
 		return
 	}
-	missing, err := u.presence.check(ctx, paths)
+	missing, err := u.presence.check(ctx, paths, true)
 	if err != nil {
 		u.log.Debug("prefetch presence", "paths", len(paths), "err", err)
 		return

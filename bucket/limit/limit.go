@@ -1,8 +1,10 @@
 // Package limit wraps a bucket so that the number of requests in flight
 // adapts to what the store answers, as TCP's congestion window adapts to a
-// network: additive increase while requests succeed and the window is in
-// use, multiplicative decrease when the store throttles (HTTP 429, 503
-// SlowDown) or when latency shows requests queueing in front of it.
+// network: slow start (one slot more per success) until the store first
+// pushes back, then additive increase while requests succeed and the window
+// is in use, and multiplicative decrease when the store throttles (HTTP
+// 429, 503 SlowDown) or when latency shows requests queueing in front of
+// it.
 //
 // With a distant bucket (100 ms round trips) many requests in flight pay off,
 // and the window grows to the operator's maximum; a store that rate-limits
@@ -36,6 +38,10 @@ type Limiter struct {
 	mu       sync.Mutex
 	cond     *sync.Cond
 	limit    float64
+	// ssthresh is where growth turns from slow start (one slot per
+	// success: doubling per round trip) to congestion avoidance (one slot
+	// per window): the window after the last decrease.
+	ssthresh float64
 	inflight int
 	// Latency of small requests: the minimum over a sliding period is the
 	// store's base round trip; a smoothed value far above it means queueing.
@@ -64,7 +70,7 @@ func New(opt Options) *Limiter {
 	if opt.Now == nil {
 		opt.Now = time.Now
 	}
-	l := &Limiter{opt: opt, limit: float64(opt.Initial)}
+	l := &Limiter{opt: opt, limit: float64(opt.Initial), ssthresh: float64(opt.Max)}
 	l.cond = sync.NewCond(&l.mu)
 	return l
 }
@@ -132,10 +138,15 @@ func (l *Limiter) Release(o Outcome, latency time.Duration, small bool) {
 		case queueing:
 			l.decrease(now, 0.9)
 		case l.inflight+1 >= int(l.limit)*3/4:
-			// The window is in use: grow by about one slot per window's
-			// worth of successes (congestion avoidance).
+			// The window is in use: grow, by one slot per success until
+			// the store first pushes back (slow start), then by about one
+			// slot per window's worth of successes.
 			before := int(l.limit)
-			l.limit = math.Min(l.limit+1/l.limit, float64(l.opt.Max))
+			step := 1 / l.limit
+			if l.limit < l.ssthresh {
+				step = 1
+			}
+			l.limit = math.Min(l.limit+step, float64(l.opt.Max))
 			if int(l.limit) > before {
 				l.increases++
 			}
@@ -178,6 +189,7 @@ func (l *Limiter) decrease(now time.Time, factor float64) {
 	}
 	l.lastDecr = now
 	l.limit = math.Max(l.limit*factor, float64(l.opt.Min))
+	l.ssthresh = l.limit
 	l.decreases++
 }
 

@@ -57,10 +57,10 @@ func throttle(l *Limiter) {
 func TestGrowsWhileBusyAndHalvesOnThrottling(t *testing.T) {
 	clk := &fakeClock{t: time.Unix(1000, 0)}
 	l := New(Options{Min: 2, Max: 64, Initial: 8, Now: clk.Now})
-	run(l, clk, 400, OK, 100*time.Millisecond)
+	run(l, clk, 40, OK, 100*time.Millisecond)
 	grown := l.Stats().Limit
-	if grown < 20 {
-		t.Fatalf("window %d after 400 successes at a steady 100 ms, want it to grow well beyond 8", grown)
+	if grown < 40 {
+		t.Fatalf("window %d after 40 successes in slow start, want it to have grown by about one per success from 8", grown)
 	}
 	clk.Add(time.Second)
 	throttle(l)
@@ -74,6 +74,13 @@ func TestGrowsWhileBusyAndHalvesOnThrottling(t *testing.T) {
 	}
 	if got := l.Stats().Limit; got < half/2 {
 		t.Fatalf("window %d after one burst of throttles from %d: decreased more than once", got, half)
+	}
+	// After a decrease growth is additive: one slot per window.
+	atThrottle := l.Stats().Limit
+	run(l, clk, 4*atThrottle, OK, 100*time.Millisecond)
+	drain(l)
+	if got := l.Stats().Limit; got > atThrottle+6 {
+		t.Fatalf("window went from %d to %d in four windows of successes after a throttle: not additive", atThrottle, got)
 	}
 	run(l, clk, 10000, OK, 100*time.Millisecond)
 	drain(l)
