@@ -34,10 +34,10 @@ type Options struct {
 
 // Limiter is the adaptive window. It is safe for concurrent use.
 type Limiter struct {
-	opt      Options
-	mu       sync.Mutex
-	cond     *sync.Cond
-	limit    float64
+	opt   Options
+	mu    sync.Mutex
+	cond  *sync.Cond
+	limit float64
 	// ssthresh is where growth turns from slow start (one slot per
 	// success: doubling per round trip) to congestion avoidance (one slot
 	// per window): the window after the last decrease.
