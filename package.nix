@@ -17,7 +17,7 @@ buildGoModule rec {
       !(builtins.elem base [ "bin" "var" ".tools" "result" ]);
   };
 
-  vendorHash = "sha256-DAI33kOtXuQDQ13PlkUMxgLdO+5XVuuJghLgmW6Wli0=";
+  vendorHash = "sha256-y9uXL1BxrTfS+VwbAQDbN+RBLOszEuwauAbEHcoQdEo=";
 
   subPackages = [ "cmd/hook" "cmd/agentd" "cmd/agentctl" ];
 
