@@ -117,11 +117,13 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing map[s
 		if isUpstream[p] {
 			continue
 		}
-		if n := g.nodes[p]; n != nil {
+		if n := g.nodes[p]; n != nil && n.ctx.Err() == nil {
 			n.interest++
 			interest = append(interest, n)
 			continue
 		}
+		// A node nobody waited for any more was cancelled; it is replaced
+		// (its own failure leaves the replacement in place).
 		if !missing[p] || g.u.presence.seen(p) {
 			continue
 		}
@@ -130,7 +132,7 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing map[s
 		for _, r := range info.References {
 			switch {
 			case r == p || isUpstream[r]:
-			case g.nodes[r] != nil:
+			case g.nodes[r] != nil && g.nodes[r].ctx.Err() == nil:
 				n.refsLeft++
 				g.nodes[r].dependents = append(g.nodes[r].dependents, n)
 			case g.u.presence.seen(r):
