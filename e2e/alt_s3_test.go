@@ -1,9 +1,7 @@
 package e2e
 
 import (
-	"net/http"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -85,15 +83,7 @@ func TestResumeLargeUploadAltS3(t *testing.T) {
 func resumeLargeUploadTo(t *testing.T, s testenv.S3Server) {
 	t.Helper()
 	p := testenv.StartFaultProxy(t, s.Addr())
-	slow := atomic.Bool{}
-	slow.Store(true)
-	p.DelayFor = 300 * time.Millisecond
-	p.Decide = func(r *http.Request, n int) testenv.Fault {
-		if slow.Load() && r.URL.Query().Get("partNumber") != "" {
-			return testenv.Delay
-		}
-		return testenv.Pass
-	}
+	slow := p.DelayWhile(300*time.Millisecond, testenv.IsPart)
 	sk, pk := keyPair(t, "e2e-resume-"+s.Kind()+"-1")
 	a := newAgent(t, s.CacheURLVia(p), sk, s.Env())
 	a.Start()

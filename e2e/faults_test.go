@@ -8,7 +8,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -195,15 +194,7 @@ func TestShutdownDuringUpload(t *testing.T) {
 	testenv.RequireNix(t)
 	m := testenv.StartMinIO(t)
 	p := testenv.StartFaultProxy(t, m.Endpoint)
-	var slow atomic.Bool
-	slow.Store(true)
-	p.DelayFor = 20 * time.Second
-	p.Decide = func(r *http.Request, n int) testenv.Fault {
-		if slow.Load() && r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/nar/") {
-			return testenv.Delay
-		}
-		return testenv.Pass
-	}
+	slow := p.DelayWhile(20*time.Second, testenv.IsNARPut)
 	sk, pk := keyPair(t, "e2e-term-1")
 	cache := m.CacheURLVia(p)
 	a := newAgent(t, cache, sk, m.Env(), "--shutdown-grace", "1s")
@@ -351,48 +342,5 @@ func firstLine(s, sub string) string {
 // server holds, instead of starting over.
 func TestResumeLargeUpload(t *testing.T) {
 	testenv.RequireNix(t)
-	m := testenv.StartMinIO(t)
-	p := testenv.StartFaultProxy(t, m.Endpoint)
-	slow := atomic.Bool{}
-	slow.Store(true)
-	p.DelayFor = 300 * time.Millisecond
-	p.Decide = func(r *http.Request, n int) testenv.Fault {
-		if slow.Load() && r.URL.Query().Get("partNumber") != "" {
-			return testenv.Delay
-		}
-		return testenv.Pass
-	}
-	sk, pk := keyPair(t, "e2e-resume-1")
-	a := newAgent(t, m.CacheURLVia(p), sk, m.Env())
-	a.Start()
-
-	// 80 MiB of random bytes: zstd cannot shrink it, so 5 parts of 16 MiB.
-	const size = 80 << 20
-	path := testenv.AddRandomPath(t, "big", size)
-	if out, err := a.Ctl("push", path); err != nil {
-		t.Fatalf("push: %v\n%s", err, out)
-	}
-	testenv.Poll(t, time.Minute, "two parts to be uploaded", func() bool { return p.PartsDone.Load() >= 2 })
-	a.Kill()
-	// Requests the killed agentd had under way were counted on arrival.
-	testenv.Poll(t, 30*time.Second, "the killed agent's requests to end", func() bool { return p.InFlight.Load() == 0 })
-	before := p.PutBytes.Load()
-	slow.Store(false)
-	a.Start()
-	s := a.WaitDrained(2 * time.Minute)
-	if s.Uploaded != 1 || s.Failed != 0 {
-		t.Fatalf("after restart: %+v", s)
-	}
-	after := p.PutBytes.Load() - before
-	if after >= size {
-		t.Fatalf("sent %d bytes after the restart, not less than the %d-byte object: the upload started over", after, size)
-	}
-	if !strings.Contains(a.log.String(), "resumed upload completed") {
-		t.Errorf("no resume logged:\n%s", a.log.String())
-	}
-	verifyCache(t, m.HTTPURL(), pk, path)
-	if keys := m.Keys(t); len(keys) == 0 {
-		t.Fatal("empty bucket")
-	}
-	t.Logf("resume: %d bytes of PUT requests before SIGKILL, %d after the restart (object %d bytes)", before, after, size)
+	resumeLargeUploadTo(t, testenv.StartMinIO(t))
 }

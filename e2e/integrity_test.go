@@ -5,13 +5,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -176,15 +174,7 @@ func TestResumeWithOtherCompression(t *testing.T) {
 	testenv.RequireNix(t)
 	m := testenv.StartMinIO(t)
 	p := testenv.StartFaultProxy(t, m.Endpoint)
-	var slow atomic.Bool
-	slow.Store(true)
-	p.DelayFor = 300 * time.Millisecond
-	p.Decide = func(r *http.Request, n int) testenv.Fault {
-		if slow.Load() && r.URL.Query().Get("partNumber") != "" {
-			return testenv.Delay
-		}
-		return testenv.Pass
-	}
+	slow := p.DelayWhile(300*time.Millisecond, testenv.IsPart)
 	sk, pk := keyPair(t, "e2e-recompress-1")
 	zstdCache := m.CacheURLVia(p) + "&compression=zstd"
 	a := newAgent(t, zstdCache, sk, m.Env())
@@ -287,15 +277,7 @@ func TestDropDuringUpload(t *testing.T) {
 	testenv.RequireNix(t)
 	m := testenv.StartMinIO(t)
 	p := testenv.StartFaultProxy(t, m.Endpoint)
-	var slow atomic.Bool
-	slow.Store(true)
-	p.DelayFor = 3 * time.Second
-	p.Decide = func(r *http.Request, n int) testenv.Fault {
-		if slow.Load() && r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/nar/") {
-			return testenv.Delay
-		}
-		return testenv.Pass
-	}
+	slow := p.DelayWhile(3*time.Second, testenv.IsNARPut)
 	sk, pk := keyPair(t, "e2e-drop-1")
 	a := newAgent(t, m.CacheURLVia(p), sk, m.Env())
 	a.Start()

@@ -157,3 +157,26 @@ func (p *FaultProxy) Count(f Fault) int {
 func (m *MinIO) CacheURLVia(p *FaultProxy) string {
 	return strings.Replace(m.CacheURL(""), m.Endpoint, p.Endpoint, 1)
 }
+
+// DelayWhile holds every request match accepts for d, until the returned
+// switch is turned off (Store(false)).
+func (p *FaultProxy) DelayWhile(d time.Duration, match func(*http.Request) bool) *atomic.Bool {
+	on := &atomic.Bool{}
+	on.Store(true)
+	p.DelayFor = d
+	p.Decide = func(r *http.Request, n int) Fault {
+		if on.Load() && match(r) {
+			return Delay
+		}
+		return Pass
+	}
+	return on
+}
+
+// IsPart matches the uploads of multipart parts.
+func IsPart(r *http.Request) bool { return r.URL.Query().Get("partNumber") != "" }
+
+// IsNARPut matches PUTs of NAR objects (whole or in parts).
+func IsNARPut(r *http.Request) bool {
+	return r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/nar/")
+}
