@@ -74,6 +74,10 @@ type Options struct {
 	// read from LogDir (default /nix/var/log/nix).
 	UploadLogs bool
 	LogDir     string
+	// Guard, if set, is asked before every narinfo write whether the
+	// objects it relies on are about to be deleted by a garbage collector
+	// (see guard.go). Nil: no collector coordination.
+	Guard Guard
 }
 
 // PresenceStore remembers, per cache identity (endpoint, bucket and
@@ -226,7 +230,10 @@ func (u *Uploader) Probe(ctx context.Context) error {
 // Upload makes path and its whole closure available in the cache.
 func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	if _, ok := u.present.Load(path); ok {
-		return Result{}, nil
+		if !u.doomed(path) {
+			return Result{}, nil
+		}
+		u.present.Delete(path) // announced for deletion: revive or upload it again
 	}
 	if err := u.EnsureCacheInfo(ctx); err != nil {
 		return Result{}, err
@@ -239,7 +246,7 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		}
 		// Gone from the store. If it reached the cache before (an
 		// acknowledgement lost in a crash), the job is done after all.
-		if have, herr := u.hasNarinfo(ctx, path); herr == nil && have {
+		if have, herr := u.presentTop(ctx, path); herr == nil && have {
 			u.markPresent(path)
 			return Result{}, nil
 		}
@@ -250,7 +257,7 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	// NAR is simply uploaded (the PUT is idempotent and costs about what
 	// the HEAD would); a large one is worth the HEAD.
 	if top.NarSize >= smallNAR {
-		if have, err := u.hasNarinfo(ctx, path); err != nil || have {
+		if have, err := u.presentTop(ctx, path); err != nil || have {
 			if have {
 				u.markPresent(path)
 			}
@@ -335,6 +342,9 @@ func (u *Uploader) ensureOnce(ctx context.Context, infos map[string]*nixstore.Pa
 	}
 	if depErr != nil {
 		return depErr
+	}
+	if err := u.guardNarinfo(ctx, ni.StorePath, ni.URL, ni.References); err != nil {
+		return err
 	}
 	if err := u.putNarinfo(ctx, ni); err != nil {
 		return err
