@@ -25,15 +25,13 @@ type Guard interface {
 // narinfoKey is the key of p's narinfo.
 func narinfoKey(p string) string { return storepath.HashPart(p) + ".narinfo" }
 
-// relied lists the keys a narinfo for storePath relies on: its own key (a
-// narinfo written over a doomed one must land before the sweep looks, or
-// the sweep may delete it after the write), its NAR (also when this upload
-// has just written it: a NAR key is content-addressed, so a doomed NAR
-// rewritten now may still be deleted by the sweep), and the narinfos of
-// its references (also those written by this upload: with a short
-// retention they can be doomed by a cycle that began meanwhile).
+// relied lists the keys a narinfo for storePath relies on: its NAR (also
+// when this upload has just written it: a NAR key is content-addressed, so
+// a doomed NAR rewritten now may still be deleted by the sweep), and the
+// narinfos of its references (also those written by this upload: with a
+// short retention they can be doomed by a cycle that began meanwhile).
 func relied(storePath, url string, refs []string) []string {
-	keys := []string{narinfoKey(storePath), url}
+	keys := []string{url}
 	self := storepath.HashPart(storePath)
 	for _, r := range refs {
 		if h := cachefmt.RefHash(r); h != "" && h != self {
@@ -44,12 +42,18 @@ func relied(storePath, url string, refs []string) []string {
 }
 
 // guardNarinfo asks the guard whether the narinfo of storePath may be
-// written now. Without a guard it always may.
+// written now. Without a guard it always may. A narinfo whose own key is
+// announced for deletion is checked like the objects it relies on: written
+// once the sweep may have begun, the sweep could delete it again.
 func (u *Uploader) guardNarinfo(ctx context.Context, storePath, url string, refs []string) error {
 	if u.opt.Guard == nil {
 		return nil
 	}
-	if err := u.opt.Guard.Check(ctx, relied(storePath, url, refs)); err != nil {
+	keys := relied(storePath, url, refs)
+	if u.doomed(storePath) {
+		keys = append(keys, narinfoKey(storePath))
+	}
+	if err := u.opt.Guard.Check(ctx, keys); err != nil {
 		return fmt.Errorf("narinfo of %s: %w", storePath, err)
 	}
 	return nil
