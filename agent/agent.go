@@ -45,6 +45,7 @@ type Agent struct {
 	breaker     *breaker
 	filter      *filter
 	metrics     *metrics.Metrics // nil when off
+	gc          *gcAgent
 	rate        rateWindow
 	reachable   atomic.Int32 // 0 unknown, 1 yes, 2 no
 	stateErrMu  sync.Mutex
@@ -77,6 +78,9 @@ func New(cfg Config) (*Agent, error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
+	if a.gc, err = newGCAgent(a); err != nil {
+		return nil, err
+	}
 	if a.roots, err = gcroots.New(cfg.GCRootsDir); err != nil {
 		return nil, err
 	}
@@ -94,6 +98,7 @@ func New(cfg Config) (*Agent, error) {
 		Resume:   a.queue,
 		Presence: a.queue,
 		Skip:     a.filter.skip,
+		Guard:    a.gc.watcher,
 
 		UploadLogs: cfg.UploadBuildLogs,
 	})
@@ -228,6 +233,8 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 	} else {
 		a.setReachable(true)
 	}
+
+	a.gc.start(ctx)
 
 	var wg sync.WaitGroup
 	wg.Add(1)
