@@ -106,13 +106,15 @@ type Timing struct {
 	// rate differences over the grace, and the one-second resolution of
 	// the Date header.
 	Margin time.Duration
-	// Window is how long after the grace the sweep may still delete.
+	// Window is how long after the grace the sweep may still delete: the
+	// grace again, and at least 15 seconds. A sweep that runs out of it
+	// stops; the next cycle goes on.
 	Window time.Duration
 }
 
 // TimingFor returns the timing of a cycle with the given grace.
 func TimingFor(grace time.Duration) Timing {
-	return Timing{Grace: grace, Margin: max(2*time.Second, min(grace/4, 15*time.Minute)), Window: max(grace, 30*time.Second)}
+	return Timing{Grace: grace, Margin: max(2*time.Second, min(grace/4, 15*time.Minute)), Window: max(grace, 15*time.Second)}
 }
 
 // clockSlack bounds the error of an estimate of the store's clock from
