@@ -40,7 +40,7 @@ var (
 	outFile = flag.String("out", "bench/results.json", "write the table as JSON here")
 	hookN   = flag.Int("hook-runs", 1000, "sequential hook runs")
 	tinyN   = flag.Int("tiny", 1000, "tiny paths")
-	skip    = flag.String("skip", "", "comma-separated sections to skip: hook,big,tiny,presence,rss")
+	skip    = flag.String("skip", "", "comma-separated sections to skip: hook,big,tiny,presence,rss,gc")
 	rows    []Row
 )
 
@@ -113,6 +113,9 @@ func run() (err error) {
 		if err := b.hugePathRSS(); err != nil {
 			return fmt.Errorf("rss: %w", err)
 		}
+	}
+	if err := b.gcSection(); err != nil {
+		return fmt.Errorf("gc: %w", err)
 	}
 	printTable()
 	if *outFile != "" {

@@ -301,15 +301,14 @@ func TestGCSoak(t *testing.T) {
 	wg.Add(1)
 	go func() { defer wg.Done(); checker.run(stop, rand.New(rand.NewPCG(seed, 3))) }()
 
-	// The collector, cycle after cycle, a moment apart; one cycle in two
-	// is killed once it has begun deleting.
-	var cycles, completed, killed int
+	// The collector, cycle after cycle, a moment apart; every other cycle
+	// that begins deleting is killed then.
+	var cycles, completed, killed, deleting int
 	var deleted, revived int
 	deadline := time.Now().Add(dur)
 	for time.Now().Before(deadline) && buildErrs.Load() == 0 {
 		time.Sleep(time.Duration(rng.IntN(2000)) * time.Millisecond)
 		cycles++
-		kill := rng.IntN(2) == 0
 		cmd := exec.Command(bin("agentctl"), "--socket", a1.Socket, "gc", "--json", "--keep-since", keepSince, "--grace", grace)
 		var stdout strings.Builder
 		cmd.Stdout = &stdout
@@ -322,7 +321,11 @@ func TestGCSoak(t *testing.T) {
 		sc := bufio.NewScanner(stderr)
 		for sc.Scan() {
 			stderrText.WriteString(sc.Text() + "\n")
-			if kill && !didKill && sc.Text() == "gc: "+gc.StageDelete {
+			if !didKill && sc.Text() == "gc: "+gc.StageDelete {
+				deleting++
+				if deleting%2 == 0 {
+					continue
+				}
 				time.Sleep(time.Duration(rng.IntN(400)) * time.Millisecond)
 				a1.Kill()
 				didKill = true
@@ -346,6 +349,9 @@ func TestGCSoak(t *testing.T) {
 	wg.Wait()
 	if buildErrs.Load() > 0 {
 		t.FailNow()
+	}
+	if killed == 0 {
+		t.Errorf("no cycle was killed while deleting (%d cycles)", cycles)
 	}
 	for _, a := range []*Agent{a1, a2} {
 		if s := a.WaitDrained(3 * time.Minute); s.Failed != 0 {

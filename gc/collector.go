@@ -226,6 +226,10 @@ func (o *Options) defaults() {
 	}
 }
 
+// sweepPerObject is the time a sweep is given per object to delete, on
+// top of three times the mark's duration (objects go 1,000 a request).
+const sweepPerObject = 5 * time.Millisecond
+
 // plan is what the mark dooms.
 type plan struct {
 	narinfos map[string]bool // hash parts
@@ -315,6 +319,7 @@ func (c *collector) run(ctx context.Context) error {
 	c.rep.MarkTime = markTime
 
 	c.stage(StageList, 0, 0)
+	markStart := opt.Clock.Now()
 	snap, err := listAll(ctx, c.b)
 	if err != nil {
 		return fmt.Errorf("gc: list: %w", err)
@@ -351,7 +356,11 @@ func (c *collector) run(ctx context.Context) error {
 		c.stage(StageDone, 0, 0)
 		return nil
 	}
-	if len(p.narinfos)+len(p.nars)+len(p.others) > 0 {
+	if n := len(p.narinfos) + len(p.nars) + len(p.others); n > 0 {
+		// The window must fit the sweep: another listing, reads of what
+		// changed, and the deletes. A longer window costs nothing unless
+		// the collector dies (agents then hold back until it ends).
+		c.tm.Window = max(c.tm.Window, 3*opt.Clock.Now().Sub(markStart)+time.Duration(n)*sweepPerObject)
 		if err := c.announceAndSweep(ctx, snap, p, markTime); err != nil {
 			return err
 		}

@@ -107,8 +107,9 @@ type Timing struct {
 	// the Date header.
 	Margin time.Duration
 	// Window is how long after the grace the sweep may still delete: the
-	// grace again, and at least 15 seconds. A sweep that runs out of it
-	// stops; the next cycle goes on.
+	// grace again, and at least 15 seconds; a cycle with much to delete
+	// lengthens it (Run). A sweep that runs out of it stops; the next
+	// cycle goes on.
 	Window time.Duration
 }
 
