@@ -140,6 +140,9 @@ func TestGCDryRunThenRun(t *testing.T) {
 	}
 	res := <-done
 	real := res.rep
+	if len(real.Warnings)+len(dry.Warnings) > 0 {
+		t.Errorf("warnings: %v %v", dry.Warnings, real.Warnings)
+	}
 	if !real.Complete || !slices.Equal(real.Keys, dry.Keys) || real.Deleted != dry.Doomed {
 		t.Fatalf("the run deleted\n%v (%+v)\nthe dry run named\n%v (%+v)", real.Keys, real.Deleted, dry.Keys, dry.Doomed)
 	}

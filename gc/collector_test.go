@@ -494,3 +494,25 @@ func TestRealisations(t *testing.T) {
 		t.Fatalf("delete order %v: realisations must go before their outputs", order)
 	}
 }
+
+// TestAbandonedUploadsAborted: multipart uploads older than UploadAge are
+// aborted; younger ones may be another agent's, still running.
+func TestAbandonedUploadsAborted(t *testing.T) {
+	w := newWorld(t)
+	ub := &uploadsBucket{memBucket: w.b}
+	now := w.b.Now()
+	ub.ups = []bucket.Upload{
+		{Key: "nar/old.nar.zst", UploadID: "old", Initiated: now.Add(-48 * time.Hour)},
+		{Key: "nar/young.nar.zst", UploadID: "young", Initiated: now.Add(-time.Hour)},
+	}
+	opt := w.opts()
+	opt.DryRun = true
+	dry, err := Run(w.ctx, ub, opt)
+	if err != nil || dry.Doomed.Uploads != 1 || len(ub.aborted) != 0 {
+		t.Fatalf("dry run: %v, %+v, aborted %v", err, dry.Doomed, ub.aborted)
+	}
+	rep, err := Run(w.ctx, ub, w.opts())
+	if err != nil || rep.Deleted.Uploads != 1 || !slices.Equal(ub.aborted, []string{"old"}) {
+		t.Fatalf("run: %v, %+v, aborted %v", err, rep.Deleted, ub.aborted)
+	}
+}

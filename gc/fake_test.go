@@ -378,3 +378,30 @@ func upload(ctx context.Context, b bucket.Bucket, g *Watcher, name string, refs 
 	}
 	return put(hashOf(name)+".narinfo", narinfoOf(name, refs...))
 }
+
+// uploadsBucket is a memBucket with multipart uploads in progress.
+type uploadsBucket struct {
+	*memBucket
+	ups     []bucket.Upload
+	aborted []string
+}
+
+func (u *uploadsBucket) StartMultipart(context.Context, string, bucket.PutOptions) (string, error) {
+	return "", bucket.ErrPermanent
+}
+func (u *uploadsBucket) ListParts(context.Context, string, string) ([]bucket.Part, error) {
+	return nil, bucket.ErrNotExist
+}
+func (u *uploadsBucket) PutPart(context.Context, string, string, int, io.Reader, int64, []byte) (bucket.Part, error) {
+	return bucket.Part{}, bucket.ErrPermanent
+}
+func (u *uploadsBucket) CompleteMultipart(context.Context, string, string, []bucket.Part) error {
+	return bucket.ErrPermanent
+}
+func (u *uploadsBucket) AbortMultipart(_ context.Context, key, id string) error {
+	u.aborted = append(u.aborted, id)
+	return nil
+}
+func (u *uploadsBucket) ListUploads(context.Context, string) ([]bucket.Upload, error) {
+	return u.ups, nil
+}

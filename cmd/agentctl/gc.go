@@ -116,7 +116,9 @@ func cmdGC(c *client, args []string, out io.Writer) error {
 			for _, w := range rep.Warnings {
 				fmt.Fprintln(out, "warning:", w)
 			}
-			fmt.Fprintln(out, rep.Summary())
+			if rep.Complete || rep.Objects > 0 { // it got as far as the mark
+				fmt.Fprintln(out, rep.Summary())
+			}
 		}
 	}
 	if !resp.OK {
