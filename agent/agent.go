@@ -264,6 +264,7 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 		<-done
 	}
 	wg.Wait()
+	a.gc.wait(10 * time.Second)
 	err := a.queue.Close()
 	a.log.Info("agentd stopped")
 	return err

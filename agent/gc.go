@@ -102,6 +102,21 @@ func (g *gcAgent) schedule(ctx context.Context) {
 	}
 }
 
+// wait gives a cycle that shutdown interrupted up to d to retire its
+// announcement and release the lease (otherwise agents wait for the
+// announcement to lapse, and other collectors for the lease to expire).
+func (g *gcAgent) wait(d time.Duration) {
+	deadline := time.Now().Add(d)
+	for !g.running.TryLock() {
+		if time.Now().After(deadline) {
+			g.a.log.Warn("gc cycle still running at shutdown; its announcement lapses on its own")
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	g.running.Unlock()
+}
+
 // cycle runs one collection cycle on the agent's cache.
 func (g *gcAgent) cycle(ctx context.Context, keepSince, grace time.Duration, dryRun bool, progress func(gc.Progress)) (*gc.Report, error) {
 	if !g.running.TryLock() {
