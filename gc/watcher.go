@@ -122,8 +122,13 @@ func (w *Watcher) stale() time.Duration {
 	return s
 }
 
-// Poll lists the announcements once.
+// Poll lists the announcements once (or joins a listing in flight).
 func (w *Watcher) Poll(ctx context.Context) error {
+	_, err, _ := w.sf.Do("poll", func() (any, error) { return nil, w.poll(ctx) })
+	return err
+}
+
+func (w *Watcher) poll(ctx context.Context) error {
 	start := w.opt.Clock.Now()
 	objs := map[string]bucket.Object{}
 	done := map[string]bool{}
@@ -172,6 +177,9 @@ func (w *Watcher) Poll(ctx context.Context) error {
 	w.mu.Lock()
 	var forget []string
 	for cycle, a := range read {
+		if w.anns[cycle] != nil {
+			continue
+		}
 		o := objs[cycle]
 		gap := a.Grace - a.Margin
 		// Upper bound of the announcement's age: by the store's clock
@@ -264,8 +272,7 @@ func (w *Watcher) fresh(ctx context.Context) error {
 	if ok {
 		return nil
 	}
-	_, err, _ := w.sf.Do("poll", func() (any, error) { return nil, w.Poll(ctx) })
-	if err != nil {
+	if err := w.Poll(ctx); err != nil {
 		return fmt.Errorf("cannot tell whether a garbage collector is deleting what this upload relies on: %w", err)
 	}
 	return nil
