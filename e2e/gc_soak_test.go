@@ -29,21 +29,24 @@ import (
 // soakExpr is one round of one builder: a top path relying on the round's
 // shared paths (which the other builder's round relies on too) and on an
 // older round's shared paths, picked at random, which a collector may be
-// deleting right then.
+// deleting right then. One top in four holds a 1.1 MiB blob (the uploader
+// looks before uploading such a path, and revives its narinfo if it is
+// announced for deletion).
 const soakExpr = `
 let
-  mk = name: deps: builtins.derivation {
+  mk = name: deps: extra: builtins.derivation {
     inherit name;
     system = builtins.currentSystem;
     builder = "/bin/sh";
-    args = [ "-c" "mkdir -p $out; echo ${name} > $out/name; for d in ${toString deps}; do echo $d >> $out/deps; done" ];
+    args = [ "-c" "mkdir -p $out; echo ${name} > $out/name; for d in ${toString deps}; do echo $d >> $out/deps; done; ${extra}" ];
     nonce = "%[1]s";
     PATH = "/usr/bin:/bin";
   };
-  base = i: mk "soak-base-${toString i}" [];
-  shared = i: mk "soak-shared-${toString i}" [ (base i) ];
+  base = i: mk "soak-base-${toString i}" [] "";
+  shared = i: mk "soak-shared-${toString i}" [ (base i) ] "";
+  blob = if %[3]d - (%[3]d / 4) * 4 == 0 then "head -c 1150000 /dev/urandom > $out/blob" else "";
 in {
-  top = mk "soak-top-%[2]s-%[3]d" [ (shared %[3]d) (shared %[4]d) (mk "soak-own-%[2]s-%[3]d" []) ];
+  top = mk "soak-top-%[2]s-%[3]d" [ (shared %[3]d) (shared %[4]d) (mk "soak-own-%[2]s-%[3]d" [] "") ] blob;
 }
 `
 
@@ -258,6 +261,7 @@ func TestGCSoak(t *testing.T) {
 	var rounds atomic.Int64
 	var topsMu sync.Mutex
 	tops := []string{pinned}
+	builtAt := []time.Time{time.Now()}
 	nextRound := []int{1, 1}
 	brngs := []*rand.Rand{rand.New(rand.NewPCG(seed, 10)), rand.New(rand.NewPCG(seed, 11))}
 	// buildRounds has agent i's builder build rounds until stop is closed
@@ -289,6 +293,7 @@ func TestGCSoak(t *testing.T) {
 			}
 			topsMu.Lock()
 			tops = append(tops, top)
+			builtAt = append(builtAt, time.Now())
 			topsMu.Unlock()
 			rounds.Add(1)
 		}
@@ -300,6 +305,40 @@ func TestGCSoak(t *testing.T) {
 	checker := &invariantChecker{m: m}
 	wg.Add(1)
 	go func() { defer wg.Done(); checker.run(stop, rand.New(rand.NewPCG(seed, 3))) }()
+	// An operator pushes old tops again now and then: they are recent
+	// again, revived if a cycle has announced them, uploaded again if one
+	// deleted them.
+	var pushes atomic.Int64
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		prng := rand.New(rand.NewPCG(seed, 4))
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(time.Duration(500+prng.IntN(1000)) * time.Millisecond):
+			}
+			// Mostly a top just past the retention: likely announced
+			// by now, not yet deleted.
+			topsMu.Lock()
+			var likely []string
+			for i, at := range builtAt {
+				if age := time.Since(at); age > 12*time.Second && age < 30*time.Second {
+					likely = append(likely, tops[i])
+				}
+			}
+			top := tops[prng.IntN(len(tops))]
+			if len(likely) > 0 && prng.IntN(4) > 0 {
+				top = likely[prng.IntN(len(likely))]
+			}
+			topsMu.Unlock()
+			a := []*Agent{a1, a2}[prng.IntN(2)]
+			if _, err := a.Ctl("push", top); err == nil {
+				pushes.Add(1)
+			} // a1 may be down (killed): then the push is simply lost
+		}
+	}()
 
 	// The collector, cycle after cycle, a moment apart; every other cycle
 	// that begins deleting is killed then.
@@ -456,10 +495,10 @@ func TestGCSoak(t *testing.T) {
 		t.Fatalf("agentctl audit: %v\n%s", err, out)
 	}
 	logs := a1.log.String() + a2.log.String()
-	t.Logf("%d builds, %d gc cycles (%d complete, %d killed while deleting), %d narinfos deleted and %d kept for fresh roots during the soak; "+
+	t.Logf("%d builds, %d pushes of old tops, %d gc cycles (%d complete, %d killed while deleting), %d narinfos deleted and %d kept for fresh roots during the soak; "+
 		"uploads held back %d times (%d of them finding a path deleted), %d top narinfos revived; invariant sampled %d times; "+
 		"last cycle: %d roots of %d narinfos, %d deleted; of the %d paths built, %d unpinned old ones are gone",
-		rounds.Load(), cycles, completed, killed, deleted, revived,
+		rounds.Load(), pushes.Load(), cycles, completed, killed, deleted, revived,
 		strings.Count(logs, "by garbage collection (cycle"), strings.Count(logs, "was deleted by garbage collection"), strings.Count(logs, "narinfo revived"),
 		checker.checked.Load(), len(rootPaths)-1, len(pre), rep.Deleted.Narinfos, len(universe), gone)
 }
