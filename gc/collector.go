@@ -335,6 +335,10 @@ func (c *collector) run(ctx context.Context) error {
 		c.warn("%v", err)
 	}
 	p := c.mark(ctx, snap, markTime)
+	// The reference cache forgets objects that are gone.
+	if err := opt.Cache.prune(snap.listed); err != nil {
+		c.warn("prune the reference cache: %v", err)
+	}
 	c.log.Info("gc mark done", "mark_time", markTime, "objects", snap.objects, "roots", c.rep.Roots, "pins", c.rep.Pins,
 		"live", c.rep.Live, "doomed_narinfos", len(p.narinfos), "doomed_nars", len(p.nars), "doomed_others", len(p.others))
 	if opt.DryRun {

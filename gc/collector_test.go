@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	bolt "go.etcd.io/bbolt"
+
 	"github.com/nixspool/nixspool/bucket"
 )
 
@@ -169,6 +171,16 @@ func TestSecondRunReadsNothing(t *testing.T) {
 	}
 	if second.Deleted.Objects() != 0 || second.Cycle != "" {
 		t.Fatalf("second run deleted %+v (cycle %q)", second.Deleted, second.Cycle)
+	}
+	// The cache forgot what the first run deleted: it holds the four
+	// narinfos left (d, e, f, g) and the pin.
+	entries := 0
+	cache.db.View(func(tx *bolt.Tx) error {
+		entries = cache.bucket(tx).Stats().KeyN
+		return nil
+	})
+	if entries != 5 {
+		t.Fatalf("reference cache holds %d entries, want 5", entries)
 	}
 	// One narinfo changes: one read.
 	w.upload(nil, "e", "d")

@@ -316,13 +316,6 @@ func (m *memBucket) narinfoGets() int {
 	return n
 }
 
-// backdate sets the LastModified of key to t (store clock).
-func (m *memBucket) backdate(key string, t time.Time) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.objs[key].lm = t
-}
-
 func stringsReader(s string) io.Reader { return strings.NewReader(s) }
 
 // hashOf is a valid store path hash for name.

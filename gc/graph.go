@@ -227,6 +227,17 @@ func readPin(ctx context.Context, b bucket.Bucket, key string) (*objInfo, error)
 	return &objInfo{Path: p, Refs: []string{storepath.HashPart(p)}}, nil
 }
 
+// listed reports whether key (a narinfo, realisation or pin) is in s.
+func (s *snapshot) listed(key string) bool {
+	if h := cachefmt.NarinfoHash(key); h != "" {
+		_, ok := s.narinfos[h]
+		return ok
+	}
+	_, real := s.realisations[key]
+	_, pin := s.pins[key]
+	return real || pin
+}
+
 // refs returns the references of the narinfo with hash part h.
 func (s *snapshot) refs(h string) []string {
 	if o := s.info[h]; o != nil {

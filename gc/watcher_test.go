@@ -194,8 +194,7 @@ func randomInterleaving(t *testing.T, seed uint64) {
 	// step is one agent's upload of a new path relying on random
 	// others: HEAD what it does not know, NAR, Check, and the narinfo a
 	// little later.
-	var step func(a *agent)
-	step = func(a *agent) {
+	step := func(a *agent) {
 		n := fmt.Sprintf("new%d", next)
 		next++
 		var refs []string
