@@ -249,6 +249,8 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		if have, herr := u.presentTop(ctx, path); herr == nil && have {
 			u.markPresent(path)
 			return Result{}, nil
+		} else if herr != nil && u.doomed(path) {
+			return Result{}, herr // a collector holds it back: transient
 		}
 		return Result{}, Permanent(err)
 	}
