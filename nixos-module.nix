@@ -15,6 +15,9 @@ let
 
   inStore = p: hasPrefix "/nix/store/" (toString p);
 
+  # What agentctl accepts: a number of days, or a Go duration.
+  isDuration = d: builtins.match "[0-9]+(\\.[0-9]+)?d|([0-9]+(\\.[0-9]+)?(ns|us|ms|s|m|h))+" d != null;
+
   cacheUrl =
     if cfg.compression == null then cfg.cache
     else cfg.cache + (if hasInfix "?" cfg.cache then "&" else "?") + "compression=${cfg.compression}";
@@ -124,6 +127,44 @@ in
       '';
     };
 
+    gc = {
+      enable = mkEnableOption ''
+        garbage collection of the cache by this machine: a systemd timer runs
+        `agentctl gc`, which this machine's agentd carries out. Enable it on one machine
+        per bucket (a second collector is refused while one runs); every machine that
+        uploads to the bucket must run nixspool, whose agents keep their uploads safe
+        while a cycle runs'';
+
+      keepSince = mkOption {
+        type = types.str;
+        default = "30d";
+        example = "90d";
+        description = ''
+          Keep every path written or re-written within this time, with its closure
+          (`30d`, `720h`, …). Pins (`agentctl pin`) are kept regardless. Nix clients cache
+          positive narinfo lookups for 30 days by default: a shorter retention can make
+          them try paths that were just collected.
+        '';
+      };
+
+      grace = mkOption {
+        type = types.str;
+        default = "2h";
+        description = ''
+          Time between announcing what a cycle deletes and deleting it. Every agent must
+          read announcements well within it (agentd's `--gc-poll-interval`, 20s by
+          default); the collector refuses a grace too short for a registered agent.
+        '';
+      };
+
+      dates = mkOption {
+        type = types.str;
+        default = "weekly";
+        example = "Sun 03:00";
+        description = "When to run, as a systemd calendar expression (OnCalendar=).";
+      };
+    };
+
     metrics.listen = mkOption {
       type = types.nullOr types.str;
       default = null;
@@ -177,6 +218,10 @@ in
         assertion = cfg.credentialsFile == null || !(inStore cfg.credentialsFile);
         message = "services.nixspool.credentialsFile ${toString cfg.credentialsFile} is in the Nix store, where every user can read it; keep it outside the store (e.g. /var/lib/secrets).";
       }
+      {
+        assertion = !cfg.gc.enable || (isDuration cfg.gc.keepSince && isDuration cfg.gc.grace);
+        message = "services.nixspool.gc: keepSince and grace must be durations such as 30d, 12h or 90m (got \"${cfg.gc.keepSince}\" and \"${cfg.gc.grace}\").";
+      }
     ] ++ map (f: {
       assertion = !(inStore f);
       message = "services.nixspool.secretKeyFiles: ${f} is in the Nix store, where every user can read it; keep signing keys outside the store (e.g. /var/lib/secrets).";
@@ -206,6 +251,38 @@ in
         # socket's 0660 is what keeps other users out.
         DirectoryMode = "0755";
         Backlog = 512;
+      };
+    };
+
+    # One gc cycle per timer tick, carried out by agentd (which holds the
+    # credentials); the unit stays active for the grace and the sweep.
+    systemd.services.nixspool-gc = mkIf cfg.gc.enable {
+      description = "nixspool: garbage-collect the binary cache";
+      requires = [ "nixspool.socket" ];
+      after = [ "nixspool.socket" "nixspool.service" "network-online.target" ];
+      wants = [ "network-online.target" ];
+      script = "exec ${cfg.package}/bin/agentctl --socket ${socketPath} gc --keep-since ${escapeShellArg cfg.gc.keepSince} --grace ${escapeShellArg cfg.gc.grace}";
+      serviceConfig = {
+        Type = "oneshot";
+        TimeoutStartSec = "infinity";
+        User = "root";
+        CapabilityBoundingSet = "";
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateNetwork = true;
+        RestrictAddressFamilies = [ "AF_UNIX" ];
+      };
+    };
+
+    systemd.timers.nixspool-gc = mkIf cfg.gc.enable {
+      description = "nixspool: garbage-collect the binary cache (${cfg.gc.dates})";
+      wantedBy = [ "timers.target" ];
+      timerConfig = {
+        OnCalendar = cfg.gc.dates;
+        Persistent = true;
+        RandomizedDelaySec = "10min";
       };
     };
 

@@ -51,6 +51,7 @@ type Agent struct {
 	window      *limit.Limiter
 	filter      *filter
 	metrics     *metrics.Metrics // nil when off
+	gc          *gcAgent
 	rate        rateWindow
 	reachable   atomic.Int32 // 0 unknown, 1 yes, 2 no
 	stateErrMu  sync.Mutex
@@ -90,6 +91,9 @@ func New(cfg Config) (*Agent, error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
+	if a.gc, err = newGCAgent(a); err != nil {
+		return nil, err
+	}
 	if a.roots, err = gcroots.New(cfg.GCRootsDir); err != nil {
 		return nil, err
 	}
@@ -119,6 +123,7 @@ func New(cfg Config) (*Agent, error) {
 		Upstream: a.filter.upstream,
 		Exclude:  a.filter.exclude,
 		Realiser: a.realiser,
+		Guard:    a.gc.watcher,
 
 		GenerationCheck: cfg.GenerationInterval,
 
@@ -261,6 +266,8 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 		a.setReachable(true)
 	}
 
+	a.gc.start(ctx)
+
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { defer wg.Done(); a.serve(ctx) }()
@@ -290,6 +297,7 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 		<-done
 	}
 	wg.Wait()
+	a.gc.wait(10 * time.Second)
 	a.uploader.Close()
 	err := a.queue.Close()
 	a.log.Info("agentd stopped")

@@ -44,7 +44,13 @@ type Config struct {
 	SkipSignedBy          []string // key names: paths signed by one of them are not uploaded
 	MetricsListen         string   // "" = no metrics endpoint
 	UploadBuildLogs       bool     // also upload log/<drv> for uploaded paths
-	Logger                *slog.Logger
+	// Garbage collection: how often announcements are read (every agent),
+	// and an optional schedule of cycles run by this agent (0: none).
+	GCPollInterval time.Duration
+	GCInterval     time.Duration
+	GCKeepSince    time.Duration
+	GCGrace        time.Duration
+	Logger         *slog.Logger
 }
 
 // Defaults.
@@ -68,6 +74,9 @@ func DefaultConfig() Config {
 		BackoffMax:         10 * time.Minute,
 		SpoolInterval:      5 * time.Second,
 		SkipSignedBy:       []string{"cache.nixos.org-1"},
+		GCPollInterval:     20 * time.Second,
+		GCKeepSince:        30 * 24 * time.Hour,
+		GCGrace:            2 * time.Hour,
 	}
 }
 
@@ -124,6 +133,12 @@ func (c *Config) Validate() error {
 	}
 	if c.SpoolInterval <= 0 {
 		errs = append(errs, errors.New("--spool-interval: must be positive"))
+	}
+	if c.GCPollInterval <= 0 {
+		errs = append(errs, errors.New("--gc-poll-interval: must be positive"))
+	}
+	if c.GCInterval < 0 || (c.GCInterval > 0 && (c.GCGrace <= 0 || c.GCKeepSince < 0)) {
+		errs = append(errs, errors.New("--gc-interval: must not be negative, and a schedule needs a positive --gc-grace and a --gc-keep-since that is not negative"))
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()

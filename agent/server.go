@@ -144,7 +144,7 @@ func (a *Agent) progressWriter(c net.Conn) func(*protocol.Progress) error {
 
 func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer, progress func(*protocol.Progress) error) *protocol.Response {
 	switch req.Op {
-	case protocol.OpEnqueue, protocol.OpPush, protocol.OpRetry, protocol.OpDrop, protocol.OpForget:
+	case protocol.OpEnqueue, protocol.OpPush, protocol.OpRetry, protocol.OpDrop, protocol.OpForget, protocol.OpGC, protocol.OpPin, protocol.OpUnpin:
 		if !a.mayMutate(p) {
 			a.log.Warn("request refused: not allowed", "op", req.Op, "peer_uid", p.uid, "peer_pid", p.pid)
 			return &protocol.Response{Error: fmt.Sprintf("permission denied: uid %d may not %s (root, agentd's user and the socket's group may)", p.uid, req.Op)}
@@ -195,6 +195,8 @@ func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer, pro
 		}
 		a.log.Info("presence cache cleared by request", "paths", n, "peer_uid", p.uid)
 		return &protocol.Response{Count: n}
+	case protocol.OpGC, protocol.OpPin, protocol.OpUnpin, protocol.OpPins:
+		return a.handleGC(ctx, req, progress)
 	case protocol.OpStatus:
 		st, err := a.status()
 		if err != nil {

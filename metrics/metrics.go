@@ -32,6 +32,15 @@ type Metrics struct {
 	reals      prometheus.Counter
 	enqueueDur prometheus.Histogram
 	uploadDur  *prometheus.HistogramVec
+
+	gcRuns      *prometheus.CounterVec
+	gcDeleted   *prometheus.CounterVec
+	gcBytes     prometheus.Counter
+	gcRequests  *prometheus.CounterVec
+	gcLastRun   prometheus.Gauge
+	gcLastDur   prometheus.Gauge
+	gcConflicts prometheus.Counter
+	gcRefusals  prometheus.Counter
 }
 
 // New registers the collectors; snapshot is called on every scrape for
@@ -61,6 +70,31 @@ func New(snapshot func() (Snapshot, error)) *Metrics {
 		Name: "nixspool_upload_duration_seconds", Help: "Time to upload one job (its path and missing closure), by result.",
 		Buckets: prometheus.ExponentialBuckets(0.005, 2, 16),
 	}, []string{"result"})
+	m.gcRuns = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "nixspool_gc_runs_total", Help: "Garbage collection cycles run by this agent, by result (complete, incomplete, failed, dry_run, refused).",
+	}, []string{"result"})
+	m.gcDeleted = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "nixspool_gc_deleted_objects_total", Help: "Objects deleted by garbage collection, by kind (narinfo, nar, other, upload).",
+	}, []string{"kind"})
+	m.gcBytes = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "nixspool_gc_deleted_bytes_total", Help: "Bytes of the objects deleted by garbage collection.",
+	})
+	m.gcRequests = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "nixspool_gc_requests_total", Help: "Requests made by garbage collection, by kind (list, get, head, put, delete).",
+	}, []string{"kind"})
+	m.gcLastRun = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "nixspool_gc_last_run_timestamp_seconds", Help: "When the last garbage collection cycle of this agent ended (Unix time).",
+	})
+	m.gcLastDur = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "nixspool_gc_last_run_duration_seconds", Help: "How long the last garbage collection cycle of this agent took.",
+	})
+	m.gcConflicts = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "nixspool_gc_lease_conflicts_total", Help: "Cycles refused because another collector held the bucket's lease.",
+	})
+	m.gcRefusals = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "nixspool_gc_upload_refusals_total", Help: "Narinfo writes held back because an object they rely on is being garbage-collected.",
+	})
+	m.reg.MustRegister(m.gcRuns, m.gcDeleted, m.gcBytes, m.gcRequests, m.gcLastRun, m.gcLastDur, m.gcConflicts, m.gcRefusals)
 	gauge := func(name, help string, v func(Snapshot) float64) prometheus.Collector {
 		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, func() float64 {
 			s, err := snapshot()
@@ -133,4 +167,36 @@ func (m *Metrics) Failed(d time.Duration, result, class string) {
 	m.uploads.WithLabelValues(result).Inc()
 	m.uploadDur.WithLabelValues(result).Observe(d.Seconds())
 	m.errors.WithLabelValues(class).Inc()
+}
+
+// GCRun records a garbage collection cycle: its result, what it deleted
+// (by kind) and its requests (by kind).
+func (m *Metrics) GCRun(result string, end time.Time, d time.Duration, deleted map[string]int, bytes int64, requests map[string]int64) {
+	if m == nil {
+		return
+	}
+	m.gcRuns.WithLabelValues(result).Inc()
+	for k, n := range deleted {
+		m.gcDeleted.WithLabelValues(k).Add(float64(n))
+	}
+	m.gcBytes.Add(float64(bytes))
+	for k, n := range requests {
+		m.gcRequests.WithLabelValues(k).Add(float64(n))
+	}
+	m.gcLastRun.Set(float64(end.Unix()))
+	m.gcLastDur.Set(d.Seconds())
+}
+
+// GCLeaseConflict records a cycle refused because of another collector.
+func (m *Metrics) GCLeaseConflict() {
+	if m != nil {
+		m.gcConflicts.Inc()
+	}
+}
+
+// GCRefusal records a narinfo write held back by garbage collection.
+func (m *Metrics) GCRefusal() {
+	if m != nil {
+		m.gcRefusals.Inc()
+	}
 }

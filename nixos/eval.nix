@@ -15,6 +15,7 @@ let
       nix.package = lib.mkOption { type = lib.types.anything; default = "/nix/store/00000000000000000000000000000000-nix"; };
       systemd.tmpfiles.rules = lib.mkOption { type = lib.types.listOf lib.types.str; default = [ ]; };
       systemd.services = lib.mkOption { type = lib.types.attrsOf lib.types.anything; default = { }; };
+      systemd.timers = lib.mkOption { type = lib.types.attrsOf lib.types.anything; default = { }; };
       systemd.sockets = lib.mkOption { type = lib.types.attrsOf lib.types.anything; default = { }; };
     };
   };
@@ -45,4 +46,6 @@ in
     serviceConfig = c.systemd.services.nixspool.serviceConfig;
   };
   socket = c.systemd.sockets.nixspool;
+  gcService = c.systemd.services.nixspool-gc or null;
+  gcTimer = c.systemd.timers.nixspool-gc or null;
 }

@@ -37,6 +37,8 @@ type evalResult struct {
 	HookText         string         `json:"hookText"`
 	Socket           map[string]any `json:"socket"`
 	Service          map[string]any `json:"service"`
+	GCService        map[string]any `json:"gcService"`
+	GCTimer          map[string]any `json:"gcTimer"`
 }
 
 func evalModule(t *testing.T, configuration string) evalResult {
@@ -193,5 +195,49 @@ func TestModuleAssertions(t *testing.T) {
 	r = evalModule(t, `{ services.nixspool.enable = false; }`)
 	if len(r.FailedAssertions) != 0 || len(r.Packages) != 0 {
 		t.Errorf("disabled module did something: %+v", r)
+	}
+}
+
+// TestModuleGC: services.nixspool.gc gives a timer that runs agentctl gc
+// against the agent's socket, and nothing when disabled.
+func TestModuleGC(t *testing.T) {
+	r := evalModule(t, `{
+  services.nixspool = {
+    enable = true;
+    cache = "s3://my-cache?region=eu-1";
+    secretKeyFiles = [ "/var/lib/secrets/cache-1.key" ];
+    gc = { enable = true; keepSince = "14d"; grace = "3h"; dates = "Sun 03:00"; };
+  };
+}`)
+	if len(r.FailedAssertions) != 0 {
+		t.Fatalf("assertions failed: %v", r.FailedAssertions)
+	}
+	script, _ := r.GCService["script"].(string)
+	if !strings.Contains(script, "/bin/agentctl --socket /run/nixspool/agentd.sock gc --keep-since 14d --grace 3h") {
+		t.Errorf("gc service script: %q", script)
+	}
+	sc, _ := r.GCService["serviceConfig"].(map[string]any)
+	if sc["Type"] != "oneshot" || sc["TimeoutStartSec"] != "infinity" {
+		t.Errorf("gc serviceConfig = %v", sc)
+	}
+	if req, _ := json.Marshal(r.GCService["requires"]); !strings.Contains(string(req), "nixspool.socket") {
+		t.Errorf("gc service requires %s", req)
+	}
+	tc, _ := r.GCTimer["timerConfig"].(map[string]any)
+	if tc["OnCalendar"] != "Sun 03:00" || tc["Persistent"] != true {
+		t.Errorf("gc timer = %v", r.GCTimer)
+	}
+	if wb, _ := json.Marshal(r.GCTimer["wantedBy"]); !strings.Contains(string(wb), "timers.target") {
+		t.Errorf("gc timer wantedBy %s", wb)
+	}
+
+	r = evalModule(t, `{ services.nixspool = { enable = true; cache = "file:///var/cache/nix"; secretKeyFiles = [ "/k" ]; }; }`)
+	if r.GCService != nil || r.GCTimer != nil {
+		t.Errorf("gc units without gc.enable: %v %v", r.GCService, r.GCTimer)
+	}
+	r = evalModule(t, `{ services.nixspool = { enable = true; cache = "file:///var/cache/nix"; secretKeyFiles = [ "/k" ];
+    gc = { enable = true; keepSince = "a month"; }; }; }`)
+	if len(r.FailedAssertions) != 1 || !strings.Contains(r.FailedAssertions[0], "services.nixspool.gc") {
+		t.Errorf("bad keepSince: %v", r.FailedAssertions)
 	}
 }

@@ -30,10 +30,17 @@
 //	doctor               agentd checks its configuration, keys, store and cache
 //	audit    deep, keys  agentd audits its cache (read-only); result in "result"
 //	forget               agentd forgets what it knows the cache holds
+//	gc       keep_since_ns, grace_ns, dry_run
+//	                     agentd runs one garbage collection cycle on its cache;
+//	                     result in "result" (a gc.Report)
+//	pin      name, paths (one)  name a root (the path is uploaded first if the
+//	                     cache lacks it); result: the pin
+//	unpin    name        remove a pin
+//	pins                 list the pins; result: an array of pins
 //
 // # Long operations
 //
-// An operation that takes long (audit) may send any number of progress lines
+// An operation that takes long (audit, gc, pin) may send any number of progress lines
 // before its response: objects with "progress" and without "ok". A client
 // that asked for such an operation reads lines until one without
 // "progress". The connection has no overall deadline then; agentd gives up
@@ -51,6 +58,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"time"
 )
 
 // Version is the protocol version this package speaks.
@@ -73,6 +81,10 @@ const (
 	OpDoctor  = "doctor"
 	OpAudit   = "audit"
 	OpForget  = "forget"
+	OpGC      = "gc"
+	OpPin     = "pin"
+	OpUnpin   = "unpin"
+	OpPins    = "pins"
 )
 
 // Request is one client request.
@@ -88,6 +100,12 @@ type Request struct {
 	Floating bool     `json:"floating,omitempty"`
 	Deep     bool     `json:"deep,omitempty"`
 	Keys     []string `json:"keys,omitempty"` // audit: trusted public keys
+	// gc: the retention, the grace period, and whether to only report.
+	KeepSince time.Duration `json:"keep_since_ns,omitempty"`
+	Grace     time.Duration `json:"grace_ns,omitempty"`
+	DryRun    bool          `json:"dry_run,omitempty"`
+	// Name is a pin's name (pin, unpin).
+	Name string `json:"name,omitempty"`
 }
 
 // Response is agentd's answer to one request.
@@ -217,7 +235,19 @@ func DecodeRequest(line []byte) (*Request, error) {
 		if len(req.Paths) == 0 && !(req.Op == OpEnqueue && req.Floating && req.Drv != "") {
 			return nil, fmt.Errorf("%s: no paths", req.Op)
 		}
-	case OpStatus, OpList, OpDoctor, OpAudit, OpForget:
+	case OpStatus, OpList, OpDoctor, OpAudit, OpForget, OpPins:
+	case OpGC:
+		if req.Grace <= 0 || req.KeepSince < 0 {
+			return nil, errors.New("gc: need a positive grace and a keep-since that is not negative")
+		}
+	case OpPin:
+		if req.Name == "" || len(req.Paths) != 1 {
+			return nil, errors.New("pin: need a name and one path")
+		}
+	case OpUnpin:
+		if req.Name == "" {
+			return nil, errors.New("unpin: need a name")
+		}
 	case OpRetry:
 		if req.ID == 0 && !req.All {
 			return nil, errors.New("retry: need an id or all")

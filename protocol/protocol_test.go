@@ -16,6 +16,10 @@ func TestDecodeRequest(t *testing.T) {
 		`{"v":1,"op":"status","future_field":true}`:                                OpStatus,
 		`{"v":1,"op":"retry","all":true}`:                                          OpRetry,
 		`{"v":1,"op":"drop","id":7}`:                                               OpDrop,
+		`{"v":1,"op":"gc","keep_since_ns":0,"grace_ns":1000000000,"dry_run":true}`: OpGC,
+		`{"v":1,"op":"pin","name":"r-1","paths":["/nix/store/x"]}`:                 OpPin,
+		`{"v":1,"op":"unpin","name":"r-1"}`:                                        OpUnpin,
+		`{"v":1,"op":"pins"}`:                                                      OpPins,
 	}
 	for in, op := range good {
 		req, err := DecodeRequest([]byte(in))
@@ -24,15 +28,19 @@ func TestDecodeRequest(t *testing.T) {
 		}
 	}
 	bad := map[string]string{
-		`not json`:                           "malformed",
-		`{"v":2,"op":"status"}`:              "version",
-		`{"op":"status"}`:                    "version",
-		`{"v":1,"op":"rm -rf"}`:              "unknown operation",
-		`{"v":1,"op":"enqueue"}`:             "no paths",
-		`{"v":1,"op":"drop"}`:                "need an id",
-		`{"v":1,"op":"retry"}`:               "need an id",
-		`{"v":1,"op":"status"} {"v":1}`:      "trailing",
-		`{"v":1,"op":"enqueue","paths":"x"}`: "malformed",
+		`not json`:                                          "malformed",
+		`{"v":2,"op":"status"}`:                             "version",
+		`{"op":"status"}`:                                   "version",
+		`{"v":1,"op":"rm -rf"}`:                             "unknown operation",
+		`{"v":1,"op":"enqueue"}`:                            "no paths",
+		`{"v":1,"op":"drop"}`:                               "need an id",
+		`{"v":1,"op":"retry"}`:                              "need an id",
+		`{"v":1,"op":"status"} {"v":1}`:                     "trailing",
+		`{"v":1,"op":"enqueue","paths":"x"}`:                "malformed",
+		`{"v":1,"op":"gc","keep_since_ns":1}`:               "positive grace",
+		`{"v":1,"op":"gc","grace_ns":1,"keep_since_ns":-1}`: "positive grace",
+		`{"v":1,"op":"pin","name":"r-1"}`:                   "a name and one path",
+		`{"v":1,"op":"unpin"}`:                              "need a name",
 	}
 	for in, want := range bad {
 		_, err := DecodeRequest([]byte(in))

@@ -1,6 +1,15 @@
 package uploader
 
-import "context"
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cachefmt"
+	"github.com/nixspool/nixspool/storepath"
+)
 
 // Guard tells the uploader which existing objects a garbage collector is
 // about to delete (the gc package's Watcher implements it).
@@ -11,4 +20,109 @@ type Guard interface {
 	Check(ctx context.Context, relied []string) error
 	// Doomed reports whether the object at key is announced for deletion.
 	Doomed(key string) bool
+}
+
+// narinfoKey is the key of p's narinfo.
+func narinfoKey(p string) string { return storepath.HashPart(p) + ".narinfo" }
+
+// relied lists the keys a narinfo for storePath relies on: its NAR (also
+// when this upload has just written it: a NAR key is content-addressed, so
+// a doomed NAR rewritten now may still be deleted by the sweep), and the
+// narinfos of its references (also those written by this upload: with a
+// short retention they can be doomed by a cycle that began meanwhile).
+func relied(storePath, url string, refs []string) []string {
+	keys := []string{url}
+	self := storepath.HashPart(storePath)
+	for _, r := range refs {
+		if h := cachefmt.RefHash(r); h != "" && h != self {
+			keys = append(keys, h+".narinfo")
+		}
+	}
+	return keys
+}
+
+// guardNarinfo asks the guard whether the narinfo of storePath may be
+// written now. Without a guard it always may. A narinfo whose own key is
+// announced for deletion is checked like the objects it relies on: written
+// once the sweep may have begun, the sweep could delete it again.
+func (u *Uploader) guardNarinfo(ctx context.Context, storePath, url string, refs []string) error {
+	if u.opt.Guard == nil {
+		return nil
+	}
+	keys := relied(storePath, url, refs)
+	if u.doomed(storePath) {
+		keys = append(keys, narinfoKey(storePath))
+	}
+	if err := u.opt.Guard.Check(ctx, keys); err != nil {
+		return fmt.Errorf("narinfo of %s: %w", storePath, err)
+	}
+	return nil
+}
+
+// doomed reports whether p's narinfo is announced for deletion.
+func (u *Uploader) doomed(p string) bool {
+	return u.opt.Guard != nil && u.opt.Guard.Doomed(narinfoKey(p))
+}
+
+// presentTop reports whether the top path p of an upload has a narinfo in
+// the cache. If it has one that a collector announced for deletion, the
+// narinfo is rewritten first (revived): a narinfo written after the
+// collector's mark is a root of its sweep, so p and its closure stay.
+func (u *Uploader) presentTop(ctx context.Context, p string) (bool, error) {
+	have, err := u.hasNarinfo(ctx, p)
+	if err != nil || !have || !u.doomed(p) {
+		return have, err
+	}
+	return u.revive(ctx, p)
+}
+
+// revive rewrites p's narinfo with the bytes it has, if the guard allows
+// it, and only if nobody changed it meanwhile (If-Match). It reports false
+// if the narinfo is gone (the caller uploads p again).
+func (u *Uploader) revive(ctx context.Context, p string) (bool, error) {
+	key := narinfoKey(p)
+	data, info, err := u.opt.Bucket.Get(ctx, key, 16<<20)
+	if bucket.IsNotExist(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("read narinfo of %s to revive it: %w", p, err)
+	}
+	plain, err := cachefmt.DecodeContentEncoding(info.ContentEncoding, data)
+	if err != nil {
+		return false, fmt.Errorf("narinfo of %s: %w", p, err)
+	}
+	ni, err := cachefmt.ParseNarInfo(plain)
+	if err != nil {
+		// Not a narinfo stock Nix can use: replace it.
+		return false, nil
+	}
+	if err := u.guardNarinfo(ctx, p, ni.URL, ni.References); err != nil {
+		return false, err
+	}
+	_, err = u.opt.Bucket.Put(ctx, key, bytes.NewReader(data), int64(len(data)),
+		bucket.PutOptions{ContentType: "text/x-nix-narinfo", ContentEncoding: info.ContentEncoding, IfMatch: info.ETag})
+	if bucket.IsPrecondition(err) {
+		return false, fmt.Errorf("narinfo of %s changed while it was being revived; retrying", p)
+	}
+	if err != nil {
+		return false, fmt.Errorf("revive narinfo of %s: %w", p, err)
+	}
+	u.log.Info("narinfo revived: it was announced for garbage collection", "path", p)
+	return true, nil
+}
+
+// ForgetPaths drops paths (store paths) from the presence cache, in memory
+// and across restarts: a collector announced their narinfos for deletion,
+// so "the cache has it" may soon be false. Uploads that need them check
+// the cache again. A remembered entry is forgotten on disk by dating it at
+// the Unix epoch, which is older than any TTL, so it is never loaded again.
+func (u *Uploader) ForgetPaths(paths []string) {
+	hashes := u.presence.forget(paths)
+	u.presence.mu.Lock()
+	identity := u.presence.identity
+	u.presence.mu.Unlock()
+	if ps := u.opt.Presence; ps != nil && identity != "" && len(hashes) > 0 {
+		ps.AddPresent(identity, hashes, time.Unix(0, 0))
+	}
 }

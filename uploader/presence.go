@@ -138,13 +138,20 @@ func (pr *presence) evictLocked() {
 	}
 }
 
-// forget drops what is known about paths (a collector announced them).
-func (pr *presence) forget(paths []string) {
+// forget drops what is known about paths (a collector announced them) and
+// returns the hashes that were known.
+func (pr *presence) forget(paths []string) []string {
 	pr.mu.Lock()
 	defer pr.mu.Unlock()
+	var known []string
 	for _, p := range paths {
-		delete(pr.known, storepath.HashPart(p))
+		h := storepath.HashPart(p)
+		if _, ok := pr.known[h]; ok {
+			known = append(known, h)
+			delete(pr.known, h)
+		}
 	}
+	return known
 }
 
 // reset forgets everything: the cache's generation changed (or an operator

@@ -29,7 +29,6 @@
 package uploader
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -46,7 +45,6 @@ import (
 	"golang.org/x/sync/singleflight"
 
 	"github.com/nixspool/nixspool/bucket"
-	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/cacheurl"
 	"github.com/nixspool/nixspool/nixstore"
 	"github.com/nixspool/nixspool/storepath"
@@ -319,9 +317,13 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	if info == nil {
 		// Gone from the store. If it reached the cache before (an
 		// acknowledgement lost in a crash), the job is done after all.
-		if have, herr := u.hasNarinfo(ctx, path); herr == nil && have {
+		have, herr := u.presentTop(ctx, path) // asked for again: revived if doomed
+		if herr == nil && have {
 			u.presence.mark([]string{path})
 			return Result{}, nil
+		}
+		if herr != nil && u.doomed(path) {
+			return Result{}, herr // a collector holds it back: transient
 		}
 		return Result{}, Permanent(&nixstore.InvalidPathError{Path: path})
 	}
@@ -340,10 +342,20 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
-	if len(missing) == 0 {
-		if err := u.reviveIfDoomed(ctx, path); err != nil {
+	if len(missing) == 0 && u.doomed(path) {
+		// A collector announced it, and it was just built or pushed again:
+		// rewrite its narinfo so that it stays (or, if it is gone
+		// meanwhile, upload it again).
+		revived, err := u.revive(ctx, path)
+		if err != nil {
 			return Result{}, err
 		}
+		if !revived {
+			u.presence.forget([]string{path})
+			missing = []string{path}
+		}
+	}
+	if len(missing) == 0 {
 		n, err := u.putRealisations(ctx, info)
 		return Result{Realisations: n}, err
 	}
@@ -439,11 +451,11 @@ func (u *Uploader) runNarinfo(n *node) {
 		fail(errReset)
 		return
 	}
-	if g := u.opt.Guard; g != nil {
-		if err := g.Check(ctx, n.relied); err != nil {
-			fail(err)
-			return
-		}
+	// With a collector at work: nothing this narinfo relies on (its NAR,
+	// its references' narinfos) is about to be deleted.
+	if err := u.guardNarinfo(ctx, n.info.Path, n.ni.URL, n.ni.References); err != nil {
+		fail(err)
+		return
 	}
 	wrote, err := u.putNarinfo(ctx, n.ni)
 	if err != nil {
@@ -476,49 +488,6 @@ func (u *Uploader) runNarinfo(n *node) {
 	u.graph.succeed(n)
 }
 
-// reviveIfDoomed rewrites the narinfo of a path found present if a
-// collector announced it for deletion: the path was just built or pushed
-// again, so it becomes a fresh root instead of disappearing.
-func (u *Uploader) reviveIfDoomed(ctx context.Context, path string) error {
-	g := u.opt.Guard
-	key := storepath.HashPart(path) + ".narinfo"
-	if g == nil || !g.Doomed(key) {
-		return nil
-	}
-	data, info, err := u.opt.Bucket.Get(ctx, key, 16<<20)
-	if bucket.IsNotExist(err) {
-		u.presence.forget([]string{path})
-		return fmt.Errorf("%s was deleted by a garbage collector meanwhile; will upload it again", path)
-	}
-	if err != nil {
-		return err
-	}
-	plain, err := cachefmt.DecodeContentEncoding(info.ContentEncoding, data)
-	if err != nil {
-		return err
-	}
-	ni, err := cachefmt.ParseNarInfo(plain)
-	if err != nil {
-		return fmt.Errorf("narinfo of %s in the cache: %w", path, err)
-	}
-	relied := []string{ni.URL}
-	for _, r := range ni.References {
-		if h := cachefmt.RefHash(r); h != "" && h != storepath.HashPart(path) {
-			relied = append(relied, h+".narinfo")
-		}
-	}
-	if err := g.Check(ctx, relied); err != nil {
-		return err
-	}
-	_, err = u.opt.Bucket.Put(ctx, key, bytes.NewReader(data), int64(len(data)),
-		bucket.PutOptions{ContentType: "text/x-nix-narinfo", ContentEncoding: info.ContentEncoding, IfMatch: info.ETag})
-	if err != nil && !bucket.IsPrecondition(err) {
-		return fmt.Errorf("revive %s: %w", key, err)
-	}
-	u.log.Info("rewrote a narinfo announced for deletion (the path is in use again)", "path", path)
-	return nil
-}
-
 // CheckPresence asks the cache which of paths have a narinfo and returns
 // the ones that do not. Paths known to be present cost nothing.
 func (u *Uploader) CheckPresence(ctx context.Context, paths []string) ([]string, error) {
@@ -548,10 +517,6 @@ func (u *Uploader) Forget() error {
 	u.extrasDone.Clear()
 	return u.presence.reset()
 }
-
-// ForgetPaths drops what is known about paths (a collector announced them
-// for deletion).
-func (u *Uploader) ForgetPaths(paths []string) { u.presence.forget(paths) }
 
 // Maintain prunes what grows with uptime: presence entries older than the
 // TTL (in memory and persisted) and the record of uploaded build logs.

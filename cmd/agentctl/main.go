@@ -38,6 +38,12 @@ Commands:
   audit [--deep] [--trusted-public-keys K] [--json]
                              check that stock Nix can use everything in the cache (read-only;
                              exit 0: healthy, 1: problems found)
+  gc --keep-since D --grace D [--dry-run] [--list] [--json]
+                             delete what no path written within --keep-since and no pin needs,
+                             announced --grace ahead so uploads stay safe (exit 0: cycle complete)
+  pin NAME PATH              keep PATH and its closure until unpinned (uploads it if needed)
+  unpin NAME                 remove a pin
+  pins [--json]              list the pins
 
 The socket is --socket, else $NIXSPOOL_SOCKET, else /run/nixspool/agentd.sock.
 `
@@ -140,6 +146,14 @@ func run(args []string, out io.Writer) error {
 		}
 		fmt.Fprintf(out, "forgot %d paths known to be in the cache; they will be checked again\n", resp.Count)
 		return nil
+	case "gc":
+		return cmdGC(c, rest, out)
+	case "pin":
+		return cmdPin(c, rest, out)
+	case "unpin":
+		return cmdUnpin(c, rest, out)
+	case "pins":
+		return cmdPins(c, rest, out)
 	case "help":
 		fs.Usage()
 		return nil

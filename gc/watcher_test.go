@@ -1,0 +1,275 @@
+package gc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nixspool/nixspool/bucket"
+)
+
+// TestWatcherForgetsAnnouncedPaths: the presence cache drops announced
+// paths when the announcement is first seen, and again when its cycle
+// ends (presence learned meanwhile may predate the deletion).
+func TestWatcherForgetsAnnouncedPaths(t *testing.T) {
+	w := newWorld(t)
+	oldAndNew(w)
+	var forgotten [][]string
+	var mu sync.Mutex
+	g := NewWatcher(WatcherOptions{Bucket: w.b, Clock: w.clock, Forget: func(p []string) {
+		mu.Lock()
+		forgotten = append(forgotten, slices.Sorted(slices.Values(p)))
+		mu.Unlock()
+	}})
+	opt := w.opts()
+	var active bool
+	opt.afterAnnounce = func() {
+		g.Poll(w.ctx)
+		active = g.Doomed(hashOf("a")+".narinfo") && g.Doomed(narKey("c")) && !g.Doomed(hashOf("e")+".narinfo")
+	}
+	w.run(opt)
+	if !active {
+		t.Fatal("announced objects not reported doomed while the cycle ran")
+	}
+	g.Poll(w.ctx)
+	if g.Doomed(hashOf("a") + ".narinfo") {
+		t.Fatal("still doomed after the cycle was retired")
+	}
+	want := []string{pathOf("a"), pathOf("b"), pathOf("c")}
+	slices.Sort(want)
+	if len(forgotten) != 2 || !slices.Equal(forgotten[0], want) || !slices.Equal(forgotten[1], want) {
+		t.Fatalf("forgotten %v, want %v twice", forgotten, want)
+	}
+	// A watcher that starts after the cycle forgets them once, too: its
+	// agent may remember them from before a restart.
+	forgotten = nil
+	g2 := NewWatcher(WatcherOptions{Bucket: w.b, Clock: w.clock, Forget: g.opt.Forget})
+	g2.Poll(w.ctx)
+	if len(forgotten) != 1 || !slices.Equal(forgotten[0], want) {
+		t.Fatalf("a new watcher forgot %v", forgotten)
+	}
+}
+
+// TestCheckListsWhenStale: a Check long after the last listing lists the
+// announcements itself before answering.
+func TestCheckListsWhenStale(t *testing.T) {
+	w := newWorld(t)
+	oldAndNew(w)
+	g := w.watcher()
+	if err := g.Poll(w.ctx); err != nil {
+		t.Fatal(err)
+	}
+	opt := w.opts()
+	var err error
+	var listsBefore, listsAfter int
+	opt.afterAnnounce = func() {
+		w.clock.at(w.clock.Now().Add(opt.Grace-time.Second), func() {
+			w.b.mu.Lock()
+			listsBefore = w.b.lists
+			w.b.mu.Unlock()
+			err = g.Check(w.ctx, []string{hashOf("b") + ".narinfo"})
+			w.b.mu.Lock()
+			listsAfter = w.b.lists
+			w.b.mu.Unlock()
+		})
+	}
+	w.run(opt)
+	if !errors.Is(err, ErrCollecting) || listsAfter != listsBefore+1 {
+		t.Fatalf("stale Check = %v after %d listings; want one listing and a refusal", err, listsAfter-listsBefore)
+	}
+}
+
+// TestAnnouncementSeenLate: an agent that first sees an announcement when
+// it is already old (by the store's clock) is in the danger zone at once;
+// one that sees it young is not.
+func TestAnnouncementSeenLate(t *testing.T) {
+	for _, skew := range []time.Duration{0, time.Hour, -time.Hour} {
+		t.Run(skew.String(), func(t *testing.T) {
+			w := newWorld(t)
+			w.b.skew = skew
+			oldAndNew(w)
+			opt := w.opts()
+			tm := TimingFor(opt.Grace)
+			var young, old error
+			opt.afterAnnounce = func() {
+				now := w.clock.Now()
+				w.clock.at(now.Add(time.Minute), func() {
+					g := w.watcher()
+					young = g.Check(w.ctx, []string{hashOf("b") + ".narinfo"})
+				})
+				w.clock.at(now.Add(tm.Grace-tm.Margin+time.Second), func() {
+					g := w.watcher()
+					old = g.Check(w.ctx, []string{hashOf("b") + ".narinfo"})
+				})
+			}
+			w.run(opt)
+			if young != nil || !errors.Is(old, ErrCollecting) {
+				t.Fatalf("young announcement: %v; old one: %v", young, old)
+			}
+		})
+	}
+}
+
+// failingList is a bucket whose listings fail.
+type failingList struct{ *memBucket }
+
+func (f failingList) List(context.Context, bucket.ListOptions, func(bucket.Object) error) error {
+	return fmt.Errorf("list: %w", bucket.ErrUnavailable)
+}
+
+// TestCheckFailsClosed: without a listing, Check refuses.
+func TestCheckFailsClosed(t *testing.T) {
+	w := newWorld(t)
+	g := NewWatcher(WatcherOptions{Bucket: failingList{w.b}, Clock: w.clock})
+	if err := g.Check(w.ctx, []string{hashOf("a") + ".narinfo"}); err == nil || !errors.Is(err, bucket.ErrUnavailable) {
+		t.Fatalf("Check without announcements = %v, want the listing's error", err)
+	}
+	// An unreadable announcement fails the poll too.
+	w.put(announceKey("20300101T000000Z-00000000"), "not zstd")
+	g = w.watcher()
+	if err := g.Check(w.ctx, nil); err == nil {
+		t.Fatal("Check with an unreadable announcement passed")
+	}
+}
+
+// TestRandomInterleavings runs collection cycles while simulated agents
+// upload new paths relying on old ones at random moments: in the grace,
+// at its end, between delete requests. Each agent checks, then writes its
+// narinfo up to half a margin later. At every instant the invariant must
+// hold (checked after each delete and each narinfo write), and every
+// narinfo written must survive the cycle with its closure.
+func TestRandomInterleavings(t *testing.T) {
+	seeds := 200
+	if testing.Short() {
+		seeds = 30
+	}
+	for seed := 0; seed < seeds; seed++ {
+		t.Run(fmt.Sprint(seed), func(t *testing.T) { randomInterleaving(t, uint64(seed)) })
+	}
+}
+
+func randomInterleaving(t *testing.T, seed uint64) {
+	rng := rand.New(rand.NewPCG(seed, 99))
+	w := newWorld(t)
+	w.b.skew = time.Duration(rng.IntN(7200)-3600) * time.Second
+	w.b.checkWrites = true
+	// An old random DAG.
+	var names []string
+	for i := 0; i < 30; i++ {
+		n := fmt.Sprintf("old%d", i)
+		var refs []string
+		for j := 0; j < rng.IntN(3) && i > 0; j++ {
+			refs = append(refs, names[rng.IntN(i)])
+		}
+		w.upload(nil, n, uniq(refs)...)
+		names = append(names, n)
+	}
+	w.clock.Advance(10 * time.Hour)
+	opt := w.opts()
+	opt.KeepSince = 5 * time.Hour
+	opt.Grace = time.Duration(20+rng.IntN(600)) * time.Second
+	tm := TimingFor(opt.Grace)
+
+	type agent struct {
+		g       *Watcher
+		present map[string]bool
+	}
+	var agents []*agent
+	for i := 0; i < 3; i++ {
+		a := &agent{present: map[string]bool{}}
+		a.g = NewWatcher(WatcherOptions{Bucket: w.b, Clock: w.clock, Poll: tm.Margin, Forget: func(ps []string) {
+			for _, p := range ps {
+				delete(a.present, p)
+			}
+		}})
+		agents = append(agents, a)
+	}
+	var written []string // narinfos written since the mark
+	next := 0
+	// step is one agent's upload of a new path relying on random
+	// others: HEAD what it does not know, NAR, Check, and the narinfo a
+	// little later.
+	step := func(a *agent) {
+		n := fmt.Sprintf("new%d", next)
+		next++
+		var refs []string
+		for j := 0; j < 1+rng.IntN(3); j++ {
+			r := names[rng.IntN(len(names))]
+			if !a.present[pathOf(r)] {
+				if _, err := w.b.Stat(w.ctx, hashOf(r)+".narinfo"); err != nil {
+					continue
+				}
+				a.present[pathOf(r)] = true
+			}
+			refs = append(refs, r)
+		}
+		refs = uniq(refs)
+		put := func(key, body string) {
+			w.b.Put(w.ctx, key, stringsReader(body), int64(len(body)), bucket.PutOptions{})
+		}
+		put(narKey(n), "NAR of "+n)
+		relied := []string{narKey(n)}
+		for _, r := range refs {
+			relied = append(relied, hashOf(r)+".narinfo")
+		}
+		if err := a.g.Check(w.ctx, relied); err != nil {
+			if !errors.Is(err, ErrCollecting) {
+				t.Errorf("Check: %v", err)
+			}
+			for _, r := range refs {
+				delete(a.present, pathOf(r))
+			}
+			return
+		}
+		delay := time.Duration(rng.Int64N(int64(tm.Margin / 2)))
+		w.clock.at(w.clock.Now().Add(delay), func() {
+			put(hashOf(n)+".narinfo", narinfoOf(n, refs...))
+			written = append(written, n)
+			names = append(names, n)
+			a.present[pathOf(n)] = true
+		})
+	}
+	schedule := func(from time.Time, span time.Duration) {
+		for i := 0; i < 12; i++ {
+			a := agents[rng.IntN(len(agents))]
+			w.clock.at(from.Add(time.Duration(rng.Int64N(int64(span)))), func() { step(a) })
+		}
+		for _, a := range agents {
+			for t := time.Duration(rng.Int64N(int64(tm.Margin))); t < span; t += tm.Margin {
+				w.clock.at(from.Add(t), func() { a.g.Poll(w.ctx) })
+			}
+		}
+	}
+	opt.afterAnnounce = func() { schedule(w.clock.Now(), opt.Grace+opt.Grace/4) }
+	opt.beforeDelete = func(string, []string) {
+		// Slow deletes: agents act between them.
+		w.clock.Advance(time.Duration(rng.Int64N(int64(tm.Margin))))
+	}
+	for _, a := range agents {
+		a.g.Poll(w.ctx)
+	}
+	rep, err := Run(w.ctx, w.b, opt)
+	if err != nil && !errors.Is(err, ErrWindowOver) {
+		t.Fatalf("gc: %v", err)
+	}
+	w.clock.Advance(opt.Grace * 3) // run what is still scheduled
+	w.b.checkInvariant(t)
+	for _, n := range written {
+		if !w.b.has(hashOf(n) + ".narinfo") {
+			t.Errorf("%s was written during the cycle and then deleted", n)
+		}
+	}
+	if rep.Deleted.Narinfos == 0 && rep.Doomed.Narinfos > rep.Revived {
+		t.Errorf("nothing deleted: %+v", rep)
+	}
+}
+
+func uniq(s []string) []string {
+	slices.Sort(s)
+	return slices.Compact(s)
+}
