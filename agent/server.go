@@ -171,17 +171,18 @@ func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer, pro
 		// Before the commit: a job that finishes meanwhile sees the note
 		// (see realiseLate).
 		a.realiser.Note(req.Drv, paths...)
+		if len(paths) > prefetchAbove {
+			// Many paths at once (push --closure): learn which the cache
+			// holds with a few listings, starting before the jobs do, so
+			// that they need not ask one by one.
+			a.uploader.Prefetch(a.uploadCtx, paths)
+		}
 		jobs, err := a.enqueue(ctx, paths, req.Drv)
 		if err != nil {
 			a.log.Warn("enqueue refused", "op", req.Op, "err", err, "peer_uid", p.uid, "peer_pid", p.pid)
 			return &protocol.Response{Error: err.Error()}
 		}
 		a.metrics.Enqueued(time.Since(start))
-		if len(paths) > prefetchAbove {
-			// Many paths at once (push --closure): learn which the cache
-			// holds with a few listings now, instead of a HEAD per job.
-			go a.uploader.Prefetch(a.uploadCtx, paths)
-		}
 		a.log.Info("enqueued", "op", req.Op, "paths", len(paths), "drv", req.Drv, "peer_uid", p.uid, "peer_pid", p.pid, "duration", time.Since(start))
 		return &protocol.Response{Jobs: jobs, Count: len(jobs)}
 	case protocol.OpDoctor:

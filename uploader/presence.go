@@ -280,12 +280,11 @@ const (
 )
 
 // check finds out which of paths have a narinfo in the cache and returns
-// the ones that do not. With remember, the answers "missing" are kept
-// briefly for the next question about each path (see absent). Paths known present cost nothing; paths another
+// the ones that do not. Paths known present cost nothing; paths another
 // caller is asking about right now are waited for, not asked twice. For
 // many paths one listing per hash prefix replaces a HEAD per path (1,000
 // keys per request); the first error stops the rest.
-func (pr *presence) check(ctx context.Context, paths []string, remember bool) (missing []string, err error) {
+func (pr *presence) check(ctx context.Context, paths []string) (missing []string, err error) {
 	var mine []string
 	var wait []*pendingCheck
 	var waitPaths []string
@@ -328,9 +327,6 @@ func (pr *presence) check(ctx context.Context, paths []string, remember bool) (m
 		close(pc.done)
 		if err == nil && !foundSet[p] {
 			missing = append(missing, p)
-			if remember && len(pr.absent) < maxAbsent {
-				pr.absent[h] = now
-			}
 		}
 	}
 	pr.mu.Unlock()
@@ -351,6 +347,66 @@ func (pr *presence) check(ctx context.Context, paths []string, remember bool) (m
 		}
 	}
 	return missing, nil
+}
+
+// prefetch asks about paths in bulk, in the background: the paths are
+// marked as being asked about before it returns, so that a job asking about
+// one of them a moment later waits for this answer instead of asking again.
+// The answers "missing" are kept briefly for those jobs (see absent).
+func (pr *presence) prefetch(ctx context.Context, paths []string, before func() error) {
+	var mine []string
+	pr.mu.Lock()
+	now := time.Now()
+	for _, p := range paths {
+		h := storepath.HashPart(p)
+		if at, ok := pr.known[h]; ok && now.Sub(time.Unix(at, 0)) <= pr.u.opt.PresenceTTL && !pr.doomedLocked(h) {
+			continue
+		}
+		if _, ok := pr.pending[h]; ok {
+			continue
+		}
+		pr.pending[h] = &pendingCheck{done: make(chan struct{})}
+		mine = append(mine, p)
+	}
+	pr.mu.Unlock()
+	if len(mine) == 0 {
+		return
+	}
+	go func() {
+		start := time.Now()
+		var found []string
+		err := before()
+		if err == nil {
+			found, err = pr.ask(ctx, mine)
+		}
+		pr.mark(found)
+		foundSet := make(map[string]bool, len(found))
+		for _, p := range found {
+			foundSet[p] = true
+		}
+		missing := 0
+		pr.mu.Lock()
+		now := time.Now()
+		for _, p := range mine {
+			h := storepath.HashPart(p)
+			pc := pr.pending[h]
+			delete(pr.pending, h)
+			pc.present, pc.err = foundSet[p], err
+			close(pc.done)
+			if err == nil && !foundSet[p] {
+				missing++
+				if len(pr.absent) < maxAbsent {
+					pr.absent[h] = now
+				}
+			}
+		}
+		pr.mu.Unlock()
+		if err != nil {
+			pr.u.log.Debug("presence checked in bulk", "paths", len(mine), "err", err)
+			return
+		}
+		pr.u.log.Info("presence checked in bulk", "paths", len(mine), "missing", missing, "duration", time.Since(start))
+	}()
 }
 
 func (pr *presence) doomedLocked(h string) bool {

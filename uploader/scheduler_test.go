@@ -498,3 +498,36 @@ func TestLargeNARsDoNotStarveSmallOnes(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+// TestPrefetchSavesAHeadPerJob: a bulk presence check started before many
+// jobs are queued answers their first question: the jobs send no HEAD of
+// their own, and the bucket is listed at most once per hash prefix.
+func TestPrefetchSavesAHeadPerJob(t *testing.T) {
+	const n = 200
+	w := newWorld(t, n, func(int) []int { return nil }, size(10))
+	u := w.uploader(Options{})
+	if err := u.EnsureCacheInfo(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	w.b.stats.Store(0)
+	u.Prefetch(context.Background(), w.paths)
+	var wg sync.WaitGroup
+	for _, p := range w.paths {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := u.Upload(context.Background(), p); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	for i := range w.paths {
+		if !w.has(i) {
+			t.Fatalf("p%d not uploaded", i)
+		}
+	}
+	if s, l := w.b.stats.Load(), w.b.lists.Load(); s > 5 || l > 32 {
+		t.Fatalf("%d HEADs and %d listings for %d jobs after a bulk check; want no HEAD per job", s, l, n)
+	}
+}

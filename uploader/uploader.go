@@ -338,7 +338,7 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		n, err := u.putRealisations(ctx, info)
 		return Result{Realisations: n}, err
 	}
-	missing, err := u.presence.check(ctx, []string{path}, false)
+	missing, err := u.presence.check(ctx, []string{path})
 	if err != nil {
 		return Result{}, err
 	}
@@ -376,7 +376,7 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		}
 		deps = append(deps, i.Path)
 	}
-	missingDeps, err := u.presence.check(ctx, deps, false)
+	missingDeps, err := u.presence.check(ctx, deps)
 	if err != nil {
 		return Result{}, err
 	}
@@ -491,24 +491,16 @@ func (u *Uploader) runNarinfo(n *node) {
 // CheckPresence asks the cache which of paths have a narinfo and returns
 // the ones that do not. Paths known to be present cost nothing.
 func (u *Uploader) CheckPresence(ctx context.Context, paths []string) ([]string, error) {
-	return u.presence.check(ctx, paths, false)
+	return u.presence.check(ctx, paths)
 }
 
 // Prefetch learns which of paths the cache holds, in bulk (listings where
-// that is cheaper), so that the jobs for them, which ask about their own
-// path first, find the answer known or in flight. Errors are only logged:
-// the jobs ask again.
+// that is cheaper), in the background. The paths count as being asked
+// about when it returns, so that the jobs for them, which ask about their
+// own path first, wait for this answer instead of asking again: call it
+// before queueing them. Errors are only logged: the jobs then ask again.
 func (u *Uploader) Prefetch(ctx context.Context, paths []string) {
-	start := time.Now()
-	if err := u.ensureFresh(ctx); err != nil {
-		return
-	}
-	missing, err := u.presence.check(ctx, paths, true)
-	if err != nil {
-		u.log.Debug("prefetch presence", "paths", len(paths), "err", err)
-		return
-	}
-	u.log.Info("presence checked in bulk", "paths", len(paths), "missing", len(missing), "duration", time.Since(start))
+	u.presence.prefetch(ctx, paths, func() error { return u.ensureFresh(ctx) })
 }
 
 // Forget drops what is known about the cache's contents (after an
