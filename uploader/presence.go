@@ -447,6 +447,9 @@ func (pr *presence) askByHead(ctx context.Context, paths []string) ([]string, er
 	g.SetLimit(64) // the bucket's window bounds what is really in flight
 	for _, p := range paths {
 		g.Go(func() error {
+			if err := gctx.Err(); err != nil {
+				return err // an earlier HEAD failed: send no more
+			}
 			have, err := pr.u.hasNarinfo(gctx, p)
 			if err != nil {
 				return err

@@ -531,3 +531,34 @@ func TestPrefetchSavesAHeadPerJob(t *testing.T) {
 		t.Fatalf("%d HEADs and %d listings for %d jobs after a bulk check; want no HEAD per job", s, l, n)
 	}
 }
+
+// failingStat fails every HEAD after the first few, slowly, and counts
+// them.
+type failingStat struct {
+	bucket.Bucket
+	n atomic.Int64
+}
+
+func (f *failingStat) Stat(ctx context.Context, key string) (bucket.Info, error) {
+	if f.n.Add(1) > 3 {
+		time.Sleep(20 * time.Millisecond)
+		return bucket.Info{}, fmt.Errorf("stat %s: %w: injected", key, bucket.ErrUnavailable)
+	}
+	return f.Bucket.Stat(ctx, key)
+}
+
+// TestPresenceStopsAtFirstError: once a HEAD of a presence check fails, the
+// rest of the batch is not sent (only those already in flight finish).
+func TestPresenceStopsAtFirstError(t *testing.T) {
+	const n = 400
+	w := newWorld(t, n, func(int) []int { return nil }, size(10))
+	fs := &failingStat{Bucket: w.fb}
+	u := w.uploader(Options{Bucket: fs})
+	u.presence.bucketKeys.Store(1 << 40) // a huge bucket: HEADs, not listings
+	if _, err := u.CheckPresence(context.Background(), w.paths); !errors.Is(err, bucket.ErrUnavailable) {
+		t.Fatalf("CheckPresence = %v, want the HEAD's error", err)
+	}
+	if sent := fs.n.Load(); sent > 3+64 {
+		t.Fatalf("%d HEADs sent for %d paths after the first failure; want at most the 64 in flight", sent, n)
+	}
+}

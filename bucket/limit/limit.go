@@ -77,6 +77,9 @@ func New(opt Options) *Limiter {
 
 // Acquire waits for a slot in the window (or ctx's end).
 func (l *Limiter) Acquire(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.inflight < int(l.limit) {
