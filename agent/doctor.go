@@ -82,8 +82,12 @@ func (a *Agent) doctor(ctx context.Context) []protocol.Check {
 
 	us := a.uploader.Stats()
 	if us.Generation != "" {
-		add("presence cache", "ok", fmt.Sprintf("%d paths known to be in the cache (generation %s, confirmed %s ago); narinfo writes are create-only (store honours If-None-Match: %s); `agentctl forget` clears it",
-			us.KnownPresent, us.Generation, us.GenerationAge.Round(time.Second), us.ConditionalWrites),
+		gen := us.Generation // "ETag@time": the nix-cache-info this generation began with
+		if _, at, ok := strings.Cut(gen, "@"); ok {
+			gen = "nix-cache-info of " + at
+		}
+		add("presence cache", "ok", fmt.Sprintf("%d paths known to be in the cache (%s, confirmed %s ago); narinfo writes are create-only (store honours If-None-Match: %s); `agentctl forget` clears it",
+			us.KnownPresent, gen, us.GenerationAge.Round(time.Second), us.ConditionalWrites),
 			"")
 	}
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"time"
@@ -99,6 +100,17 @@ func (a *Agent) mayMutate(p peer) bool {
 
 func (a *Agent) handle(ctx context.Context, c net.Conn) {
 	defer c.Close()
+	defer func() {
+		// A bug in one request's handling must not take agentd down: the
+		// request fails, the stack goes to the log, agentd keeps serving.
+		if r := recover(); r != nil {
+			a.log.Error("request handler panicked; agentd keeps serving", "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
+			c.SetWriteDeadline(time.Now().Add(connDeadline))
+			if b, err := protocol.Encode(&protocol.Response{V: protocol.Version, Error: "internal error (logged by agentd)"}); err == nil {
+				c.Write(b)
+			}
+		}
+	}()
 	c.SetDeadline(time.Now().Add(connDeadline))
 	p := peerOf(c)
 	req, err := protocol.ReadRequest(c)
@@ -167,6 +179,12 @@ func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer, pro
 				a.log.Warn("enqueue refused", "op", req.Op, "err", err, "peer_uid", p.uid, "peer_pid", p.pid)
 				return &protocol.Response{Error: err.Error()}
 			}
+		}
+		// Nothing unchecked reaches the notes or the presence check: the
+		// full check (registered in the store) follows in enqueue.
+		if err := checkSyntax(a.cfg.StoreDir, paths, req.Drv); err != nil {
+			a.log.Warn("enqueue refused", "op", req.Op, "err", err, "peer_uid", p.uid, "peer_pid", p.pid)
+			return &protocol.Response{Error: err.Error()}
 		}
 		// Before the commit: a job that finishes meanwhile sees the note
 		// (see realiseLate).
@@ -313,6 +331,23 @@ type RefusedError struct{ Err error }
 
 func (e *RefusedError) Error() string { return "refused: " + e.Err.Error() }
 func (e *RefusedError) Unwrap() error { return e.Err }
+
+// checkSyntax refuses paths (and a derivation) that are not store paths,
+// before anything looks at them.
+func checkSyntax(storeDir string, paths []string, drv string) error {
+	if len(paths) > 100000 {
+		return &RefusedError{fmt.Errorf("too many paths in one request (%d > 100000)", len(paths))}
+	}
+	for _, p := range paths {
+		if err := storepath.Check(storeDir, p); err != nil {
+			return &RefusedError{err}
+		}
+	}
+	if drv != "" && storepath.Check(storeDir, drv) != nil {
+		return &RefusedError{fmt.Errorf("drv %q is not a store path", drv)}
+	}
+	return nil
+}
 
 // checkPaths refuses anything that is not a valid, registered store path.
 func (a *Agent) checkPaths(ctx context.Context, paths []string) error {

@@ -156,6 +156,15 @@ func TestRefusesBadInputAndKeepsServing(t *testing.T) {
 			t.Errorf("push %q: err=%v, output %q; want one line mentioning %q", path, err, out, want)
 		}
 	}
+	// Many bad paths at once (a bulk push takes another road: a presence
+	// check in bulk before the jobs are queued).
+	var many []string
+	for i := 0; i < 100; i++ {
+		many = append(many, fmt.Sprintf("/tmp/not-a-store-path-%d", i))
+	}
+	if out, err := a.Ctl(append([]string{"push"}, many...)...); err == nil || !strings.Contains(out, "not a store path") || strings.Count(strings.TrimSpace(out), "\n") != 0 {
+		t.Errorf("push of 100 bad paths: err=%v, output %q", err, out)
+	}
 	// Raw garbage on the socket.
 	for msg, want := range map[string]string{
 		"not json\n":                      "malformed request",

@@ -74,7 +74,9 @@ func CheckBase(base string) error {
 }
 
 // HashPart returns the 32-character hash part of a store path (absolute or
-// base name). The path must have passed Check or CheckBase.
+// base name). The path must have passed Check or CheckBase; for anything
+// shorter it returns the whole base name rather than panic.
 func HashPart(p string) string {
-	return filepath.Base(p)[:hashLen]
+	base := filepath.Base(p)
+	return base[:min(len(base), hashLen)]
 }
