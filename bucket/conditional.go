@@ -26,7 +26,16 @@ func ProbeConditional(ctx context.Context, b Bucket, keyPrefix string) (bool, er
 		if IsPrecondition(err) {
 			return false, fmt.Errorf("conditional-write probe: a fresh key %s already exists", key)
 		}
-		return false, fmt.Errorf("conditional-write probe: %w", err)
+		if !IsPermanent(err) {
+			return false, fmt.Errorf("conditional-write probe: %w", err)
+		}
+		// Refused outright (NotImplemented, InvalidArgument, 400): does a
+		// plain write work? Then the store just does not know the header.
+		if _, perr := b.Put(ctx, key, strings.NewReader(body), int64(len(body)), PutOptions{ContentType: "text/plain"}); perr != nil {
+			return false, fmt.Errorf("conditional-write probe: %w", perr)
+		}
+		b.Delete(context.WithoutCancel(ctx), key)
+		return false, nil
 	}
 	defer b.Delete(context.WithoutCancel(ctx), key)
 	err := put()

@@ -68,26 +68,36 @@ func (j *jobResult) add(f func(*Result)) {
 type graph struct {
 	u     *Uploader
 	mu    sync.Mutex
-	nodes map[string]*node
-	work  *workQueue
-	large *workQueue
+	nodes   map[string]*node
+	work    *workQueue
+	large   *workQueue
+	running sync.WaitGroup // the workers
 }
 
 func newGraph(u *Uploader, workers, largeWorkers int) *graph {
 	g := &graph{u: u, nodes: map[string]*node{}, work: newWorkQueue(), large: newWorkQueue()}
 	for i := 0; i < workers; i++ {
-		go g.work.run()
+		g.running.Add(1)
+		go func() { defer g.running.Done(); g.work.run() }()
 	}
 	for i := 0; i < largeWorkers; i++ {
-		go g.large.run()
+		g.running.Add(1)
+		go func() { defer g.running.Done(); g.large.run() }()
 	}
 	return g
 }
 
-// close stops the workers.
+// close stops the workers, once the tasks they are running end (cancel
+// the uploads first for a quick stop).
 func (g *graph) close() {
+	g.mu.Lock()
+	for _, n := range g.nodes {
+		n.cancel()
+	}
+	g.mu.Unlock()
 	g.work.close()
 	g.large.close()
+	g.running.Wait()
 }
 
 // errDependencyGone is the error of a node whose reference is neither in

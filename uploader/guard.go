@@ -100,8 +100,11 @@ func (u *Uploader) revive(ctx context.Context, p string) (bool, error) {
 	if err := u.guardNarinfo(ctx, p, ni.URL, ni.References); err != nil {
 		return false, err
 	}
-	_, err = u.opt.Bucket.Put(ctx, key, bytes.NewReader(data), int64(len(data)),
-		bucket.PutOptions{ContentType: "text/x-nix-narinfo", ContentEncoding: info.ContentEncoding, IfMatch: info.ETag})
+	opts := bucket.PutOptions{ContentType: "text/x-nix-narinfo", ContentEncoding: info.ContentEncoding}
+	if u.conditionalWrites(ctx) {
+		opts.IfMatch = info.ETag // nobody changed it meanwhile
+	}
+	_, err = u.opt.Bucket.Put(ctx, key, bytes.NewReader(data), int64(len(data)), opts)
 	if bucket.IsPrecondition(err) {
 		return false, fmt.Errorf("narinfo of %s changed while it was being revived; retrying", p)
 	}

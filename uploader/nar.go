@@ -317,25 +317,32 @@ func (u *Uploader) makeNarinfo(info *nixstore.PathInfo, url, compression string,
 
 // putNarinfo writes ni's narinfo unless the cache already has one: like
 // Nix, nixspool never replaces a narinfo (another machine's signatures would
-// be lost). With a store that honours create-only writes the check and the
-// write are one request; with one that does not, a HEAD comes first (a
-// writer racing in between can still be overwritten: the store's limit). It
-// reports whether this call wrote the narinfo.
+// be lost). It reports whether this call wrote it.
 func (u *Uploader) putNarinfo(ctx context.Context, ni *narinfo.NarInfo) (bool, error) {
-	key := storepath.HashPart(ni.StorePath) + ".narinfo"
 	body, err := compressMeta(u.opt.Cache.NarinfoCompression, []byte(ni.String()))
 	if err != nil {
 		return false, err
 	}
-	if !u.conditionalWrites(ctx) {
+	return u.putNew(ctx, storepath.HashPart(ni.StorePath)+".narinfo", body,
+		bucket.PutOptions{ContentType: "text/x-nix-narinfo", ContentEncoding: u.opt.Cache.NarinfoCompression})
+}
+
+// putNew writes an object only if the key does not exist yet, and reports
+// whether it wrote it. With a store that honours create-only writes the
+// check and the write are one request (If-None-Match); with one that does
+// not, a HEAD comes first (a writer racing in between can still be
+// overwritten: the store's limit).
+func (u *Uploader) putNew(ctx context.Context, key string, body []byte, opts bucket.PutOptions) (bool, error) {
+	if u.conditionalWrites(ctx) {
+		opts.IfNoneMatch = true
+	} else {
 		if _, err := u.opt.Bucket.Stat(ctx, key); err == nil {
 			return false, nil
 		} else if !bucket.IsNotExist(err) {
 			return false, err
 		}
 	}
-	_, err = u.opt.Bucket.Put(ctx, key, bytes.NewReader(body), int64(len(body)),
-		bucket.PutOptions{ContentType: "text/x-nix-narinfo", ContentEncoding: u.opt.Cache.NarinfoCompression, IfNoneMatch: true})
+	_, err := u.opt.Bucket.Put(ctx, key, bytes.NewReader(body), int64(len(body)), opts)
 	if bucket.IsPrecondition(err) {
 		return false, nil
 	}
@@ -343,7 +350,7 @@ func (u *Uploader) putNarinfo(ctx context.Context, ni *narinfo.NarInfo) (bool, e
 }
 
 // conditionalWrites reports whether the store honours create-only writes,
-// probing it the first time (and again after a failed probe).
+// probing it the first time (and again after a probe that could not tell).
 func (u *Uploader) conditionalWrites(ctx context.Context) bool {
 	switch u.conditional.Load() {
 	case condYes:
@@ -353,14 +360,14 @@ func (u *Uploader) conditionalWrites(ctx context.Context) bool {
 	}
 	ok, err := bucket.ProbeConditional(ctx, u.opt.Bucket, "nixspool/probe/")
 	if err != nil {
-		u.log.Warn("cannot tell whether the store honours create-only writes; looking before writing narinfos", "err", err)
+		u.log.Warn("cannot tell whether the store honours create-only writes; looking before writing", "err", err)
 		return false
 	}
 	if ok {
 		u.conditional.Store(condYes)
 	} else {
 		u.conditional.Store(condNo)
-		u.log.Warn("the store ignores create-only writes (If-None-Match); narinfos are checked with a HEAD before they are written, so two machines writing the same path at the same instant can still replace each other's narinfo", "cache", u.opt.Cache.String())
+		u.log.Warn("the store does not honour create-only writes (If-None-Match); narinfos are checked with a HEAD before they are written, so two machines writing the same path at the same instant can still replace each other's narinfo", "cache", u.opt.Cache.String())
 	}
 	return ok
 }

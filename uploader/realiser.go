@@ -1,7 +1,6 @@
 package uploader
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"fmt"
@@ -48,13 +47,13 @@ func (u *Uploader) putRealisations(ctx context.Context, info *nixstore.PathInfo)
 		if v, ok := u.extrasDone.Load(e.Key); ok && v.([32]byte) == sum {
 			continue
 		}
-		_, err := u.opt.Bucket.Put(ctx, e.Key, bytes.NewReader(e.Body), int64(len(e.Body)), bucket.PutOptions{ContentType: e.ContentType, IfNoneMatch: true})
-		if bucket.IsPrecondition(err) {
-			u.extrasDone.Store(e.Key, sum)
-			continue
-		}
+		wrote, err := u.putNew(ctx, e.Key, e.Body, bucket.PutOptions{ContentType: e.ContentType})
 		if err != nil {
 			return n, fmt.Errorf("write %s: %w", e.Key, err)
+		}
+		if !wrote {
+			u.extrasDone.Store(e.Key, sum)
+			continue
 		}
 		if u.extrasCount.Add(1) > maxExtrasDone {
 			u.extrasDone.Clear()

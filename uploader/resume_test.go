@@ -202,6 +202,7 @@ func (f *fixture) resumableUploader(t *testing.T, mp *fakeMultipart, rs ResumeSt
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(u.Close)
 	return u
 }
 

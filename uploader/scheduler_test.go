@@ -562,3 +562,35 @@ func TestPresenceStopsAtFirstError(t *testing.T) {
 		t.Fatalf("%d HEADs sent for %d paths after the first failure; want at most the 64 in flight", sent, n)
 	}
 }
+
+// rejectsConditions is a store that refuses conditional writes outright
+// (NotImplemented), as some S3 implementations do.
+type rejectsConditions struct{ bucket.Bucket }
+
+func (b *rejectsConditions) Put(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) (bucket.Info, error) {
+	if opts.IfNoneMatch || opts.IfMatch != "" {
+		return bucket.Info{}, fmt.Errorf("put %s: %w: NotImplemented: conditional writes", key, bucket.ErrPermanent)
+	}
+	return b.Bucket.Put(ctx, key, r, size, opts)
+}
+
+// TestStoreRejectingConditionalWrites: with a store that refuses
+// If-None-Match outright, uploads still work (looking before writing), the
+// probe says so once, and an existing narinfo is not replaced.
+func TestStoreRejectingConditionalWrites(t *testing.T) {
+	w := newWorld(t, 3, chain, size(100))
+	theirs := []byte("StorePath: " + w.paths[0] + "\nURL: nar/x.nar\nNarHash: sha256:" + strings.Repeat("0", 52) + "\nNarSize: 1\nSig: other-1:xyz\n")
+	w.fb.Put(context.Background(), hashFor(0)+".narinfo", bytes.NewReader(theirs), int64(len(theirs)), bucket.PutOptions{})
+	u := w.uploader(Options{Bucket: &rejectsConditions{w.b}})
+	res, err := u.Upload(context.Background(), w.paths[2])
+	if err != nil || res.Paths != 2 {
+		t.Fatalf("Upload = %+v, %v", res, err)
+	}
+	if u.conditional.Load() != condNo {
+		t.Fatal("the probe did not record that the store refuses conditional writes")
+	}
+	got, _, _ := w.fb.Get(context.Background(), hashFor(0)+".narinfo", 1<<20)
+	if !bytes.Equal(got, theirs) {
+		t.Fatal("an existing narinfo was replaced")
+	}
+}

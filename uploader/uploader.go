@@ -35,7 +35,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -206,7 +205,8 @@ func New(opt Options) (*Uploader, error) {
 	return u, nil
 }
 
-// Close stops the uploader's workers. Uploads in progress must have ended.
+// Close stops the uploader: uploads in progress are cancelled, and it
+// returns once its workers have stopped.
 func (u *Uploader) Close() { u.graph.close() }
 
 // InProgress returns the NARs being streamed now.
@@ -249,8 +249,7 @@ func (u *Uploader) writeCacheInfo(ctx context.Context) (bucket.Info, error) {
 		wmq = 1
 	}
 	body := fmt.Sprintf("StoreDir: %s\nWantMassQuery: %d\nPriority: %d\n", storepath.DefaultStoreDir, wmq, u.opt.Cache.Priority)
-	_, err := u.opt.Bucket.Put(ctx, "nix-cache-info", strings.NewReader(body), int64(len(body)), bucket.PutOptions{ContentType: "text/x-nix-cache-info", IfNoneMatch: true})
-	if err != nil && !bucket.IsPrecondition(err) {
+	if _, err := u.putNew(ctx, "nix-cache-info", []byte(body), bucket.PutOptions{ContentType: "text/x-nix-cache-info"}); err != nil {
 		return bucket.Info{}, fmt.Errorf("write nix-cache-info: %w", err)
 	}
 	u.log.Info("wrote nix-cache-info", "cache", u.opt.Cache.String())

@@ -158,6 +158,7 @@ func (f *fixture) uploader(t *testing.T, opt Options) *Uploader {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(u.Close) // before the temp dirs go: no worker writes into them
 	return u
 }
 
