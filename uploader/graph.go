@@ -66,8 +66,8 @@ func (j *jobResult) add(f func(*Result)) {
 // as many as may run at once, so that they never hold the workers small
 // paths and narinfos need.
 type graph struct {
-	u     *Uploader
-	mu    sync.Mutex
+	u       *Uploader
+	mu      sync.Mutex
 	nodes   map[string]*node
 	work    *workQueue
 	large   *workQueue
@@ -201,7 +201,7 @@ func (g *graph) narUploaded(n *node, ni *narinfo.NarInfo, sent uint64, relied []
 // succeed records that n's narinfo is written: it is present, and its
 // dependents may be due.
 func (g *graph) succeed(n *node) {
-	g.u.presence.mark([]string{n.info.Path})
+	g.u.presence.markIn([]string{n.info.Path}, n.gen)
 	var due []*node
 	g.mu.Lock()
 	delete(g.nodes, n.info.Path)

@@ -103,13 +103,21 @@ func (pr *presence) has(p string) bool {
 
 // mark records that the narinfos of paths are in the cache, in memory and
 // (lazily) in the presence store.
-func (pr *presence) mark(paths []string) {
+func (pr *presence) mark(paths []string) { pr.markIn(paths, pr.gen.Load()) }
+
+// markIn is mark for an answer obtained in generation gen: if the cache
+// was reset since (the answer may describe the old bucket), it is dropped.
+func (pr *presence) markIn(paths []string, gen uint64) {
 	if len(paths) == 0 {
 		return
 	}
 	now := time.Now()
 	hashes := make([]string, len(paths))
 	pr.mu.Lock()
+	if pr.gen.Load() != gen {
+		pr.mu.Unlock()
+		return
+	}
 	for i, p := range paths {
 		hashes[i] = storepath.HashPart(p)
 		pr.known[hashes[i]] = now.Unix()
@@ -157,8 +165,8 @@ func (pr *presence) forget(paths []string) []string {
 // reset forgets everything: the cache's generation changed (or an operator
 // asked). Uploads planned before fail their narinfo write and start over.
 func (pr *presence) reset() error {
-	pr.gen.Add(1)
 	pr.mu.Lock()
+	pr.gen.Add(1)
 	pr.known = map[string]int64{}
 	pr.absent = map[string]time.Time{}
 	identity := pr.identity
@@ -312,8 +320,9 @@ func (pr *presence) check(ctx context.Context, paths []string) (missing []string
 	}
 	pr.mu.Unlock()
 
+	gen := pr.gen.Load()
 	found, err := pr.ask(ctx, mine)
-	pr.mark(found)
+	pr.markIn(found, gen)
 	foundSet := make(map[string]bool, len(found))
 	for _, p := range found {
 		foundSet[p] = true
@@ -376,10 +385,11 @@ func (pr *presence) prefetch(ctx context.Context, paths []string, before func() 
 		start := time.Now()
 		var found []string
 		err := before()
+		gen := pr.gen.Load()
 		if err == nil {
 			found, err = pr.ask(ctx, mine)
 		}
-		pr.mark(found)
+		pr.markIn(found, gen)
 		foundSet := make(map[string]bool, len(found))
 		for _, p := range found {
 			foundSet[p] = true

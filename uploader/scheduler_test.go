@@ -594,3 +594,42 @@ func TestStoreRejectingConditionalWrites(t *testing.T) {
 		t.Fatal("an existing narinfo was replaced")
 	}
 }
+
+// blockingStat holds HEADs of one key until released.
+type blockingStat struct {
+	bucket.Bucket
+	key     string
+	started chan struct{}
+	release chan struct{}
+}
+
+func (b *blockingStat) Stat(ctx context.Context, key string) (bucket.Info, error) {
+	if key == b.key {
+		close(b.started)
+		<-b.release
+	}
+	return b.Bucket.Stat(ctx, key)
+}
+
+// TestAnswerFromBeforeAResetIsDropped: a presence answer that was in flight
+// while the cache was reset is not counted in the new generation (it may
+// describe the old bucket).
+func TestAnswerFromBeforeAResetIsDropped(t *testing.T) {
+	w := newWorld(t, 1, chain, size(10))
+	bs := &blockingStat{Bucket: w.fb, key: hashFor(0) + ".narinfo", started: make(chan struct{}), release: make(chan struct{})}
+	u := w.uploader(Options{Bucket: bs})
+	if _, err := w.fb.Put(context.Background(), hashFor(0)+".narinfo", strings.NewReader("x"), 1, bucket.PutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := u.CheckPresence(context.Background(), w.paths); done <- err }()
+	<-bs.started
+	u.Forget() // the reset lands while the HEAD is in flight
+	close(bs.release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if u.presence.seen(w.paths[0]) {
+		t.Fatal("an answer from before the reset was counted in the new generation")
+	}
+}
