@@ -107,7 +107,7 @@ func (a *Agent) process(job *queue.Job) {
 	ctx, finish := a.startJob(job) // dropping the job cancels ctx
 	res, err := a.uploader.Upload(ctx, job.Path)
 	var noted []string
-	if err == nil {
+	if err == nil && !res.SelfSkipped {
 		var n int
 		noted, n, err = a.realise(ctx, job)
 		res.Realisations += n

@@ -37,9 +37,35 @@ func (u *Uploader) putRealisations(ctx context.Context, info *nixstore.PathInfo)
 	if u.opt.Realiser == nil {
 		return 0, nil
 	}
+	if !u.presence.seen(info.Path) {
+		// Never a realisation whose output has no narinfo (a path a filter
+		// left out, or one whose upload did not complete).
+		have, err := u.hasNarinfo(ctx, info.Path)
+		if err != nil || !have {
+			return 0, err
+		}
+		u.presence.mark([]string{info.Path})
+	}
+	return u.writeRealisations(ctx, info)
+}
+
+// writeRealisations is putRealisations once info's narinfo is known to be
+// in the cache (just written, or found there).
+func (u *Uploader) writeRealisations(ctx context.Context, info *nixstore.PathInfo) (int, error) {
+	if u.opt.Realiser == nil {
+		return 0, nil
+	}
 	extras, err := u.opt.Realiser.For(ctx, info)
 	if err != nil {
 		return 0, fmt.Errorf("realisations of %s: %w", info.Path, err)
+	}
+	if g := u.opt.Guard; g != nil && len(extras) > 0 {
+		// A realisation relies on its output's narinfo and, through its
+		// dependencies, on the outputs it references: like a narinfo, it
+		// is not written while a collector may be deleting them.
+		if err := g.Check(ctx, relied(info.Path, narinfoKey(info.Path), info.References)); err != nil {
+			return 0, fmt.Errorf("realisations of %s: %w", info.Path, err)
+		}
 	}
 	n := 0
 	for _, e := range extras {

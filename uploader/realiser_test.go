@@ -94,3 +94,21 @@ func TestRealiserErrorFailsThePath(t *testing.T) {
 		t.Fatalf("retry: %+v, %v", res, err)
 	}
 }
+
+// TestNoRealisationWithoutItsNarinfo: a path a filter leaves out gets no
+// realisation either (it would name an output the cache lacks).
+func TestNoRealisationWithoutItsNarinfo(t *testing.T) {
+	f := newFixture(t, nil)
+	r := &fakeRealiser{}
+	u := f.uploader(t, Options{Realiser: r, Exclude: func(i *nixstore.PathInfo) bool { return i.Path == f.path(0) }})
+	res, err := u.Upload(context.Background(), f.path(0))
+	if err != nil || !res.SelfSkipped || res.Realisations != 0 {
+		t.Fatalf("Upload of an excluded path = %+v, %v", res, err)
+	}
+	if n, err := u.PutRealisations(context.Background(), f.store.infos[f.path(0)]); err != nil || n != 0 {
+		t.Fatalf("PutRealisations for a path without a narinfo = %d, %v", n, err)
+	}
+	if got := f.rec.count("realisations/"); got != 0 {
+		t.Fatalf("%d realisations written without their output's narinfo", got)
+	}
+}

@@ -145,6 +145,9 @@ type Result struct {
 	// Skipped counts paths not uploaded because of a filter: the job's
 	// path if excluded, and upstream paths of its closure.
 	Skipped int
+	// SelfSkipped: the path itself was left out by a filter (nothing of
+	// it, realisations included, may be written).
+	SelfSkipped bool
 	// Kept counts narinfos another writer put in place while this upload
 	// ran (left as they were).
 	Kept int
@@ -327,7 +330,7 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		return Result{}, Permanent(&nixstore.InvalidPathError{Path: path})
 	}
 	if u.isUpstream(info) || (u.opt.Exclude != nil && u.opt.Exclude(info)) {
-		return Result{Skipped: 1}, nil
+		return Result{Skipped: 1, SelfSkipped: true}, nil
 	}
 	gen := u.presence.gen.Load()
 	// The path itself first: if its narinfo is there, its closure is too
@@ -461,7 +464,7 @@ func (u *Uploader) runNarinfo(n *node) {
 		fail(err)
 		return
 	}
-	extras, err := u.putRealisations(ctx, n.info)
+	extras, err := u.writeRealisations(ctx, n.info)
 	if err != nil {
 		fail(err)
 		return
