@@ -230,7 +230,7 @@ func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
 		return nil
 	}
 	asked := time.Now()
-	info, err := u.opt.Bucket.Stat(ctx, "nix-cache-info")
+	info, err := u.statCacheInfo(ctx)
 	if bucket.IsNotExist(err) {
 		info, err = u.writeCacheInfo(ctx)
 	}
@@ -256,7 +256,15 @@ func (u *Uploader) writeCacheInfo(ctx context.Context) (bucket.Info, error) {
 		return bucket.Info{}, fmt.Errorf("write nix-cache-info: %w", err)
 	}
 	u.log.Info("wrote nix-cache-info", "cache", u.opt.Cache.String())
-	return u.opt.Bucket.Stat(ctx, "nix-cache-info")
+	return u.statCacheInfo(ctx)
+}
+
+// statCacheInfo reads nix-cache-info's identity with a GET rather than a
+// HEAD: an error answer to a GET carries its reason, so a skewed clock or
+// an expired token is never taken for an emptied bucket.
+func (u *Uploader) statCacheInfo(ctx context.Context) (bucket.Info, error) {
+	_, info, err := u.opt.Bucket.Get(ctx, "nix-cache-info", 64<<10)
+	return info, err
 }
 
 // generationName identifies one incarnation of the cache: its
@@ -271,7 +279,7 @@ func generationName(info bucket.Info) string {
 func (u *Uploader) CheckGeneration(ctx context.Context) error {
 	_, err, _ := u.fresh.Do("generation", func() (any, error) {
 		asked := time.Now()
-		info, err := u.opt.Bucket.Stat(ctx, "nix-cache-info")
+		info, err := u.statCacheInfo(ctx)
 		if bucket.IsNotExist(err) {
 			u.log.Warn("nix-cache-info is gone: the cache was emptied; forgetting what it held", "cache", u.opt.Cache.String())
 			if rerr := u.presence.reset(); rerr != nil {

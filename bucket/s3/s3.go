@@ -614,6 +614,11 @@ func (b *Bucket) classify(err error, read bool) error {
 		return b.withRetryAfter(fmt.Errorf("%w: %w: %w", bucket.ErrUnavailable, bucket.ErrThrottled, err))
 	case unavailableCodes[resp.Code] || resp.StatusCode >= 500:
 		return b.withRetryAfter(fmt.Errorf("%w: %w", bucket.ErrUnavailable, err))
+	case read && strings.Contains(resp.Code, " "):
+		// An answer without a body (a HEAD): minio-go made the code up
+		// from the status line, so nothing says why (an expired token, a
+		// skewed clock, …). Transient: the next attempt may say more.
+		return err
 	case resp.StatusCode == http.StatusBadRequest || resp.StatusCode == http.StatusMethodNotAllowed || resp.StatusCode == http.StatusNotImplemented:
 		return fmt.Errorf("%w: %s: %s", bucket.ErrPermanent, resp.Code, resp.Message)
 	}
