@@ -47,7 +47,7 @@ func TestClassify(t *testing.T) {
 		{"PreconditionFailed", 412, false, want{precondition: true}},
 		{"NoSuchKey", 404, true, want{notExist: true}},
 		{"AccessDenied", 403, true, want{notExist: true}}, // a missing key without ListBucket
-		{"400 Bad Request", 400, true, want{}},              // a HEAD's bodiless answer: no reason given
+		{"400 Bad Request", 400, true, want{}},            // a HEAD's bodiless answer: no reason given
 	} {
 		err := b.classify(minio.ErrorResponse{Code: c.code, StatusCode: c.status, Message: "msg"}, c.read)
 		got := want{
