@@ -143,8 +143,12 @@ func (a *Agent) process(job *queue.Job) {
 		}
 		log.Info("upload interrupted by shutdown; job is ready again")
 	case uploader.IsPermanent(err):
-		if err := a.queue.Fail(job.ID, err.Error(), now); err != nil {
-			log.Error("fail", "err", err)
+		if ferr := a.queue.Fail(job.ID, err.Error(), now); errors.Is(ferr, queue.ErrRequeued) {
+			a.metrics.Failed(time.Since(start), "retry", "permanent")
+			log.Warn("upload failed, but the path was requested again meanwhile; queued again", "err", err)
+			return
+		} else if ferr != nil {
+			log.Error("fail", "err", ferr)
 		}
 		a.uploader.Discard(a.uploadCtx, job.Path)
 		a.metrics.Failed(time.Since(start), "failed", "permanent")
@@ -152,8 +156,11 @@ func (a *Agent) process(job *queue.Job) {
 	case !errors.Is(err, bucket.ErrUnavailable) && a.cfg.MaxAttempts > 0 && job.Attempts+1 >= a.cfg.MaxAttempts:
 		// Only failures of the job itself count: an outage or throttling
 		// of the bucket is not the job's fault.
-		if err := a.queue.Fail(job.ID, "gave up after "+strconv.Itoa(job.Attempts+1)+" attempts: "+err.Error(), now); err != nil {
-			log.Error("fail", "err", err)
+		if ferr := a.queue.Fail(job.ID, "gave up after "+strconv.Itoa(job.Attempts+1)+" attempts: "+err.Error(), now); errors.Is(ferr, queue.ErrRequeued) {
+			log.Warn("upload failed, but the path was requested again meanwhile; queued again", "err", err)
+			return
+		} else if ferr != nil {
+			log.Error("fail", "err", ferr)
 		}
 		a.metrics.Failed(time.Since(start), "failed", "transient")
 		log.Error("job failed: attempts exhausted", "err", err)

@@ -151,3 +151,32 @@ func TestDropWhileLeased(t *testing.T) {
 		t.Fatalf("stats after dropping every job = %+v", s)
 	}
 }
+
+// TestRequestedAgainDuringAFailingAttempt: a path requested again while its
+// job is being uploaded is not swallowed if that attempt then fails for
+// good: the job is ready again, attempts reset (the new request means
+// "will be uploaded"). Without a new request, a failure parks the job.
+func TestRequestedAgainDuringAFailingAttempt(t *testing.T) {
+	q, _ := openTest(t)
+	now := time.Now()
+	if _, err := q.Enqueue([]string{"/nix/store/a", "/nix/store/b"}, "", now); err != nil {
+		t.Fatal(err)
+	}
+	ja, _ := q.Lease(now)
+	jb, _ := q.Lease(now)
+	if _, err := q.Enqueue([]string{ja.Path}, "", now); err != nil { // the hook, again
+		t.Fatal(err)
+	}
+	if err := q.Fail(ja.ID, "path gone", now); !errors.Is(err, ErrRequeued) {
+		t.Fatalf("Fail of a job requested again = %v, want ErrRequeued", err)
+	}
+	if j, _ := q.Get(ja.ID); j.State != StateReady || j.Attempts != 0 {
+		t.Fatalf("job requested again: %+v, want ready with no attempts", j)
+	}
+	if err := q.Fail(jb.ID, "path gone", now); err != nil {
+		t.Fatal(err)
+	}
+	if j, _ := q.Get(jb.ID); j.State != StateFailed {
+		t.Fatalf("job not requested again: %+v, want failed", j)
+	}
+}

@@ -123,6 +123,10 @@ type Queue struct {
 	// dropped holds jobs dropped while leased: the worker's outcome for
 	// them is accepted quietly (there is nothing left to record).
 	dropped map[uint64]struct{}
+	// again holds leased jobs whose path was requested again while they
+	// were being uploaded: if that attempt fails for good, the new request
+	// still means "will be uploaded", so the job is ready again instead.
+	again map[uint64]struct{}
 
 	// durable is the id of the last transaction known to be on disk,
 	// attempted the id of the last one whose commit has finished, with or
@@ -171,6 +175,7 @@ func Open(path string) (*Queue, error) {
 		leased: map[uint64]Job{},
 
 		dropped:   map[uint64]struct{}{},
+		again:     map[uint64]struct{}{},
 		durableCh: make(chan struct{}),
 	}
 	if err := db.Update(func(tx *bolt.Tx) error {
@@ -386,6 +391,7 @@ type EnqueueResult struct {
 // it, typically after it was built again, means it should be uploaded. It
 // returns only after the jobs are durably committed.
 func (q *Queue) Enqueue(paths []string, drv string, now time.Time) ([]EnqueueResult, error) {
+	q.noteRequestedAgain(paths)
 	// Paths that are all queued (and not failed) already are durable
 	// already: answer from a read transaction, without a commit (and its
 	// two fsyncs).
@@ -513,7 +519,34 @@ func (q *Queue) Lease(now time.Time) (*Job, error) {
 func (q *Queue) unlease(id uint64) {
 	q.mu.Lock()
 	delete(q.leased, id)
+	delete(q.again, id)
 	q.mu.Unlock()
+}
+
+// noteRequestedAgain marks the leased jobs of paths as requested again
+// (before the request is answered, so that no outcome can slip between).
+func (q *Queue) noteRequestedAgain(paths []string) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if len(q.leased) == 0 {
+		return
+	}
+	want := make(map[string]bool, len(paths))
+	for _, p := range paths {
+		want[p] = true
+	}
+	for id, j := range q.leased {
+		if want[j.Path] {
+			q.again[id] = struct{}{}
+		}
+	}
+}
+
+func (q *Queue) requestedAgain(id uint64) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	_, ok := q.again[id]
+	return ok
 }
 
 func (q *Queue) isLeased(id uint64) bool {
@@ -632,8 +665,24 @@ func (q *Queue) RetryLater(id uint64, notBefore time.Time, reason string, now ti
 	}, reason, now)
 }
 
-// Fail moves a leased job to the dead letter with reason.
+// ErrRequeued is returned by Fail for a job whose path was requested again
+// during the failed attempt: the job is ready again, attempts reset.
+var ErrRequeued = errors.New("requested again during the attempt; queued again")
+
+// Fail moves a leased job to the dead letter with reason, unless its path
+// was requested again while it was being uploaded: then the job is ready
+// again with its attempts reset (the new request means "will be uploaded",
+// as for a failed job requested again), and Fail returns ErrRequeued.
 func (q *Queue) Fail(id uint64, reason string, now time.Time) error {
+	if q.requestedAgain(id) {
+		err := q.transition(id, StateLeased, func(j *Job) {
+			j.State, j.Attempts, j.NotBefore, j.LastError = StateReady, 0, now.UTC(), reason
+		}, reason, now)
+		if err != nil {
+			return err
+		}
+		return ErrRequeued
+	}
 	return q.transition(id, StateLeased, func(j *Job) {
 		j.State, j.Attempts, j.LastError = StateFailed, j.Attempts+1, reason
 	}, reason, now)
