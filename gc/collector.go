@@ -403,7 +403,8 @@ func (c *collector) list(keys, paths []string) {
 
 // checkWatchers refuses a grace too short for an agent that registered
 // recently: its danger zone could begin before that agent has seen the
-// announcement.
+// announcement. An agent that cannot list the bucket (blind) cannot see
+// announcements at all: no cycle starts while one is registered.
 func (c *collector) checkWatchers(ctx context.Context, s *snapshot, markTime time.Time) error {
 	for k, o := range s.watchers {
 		if markTime.Sub(o.LastModified) > watcherFresh {
@@ -415,6 +416,9 @@ func (c *collector) checkWatchers(ctx context.Context, s *snapshot, markTime tim
 				continue
 			}
 			return fmt.Errorf("read watcher record %s: %w", k, err)
+		}
+		if rec.Blind {
+			return &BlindWatcherError{ID: rec.ID, Host: rec.Host}
 		}
 		if c.tm.Grace-c.tm.Margin < rec.Stale+clockSlack {
 			return &GraceTooShortError{ID: rec.ID, Host: rec.Host, Stale: rec.Stale, Grace: c.tm.Grace, MinGrace: MinGraceFor(rec.Stale)}
@@ -833,4 +837,12 @@ func (c *collector) cleanup(ctx context.Context, s *snapshot, markTime time.Time
 		}
 		old = old[n:]
 	}
+}
+
+// BlindWatcherError refuses a cycle while an agent that cannot list the
+// bucket (and so cannot see announcements) is registered.
+type BlindWatcherError struct{ ID, Host string }
+
+func (e *BlindWatcherError) Error() string {
+	return fmt.Sprintf("the agent %s on %s cannot list this bucket (its cache URL names the bucket inside endpoint=), so it cannot see what a collector announces; garbage collection is refused while it runs. Give it the path-style URL (s3://BUCKET/PREFIX?endpoint=REGION-ENDPOINT)", e.ID, e.Host)
 }

@@ -96,6 +96,11 @@ type WatcherRecord struct {
 	Stale   time.Duration `json:"stale_ns"`
 	Poll    time.Duration `json:"poll_ns"`
 	Version string        `json:"version,omitempty"`
+	// Blind: the agent cannot list the bucket (its cache URL names the
+	// bucket inside the endpoint, as the DigitalOcean form of Nix's guide
+	// does), so it cannot read announcements. No collector may start while
+	// it runs; it writes narinfos only while no collector holds the lease.
+	Blind bool `json:"blind,omitempty"`
 }
 
 // Timing is a cycle's timing, derived from its grace.

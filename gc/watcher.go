@@ -71,6 +71,9 @@ type Watcher struct {
 	minGap    time.Duration   // smallest Grace-Margin announced (0: none seen)
 	verified  map[string]bool // key+"\x00"+cycle: present after its cycle ended
 	failing   bool
+	// blind: the bucket cannot be listed here (see WatcherRecord.Blind);
+	// blindRegistered: the registration saying so is in the bucket.
+	blind, blindRegistered bool
 }
 
 var _ uploader.Guard = (*Watcher)(nil)
@@ -143,6 +146,15 @@ func (w *Watcher) poll(ctx context.Context) error {
 		return nil
 	})
 	if err != nil {
+		if unlistable(err) {
+			w.mu.Lock()
+			first := !w.blind
+			w.blind = true
+			w.mu.Unlock()
+			if first {
+				w.opt.Logger.Warn("this cache cannot be listed with this URL (the bucket is named inside endpoint=); this agent cannot see garbage-collection announcements, so it registers as blind: collectors refuse to run while it does, and it writes narinfos only while no collector holds the lease", "err", err)
+			}
+		}
 		return fmt.Errorf("list gc announcements: %w", err)
 	}
 	end := w.opt.Clock.Now()
@@ -284,7 +296,13 @@ func (w *Watcher) fresh(ctx context.Context) error {
 // to exist (once per object and cycle): presence learned while the cycle
 // ran may predate its deletion.
 func (w *Watcher) Check(ctx context.Context, relied []string) error {
+	if w.isBlind() {
+		return w.checkBlind(ctx)
+	}
 	if err := w.fresh(ctx); err != nil {
+		if w.isBlind() {
+			return w.checkBlind(ctx)
+		}
 		return err
 	}
 	type pending struct {
@@ -335,6 +353,9 @@ func (w *Watcher) Check(ctx context.Context, relied []string) error {
 // Doomed implements uploader.Guard: key is doomed by a cycle that is not
 // over.
 func (w *Watcher) Doomed(key string) bool {
+	if w.isBlind() {
+		return false // nothing can be announced while this agent runs
+	}
 	now := w.opt.Clock.Now()
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -365,11 +386,59 @@ func (w *Watcher) register(ctx context.Context) error {
 	if w.opt.ID == "" {
 		return nil
 	}
-	rec := WatcherRecord{ID: w.opt.ID, Host: w.opt.Host, Stale: w.opt.Stale, Poll: w.opt.Poll, Version: w.opt.Version}
+	blind := w.isBlind()
+	rec := WatcherRecord{ID: w.opt.ID, Host: w.opt.Host, Stale: w.opt.Stale, Poll: w.opt.Poll, Version: w.opt.Version, Blind: blind}
 	if _, err := putJSON(ctx, w.opt.Bucket, WatcherPrefix+w.opt.ID, rec, bucket.PutOptions{}); err != nil {
 		return fmt.Errorf("register as gc watcher: %w", err)
 	}
+	if blind {
+		w.mu.Lock()
+		w.blindRegistered = true
+		w.mu.Unlock()
+	}
 	return nil
+}
+
+func (w *Watcher) isBlind() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.blind
+}
+
+// unlistable tells an error that says the bucket cannot be listed with
+// this URL from a passing failure (which leaves the agent waiting).
+func unlistable(err error) bool {
+	return err != nil && !errors.Is(err, bucket.ErrUnavailable) && !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) &&
+		(bucket.IsNotExist(err) || bucket.IsPermanent(err))
+}
+
+// checkBlind is Check for an agent that cannot see announcements: once it
+// is registered as blind (so no collector starts a cycle), a narinfo may be
+// written while no collector holds the lease (every deletion happens under
+// a held lease).
+func (w *Watcher) checkBlind(ctx context.Context) error {
+	w.mu.Lock()
+	registered := w.blindRegistered
+	w.mu.Unlock()
+	if !registered {
+		if err := w.register(ctx); err != nil {
+			return fmt.Errorf("cannot tell whether a garbage collector is deleting what this upload relies on: %w", err)
+		}
+	}
+	var rec leaseRecord
+	info, err := getJSON(ctx, w.opt.Bucket, LeaseKey, &rec)
+	switch {
+	case bucket.IsNotExist(err):
+		return nil
+	case err != nil:
+		return fmt.Errorf("cannot tell whether a garbage collector is at work: %w", err)
+	case rec.Released || bucket.Now(w.opt.Bucket).Sub(info.LastModified) > rec.TTL+clockSlack:
+		return nil
+	}
+	if w.opt.OnRefuse != nil {
+		w.opt.OnRefuse()
+	}
+	return fmt.Errorf("a garbage collector (%s on %s) holds the lease of this cache; this agent cannot see what it deletes, so it waits for it to finish", rec.Agent, rec.Host)
 }
 
 // Run registers the agent and lists announcements every Poll until ctx is
@@ -385,6 +454,17 @@ func (w *Watcher) Run(ctx context.Context) {
 			}
 		}
 		err := w.Poll(ctx)
+		if w.isBlind() {
+			w.mu.Lock()
+			registered := w.blindRegistered
+			w.mu.Unlock()
+			if !registered {
+				if rerr := w.register(ctx); rerr != nil && ctx.Err() == nil {
+					w.opt.Logger.Warn("gc watcher: register as blind", "err", rerr)
+				}
+			}
+			err = nil // blind is a state, not a failure: see checkBlind
+		}
 		switch {
 		case ctx.Err() != nil:
 			return

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -272,4 +273,46 @@ func randomInterleaving(t *testing.T, seed uint64) {
 func uniq(s []string) []string {
 	slices.Sort(s)
 	return slices.Compact(s)
+}
+
+// unlistable is a bucket this agent's URL cannot list (the bucket is named
+// inside endpoint=): listings fail for good, objects can be read.
+type unlistableBucket struct{ *memBucket }
+
+func (unlistableBucket) List(context.Context, bucket.ListOptions, func(bucket.Object) error) error {
+	return fmt.Errorf("list: %w (NoSuchKey)", bucket.ErrNotExist)
+}
+
+// TestBlindWatcher: an agent that cannot list the bucket registers as
+// blind; while it is registered no cycle starts; it writes narinfos only
+// while no collector holds the lease.
+func TestBlindWatcher(t *testing.T) {
+	w := newWorld(t)
+	oldAndNew(w)
+	g := NewWatcher(WatcherOptions{Bucket: unlistableBucket{w.b}, Clock: w.clock, Poll: time.Minute, ID: "agent-9", Host: "builder-9"})
+	if err := g.Check(w.ctx, []string{hashOf("a") + ".narinfo"}); err != nil {
+		t.Fatalf("Check of a blind agent with no collector at work = %v", err)
+	}
+	var rec WatcherRecord
+	if _, err := getJSON(w.ctx, w.b, WatcherPrefix+"agent-9", &rec); err != nil || !rec.Blind {
+		t.Fatalf("registration %+v, %v; want it marked blind", rec, err)
+	}
+	// A collector (with a URL that can list) refuses to start.
+	_, err := Run(w.ctx, w.b, w.opts())
+	var blind *BlindWatcherError
+	if !errors.As(err, &blind) || blind.Host != "builder-9" {
+		t.Fatalf("Run with a blind agent registered = %v", err)
+	}
+	w.present(t, "a", "b", "c")
+	// While a collector holds the lease (one that started before the
+	// registration), the blind agent waits.
+	if _, err := acquireLease(w.ctx, w.b, w.clock, leaseRecord{Holder: "x/1", Agent: "x", Host: "hx", TTL: time.Hour}, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Check(w.ctx, nil); err == nil || !strings.Contains(err.Error(), "holds the lease") {
+		t.Fatalf("Check while a collector holds the lease = %v", err)
+	}
+	if g.Doomed(hashOf("a") + ".narinfo") {
+		t.Fatal("a blind agent claims to know what is doomed")
+	}
 }

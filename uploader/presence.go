@@ -68,6 +68,9 @@ type presence struct {
 	// bucketKeys estimates the keys at the cache's root (narinfos and
 	// listings), learned from listings: it decides HEADs versus listing.
 	bucketKeys atomic.Int64
+	// unlistable: listing the bucket failed for good (a cache URL that
+	// names the bucket inside endpoint=); presence is asked by HEAD only.
+	unlistable atomic.Bool
 }
 
 type pendingCheck struct {
@@ -427,7 +430,7 @@ func (pr *presence) doomedLocked(h string) bool {
 // listingWorthIt decides between a HEAD per path and listing the hash
 // prefixes the paths fall under, from the estimated size of the cache.
 func (pr *presence) listingWorthIt(paths []string) bool {
-	if len(paths) < 32 {
+	if len(paths) < 32 || pr.unlistable.Load() {
 		return false
 	}
 	prefixes := map[byte]bool{}
@@ -445,7 +448,13 @@ func (pr *presence) ask(ctx context.Context, paths []string) ([]string, error) {
 		return nil, nil
 	}
 	if pr.listingWorthIt(paths) {
-		return pr.askByListing(ctx, paths)
+		found, err := pr.askByListing(ctx, paths)
+		if err == nil || errors.Is(err, bucket.ErrUnavailable) || ctx.Err() != nil || !(bucket.IsNotExist(err) || bucket.IsPermanent(err)) {
+			return found, err
+		}
+		if !pr.unlistable.Swap(true) {
+			pr.u.log.Warn("the bucket cannot be listed with this cache URL; asking about paths one by one (HEAD)", "err", err)
+		}
 	}
 	return pr.askByHead(ctx, paths)
 }

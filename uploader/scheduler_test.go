@@ -633,3 +633,25 @@ func TestAnswerFromBeforeAResetIsDropped(t *testing.T) {
 		t.Fatal("an answer from before the reset was counted in the new generation")
 	}
 }
+
+// unlistableBucket refuses listings, as a bucket named inside endpoint=
+// does.
+type unlistableBucket struct{ bucket.Bucket }
+
+func (unlistableBucket) List(context.Context, bucket.ListOptions, func(bucket.Object) error) error {
+	return fmt.Errorf("list: %w (NoSuchKey)", bucket.ErrNotExist)
+}
+
+// TestUnlistableBucketFallsBackToHEADs: a bucket that cannot be listed with
+// this URL is asked about path by path instead; uploads go on.
+func TestUnlistableBucketFallsBackToHEADs(t *testing.T) {
+	const n = 300 // enough for a listing to be worth it
+	w := newWorld(t, n, flat(n), size(10))
+	u := w.uploader(Options{Bucket: unlistableBucket{w.b}})
+	if res, err := u.Upload(context.Background(), w.paths[n-1]); err != nil || res.Paths != n {
+		t.Fatalf("Upload = %+v, %v", res, err)
+	}
+	if !u.presence.unlistable.Load() {
+		t.Fatal("the failed listing was not noticed")
+	}
+}
