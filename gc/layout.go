@@ -44,7 +44,7 @@ const (
 
 // Retention is how long announcements and done markers of past cycles
 // stay in the bucket. It exceeds the uploader's presence-cache lifetime
-// (7 days), so an agent that was down during a cycle still learns, when it
+// (24 hours), so an agent that was down during a cycle still learns, when it
 // starts, which of the paths it remembers as present were deleted.
 const Retention = 8 * 24 * time.Hour
 
