@@ -10,16 +10,19 @@ import (
 	"os/user"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/nixspool/nixspool/atomicfile"
 	"github.com/nixspool/nixspool/bucket"
 	"github.com/nixspool/nixspool/bucket/limit"
 	"github.com/nixspool/nixspool/bucket/open"
 	"github.com/nixspool/nixspool/cacheurl"
 	"github.com/nixspool/nixspool/gcroots"
+	"github.com/nixspool/nixspool/hook"
 	"github.com/nixspool/nixspool/metrics"
 	"github.com/nixspool/nixspool/nixstore"
 	"github.com/nixspool/nixspool/protocol"
@@ -96,6 +99,14 @@ func New(cfg Config) (*Agent, error) {
 	}
 	if a.roots, err = gcroots.New(cfg.GCRootsDir); err != nil {
 		return nil, err
+	}
+	// The hook roots what it spools where this agentd looks.
+	recorded := cfg.GCRootsDir
+	if recorded == "" {
+		recorded = "off"
+	}
+	if err := atomicfile.Write(filepath.Join(cfg.StateDir, hook.RootsFile), strings.NewReader(recorded+"\n"), -1, 0o644); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
 	}
 	a.store = nixstore.Open(nixstore.Options{Socket: cfg.NixDaemonSocket, MaxConns: min(cfg.Jobs, 8)})
 	// Requests (the hook's) check their paths on connections of their own,

@@ -46,6 +46,10 @@ type Config struct {
 	StateDir string
 	Timeout  time.Duration
 	Strict   bool
+	// gcRootsSet: NIXSPOOL_GC_ROOTS was given; otherwise the directory
+	// agentd recorded in the state directory (RootsFile) is used, else
+	// DefaultGCRoots.
+	gcRootsSet bool
 	// GCRoots is agentd's GC roots directory, where spooled paths are
 	// rooted ("" when NIXSPOOL_GC_ROOTS=off).
 	GCRoots string
@@ -64,7 +68,9 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 		Strict:   getenv("NIXSPOOL_STRICT") == "1",
 		GCRoots:  DefaultGCRoots,
 	}
-	switch r := getenv("NIXSPOOL_GC_ROOTS"); {
+	r := getenv("NIXSPOOL_GC_ROOTS")
+	c.gcRootsSet = r != ""
+	switch {
 	case r == "":
 	case r == "off":
 		c.GCRoots = ""
@@ -82,6 +88,27 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 		c.Timeout = d
 	}
 	return c, nil
+}
+
+// RootsFile, in agentd's state directory, names agentd's GC roots
+// directory ("off" when it keeps none), so that the hook roots what it
+// spools where agentd will look, whatever agentd's --gc-roots.
+const RootsFile = "gc-roots"
+
+// RecordedRoots returns the roots directory agentd recorded in stateDir
+// ("" for off), or def if it recorded none.
+func RecordedRoots(stateDir, def string) string {
+	data, err := os.ReadFile(filepath.Join(stateDir, RootsFile))
+	if err != nil {
+		return def
+	}
+	switch r := strings.TrimSpace(string(data)); {
+	case r == "off":
+		return ""
+	case filepath.IsAbs(r):
+		return filepath.Clean(r)
+	}
+	return def
 }
 
 func or(s, def string) string {
@@ -121,6 +148,9 @@ func Run(getenv func(string) string, stderr io.Writer) int {
 	}
 	// Root first: a spooled path is never without a root.
 	rooted := ""
+	if !cfg.gcRootsSet {
+		cfg.GCRoots = RecordedRoots(cfg.StateDir, cfg.GCRoots)
+	}
 	if rerr := rootPaths(cfg.GCRoots, paths); rerr != nil {
 		rooted = fmt.Sprintf(" (NOT protected from garbage collection: %v)", rerr)
 	}

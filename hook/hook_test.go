@@ -186,3 +186,32 @@ func TestGCRootsConfig(t *testing.T) {
 		}
 	}
 }
+
+// TestRootsWhereAgentdRecorded: without NIXSPOOL_GC_ROOTS the hook roots
+// what it spools in the directory agentd recorded in its state directory
+// (its --gc-roots), and nowhere when agentd keeps no roots.
+func TestRootsWhereAgentdRecorded(t *testing.T) {
+	if got := RecordedRoots(t.TempDir(), "/default"); got != "/default" {
+		t.Fatalf("nothing recorded: %q", got)
+	}
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, RootsFile), []byte("/nix/var/nix/gcroots/custom\n"), 0o644)
+	if got := RecordedRoots(dir, "/default"); got != "/nix/var/nix/gcroots/custom" {
+		t.Fatalf("recorded directory: %q", got)
+	}
+	os.WriteFile(filepath.Join(dir, RootsFile), []byte("off\n"), 0o644)
+	if got := RecordedRoots(dir, "/default"); got != "" {
+		t.Fatalf("recorded off: %q", got)
+	}
+	p := aStorePath(t)
+	roots := filepath.Join(t.TempDir(), "roots")
+	os.WriteFile(filepath.Join(dir, RootsFile), []byte(roots+"\n"), 0o644)
+	env := map[string]string{"OUT_PATHS": p, "NIXSPOOL_SOCKET": filepath.Join(dir, "none.sock"), "NIXSPOOL_STATE_DIR": dir, "NIXSPOOL_TIMEOUT": "300ms"}
+	var stderr bytes.Buffer
+	if code := Run(envOf(env), &stderr); code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr.String())
+	}
+	if got, err := os.Readlink(filepath.Join(roots, filepath.Base(p))); err != nil || got != p {
+		t.Fatalf("root = %q, %v; want it in the recorded directory", got, err)
+	}
+}
