@@ -154,6 +154,18 @@ func (c *counting) Put(ctx context.Context, key string, r io.Reader, size int64,
 	return c.Bucket.Put(ctx, key, r, size, opts)
 }
 
+// waitFor polls cond until it holds (or fails the test after 10 s).
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not reached within 10 s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
 func chain(i int) []int {
 	if i == 0 {
 		return nil
@@ -432,7 +444,8 @@ func TestCancelledJobLeavesSharedWork(t *testing.T) {
 	errs := make(chan error, 2)
 	go func() { _, err := u.Upload(ctx, w.paths[1]); errs <- err }()
 	go func() { _, err := u.Upload(context.Background(), w.paths[2]); errs <- err }()
-	time.Sleep(50 * time.Millisecond) // both jobs planned; p0's NAR in flight
+	// Both jobs planned (three nodes) and p0's NAR in flight.
+	waitFor(t, func() bool { return u.graph.inProgress() == 3 && w.b.inPut.Load() > 0 })
 	cancel()
 	var got []error
 	for i := 0; i < 2; i++ {
@@ -440,6 +453,17 @@ func TestCancelledJobLeavesSharedWork(t *testing.T) {
 	}
 	if !w.has(0) || !w.has(2) {
 		t.Fatalf("the surviving job did not complete: %v", got)
+	}
+	cancelled := 0
+	for _, err := range got {
+		if errors.Is(err, context.Canceled) {
+			cancelled++
+		} else if err != nil {
+			t.Errorf("unexpected error: %v", err)
+		}
+	}
+	if cancelled != 1 {
+		t.Fatalf("errors %v: want exactly the cancelled job to end with its context's error", got)
 	}
 }
 
@@ -481,7 +505,7 @@ func TestLargeNARsDoNotStarveSmallOnes(t *testing.T) {
 			largeDone.Add(1)
 		}()
 	}
-	time.Sleep(100 * time.Millisecond) // the large ones are queued first
+	waitFor(t, func() bool { return u.graph.inProgress() == large }) // the large ones are queued first
 	var smallWG sync.WaitGroup
 	for i := large; i < large+small; i++ {
 		smallWG.Add(1)
