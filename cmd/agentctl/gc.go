@@ -7,7 +7,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -15,23 +14,6 @@ import (
 	"github.com/nixspool/nixspool/gc"
 	"github.com/nixspool/nixspool/protocol"
 )
-
-// parseDuration reads a Go duration ("90m", "720h") or a number of days
-// ("30d").
-func parseDuration(s string) (time.Duration, error) {
-	if d, ok := strings.CutSuffix(s, "d"); ok {
-		n, err := strconv.ParseFloat(d, 64)
-		if err != nil || n < 0 {
-			return 0, fmt.Errorf("%q: want a duration such as 30d, 12h or 90m", s)
-		}
-		return time.Duration(n * float64(24*time.Hour)), nil
-	}
-	v, err := time.ParseDuration(s)
-	if err != nil || v < 0 {
-		return 0, fmt.Errorf("%q: want a duration such as 30d, 12h or 90m", s)
-	}
-	return v, nil
-}
 
 // progressPrinter shows a long operation's progress: in place on a
 // terminal, else one line per stage (for logs).
@@ -75,11 +57,11 @@ func cmdGC(c *client, args []string, out io.Writer) error {
 	if *keepSince == "" || *grace == "" || fs.NArg() > 0 {
 		return &exitError{code: 2, msg: "gc: --keep-since and --grace are required (e.g. agentctl gc --keep-since 30d --grace 2h)"}
 	}
-	ks, err := parseDuration(*keepSince)
+	ks, err := gc.ParseDuration(*keepSince)
 	if err != nil {
 		return &exitError{code: 2, msg: "gc: --keep-since " + err.Error()}
 	}
-	gr, err := parseDuration(*grace)
+	gr, err := gc.ParseDuration(*grace)
 	if err != nil || gr <= 0 {
 		return &exitError{code: 2, msg: fmt.Sprintf("gc: --grace %q: want a positive duration such as 2h", *grace)}
 	}

@@ -19,6 +19,7 @@ import (
 	"syscall"
 
 	"github.com/nixspool/nixspool/agent"
+	"github.com/nixspool/nixspool/gc"
 	"github.com/nixspool/nixspool/gcroots"
 )
 
@@ -94,9 +95,9 @@ func run(args []string) error {
 	fs.Var(skipSigned, "skip-signed-by", `do not upload paths already signed by this key name (repeatable; "" for none)`)
 	fs.BoolVar(&cfg.UploadBuildLogs, "upload-build-logs", false, "also upload the build log of each uploaded path's derivation (log/<drv>, read by `nix-store --store CACHE --read-log DRV`)")
 	fs.DurationVar(&cfg.GCPollInterval, "gc-poll-interval", cfg.GCPollInterval, "how often to read garbage-collection announcements; a collector's --grace must exceed twice this plus its margin")
-	fs.DurationVar(&cfg.GCInterval, "gc-interval", 0, "run a garbage collection cycle this often (0: never; see also agentctl gc)")
-	fs.DurationVar(&cfg.GCKeepSince, "gc-keep-since", cfg.GCKeepSince, "scheduled gc: keep paths written within this time (and their closures)")
-	fs.DurationVar(&cfg.GCGrace, "gc-grace", cfg.GCGrace, "scheduled gc: time between announcing deletions and deleting")
+	fs.Var(gc.DurationFlag{D: &cfg.GCInterval}, "gc-interval", "run a garbage collection cycle this often, e.g. 7d (0: never; see also agentctl gc)")
+	fs.Var(gc.DurationFlag{D: &cfg.GCKeepSince}, "gc-keep-since", "scheduled gc: keep paths written within this time (and their closures), e.g. 30d")
+	fs.Var(gc.DurationFlag{D: &cfg.GCGrace}, "gc-grace", "scheduled gc: time between announcing deletions and deleting, e.g. 2h")
 	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "", "serve Prometheus metrics on this address (e.g. 127.0.0.1:9443; off by default)")
 	fs.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
