@@ -52,6 +52,7 @@ type Agent struct {
 
 	breaker     *breaker
 	window      *limit.Limiter
+	limited     bucket.Bucket // bucket through the window
 	filter      *filter
 	metrics     *metrics.Metrics // nil when off
 	gc          *gcAgent
@@ -94,6 +95,13 @@ func New(cfg Config) (*Agent, error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
+	// Every request of the uploads and of the collector goes through one
+	// adaptive window.
+	a.window = limit.New(limit.Options{Min: cfg.MinRequests, Max: cfg.MaxRequests})
+	if t, ok := a.bucket.(interface{ OnThrottle(func()) }); ok {
+		t.OnThrottle(a.window.Throttled) // every 429/503, also those the S3 client retries itself
+	}
+	a.limited = limit.Wrap(a.bucket, a.window)
 	if a.gc, err = newGCAgent(a); err != nil {
 		return nil, err
 	}
@@ -115,14 +123,9 @@ func New(cfg Config) (*Agent, error) {
 	if a.queue, err = queue.Open(filepath.Join(cfg.StateDir, "queue.db")); err != nil {
 		return nil, err
 	}
-	// Every request uploads make goes through one adaptive window.
-	a.window = limit.New(limit.Options{Min: cfg.MinRequests, Max: cfg.MaxRequests})
-	if t, ok := a.bucket.(interface{ OnThrottle(func()) }); ok {
-		t.OnThrottle(a.window.Throttled) // every 429/503, also those the S3 client retries itself
-	}
 	a.realiser = realisation.New(realisation.Options{Store: a.store, Keys: keys, StoreDir: cfg.StoreDir, Logger: a.log})
 	a.uploader, err = uploader.New(uploader.Options{
-		Bucket:   limit.Wrap(a.bucket, a.window),
+		Bucket:   a.limited,
 		Cache:    a.cache,
 		Store:    a.store,
 		Keys:     keys,

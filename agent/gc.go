@@ -44,7 +44,7 @@ func newGCAgent(a *Agent) (*gcAgent, error) {
 	host, _ := os.Hostname()
 	g := &gcAgent{a: a, id: id, host: host}
 	g.watcher = gc.NewWatcher(gc.WatcherOptions{
-		Bucket:  a.bucket,
+		Bucket:  a.limited,
 		Poll:    a.cfg.GCPollInterval,
 		ID:      id,
 		Host:    host,
@@ -131,7 +131,7 @@ func (g *gcAgent) cycle(ctx context.Context, keepSince, grace time.Duration, dry
 	}
 	defer cache.Close()
 	log.Info("gc cycle started")
-	rep, err := gc.Run(ctx, g.a.bucket, gc.Options{
+	rep, err := gc.Run(ctx, g.a.limited, gc.Options{
 		KeepSince: keepSince, Grace: grace, DryRun: dryRun,
 		Agent: g.id, Host: g.host, Cache: cache, Logger: g.a.log, Progress: progress,
 	})
@@ -193,7 +193,7 @@ func (a *Agent) handleGC(ctx context.Context, req *protocol.Request, progress fu
 		data, _ := json.Marshal(pin)
 		return &protocol.Response{Result: data, Count: 1}
 	case protocol.OpUnpin:
-		path, err := gc.RemovePin(ctx, a.bucket, req.Name)
+		path, err := gc.RemovePin(ctx, a.limited, req.Name)
 		if err != nil {
 			return &protocol.Response{Error: err.Error()}
 		}
@@ -201,7 +201,7 @@ func (a *Agent) handleGC(ctx context.Context, req *protocol.Request, progress fu
 		data, _ := json.Marshal(gc.Pin{Name: req.Name, Path: path})
 		return &protocol.Response{Result: data, Count: 1}
 	case protocol.OpPins:
-		pins, err := gc.ListPins(ctx, a.bucket)
+		pins, err := gc.ListPins(ctx, a.limited)
 		if err != nil {
 			return &protocol.Response{Error: err.Error()}
 		}
@@ -273,7 +273,7 @@ func (a *Agent) pin(ctx context.Context, name, path string, send func(*protocol.
 	key := storepath.HashPart(path) + ".narinfo"
 	deadline := time.Now().Add(pinWait)
 	for {
-		_, err := a.bucket.Stat(ctx, key)
+		_, err := a.limited.Stat(ctx, key)
 		switch {
 		case bucket.IsNotExist(err):
 			if verr := a.checkPaths(ctx, []string{path}); verr != nil {
@@ -287,7 +287,7 @@ func (a *Agent) pin(ctx context.Context, name, path string, send func(*protocol.
 			err = a.gc.watcher.Check(ctx, []string{key})
 		}
 		if err == nil {
-			if err := gc.WritePin(ctx, a.bucket, name, path); err != nil {
+			if err := gc.WritePin(ctx, a.limited, name, path); err != nil {
 				return nil, err
 			}
 			return &gc.Pin{Name: name, Path: path, Written: time.Now()}, nil

@@ -242,8 +242,16 @@ func Wrap(b bucket.Bucket, l *Limiter) bucket.Bucket {
 		return &multipartBatchBucket{multipartBucket{w, mp}}
 	case isMP:
 		return &multipartBucket{w, mp}
+	case isBD:
+		return &batchBucket{w}
 	}
 	return w
+}
+
+type batchBucket struct{ *Bucket }
+
+func (b *batchBucket) DeleteMany(ctx context.Context, keys []string) error {
+	return b.do(ctx, false, func() error { return b.inner.(bucket.BatchDeleter).DeleteMany(ctx, keys) })
 }
 
 // Bucket is a bucket.Bucket whose requests go through a Limiter.

@@ -169,3 +169,52 @@ func TestWrappedBucketKeepsTheContract(t *testing.T) {
 		t.Fatal(w.String())
 	}
 }
+
+// batchOnly is a bucket that deletes in batches but has no multipart uploads.
+type batchOnly struct {
+	bucket.Bucket
+	batches int
+}
+
+func (b *batchOnly) DeleteMany(ctx context.Context, keys []string) error {
+	b.batches++
+	for _, k := range keys {
+		if err := b.Delete(ctx, k); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func TestWrapKeepsBatchDeleteWithoutMultipart(t *testing.T) {
+	fb, err := filebucket.New(filepath.Join(t.TempDir(), "cache"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	inner := &batchOnly{Bucket: fb}
+	l := New(Options{Max: 4})
+	w := Wrap(inner, l)
+	bd, ok := w.(bucket.BatchDeleter)
+	if !ok {
+		t.Fatal("the wrapper dropped DeleteMany")
+	}
+	if _, ok := w.(bucket.Multipart); ok {
+		t.Fatal("the wrapper claims multipart support the bucket lacks")
+	}
+	ctx := context.Background()
+	if _, err := w.Put(ctx, "a", strings.NewReader("x"), 1, bucket.PutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := bd.DeleteMany(ctx, []string{"a"}); err != nil {
+		t.Fatal(err)
+	}
+	if inner.batches != 1 {
+		t.Fatalf("batches = %d, want 1", inner.batches)
+	}
+	if _, err := w.Stat(ctx, "a"); !bucket.IsNotExist(err) {
+		t.Fatalf("stat after DeleteMany: %v", err)
+	}
+	if s := l.Stats(); s.InFlight != 0 {
+		t.Fatalf("stats after DeleteMany: %+v", s)
+	}
+}
