@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"strings"
 	"testing"
@@ -353,5 +354,24 @@ func BenchmarkForResolvedBuild(b *testing.B) {
 		if extras, err := r.For(ctx, info); err != nil || len(extras) != 4 {
 			b.Fatal(len(extras), err)
 		}
+	}
+}
+
+// TestNotesAreBounded: past maxNotes outputs waiting, a note is dropped,
+// and that is said once, not silently and not per note.
+func TestNotesAreBounded(t *testing.T) {
+	var logs strings.Builder
+	r := New(Options{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	for i := 0; i < maxNotes+10; i++ {
+		r.Note(dPath, fmt.Sprintf("/nix/store/%032d-out", i))
+	}
+	if n := len(r.notes); n != maxNotes {
+		t.Fatalf("%d notes kept, want %d", n, maxNotes)
+	}
+	if got := r.Noted(fmt.Sprintf("/nix/store/%032d-out", maxNotes+5)); len(got) != 0 {
+		t.Fatalf("a note past the bound was kept: %v", got)
+	}
+	if c := strings.Count(logs.String(), "too many build outputs"); c != 1 {
+		t.Fatalf("warned %d times, want once:\n%s", c, logs.String())
 	}
 }

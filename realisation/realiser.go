@@ -49,6 +49,8 @@ type Realiser struct {
 	// quietUntil: the daemon refused realisation queries; not asked
 	// again (and not logged again) before then.
 	quietUntil time.Time
+	// fullUntil: the notes were full; not logged again before then.
+	fullUntil time.Time
 }
 
 // Bounds of the in-memory state.
@@ -99,6 +101,10 @@ func (r *Realiser) Note(drv string, paths ...string) {
 			}
 		}
 		if len(r.notes) >= maxNotes {
+			if now.After(r.fullUntil) {
+				r.fullUntil = now.Add(quietPeriod)
+				r.log.Warn("too many build outputs waiting for upload: the derivation that produced these is not remembered, so a resolved content-addressed build may get no realisation", "drv", drv, "outputs", len(paths), "limit", maxNotes)
+			}
 			return
 		}
 	}

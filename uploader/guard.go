@@ -94,7 +94,9 @@ func (u *Uploader) revive(ctx context.Context, p string) (bool, error) {
 	}
 	ni, err := cachefmt.ParseNarInfo(plain)
 	if err != nil {
-		// Not a narinfo stock Nix can use: replace it.
+		// Not a narinfo stock Nix can use. It is not replaced (narinfos
+		// never are); the collector deletes it, and the audit names it.
+		u.log.Warn("narinfo in the cache is not valid and is not revived", "path", p, "err", err)
 		return false, nil
 	}
 	if err := u.guardNarinfo(ctx, p, ni.URL, ni.References); err != nil {
