@@ -303,7 +303,7 @@ func (pr *presence) check(ctx context.Context, paths []string) (missing []string
 	now := time.Now()
 	for _, p := range paths {
 		h := storepath.HashPart(p)
-		if at, ok := pr.known[h]; ok && now.Sub(time.Unix(at, 0)) <= pr.u.opt.PresenceTTL && !pr.doomedLocked(h) {
+		if pr.trustedLocked(h, now) {
 			continue
 		}
 		if pc, ok := pr.pending[h]; ok {
@@ -371,7 +371,7 @@ func (pr *presence) prefetch(ctx context.Context, paths []string, before func() 
 	now := time.Now()
 	for _, p := range paths {
 		h := storepath.HashPart(p)
-		if at, ok := pr.known[h]; ok && now.Sub(time.Unix(at, 0)) <= pr.u.opt.PresenceTTL && !pr.doomedLocked(h) {
+		if pr.trustedLocked(h, now) {
 			continue
 		}
 		if _, ok := pr.pending[h]; ok {
@@ -420,6 +420,13 @@ func (pr *presence) prefetch(ctx context.Context, paths []string, before func() 
 		}
 		pr.u.log.Info("presence checked in bulk", "paths", len(mine), "missing", missing, "duration", time.Since(start))
 	}()
+}
+
+// trustedLocked reports whether the cache is known to have hash h's
+// narinfo: remembered within the TTL and not announced for deletion.
+func (pr *presence) trustedLocked(h string, now time.Time) bool {
+	at, ok := pr.known[h]
+	return ok && now.Sub(time.Unix(at, 0)) <= pr.u.opt.PresenceTTL && !pr.doomedLocked(h)
 }
 
 func (pr *presence) doomedLocked(h string) bool {

@@ -3,8 +3,10 @@ package uploader
 import (
 	"bytes"
 	"context"
+	"crypto/md5"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -257,10 +259,30 @@ func TestConditionalProbeFindsStoresThatIgnoreIt(t *testing.T) {
 // TestResetBucketIsNoticed: after the bucket is emptied, what was known
 // present is forgotten — after a restart (persisted presence) and while
 // running (the generation check) — and dependencies go up again.
+// s3Like gives objects the identity S3 gives them: the ETag is the MD5 of
+// the contents and Last-Modified has whole seconds (here: never changes),
+// so only what is written tells two nix-cache-info objects apart.
+type s3Like struct{ bucket.Bucket }
+
+func (b s3Like) Get(ctx context.Context, key string, max int64) ([]byte, bucket.Info, error) {
+	data, info, err := b.Bucket.Get(ctx, key, max)
+	sum := md5.Sum(data)
+	info.ETag, info.LastModified = hex.EncodeToString(sum[:]), time.Unix(1e9, 0)
+	return data, info, err
+}
+
+func (b s3Like) Stat(ctx context.Context, key string) (bucket.Info, error) {
+	_, info, err := b.Get(ctx, key, 1<<20)
+	return info, err
+}
+
+// TestResetBucketIsNoticed: a bucket emptied and written again is a new
+// generation, even when the new nix-cache-info has the old one's
+// Last-Modified.
 func TestResetBucketIsNoticed(t *testing.T) {
 	w := newWorld(t, 3, chain, size(100))
 	ps := &memPresence{recs: map[string]map[string]time.Time{}}
-	u := w.uploader(Options{Presence: ps})
+	u := w.uploader(Options{Presence: ps, Bucket: s3Like{w.b}})
 	ctx := context.Background()
 	if _, err := u.Upload(ctx, w.paths[1]); err != nil {
 		t.Fatal(err)
@@ -269,12 +291,11 @@ func TestResetBucketIsNoticed(t *testing.T) {
 		var keys []string
 		w.fb.List(ctx, bucket.ListOptions{Recursive: true}, func(o bucket.Object) error { keys = append(keys, o.Key); return nil })
 		bucket.DeleteAll(ctx, w.fb, keys)
-		time.Sleep(10 * time.Millisecond) // a new nix-cache-info gets another mtime
 	}
 	// Restart after a wipe: the persisted presence belongs to the old
 	// generation and is not used.
 	wipe()
-	u2 := w.uploader(Options{Presence: ps})
+	u2 := w.uploader(Options{Presence: ps, Bucket: s3Like{w.b}})
 	if _, err := u2.Upload(ctx, w.paths[2]); err != nil {
 		t.Fatal(err)
 	}

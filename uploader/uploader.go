@@ -30,6 +30,7 @@ package uploader
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -246,12 +247,19 @@ func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
 
 // writeCacheInfo creates nix-cache-info (create-only: of two agents
 // writing it at once, one wins and both see the same object).
+//
+// The body ends with a line naming this write (Nix reads only the fields
+// it knows and skips the others), so that every nix-cache-info nixspool
+// writes has its own ETag: a bucket reset and filled again within the
+// second of the previous write, which Last-Modified cannot tell apart, is
+// still a new generation.
 func (u *Uploader) writeCacheInfo(ctx context.Context) (bucket.Info, error) {
 	wmq := 0
 	if u.opt.Cache.WantMassQuery {
 		wmq = 1
 	}
-	body := fmt.Sprintf("StoreDir: %s\nWantMassQuery: %d\nPriority: %d\n", storepath.DefaultStoreDir, wmq, u.opt.Cache.Priority)
+	body := fmt.Sprintf("StoreDir: %s\nWantMassQuery: %d\nPriority: %d\n%s: %s\n",
+		storepath.DefaultStoreDir, wmq, u.opt.Cache.Priority, CacheInfoGenerationField, rand.Text())
 	if _, err := u.putNew(ctx, "nix-cache-info", []byte(body), bucket.PutOptions{ContentType: "text/x-nix-cache-info"}); err != nil {
 		return bucket.Info{}, fmt.Errorf("write nix-cache-info: %w", err)
 	}
@@ -266,6 +274,10 @@ func (u *Uploader) statCacheInfo(ctx context.Context) (bucket.Info, error) {
 	_, info, err := u.opt.Bucket.Get(ctx, "nix-cache-info", 64<<10)
 	return info, err
 }
+
+// CacheInfoGenerationField is the nix-cache-info field that names the
+// write which created it.
+const CacheInfoGenerationField = "NixspoolGeneration"
 
 // generationName identifies one incarnation of the cache: its
 // nix-cache-info object, which a reset or a recreated bucket replaces.
