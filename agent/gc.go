@@ -18,6 +18,7 @@ import (
 	"github.com/nixspool/nixspool/gc"
 	"github.com/nixspool/nixspool/protocol"
 	"github.com/nixspool/nixspool/storepath"
+	"github.com/nixspool/nixspool/uploader"
 )
 
 // gcAgent is agentd's part in garbage collection (package gc): the
@@ -273,6 +274,7 @@ func (a *Agent) pin(ctx context.Context, name, path string, send func(*protocol.
 	key := storepath.HashPart(path) + ".narinfo"
 	deadline := time.Now().Add(pinWait)
 	for {
+		var within time.Duration
 		_, err := a.limited.Stat(ctx, key)
 		switch {
 		case bucket.IsNotExist(err):
@@ -280,14 +282,23 @@ func (a *Agent) pin(ctx context.Context, name, path string, send func(*protocol.
 				return nil, fmt.Errorf("%s is not in the cache, and cannot be uploaded: %w", path, verr)
 			}
 			send(&protocol.Progress{Stage: "upload"})
-			if _, err = a.uploader.Upload(ctx, path); err == nil {
-				err = a.gc.watcher.Check(ctx, []string{key})
+			var res uploader.Result
+			if res, err = a.uploader.Upload(ctx, path); err == nil && res.SelfSkipped {
+				return nil, &RefusedError{fmt.Errorf("%s is not in the cache and the filters keep it out (--exclude, --max-nar-size or --skip-signed-by); not pinned", path)}
+			}
+			if err == nil {
+				within, err = a.gc.watcher.Check(ctx, []string{key})
 			}
 		case err == nil:
-			err = a.gc.watcher.Check(ctx, []string{key})
+			within, err = a.gc.watcher.Check(ctx, []string{key})
 		}
 		if err == nil {
-			if err := gc.WritePin(ctx, a.limited, name, path); err != nil {
+			// Straight to the bucket, given up when the check's time is
+			// over, like a narinfo (docs/gc.md, A2).
+			wctx, cancel := context.WithTimeout(ctx, within)
+			err = gc.WritePin(wctx, a.bucket, name, path)
+			cancel()
+			if err != nil {
 				return nil, err
 			}
 			return &gc.Pin{Name: name, Path: path, Written: time.Now()}, nil

@@ -227,3 +227,16 @@ func DeleteAll(ctx context.Context, b Bucket, keys []string) error {
 	}
 	return nil
 }
+
+// Direct returns the bucket under the request limiters wrapped around b
+// (anything with an Unwrap method returning a Bucket), for a request that
+// must go out at once rather than wait for a slot.
+func Direct(b Bucket) Bucket {
+	for {
+		u, ok := b.(interface{ Unwrap() Bucket })
+		if !ok {
+			return b
+		}
+		b = u.Unwrap()
+	}
+}

@@ -72,7 +72,7 @@ func TestGCDryRunThenRun(t *testing.T) {
 	m := testenv.StartMinIO(t)
 	sk, pk := keyPair(t, "e2e-gc-1")
 	metricsAddr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
-	a := newAgent(t, m.CacheURL(""), sk, m.Env(), "--gc-poll-interval", "200ms", "--metrics-listen", metricsAddr)
+	a := newAgent(t, m.CacheURL(""), sk, m.Env(), "--gc-poll-interval", "200ms", "--metrics-listen", metricsAddr, "--exclude", "^unpinnable$")
 	a.Start()
 	hookEnv := testenv.NixEnv(hookConfig(), a.HookEnv()...)
 
@@ -86,6 +86,14 @@ func TestGCDryRunThenRun(t *testing.T) {
 	a.WaitDrained(2 * time.Minute)
 	if have, _ := inBucket(t, m, closureOf(t, pinned)); len(have) != testenv.GraphPaths {
 		t.Fatalf("pin uploaded %d of %d paths", len(have), testenv.GraphPaths)
+	}
+	// A path the filters keep out of the cache cannot be pinned.
+	filtered := build(t, testenv.NixEnv(""), &testenv.Graph{File: writeExpr(t, `mk "unpinnable" [] ""`)})
+	if out, err := a.Ctl("pin", "filtered", filtered); err == nil || !strings.Contains(out, "filters keep it out") {
+		t.Fatalf("pin of a filtered path: %v\n%s", err, out)
+	}
+	if out, _ := a.Ctl("pins"); strings.Contains(out, "filtered") {
+		t.Fatalf("a pin was written for a filtered path:\n%s", out)
 	}
 	const keepSince = 10 * time.Second
 	aged := time.Now().Add(keepSince + 2*time.Second)

@@ -739,7 +739,12 @@ func (c *collector) deleteKeys(ctx context.Context, what string, keys []string, 
 			c.opt.beforeDelete(what, batch)
 		}
 		c.stage(StageDelete, int64(len(c.deleted)), 0)
-		if err := c.b.deleteKeys(ctx, batch); err != nil {
+		// Sent and, if not done, given up within half a margin of the
+		// check: what is given up lands within the other half (A2).
+		dctx, cancel := context.WithTimeout(ctx, c.tm.Margin/2)
+		err := c.b.deleteKeys(dctx, batch)
+		cancel()
+		if err != nil {
 			c.delErr = true
 			return fmt.Errorf("gc: delete %s: %w", what, err)
 		}

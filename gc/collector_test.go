@@ -246,7 +246,7 @@ func TestWriteInDangerZoneRefused(t *testing.T) {
 				// Well before the danger zone it is fine to rely on b...
 				w.clock.at(now.Add(tm.Grace-tm.Margin-3*clockSlack), func() {
 					g.Poll(w.ctx)
-					early = g.Check(w.ctx, []string{hashOf("a") + ".narinfo"})
+					_, early = g.Check(w.ctx, []string{hashOf("a") + ".narinfo"})
 				})
 				// ...but not in it.
 				w.clock.at(now.Add(tm.Grace-tm.Margin/2), func() { late = upload(w.ctx, w.b, g, "n", "b") })

@@ -365,7 +365,7 @@ func upload(ctx context.Context, b bucket.Bucket, g *Watcher, name string, refs 
 		if g.Doomed(hashOf(name) + ".narinfo") {
 			relied = append(relied, hashOf(name)+".narinfo")
 		}
-		if err := g.Check(ctx, relied); err != nil {
+		if _, err := g.Check(ctx, relied); err != nil {
 			return err
 		}
 	}

@@ -120,8 +120,11 @@ type Timing struct {
 
 // TimingFor returns the timing of a cycle with the given grace.
 func TimingFor(grace time.Duration) Timing {
-	return Timing{Grace: grace, Margin: max(2*time.Second, min(grace/4, 15*time.Minute)), Window: max(grace, 15*time.Second)}
+	return Timing{Grace: grace, Margin: max(MinMargin, min(grace/4, 15*time.Minute)), Window: max(grace, 15*time.Second)}
 }
+
+// MinMargin is the smallest margin of any cycle.
+const MinMargin = 2 * time.Second
 
 // clockSlack bounds the error of an estimate of the store's clock from
 // its Date header (one-second resolution).

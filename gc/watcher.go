@@ -87,6 +87,7 @@ type watched struct {
 	// begun; voidAt the earliest at which the collector can certainly no
 	// longer delete by this announcement.
 	dangerAt, voidAt time.Time
+	margin           time.Duration // the announcement's M
 	retired          bool
 	endForgotten     bool
 }
@@ -205,7 +206,7 @@ func (w *Watcher) poll(ctx context.Context) error {
 		// Lower bound of its age: it existed when the listing ended.
 		ageMin := max(storeNow.Sub(o.LastModified)-clockSlack, 0)
 		void := end.Add(a.Grace + a.Window + a.Margin - ageMin)
-		wa := &watched{cycle: cycle, paths: map[string]string{}, nars: a.NARs, dangerAt: danger, voidAt: void,
+		wa := &watched{cycle: cycle, paths: map[string]string{}, nars: a.NARs, dangerAt: danger, voidAt: void, margin: a.Margin,
 			endForgotten: done[cycle] || !end.Before(void)}
 		for _, p := range a.Paths {
 			if storepath.Check(storepath.DefaultStoreDir, p) == nil {
@@ -295,15 +296,26 @@ func (w *Watcher) fresh(ctx context.Context) error {
 // that is not over. An object doomed by a cycle that is over is confirmed
 // to exist (once per object and cycle): presence learned while the cycle
 // ran may predate its deletion.
-func (w *Watcher) Check(ctx context.Context, relied []string) error {
+//
+// It returns how long the write may take: the write must have been sent
+// and, if it has not completed, given up within that time (assumption A2
+// in docs/gc.md: what is given up lands within half a margin). That is
+// half a margin past the danger zone of every cycle dooming a relied key,
+// and for cycles not seen yet, half the smallest margin past the earliest
+// instant their sweep can begin (the last listing, plus the shortest
+// grace a collector may announce for this agent).
+func (w *Watcher) Check(ctx context.Context, relied []string) (time.Duration, error) {
 	if w.isBlind() {
-		return w.checkBlind(ctx)
+		// No collector may start while this agent is registered blind,
+		// and none holds the lease now: a cycle starting now sweeps
+		// after its grace, which is longer than MinMargin.
+		return MinMargin / 2, w.checkBlind(ctx)
 	}
 	if err := w.fresh(ctx); err != nil {
 		if w.isBlind() {
-			return w.checkBlind(ctx)
+			return MinMargin / 2, w.checkBlind(ctx)
 		}
-		return err
+		return 0, err
 	}
 	type pending struct {
 		key string
@@ -312,6 +324,10 @@ func (w *Watcher) Check(ctx context.Context, relied []string) error {
 	var verify []pending
 	now := w.opt.Clock.Now()
 	w.mu.Lock()
+	// A cycle announced after the last listing began sweeps no earlier
+	// than that plus its grace, which collectors keep above
+	// stale + clockSlack + MinMargin for this agent.
+	within := w.lastStart.Add(w.stale() + clockSlack + MinMargin/2).Sub(now)
 	for _, k := range relied {
 		for _, wa := range w.byKey[k] {
 			active := !wa.retired && now.Before(wa.voidAt)
@@ -321,8 +337,10 @@ func (w *Watcher) Check(ctx context.Context, relied []string) error {
 				if w.opt.OnRefuse != nil {
 					w.opt.OnRefuse()
 				}
-				return &CollectingError{Key: k, Cycle: wa.cycle}
-			case !active && !w.verified[k+"\x00"+wa.cycle]:
+				return 0, &CollectingError{Key: k, Cycle: wa.cycle}
+			case active:
+				within = min(within, wa.dangerAt.Add(wa.margin/2).Sub(now))
+			case !w.verified[k+"\x00"+wa.cycle]:
 				verify = append(verify, pending{k, wa})
 			}
 		}
@@ -342,13 +360,22 @@ func (w *Watcher) Check(ctx context.Context, relied []string) error {
 			if w.opt.OnRefuse != nil {
 				w.opt.OnRefuse()
 			}
-			return &CollectingError{Key: v.key, Cycle: v.wa.cycle, Gone: true}
+			return 0, &CollectingError{Key: v.key, Cycle: v.wa.cycle, Gone: true}
 		default:
-			return fmt.Errorf("check %s after garbage collection: %w", v.key, err)
+			return 0, fmt.Errorf("check %s after garbage collection: %w", v.key, err)
 		}
 	}
-	return nil
+	// The confirmations took time of their own.
+	within -= w.opt.Clock.Now().Sub(now)
+	if within <= 0 {
+		return 0, errTooLate
+	}
+	return within, nil
 }
+
+// errTooLate: the check took so long that the write could no longer land
+// in time. Transient: the next attempt checks again.
+var errTooLate = errors.New("the garbage-collection check took longer than the margin allows; retrying")
 
 // Doomed implements uploader.Guard: key is doomed by a cycle that is not
 // over.

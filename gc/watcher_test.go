@@ -73,7 +73,7 @@ func TestCheckListsWhenStale(t *testing.T) {
 			w.b.mu.Lock()
 			listsBefore = w.b.lists
 			w.b.mu.Unlock()
-			err = g.Check(w.ctx, []string{hashOf("b") + ".narinfo"})
+			_, err = g.Check(w.ctx, []string{hashOf("b") + ".narinfo"})
 			w.b.mu.Lock()
 			listsAfter = w.b.lists
 			w.b.mu.Unlock()
@@ -101,11 +101,11 @@ func TestAnnouncementSeenLate(t *testing.T) {
 				now := w.clock.Now()
 				w.clock.at(now.Add(time.Minute), func() {
 					g := w.watcher()
-					young = g.Check(w.ctx, []string{hashOf("b") + ".narinfo"})
+					_, young = g.Check(w.ctx, []string{hashOf("b") + ".narinfo"})
 				})
 				w.clock.at(now.Add(tm.Grace-tm.Margin+time.Second), func() {
 					g := w.watcher()
-					old = g.Check(w.ctx, []string{hashOf("b") + ".narinfo"})
+					_, old = g.Check(w.ctx, []string{hashOf("b") + ".narinfo"})
 				})
 			}
 			w.run(opt)
@@ -113,6 +113,42 @@ func TestAnnouncementSeenLate(t *testing.T) {
 				t.Fatalf("young announcement: %v; old one: %v", young, old)
 			}
 		})
+	}
+}
+
+// TestCheckBoundsTheWrite: Check says how long the write it allows may
+// take, so that a write given up then (and landing within half a margin
+// more) lands before the sweep of a cycle dooming what it relies on, or
+// of one announced after the watcher's last listing.
+func TestCheckBoundsTheWrite(t *testing.T) {
+	w := newWorld(t)
+	oldAndNew(w)
+	opt := w.opts()
+	tm := TimingFor(opt.Grace)
+	var doomed, free time.Duration
+	var errD, errF error
+	var announced, checked time.Time
+	var g *Watcher
+	opt.afterAnnounce = func() {
+		announced = w.clock.Now()
+		w.clock.at(announced.Add(time.Minute), func() {
+			g = w.watcher()
+			checked = w.clock.Now()
+			doomed, errD = g.Check(w.ctx, []string{hashOf("b") + ".narinfo"})
+			free, errF = g.Check(w.ctx, []string{hashOf("e") + ".narinfo"})
+		})
+	}
+	w.run(opt)
+	if errD != nil || errF != nil {
+		t.Fatalf("checks before the danger zone: %v, %v", errD, errF)
+	}
+	if doomed <= 0 || !checked.Add(doomed+tm.Margin/2).Before(announced.Add(opt.Grace)) {
+		t.Fatalf("a write relying on a doomed key may take %s from %s after the announcement; the sweep begins %s after it",
+			doomed, checked.Sub(announced), opt.Grace)
+	}
+	if free <= 0 || free > g.Stale()+clockSlack+MinMargin/2 {
+		t.Fatalf("a write relying on nothing doomed may take %s; want at most the staleness bound %s + %s + %s",
+			free, g.Stale(), clockSlack, MinMargin/2)
 	}
 }
 
@@ -127,13 +163,13 @@ func (f failingList) List(context.Context, bucket.ListOptions, func(bucket.Objec
 func TestCheckFailsClosed(t *testing.T) {
 	w := newWorld(t)
 	g := NewWatcher(WatcherOptions{Bucket: failingList{w.b}, Clock: w.clock})
-	if err := g.Check(w.ctx, []string{hashOf("a") + ".narinfo"}); err == nil || !errors.Is(err, bucket.ErrUnavailable) {
+	if _, err := g.Check(w.ctx, []string{hashOf("a") + ".narinfo"}); err == nil || !errors.Is(err, bucket.ErrUnavailable) {
 		t.Fatalf("Check without announcements = %v, want the listing's error", err)
 	}
 	// An unreadable announcement fails the poll too.
 	w.put(announceKey("20300101T000000Z-00000000"), "not zstd")
 	g = w.watcher()
-	if err := g.Check(w.ctx, nil); err == nil {
+	if _, err := g.Check(w.ctx, nil); err == nil {
 		t.Fatal("Check with an unreadable announcement passed")
 	}
 }
@@ -218,7 +254,7 @@ func randomInterleaving(t *testing.T, seed uint64) {
 		for _, r := range refs {
 			relied = append(relied, hashOf(r)+".narinfo")
 		}
-		if err := a.g.Check(w.ctx, relied); err != nil {
+		if _, err := a.g.Check(w.ctx, relied); err != nil {
 			if !errors.Is(err, ErrCollecting) {
 				t.Errorf("Check: %v", err)
 			}
@@ -290,7 +326,7 @@ func TestBlindWatcher(t *testing.T) {
 	w := newWorld(t)
 	oldAndNew(w)
 	g := NewWatcher(WatcherOptions{Bucket: unlistableBucket{w.b}, Clock: w.clock, Poll: time.Minute, ID: "agent-9", Host: "builder-9"})
-	if err := g.Check(w.ctx, []string{hashOf("a") + ".narinfo"}); err != nil {
+	if _, err := g.Check(w.ctx, []string{hashOf("a") + ".narinfo"}); err != nil {
 		t.Fatalf("Check of a blind agent with no collector at work = %v", err)
 	}
 	var rec WatcherRecord
@@ -309,7 +345,7 @@ func TestBlindWatcher(t *testing.T) {
 	if _, err := acquireLease(w.ctx, w.b, w.clock, leaseRecord{Holder: "x/1", Agent: "x", Host: "hx", TTL: time.Hour}, false); err != nil {
 		t.Fatal(err)
 	}
-	if err := g.Check(w.ctx, nil); err == nil || !strings.Contains(err.Error(), "holds the lease") {
+	if _, err := g.Check(w.ctx, nil); err == nil || !strings.Contains(err.Error(), "holds the lease") {
 		t.Fatalf("Check while a collector holds the lease = %v", err)
 	}
 	if g.Doomed(hashOf("a") + ".narinfo") {

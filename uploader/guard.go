@@ -3,6 +3,7 @@ package uploader
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -16,8 +17,9 @@ import (
 type Guard interface {
 	// Check returns nil if a narinfo relying on the existing objects relied
 	// (keys: the NAR, the narinfos of references) may be written now, or a
-	// transient error if one of them is about to be deleted.
-	Check(ctx context.Context, relied []string) error
+	// transient error if one of them is about to be deleted. With nil it
+	// returns how long the write may take: it is given up after that.
+	Check(ctx context.Context, relied []string) (within time.Duration, err error)
 	// Doomed reports whether the object at key is announced for deletion.
 	Doomed(key string) bool
 }
@@ -42,21 +44,45 @@ func relied(storePath, url string, refs []string) []string {
 }
 
 // guardNarinfo asks the guard whether the narinfo of storePath may be
-// written now. Without a guard it always may. A narinfo whose own key is
-// announced for deletion is checked like the objects it relies on: written
-// once the sweep may have begun, the sweep could delete it again.
-func (u *Uploader) guardNarinfo(ctx context.Context, storePath, url string, refs []string) error {
+// written now, and returns how long the write may take (0: no limit).
+// Without a guard it always may. A narinfo whose own key is announced for
+// deletion is checked like the objects it relies on: written once the
+// sweep may have begun, the sweep could delete it again.
+func (u *Uploader) guardNarinfo(ctx context.Context, storePath, url string, refs []string) (time.Duration, error) {
 	if u.opt.Guard == nil {
-		return nil
+		return 0, nil
 	}
 	keys := relied(storePath, url, refs)
 	if u.doomed(storePath) {
 		keys = append(keys, narinfoKey(storePath))
 	}
-	if err := u.opt.Guard.Check(ctx, keys); err != nil {
-		return fmt.Errorf("narinfo of %s: %w", storePath, err)
+	u.conditionalWrites(ctx) // learnt before the check, not in the time it allows
+	within, err := u.opt.Guard.Check(ctx, keys)
+	if err != nil {
+		return 0, fmt.Errorf("narinfo of %s: %w", storePath, err)
 	}
-	return nil
+	return within, nil
+}
+
+// errLate: a write the guard allowed did not complete in the time it
+// allowed, and was given up. Transient: the next attempt checks again.
+var errLate = errors.New("not written within the time the garbage-collection check allows; retrying")
+
+// guardedWrite runs write, which the guard allowed to take at most within
+// (0: no guard, no limit). It writes to the bucket directly, not through
+// the request window (whose wait has no bound), and gives up when the time
+// is over: a write landing later could rely on an object a sweep deleted.
+func (u *Uploader) guardedWrite(ctx context.Context, within time.Duration, write func(context.Context, bucket.Bucket) error) error {
+	if within <= 0 {
+		return write(ctx, u.opt.Bucket)
+	}
+	wctx, cancel := context.WithTimeout(ctx, within)
+	defer cancel()
+	err := write(wctx, u.direct)
+	if err != nil && ctx.Err() == nil && errors.Is(wctx.Err(), context.DeadlineExceeded) {
+		return fmt.Errorf("%w (%s): %v", errLate, within.Round(time.Millisecond), err)
+	}
+	return err
 }
 
 // doomed reports whether p's narinfo is announced for deletion.
@@ -99,14 +125,18 @@ func (u *Uploader) revive(ctx context.Context, p string) (bool, error) {
 		u.log.Warn("narinfo in the cache is not valid and is not revived", "path", p, "err", err)
 		return false, nil
 	}
-	if err := u.guardNarinfo(ctx, p, ni.URL, ni.References); err != nil {
-		return false, err
-	}
 	opts := bucket.PutOptions{ContentType: "text/x-nix-narinfo", ContentEncoding: info.ContentEncoding}
 	if u.conditionalWrites(ctx) {
 		opts.IfMatch = info.ETag // nobody changed it meanwhile
 	}
-	_, err = u.opt.Bucket.Put(ctx, key, bytes.NewReader(data), int64(len(data)), opts)
+	within, err := u.guardNarinfo(ctx, p, ni.URL, ni.References)
+	if err != nil {
+		return false, err
+	}
+	err = u.guardedWrite(ctx, within, func(ctx context.Context, b bucket.Bucket) error {
+		_, err := b.Put(ctx, key, bytes.NewReader(data), int64(len(data)), opts)
+		return err
+	})
 	if bucket.IsPrecondition(err) {
 		return false, fmt.Errorf("narinfo of %s changed while it was being revived; retrying", p)
 	}

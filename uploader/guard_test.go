@@ -3,9 +3,18 @@ package uploader
 import (
 	"context"
 	"errors"
+	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
+	"time"
+
+	"github.com/nix-community/go-nix/pkg/narinfo/signature"
+
+	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/bucket/limit"
+	"github.com/nixspool/nixspool/cacheurl"
 )
 
 // fakeGuard refuses the keys in refuse and calls the keys in doomed
@@ -15,20 +24,24 @@ type fakeGuard struct {
 	refuse map[string]bool
 	doomed map[string]bool
 	calls  [][]string
+	within time.Duration // what Check allows (default a minute)
 }
 
 var errRefused = errors.New("about to be deleted")
 
-func (g *fakeGuard) Check(_ context.Context, relied []string) error {
+func (g *fakeGuard) Check(_ context.Context, relied []string) (time.Duration, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.calls = append(g.calls, slices.Clone(relied))
 	for _, k := range relied {
 		if g.refuse[k] {
-			return errRefused
+			return 0, errRefused
 		}
 	}
-	return nil
+	if g.within == 0 {
+		return time.Minute, nil
+	}
+	return g.within, nil
 }
 
 func (g *fakeGuard) Doomed(key string) bool {
@@ -159,5 +172,56 @@ func TestForgetPaths(t *testing.T) {
 	}
 	if !u.presence.seen(f.path(1)) {
 		t.Fatal("p1 forgotten too")
+	}
+}
+
+// TestLateWriteIsGivenUp: a narinfo write that does not complete in the
+// time the guard allowed is given up (a later landing could rely on an
+// object a sweep deleted meanwhile); the error is transient.
+func TestLateWriteIsGivenUp(t *testing.T) {
+	f := newFixture(t, map[int][]int{1: {0}})
+	f.rec.hang = func(key string) bool { return key == hashes[1]+".narinfo" }
+	u := f.uploader(t, Options{Guard: &fakeGuard{within: 50 * time.Millisecond}})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, err := u.Upload(ctx, f.path(1))
+	if !errors.Is(err, errLate) || IsPermanent(err) || ctx.Err() != nil {
+		t.Fatalf("Upload with a hanging narinfo write = %v, want the transient %v well before a minute", err, errLate)
+	}
+	if f.rec.index(hashes[1]+".narinfo") >= 0 {
+		t.Fatal("the late narinfo was written")
+	}
+}
+
+// TestGuardedWriteSkipsTheWindow: a write the guard allowed goes out at
+// once, even when the request window is full (its wait has no bound).
+func TestGuardedWriteSkipsTheWindow(t *testing.T) {
+	f := newFixture(t, nil)
+	l := limit.New(limit.Options{Min: 1, Max: 1})
+	c, _ := cacheurl.Parse("file://" + filepath.Join(f.dir, "cache"))
+	u, err := New(Options{Bucket: limit.Wrap(f.rec, l), Cache: c, Store: f.store, Keys: []signature.SecretKey{f.key}, TempDir: filepath.Join(f.dir, "tmp")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(u.Close)
+	ctx := context.Background()
+	if err := l.Acquire(ctx); err != nil { // the window is full
+		t.Fatal(err)
+	}
+	defer l.Release(limit.OK, 0, true)
+	put := func(key string) func(context.Context, bucket.Bucket) error {
+		return func(ctx context.Context, b bucket.Bucket) error {
+			_, err := b.Put(ctx, key, strings.NewReader("x"), 1, bucket.PutOptions{})
+			return err
+		}
+	}
+	if err := u.guardedWrite(ctx, 5*time.Second, put("guarded")); err != nil {
+		t.Fatalf("guarded write with the window full: %v", err)
+	}
+	// Unguarded writes wait for the window.
+	wctx, wcancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer wcancel()
+	if err := u.guardedWrite(wctx, 0, put("unguarded")); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("unguarded write with the window full = %v, want it to wait", err)
 	}
 }

@@ -318,12 +318,12 @@ func (u *Uploader) makeNarinfo(info *nixstore.PathInfo, url, compression string,
 // putNarinfo writes ni's narinfo unless the cache already has one: like
 // Nix, nixspool never replaces a narinfo (another machine's signatures would
 // be lost). It reports whether this call wrote it.
-func (u *Uploader) putNarinfo(ctx context.Context, ni *narinfo.NarInfo) (bool, error) {
+func (u *Uploader) putNarinfo(ctx context.Context, b bucket.Bucket, ni *narinfo.NarInfo) (bool, error) {
 	body, err := compressMeta(u.opt.Cache.NarinfoCompression, []byte(ni.String()))
 	if err != nil {
 		return false, err
 	}
-	return u.putNew(ctx, storepath.HashPart(ni.StorePath)+".narinfo", body,
+	return u.putNew(ctx, b, storepath.HashPart(ni.StorePath)+".narinfo", body,
 		bucket.PutOptions{ContentType: "text/x-nix-narinfo", ContentEncoding: u.opt.Cache.NarinfoCompression})
 }
 
@@ -332,17 +332,17 @@ func (u *Uploader) putNarinfo(ctx context.Context, ni *narinfo.NarInfo) (bool, e
 // check and the write are one request (If-None-Match); with one that does
 // not, a HEAD comes first (a writer racing in between can still be
 // overwritten: the store's limit).
-func (u *Uploader) putNew(ctx context.Context, key string, body []byte, opts bucket.PutOptions) (bool, error) {
+func (u *Uploader) putNew(ctx context.Context, b bucket.Bucket, key string, body []byte, opts bucket.PutOptions) (bool, error) {
 	if u.conditionalWrites(ctx) {
 		opts.IfNoneMatch = true
 	} else {
-		if _, err := u.opt.Bucket.Stat(ctx, key); err == nil {
+		if _, err := b.Stat(ctx, key); err == nil {
 			return false, nil
 		} else if !bucket.IsNotExist(err) {
 			return false, err
 		}
 	}
-	_, err := u.opt.Bucket.Put(ctx, key, bytes.NewReader(body), int64(len(body)), opts)
+	_, err := b.Put(ctx, key, bytes.NewReader(body), int64(len(body)), opts)
 	if bucket.IsPrecondition(err) {
 		return false, nil
 	}

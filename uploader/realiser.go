@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"time"
 
 	"github.com/nixspool/nixspool/bucket"
 	"github.com/nixspool/nixspool/nixstore"
@@ -59,37 +60,42 @@ func (u *Uploader) writeRealisations(ctx context.Context, info *nixstore.PathInf
 	if err != nil {
 		return 0, fmt.Errorf("realisations of %s: %w", info.Path, err)
 	}
+	var within time.Duration
 	if g := u.opt.Guard; g != nil && len(extras) > 0 {
 		// A realisation relies on its output's narinfo and, through its
 		// dependencies, on the outputs it references: like a narinfo, it
 		// is not written while a collector may be deleting them.
-		if err := g.Check(ctx, relied(info.Path, narinfoKey(info.Path), info.References)); err != nil {
+		u.conditionalWrites(ctx)
+		if within, err = g.Check(ctx, relied(info.Path, narinfoKey(info.Path), info.References)); err != nil {
 			return 0, fmt.Errorf("realisations of %s: %w", info.Path, err)
 		}
 	}
 	n := 0
-	for _, e := range extras {
-		sum := sha256.Sum256(e.Body)
-		if v, ok := u.extrasDone.Load(e.Key); ok && v.([32]byte) == sum {
-			continue
-		}
-		wrote, err := u.putNew(ctx, e.Key, e.Body, bucket.PutOptions{ContentType: e.ContentType})
-		if err != nil {
-			return n, fmt.Errorf("write %s: %w", e.Key, err)
-		}
-		if !wrote {
+	err = u.guardedWrite(ctx, within, func(ctx context.Context, b bucket.Bucket) error {
+		for _, e := range extras {
+			sum := sha256.Sum256(e.Body)
+			if v, ok := u.extrasDone.Load(e.Key); ok && v.([32]byte) == sum {
+				continue
+			}
+			wrote, err := u.putNew(ctx, b, e.Key, e.Body, bucket.PutOptions{ContentType: e.ContentType})
+			if err != nil {
+				return fmt.Errorf("write %s: %w", e.Key, err)
+			}
+			if !wrote {
+				u.extrasDone.Store(e.Key, sum)
+				continue
+			}
+			if u.extrasCount.Add(1) > maxExtrasDone {
+				u.extrasDone.Clear()
+				u.extrasCount.Store(1)
+			}
 			u.extrasDone.Store(e.Key, sum)
-			continue
+			n++
+			u.log.Info("realisation uploaded", "path", info.Path, "key", e.Key)
 		}
-		if u.extrasCount.Add(1) > maxExtrasDone {
-			u.extrasDone.Clear()
-			u.extrasCount.Store(1)
-		}
-		u.extrasDone.Store(e.Key, sum)
-		n++
-		u.log.Info("realisation uploaded", "path", info.Path, "key", e.Key)
-	}
-	return n, nil
+		return nil
+	})
+	return n, err
 }
 
 // PutRealisations writes the realisations of info.Path, which is already

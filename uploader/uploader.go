@@ -119,6 +119,7 @@ type ResumeStore interface {
 // shared by concurrent uploads is uploaded once.
 type Uploader struct {
 	opt           Options
+	direct        bucket.Bucket // opt.Bucket without its request window
 	comp          *narCompressor
 	presence      *presence
 	graph         *graph
@@ -197,6 +198,7 @@ func New(opt Options) (*Uploader, error) {
 	}
 	u := &Uploader{
 		opt:           opt,
+		direct:        bucket.Direct(opt.Bucket),
 		comp:          comp,
 		compressSlots: make(chan struct{}, 4),
 		largeCompress: make(chan struct{}, opt.Streams),
@@ -260,7 +262,7 @@ func (u *Uploader) writeCacheInfo(ctx context.Context) (bucket.Info, error) {
 	}
 	body := fmt.Sprintf("StoreDir: %s\nWantMassQuery: %d\nPriority: %d\n%s: %s\n",
 		storepath.DefaultStoreDir, wmq, u.opt.Cache.Priority, CacheInfoGenerationField, rand.Text())
-	if _, err := u.putNew(ctx, "nix-cache-info", []byte(body), bucket.PutOptions{ContentType: "text/x-nix-cache-info"}); err != nil {
+	if _, err := u.putNew(ctx, u.opt.Bucket, "nix-cache-info", []byte(body), bucket.PutOptions{ContentType: "text/x-nix-cache-info"}); err != nil {
 		return bucket.Info{}, fmt.Errorf("write nix-cache-info: %w", err)
 	}
 	u.log.Info("wrote nix-cache-info", "cache", u.opt.Cache.String())
@@ -475,11 +477,16 @@ func (u *Uploader) runNarinfo(n *node) {
 	}
 	// With a collector at work: nothing this narinfo relies on (its NAR,
 	// its references' narinfos) is about to be deleted.
-	if err := u.guardNarinfo(ctx, n.info.Path, n.ni.URL, n.ni.References); err != nil {
+	within, err := u.guardNarinfo(ctx, n.info.Path, n.ni.URL, n.ni.References)
+	if err != nil {
 		fail(err)
 		return
 	}
-	wrote, err := u.putNarinfo(ctx, n.ni)
+	var wrote bool
+	err = u.guardedWrite(ctx, within, func(ctx context.Context, b bucket.Bucket) (err error) {
+		wrote, err = u.putNarinfo(ctx, b, n.ni)
+		return err
+	})
 	if err != nil {
 		fail(err)
 		return

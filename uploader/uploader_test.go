@@ -64,11 +64,16 @@ type recorder struct {
 	mu      sync.Mutex
 	puts    []string
 	failKey func(string) bool
+	hang    func(string) bool // the Put waits until its context is done
 }
 
 func (r *recorder) Put(ctx context.Context, key string, body io.Reader, size int64, opts bucket.PutOptions) (bucket.Info, error) {
 	if r.failKey != nil && r.failKey(key) {
 		return bucket.Info{}, fmt.Errorf("put %s: %w: injected", key, bucket.ErrPermanent)
+	}
+	if r.hang != nil && r.hang(key) {
+		<-ctx.Done()
+		return bucket.Info{}, fmt.Errorf("put %s: %w", key, ctx.Err())
 	}
 	info, err := r.Bucket.Put(ctx, key, body, size, opts)
 	if err != nil {
