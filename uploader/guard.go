@@ -153,6 +153,8 @@ func (u *Uploader) revive(ctx context.Context, p string) (bool, error) {
 // the cache again. A remembered entry is forgotten on disk by dating it at
 // the Unix epoch, which is older than any TTL, so it is never loaded again.
 func (u *Uploader) ForgetPaths(paths []string) {
+	// Their realisations are doomed with them: write them again when asked.
+	u.extrasDone.Clear()
 	hashes := u.presence.forget(paths)
 	u.presence.mu.Lock()
 	identity := u.presence.identity

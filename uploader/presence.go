@@ -168,6 +168,7 @@ func (pr *presence) forget(paths []string) []string {
 // reset forgets everything: the cache's generation changed (or an operator
 // asked). Uploads planned before fail their narinfo write and start over.
 func (pr *presence) reset() error {
+	pr.u.extrasDone.Clear() // the realisations written went with the cache
 	pr.mu.Lock()
 	pr.gen.Add(1)
 	pr.known = map[string]int64{}

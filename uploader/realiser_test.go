@@ -112,3 +112,37 @@ func TestNoRealisationWithoutItsNarinfo(t *testing.T) {
 		t.Fatalf("%d realisations written without their output's narinfo", got)
 	}
 }
+
+// TestRealisationsAfterReset: a bucket emptied behind the agent's back,
+// noticed by the generation check, gets the realisations back with the
+// paths; so do paths a collector announced (their realisations go too).
+func TestRealisationsAfterReset(t *testing.T) {
+	f := newFixture(t, map[int][]int{1: {0}})
+	u := f.uploader(t, Options{Realiser: &fakeRealiser{}})
+	ctx := context.Background()
+	if _, err := u.Upload(ctx, f.path(1)); err != nil {
+		t.Fatal(err)
+	}
+	var keys []string
+	f.rec.Bucket.List(ctx, bucket.ListOptions{Recursive: true}, func(o bucket.Object) error {
+		keys = append(keys, o.Key)
+		return nil
+	})
+	bucket.DeleteAll(ctx, f.rec.Bucket, keys)
+	if err := u.CheckGeneration(ctx); err != nil {
+		t.Fatal(err)
+	}
+	res, err := u.Upload(ctx, f.path(1))
+	if err != nil || res.Paths != 2 || res.Realisations != 3 {
+		t.Fatalf("after the reset: %+v, %v; want 2 paths and 3 realisations again", res, err)
+	}
+
+	// A collector announces p1: its realisations may go with it.
+	if err := f.rec.Bucket.Delete(ctx, "realisations/"+filepath.Base(f.path(1))+".doi"); err != nil {
+		t.Fatal(err)
+	}
+	u.ForgetPaths([]string{f.path(1)})
+	if n, err := u.PutRealisations(ctx, f.store.infos[f.path(1)]); err != nil || n != 1 {
+		t.Fatalf("PutRealisations after ForgetPaths = %d, %v; want the deleted one again", n, err)
+	}
+}

@@ -535,7 +535,6 @@ func (u *Uploader) Prefetch(ctx context.Context, paths []string) {
 // Forget drops what is known about the cache's contents (after an
 // operator emptied the bucket, for example).
 func (u *Uploader) Forget() error {
-	u.extrasDone.Clear()
 	return u.presence.reset()
 }
 
