@@ -1113,17 +1113,20 @@ func (q *Queue) AddPresent(identity string, paths []string, now time.Time) {
 }
 
 // Present returns the paths recorded as present in the cache with the
-// given identity since notBefore.
-func (q *Queue) Present(identity string, notBefore time.Time) ([]string, error) {
-	var out []string
+// given identity since notBefore, with the time each was recorded.
+func (q *Queue) Present(identity string, notBefore time.Time) (map[string]time.Time, error) {
+	out := map[string]time.Time{}
 	err := q.db.View(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bktPresence).Bucket([]byte(identity))
 		if b == nil {
 			return nil
 		}
 		return b.ForEach(func(k, v []byte) error {
-			if len(v) == 8 && int64(binary.BigEndian.Uint64(v)) >= notBefore.Unix() {
-				out = append(out, string(k))
+			if len(v) != 8 {
+				return nil
+			}
+			if at := int64(binary.BigEndian.Uint64(v)); at >= notBefore.Unix() {
+				out[string(k)] = time.Unix(at, 0)
 			}
 			return nil
 		})

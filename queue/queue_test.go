@@ -374,8 +374,8 @@ func TestPresence(t *testing.T) {
 		t.Fatal(err)
 	}
 	got, err := q.Present("s3://a/b/", t0.Add(-time.Hour))
-	if err != nil || len(got) != 2 {
-		t.Fatalf("Present = %v, %v", got, err)
+	if err != nil || len(got) != 2 || !got["/nix/store/x"].Equal(t0.Truncate(time.Second)) {
+		t.Fatalf("Present = %v, %v; want both, recorded at %v", got, err, t0)
 	}
 	if old, _ := q.Present("s3://other/", t0.Add(-7*24*time.Hour)); len(old) != 0 {
 		t.Fatalf("expired records returned: %v", old)

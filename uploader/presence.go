@@ -20,8 +20,9 @@ import (
 // to ask again.
 type PresenceStore interface {
 	AddPresent(identity string, hashes []string, now time.Time)
-	// Present returns the hashes recorded since notBefore.
-	Present(identity string, notBefore time.Time) ([]string, error)
+	// Present returns the hashes recorded since notBefore, with the time
+	// each was recorded.
+	Present(identity string, notBefore time.Time) (map[string]time.Time, error)
 	// PrunePresent deletes records older than notBefore, and all records
 	// of identities that start with prefix other than keep.
 	PrunePresent(prefix, keep string, notBefore time.Time) (int, error)
@@ -233,10 +234,10 @@ func (pr *presence) setGeneration(name string, asked time.Time) (changed bool, e
 		return false, fmt.Errorf("load presence cache: %w", err)
 	}
 	pr.mu.Lock()
-	now := time.Now().Unix()
-	for _, h := range hashes {
+	for h, at := range hashes {
+		// As old as the record: trusted for what is left of the TTL.
 		if _, ok := pr.known[h]; !ok {
-			pr.known[h] = now
+			pr.known[h] = at.Unix()
 		}
 	}
 	pr.mu.Unlock()

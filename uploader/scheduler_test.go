@@ -27,6 +27,7 @@ import (
 	"github.com/nixspool/nixspool/cacheurl"
 	"github.com/nixspool/nixspool/nar"
 	"github.com/nixspool/nixspool/nixstore"
+	"github.com/nixspool/nixspool/storepath"
 )
 
 // world is a fake store of n paths with real contents on disk, and a file
@@ -332,13 +333,13 @@ func (m *memPresence) AddPresent(id string, hs []string, now time.Time) {
 		m.recs[id][h] = now
 	}
 }
-func (m *memPresence) Present(id string, nb time.Time) ([]string, error) {
+func (m *memPresence) Present(id string, nb time.Time) (map[string]time.Time, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	var out []string
+	out := map[string]time.Time{}
 	for h, at := range m.recs[id] {
 		if !at.Before(nb) {
-			out = append(out, h)
+			out[h] = at
 		}
 	}
 	return out, nil
@@ -698,5 +699,35 @@ func TestUnlistableBucketFallsBackToHEADs(t *testing.T) {
 	}
 	if !u.presence.unlistable.Load() {
 		t.Fatal("the failed listing was not noticed")
+	}
+}
+
+// TestLoadedPresenceKeepsItsAge: what a restart loads is trusted for what
+// is left of the TTL, not for a whole TTL again.
+func TestLoadedPresenceKeepsItsAge(t *testing.T) {
+	w := newWorld(t, 2, chain, size(100))
+	ps := &memPresence{recs: map[string]map[string]time.Time{}}
+	u := w.uploader(Options{Presence: ps})
+	ctx := context.Background()
+	if _, err := u.Upload(ctx, w.paths[1]); err != nil {
+		t.Fatal(err)
+	}
+	u.Close()
+	recorded := time.Now().Add(-20 * time.Hour)
+	for id, recs := range ps.recs {
+		for h := range recs {
+			ps.recs[id][h] = recorded
+		}
+	}
+	u2 := w.uploader(Options{Presence: ps})
+	if err := u2.EnsureCacheInfo(ctx); err != nil {
+		t.Fatal(err)
+	}
+	h := storepath.HashPart(w.paths[0])
+	u2.presence.mu.Lock()
+	at, ok := u2.presence.known[h]
+	u2.presence.mu.Unlock()
+	if !ok || at != recorded.Unix() {
+		t.Fatalf("loaded %v at %v, want it dated %v", ok, time.Unix(at, 0), recorded)
 	}
 }
