@@ -164,6 +164,13 @@ func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer, pro
 	}
 	switch req.Op {
 	case protocol.OpEnqueue, protocol.OpPush:
+		if req.Op == protocol.OpEnqueue {
+			// A hook waits seconds, then spools; a hung Nix daemon must not
+			// keep a handler (and its connection) forever.
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, connDeadline)
+			defer cancel()
+		}
 		start := time.Now()
 		paths := req.Paths
 		if req.Closure {

@@ -237,15 +237,11 @@ func unframed(po minio.PutObjectOptions, sha256Known bool) minio.PutObjectOption
 }
 
 func (b *Bucket) putSmall(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) (bucket.Info, error) {
-	data := make([]byte, size)
-	if _, err := io.ReadFull(r, data); err != nil {
-		return bucket.Info{}, fmt.Errorf("put %s: read body: %w: %w", key, bucket.ErrLocal, err)
+	body, sum, err := hashedBody(r, size)
+	if err != nil {
+		return bucket.Info{}, fmt.Errorf("put %s: %w", key, err)
 	}
-	if n, _ := r.Read(make([]byte, 1)); n > 0 {
-		return bucket.Info{}, fmt.Errorf("put %s: %w: body longer than %d bytes", key, bucket.ErrLocal, size)
-	}
-	sum := sha256.Sum256(data)
-	info, err := b.core().PutObject(ctx, b.name, b.prefix+key, bytes.NewReader(data), size, "", hex.EncodeToString(sum[:]), unframed(b.putOptions(opts), true))
+	info, err := b.core().PutObject(ctx, b.name, b.prefix+key, body, size, "", hex.EncodeToString(sum), unframed(b.putOptions(opts), true))
 	if err != nil {
 		return bucket.Info{}, fmt.Errorf("put %s: %w", key, b.classify(err, false))
 	}
@@ -253,6 +249,39 @@ func (b *Bucket) putSmall(ctx context.Context, key string, r io.Reader, size int
 		return bucket.Info{}, fmt.Errorf("put %s: server stored %d bytes, want %d", key, info.Size, size)
 	}
 	return bucket.Info{Size: info.Size, ETag: strings.Trim(info.ETag, `"`), LastModified: info.LastModified}, nil
+}
+
+// hashedBody returns a body of exactly size bytes read from r and its
+// SHA-256. A seekable r (the bytes a caller holds) is hashed in place and
+// rewound, not copied.
+func hashedBody(r io.Reader, size int64) (io.Reader, []byte, error) {
+	h := sha256.New()
+	// A retry of the S3 client seeks the body to 0: only a body that
+	// starts there is used in place.
+	if rs, ok := r.(io.ReadSeeker); ok {
+		if start, err := rs.Seek(0, io.SeekCurrent); err == nil && start == 0 {
+			n, err := io.Copy(h, io.LimitReader(rs, size+1))
+			switch {
+			case err != nil:
+				return nil, nil, fmt.Errorf("read body: %w: %w", bucket.ErrLocal, err)
+			case n != size:
+				return nil, nil, fmt.Errorf("%w: body has %d bytes, want %d", bucket.ErrLocal, n, size)
+			}
+			if _, err := rs.Seek(0, io.SeekStart); err != nil {
+				return nil, nil, fmt.Errorf("rewind body: %w: %w", bucket.ErrLocal, err)
+			}
+			return rs, h.Sum(nil), nil
+		}
+	}
+	data := make([]byte, size)
+	if _, err := io.ReadFull(r, data); err != nil {
+		return nil, nil, fmt.Errorf("read body: %w: %w", bucket.ErrLocal, err)
+	}
+	if n, _ := r.Read(make([]byte, 1)); n > 0 {
+		return nil, nil, fmt.Errorf("%w: body longer than %d bytes", bucket.ErrLocal, size)
+	}
+	h.Write(data)
+	return bytes.NewReader(data), h.Sum(nil), nil
 }
 
 // Get implements bucket.Bucket.
