@@ -293,16 +293,42 @@ func (u *Uploader) discardRecord(ctx context.Context, p string, rec *resumeRecor
 	}
 }
 
-// Discard forgets any resumable upload of p (its job was dropped or failed).
+// Discard forgets any resumable upload of p (its job was dropped or
+// failed), once nothing works on it: it first waits (at most
+// discardWait) for a cancelled upload of p to stop, so that the files and
+// the record are not pulled from under it, and keeps everything if
+// another job still uploads p.
 func (u *Uploader) Discard(ctx context.Context, p string) {
 	mp, ok := u.opt.Bucket.(bucket.Multipart)
 	if !ok || u.opt.Resume == nil {
 		return
 	}
+	ctx, cancel := context.WithTimeout(ctx, discardWait)
+	defer cancel()
+	for {
+		u.graph.mu.Lock()
+		n := u.graph.nodes[p]
+		u.graph.mu.Unlock()
+		if n == nil {
+			break
+		}
+		if n.ctx.Err() == nil {
+			return // another job needs p: its upload state is that job's
+		}
+		select {
+		case <-n.done:
+		case <-ctx.Done():
+			u.log.Warn("upload of a discarded path did not stop in time; its resumable upload is kept, for the next upload of the path", "path", p)
+			return
+		}
+	}
 	if rec := u.loadRecord(p); rec != nil {
 		u.discardRecord(ctx, p, rec, mp, true)
 	}
 }
+
+// discardWait bounds how long Discard waits for a cancelled upload to stop.
+const discardWait = time.Minute
 
 // RecoverUploads runs at start: it removes kept files no record refers to,
 // and records whose file is gone (aborting their uploads).

@@ -76,6 +76,10 @@ type fakeMultipart struct {
 	uploads   map[string]*fakeUpload // upload id → upload
 	aborted   []string               // full keys
 	failParts bool
+	// partGate, if set, holds every PutPart until it is closed (or the
+	// part's context is done); partStarted is told of each waiting part.
+	partGate    chan struct{}
+	partStarted chan struct{}
 }
 
 type fakeUpload struct {
@@ -118,7 +122,18 @@ func (f *fakeMultipart) ListParts(_ context.Context, key, id string) ([]bucket.P
 	return out, nil
 }
 
-func (f *fakeMultipart) PutPart(_ context.Context, key, id string, n int, r io.Reader, size int64, _ []byte) (bucket.Part, error) {
+func (f *fakeMultipart) PutPart(ctx context.Context, key, id string, n int, r io.Reader, size int64, _ []byte) (bucket.Part, error) {
+	if f.partGate != nil {
+		select {
+		case f.partStarted <- struct{}{}:
+		default:
+		}
+		select {
+		case <-f.partGate:
+		case <-ctx.Done():
+			return bucket.Part{}, ctx.Err()
+		}
+	}
 	b, err := io.ReadAll(r)
 	if err != nil {
 		return bucket.Part{}, err
@@ -361,5 +376,66 @@ func TestAbortStaleUploads(t *testing.T) {
 		if mp.uploads[id] == nil {
 			t.Errorf("upload %q was aborted", id)
 		}
+	}
+}
+
+// TestDiscardWaitsForTheUpload: a dropped job's upload state is discarded
+// only once its upload has stopped, and not at all while another job still
+// uploads the same path.
+func TestDiscardWaitsForTheUpload(t *testing.T) {
+	f := newFixture(t, nil)
+	mp := &fakeMultipart{Bucket: f.rec, partGate: make(chan struct{}), partStarted: make(chan struct{}, 1)}
+	rs := &memResume{}
+	u := f.resumableUploader(t, mp, rs, "none")
+	bg := context.Background()
+
+	// Two jobs want p0; the first is dropped while a part is on its way.
+	ctxA, cancelA := context.WithCancel(bg)
+	errA, errB := make(chan error, 1), make(chan error, 1)
+	go func() { _, err := u.Upload(ctxA, f.path(0)); errA <- err }()
+	<-mp.partStarted
+	go func() { _, err := u.Upload(bg, f.path(0)); errB <- err }()
+	waitFor(t, func() bool {
+		u.graph.mu.Lock()
+		defer u.graph.mu.Unlock()
+		n := u.graph.nodes[f.path(0)]
+		return n != nil && n.interest == 2
+	})
+	cancelA()
+	if err := <-errA; !errors.Is(err, context.Canceled) {
+		t.Fatalf("dropped job: %v", err)
+	}
+	u.Discard(bg, f.path(0))
+	if recs, _ := rs.Uploads(); len(recs) != 1 || len(mp.abortedKeys()) != 0 {
+		t.Fatalf("Discard while another job uploads the path: %d records left, aborted %v", len(recs), mp.abortedKeys())
+	}
+	close(mp.partGate)
+	if err := <-errB; err != nil {
+		t.Fatalf("the other job: %v", err)
+	}
+	f.checkNAR(t, "none")
+
+	// Alone: Discard waits until the cancelled upload has stopped.
+	f2 := newFixture(t, nil)
+	mp2 := &fakeMultipart{Bucket: f2.rec, partGate: make(chan struct{}), partStarted: make(chan struct{}, 1)}
+	rs2 := &memResume{}
+	u2 := f2.resumableUploader(t, mp2, rs2, "none")
+	ctxC, cancelC := context.WithCancel(bg)
+	errC := make(chan error, 1)
+	go func() { _, err := u2.Upload(ctxC, f2.path(0)); errC <- err }()
+	<-mp2.partStarted
+	u2.graph.mu.Lock()
+	n := u2.graph.nodes[f2.path(0)]
+	u2.graph.mu.Unlock()
+	cancelC()
+	<-errC
+	u2.Discard(bg, f2.path(0))
+	select {
+	case <-n.done:
+	default:
+		t.Fatal("Discard returned while the upload was still running")
+	}
+	if recs, _ := rs2.Uploads(); len(recs) != 0 {
+		t.Fatalf("%d resume records left after Discard", len(recs))
 	}
 }
