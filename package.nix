@@ -17,7 +17,7 @@ buildGoModule rec {
       !(builtins.elem base [ "bin" "var" ".tools" "result" ]);
   };
 
-  vendorHash = "sha256-y9uXL1BxrTfS+VwbAQDbN+RBLOszEuwauAbEHcoQdEo=";
+  vendorHash = "sha256-DejTZocMtjDNXXLn0Qy0coJ9srOhLGrZo04ir+ohwxA=";
 
   subPackages = [ "cmd/hook" "cmd/agentd" "cmd/agentctl" ];
 

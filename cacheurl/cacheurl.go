@@ -107,8 +107,8 @@ var Params = []Param{
 	{"retry-delay", true, "no effect, likewise"},
 	{"retry-delay-rate-limited", true, "no effect, likewise"},
 	{"retry-max-delay", true, "no effect, likewise"},
-	{"compression", false, "NAR compression: `zstd` (default), `xz`, `br`, `gzip`, `lz4` or `none`; refused: `bzip2`, `lzip`, `lzop`, `compress`, `grzip`, `lrzip` (no maintained Go encoder) and `lzma` (stock Nix 2.8 cannot read it back)"},
-	{"compression-level", false, "level of `compression` (zstd 0–22, xz 0–9, gzip 0–9, br 0–11, lz4 1–9); no effect with `none`"},
+	{"compression", false, "NAR compression: `zstd` (default), `xz`, `bzip2`, `br`, `gzip`, `lz4` or `none`; refused: `lzip`, `lzop`, `compress`, `grzip`, `lrzip` (no maintained Go encoder) and `lzma` (stock Nix 2.8 cannot read it back)"},
+	{"compression-level", false, "level of `compression` (zstd 0–22, xz 0–9, bzip2 1–9, gzip 0–9, br 0–11, lz4 1–9); no effect with `none`"},
 	{"parallel-compression", false, "zstd and lz4 compress large NARs on two threads (Nix 2.35's default for zstd) unless `false`; with another method, `true` has no effect"},
 	{"write-nar-listing", false, "also write `<hash>.ls` listings"},
 	{"secret-key", false, "signing key file, in addition to `--secret-key-file` (same permission check)"},
@@ -124,12 +124,11 @@ var Params = []Param{
 }
 
 // WritableCompressions are the NAR compressions nixspool writes.
-var WritableCompressions = []string{"zstd", "xz", "br", "gzip", "lz4", "none"}
+var WritableCompressions = []string{"zstd", "xz", "bzip2", "br", "gzip", "lz4", "none"}
 
 // refusedCompressions are the other methods Nix accepts for compression=,
 // each with why nixspool does not write it.
 var refusedCompressions = map[string]string{
-	"bzip2":    "no maintained Go encoder",
 	"lzip":     "no maintained Go encoder",
 	"lzop":     "no maintained Go encoder",
 	"compress": "no maintained Go encoder",
@@ -140,7 +139,7 @@ var refusedCompressions = map[string]string{
 
 // levelRange is the compression-level range each method accepts.
 var levelRange = map[string][2]int{
-	"zstd": {0, 22}, "xz": {0, 9}, "gzip": {0, 9}, "br": {0, 11}, "lz4": {1, 9},
+	"zstd": {0, 22}, "xz": {0, 9}, "bzip2": {1, 9}, "gzip": {0, 9}, "br": {0, 11}, "lz4": {1, 9},
 }
 
 const (

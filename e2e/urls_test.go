@@ -93,7 +93,7 @@ func TestCompressionsStockNixReads(t *testing.T) {
 	testenv.RequireNix(t)
 	sk, pk := keyPair(t, "e2e-comp-1")
 	p := testenv.AddTextPath(t, "compressions", strings.Repeat("nixspool compresses this line\n", 2000))
-	for _, q := range []string{"compression=br", "compression=gzip&compression-level=9", "compression=lz4", "compression=xz&compression-level=1"} {
+	for _, q := range []string{"compression=br", "compression=gzip&compression-level=9", "compression=lz4", "compression=xz&compression-level=1", "compression=bzip2"} {
 		comp := strings.TrimPrefix(strings.SplitN(q, "&", 2)[0], "compression=")
 		cacheDir := filepath.Join(t.TempDir(), "cache")
 		a := newAgent(t, "file://"+cacheDir+"?"+q, sk, nil, "--skip-signed-by=")

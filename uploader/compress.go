@@ -7,6 +7,7 @@ import (
 	"sync"
 
 	"github.com/andybalholm/brotli"
+	"github.com/dsnet/compress/bzip2"
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 	"github.com/pierrec/lz4/v4"
@@ -80,6 +81,11 @@ func newNARCompressorThreads(method string, level int, parallel bool) (*narCompr
 		c.ext = ".lz4"
 		c.multi = parallel
 		if level > 9 {
+			return nil, bad(1, 9)
+		}
+	case "bzip2":
+		c.ext = ".bz2"
+		if level == 0 || level > 9 {
 			return nil, bad(1, 9)
 		}
 	case "none":
@@ -157,6 +163,17 @@ func (c *narCompressor) wrap(w io.Writer, small bool) (io.WriteCloser, error) {
 			level = c.level
 		}
 		enc = brotli.NewWriterLevel(w, level)
+	case "bzip2":
+		// Nix's bzip2 (libarchive) uses level 9 unless told otherwise.
+		level := 9
+		if c.level > 0 {
+			level = c.level
+		}
+		z, err := bzip2.NewWriter(w, &bzip2.WriterConfig{Level: level})
+		if err != nil {
+			return nil, err
+		}
+		enc = bzip2Writer{z}
 	case "xz":
 		// ulikunitz/xz writers cannot be reset: one per NAR.
 		cfg := xz.WriterConfig{}
@@ -183,6 +200,11 @@ func (p *pooled) Close() error {
 	}
 	return err
 }
+
+// bzip2Writer is a dsnet bzip2 writer as a resetter.
+type bzip2Writer struct{ *bzip2.Writer }
+
+func (b bzip2Writer) Reset(w io.Writer) { b.Writer.Reset(w) }
 
 type nopCloser struct{ io.Writer }
 

@@ -89,7 +89,7 @@ func TestEveryWritableCompressionRoundTrips(t *testing.T) {
 func TestCompressionLevels(t *testing.T) {
 	data := narLike(256 << 10)
 	for method, levels := range map[string][]int{
-		"zstd": {0, 1, 19}, "xz": {0, 9}, "gzip": {0, 1, 9}, "br": {0, 11}, "lz4": {1, 9},
+		"zstd": {0, 1, 19}, "xz": {0, 9}, "gzip": {0, 1, 9}, "br": {0, 11}, "lz4": {1, 9}, "bzip2": {1, 9},
 	} {
 		for _, level := range levels {
 			c, err := newNARCompressor(method, level)
@@ -111,12 +111,12 @@ func TestCompressionLevels(t *testing.T) {
 	if a, b := len(compressWith(t, lo, data, false)), len(compressWith(t, hi, data, false)); b >= a {
 		t.Errorf("gzip level 9 gave %d bytes, level 1 %d", b, a)
 	}
-	for method, level := range map[string]int{"zstd": 23, "xz": 10, "gzip": 10, "br": 12, "lz4": 10} {
+	for method, level := range map[string]int{"zstd": 23, "xz": 10, "gzip": 10, "br": 12, "lz4": 10, "bzip2": 10} {
 		if _, err := newNARCompressor(method, level); err == nil || !strings.Contains(err.Error(), "compression-level") {
 			t.Errorf("%s level %d accepted (%v)", method, level, err)
 		}
 	}
-	for _, method := range []string{"bzip2", "lzma"} {
+	for _, method := range []string{"lzip", "lzma"} {
 		if _, err := newNARCompressor(method, -1); err == nil {
 			t.Errorf("%s accepted; nixspool does not write it", method)
 		}
