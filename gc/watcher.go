@@ -307,13 +307,13 @@ func (w *Watcher) fresh(ctx context.Context) error {
 func (w *Watcher) Check(ctx context.Context, relied []string) (time.Duration, error) {
 	if w.isBlind() {
 		// No collector may start while this agent is registered blind,
-		// and none holds the lease now: a cycle starting now sweeps
-		// after its grace, which is longer than MinMargin.
-		return MinMargin / 2, w.checkBlind(ctx)
+		// and none holds the lease now; even one that ignored the
+		// registration would sweep only after a grace longer than this.
+		return w.blindWithin(), w.checkBlind(ctx)
 	}
 	if err := w.fresh(ctx); err != nil {
 		if w.isBlind() {
-			return MinMargin / 2, w.checkBlind(ctx)
+			return w.blindWithin(), w.checkBlind(ctx)
 		}
 		return 0, err
 	}
@@ -371,6 +371,13 @@ func (w *Watcher) Check(ctx context.Context, relied []string) (time.Duration, er
 		return 0, errTooLate
 	}
 	return within, nil
+}
+
+// blindWithin is how long a blind agent's write may take: less than the
+// shortest grace a collector may announce while this agent's staleness
+// bound is registered, minus half the smallest margin.
+func (w *Watcher) blindWithin() time.Duration {
+	return w.opt.Stale + clockSlack + MinMargin/2
 }
 
 // errTooLate: the check took so long that the write could no longer land

@@ -326,15 +326,21 @@ func TestBlindWatcher(t *testing.T) {
 	w := newWorld(t)
 	oldAndNew(w)
 	g := NewWatcher(WatcherOptions{Bucket: unlistableBucket{w.b}, Clock: w.clock, Poll: time.Minute, ID: "agent-9", Host: "builder-9"})
-	if _, err := g.Check(w.ctx, []string{hashOf("a") + ".narinfo"}); err != nil {
+	within, err := g.Check(w.ctx, []string{hashOf("a") + ".narinfo"})
+	if err != nil {
 		t.Fatalf("Check of a blind agent with no collector at work = %v", err)
+	}
+	// A collector taking the lease after this check sweeps after a grace
+	// of at least Stale + clockSlack + MinMargin: the write is in by then.
+	if within <= 0 || within+MinMargin/2 > g.Stale()+clockSlack+MinMargin {
+		t.Fatalf("a blind agent's write may take %s", within)
 	}
 	var rec WatcherRecord
 	if _, err := getJSON(w.ctx, w.b, WatcherPrefix+"agent-9", &rec); err != nil || !rec.Blind {
 		t.Fatalf("registration %+v, %v; want it marked blind", rec, err)
 	}
 	// A collector (with a URL that can list) refuses to start.
-	_, err := Run(w.ctx, w.b, w.opts())
+	_, err = Run(w.ctx, w.b, w.opts())
 	var blind *BlindWatcherError
 	if !errors.As(err, &blind) || blind.Host != "builder-9" {
 		t.Fatalf("Run with a blind agent registered = %v", err)
