@@ -242,28 +242,11 @@ func (b *bench) fanout() error {
 	for run := 1; run <= *fanoutRuns; run++ {
 		name := b.bucketName()
 		m.MakeBucket(name)
-		sock, cmdA, err := b.agent(fmt.Sprintf("fanout-%d-%s", run, randHex()[:6]), m.BucketURLVia(p.Endpoint, name, ""), m.Env())
+		r, err := b.measuredPush(fmt.Sprintf("fanout-%d", run), m.BucketURLVia(p.Endpoint, name, ""), m.Env(), []string{cl.Top}, 30*time.Minute, p.Reset)
 		if err != nil {
 			return err
 		}
-		if err := b.ensureCacheInfo(sock); err != nil {
-			stop(cmdA)
-			return err
-		}
-		idle := peakRSS(cmdA.Process.Pid)
-		p.Reset()
-		t0 := time.Now()
-		if err := push(sock, []string{cl.Top}); err != nil {
-			stop(cmdA)
-			return err
-		}
-		if err := waitUploaded(sock, 1, 30*time.Minute); err != nil {
-			stop(cmdA)
-			return err
-		}
-		took := time.Since(t0)
-		rss := peakRSS(cmdA.Process.Pid)
-		stop(cmdA)
+		took, idle, rss := r.took, r.idle, r.peak
 		if got := b.countKeys(name, ".narinfo"); got != objects {
 			return fmt.Errorf("run %d: %d narinfos in the bucket, want %d", run, got, objects)
 		}

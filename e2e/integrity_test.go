@@ -19,37 +19,18 @@ import (
 	"github.com/nixspool/nixspool/protocol"
 )
 
-// writeDrv writes a Nix expression for a derivation "top" that depends on
-// a derivation "dep" (so its output references dep's output), both unique
-// to this call, and returns the file.
+// writeDrv writes a Nix expression for a derivation name that depends on
+// a derivation name-dep (so its output references dep's output), both
+// unique to this call, and returns the file.
 func writeDrv(t *testing.T, name string) string {
 	t.Helper()
-	nonce := testenv.Unique()
-	expr := fmt.Sprintf(`
-let
-  mk = name: script: builtins.derivation {
-    inherit name;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    args = [ "-c" script ];
-    nonce = "%[1]s";
-    PATH = "/usr/bin:/bin";
-  };
-  dep = mk "%[2]s-dep" "mkdir -p $out; echo dep > $out/name";
-in mk "%[2]s" "mkdir -p $out; echo ${dep} > $out/dep"
-`, nonce, name)
-	f := filepath.Join(t.TempDir(), name+"-"+nonce+".nix")
-	if err := os.WriteFile(f, []byte(expr), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return f
+	return writeExpr(t, fmt.Sprintf(`mk %q [ (mk "%s-dep" [] "") ] ""`, name, name))
 }
 
 // nixBuild builds file with env and returns the top output path.
 func nixBuild(t *testing.T, env []string, file string) string {
 	t.Helper()
-	out := strings.TrimSpace(testenv.Run(t, env, "nix-build", file, "--no-out-link"))
-	return out[strings.LastIndex(out, "\n")+1:]
+	return build(t, env, &testenv.Graph{File: file})
 }
 
 // narinfoOf returns the fields of p's narinfo in m's bucket, or nil if
