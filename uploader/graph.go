@@ -2,6 +2,7 @@ package uploader
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -242,6 +243,31 @@ func (g *graph) fail(n *node, err error) {
 		for _, d := range cur.dependents {
 			stack = append(stack, d)
 			errs = append(errs, fmt.Errorf("dependency %s: %w", cur.info.Path, cerr))
+		}
+	}
+}
+
+// errStillWanted: a job still waits for the path.
+var errStillWanted = errors.New("still wanted by a job")
+
+// waitAbandoned waits until no work on p is left: its node, cancelled
+// because no job waits for it any more, has stopped. It returns
+// errStillWanted if a job does wait for p, or ctx's error.
+func (g *graph) waitAbandoned(ctx context.Context, p string) error {
+	for {
+		g.mu.Lock()
+		n := g.nodes[p]
+		g.mu.Unlock()
+		if n == nil {
+			return nil
+		}
+		if n.ctx.Err() == nil {
+			return errStillWanted
+		}
+		select {
+		case <-n.done:
+		case <-ctx.Done():
+			return ctx.Err()
 		}
 	}
 }

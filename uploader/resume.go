@@ -305,22 +305,12 @@ func (u *Uploader) Discard(ctx context.Context, p string) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, discardWait)
 	defer cancel()
-	for {
-		u.graph.mu.Lock()
-		n := u.graph.nodes[p]
-		u.graph.mu.Unlock()
-		if n == nil {
-			break
-		}
-		if n.ctx.Err() == nil {
-			return // another job needs p: its upload state is that job's
-		}
-		select {
-		case <-n.done:
-		case <-ctx.Done():
-			u.log.Warn("upload of a discarded path did not stop in time; its resumable upload is kept, for the next upload of the path", "path", p)
-			return
-		}
+	switch err := u.graph.waitAbandoned(ctx, p); {
+	case errors.Is(err, errStillWanted):
+		return // another job needs p: its upload state is that job's
+	case err != nil:
+		u.log.Warn("upload of a discarded path did not stop in time; its resumable upload is kept, for the next upload of the path", "path", p)
+		return
 	}
 	if rec := u.loadRecord(p); rec != nil {
 		u.discardRecord(ctx, p, rec, mp, true)
