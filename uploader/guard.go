@@ -49,19 +49,25 @@ func relied(storePath, url string, refs []string) []string {
 // deletion is checked like the objects it relies on: written once the
 // sweep may have begun, the sweep could delete it again.
 func (u *Uploader) guardNarinfo(ctx context.Context, storePath, url string, refs []string) (time.Duration, error) {
-	if u.opt.Guard == nil {
-		return 0, nil
-	}
 	keys := relied(storePath, url, refs)
 	if u.doomed(storePath) {
 		keys = append(keys, narinfoKey(storePath))
 	}
-	u.conditionalWrites(ctx) // learnt before the check, not in the time it allows
-	within, err := u.opt.Guard.Check(ctx, keys)
+	within, err := u.checkGuard(ctx, keys)
 	if err != nil {
 		return 0, fmt.Errorf("narinfo of %s: %w", storePath, err)
 	}
 	return within, nil
+}
+
+// checkGuard asks the guard (if any) about a write relying on keys, and
+// returns how long the write may take (0: no limit).
+func (u *Uploader) checkGuard(ctx context.Context, keys []string) (time.Duration, error) {
+	if u.opt.Guard == nil {
+		return 0, nil
+	}
+	u.conditionalWrites(ctx) // learnt before the check, not in the time it allows
+	return u.opt.Guard.Check(ctx, keys)
 }
 
 // errLate: a write the guard allowed did not complete in the time it

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
-	"time"
 
 	"github.com/nixspool/nixspool/bucket"
 	"github.com/nixspool/nixspool/nixstore"
@@ -60,38 +59,45 @@ func (u *Uploader) writeRealisations(ctx context.Context, info *nixstore.PathInf
 	if err != nil {
 		return 0, fmt.Errorf("realisations of %s: %w", info.Path, err)
 	}
-	var within time.Duration
-	if g := u.opt.Guard; g != nil && len(extras) > 0 {
-		// A realisation relies on its output's narinfo and, through its
-		// dependencies, on the outputs it references: like a narinfo, it
-		// is not written while a collector may be deleting them.
-		u.conditionalWrites(ctx)
-		if within, err = g.Check(ctx, relied(info.Path, narinfoKey(info.Path), info.References)); err != nil {
-			return 0, fmt.Errorf("realisations of %s: %w", info.Path, err)
+	// Only what is not known to be written: a path found present asks
+	// here on every job, and needs no guard check for nothing.
+	type todo struct {
+		Extra
+		sum [32]byte
+	}
+	var todos []todo
+	for _, e := range extras {
+		sum := sha256.Sum256(e.Body)
+		if v, ok := u.extrasDone.Load(e.Key); !ok || v.([32]byte) != sum {
+			todos = append(todos, todo{e, sum})
 		}
+	}
+	if len(todos) == 0 {
+		return 0, nil
+	}
+	// A realisation relies on its output's narinfo and, through its
+	// dependencies, on the outputs it references: like a narinfo, it is
+	// not written while a collector may be deleting them.
+	within, err := u.checkGuard(ctx, relied(info.Path, narinfoKey(info.Path), info.References))
+	if err != nil {
+		return 0, fmt.Errorf("realisations of %s: %w", info.Path, err)
 	}
 	n := 0
 	err = u.guardedWrite(ctx, within, func(ctx context.Context, b bucket.Bucket) error {
-		for _, e := range extras {
-			sum := sha256.Sum256(e.Body)
-			if v, ok := u.extrasDone.Load(e.Key); ok && v.([32]byte) == sum {
-				continue
-			}
+		for _, e := range todos {
 			wrote, err := u.putNew(ctx, b, e.Key, e.Body, bucket.PutOptions{ContentType: e.ContentType})
 			if err != nil {
 				return fmt.Errorf("write %s: %w", e.Key, err)
 			}
-			if !wrote {
-				u.extrasDone.Store(e.Key, sum)
-				continue
-			}
-			if u.extrasCount.Add(1) > maxExtrasDone {
+			if wrote && u.extrasCount.Add(1) > maxExtrasDone {
 				u.extrasDone.Clear()
 				u.extrasCount.Store(1)
 			}
-			u.extrasDone.Store(e.Key, sum)
-			n++
-			u.log.Info("realisation uploaded", "path", info.Path, "key", e.Key)
+			u.extrasDone.Store(e.Key, e.sum)
+			if wrote {
+				n++
+				u.log.Info("realisation uploaded", "path", info.Path, "key", e.Key)
+			}
 		}
 		return nil
 	})
