@@ -9,6 +9,9 @@
 SHELL        := /bin/bash
 GO           ?= go
 TOOLS        := $(CURDIR)/.tools/bin
+# Built test servers are kept per version outside the clone, so that a fresh
+# clone links them instead of building them again; missing ones are built.
+TOOLS_CACHE  ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/nixspool/tools
 # MinIO for the S3 tests, pinned (MinIO publishes pseudo-versions only).
 MINIO_VERSION       := v0.0.0-20260212201848-7aac2a2c5b7c
 # The Versity S3 Gateway, a second S3 implementation independent of MinIO's code.
@@ -44,16 +47,21 @@ tool-nix:
 	fi
 
 tool-minio:
-	@if [ ! -x $(TOOLS)/minio ] || [ "$$(cat $(TOOLS)/.minio-version 2>/dev/null)" != "$(MINIO_VERSION)" ]; then \
-	  echo "building the MinIO server $(MINIO_VERSION) into .tools/bin (takes a few minutes once)"; \
-	  GOBIN=$(TOOLS) $(GO) install github.com/minio/minio@$(MINIO_VERSION) && echo $(MINIO_VERSION) > $(TOOLS)/.minio-version; \
-	fi
+	@$(call cached-tool,minio,github.com/minio/minio,$(MINIO_VERSION),a few minutes once)
 
 tool-versitygw:
-	@if [ ! -x $(TOOLS)/versitygw ] || [ "$$(cat $(TOOLS)/.versitygw-version 2>/dev/null)" != "$(VERSITYGW_VERSION)" ]; then \
-	  echo "building the Versity S3 gateway $(VERSITYGW_VERSION) into .tools/bin (about two minutes once)"; \
-	  GOBIN=$(TOOLS) $(GO) install github.com/versity/versitygw/cmd/versitygw@$(VERSITYGW_VERSION) && echo $(VERSITYGW_VERSION) > $(TOOLS)/.versitygw-version; \
-	fi
+	@$(call cached-tool,versitygw,github.com/versity/versitygw/cmd/versitygw,$(VERSITYGW_VERSION),about two minutes once)
+
+# cached-tool NAME,PACKAGE,VERSION,HOW-LONG: go install PACKAGE@VERSION into
+# $(TOOLS_CACHE)/NAME-VERSION unless it is there, then link it into .tools/bin.
+define cached-tool
+dir=$(TOOLS_CACHE)/$(1)-$(3); \
+if [ ! -x $$dir/$(1) ]; then \
+  echo "building $(1) $(3) into $$dir ($(4))"; \
+  mkdir -p $$dir && GOBIN=$$dir $(GO) install $(2)@$(3) || exit 1; \
+fi; \
+mkdir -p $(TOOLS) && ln -sfn $$dir/$(1) $(TOOLS)/$(1)
+endef
 
 tool-staticcheck:
 	@[ -x $(TOOLS)/staticcheck ] || GOBIN=$(TOOLS) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
