@@ -5,6 +5,7 @@
 #   make bench  print performance figures against same-run baselines
 #               (BENCH_FLAGS="-only burst,fanout" to choose; go run ./bench -list)
 #   make lint   gofmt, go vet, staticcheck
+#   make robustness  the harness's long profile (ROBUSTNESS_TOTAL=30m)
 
 SHELL        := /bin/bash
 GO           ?= go
@@ -22,7 +23,7 @@ LDFLAGS      := -s -w -X github.com/nixspool/nixspool/agent.Version=$(VERSION)
 export PATH  := $(TOOLS):$(PATH)
 NIX          := nix --extra-experimental-features nix-command
 
-.PHONY: all build test test-race run bench lint tools tool-nix tool-minio tool-versitygw tool-staticcheck clean
+.PHONY: all build test test-race robustness run bench lint tools tool-nix tool-minio tool-versitygw tool-staticcheck clean
 
 all: build
 
@@ -72,6 +73,16 @@ test: tools
 
 test-race: tools
 	NIXSPOOL_REQUIRE_TOOLS=1 NIXSPOOL_RACE=1 $(GO) test -race -count=1 -timeout 30m ./...
+
+## robustness: the long profile of the robustness harness: random schedules
+## of faults against agents, a collector and an adversarial object store for
+## ROBUSTNESS_TOTAL (the short profile runs inside make test). Replay a
+## failing seed with the command it prints.
+ROBUSTNESS_TOTAL ?= 30m
+robustness:
+	ROBUSTNESS_SUMMARY=$(CURDIR)/internal/robustness/last-long-run.txt \
+	  $(GO) test -count=1 -timeout 0 -run TestRobustness ./internal/robustness -v -robustness.total=$(ROBUSTNESS_TOTAL) 2>&1 | tee robustness.log | grep -E '^(--- |ok|FAIL|\s+robustness_test.go.*(long profile|VIOLATION|violations:))' ; \
+	  cat $(CURDIR)/internal/robustness/last-long-run.txt; ! grep -q -- '--- FAIL' robustness.log
 
 ## run: agentd on a local file:// cache in ./var, with a generated key.
 run: tool-nix build

@@ -42,6 +42,11 @@ type node struct {
 	relied  []string
 	gen     uint64    // the cache generation the plan was made in
 	planned time.Time // when the job planned it
+	// dependsSince is when the last object the narinfo depends on was
+	// written or found present: its NAR, its references' narinfos (also
+	// those this upload wrote). The narinfo is written only once the
+	// cache's generation is confirmed by a question sent after it.
+	dependsSince time.Time
 	narDone bool
 	ni      *narinfo.NarInfo
 	sent    uint64
@@ -139,7 +144,7 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing map[s
 			continue
 		}
 		ctx, cancel := context.WithCancel(context.Background())
-		n := &node{info: info, ctx: ctx, cancel: cancel, interest: 1, gen: gen, planned: planned, owner: job, done: make(chan struct{})}
+		n := &node{info: info, ctx: ctx, cancel: cancel, interest: 1, gen: gen, planned: planned, dependsSince: planned, owner: job, done: make(chan struct{})}
 		for _, r := range info.References {
 			switch {
 			case r == p || isUpstream[r]:
@@ -192,6 +197,7 @@ func (g *graph) narUploaded(n *node, ni *narinfo.NarInfo, sent uint64, relied []
 	g.mu.Lock()
 	n.ni, n.sent, n.narDone = ni, sent, true
 	n.relied = append(n.relied, relied...)
+	n.dependsSince = laterOf(n.dependsSince, time.Now())
 	ready := n.refsLeft == 0 && n.err == nil
 	g.mu.Unlock()
 	if ready {
@@ -201,13 +207,20 @@ func (g *graph) narUploaded(n *node, ni *narinfo.NarInfo, sent uint64, relied []
 
 // succeed records that n's narinfo is written: it is present, and its
 // dependents may be due.
-func (g *graph) succeed(n *node) {
-	g.u.presence.markIn([]string{n.info.Path}, n.gen)
+//
+// The write (or the finding that the narinfo is there) began at started
+// and ended at written.
+func (g *graph) succeed(n *node, started, written time.Time) {
+	g.u.presence.settled(n.info.Path)
+	g.u.presence.markIn([]string{n.info.Path}, n.gen, started)
 	var due []*node
 	g.mu.Lock()
-	delete(g.nodes, n.info.Path)
+	if g.nodes[n.info.Path] == n {
+		delete(g.nodes, n.info.Path)
+	}
 	close(n.done)
 	for _, d := range n.dependents {
+		d.dependsSince = laterOf(d.dependsSince, written)
 		d.refsLeft--
 		if d.refsLeft == 0 && d.narDone && d.err == nil {
 			due = append(due, d)
@@ -218,6 +231,13 @@ func (g *graph) succeed(n *node) {
 	for _, d := range due {
 		g.work.push(true, func() { g.u.runNarinfo(d) })
 	}
+}
+
+func laterOf(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
 }
 
 // fail records that n cannot be uploaded now, and fails every node above it.

@@ -161,6 +161,9 @@ func (u *Uploader) revive(ctx context.Context, p string) (bool, error) {
 func (u *Uploader) ForgetPaths(paths []string) {
 	// Their realisations are doomed with them: write them again when asked.
 	u.extrasDone.Clear()
+	// Every path is forgotten, not only those known now: the records on
+	// disk may not be loaded yet (the bucket was unreachable at start),
+	// and an answer may be on its way.
 	hashes := u.presence.forget(paths)
 	u.presence.mu.Lock()
 	identity := u.presence.identity

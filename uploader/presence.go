@@ -59,10 +59,24 @@ type presence struct {
 	// wrong costs nothing worse than an upload the cache then keeps as it
 	// is (narinfo writes are create-only).
 	absent map[string]time.Time
+	// forgotten remembers when hashes were forgotten (a collector
+	// announced them): an answer asked before that, or a record loaded
+	// from disk later, must not bring them back. Pruned after the TTL.
+	forgotten map[string]time.Time
+	// unsure holds hashes whose narinfo this uploader wrote in a cache
+	// that turned out to be reset while it wrote: the narinfo may be
+	// there without its NAR or references. They count as missing, so
+	// that the next upload puts back what they need, until a narinfo
+	// write of theirs (or the finding that another writer's is there) is
+	// confirmed in the current generation.
+	unsure map[string]bool
 	// gen counts resets seen by this process; entries of known belong to
 	// the current one.
 	gen      atomic.Uint64
 	genName  string // generation name of the cache, "" until first seen
+	// genBorn is the LastModified of the generation's nix-cache-info (the
+	// store's clock): when the cache was created or last reset.
+	genBorn time.Time
 	genAt    time.Time
 	identity string // persistence key: cache identity + generation
 
@@ -81,7 +95,8 @@ type pendingCheck struct {
 }
 
 func newPresence(u *Uploader) *presence {
-	return &presence{u: u, known: map[string]int64{}, pending: map[string]*pendingCheck{}, absent: map[string]time.Time{}}
+	return &presence{u: u, known: map[string]int64{}, pending: map[string]*pendingCheck{}, absent: map[string]time.Time{},
+		forgotten: map[string]time.Time{}, unsure: map[string]bool{}}
 }
 
 // seen reports whether the cache is known to hold p's narinfo, whether or
@@ -107,24 +122,33 @@ func (pr *presence) has(p string) bool {
 
 // mark records that the narinfos of paths are in the cache, in memory and
 // (lazily) in the presence store.
-func (pr *presence) mark(paths []string) { pr.markIn(paths, pr.gen.Load()) }
+func (pr *presence) mark(paths []string, asked time.Time) {
+	pr.markIn(paths, pr.gen.Load(), asked)
+}
 
-// markIn is mark for an answer obtained in generation gen: if the cache
-// was reset since (the answer may describe the old bucket), it is dropped.
-func (pr *presence) markIn(paths []string, gen uint64) {
+// markIn is mark for an answer to a question sent at asked, in generation
+// gen: if the cache was reset since (the answer may describe the old
+// bucket), it is dropped, and so is the answer for a path forgotten after
+// the question was sent (a HEAD answered just before a sweep deleted the
+// narinfo, delivered after the collector's announcement was read).
+func (pr *presence) markIn(paths []string, gen uint64, asked time.Time) {
 	if len(paths) == 0 {
 		return
 	}
 	now := time.Now()
-	hashes := make([]string, len(paths))
+	hashes := make([]string, 0, len(paths))
 	pr.mu.Lock()
 	if pr.gen.Load() != gen {
 		pr.mu.Unlock()
 		return
 	}
-	for i, p := range paths {
-		hashes[i] = storepath.HashPart(p)
-		pr.known[hashes[i]] = now.Unix()
+	for _, p := range paths {
+		h := storepath.HashPart(p)
+		if f, ok := pr.forgotten[h]; (ok && !f.Before(asked)) || pr.unsure[h] {
+			continue
+		}
+		hashes = append(hashes, h)
+		pr.known[h] = now.Unix()
 	}
 	if len(pr.known) > maxPresent {
 		pr.evictLocked()
@@ -150,20 +174,46 @@ func (pr *presence) evictLocked() {
 	}
 }
 
-// forget drops what is known about paths (a collector announced them) and
-// returns the hashes that were known.
+// forget drops what is known about paths (a collector announced them),
+// also what answers in flight and records not loaded yet would say, and
+// returns their hashes.
 func (pr *presence) forget(paths []string) []string {
 	pr.mu.Lock()
 	defer pr.mu.Unlock()
-	var known []string
+	now := time.Now()
+	hashes := make([]string, 0, len(paths))
 	for _, p := range paths {
 		h := storepath.HashPart(p)
-		if _, ok := pr.known[h]; ok {
-			known = append(known, h)
-			delete(pr.known, h)
-		}
+		hashes = append(hashes, h)
+		delete(pr.known, h)
+		pr.forgotten[h] = now
 	}
-	return known
+	return hashes
+}
+
+// doubt marks paths unsure (see presence.unsure) and forgets them.
+func (pr *presence) doubt(paths []string) {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	for _, p := range paths {
+		h := storepath.HashPart(p)
+		pr.unsure[h] = true
+		delete(pr.known, h)
+	}
+}
+
+// settled clears p's doubt: its narinfo write was just confirmed.
+func (pr *presence) settled(p string) {
+	pr.mu.Lock()
+	delete(pr.unsure, storepath.HashPart(p))
+	pr.mu.Unlock()
+}
+
+// isUnsure reports whether p is unsure.
+func (pr *presence) isUnsure(p string) bool {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	return pr.unsure[storepath.HashPart(p)]
 }
 
 // reset forgets everything: the cache's generation changed (or an operator
@@ -235,8 +285,12 @@ func (pr *presence) setGeneration(name string, asked time.Time) (changed bool, e
 	}
 	pr.mu.Lock()
 	for h, at := range hashes {
-		// As old as the record: trusted for what is left of the TTL.
-		if _, ok := pr.known[h]; !ok {
+		// As old as the record: trusted for what is left of the TTL;
+		// never what was forgotten since it was recorded.
+		if f, ok := pr.forgotten[h]; ok && !f.Before(at) {
+			continue
+		}
+		if _, ok := pr.known[h]; !ok && !pr.unsure[h] {
 			pr.known[h] = at.Unix()
 		}
 	}
@@ -245,6 +299,21 @@ func (pr *presence) setGeneration(name string, asked time.Time) (changed bool, e
 		pr.u.log.Info("presence cache loaded", "cache", pr.u.opt.Cache.String(), "paths", len(hashes))
 	}
 	return false, nil
+}
+
+// born records when the current generation's nix-cache-info was written.
+func (pr *presence) born(t time.Time) {
+	pr.mu.Lock()
+	pr.genBorn = t
+	pr.mu.Unlock()
+}
+
+// young reports whether the cache was created or reset less than d ago
+// (storeNow: the store's clock).
+func (pr *presence) young(storeNow time.Time, d time.Duration) bool {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	return !pr.genBorn.IsZero() && storeNow.Sub(pr.genBorn) < d
 }
 
 // confirmedSince reports whether the generation was confirmed by a
@@ -282,6 +351,11 @@ func (pr *presence) prune() int {
 			n++
 		}
 	}
+	for h, at := range pr.forgotten {
+		if at.Unix() < cutoff {
+			delete(pr.forgotten, h)
+		}
+	}
 	return n
 }
 
@@ -308,6 +382,10 @@ func (pr *presence) check(ctx context.Context, paths []string) (missing []string
 		if pr.trustedLocked(h, now) {
 			continue
 		}
+		if pr.unsure[h] {
+			missing = append(missing, p)
+			continue
+		}
 		if pc, ok := pr.pending[h]; ok {
 			wait = append(wait, pc)
 			waitPaths = append(waitPaths, p)
@@ -325,9 +403,9 @@ func (pr *presence) check(ctx context.Context, paths []string) (missing []string
 	}
 	pr.mu.Unlock()
 
-	gen := pr.gen.Load()
+	gen, asked := pr.gen.Load(), time.Now()
 	found, err := pr.ask(ctx, mine)
-	pr.markIn(found, gen)
+	pr.markIn(found, gen, asked)
 	foundSet := make(map[string]bool, len(found))
 	for _, p := range found {
 		foundSet[p] = true
@@ -390,11 +468,11 @@ func (pr *presence) prefetch(ctx context.Context, paths []string, before func() 
 		start := time.Now()
 		var found []string
 		err := before()
-		gen := pr.gen.Load()
+		gen, asked := pr.gen.Load(), time.Now()
 		if err == nil {
 			found, err = pr.ask(ctx, mine)
 		}
-		pr.markIn(found, gen)
+		pr.markIn(found, gen, asked)
 		foundSet := make(map[string]bool, len(found))
 		for _, p := range found {
 			foundSet[p] = true

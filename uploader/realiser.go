@@ -1,6 +1,7 @@
 package uploader
 
 import (
+	"time"
 	"context"
 	"crypto/sha256"
 	"fmt"
@@ -40,11 +41,12 @@ func (u *Uploader) putRealisations(ctx context.Context, info *nixstore.PathInfo)
 	if !u.presence.seen(info.Path) {
 		// Never a realisation whose output has no narinfo (a path a filter
 		// left out, or one whose upload did not complete).
+		asked := time.Now()
 		have, err := u.hasNarinfo(ctx, info.Path)
 		if err != nil || !have {
 			return 0, err
 		}
-		u.presence.mark([]string{info.Path})
+		u.presence.mark([]string{info.Path}, asked)
 	}
 	return u.writeRealisations(ctx, info)
 }

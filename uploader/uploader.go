@@ -240,6 +240,7 @@ func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("check nix-cache-info: %w", err)
 	}
+	u.presence.born(info.LastModified)
 	if _, err := u.presence.setGeneration(generationName(info), asked); err != nil {
 		u.log.Warn("presence cache", "err", err)
 	}
@@ -304,6 +305,7 @@ func (u *Uploader) CheckGeneration(ctx context.Context) error {
 		if err != nil {
 			return nil, fmt.Errorf("check nix-cache-info: %w", err)
 		}
+		u.presence.born(info.LastModified)
 		_, err = u.presence.setGeneration(generationName(info), asked)
 		u.cacheInfoOK.Store(true)
 		return nil, err
@@ -341,10 +343,11 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	if info == nil {
 		// Gone from the store. If it reached the cache before (an
 		// acknowledgement lost in a crash), the job is done after all.
+		asked, gen := time.Now(), u.presence.gen.Load()
 		have, herr := u.presentTop(ctx, path) // asked for again: revived if doomed
 		if herr == nil && have {
-			u.presence.mark([]string{path})
-			return Result{}, nil
+			u.presence.mark([]string{path}, asked)
+			return Result{}, u.settle(ctx, gen, time.Now(), nil)
 		}
 		if herr != nil && u.doomed(path) {
 			return Result{}, herr // a collector holds it back: transient
@@ -355,12 +358,20 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		return Result{Skipped: 1, SelfSkipped: true}, nil
 	}
 	gen := u.presence.gen.Load()
+	// In a young cache (created or reset less than youngCache ago), a
+	// narinfo may be there without its references: written by an agent
+	// that had not noticed the reset yet, and not repaired by it yet. There
+	// a present path's closure is checked too, and what it lacks uploaded.
+	young := u.presence.young(bucket.Now(u.opt.Bucket), youngCache)
 	// The path itself first: if its narinfo is there, its closure is too
 	// (and only its realisations may be missing: a failed attempt, or a
 	// second derivation with the same output).
-	if u.presence.has(path) {
+	if !young && u.presence.has(path) {
 		n, err := u.putRealisations(ctx, info)
-		return Result{Realisations: n}, err
+		if err != nil {
+			return Result{}, err
+		}
+		return Result{Realisations: n}, u.settle(ctx, gen, time.Now(), nil)
 	}
 	missing, err := u.presence.check(ctx, []string{path})
 	if err != nil {
@@ -379,9 +390,12 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 			missing = []string{path}
 		}
 	}
-	if len(missing) == 0 {
+	if len(missing) == 0 && !young {
 		n, err := u.putRealisations(ctx, info)
-		return Result{Realisations: n}, err
+		if err != nil {
+			return Result{}, err
+		}
+		return Result{Realisations: n}, u.settle(ctx, gen, time.Now(), nil)
 	}
 	closure, err := u.opt.Store.Closure(ctx, path)
 	if err != nil {
@@ -404,35 +418,90 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
-	want := map[string]bool{path: true}
+	want := map[string]bool{}
+	if len(missing) > 0 {
+		want[path] = true
+	}
 	for _, p := range missingDeps {
 		want[p] = true
 	}
 	job := &jobResult{}
-	interest, top, relies := u.graph.plan(job, closure, want, u.opt.Upstream, gen)
+	interest, top, _ := u.graph.plan(job, closure, want, u.opt.Upstream, gen)
 	defer u.graph.release(interest)
-	if relies {
-		// Its narinfos will need a confirmation of the cache's generation
-		// asked after the plan: ask now, while the NARs go up.
-		go func() {
-			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
-			defer cancel()
-			u.CheckGeneration(cctx)
-		}()
+	if top == nil && len(missing) > 0 {
+		// Uploaded by another job meanwhile.
+		return Result{Skipped: skipped}, u.settle(ctx, gen, time.Now(), nil)
 	}
+	wait := []*node{top}
 	if top == nil {
-		return Result{Skipped: skipped}, nil // uploaded by another job meanwhile
+		wait = interest // the path is there: what its closure lacked
 	}
-	select {
-	case <-top.done:
-	case <-ctx.Done():
-		return Result{}, ctx.Err()
+	for _, n := range wait {
+		select {
+		case <-n.done:
+		case <-ctx.Done():
+			return Result{}, ctx.Err()
+		}
 	}
 	job.mu.Lock()
 	res := job.res
 	job.mu.Unlock()
 	res.Skipped += skipped
-	return res, top.err
+	for _, n := range wait {
+		if n.err != nil {
+			return res, n.err
+		}
+	}
+	if top == nil {
+		n, err := u.putRealisations(ctx, info)
+		if err != nil {
+			return res, err
+		}
+		res.Realisations += n
+	}
+	var wrote []string
+	for _, n := range interest {
+		wrote = append(wrote, n.info.Path)
+	}
+	return res, u.settle(ctx, gen, time.Now(), wrote)
+}
+
+// youngCache is how long after its creation or reset a cache's narinfos
+// are not trusted to come with their closure (see Upload).
+const youngCache = 10 * time.Minute
+
+// settle is the last step of every successful Upload: the answer "the
+// cache has it" holds only if the cache is still the generation the upload
+// began in, confirmed by a question sent after the upload's last write
+// (since). Concurrent uploads share one question. If the cache was reset
+// meanwhile, the narinfos the upload wrote (wrote) may have landed in the
+// emptied bucket without what they need: they are doubted, so that the
+// retry puts it back, and the upload counts as not done.
+func (u *Uploader) settle(ctx context.Context, gen uint64, since time.Time, wrote []string) error {
+	if err := u.confirmAfter(ctx, since); err != nil {
+		return err
+	}
+	if u.presence.gen.Load() != gen {
+		u.presence.doubt(wrote)
+		return errReset
+	}
+	return nil
+}
+
+// confirmAfter returns once the cache's generation was confirmed by a
+// question sent at or after t (it asks if no such answer is known, or
+// joins a question in flight), or an error. If the answer shows a reset,
+// the generation counter moves on: callers compare it.
+func (u *Uploader) confirmAfter(ctx context.Context, t time.Time) error {
+	for i := 0; !u.presence.confirmedSince(t); i++ {
+		if i == 3 {
+			return fmt.Errorf("the cache's generation could not be confirmed: %w", errReset)
+		}
+		if err := u.CheckGeneration(ctx); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func (u *Uploader) isUpstream(info *nixstore.PathInfo) bool {
@@ -462,16 +531,16 @@ func (u *Uploader) runNarinfo(n *node) {
 		fail(err)
 		return
 	}
-	// A narinfo relying on objects found present earlier is written only
-	// once the cache is confirmed to be the same cache (not reset) by a
-	// question asked after this upload was planned.
-	for i := 0; len(n.relied) > 0 && !u.presence.confirmedSince(n.planned) && i < 3; i++ {
-		if err := u.CheckGeneration(ctx); err != nil {
-			fail(err)
-			return
-		}
+	// The generation rule: a narinfo is written only if the cache is
+	// confirmed to be the generation the upload was planned in by a
+	// question sent after the last object it depends on was written or
+	// found present (dependsSince). A reset before that question makes
+	// the upload start over; one after it is caught by settle.
+	if err := u.confirmAfter(ctx, n.dependsSince); err != nil {
+		fail(err)
+		return
 	}
-	if n.gen != u.presence.gen.Load() || (len(n.relied) > 0 && !u.presence.confirmedSince(n.planned)) {
+	if n.gen != u.presence.gen.Load() {
 		fail(errReset)
 		return
 	}
@@ -483,6 +552,7 @@ func (u *Uploader) runNarinfo(n *node) {
 		return
 	}
 	var wrote bool
+	started := time.Now()
 	err = u.guardedWrite(ctx, within, func(ctx context.Context, b bucket.Bucket) (err error) {
 		wrote, err = u.putNarinfo(ctx, b, n.ni)
 		return err
@@ -514,7 +584,7 @@ func (u *Uploader) runNarinfo(n *node) {
 	} else {
 		u.log.Info("narinfo already in the cache (another writer); kept it", "path", n.info.Path)
 	}
-	u.graph.succeed(n)
+	u.graph.succeed(n, started, time.Now())
 }
 
 // CheckPresence asks the cache which of paths have a narinfo and returns

@@ -1,0 +1,182 @@
+package robustness
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/nix-community/go-nix/pkg/narinfo/signature"
+
+	"github.com/nixspool/nixspool/cacheurl"
+	"github.com/nixspool/nixspool/gc"
+	"github.com/nixspool/nixspool/queue"
+	"github.com/nixspool/nixspool/uploader"
+)
+
+// agent is one agentd as far as the cache is concerned: an uploader with
+// its state directory (the queue database keeps presence records and
+// resume records across a crash), a gc watcher as its guard, and workers
+// that upload the paths handed to it, retrying as agentd does.
+type agent struct {
+	name   string
+	dir    string
+	client *Client
+	store  *nixStore
+	key    signature.SecretKey
+	log    *slog.Logger
+	onAck  func(a *agent, path string, started time.Time)
+	onFail func(a *agent, path string, err error)
+
+	mu      sync.Mutex
+	running bool
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	up      *uploader.Uploader
+	q       *queue.Queue
+	jobs    chan string
+	pending map[string]bool // handed over and not acknowledged (survives a crash: the durable queue)
+}
+
+const agentWorkers = 4
+
+// start brings the agent up with its state directory as it was.
+func (a *agent) start() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.running {
+		return nil
+	}
+	q, err := queue.Open(filepath.Join(a.dir, "queue.db"))
+	if err != nil {
+		return fmt.Errorf("agent %s: %w", a.name, err)
+	}
+	cache, err := cacheurl.Parse("file:///robustness")
+	if err != nil {
+		q.Close()
+		return err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var up *uploader.Uploader
+	w := gc.NewWatcher(gc.WatcherOptions{
+		Bucket: a.client, Poll: 200 * time.Millisecond, ID: a.name, Host: "robustness", Version: "test",
+		Logger: a.log.With("part", "watcher"),
+		Forget: func(paths []string) { up.ForgetPaths(paths) },
+	})
+	up, err = uploader.New(uploader.Options{
+		Bucket: a.client, Cache: cache, Store: a.store, Keys: []signature.SecretKey{a.key},
+		TempDir: filepath.Join(a.dir, "tmp"), Workers: 16, Streams: 1, SmallBudget: 8 << 20,
+		Logger: a.log, Presence: q, Resume: q, Guard: w, ResumeAbove: 1 << 20,
+		GenerationCheck: 2 * time.Second,
+	})
+	if err != nil {
+		cancel()
+		q.Close()
+		return fmt.Errorf("agent %s: %w", a.name, err)
+	}
+	a.up, a.q, a.cancel, a.running = up, q, cancel, true
+	a.jobs = make(chan string, 4096)
+	if a.pending == nil {
+		a.pending = map[string]bool{}
+	}
+	for p := range a.pending {
+		a.jobs <- p
+	}
+	a.wg.Add(1)
+	go func() { defer a.wg.Done(); w.Run(ctx) }()
+	for i := 0; i < agentWorkers; i++ {
+		a.wg.Add(1)
+		go func() { defer a.wg.Done(); a.work(ctx, up, a.jobs) }()
+	}
+	return nil
+}
+
+// crash stops the agent the way kill -9 does as far as the cache can
+// tell: requests in flight are cut (a write the store already took still
+// lands), nothing is acknowledged any more, and memory is lost. The state
+// directory stays.
+func (a *agent) crash() {
+	a.mu.Lock()
+	if !a.running {
+		a.mu.Unlock()
+		return
+	}
+	a.running = false
+	a.cancel()
+	up, q := a.up, a.q
+	a.mu.Unlock()
+	a.wg.Wait()
+	up.Close()
+	q.Close()
+}
+
+// submit hands a path over, as the hook does.
+func (a *agent) submit(p string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.pending[p] = true
+	if a.running {
+		select {
+		case a.jobs <- p:
+		default: // full: picked up at the next start
+		}
+	}
+}
+
+func (a *agent) pendingCount() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.pending)
+}
+
+func (a *agent) work(ctx context.Context, up *uploader.Uploader, jobs <-chan string) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case p := <-jobs:
+			a.upload(ctx, up, p)
+		}
+	}
+}
+
+func (a *agent) upload(ctx context.Context, up *uploader.Uploader, p string) {
+	backoff := 20 * time.Millisecond
+	for ctx.Err() == nil {
+		started := time.Now()
+		_, err := up.Upload(ctx, p)
+		if ctx.Err() != nil {
+			return // crashed: no acknowledgement
+		}
+		if err == nil {
+			a.mu.Lock()
+			if a.running {
+				delete(a.pending, p)
+			}
+			a.mu.Unlock()
+			a.onAck(a, p, started)
+			return
+		}
+		if uploader.IsPermanent(err) {
+			a.mu.Lock()
+			delete(a.pending, p)
+			a.mu.Unlock()
+			a.onFail(a, p, err)
+			return
+		}
+		t := time.NewTimer(backoff)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return
+		}
+		backoff = min(backoff*2, 500*time.Millisecond)
+	}
+}
+
+// errStopped is returned by operations on a stopped agent.
+var errStopped = errors.New("agent is not running")

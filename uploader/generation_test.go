@@ -1,0 +1,161 @@
+package uploader
+
+import (
+	"context"
+	"io"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/storepath"
+)
+
+// wipeOnPut empties the bucket right after the first Put of a key with
+// suffix completes: a reset of the cache in the middle of an upload.
+type wipeOnPut struct {
+	bucket.Bucket
+	suffix string
+	done   atomic.Bool
+	wipe   func()
+}
+
+func (b *wipeOnPut) Put(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) (bucket.Info, error) {
+	info, err := b.Bucket.Put(ctx, key, r, size, opts)
+	if err == nil && strings.HasSuffix(key, b.suffix) && b.done.CompareAndSwap(false, true) {
+		b.wipe()
+	}
+	return info, err
+}
+
+func (w *world) wipe() {
+	ctx := context.Background()
+	var keys []string
+	w.fb.List(ctx, bucket.ListOptions{Recursive: true}, func(o bucket.Object) error { keys = append(keys, o.Key); return nil })
+	bucket.DeleteAll(ctx, w.fb, keys)
+}
+
+// closureComplete reports whether every narinfo in the bucket has the
+// narinfos of its references: what stock Nix needs.
+func (w *world) narinfosWithoutReferences() []string {
+	var bad []string
+	for i, p := range w.paths {
+		if !w.has(i) {
+			continue
+		}
+		for _, r := range w.store.infos[p].References {
+			if _, err := w.fb.Stat(context.Background(), storepath.HashPart(r)+".narinfo"); err != nil && r != p {
+				bad = append(bad, p)
+			}
+		}
+	}
+	return bad
+}
+
+// TestResetDuringUploadIsNotAcknowledged: the bucket is emptied after the
+// middle path's narinfo of a chain is written and before the top's. The
+// top's narinfo must not be written on the old generation's strength (its
+// reference is gone), the upload must not count as done, and the next
+// attempt must leave a complete closure. Before the generation rule
+// covered objects the upload itself wrote, the top's narinfo landed in the
+// emptied bucket naming a missing reference, and Upload returned nil.
+func TestResetDuringUploadIsNotAcknowledged(t *testing.T) {
+	w := newWorld(t, 3, chain, size(100))
+	wb := &wipeOnPut{Bucket: w.b, suffix: hashFor(1) + ".narinfo", wipe: w.wipe}
+	u := w.uploader(Options{Bucket: wb})
+	ctx := context.Background()
+	_, err := u.Upload(ctx, w.paths[2])
+	if bad := w.narinfosWithoutReferences(); len(bad) > 0 {
+		t.Fatalf("narinfos without their references after a reset during the upload: %v", bad)
+	}
+	if err == nil && !w.has(2) {
+		t.Fatal("the upload was acknowledged, but the bucket lacks its path")
+	}
+	if err == nil {
+		t.Fatal("an upload whose cache was reset under it was acknowledged")
+	}
+	if _, err := u.Upload(ctx, w.paths[2]); err != nil {
+		t.Fatalf("retry: %v", err)
+	}
+	for i := range w.paths {
+		if !w.has(i) {
+			t.Fatalf("after the retry, p%d is missing", i)
+		}
+	}
+	if _, err := w.fb.Stat(ctx, "nix-cache-info"); err != nil {
+		t.Fatalf("nix-cache-info after the retry: %v", err)
+	}
+}
+
+// TestAcknowledgedFromMemoryAfterReset: a path uploaded a moment ago is
+// pushed again after the bucket was emptied. An acknowledgement must mean
+// "in the bucket now", to the best of a generation check asked after the
+// decision, not a presence answer from before the reset.
+func TestAcknowledgedFromMemoryAfterReset(t *testing.T) {
+	w := newWorld(t, 2, chain, size(100))
+	u := w.uploader(Options{GenerationCheck: time.Hour})
+	ctx := context.Background()
+	if _, err := u.Upload(ctx, w.paths[1]); err != nil {
+		t.Fatal(err)
+	}
+	w.wipe()
+	for attempt := 0; attempt < 3; attempt++ {
+		_, err := u.Upload(ctx, w.paths[1])
+		if err == nil {
+			break
+		}
+	}
+	if !w.has(1) || !w.has(0) {
+		t.Fatal("acknowledged from memory: the bucket was emptied and the path is not in it")
+	}
+}
+
+// TestForgetBeforePresenceLoad: a collector's announcement read before the
+// presence records on disk are loaded (the bucket was unreachable at
+// start) still counts: the paths are not trusted from the old records.
+func TestForgetBeforePresenceLoad(t *testing.T) {
+	w := newWorld(t, 2, chain, size(100))
+	ps := &memPresence{recs: map[string]map[string]time.Time{}}
+	u := w.uploader(Options{Presence: ps})
+	ctx := context.Background()
+	if _, err := u.Upload(ctx, w.paths[1]); err != nil {
+		t.Fatal(err)
+	}
+	// A collector deletes p1's narinfo; a restarted agent hears of it
+	// before it reaches the bucket.
+	if err := w.fb.Delete(ctx, hashFor(1)+".narinfo"); err != nil {
+		t.Fatal(err)
+	}
+	u2 := w.uploader(Options{Presence: ps})
+	u2.ForgetPaths([]string{w.paths[1]})
+	if err := u2.EnsureCacheInfo(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if u2.presence.has(w.paths[1]) {
+		t.Fatal("a path forgotten before the presence records were loaded came back as present")
+	}
+	if _, err := u2.Upload(ctx, w.paths[1]); err != nil {
+		t.Fatal(err)
+	}
+	if !w.has(1) {
+		t.Fatal("the forgotten path was acknowledged without an upload")
+	}
+}
+
+// TestLateAnswerDoesNotReviveForgotten: a presence answer to a question
+// sent before a path was forgotten, delivered after, is dropped.
+func TestLateAnswerDoesNotReviveForgotten(t *testing.T) {
+	w := newWorld(t, 1, chain, size(100))
+	u := w.uploader(Options{})
+	asked := time.Now()
+	u.ForgetPaths([]string{w.paths[0]})
+	u.presence.mark([]string{w.paths[0]}, asked)
+	if u.presence.seen(w.paths[0]) {
+		t.Fatal("an answer asked before the forget marked the path present")
+	}
+	u.presence.mark([]string{w.paths[0]}, time.Now().Add(time.Millisecond))
+	if !u.presence.seen(w.paths[0]) {
+		t.Fatal("an answer asked after the forget was dropped")
+	}
+}
