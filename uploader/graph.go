@@ -47,12 +47,12 @@ type node struct {
 	// those this upload wrote). The narinfo is written only once the
 	// cache's generation is confirmed by a question sent after it.
 	dependsSince time.Time
-	narDone bool
-	ni      *narinfo.NarInfo
-	sent    uint64
-	owner   *jobResult // the job that created the node counts its upload
-	done    chan struct{}
-	err     error
+	narDone      bool
+	ni           *narinfo.NarInfo
+	sent         uint64
+	owner        *jobResult // the job that created the node counts its upload
+	done         chan struct{}
+	err          error
 }
 
 // jobResult accumulates what one Upload call uploaded.

@@ -72,11 +72,11 @@ type presence struct {
 	unsure map[string]bool
 	// gen counts resets seen by this process; entries of known belong to
 	// the current one.
-	gen      atomic.Uint64
-	genName  string // generation name of the cache, "" until first seen
+	gen     atomic.Uint64
+	genName string // generation name of the cache, "" until first seen
 	// genBorn is the LastModified of the generation's nix-cache-info (the
 	// store's clock): when the cache was created or last reset.
-	genBorn time.Time
+	genBorn  time.Time
 	genAt    time.Time
 	identity string // persistence key: cache identity + generation
 

@@ -1,10 +1,10 @@
 package uploader
 
 import (
-	"time"
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"time"
 
 	"github.com/nixspool/nixspool/bucket"
 	"github.com/nixspool/nixspool/nixstore"
