@@ -44,6 +44,20 @@ func (e *HashMismatchError) Error() string {
 	return fmt.Sprintf("NAR of %s does not match the store's record: store says %s (%d bytes), contents hash to %s (%d bytes); upload aborted", e.Path, e.Want, e.WantSize, e.Got, e.GotSz)
 }
 
+// GrownError means a store path's contents are larger than the store's
+// record says: the NAR was cut off as soon as it passed the recorded
+// size, so no more than that is ever read, held in memory or written to a
+// temp file.
+type GrownError struct {
+	Path     string
+	WantSize uint64 // the store's NarSize
+	Read     uint64 // NAR bytes produced when the stream was stopped
+}
+
+func (e *GrownError) Error() string {
+	return fmt.Sprintf("NAR of %s is larger than the store's record: store says %d bytes, contents had given %d bytes when reading stopped; upload aborted", e.Path, e.WantSize, e.Read)
+}
+
 // uploadNAR streams info's NAR through hashing and compression (to memory
 // for small NARs, to a temp file otherwise), checks the NAR hash against the
 // store's, uploads the compressed file under its content hash, and returns
@@ -199,7 +213,11 @@ func (u *Uploader) compressNAR(ctx context.Context, info *nixstore.PathInfo, sin
 	if err != nil {
 		return nil, 0, nil, err
 	}
-	narSink := &ctxWriter{ctx: ctx, w: io.MultiWriter(narHash, cw), prog: prog}
+	// The NAR is cut off one byte past the recorded size: a path that grew
+	// after Nix registered it costs no more memory or temp disk than the
+	// record allows, however large it is now.
+	limited := &limitWriter{w: io.MultiWriter(narHash, cw), limit: info.NarSize}
+	narSink := &ctxWriter{ctx: ctx, w: limited, prog: prog}
 	narSize, listing, err := nar.Dump(narSink, info.Path, u.opt.Cache.WriteNARListing)
 	if cerr := cw.Close(); err == nil {
 		err = cerr
@@ -207,6 +225,9 @@ func (u *Uploader) compressNAR(ctx context.Context, info *nixstore.PathInfo, sin
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, 0, nil, ctx.Err()
+		}
+		if errors.Is(err, errNARTooLarge) {
+			return nil, 0, nil, Permanent(&GrownError{Path: info.Path, WantSize: info.NarSize, Read: limited.n + limited.refused})
 		}
 		if _, serr := os.Lstat(info.Path); errors.Is(serr, os.ErrNotExist) {
 			return nil, 0, nil, Permanent(fmt.Errorf("%s was deleted from the store (garbage-collected?): %w", info.Path, err))
@@ -386,6 +407,28 @@ type countWriter struct {
 func (c *countWriter) Write(p []byte) (int, error) {
 	n, err := c.w.Write(p)
 	c.n += int64(n)
+	return n, err
+}
+
+// errNARTooLarge stops a NAR stream that passes its recorded size.
+var errNARTooLarge = errors.New("NAR larger than recorded")
+
+// limitWriter passes on at most limit bytes; a write that would go past it
+// is refused whole (nothing of it is written) with errNARTooLarge.
+type limitWriter struct {
+	w       io.Writer
+	limit   uint64
+	n       uint64 // bytes passed on
+	refused uint64 // bytes of the refused write
+}
+
+func (l *limitWriter) Write(p []byte) (int, error) {
+	if uint64(len(p)) > l.limit-l.n {
+		l.refused = uint64(len(p))
+		return 0, errNARTooLarge
+	}
+	n, err := l.w.Write(p)
+	l.n += uint64(n)
 	return n, err
 }
 

@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -47,7 +48,15 @@ type resumeRecord struct {
 	Compression string `json:"compression"`
 	NarHash     string `json:"nar_hash"` // nix32 SHA-256 of the NAR the file holds
 	NarSize     uint64 `json:"nar_size"`
+	// Used is when an upload last started or resumed from the record
+	// (zero in older records: the kept file's time stands in).
+	Used time.Time `json:"used,omitzero"`
 }
+
+// staleResume is how long a resume record may go unused before
+// RecoverUploads releases it: by then the jobs that wanted the path were
+// dropped or failed, or will start over at the cost of one upload.
+const staleResume = 7 * 24 * time.Hour
 
 // mismatch says why rec cannot be resumed for info with the current
 // configuration ("" if it can).
@@ -72,6 +81,7 @@ func (u *Uploader) partialFile(storePath string) string {
 // attempt (after a crash, a restart or a transient error) continues from
 // the parts the server already holds, checked against their MD5 ETags.
 func (u *Uploader) uploadResumable(ctx context.Context, info *nixstore.PathInfo, mp bucket.Multipart) (*narinfo.NarInfo, uint64, error) {
+	defer u.resuming.start(info.Path)()
 	rec, listing, err := u.resumeOrPrepare(ctx, info, mp)
 	if err != nil || rec == nil {
 		return nil, 0, err
@@ -110,6 +120,10 @@ func (u *Uploader) resumeOrPrepare(ctx context.Context, info *nixstore.PathInfo,
 				}
 			}
 			u.log.Info("resuming upload", "path", info.Path, "key", rec.Key, "bytes", rec.FileSize)
+			rec.Used = time.Now()
+			if err := u.saveRecord(info.Path, rec); err != nil {
+				u.log.Warn("resume record", "path", info.Path, "err", err)
+			}
 			return rec, listing, nil
 		}
 		u.log.Warn("cannot resume upload; starting again", "path", info.Path, "err", err)
@@ -144,11 +158,10 @@ func (u *Uploader) resumeOrPrepare(ctx context.Context, info *nixstore.PathInfo,
 		return nil, nil, err
 	}
 	rec := &resumeRecord{Key: key, UploadID: id, File: file, FileSize: size, FileHash: nixbase32.EncodeToString(fileSum), PartSize: int64(narPartSize(mp, size)),
-		Compression: u.comp.method, NarHash: nixbase32.EncodeToString(info.NarHash), NarSize: info.NarSize}
-	data, _ := json.Marshal(rec)
-	if err := u.opt.Resume.SaveUpload(info.Path, data); err != nil {
+		Compression: u.comp.method, NarHash: nixbase32.EncodeToString(info.NarHash), NarSize: info.NarSize, Used: time.Now()}
+	if err := u.saveRecord(info.Path, rec); err != nil {
 		mp.AbortMultipart(context.WithoutCancel(ctx), key, id)
-		return nil, nil, fmt.Errorf("save resume record: %w", err)
+		return nil, nil, err
 	}
 	keep = true
 	return rec, listing, nil
@@ -184,8 +197,7 @@ func (u *Uploader) sendParts(ctx context.Context, p string, rec *resumeRecord, m
 			return 0, serr
 		}
 		rec.UploadID, have = id, nil
-		data, _ := json.Marshal(rec)
-		if err := u.opt.Resume.SaveUpload(p, data); err != nil {
+		if err := u.saveRecord(p, rec); err != nil {
 			return 0, err
 		}
 	} else if err != nil {
@@ -265,6 +277,17 @@ func (u *Uploader) checkPartial(rec *resumeRecord) error {
 	return nil
 }
 
+func (u *Uploader) saveRecord(p string, rec *resumeRecord) error {
+	data, err := json.Marshal(rec)
+	if err == nil {
+		err = u.opt.Resume.SaveUpload(p, data)
+	}
+	if err != nil {
+		return fmt.Errorf("save resume record of %s: %w", p, err)
+	}
+	return nil
+}
+
 func (u *Uploader) loadRecord(p string) *resumeRecord {
 	data, err := u.opt.Resume.LoadUpload(p)
 	if err != nil || data == nil {
@@ -293,11 +316,14 @@ func (u *Uploader) discardRecord(ctx context.Context, p string, rec *resumeRecor
 	}
 }
 
-// Discard forgets any resumable upload of p (its job was dropped or
-// failed), once nothing works on it: it first waits (at most
-// discardWait) for a cancelled upload of p to stop, so that the files and
-// the record are not pulled from under it, and keeps everything if
-// another job still uploads p.
+// Discard releases the resumable upload state (kept file, record,
+// multipart upload) of p and of the other paths of p's closure, once the
+// job for p has ended for good (dropped, or failed permanently) and
+// nothing works on them any more: it first waits (at most discardWait in
+// all) for their cancelled uploads to stop, so that the files and the
+// records are not pulled from under them, and keeps the state of every
+// path another running job still uploads. A job queued for later that
+// needs one of these paths uploads it from the start.
 func (u *Uploader) Discard(ctx context.Context, p string) {
 	mp, ok := u.opt.Bucket.(bucket.Multipart)
 	if !ok || u.opt.Resume == nil {
@@ -305,15 +331,124 @@ func (u *Uploader) Discard(ctx context.Context, p string) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, discardWait)
 	defer cancel()
-	switch err := u.graph.waitAbandoned(ctx, p); {
-	case errors.Is(err, errStillWanted):
-		return // another job needs p: its upload state is that job's
-	case err != nil:
-		u.log.Warn("upload of a discarded path did not stop in time; its resumable upload is kept, for the next upload of the path", "path", p)
-		return
+	for _, q := range u.discardable(ctx, p) {
+		switch err := u.waitIdle(ctx, q); {
+		case errors.Is(err, errStillWanted):
+			continue // another job needs q: its upload state is that job's
+		case err != nil:
+			u.log.Warn("upload of a discarded path did not stop in time; its resumable upload is kept, for the next upload of the path", "path", q, "job_path", p)
+			return
+		}
+		if rec := u.loadRecord(q); rec != nil {
+			u.discardRecord(ctx, q, rec, mp, true)
+		}
 	}
-	if rec := u.loadRecord(p); rec != nil {
-		u.discardRecord(ctx, p, rec, mp, true)
+}
+
+// discardable lists p and the paths of p's closure that have a resume
+// record or a resumable upload running.
+func (u *Uploader) discardable(ctx context.Context, p string) []string {
+	out := []string{p}
+	recs, err := u.opt.Resume.Uploads()
+	if err != nil {
+		u.log.Warn("list resume records", "err", err)
+		return out
+	}
+	if len(recs) == 0 && !u.resuming.any() {
+		return out
+	}
+	closure, err := u.opt.Store.Closure(ctx, p)
+	if err != nil {
+		// Gone from the store, say: its dependencies' records age out
+		// (RecoverUploads).
+		u.log.Debug("closure of a discarded path", "path", p, "err", err)
+		return out
+	}
+	for _, info := range closure {
+		if q := info.Path; q != p && (recs[q] != nil || u.resuming.running(q)) {
+			out = append(out, q)
+		}
+	}
+	return out
+}
+
+// waitIdle waits until no work on p is left: no job waits for it and its
+// resumable upload, if any, has stopped (a node failed with its dependency
+// leaves the graph at once, while its upload winds down). It returns
+// errStillWanted if a job waits for p, or ctx's error.
+func (u *Uploader) waitIdle(ctx context.Context, p string) error {
+	if err := u.graph.waitAbandoned(ctx, p); err != nil {
+		return err
+	}
+	if err := u.resuming.wait(ctx, p); err != nil {
+		return err
+	}
+	// A job may have started to upload p meanwhile.
+	return u.graph.waitAbandoned(ctx, p)
+}
+
+// resumeWork counts the resumable uploads running, by path.
+type resumeWork struct {
+	mu   sync.Mutex
+	runs map[string]*resumeRun
+}
+
+type resumeRun struct {
+	n    int
+	idle chan struct{} // closed when n drops to zero
+}
+
+// start registers an upload of p; the function it returns ends it.
+func (w *resumeWork) start(p string) func() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.runs == nil {
+		w.runs = map[string]*resumeRun{}
+	}
+	r := w.runs[p]
+	if r == nil {
+		r = &resumeRun{idle: make(chan struct{})}
+		w.runs[p] = r
+	}
+	r.n++
+	return func() {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		if r.n--; r.n == 0 {
+			close(r.idle)
+			delete(w.runs, p)
+		}
+	}
+}
+
+// running reports whether an upload of p runs.
+func (w *resumeWork) running(p string) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.runs[p] != nil
+}
+
+// any reports whether any upload runs.
+func (w *resumeWork) any() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return len(w.runs) > 0
+}
+
+// wait returns once no upload of p runs, or ctx's error.
+func (w *resumeWork) wait(ctx context.Context, p string) error {
+	for {
+		w.mu.Lock()
+		r := w.runs[p]
+		w.mu.Unlock()
+		if r == nil {
+			return nil
+		}
+		select {
+		case <-r.idle:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
 }
 
@@ -321,7 +456,8 @@ func (u *Uploader) Discard(ctx context.Context, p string) {
 const discardWait = time.Minute
 
 // RecoverUploads runs at start: it removes kept files no record refers to,
-// and records whose file is gone (aborting their uploads).
+// and records whose file is gone or that went unused for staleResume
+// (aborting their uploads).
 func (u *Uploader) RecoverUploads(ctx context.Context) error {
 	if u.opt.Resume == nil {
 		return nil
@@ -338,9 +474,20 @@ func (u *Uploader) RecoverUploads(ctx context.Context) error {
 			u.opt.Resume.DeleteUpload(p)
 			continue
 		}
-		if _, err := os.Stat(rec.File); err != nil && mp != nil {
+		fi, err := os.Stat(rec.File)
+		if err != nil && mp != nil {
 			u.discardRecord(ctx, p, &rec, mp, true)
 			continue
+		}
+		if used := rec.Used; err == nil && mp != nil {
+			if used.IsZero() {
+				used = fi.ModTime()
+			}
+			if age := time.Since(used); age > staleResume {
+				u.log.Info("releasing a resumable upload unused for too long", "path", p, "unused_for", age.Round(time.Minute))
+				u.discardRecord(ctx, p, &rec, mp, true)
+				continue
+			}
 		}
 		files[rec.File] = true
 	}

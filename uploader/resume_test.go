@@ -439,3 +439,155 @@ func TestDiscardWaitsForTheUpload(t *testing.T) {
 		t.Fatalf("%d resume records left after Discard", len(recs))
 	}
 }
+
+// released checks that no resumable upload state is left: no record, no
+// kept file, no multipart upload open, and that aborted uploads were
+// aborted.
+func (f *fixture) released(t *testing.T, mp *fakeMultipart, rs *memResume, aborted int) {
+	t.Helper()
+	if recs, _ := rs.Uploads(); len(recs) != 0 {
+		t.Errorf("%d resume records left", len(recs))
+	}
+	if kept, _ := filepath.Glob(filepath.Join(f.dir, "tmp", "*"+partialSuffix)); len(kept) != 0 {
+		t.Errorf("kept files left: %v", kept)
+	}
+	mp.mu.Lock()
+	open := len(mp.uploads)
+	mp.mu.Unlock()
+	if got := mp.abortedKeys(); open != 0 || len(got) != aborted {
+		t.Errorf("%d multipart uploads left open; aborted %v, want %d", open, got, aborted)
+	}
+}
+
+// TestDiscardReleasesDependencies: a job is dropped while its path and a
+// dependency are both being uploaded: the dependency's resumable upload
+// state goes too, not only the path's.
+func TestDiscardReleasesDependencies(t *testing.T) {
+	f := newFixture(t, map[int][]int{1: {0}})
+	mp := &fakeMultipart{Bucket: f.rec, partGate: make(chan struct{})}
+	rs := &memResume{}
+	u := f.resumableUploader(t, mp, rs, "none")
+
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { _, err := u.Upload(ctx, f.path(1)); errc <- err }()
+	waitFor(t, func() bool { recs, _ := rs.Uploads(); return len(recs) == 2 })
+	cancel()
+	if err := <-errc; !errors.Is(err, context.Canceled) {
+		t.Fatalf("dropped job: %v", err)
+	}
+	u.Discard(context.Background(), f.path(1))
+	f.released(t, mp, rs, 2)
+}
+
+// failingParts fails the parts of one key for good, once release is
+// closed; other parts go to the fake multipart bucket.
+type failingParts struct {
+	*fakeMultipart
+	key     string
+	release chan struct{}
+}
+
+func (b *failingParts) PutPart(ctx context.Context, key, id string, n int, r io.Reader, size int64, sum []byte) (bucket.Part, error) {
+	if key != b.key {
+		return b.fakeMultipart.PutPart(ctx, key, id, n, r, size, sum)
+	}
+	select {
+	case <-b.release:
+	case <-ctx.Done():
+		return bucket.Part{}, ctx.Err()
+	}
+	return bucket.Part{}, fmt.Errorf("put part %d of %s: %w", n, key, bucket.ErrPermanent)
+}
+
+// TestPermanentFailureReleasesDependencies: a path fails for good while
+// its dependency's upload is under way: once its job is given up, the
+// dependency's resumable upload state is released as well (a transient
+// failure keeps it: see interrupt).
+func TestPermanentFailureReleasesDependencies(t *testing.T) {
+	f := newFixture(t, map[int][]int{1: {0}})
+	mp := &fakeMultipart{Bucket: f.rec, partGate: make(chan struct{})}
+	rs := &memResume{}
+	c, err := cacheurl.Parse("file://" + filepath.Join(f.dir, "cache") + "?compression=none")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Uncompressed, the NAR file's hash is the NAR hash.
+	b := &failingParts{fakeMultipart: mp, release: make(chan struct{})}
+	u, err := New(Options{Bucket: b, Cache: c, Store: f.store, Keys: []signature.SecretKey{f.key},
+		TempDir: filepath.Join(f.dir, "tmp"), Resume: rs, ResumeAbove: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(u.Close)
+	b.key = u.narKey(f.store.infos[f.path(1)].NarHash)
+
+	errc := make(chan error, 1)
+	go func() { _, err := u.Upload(context.Background(), f.path(1)); errc <- err }()
+	waitFor(t, func() bool { recs, _ := rs.Uploads(); return len(recs) == 2 })
+	close(b.release)
+	if err := <-errc; !IsPermanent(err) {
+		t.Fatalf("upload = %v, want a permanent failure", err)
+	}
+	u.Discard(context.Background(), f.path(1))
+	f.released(t, mp, rs, 2)
+}
+
+// TestRecoverReleasesStaleRecords: at start, resume records nobody used
+// for longer than staleResume are released (their file removed, their
+// upload aborted); younger ones are kept. Records from before Used
+// existed are aged by their kept file.
+func TestRecoverReleasesStaleRecords(t *testing.T) {
+	f := newFixture(t, nil)
+	mp := &fakeMultipart{Bucket: f.rec}
+	rs := &memResume{}
+	u := f.resumableUploader(t, mp, rs, "none")
+	bg := context.Background()
+	old := time.Now().Add(-staleResume - time.Hour)
+	recs := []struct {
+		used, file time.Time
+		stale      bool
+	}{
+		{used: time.Now(), file: old},              // resumed lately
+		{used: old, file: time.Now(), stale: true}, // left long ago
+		{file: old, stale: true},                   // older record, old file
+		{file: time.Now()},                         // older record, new file
+	}
+	for i, r := range recs {
+		p := f.path(i)
+		key := fmt.Sprintf("nar/%d.nar", i)
+		id, _ := mp.StartMultipart(bg, key, bucket.PutOptions{})
+		file := u.partialFile(p)
+		if err := os.WriteFile(file, []byte("compressed"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(file, r.file, r.file); err != nil {
+			t.Fatal(err)
+		}
+		if err := u.saveRecord(p, &resumeRecord{Key: key, UploadID: id, File: file, FileSize: 10, Used: r.used}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := u.RecoverUploads(bg); err != nil {
+		t.Fatal(err)
+	}
+	var aborted []string
+	for i, r := range recs {
+		rec := u.loadRecord(f.path(i))
+		_, ferr := os.Stat(u.partialFile(f.path(i)))
+		switch {
+		case r.stale && (rec != nil || ferr == nil):
+			t.Errorf("record %d: stale, but its record or file is kept", i)
+		case !r.stale && (rec == nil || ferr != nil):
+			t.Errorf("record %d: in use, but its record or file is gone", i)
+		}
+		if r.stale {
+			aborted = append(aborted, fmt.Sprintf("nar/%d.nar", i))
+		}
+	}
+	got := mp.abortedKeys()
+	slices.Sort(got)
+	if !slices.Equal(got, aborted) {
+		t.Errorf("aborted %v, want %v", got, aborted)
+	}
+}

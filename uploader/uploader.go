@@ -134,6 +134,7 @@ type Uploader struct {
 	logsMu      sync.Mutex
 	logsDone    map[string]bool // drv base name → build log uploaded (or being)
 	progress    sync.Map        // store path → *Progress
+	resuming    resumeWork      // resumable uploads running (resume.go)
 	extrasDone  sync.Map        // key → sha256 of the body written (see putRealisations)
 	extrasCount atomic.Int64
 	log         *slog.Logger
