@@ -636,16 +636,24 @@ func (c *collector) sweep(ctx context.Context, prev *snapshot, p *plan, markTime
 	if err := load(ctx, c.b, s, prev, c.opt.Cache, c.opt.Concurrency, func(d, t int) { c.stage(StageSweep, int64(d), int64(t)) }); err != nil {
 		return fmt.Errorf("gc: sweep: read: %w", err)
 	}
-	fresh := func(o bucket.Object) bool { return !o.LastModified.Before(markTime) }
-	// Fresh roots: everything written since the mark, every pin.
+	// Fresh: not in the mark's listing as it is now, or modified since
+	// the mark. A LastModified before the mark does not say that the
+	// object was in the mark's listing: stores stamp it before the write
+	// becomes visible (docs/gc.md, "Assumptions").
+	fresh := func(marked map[string]bucket.Object, id string, o bucket.Object) bool {
+		m, ok := marked[id]
+		return !ok || m.ETag != o.ETag || !m.LastModified.Equal(o.LastModified) || !o.LastModified.Before(markTime)
+	}
+	// Fresh roots: every narinfo and realisation written since the mark,
+	// every pin.
 	var roots []string
 	for h, o := range s.narinfos {
-		if fresh(o) || s.info[h] == nil || s.info[h].Bad {
+		if fresh(prev.narinfos, h, o) || s.info[h] == nil || s.info[h].Bad {
 			roots = append(roots, h)
 		}
 	}
 	for k, o := range s.realisations {
-		if info := s.info[k]; info != nil && !info.Bad && fresh(o) {
+		if info := s.info[k]; info != nil && !info.Bad && fresh(prev.realisations, k, o) {
 			roots = append(roots, info.Refs...)
 		}
 	}
@@ -660,7 +668,7 @@ func (c *collector) sweep(ctx context.Context, prev *snapshot, p *plan, markTime
 		o, ok := s.narinfos[h]
 		switch {
 		case !ok:
-		case keep[h] || fresh(o):
+		case keep[h] || fresh(prev.narinfos, h, o):
 			c.rep.Revived++
 		default:
 			del[h] = true
@@ -670,7 +678,7 @@ func (c *collector) sweep(ctx context.Context, prev *snapshot, p *plan, markTime
 	var reals []string
 	for k := range p.others {
 		o, ok := s.realisations[k]
-		if !ok || fresh(o) {
+		if !ok || fresh(prev.realisations, k, o) {
 			continue
 		}
 		if info := s.info[k]; info != nil && !info.Bad {
@@ -701,19 +709,19 @@ func (c *collector) sweep(ctx context.Context, prev *snapshot, p *plan, markTime
 	}
 	var nars, rest []string
 	for k := range p.nars {
-		if o, ok := s.nars[k]; ok && !fresh(o) && !pointed[k] {
+		if o, ok := s.nars[k]; ok && !fresh(prev.nars, k, o) && !pointed[k] {
 			nars = append(nars, k)
 		}
 	}
 	for k := range p.others {
 		if h := strings.TrimSuffix(k, ".ls"); h != k {
-			if o, ok := s.listings[h]; ok && !fresh(o) {
+			if o, ok := s.listings[h]; ok && !fresh(prev.listings, h, o) {
 				if _, there := s.narinfos[h]; !there || del[h] {
 					rest = append(rest, k)
 				}
 			}
 		} else if drv, ok := strings.CutPrefix(k, "log/"); ok {
-			if o, ok := s.logs[k]; ok && !fresh(o) && !drvs[drv] {
+			if o, ok := s.logs[k]; ok && !fresh(prev.logs, k, o) && !drvs[drv] {
 				rest = append(rest, k)
 			}
 		}

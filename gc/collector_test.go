@@ -528,3 +528,36 @@ func TestAbandonedUploadsAborted(t *testing.T) {
 		t.Fatalf("run: %v, %+v, aborted %v", err, rep.Deleted, ub.aborted)
 	}
 }
+
+// TestLateVisibleWriteIsFreshRoot: a narinfo (or realisation) whose
+// LastModified is before the mark but which became visible only after the
+// mark's listing is a fresh root of the sweep: what it refers to stays.
+func TestLateVisibleWriteIsFreshRoot(t *testing.T) {
+	for _, tc := range []struct{ name, key, body string }{
+		{"narinfo", hashOf("m") + ".narinfo", narinfoOf("m", "c")},
+		{"realisation", "realisations/sha256:ccc!out.doi", `{"id":"sha256:ccc!out","outPath":"` + hashOf("c") + `-c","signatures":[]}`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := newWorld(t)
+			w.b.checkWrites = true
+			oldAndNew(w) // a, b, c are old and unreachable
+			// An agent's write begins in one second and lands in the
+			// next, after the collector (starting in that next second)
+			// listed the bucket for its mark.
+			w.clock.Advance(900 * time.Millisecond)
+			w.put(narKey("m"), "NAR of m")
+			land := w.b.beginPut(tc.key, tc.body)
+			w.clock.Advance(200 * time.Millisecond)
+			w.clock.at(w.clock.Now().Add(100*time.Millisecond), land)
+			rep := w.run(w.opts())
+			if !w.b.has(tc.key) {
+				t.Fatalf("%s never landed", tc.key)
+			}
+			if info, _ := w.b.Stat(w.ctx, tc.key); !rep.MarkTime.After(info.LastModified) {
+				t.Fatalf("mark time %v is not after the write's LastModified %v: the test proves nothing", rep.MarkTime, info.LastModified)
+			}
+			w.b.checkInvariant(t)
+			w.present(t, "a", "b", "c")
+		})
+	}
+}

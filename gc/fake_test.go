@@ -192,6 +192,21 @@ func (m *memBucket) Put(_ context.Context, key string, r io.Reader, size int64, 
 	return bucket.Info{Size: int64(len(data)), ETag: o.etag}, nil
 }
 
+// beginPut starts a write the way file:// (the temp file's mtime, then the
+// link) and MinIO (modTime, then the metadata commit) do: LastModified is
+// stamped now, by the store's clock, but the object becomes visible to
+// reads and listings only when land is called.
+func (m *memBucket) beginPut(key, body string) (land func()) {
+	stamp := m.Now().Truncate(time.Millisecond)
+	return func() {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		m.puts++
+		m.seq++
+		m.objs[key] = &memObj{data: []byte(body), etag: "e" + strconv.Itoa(m.seq), lm: stamp}
+	}
+}
+
 func (m *memBucket) Get(_ context.Context, key string, max int64) ([]byte, bucket.Info, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
