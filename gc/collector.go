@@ -440,10 +440,10 @@ func (c *collector) list(keys, paths []string) {
 // lease, an answer without a body, gives a sample) and refuses a bound the
 // margin does not cover.
 func (c *collector) checkClock(ctx context.Context) error {
-	if _, err := c.b.Stat(ctx, LeaseKey); err != nil && !bucket.IsNotExist(err) {
-		return fmt.Errorf("read lease: %w", err)
+	bound, err := measureClock(ctx, c.b)
+	if err != nil {
+		return err
 	}
-	_, bound := bucket.NowWithin(c.b)
 	c.rep.ClockBound = bound
 	c.log.Debug("gc store clock", "bound", bound)
 	if limit := maxClockBound(c.tm); bound > limit {

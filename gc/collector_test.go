@@ -636,3 +636,20 @@ func TestLeaseExpiryAllowsForClockBound(t *testing.T) {
 		t.Fatalf("lease not taken over 3.2s after it expired: %v", err)
 	}
 }
+
+// TestCheckStore: what an operator sees of the store's fitness.
+func TestCheckStore(t *testing.T) {
+	w := newWorld(t)
+	sc, err := CheckStore(w.ctx, &boundedBucket{memBucket: w.b, bound: 1200 * time.Millisecond})
+	if err != nil || !sc.IfNoneMatch || !sc.IfMatch || sc.ClockBound != 1200*time.Millisecond || sc.Problem(time.Hour) != "" {
+		t.Fatalf("good store: %+v, %v; problem %q", sc, err, sc.Problem(time.Hour))
+	}
+	w.b.ignoreIfMatch = true
+	sc, err = CheckStore(w.ctx, w.b)
+	if err != nil || sc.IfMatch || !strings.Contains(sc.Problem(time.Hour), "If-Match") {
+		t.Fatalf("store ignoring If-Match: %+v, %v; problem %q", sc, err, sc.Problem(time.Hour))
+	}
+	if keys := w.b.keys(); len(keys) != 0 {
+		t.Fatalf("probes left %v", keys)
+	}
+}
