@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/internal/testenv"
 )
 
 // TestClockIgnoresSlowPut: a store stamps Date when it answers, which for
@@ -112,4 +113,24 @@ func TestClockKeepsTheQuickestRecentSample(t *testing.T) {
 	if later <= bound {
 		t.Fatalf("bound %v ten hours on, %v at the sample: it should grow", later, bound)
 	}
+}
+
+// TestClockAgainstRealStores: on a local server (same clock as ours) a
+// HEAD gives an estimate within its bound, and the bound is about a
+// second; a PUT does not change it.
+func TestClockAgainstRealStores(t *testing.T) {
+	forEachS3(t, func(t *testing.T, s testenv.S3Server) {
+		b := newTestBucketOn(t, s)
+		ctx := context.Background()
+		if _, err := b.Put(ctx, "clock", strings.NewReader("x"), 1, bucket.PutOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := b.Stat(ctx, "clock"); err != nil {
+			t.Fatal(err)
+		}
+		now, bound := b.NowWithin()
+		if err := now.Sub(time.Now()).Abs(); err > bound || bound > 1500*time.Millisecond {
+			t.Fatalf("estimate off by %v with bound %v", err, bound)
+		}
+	})
 }
