@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/gc"
 	"github.com/nixspool/nixspool/protocol"
 	"github.com/nixspool/nixspool/storepath"
 	"github.com/nixspool/nixspool/uploader"
@@ -162,4 +163,23 @@ func (a *Agent) doctorBucket(ctx context.Context, add func(name, status, detail,
 	default:
 		add("nix-cache-info", "ok", strings.ReplaceAll(strings.TrimSpace(string(data)), "\n", ", "), "")
 	}
+	a.doctorGCStore(ctx, add)
+}
+
+// doctorGCStore reports what garbage collection needs of the store
+// (docs/gc.md, "Assumptions"): conditional writes, and how well the
+// store's clock is known.
+func (a *Agent) doctorGCStore(ctx context.Context, add func(name, status, detail, hint string)) {
+	sc, err := gc.CheckStore(ctx, a.bucket)
+	if err != nil {
+		add("gc store checks", "warn", err.Error(), "")
+		return
+	}
+	detail := fmt.Sprintf("store clock known to within %s; If-None-Match honoured: %v; If-Match honoured: %v",
+		sc.ClockBound.Round(time.Millisecond), sc.IfNoneMatch, sc.IfMatch)
+	if p := sc.Problem(a.cfg.GCGrace); p != "" {
+		add("gc store checks", "warn", detail, p)
+		return
+	}
+	add("gc store checks", "ok", detail, "")
 }

@@ -199,6 +199,36 @@ func Now(b Bucket) time.Time {
 	return time.Now()
 }
 
+// BoundedClock is a Clock that knows how far off its estimate may be.
+type BoundedClock interface {
+	Clock
+	// NowWithin returns the estimate of the store's current time and a
+	// bound on its error: the store's clock reads within bound of now.
+	// Both come from the same measurement.
+	NowWithin() (now time.Time, bound time.Duration)
+}
+
+// DefaultClockBound is the error assumed of a Clock that does not say
+// (and of the local clock, for buckets without one): the one-second
+// resolution of the times stores report.
+const DefaultClockBound = time.Second
+
+// UnknownClockBound is the bound a BoundedClock reports before it has
+// measured anything: no estimate.
+const UnknownClockBound = 24 * time.Hour
+
+// NowWithin returns the store's current time as b knows it and a bound on
+// the error of that estimate. Request limiters wrapped around b (Direct)
+// are looked through.
+func NowWithin(b Bucket) (time.Time, time.Duration) {
+	for _, x := range []Bucket{b, Direct(b)} {
+		if c, ok := x.(BoundedClock); ok {
+			return c.NowWithin()
+		}
+	}
+	return Now(b), DefaultClockBound
+}
+
 // BatchDeleter is implemented by buckets that delete many keys per request
 // (S3's DeleteObjects). Keys are deleted in no particular order within one
 // call; missing keys are not errors.

@@ -80,6 +80,10 @@ func (c *counting) List(ctx context.Context, opts bucket.ListOptions, fn func(bu
 // Now is the store's clock, as the wrapped bucket knows it.
 func (c *counting) Now() time.Time { return bucket.Now(c.Bucket) }
 
+// NowWithin is the store's clock and the bound on its error, as the
+// wrapped bucket knows them.
+func (c *counting) NowWithin() (time.Time, time.Duration) { return bucket.NowWithin(c.Bucket) }
+
 // deleteKeys deletes keys (at most 1,000) in one request where the bucket
 // can, else one by one. Deletes go to the bucket directly, not through a
 // request window: they must go out within the margin of the check before

@@ -99,6 +99,9 @@ type Report struct {
 	Grace     time.Duration `json:"grace_ns"`
 	// MarkTime is T_m, by the store's clock.
 	MarkTime time.Time `json:"mark_time"`
+	// ClockBound is the measured bound on the error of the collector's
+	// estimate of the store's clock (bucket.NowWithin).
+	ClockBound time.Duration `json:"clock_bound_ns"`
 	// Objects and Bytes: the cache when it was marked (its own objects,
 	// not the collector's).
 	Objects int   `json:"objects"`
@@ -170,7 +173,26 @@ var (
 	ErrWindowOver = errors.New("the sweep's window ended before it finished; the next cycle continues")
 	// ErrGraceTooShort wraps GraceTooShortError.
 	ErrGraceTooShort = errors.New("grace too short")
+	// ErrStoreUnfit is wrapped when the store lacks what the protocol's
+	// safety argument assumes (docs/gc.md, "Assumptions"): the collector
+	// refuses to start.
+	ErrStoreUnfit = errors.New("the store does not meet the garbage collector's assumptions")
 )
+
+// ClockBoundError: the store's clock cannot be estimated well enough.
+type ClockBoundError struct {
+	Bound, Max time.Duration
+}
+
+func (e *ClockBoundError) Error() string {
+	if e.Bound >= bucket.UnknownClockBound {
+		return fmt.Sprintf("%v: no answer of the store gave its clock (a Date header on a request without a body)", ErrStoreUnfit)
+	}
+	return fmt.Sprintf("%v: the store's clock is known only to within %s (half the round trip of its quickest recent answer, plus a second), more than the %s this cycle's margin allows; the store answers too slowly for the timing of this grace (try a longer --grace, or a closer endpoint)",
+		ErrStoreUnfit, e.Bound.Round(time.Millisecond), e.Max)
+}
+
+func (e *ClockBoundError) Unwrap() error { return ErrStoreUnfit }
 
 // GraceTooShortError: an agent may write for longer than the grace
 // without reading announcements.
@@ -281,6 +303,12 @@ func (c *collector) warn(msg string, args ...any) {
 
 func (c *collector) run(ctx context.Context) error {
 	opt := c.opt
+	if err := c.checkClock(ctx); err != nil {
+		if !opt.DryRun {
+			return fmt.Errorf("gc: %w", err)
+		}
+		c.warn("%v", err)
+	}
 	var markTime time.Time
 	if !opt.DryRun {
 		c.stage(StageLease, 0, 0)
@@ -290,6 +318,13 @@ func (c *collector) run(ctx context.Context) error {
 		}
 		if !cond {
 			c.warn("the store ignores conditional writes: only one collector at a time is best effort (write, wait, read back)")
+		} else if err := bucket.ProbeIfMatch(ctx, c.b, PollPrefix+"probe-"); err != nil {
+			if errors.Is(err, bucket.ErrIfMatchIgnored) {
+				// Taking over and renewing the lease would look atomic
+				// and not be, and agents' revivals could overwrite.
+				return fmt.Errorf("gc: %w: it honours create-only writes (If-None-Match) but not compare-and-swap (%w); the lease and revivals rely on it", ErrStoreUnfit, err)
+			}
+			return fmt.Errorf("gc: %w", err)
 		}
 		rec := leaseRecord{Holder: opt.Agent + "/" + newCycleID(time.Now()), Agent: opt.Agent, Host: opt.Host, TTL: opt.LeaseTTL}
 		if c.lease, err = acquireLease(ctx, c.b, opt.Clock, rec, cond); err != nil {
@@ -399,6 +434,22 @@ func (c *collector) list(keys, paths []string) {
 		paths, c.rep.Truncated = paths[:c.opt.MaxListed], true
 	}
 	c.rep.Keys, c.rep.Paths = keys, paths
+}
+
+// checkClock measures how well the store's clock is known (a HEAD of the
+// lease, an answer without a body, gives a sample) and refuses a bound the
+// margin does not cover.
+func (c *collector) checkClock(ctx context.Context) error {
+	bound, err := measureClock(ctx, c.b)
+	if err != nil {
+		return err
+	}
+	c.rep.ClockBound = bound
+	c.log.Debug("gc store clock", "bound", bound)
+	if limit := maxClockBound(c.tm); bound > limit {
+		return &ClockBoundError{Bound: bound, Max: limit}
+	}
+	return nil
 }
 
 // checkWatchers refuses a grace too short for an agent that registered
@@ -636,16 +687,24 @@ func (c *collector) sweep(ctx context.Context, prev *snapshot, p *plan, markTime
 	if err := load(ctx, c.b, s, prev, c.opt.Cache, c.opt.Concurrency, func(d, t int) { c.stage(StageSweep, int64(d), int64(t)) }); err != nil {
 		return fmt.Errorf("gc: sweep: read: %w", err)
 	}
-	fresh := func(o bucket.Object) bool { return !o.LastModified.Before(markTime) }
-	// Fresh roots: everything written since the mark, every pin.
+	// Fresh: not in the mark's listing as it is now, or modified since
+	// the mark. A LastModified before the mark does not say that the
+	// object was in the mark's listing: stores stamp it before the write
+	// becomes visible (docs/gc.md, "Assumptions").
+	fresh := func(marked map[string]bucket.Object, id string, o bucket.Object) bool {
+		m, ok := marked[id]
+		return !ok || m.ETag != o.ETag || !m.LastModified.Equal(o.LastModified) || !o.LastModified.Before(markTime)
+	}
+	// Fresh roots: every narinfo and realisation written since the mark,
+	// every pin.
 	var roots []string
 	for h, o := range s.narinfos {
-		if fresh(o) || s.info[h] == nil || s.info[h].Bad {
+		if fresh(prev.narinfos, h, o) || s.info[h] == nil || s.info[h].Bad {
 			roots = append(roots, h)
 		}
 	}
 	for k, o := range s.realisations {
-		if info := s.info[k]; info != nil && !info.Bad && fresh(o) {
+		if info := s.info[k]; info != nil && !info.Bad && fresh(prev.realisations, k, o) {
 			roots = append(roots, info.Refs...)
 		}
 	}
@@ -660,7 +719,7 @@ func (c *collector) sweep(ctx context.Context, prev *snapshot, p *plan, markTime
 		o, ok := s.narinfos[h]
 		switch {
 		case !ok:
-		case keep[h] || fresh(o):
+		case keep[h] || fresh(prev.narinfos, h, o):
 			c.rep.Revived++
 		default:
 			del[h] = true
@@ -670,7 +729,7 @@ func (c *collector) sweep(ctx context.Context, prev *snapshot, p *plan, markTime
 	var reals []string
 	for k := range p.others {
 		o, ok := s.realisations[k]
-		if !ok || fresh(o) {
+		if !ok || fresh(prev.realisations, k, o) {
 			continue
 		}
 		if info := s.info[k]; info != nil && !info.Bad {
@@ -701,19 +760,19 @@ func (c *collector) sweep(ctx context.Context, prev *snapshot, p *plan, markTime
 	}
 	var nars, rest []string
 	for k := range p.nars {
-		if o, ok := s.nars[k]; ok && !fresh(o) && !pointed[k] {
+		if o, ok := s.nars[k]; ok && !fresh(prev.nars, k, o) && !pointed[k] {
 			nars = append(nars, k)
 		}
 	}
 	for k := range p.others {
 		if h := strings.TrimSuffix(k, ".ls"); h != k {
-			if o, ok := s.listings[h]; ok && !fresh(o) {
+			if o, ok := s.listings[h]; ok && !fresh(prev.listings, h, o) {
 				if _, there := s.narinfos[h]; !there || del[h] {
 					rest = append(rest, k)
 				}
 			}
 		} else if drv, ok := strings.CutPrefix(k, "log/"); ok {
-			if o, ok := s.logs[k]; ok && !fresh(o) && !drvs[drv] {
+			if o, ok := s.logs[k]; ok && !fresh(prev.logs, k, o) && !drvs[drv] {
 				rest = append(rest, k)
 			}
 		}

@@ -528,3 +528,128 @@ func TestAbandonedUploadsAborted(t *testing.T) {
 		t.Fatalf("run: %v, %+v, aborted %v", err, rep.Deleted, ub.aborted)
 	}
 }
+
+// TestLateVisibleWriteIsFreshRoot: a narinfo (or realisation) whose
+// LastModified is before the mark but which became visible only after the
+// mark's listing is a fresh root of the sweep: what it refers to stays.
+func TestLateVisibleWriteIsFreshRoot(t *testing.T) {
+	for _, tc := range []struct{ name, key, body string }{
+		{"narinfo", hashOf("m") + ".narinfo", narinfoOf("m", "c")},
+		{"realisation", "realisations/sha256:ccc!out.doi", `{"id":"sha256:ccc!out","outPath":"` + hashOf("c") + `-c","signatures":[]}`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := newWorld(t)
+			w.b.checkWrites = true
+			oldAndNew(w) // a, b, c are old and unreachable
+			// An agent's write begins in one second and lands in the
+			// next, after the collector (starting in that next second)
+			// listed the bucket for its mark.
+			w.clock.Advance(900 * time.Millisecond)
+			w.put(narKey("m"), "NAR of m")
+			land := w.b.beginPut(tc.key, tc.body)
+			w.clock.Advance(200 * time.Millisecond)
+			w.clock.at(w.clock.Now().Add(100*time.Millisecond), land)
+			rep := w.run(w.opts())
+			if !w.b.has(tc.key) {
+				t.Fatalf("%s never landed", tc.key)
+			}
+			if info, _ := w.b.Stat(w.ctx, tc.key); !rep.MarkTime.After(info.LastModified) {
+				t.Fatalf("mark time %v is not after the write's LastModified %v: the test proves nothing", rep.MarkTime, info.LastModified)
+			}
+			w.b.checkInvariant(t)
+			w.present(t, "a", "b", "c")
+		})
+	}
+}
+
+// TestRefusesStoreIgnoringIfMatch: a store that honours create-only
+// writes but not compare-and-swap would make the lease look exclusive
+// when it is not: the collector refuses it and changes nothing.
+func TestRefusesStoreIgnoringIfMatch(t *testing.T) {
+	w := newWorld(t)
+	w.b.ignoreIfMatch = true
+	oldAndNew(w)
+	before := w.b.keys()
+	_, err := Run(w.ctx, w.b, w.opts())
+	if !errors.Is(err, ErrStoreUnfit) || !errors.Is(err, bucket.ErrIfMatchIgnored) {
+		t.Fatalf("gc on a store ignoring If-Match = %v, want ErrStoreUnfit and ErrIfMatchIgnored", err)
+	}
+	if !strings.Contains(err.Error(), "If-Match") {
+		t.Errorf("the error does not name If-Match: %v", err)
+	}
+	if after := w.b.keys(); !slices.Equal(before, after) {
+		t.Fatalf("the bucket changed:\nbefore %v\nafter  %v", before, after)
+	}
+}
+
+// TestRefusesLooseClock: when the store's clock is known only to within
+// more than the margin allows, a cycle refuses to start (a dry run warns).
+func TestRefusesLooseClock(t *testing.T) {
+	w := newWorld(t)
+	oldAndNew(w)
+	b := &boundedBucket{memBucket: w.b, bound: 45 * time.Second}
+	before := w.b.keys()
+	rep, err := Run(w.ctx, b, w.opts())
+	var ce *ClockBoundError
+	if !errors.As(err, &ce) || !errors.Is(err, ErrStoreUnfit) || ce.Bound != 45*time.Second {
+		t.Fatalf("gc with a clock bound of 45s = %v, want a ClockBoundError", err)
+	}
+	if rep.ClockBound != 45*time.Second {
+		t.Errorf("report's clock bound %v", rep.ClockBound)
+	}
+	if after := w.b.keys(); !slices.Equal(before, after) {
+		t.Fatalf("the bucket changed:\nbefore %v\nafter  %v", before, after)
+	}
+	opt := w.opts()
+	opt.DryRun = true
+	rep, err = Run(w.ctx, b, opt)
+	if err != nil || len(rep.Warnings) == 0 || !strings.Contains(rep.Warnings[0], "clock") {
+		t.Fatalf("dry run: %v, warnings %v", err, rep.Warnings)
+	}
+	b.bound = 2 * time.Second
+	if rep, err := Run(w.ctx, b, w.opts()); err != nil || rep.ClockBound != 2*time.Second || !rep.Complete {
+		t.Fatalf("gc with a clock bound of 2s: %v, %+v", err, rep)
+	}
+	w.b.checkInvariant(t)
+}
+
+// TestLeaseExpiryAllowsForClockBound: an expired lease is taken over only
+// once it has expired however far off the estimate of the store's clock
+// may be.
+func TestLeaseExpiryAllowsForClockBound(t *testing.T) {
+	w := newWorld(t)
+	// The estimate runs 2.5 s ahead of the store, within its bound of 3 s.
+	b := &boundedBucket{memBucket: w.b, off: 2500 * time.Millisecond, bound: 3 * time.Second}
+	if _, err := acquireLease(w.ctx, b, w.clock, leaseRecord{Holder: "x/1", Agent: "x", Host: "hx", TTL: time.Minute}, true); err != nil {
+		t.Fatal(err)
+	}
+	info, _ := w.b.Stat(w.ctx, LeaseKey)
+	// The lease's LastModified is cut to the second: expiry is at most a
+	// second after until; go to until + 0.2 s by the store's clock.
+	w.clock.Advance(info.LastModified.Add(time.Minute + 200*time.Millisecond).Sub(w.b.Now()))
+	y := leaseRecord{Holder: "y/1", Agent: "y", Host: "hy", TTL: time.Minute}
+	if _, err := acquireLease(w.ctx, b, w.clock, y, true); !errors.Is(err, ErrLeaseHeld) {
+		t.Fatalf("lease taken over %v after it expired by a clock known to within 3s: %v", 200*time.Millisecond, err)
+	}
+	w.clock.Advance(3 * time.Second)
+	if _, err := acquireLease(w.ctx, b, w.clock, y, true); err != nil {
+		t.Fatalf("lease not taken over 3.2s after it expired: %v", err)
+	}
+}
+
+// TestCheckStore: what an operator sees of the store's fitness.
+func TestCheckStore(t *testing.T) {
+	w := newWorld(t)
+	sc, err := CheckStore(w.ctx, &boundedBucket{memBucket: w.b, bound: 1200 * time.Millisecond})
+	if err != nil || !sc.IfNoneMatch || !sc.IfMatch || sc.ClockBound != 1200*time.Millisecond || sc.Problem(time.Hour) != "" {
+		t.Fatalf("good store: %+v, %v; problem %q", sc, err, sc.Problem(time.Hour))
+	}
+	w.b.ignoreIfMatch = true
+	sc, err = CheckStore(w.ctx, w.b)
+	if err != nil || sc.IfMatch || !strings.Contains(sc.Problem(time.Hour), "If-Match") {
+		t.Fatalf("store ignoring If-Match: %+v, %v; problem %q", sc, err, sc.Problem(time.Hour))
+	}
+	if keys := w.b.keys(); len(keys) != 0 {
+		t.Fatalf("probes left %v", keys)
+	}
+}

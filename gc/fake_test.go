@@ -123,6 +123,9 @@ type memBucket struct {
 	deletes int
 	// ignoreConditions makes conditional writes unconditional.
 	ignoreConditions bool
+	// ignoreIfMatch makes writes with IfMatch unconditional (IfNoneMatch
+	// is still honoured).
+	ignoreIfMatch bool
 	// checkWrites checks, at each narinfo write, that its NAR and
 	// references exist.
 	checkWrites bool
@@ -164,7 +167,7 @@ func (m *memBucket) Put(_ context.Context, key string, r io.Reader, size int64, 
 			m.mu.Unlock()
 			return bucket.Info{}, fmt.Errorf("put %s: %w", key, bucket.ErrPrecondition)
 		}
-		if opts.IfMatch != "" && (cur == nil || cur.etag != opts.IfMatch) {
+		if opts.IfMatch != "" && !m.ignoreIfMatch && (cur == nil || cur.etag != opts.IfMatch) {
 			m.mu.Unlock()
 			return bucket.Info{}, fmt.Errorf("put %s: %w", key, bucket.ErrPrecondition)
 		}
@@ -190,6 +193,21 @@ func (m *memBucket) Put(_ context.Context, key string, r io.Reader, size int64, 
 		hook(key)
 	}
 	return bucket.Info{Size: int64(len(data)), ETag: o.etag}, nil
+}
+
+// beginPut starts a write the way file:// (the temp file's mtime, then the
+// link) and MinIO (modTime, then the metadata commit) do: LastModified is
+// stamped now, by the store's clock, but the object becomes visible to
+// reads and listings only when land is called.
+func (m *memBucket) beginPut(key, body string) (land func()) {
+	stamp := m.Now().Truncate(time.Millisecond)
+	return func() {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		m.puts++
+		m.seq++
+		m.objs[key] = &memObj{data: []byte(body), etag: "e" + strconv.Itoa(m.seq), lm: stamp}
+	}
 }
 
 func (m *memBucket) Get(_ context.Context, key string, max int64) ([]byte, bucket.Info, error) {
@@ -398,3 +416,14 @@ func (u *uploadsBucket) AbortMultipart(_ context.Context, key, id string) error 
 func (u *uploadsBucket) ListUploads(context.Context, string) ([]bucket.Upload, error) {
 	return u.ups, nil
 }
+
+// boundedBucket is a memBucket whose estimate of the store's clock is off
+// by off and claims to be good to within bound.
+type boundedBucket struct {
+	*memBucket
+	off, bound time.Duration
+}
+
+func (b *boundedBucket) Now() time.Time { return b.memBucket.Now().Add(b.off) }
+
+func (b *boundedBucket) NowWithin() (time.Time, time.Duration) { return b.Now(), b.bound }

@@ -126,9 +126,17 @@ func TimingFor(grace time.Duration) Timing {
 // MinMargin is the smallest margin of any cycle.
 const MinMargin = 2 * time.Second
 
-// clockSlack bounds the error of an estimate of the store's clock from
-// its Date header (one-second resolution).
+// clockSlack is S in the rule every collector enforces and every agent
+// relies on, G − M ≥ F + S (docs/gc.md, "Timing"): a constant both sides
+// agree on. Comparisons of the store's clock with LastModified use the
+// measured bound of the estimate instead (bucket.NowWithin).
 const clockSlack = time.Second
+
+// maxClockBound is the largest error of the estimate of the store's clock
+// a collector accepts: the margin (a quick request's round trip is then
+// about twice the margin, and the margin is meant to cover a request in
+// flight), and never more than 30 seconds.
+func maxClockBound(tm Timing) time.Duration { return min(tm.Margin, 30*time.Second) }
 
 // newCycleID names a cycle: the store's time, sortable, and random bits.
 func newCycleID(storeNow time.Time) string {

@@ -85,7 +85,10 @@ func acquireLease(ctx context.Context, b bucket.Bucket, clock Clock, rec leaseRe
 		default:
 			until := info.LastModified.Add(cur.TTL)
 			mine := cur.Agent == rec.Agent && cur.Host == rec.Host
-			if !cur.Released && !mine && !bucket.Now(b).After(until.Add(clockSlack)) {
+			// Expired only if so however far off the estimate of the
+			// store's clock is.
+			storeNow, bound := bucket.NowWithin(b)
+			if !cur.Released && !mine && !storeNow.After(until.Add(bound)) {
 				return nil, &LeaseHeldError{Holder: cur.Agent, Host: cur.Host, Cycle: cur.Cycle, Until: until}
 			}
 			l.rec.Seq = cur.Seq + 1

@@ -159,7 +159,9 @@ func (w *Watcher) poll(ctx context.Context) error {
 		return fmt.Errorf("list gc announcements: %w", err)
 	}
 	end := w.opt.Clock.Now()
-	storeNow := bucket.Now(w.opt.Bucket)
+	// The store's clock, to within bound (measured: docs/gc.md,
+	// "Assumptions").
+	storeNow, bound := bucket.NowWithin(w.opt.Bucket)
 
 	w.mu.Lock()
 	prevPolled, prevStart := w.polled, w.lastStart
@@ -198,13 +200,13 @@ func (w *Watcher) poll(ctx context.Context) error {
 		// Upper bound of the announcement's age: by the store's clock
 		// (LastModified against the Date header), and, when the last
 		// listing did not show it, the time since that listing began.
-		ageMax := max(storeNow.Sub(o.LastModified)+clockSlack, 0)
+		ageMax := max(storeNow.Sub(o.LastModified)+bound, 0)
 		danger := end.Add(gap - ageMax)
 		if prevPolled && prevStart.Add(gap).Before(danger) {
 			danger = prevStart.Add(gap)
 		}
 		// Lower bound of its age: it existed when the listing ended.
-		ageMin := max(storeNow.Sub(o.LastModified)-clockSlack, 0)
+		ageMin := max(storeNow.Sub(o.LastModified)-bound, 0)
 		void := end.Add(a.Grace + a.Window + a.Margin - ageMin)
 		wa := &watched{cycle: cycle, paths: map[string]string{}, nars: a.NARs, dangerAt: danger, voidAt: void, margin: a.Margin,
 			endForgotten: done[cycle] || !end.Before(void)}
@@ -466,7 +468,10 @@ func (w *Watcher) checkBlind(ctx context.Context) error {
 		return nil
 	case err != nil:
 		return fmt.Errorf("cannot tell whether a garbage collector is at work: %w", err)
-	case rec.Released || bucket.Now(w.opt.Bucket).Sub(info.LastModified) > rec.TTL+clockSlack:
+	case rec.Released:
+		return nil
+	}
+	if storeNow, bound := bucket.NowWithin(w.opt.Bucket); storeNow.Sub(info.LastModified) > rec.TTL+bound {
 		return nil
 	}
 	if w.opt.OnRefuse != nil {

@@ -358,3 +358,34 @@ func TestBlindWatcher(t *testing.T) {
 		t.Fatal("a blind agent claims to know what is doomed")
 	}
 }
+
+// TestDangerAllowsForClockBound: a watcher whose estimate of the store's
+// clock is behind (within its measured bound) underestimates an
+// announcement's age; the danger zone must still begin no later than the
+// collector's timing says.
+func TestDangerAllowsForClockBound(t *testing.T) {
+	w := newWorld(t)
+	oldAndNew(w)
+	// The agent's estimate is 4 s behind the store's clock, which its
+	// measurement says it may be (bound 5 s).
+	g := NewWatcher(WatcherOptions{Bucket: &boundedBucket{memBucket: w.b, off: -4 * time.Second, bound: 5 * time.Second}, Clock: w.clock, Poll: 10 * time.Second})
+	opt := w.opts()
+	tm := TimingFor(opt.Grace)
+	var inDanger error
+	opt.afterAnnounce = func() {
+		now := w.clock.Now()
+		w.clock.at(now.Add(10*time.Second), func() {
+			if err := g.Poll(w.ctx); err != nil {
+				t.Error(err)
+			}
+		})
+		// Just inside the danger zone by the collector's timing.
+		w.clock.at(now.Add(tm.Grace-tm.Margin+500*time.Millisecond), func() {
+			_, inDanger = g.Check(w.ctx, []string{hashOf("b") + ".narinfo"})
+		})
+	}
+	w.run(opt)
+	if !errors.Is(inDanger, ErrCollecting) {
+		t.Fatalf("check half a second into the danger zone = %v, want a refusal", inDanger)
+	}
+}

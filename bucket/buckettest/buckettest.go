@@ -197,6 +197,9 @@ func RunWith(t *testing.T, b bucket.Bucket, caps Caps) {
 			if err != nil || ok {
 				t.Fatalf("ProbeConditional = %v, %v on a store that ignores conditions; want false, nil", ok, err)
 			}
+			if err := bucket.ProbeIfMatch(ctx, b, "nixspool/probe/"); !errors.Is(err, bucket.ErrIfMatchIgnored) {
+				t.Fatalf("ProbeIfMatch = %v on a store that ignores conditions; want ErrIfMatchIgnored", err)
+			}
 			b.Delete(ctx, "cond.narinfo")
 		})
 	}
@@ -442,6 +445,9 @@ func conditionalWrites(t *testing.T, b bucket.Bucket) {
 	ok, err := bucket.ProbeConditional(ctx, b, "nixspool/probe/")
 	if err != nil || !ok {
 		t.Fatalf("ProbeConditional = %v, %v; want true", ok, err)
+	}
+	if err := bucket.ProbeIfMatch(ctx, b, "nixspool/probe/"); err != nil {
+		t.Fatalf("ProbeIfMatch = %v; want nil", err)
 	}
 	b.Delete(ctx, "cond.narinfo")
 }

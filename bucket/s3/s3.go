@@ -662,13 +662,12 @@ func (b *Bucket) withRetryAfter(err error) error {
 }
 
 // retryAfterTransport remembers the latest Retry-After a server sent with a
-// 429 or 503, which minio-go's errors do not carry, and the offset of the
-// server's clock (from the Date header) from ours.
+// 429 or 503, which minio-go's errors do not carry, and estimates the
+// server's clock from the Date headers of its answers.
 type retryAfterTransport struct {
-	base   http.RoundTripper
-	until  atomic.Int64 // unix nanoseconds
-	offset atomic.Int64 // server clock minus local clock, nanoseconds
-	dated  atomic.Bool
+	base  http.RoundTripper
+	until atomic.Int64 // unix nanoseconds
+	clock storeClock
 	// onThrottle, if set, is called for every 429/503 answer, including
 	// those minio-go retries by itself.
 	onThrottle atomic.Pointer[func()]
@@ -684,13 +683,8 @@ func (t *retryAfterTransport) RoundTrip(req *http.Request) (*http.Response, erro
 	if err != nil {
 		return resp, err
 	}
-	if d, perr := http.ParseTime(resp.Header.Get("Date")); perr == nil {
-		// The Date header has one-second resolution and was stamped
-		// somewhere between sending and now: take the middle.
-		now := time.Now()
-		mid := sent.Add(now.Sub(sent) / 2)
-		t.offset.Store(int64(d.Add(500 * time.Millisecond).Sub(mid)))
-		t.dated.Store(true)
+	if d, perr := http.ParseTime(resp.Header.Get("Date")); perr == nil && bodiless(req) {
+		t.clock.observe(sent, time.Now(), d)
 	}
 	if resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode == http.StatusServiceUnavailable {
 		if d := parseRetryAfter(resp.Header.Get("Retry-After"), time.Now()); d > 0 {
@@ -703,16 +697,21 @@ func (t *retryAfterTransport) RoundTrip(req *http.Request) (*http.Response, erro
 	return resp, err
 }
 
-var _ bucket.Clock = (*Bucket)(nil)
+var _ bucket.BoundedClock = (*Bucket)(nil)
 
 // Now implements bucket.Clock: the local time corrected by the offset of
-// the server's clock seen in its last answer (to within a second).
+// the server's clock measured best in recent answers (NowWithin says how
+// well).
 func (b *Bucket) Now() time.Time {
-	now := time.Now()
-	if b.hints.dated.Load() {
-		return now.Add(time.Duration(b.hints.offset.Load()))
-	}
+	now, _ := b.NowWithin()
 	return now
+}
+
+// NowWithin implements bucket.BoundedClock. Before any answer it returns
+// the local time and bucket.UnknownClockBound.
+func (b *Bucket) NowWithin() (time.Time, time.Duration) {
+	now, bound, _ := b.hints.clock.estimate(time.Now())
+	return now, bound
 }
 
 func (t *retryAfterTransport) retryAfter() time.Duration {
