@@ -34,6 +34,10 @@ type Semantics struct {
 	IfNoneMatch, IfMatch string
 	// ClockSkew is the store's clock minus the local clock.
 	ClockSkew time.Duration
+	// EstimateError is how far clients' estimates of the store's clock
+	// are off (a Date header stamped at the end of a long request); the
+	// bound they report is one second, as for the S3 client's estimate.
+	EstimateError time.Duration
 	// Latency is the upper bound of the random delay of each request.
 	Latency time.Duration
 	// FaultRate is the probability that a request fails (429, 503, a
@@ -42,8 +46,8 @@ type Semantics struct {
 }
 
 func (s Semantics) String() string {
-	return fmt.Sprintf("stamp-at-start=%v list-lag=%s if-none-match=%s if-match=%s skew=%s latency=%s faults=%.3f",
-		s.StampAtStart, s.ListLag, s.IfNoneMatch, s.IfMatch, s.ClockSkew, s.Latency, s.FaultRate)
+	return fmt.Sprintf("stamp-at-start=%v list-lag=%s if-none-match=%s if-match=%s skew=%s estimate-error=%s latency=%s faults=%.3f",
+		s.StampAtStart, s.ListLag, s.IfNoneMatch, s.IfMatch, s.ClockSkew, s.EstimateError, s.Latency, s.FaultRate)
 }
 
 // drawSemantics picks a store's behaviour.
@@ -59,12 +63,13 @@ func drawSemantics(r *rand.Rand) Semantics {
 		}
 	}
 	s := Semantics{
-		StampAtStart: r.IntN(2) == 0,
-		ListLag:      []time.Duration{0, 0, 50 * time.Millisecond, 300 * time.Millisecond}[r.IntN(4)],
-		IfNoneMatch:  cond(),
-		ClockSkew:    time.Duration(r.IntN(2001)-1000) * time.Millisecond,
-		Latency:      []time.Duration{0, time.Millisecond, 5 * time.Millisecond}[r.IntN(3)],
-		FaultRate:    []float64{0, 0.005, 0.02}[r.IntN(3)],
+		StampAtStart:  r.IntN(2) == 0,
+		ListLag:       []time.Duration{0, 0, 50 * time.Millisecond, 300 * time.Millisecond}[r.IntN(4)],
+		IfNoneMatch:   cond(),
+		ClockSkew:     time.Duration(r.IntN(2001)-1000) * time.Millisecond,
+		EstimateError: time.Duration(r.IntN(1601)-800) * time.Millisecond,
+		Latency:       []time.Duration{0, time.Millisecond, 5 * time.Millisecond}[r.IntN(3)],
+		FaultRate:     []float64{0, 0.005, 0.02}[r.IntN(3)],
 	}
 	// A store that refuses If-None-Match refuses If-Match too; a store may
 	// honour If-None-Match and still ignore If-Match.
@@ -109,6 +114,7 @@ type ObjectStore struct {
 	replaced   int // same-content rewrites (harmless)
 	faults     map[string]int
 	requests   atomic.Int64
+	collected  int // objects deleted by collectors
 	// history keeps the last writes and deletes of each narinfo, to
 	// explain a violation.
 	history map[string][]string
@@ -318,7 +324,10 @@ func (c *Client) begin(ctx context.Context, op string) error {
 }
 
 // Now is the client's estimate of the store's clock.
-func (c *Client) Now() time.Time { return c.s.storeNow() }
+func (c *Client) Now() time.Time { return c.s.storeNow().Add(c.s.sem.EstimateError) }
+
+// NowWithin is Now with the bound of its error the client claims.
+func (c *Client) NowWithin() (time.Time, time.Duration) { return c.Now(), time.Second }
 
 func (c *Client) String() string { return "robustness://" + c.name }
 
@@ -460,6 +469,9 @@ func (c *Client) Delete(ctx context.Context, key string) error {
 		c.s.deleted[key] = tombstone{obj: o, deleted: time.Now()}
 		delete(c.s.objects, key)
 		c.s.note(key, "deleted by %s", c.name)
+		if strings.HasPrefix(c.name, "collector") {
+			c.s.collected++
+		}
 	}
 	c.s.mu.Unlock()
 	return nil
@@ -509,6 +521,7 @@ func (c *Client) List(ctx context.Context, opts bucket.ListOptions, fn func(buck
 }
 
 var (
-	_ bucket.Bucket = (*Client)(nil)
-	_ bucket.Clock  = (*Client)(nil)
+	_ bucket.Bucket       = (*Client)(nil)
+	_ bucket.Clock        = (*Client)(nil)
+	_ bucket.BoundedClock = (*Client)(nil)
 )

@@ -75,6 +75,7 @@ type Report struct {
 	Failures   int
 	Samples    int
 	Requests   int64
+	Collected  int // objects collectors deleted
 	Goroutines int
 	HeapMiB    uint64
 	Violations []string
@@ -84,8 +85,8 @@ func (r *Report) String() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "seed %d: %s\n", r.Seed, r.Semantics)
 	fmt.Fprintf(&b, "  nemeses %v\n  faults %v\n", sorted(r.Nemeses), sorted(r.Faults))
-	fmt.Fprintf(&b, "  acks %d, permanent failures %d, invariant samples %d, requests %d, peak goroutines %d, peak heap %d MiB\n",
-		r.Acks, r.Failures, r.Samples, r.Requests, r.Goroutines, r.HeapMiB)
+	fmt.Fprintf(&b, "  acks %d, permanent failures %d, invariant samples %d, requests %d, objects collected %d, peak goroutines %d, peak heap %d MiB\n",
+		r.Acks, r.Failures, r.Samples, r.Requests, r.Collected, r.Goroutines, r.HeapMiB)
 	for _, v := range r.Violations {
 		fmt.Fprintf(&b, "  VIOLATION: %s\n", v)
 	}
@@ -201,6 +202,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		rep.Faults[k] = v
 	}
 	rep.Violations = append(rep.Violations, r.store.violations...)
+	rep.Collected = r.store.collected
 	r.store.mu.Unlock()
 	rep.Requests = r.store.requests.Load()
 	r.mon.mu.Lock()
@@ -317,7 +319,7 @@ func (r *run) nemesisPhase(ctx context.Context) {
 			}()
 		case n < 74:
 			r.count("collector")
-			kill := time.Duration(r.rng.IntN(12000)) * time.Millisecond
+			kill := time.Duration(2000+r.rng.IntN(16000)) * time.Millisecond // often mid-sweep, sometimes after it
 			c := r.store.client(fmt.Sprintf("collector-%d", r.rng.IntN(1000)))
 			bg.Add(1)
 			go func() {

@@ -111,10 +111,11 @@ func longProfile(t *testing.T, total, d time.Duration) {
 		sum.Acks += rep.Acks
 		sum.Samples += rep.Samples
 		sum.Requests += rep.Requests
+		sum.Collected += rep.Collected
 		sum.Violations = append(sum.Violations, rep.Violations...)
 	}
-	summary := fmt.Sprintf("robustness long profile: %d schedules of %s, %d acknowledgements, %d invariant samples, %d requests\n  nemeses: %s\n  faults injected: %s\n  violations: %d, failing seeds %v\n",
-		schedules, d, sum.Acks, sum.Samples, sum.Requests, sorted(sum.Nemeses), sorted(sum.Faults), len(sum.Violations), failed)
+	summary := fmt.Sprintf("robustness long profile: %d schedules of %s, %d acknowledgements, %d invariant samples, %d requests, %d objects collected\n  nemeses: %s\n  faults injected: %s\n  violations: %d, failing seeds %v\n",
+		schedules, d, sum.Acks, sum.Samples, sum.Requests, sum.Collected, sorted(sum.Nemeses), sorted(sum.Faults), len(sum.Violations), failed)
 	t.Log(summary)
 	if out := os.Getenv("ROBUSTNESS_SUMMARY"); out != "" {
 		os.WriteFile(filepath.Clean(out), []byte(summary), 0o644)
