@@ -92,6 +92,14 @@ func (a *Agent) doctor(ctx context.Context) []protocol.Check {
 			"")
 	}
 
+	switch us.DeterministicCompression {
+	case "yes":
+		add("compression", "ok", fmt.Sprintf("%s gives the same bytes for the same NAR (checked at start): a NAR put back after a cache reset matches the narinfo written across it", a.cache.Compression), "")
+	case "no":
+		add("compression", "warn", fmt.Sprintf("%s does not give the same bytes for the same NAR here", a.cache.Compression),
+			"a narinfo written while the bucket was being emptied may keep naming a NAR key that is not put back; `agentd audit` names such narinfos")
+	}
+
 	if a.filter.active() {
 		st, _ := a.queue.Stats()
 		if len(a.filter.signers) > 0 {

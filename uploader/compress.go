@@ -239,3 +239,43 @@ func compressMeta(method string, data []byte) ([]byte, error) {
 	}
 	return buf.Bytes(), nil
 }
+
+// deterministic reports whether compressing the same bytes twice gives the
+// same bytes, for small and large NARs: what lets a NAR put back after a
+// reset land at the key an earlier narinfo names. Checked once at start.
+func (c *narCompressor) deterministic() (bool, error) {
+	sample := make([]byte, 1<<20+1)
+	var x uint32 = 2463534242
+	for i := range sample {
+		x ^= x << 13
+		x ^= x >> 17
+		x ^= x << 5
+		sample[i] = 'a' + byte(x%16) // compressible, not trivially
+	}
+	for _, small := range []bool{true, false} {
+		sample := sample
+		if small {
+			sample = sample[:64<<10]
+		}
+		var first []byte
+		for i := 0; i < 2; i++ {
+			var out bytes.Buffer
+			w, err := c.wrap(&out, small)
+			if err != nil {
+				return false, err
+			}
+			if _, err := w.Write(sample); err != nil {
+				return false, err
+			}
+			if err := w.Close(); err != nil {
+				return false, err
+			}
+			if i == 0 {
+				first = out.Bytes()
+			} else if !bytes.Equal(first, out.Bytes()) {
+				return false, nil
+			}
+		}
+	}
+	return true, nil
+}

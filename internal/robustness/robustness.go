@@ -15,7 +15,7 @@
 // every interleaving of goroutines; a failing seed is kept as a regression
 // case and run again every time.
 //
-// The invariants (docs/design.md, "Invariants"):
+// The invariants (docs/robustness.md):
 //   - every visible narinfo has its NAR, of the size and compression it
 //     claims, and narinfos for all its references; a bucket with narinfos
 //     has nix-cache-info. A violation a write in flight during a reset can
