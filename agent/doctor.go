@@ -172,6 +172,10 @@ func (a *Agent) doctorBucket(ctx context.Context, add func(name, status, detail,
 		add("nix-cache-info", "ok", strings.ReplaceAll(strings.TrimSpace(string(data)), "\n", ", "), "")
 	}
 	a.doctorGCStore(ctx, add)
+	if err := a.gc.watcher.LastError(); err != nil {
+		add("gc announcements", "fail", err.Error(),
+			"narinfo writes wait until the announcements can be read. An announcement that cannot be decoded was written by a newer collector or is damaged: upgrade agentd, or delete that object with the store's own tools once no collector runs")
+	}
 }
 
 // doctorGCStore reports what garbage collection needs of the store

@@ -337,7 +337,7 @@ func (a *auditor) checkCacheInfo(ctx context.Context) {
 func (a *auditor) checkNarinfo(ctx context.Context, key string) error {
 	hash := cachefmt.NarinfoHash(key)
 	a.reqs.Add(1)
-	data, info, err := a.b.Get(ctx, key, 16<<20)
+	data, info, err := a.b.Get(ctx, key, cachefmt.MaxNarinfoSize)
 	if bucket.IsNotExist(err) {
 		return nil // deleted since the listing (a collector at work)
 	}

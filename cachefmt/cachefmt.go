@@ -254,21 +254,44 @@ func Decompress(method string, r io.Reader) (io.ReadCloser, error) {
 	return nil, fmt.Errorf("compression %q: not supported here", method)
 }
 
-// DecodeContentEncoding undoes a metadata object's Content-Encoding (as an
-// HTTP client would): narinfos and listings written with
-// narinfo-compression / ls-compression.
-func DecodeContentEncoding(encoding string, data []byte) ([]byte, error) {
+// DecodeContentEncoding undoes a narinfo's Content-Encoding (as an HTTP
+// client would; narinfo-compression). More than MaxNarinfoSize bytes, before
+// or after decoding, is an error wrapping ErrTooLarge.
+func DecodeContentEncoding(encoding string, data []byte) (out []byte, err error) {
+	if int64(len(data)) > MaxNarinfoSize {
+		return nil, fmt.Errorf("%d bytes, more than the %d a narinfo may have: %w", len(data), MaxNarinfoSize, ErrTooLarge)
+	}
 	if encoding == "" || encoding == "identity" {
 		return data, nil
 	}
+	// Decoders are fed untrusted bytes: a panic in one is an error here,
+	// not the end of the process.
+	defer func() {
+		if p := recover(); p != nil {
+			out, err = nil, fmt.Errorf("content-encoding %s: decoder failed: %v", encoding, p)
+		}
+	}()
 	r, err := Decompress(encoding, bytes.NewReader(data))
 	if err != nil {
 		return nil, fmt.Errorf("content-encoding %s: %w", encoding, err)
 	}
 	defer r.Close()
-	out, err := io.ReadAll(io.LimitReader(r, 64<<20))
+	out, err = io.ReadAll(io.LimitReader(r, MaxNarinfoSize+1))
 	if err != nil {
 		return nil, fmt.Errorf("content-encoding %s: %w", encoding, err)
 	}
+	if int64(len(out)) > MaxNarinfoSize {
+		return nil, fmt.Errorf("content-encoding %s: decodes to more than the %d bytes a narinfo may have: %w", encoding, MaxNarinfoSize, ErrTooLarge)
+	}
 	return out, nil
 }
+
+// MaxNarinfoSize bounds a narinfo read from a cache, before and after its
+// Content-Encoding is undone: 1 MiB holds over 10,000 references, and
+// keeps the readers that read 32 narinfos at once (the collector, the
+// audit) within a fixed memory bound whatever the bucket holds.
+const MaxNarinfoSize = 1 << 20
+
+// ErrTooLarge is wrapped by DecodeContentEncoding's error for a narinfo
+// over MaxNarinfoSize.
+var ErrTooLarge = errors.New("narinfo too large")

@@ -3,6 +3,8 @@ package gc
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -176,11 +178,16 @@ func load(ctx context.Context, b bucket.Bucket, s, prev *snapshot, cache *RefCac
 // readNarinfo reads a narinfo as stock Nix would (tolerantly, undoing its
 // Content-Encoding). One that does not parse is marked Bad.
 func readNarinfo(ctx context.Context, b bucket.Bucket, key string) (*objInfo, error) {
-	data, info, err := b.Get(ctx, key, 16<<20)
+	data, info, err := b.Get(ctx, key, cachefmt.MaxNarinfoSize)
 	if err != nil {
 		return nil, err
 	}
 	plain, err := cachefmt.DecodeContentEncoding(info.ContentEncoding, data)
+	if errors.Is(err, cachefmt.ErrTooLarge) {
+		// Nix might read it; its references are unknown here, so nothing
+		// may be collected until an operator looks at it.
+		return nil, fmt.Errorf("narinfo %s: %w; nixspool never writes such narinfos: check it and delete it by hand", key, err)
+	}
 	if err != nil {
 		return &objInfo{Bad: true}, nil
 	}

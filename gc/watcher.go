@@ -71,6 +71,7 @@ type Watcher struct {
 	minGap    time.Duration   // smallest Grace-Margin announced (0: none seen)
 	verified  map[string]bool // key+"\x00"+cycle: present after its cycle ended
 	failing   bool
+	lastErr   error // of the last listing of announcements (nil: it worked)
 	// blind: the bucket cannot be listed here (see WatcherRecord.Blind);
 	// blindRegistered: the registration saying so is in the bucket.
 	blind, blindRegistered bool
@@ -128,6 +129,30 @@ func (w *Watcher) stale() time.Duration {
 
 // Poll lists the announcements once (or joins a listing in flight).
 func (w *Watcher) Poll(ctx context.Context) error {
+	err := w.pollShared(ctx)
+	if ctx.Err() == nil {
+		w.mu.Lock()
+		w.lastErr = err
+		w.mu.Unlock()
+	}
+	return err
+}
+
+// LastError returns why the last listing of announcements failed, or nil.
+// While it fails, narinfo writes wait: an operator sees it in the log and
+// in `agentctl doctor`. An announcement that cannot be decoded (written by
+// a newer collector, or damaged) keeps failing until a collector of this
+// version or newer retires it, or an operator deletes the object.
+func (w *Watcher) LastError() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.blind {
+		return nil
+	}
+	return w.lastErr
+}
+
+func (w *Watcher) pollShared(ctx context.Context) error {
 	_, err, _ := w.sf.Do("poll", func() (any, error) { return nil, w.poll(ctx) })
 	return err
 }

@@ -389,3 +389,31 @@ func TestDangerAllowsForClockBound(t *testing.T) {
 		t.Fatalf("check half a second into the danger zone = %v, want a refusal", inDanger)
 	}
 }
+
+// TestUndecodableAnnouncementIsReported: an announcement that cannot be
+// decoded stops narinfo writes (it may doom what they rely on), and says
+// so: Check's error and LastError name the object, which is what doctor
+// shows the operator. Once it is gone, writes go on.
+func TestUndecodableAnnouncementIsReported(t *testing.T) {
+	w := newWorld(t)
+	key := AnnouncePrefix + "20260101T000000Z-deadbeef" + announceSuffix
+	if _, err := w.b.Put(w.ctx, key, strings.NewReader("not an announcement"), 19, bucket.PutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	g := NewWatcher(WatcherOptions{Bucket: w.b, Clock: w.clock})
+	if _, err := g.Check(w.ctx, []string{"x.narinfo"}); err == nil || !strings.Contains(err.Error(), key) {
+		t.Fatalf("Check with an undecodable announcement: %v", err)
+	}
+	if err := g.LastError(); err == nil || !strings.Contains(err.Error(), key) {
+		t.Fatalf("LastError: %v", err)
+	}
+	if err := w.b.Delete(w.ctx, key); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := g.Check(w.ctx, []string{"x.narinfo"}); err != nil {
+		t.Fatalf("Check once the announcement is gone: %v", err)
+	}
+	if err := g.LastError(); err != nil {
+		t.Fatalf("LastError once the announcement is gone: %v", err)
+	}
+}

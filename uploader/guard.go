@@ -113,7 +113,7 @@ func (u *Uploader) presentTop(ctx context.Context, p string) (bool, error) {
 // if the narinfo is gone (the caller uploads p again).
 func (u *Uploader) revive(ctx context.Context, p string) (bool, error) {
 	key := narinfoKey(p)
-	data, info, err := u.opt.Bucket.Get(ctx, key, 16<<20)
+	data, info, err := u.opt.Bucket.Get(ctx, key, cachefmt.MaxNarinfoSize)
 	if bucket.IsNotExist(err) {
 		return false, nil
 	}
