@@ -159,3 +159,34 @@ func TestLateAnswerDoesNotReviveForgotten(t *testing.T) {
 		t.Fatal("an answer asked after the forget was dropped")
 	}
 }
+
+// TestSucceedKeepsTheReplacement: a node nobody waited for any more is
+// cancelled and replaced by the next job's node; if the old node's narinfo
+// write still completes, its success must not take the replacement out of
+// the graph (the replacement would run unseen: a third job would upload
+// the path again, and Discard would think no work on it is left).
+func TestSucceedKeepsTheReplacement(t *testing.T) {
+	w := newWorld(t, 1, chain, size(100))
+	u := w.uploader(Options{})
+	g := newGraph(u, 0, 0) // no workers: the test drives the nodes
+	defer g.close()
+	closure, err := w.store.Closure(context.Background(), w.paths[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]bool{w.paths[0]: true}
+	interestA, a, _ := g.plan(&jobResult{}, closure, want, nil, 0)
+	g.release(interestA) // the job went away: a is cancelled
+	_, b, _ := g.plan(&jobResult{}, closure, want, nil, 0)
+	if a == nil || b == nil || a == b {
+		t.Fatalf("want a replacement node, got %p and %p", a, b)
+	}
+	now := time.Now()
+	g.succeed(a, now, now)
+	g.mu.Lock()
+	cur := g.nodes[w.paths[0]]
+	g.mu.Unlock()
+	if cur != b {
+		t.Fatal("the old node's success removed its replacement from the graph")
+	}
+}
