@@ -137,9 +137,11 @@ type Queue struct {
 	attempted int
 	durableCh chan struct{}
 
-	// Test hooks: afterWrite runs after a commit is written and before it
-	// is recorded as durable; waitingDurable runs when the already-queued
-	// shortcut waits for a commit in flight.
+	// Test hooks: inWrite runs in a commit's transaction after its
+	// operations, before it is written; afterWrite runs after a commit is
+	// written and before it is recorded as durable; waitingDurable runs
+	// when the already-queued shortcut waits for a commit in flight.
+	inWrite        func()
 	afterWrite     func()
 	waitingDurable func()
 }
@@ -304,6 +306,9 @@ func (q *Queue) commit(batch []*op) {
 			if err := o.fn(tx); err != nil {
 				return &opFailed{i: i, err: err}
 			}
+		}
+		if q.inWrite != nil {
+			q.inWrite()
 		}
 		return nil
 	})
