@@ -78,6 +78,7 @@ var (
 	ErrNotFound = errors.New("no such job")
 	ErrState    = errors.New("job is not in the required state")
 	ErrLocked   = errors.New("queue database is locked by another process (is another agentd running?)")
+	ErrClosed   = errors.New("queue closed")
 )
 
 const recordVersion = 1
@@ -117,6 +118,12 @@ type Queue struct {
 	stop chan struct{}
 	done chan struct{}
 	wake chan struct{}
+
+	// closing guards closed: senders on ops hold it for reading, so once
+	// Close has set closed no operation can reach ops any more, and the
+	// committer can drain what is there.
+	closing sync.RWMutex
+	closed  bool
 
 	mu     sync.Mutex
 	leased map[uint64]Job // in-memory leases
@@ -201,8 +208,16 @@ func Open(path string) (*Queue, error) {
 	return q, nil
 }
 
-// Close stops the committer and closes the database.
+// Close stops the committer and closes the database. Operations already
+// submitted are committed first; later ones fail with ErrClosed.
 func (q *Queue) Close() error {
+	q.closing.Lock()
+	already := q.closed
+	q.closed = true
+	q.closing.Unlock()
+	if already {
+		return ErrClosed
+	}
 	close(q.stop)
 	<-q.done
 	return q.db.Close()
@@ -222,14 +237,26 @@ func (q *Queue) notify() {
 	}
 }
 
+// submit hands o to the committer, which will send its outcome on o.done,
+// or returns ErrClosed.
+func (q *Queue) submit(o *op) error {
+	q.closing.RLock()
+	defer q.closing.RUnlock()
+	if q.closed {
+		return ErrClosed
+	}
+	// Close waits for this send: the committer runs until Close has the
+	// write lock, so a full channel drains.
+	q.ops <- o
+	return nil
+}
+
 // update runs fn in a read-write transaction shared with any other waiting
 // operations, and returns once that transaction is durably committed.
 func (q *Queue) update(fn func(tx *bolt.Tx) error) error {
 	o := &op{fn: fn, done: make(chan error, 1)}
-	select {
-	case q.ops <- o:
-	case <-q.stop:
-		return errors.New("queue closed")
+	if err := q.submit(o); err != nil {
+		return err
 	}
 	return <-o.done
 }
@@ -252,9 +279,7 @@ func (q *Queue) commitLoop() {
 		case first = <-q.ops:
 		case <-timeout:
 		case <-q.stop:
-			if len(lazy) > 0 {
-				q.commit(lazy)
-			}
+			q.drain(lazy)
 			return
 		}
 		var batch []*op
@@ -288,6 +313,27 @@ func (q *Queue) commitLoop() {
 		}
 		q.commit(lazy)
 		lazy = nil
+	}
+}
+
+// drain commits lazy and every operation still in ops, once Close has
+// stopped new ones from coming.
+func (q *Queue) drain(lazy []*op) {
+	batch := lazy
+	for {
+		select {
+		case o := <-q.ops:
+			batch = append(batch, o)
+			if len(batch) < 1000 {
+				continue
+			}
+		default:
+		}
+		if len(batch) == 0 {
+			return
+		}
+		q.commit(batch)
+		batch = nil
 	}
 }
 
@@ -633,10 +679,8 @@ func (q *Queue) AckAsync(id uint64, t Totals, after func(error)) {
 			after(err)
 		}
 	}()
-	select {
-	case q.ops <- o:
-	case <-q.stop:
-		o.done <- errors.New("queue closed")
+	if err := q.submit(o); err != nil {
+		o.done <- err
 	}
 }
 
@@ -1111,10 +1155,7 @@ func (q *Queue) AddPresent(identity string, paths []string, now time.Time) {
 		}
 		return nil
 	}}
-	select {
-	case q.ops <- o:
-	case <-q.stop:
-	}
+	q.submit(o) // a closed queue forgets them, as a crash would
 }
 
 // Present returns the paths recorded as present in the cache with the

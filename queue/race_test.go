@@ -1,0 +1,162 @@
+package queue
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+const testDeadline = 20 * time.Second
+
+// commitGate stops the committer in a test hook for each of the next n
+// commits until the test lets it go: held receives once per stopped commit,
+// and each value sent on release lets one go.
+type commitGate struct {
+	held    chan struct{}
+	release chan struct{}
+}
+
+// gateCommits installs a gate on hook (one of the Queue's test hooks). It
+// must be called while no commit is running.
+func gateCommits(hook *func(), n int) *commitGate {
+	g := &commitGate{held: make(chan struct{}, n), release: make(chan struct{}, n)}
+	left := n // only the committer goroutine reads and writes it
+	*hook = func() {
+		if left > 0 {
+			left--
+			g.held <- struct{}{}
+			<-g.release
+		}
+	}
+	return g
+}
+
+// await returns the next value from ch, failing the test if none comes in
+// time.
+func await[T any](t *testing.T, ch <-chan T, what string) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(testDeadline):
+		t.Fatalf("%s: nothing within %v", what, testDeadline)
+		panic("unreachable")
+	}
+}
+
+// waitFor polls cond until it holds, failing the test if it does not in
+// time.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(testDeadline)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %v", what, testDeadline)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestCloseAnswersPendingOperations races Close with concurrent enqueues:
+// every caller gets an answer (a result, or ErrClosed), and every enqueue
+// that succeeded is in the file. In odd rounds every enqueue is waiting for
+// the committer when Close is called, so every one must succeed.
+func TestCloseAnswersPendingOperations(t *testing.T) {
+	dir := t.TempDir()
+	const rounds, callers = 30, 64
+	for round := range rounds {
+		path := filepath.Join(dir, fmt.Sprintf("q%d.db", round))
+		q, err := Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		waiting := round%2 == 1
+		var g *commitGate
+		held := make(chan error, 1)
+		if waiting {
+			// Hold the committer in a first commit while the others queue
+			// up behind it.
+			g = gateCommits(&q.inWrite, 1)
+			go func() {
+				_, err := q.Enqueue([]string{"/nix/store/first"}, "", t0)
+				held <- err
+			}()
+			await(t, g.held, "the first commit")
+		}
+		start := make(chan struct{})
+		type answer struct {
+			path string
+			err  error
+		}
+		answers := make(chan answer, callers)
+		for i := range callers {
+			p := fmt.Sprintf("/nix/store/p-%d-%d", round, i)
+			go func() {
+				<-start
+				_, err := q.Enqueue([]string{p}, "", t0)
+				answers <- answer{p, err}
+			}()
+		}
+		close(start)
+		if waiting {
+			waitFor(t, "every enqueue to wait for the committer", func() bool { return len(q.ops) == callers })
+		}
+		closed := make(chan error, 1)
+		go func() { closed <- q.Close() }()
+		if waiting {
+			waitFor(t, "Close to stop the committer", func() bool {
+				select {
+				case <-q.stop:
+					return true
+				default:
+					return false
+				}
+			})
+			g.release <- struct{}{}
+			if err := await(t, held, "the first enqueue"); err != nil {
+				t.Fatalf("round %d: first enqueue: %v", round, err)
+			}
+		}
+		var acked []string
+		deadline := time.After(testDeadline)
+		for i := range callers {
+			select {
+			case a := <-answers:
+				switch {
+				case a.err == nil:
+					acked = append(acked, a.path)
+				case waiting || !errors.Is(a.err, ErrClosed):
+					t.Fatalf("round %d: enqueue of %s: %v", round, a.path, a.err)
+				}
+			case <-deadline:
+				t.Fatalf("round %d: %d of %d enqueues still unanswered %v after Close", round, callers-i, callers, testDeadline)
+			}
+		}
+		if err := await(t, closed, "Close"); err != nil {
+			t.Fatalf("round %d: close: %v", round, err)
+		}
+		q, err = Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := q.Check(); err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		jobs, err := q.List("", 2*callers)
+		if err != nil {
+			t.Fatal(err)
+		}
+		have := map[string]bool{}
+		for _, j := range jobs {
+			have[j.Path] = true
+		}
+		for _, p := range acked {
+			if !have[p] {
+				t.Fatalf("round %d: acknowledged enqueue of %s is not in the file", round, p)
+			}
+		}
+		q.Close()
+	}
+}
