@@ -112,7 +112,10 @@ const (
 
 // Queue is an open queue database. Its methods are safe for concurrent use.
 type Queue struct {
-	// Lock order: mu before any bbolt transaction, never the reverse.
+	// Lock order: mu before any read transaction, never the reverse. The
+	// committer takes mu inside write transactions (Fail decides there), so
+	// whoever holds mu must not wait for a commit; readers never wait for
+	// the writer.
 	db   *bolt.DB
 	ops  chan *op
 	stop chan struct{}
@@ -134,6 +137,11 @@ type Queue struct {
 	// were being uploaded: if that attempt fails for good, the new request
 	// still means "will be uploaded", so the job is ready again instead.
 	again map[uint64]struct{}
+	// failing holds leased jobs whose Fail has chosen the dead letter in a
+	// commit that readers may not see yet: a request for their path then
+	// commits itself (and so comes after that commit) instead of answering
+	// from a read transaction.
+	failing map[uint64]struct{}
 
 	// durable is the id of the last transaction known to be on disk,
 	// attempted the id of the last one whose commit has finished, with or
@@ -185,6 +193,7 @@ func Open(path string) (*Queue, error) {
 
 		dropped:   map[uint64]struct{}{},
 		again:     map[uint64]struct{}{},
+		failing:   map[uint64]struct{}{},
 		durableCh: make(chan struct{}),
 	}
 	if err := db.Update(func(tx *bolt.Tx) error {
@@ -442,12 +451,13 @@ type EnqueueResult struct {
 // it, typically after it was built again, means it should be uploaded. It
 // returns only after the jobs are durably committed.
 func (q *Queue) Enqueue(paths []string, drv string, now time.Time) ([]EnqueueResult, error) {
-	q.noteRequestedAgain(paths)
 	// Paths that are all queued (and not failed) already are durable
 	// already: answer from a read transaction, without a commit (and its
-	// two fsyncs).
-	if res, ok := q.lookupAll(paths); ok {
-		return res, nil
+	// two fsyncs), unless one of their jobs is being failed.
+	if failing := q.noteRequestedAgain(paths); !failing {
+		if res, ok := q.lookupAll(paths); ok {
+			return res, nil
+		}
 	}
 	var res []EnqueueResult
 	err := q.update(func(tx *bolt.Tx) error {
@@ -571,16 +581,20 @@ func (q *Queue) unlease(id uint64) {
 	q.mu.Lock()
 	delete(q.leased, id)
 	delete(q.again, id)
+	delete(q.failing, id)
 	q.mu.Unlock()
 }
 
 // noteRequestedAgain marks the leased jobs of paths as requested again
 // (before the request is answered, so that no outcome can slip between).
-func (q *Queue) noteRequestedAgain(paths []string) {
+// It reports whether Fail has already chosen the dead letter for one of
+// them: then the request must be answered by a commit of its own, which
+// follows that Fail's and finds the job failed.
+func (q *Queue) noteRequestedAgain(paths []string) (failing bool) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if len(q.leased) == 0 {
-		return
+		return false
 	}
 	want := make(map[string]bool, len(paths))
 	for _, p := range paths {
@@ -589,15 +603,27 @@ func (q *Queue) noteRequestedAgain(paths []string) {
 	for id, j := range q.leased {
 		if want[j.Path] {
 			q.again[id] = struct{}{}
+			if _, ok := q.failing[id]; ok {
+				failing = true
+			}
 		}
 	}
+	return failing
 }
 
-func (q *Queue) requestedAgain(id uint64) bool {
+// requeueOnFail reports whether a permanent failure of leased job id must
+// leave it ready, because its path was requested again during the attempt;
+// otherwise it marks the job as failing. Fail calls it inside its commit,
+// so that every request is either noted before (and requeues the job) or
+// sees the mark (and commits after the failure, requeueing the job then).
+func (q *Queue) requeueOnFail(id uint64) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	_, ok := q.again[id]
-	return ok
+	if _, ok := q.again[id]; ok {
+		return true
+	}
+	q.failing[id] = struct{}{}
+	return false
 }
 
 func (q *Queue) isLeased(id uint64) bool {
@@ -723,18 +749,20 @@ var ErrRequeued = errors.New("requested again during the attempt; queued again")
 // again with its attempts reset (the new request means "will be uploaded",
 // as for a failed job requested again), and Fail returns ErrRequeued.
 func (q *Queue) Fail(id uint64, reason string, now time.Time) error {
-	if q.requestedAgain(id) {
-		err := q.transition(id, StateLeased, func(j *Job) {
+	requeued := false
+	err := q.transition(id, StateLeased, func(j *Job) {
+		// Runs in the commit (again if its batch is retried).
+		requeued = q.requeueOnFail(id)
+		if requeued {
 			j.State, j.Attempts, j.NotBefore, j.LastError = StateReady, 0, now.UTC(), reason
-		}, reason, now)
-		if err != nil {
-			return err
+			return
 		}
-		return ErrRequeued
-	}
-	return q.transition(id, StateLeased, func(j *Job) {
 		j.State, j.Attempts, j.LastError = StateFailed, j.Attempts+1, reason
 	}, reason, now)
+	if err == nil && requeued {
+		return ErrRequeued
+	}
+	return err
 }
 
 // Release ends a lease without an outcome (agentd is shutting down during

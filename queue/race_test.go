@@ -59,6 +59,97 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
+// wantReadyAgain checks that job id is ready with its attempts reset, as a
+// request answered while it was leased promises.
+func wantReadyAgain(t *testing.T, q *Queue, id uint64) {
+	t.Helper()
+	j, err := q.Get(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if j.State != StateReady || j.Attempts != 0 {
+		t.Fatalf("job %d is %s with %d attempts; a request for it was answered while it was leased, so it must be ready with no attempts", id, j.State, j.Attempts)
+	}
+	if s := mustStats(t, q); s.Failed != 0 || s.Pending != 1 {
+		t.Fatalf("stats = %+v, want one pending job and none failed", s)
+	}
+}
+
+// TestRequestDuringFailCommit: a path is requested again while the commit
+// that moves its leased job to the dead letter is running, and not yet
+// visible to readers. The request must not be answered from the state
+// before that commit: the job must end up ready.
+func TestRequestDuringFailCommit(t *testing.T) {
+	q, _ := openTest(t)
+	if _, err := q.Enqueue([]string{"/nix/store/a"}, "", t0); err != nil {
+		t.Fatal(err)
+	}
+	j, _ := q.Lease(t0)
+	g := gateCommits(&q.inWrite, 1)
+	failed := make(chan error, 1)
+	go func() { failed <- q.Fail(j.ID, "access denied", t0) }()
+	await(t, g.held, "Fail's commit")
+
+	enqueued := make(chan error, 1)
+	go func() {
+		_, err := q.Enqueue([]string{"/nix/store/a"}, "", t0.Add(time.Second))
+		enqueued <- err
+	}()
+	// The request answers at once, or it waits for a commit of its own.
+	waitFor(t, "the request to answer or to wait for a commit", func() bool {
+		return len(enqueued) > 0 || len(q.ops) > 0
+	})
+	g.release <- struct{}{}
+	if err := await(t, enqueued, "Enqueue"); err != nil {
+		t.Fatal(err)
+	}
+	if err := await(t, failed, "Fail"); err != nil && !errors.Is(err, ErrRequeued) {
+		t.Fatal(err)
+	}
+	wantReadyAgain(t, q, j.ID)
+}
+
+// TestRequestBeforeFailCommit: a path is requested again after Fail was
+// called for its leased job, while Fail's commit waits for the committer.
+// The failure must then make the job ready again instead of failing it.
+func TestRequestBeforeFailCommit(t *testing.T) {
+	q, _ := openTest(t)
+	if _, err := q.Enqueue([]string{"/nix/store/a"}, "", t0); err != nil {
+		t.Fatal(err)
+	}
+	j, _ := q.Lease(t0)
+	g := gateCommits(&q.inWrite, 1)
+	saved := make(chan error, 1)
+	go func() { saved <- q.SaveUpload("/nix/store/other", []byte("x")) }()
+	await(t, g.held, "an unrelated commit")
+
+	failed := make(chan error, 1)
+	go func() { failed <- q.Fail(j.ID, "access denied", t0) }()
+	waitFor(t, "Fail to wait for the committer", func() bool { return len(q.ops) > 0 })
+	enqueued := make(chan error, 1)
+	go func() {
+		_, err := q.Enqueue([]string{"/nix/store/a"}, "", t0.Add(time.Second))
+		enqueued <- err
+	}()
+	// The request answers at once (the job is ready on disk), or it waits
+	// for a commit of its own.
+	waitFor(t, "the request to answer or to wait for a commit", func() bool {
+		return len(enqueued) > 0 || len(q.ops) > 1
+	})
+	g.release <- struct{}{}
+	if err := await(t, saved, "SaveUpload"); err != nil {
+		t.Fatal(err)
+	}
+	if err := await(t, enqueued, "Enqueue"); err != nil {
+		t.Fatal(err)
+	}
+	err := await(t, failed, "Fail")
+	wantReadyAgain(t, q, j.ID)
+	if !errors.Is(err, ErrRequeued) {
+		t.Fatalf("Fail = %v, want ErrRequeued", err)
+	}
+}
+
 // TestCloseAnswersPendingOperations races Close with concurrent enqueues:
 // every caller gets an answer (a result, or ErrClosed), and every enqueue
 // that succeeded is in the file. In odd rounds every enqueue is waiting for
