@@ -576,13 +576,21 @@ func (q *Queue) Lease(now time.Time) (*Job, error) {
 	return leased, nil
 }
 
-// unlease ends the in-memory lease of id.
+// unlease ends the in-memory lease of id, after its outcome. A drop that
+// came in while the outcome was being recorded is forgotten too: that
+// outcome was the lease's last word.
 func (q *Queue) unlease(id uint64) {
 	q.mu.Lock()
+	q.forget(id)
+	delete(q.dropped, id)
+	q.mu.Unlock()
+}
+
+// forget removes what is kept in memory about the lease of id. q.mu is held.
+func (q *Queue) forget(id uint64) {
 	delete(q.leased, id)
 	delete(q.again, id)
 	delete(q.failing, id)
-	q.mu.Unlock()
 }
 
 // noteRequestedAgain marks the leased jobs of paths as requested again
@@ -823,7 +831,8 @@ func (q *Queue) RetryAll(now time.Time) (int, error) {
 
 // Drop removes a job in any state and returns it. A job dropped while it
 // is leased is no longer leased; the outcome its worker reports later (Ack,
-// RetryLater, Fail, Release) is accepted without error and changes nothing.
+// RetryLater, Fail, Release), or is reporting meanwhile, is accepted
+// without error and changes nothing.
 func (q *Queue) Drop(id uint64) (*Job, error) {
 	var dropped *Job
 	err := q.update(func(tx *bolt.Tx) error {
@@ -837,7 +846,7 @@ func (q *Queue) Drop(id uint64) (*Job, error) {
 	if err == nil {
 		q.mu.Lock()
 		if _, ok := q.leased[id]; ok {
-			delete(q.leased, id)
+			q.forget(id)
 			q.dropped[id] = struct{}{}
 			dropped.State = StateLeased
 		}
@@ -860,6 +869,9 @@ func (q *Queue) transition(id uint64, from State, change func(*Job), reason stri
 	}
 	return q.update(func(tx *bolt.Tx) error {
 		j, err := getJob(tx, id)
+		if errors.Is(err, ErrNotFound) && from == StateLeased {
+			return nil // dropped since the check: nothing left to record
+		}
 		if err != nil {
 			return err
 		}

@@ -59,6 +59,13 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
+// leaseEntries counts the queue's in-memory bookkeeping of leases.
+func (q *Queue) leaseEntries() (leased, again, dropped int) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.leased), len(q.again), len(q.dropped)
+}
+
 // wantReadyAgain checks that job id is ready with its attempts reset, as a
 // request answered while it was leased promises.
 func wantReadyAgain(t *testing.T, q *Queue, id uint64) {
@@ -249,5 +256,81 @@ func TestCloseAnswersPendingOperations(t *testing.T) {
 			}
 		}
 		q.Close()
+	}
+}
+
+// TestNoLeftoverLeaseEntries: the in-memory records of leases (requested
+// again, dropped) go with the lease, whatever order a drop and the
+// worker's outcome come in.
+func TestNoLeftoverLeaseEntries(t *testing.T) {
+	wantNone := func(t *testing.T, q *Queue) {
+		t.Helper()
+		if l, a, d := q.leaseEntries(); l+a+d != 0 {
+			t.Fatalf("left over: %d leases, %d requested-again and %d dropped entries", l, a, d)
+		}
+	}
+
+	t.Run("requested again, then dropped", func(t *testing.T) {
+		q, _ := openTest(t)
+		q.Enqueue([]string{"/nix/store/a"}, "", t0)
+		j, _ := q.Lease(t0)
+		if _, err := q.Enqueue([]string{"/nix/store/a"}, "", t0); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := q.Drop(j.ID); err != nil {
+			t.Fatal(err)
+		}
+		if err := q.Release(j.ID); err != nil {
+			t.Fatal(err)
+		}
+		wantNone(t, q)
+	})
+
+	// A drop that commits after the outcome has checked its lease, and
+	// returns before the outcome has ended it.
+	outcomes := []struct {
+		name   string
+		report func(q *Queue, id uint64, done chan<- error)
+	}{
+		{"ack", func(q *Queue, id uint64, done chan<- error) {
+			q.AckAsync(id, Totals{Paths: 1}, func(err error) { done <- err })
+		}},
+		{"fail", func(q *Queue, id uint64, done chan<- error) {
+			go func() { done <- q.Fail(id, "x", t0) }()
+		}},
+		{"retry later", func(q *Queue, id uint64, done chan<- error) {
+			go func() { done <- q.RetryLater(id, t0, "x", t0) }()
+		}},
+	}
+	for _, o := range outcomes {
+		t.Run("dropped during "+o.name, func(t *testing.T) {
+			q, _ := openTest(t)
+			q.Enqueue([]string{"/nix/store/a"}, "", t0)
+			j, _ := q.Lease(t0)
+			g := gateCommits(&q.afterWrite, 2)
+			dropped := make(chan error, 1)
+			go func() {
+				_, err := q.Drop(j.ID)
+				dropped <- err
+			}()
+			await(t, g.held, "Drop's commit")
+			reported := make(chan error, 1)
+			o.report(q, j.ID, reported)
+			waitFor(t, o.name+" to wait for the committer", func() bool { return len(q.ops) > 0 })
+			g.release <- struct{}{}
+			if err := await(t, dropped, "Drop"); err != nil {
+				t.Fatal(err)
+			}
+			await(t, g.held, o.name+"'s commit")
+			g.release <- struct{}{}
+			err := await(t, reported, o.name)
+			wantNone(t, q)
+			if err != nil {
+				t.Fatalf("%s of a job dropped meanwhile: %v", o.name, err)
+			}
+			if s := mustStats(t, q); s.Pending+s.Retrying+s.Failed+s.Leased != 0 || s.Uploaded != 0 {
+				t.Fatalf("stats after the drop = %+v", s)
+			}
+		})
 	}
 }
