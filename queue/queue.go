@@ -78,6 +78,7 @@ var (
 	ErrNotFound = errors.New("no such job")
 	ErrState    = errors.New("job is not in the required state")
 	ErrLocked   = errors.New("queue database is locked by another process (is another agentd running?)")
+	ErrClosed   = errors.New("queue closed")
 )
 
 const recordVersion = 1
@@ -111,12 +112,21 @@ const (
 
 // Queue is an open queue database. Its methods are safe for concurrent use.
 type Queue struct {
-	// Lock order: mu before any bbolt transaction, never the reverse.
+	// Lock order: mu before any read transaction, never the reverse. The
+	// committer takes mu inside write transactions (Fail decides there), so
+	// whoever holds mu must not wait for a commit; readers never wait for
+	// the writer.
 	db   *bolt.DB
 	ops  chan *op
 	stop chan struct{}
 	done chan struct{}
 	wake chan struct{}
+
+	// closing guards closed: senders on ops hold it for reading, so once
+	// Close has set closed no operation can reach ops any more, and the
+	// committer can drain what is there.
+	closing sync.RWMutex
+	closed  bool
 
 	mu     sync.Mutex
 	leased map[uint64]Job // in-memory leases
@@ -127,6 +137,11 @@ type Queue struct {
 	// were being uploaded: if that attempt fails for good, the new request
 	// still means "will be uploaded", so the job is ready again instead.
 	again map[uint64]struct{}
+	// failing holds leased jobs whose Fail has chosen the dead letter in a
+	// commit that readers may not see yet: a request for their path then
+	// commits itself (and so comes after that commit) instead of answering
+	// from a read transaction.
+	failing map[uint64]struct{}
 
 	// durable is the id of the last transaction known to be on disk,
 	// attempted the id of the last one whose commit has finished, with or
@@ -137,9 +152,11 @@ type Queue struct {
 	attempted int
 	durableCh chan struct{}
 
-	// Test hooks: afterWrite runs after a commit is written and before it
-	// is recorded as durable; waitingDurable runs when the already-queued
-	// shortcut waits for a commit in flight.
+	// Test hooks: inWrite runs in a commit's transaction after its
+	// operations, before it is written; afterWrite runs after a commit is
+	// written and before it is recorded as durable; waitingDurable runs
+	// when the already-queued shortcut waits for a commit in flight.
+	inWrite        func()
 	afterWrite     func()
 	waitingDurable func()
 }
@@ -176,6 +193,7 @@ func Open(path string) (*Queue, error) {
 
 		dropped:   map[uint64]struct{}{},
 		again:     map[uint64]struct{}{},
+		failing:   map[uint64]struct{}{},
 		durableCh: make(chan struct{}),
 	}
 	if err := db.Update(func(tx *bolt.Tx) error {
@@ -199,8 +217,16 @@ func Open(path string) (*Queue, error) {
 	return q, nil
 }
 
-// Close stops the committer and closes the database.
+// Close stops the committer and closes the database. Operations already
+// submitted are committed first; later ones fail with ErrClosed.
 func (q *Queue) Close() error {
+	q.closing.Lock()
+	already := q.closed
+	q.closed = true
+	q.closing.Unlock()
+	if already {
+		return ErrClosed
+	}
 	close(q.stop)
 	<-q.done
 	return q.db.Close()
@@ -220,14 +246,26 @@ func (q *Queue) notify() {
 	}
 }
 
+// submit hands o to the committer, which will send its outcome on o.done,
+// or returns ErrClosed.
+func (q *Queue) submit(o *op) error {
+	q.closing.RLock()
+	defer q.closing.RUnlock()
+	if q.closed {
+		return ErrClosed
+	}
+	// Close waits for this send: the committer runs until Close has the
+	// write lock, so a full channel drains.
+	q.ops <- o
+	return nil
+}
+
 // update runs fn in a read-write transaction shared with any other waiting
 // operations, and returns once that transaction is durably committed.
 func (q *Queue) update(fn func(tx *bolt.Tx) error) error {
 	o := &op{fn: fn, done: make(chan error, 1)}
-	select {
-	case q.ops <- o:
-	case <-q.stop:
-		return errors.New("queue closed")
+	if err := q.submit(o); err != nil {
+		return err
 	}
 	return <-o.done
 }
@@ -250,9 +288,7 @@ func (q *Queue) commitLoop() {
 		case first = <-q.ops:
 		case <-timeout:
 		case <-q.stop:
-			if len(lazy) > 0 {
-				q.commit(lazy)
-			}
+			q.drain(lazy)
 			return
 		}
 		var batch []*op
@@ -289,6 +325,27 @@ func (q *Queue) commitLoop() {
 	}
 }
 
+// drain commits lazy and every operation still in ops, once Close has
+// stopped new ones from coming.
+func (q *Queue) drain(lazy []*op) {
+	batch := lazy
+	for {
+		select {
+		case o := <-q.ops:
+			batch = append(batch, o)
+			if len(batch) < 1000 {
+				continue
+			}
+		default:
+		}
+		if len(batch) == 0 {
+			return
+		}
+		q.commit(batch)
+		batch = nil
+	}
+}
+
 type opFailed struct {
 	i   int
 	err error
@@ -304,6 +361,9 @@ func (q *Queue) commit(batch []*op) {
 			if err := o.fn(tx); err != nil {
 				return &opFailed{i: i, err: err}
 			}
+		}
+		if q.inWrite != nil {
+			q.inWrite()
 		}
 		return nil
 	})
@@ -391,12 +451,13 @@ type EnqueueResult struct {
 // it, typically after it was built again, means it should be uploaded. It
 // returns only after the jobs are durably committed.
 func (q *Queue) Enqueue(paths []string, drv string, now time.Time) ([]EnqueueResult, error) {
-	q.noteRequestedAgain(paths)
 	// Paths that are all queued (and not failed) already are durable
 	// already: answer from a read transaction, without a commit (and its
-	// two fsyncs).
-	if res, ok := q.lookupAll(paths); ok {
-		return res, nil
+	// two fsyncs), unless one of their jobs is being failed.
+	if failing := q.noteRequestedAgain(paths); !failing {
+		if res, ok := q.lookupAll(paths); ok {
+			return res, nil
+		}
 	}
 	var res []EnqueueResult
 	err := q.update(func(tx *bolt.Tx) error {
@@ -515,21 +576,33 @@ func (q *Queue) Lease(now time.Time) (*Job, error) {
 	return leased, nil
 }
 
-// unlease ends the in-memory lease of id.
+// unlease ends the in-memory lease of id, after its outcome. A drop that
+// came in while the outcome was being recorded is forgotten too: that
+// outcome was the lease's last word.
 func (q *Queue) unlease(id uint64) {
 	q.mu.Lock()
+	q.forget(id)
+	delete(q.dropped, id)
+	q.mu.Unlock()
+}
+
+// forget removes what is kept in memory about the lease of id. q.mu is held.
+func (q *Queue) forget(id uint64) {
 	delete(q.leased, id)
 	delete(q.again, id)
-	q.mu.Unlock()
+	delete(q.failing, id)
 }
 
 // noteRequestedAgain marks the leased jobs of paths as requested again
 // (before the request is answered, so that no outcome can slip between).
-func (q *Queue) noteRequestedAgain(paths []string) {
+// It reports whether Fail has already chosen the dead letter for one of
+// them: then the request must be answered by a commit of its own, which
+// follows that Fail's and finds the job failed.
+func (q *Queue) noteRequestedAgain(paths []string) (failing bool) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if len(q.leased) == 0 {
-		return
+		return false
 	}
 	want := make(map[string]bool, len(paths))
 	for _, p := range paths {
@@ -538,15 +611,27 @@ func (q *Queue) noteRequestedAgain(paths []string) {
 	for id, j := range q.leased {
 		if want[j.Path] {
 			q.again[id] = struct{}{}
+			if _, ok := q.failing[id]; ok {
+				failing = true
+			}
 		}
 	}
+	return failing
 }
 
-func (q *Queue) requestedAgain(id uint64) bool {
+// requeueOnFail reports whether a permanent failure of leased job id must
+// leave it ready, because its path was requested again during the attempt;
+// otherwise it marks the job as failing. Fail calls it inside its commit,
+// so that every request is either noted before (and requeues the job) or
+// sees the mark (and commits after the failure, requeueing the job then).
+func (q *Queue) requeueOnFail(id uint64) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	_, ok := q.again[id]
-	return ok
+	if _, ok := q.again[id]; ok {
+		return true
+	}
+	q.failing[id] = struct{}{}
+	return false
 }
 
 func (q *Queue) isLeased(id uint64) bool {
@@ -628,10 +713,8 @@ func (q *Queue) AckAsync(id uint64, t Totals, after func(error)) {
 			after(err)
 		}
 	}()
-	select {
-	case q.ops <- o:
-	case <-q.stop:
-		o.done <- errors.New("queue closed")
+	if err := q.submit(o); err != nil {
+		o.done <- err
 	}
 }
 
@@ -674,18 +757,20 @@ var ErrRequeued = errors.New("requested again during the attempt; queued again")
 // again with its attempts reset (the new request means "will be uploaded",
 // as for a failed job requested again), and Fail returns ErrRequeued.
 func (q *Queue) Fail(id uint64, reason string, now time.Time) error {
-	if q.requestedAgain(id) {
-		err := q.transition(id, StateLeased, func(j *Job) {
+	requeued := false
+	err := q.transition(id, StateLeased, func(j *Job) {
+		// Runs in the commit (again if its batch is retried).
+		requeued = q.requeueOnFail(id)
+		if requeued {
 			j.State, j.Attempts, j.NotBefore, j.LastError = StateReady, 0, now.UTC(), reason
-		}, reason, now)
-		if err != nil {
-			return err
+			return
 		}
-		return ErrRequeued
-	}
-	return q.transition(id, StateLeased, func(j *Job) {
 		j.State, j.Attempts, j.LastError = StateFailed, j.Attempts+1, reason
 	}, reason, now)
+	if err == nil && requeued {
+		return ErrRequeued
+	}
+	return err
 }
 
 // Release ends a lease without an outcome (agentd is shutting down during
@@ -746,7 +831,8 @@ func (q *Queue) RetryAll(now time.Time) (int, error) {
 
 // Drop removes a job in any state and returns it. A job dropped while it
 // is leased is no longer leased; the outcome its worker reports later (Ack,
-// RetryLater, Fail, Release) is accepted without error and changes nothing.
+// RetryLater, Fail, Release), or is reporting meanwhile, is accepted
+// without error and changes nothing.
 func (q *Queue) Drop(id uint64) (*Job, error) {
 	var dropped *Job
 	err := q.update(func(tx *bolt.Tx) error {
@@ -760,7 +846,7 @@ func (q *Queue) Drop(id uint64) (*Job, error) {
 	if err == nil {
 		q.mu.Lock()
 		if _, ok := q.leased[id]; ok {
-			delete(q.leased, id)
+			q.forget(id)
 			q.dropped[id] = struct{}{}
 			dropped.State = StateLeased
 		}
@@ -783,6 +869,9 @@ func (q *Queue) transition(id uint64, from State, change func(*Job), reason stri
 	}
 	return q.update(func(tx *bolt.Tx) error {
 		j, err := getJob(tx, id)
+		if errors.Is(err, ErrNotFound) && from == StateLeased {
+			return nil // dropped since the check: nothing left to record
+		}
 		if err != nil {
 			return err
 		}
@@ -1106,10 +1195,7 @@ func (q *Queue) AddPresent(identity string, paths []string, now time.Time) {
 		}
 		return nil
 	}}
-	select {
-	case q.ops <- o:
-	case <-q.stop:
-	}
+	q.submit(o) // a closed queue forgets them, as a crash would
 }
 
 // Present returns the paths recorded as present in the cache with the
