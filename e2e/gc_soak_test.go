@@ -257,6 +257,15 @@ func TestGCSoak(t *testing.T) {
 
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
+	// halt stops the builders, the checker and the operator and waits for
+	// them; also at cleanup, so that none outlives a failed test (writing
+	// into its temporary directory or reporting after it ended).
+	var stopOnce sync.Once
+	halt := func() {
+		stopOnce.Do(func() { close(stop) })
+		wg.Wait()
+	}
+	t.Cleanup(halt)
 	var buildErrs atomic.Int64
 	var rounds atomic.Int64
 	var topsMu sync.Mutex
@@ -384,8 +393,7 @@ func TestGCSoak(t *testing.T) {
 		deleted += rep.Deleted.Narinfos
 		revived += rep.Revived
 	}
-	close(stop)
-	wg.Wait()
+	halt()
 	if buildErrs.Load() > 0 {
 		t.FailNow()
 	}

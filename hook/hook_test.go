@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nixspool/nixspool/internal/testenv"
 	"github.com/nixspool/nixspool/spool"
-	"github.com/nixspool/nixspool/storepath"
 )
 
 func envOf(m map[string]string) func(string) string {
@@ -122,19 +122,12 @@ func TestOutputsOfEveryDerivationKind(t *testing.T) {
 	}
 }
 
-// aStorePath returns some path of the real Nix store (the hook only roots
-// store paths that exist), or skips.
+// aStorePath adds a small path to the real Nix store (the hook only roots
+// store paths that exist) and deletes it at cleanup.
 func aStorePath(t *testing.T) string {
 	t.Helper()
-	ents, _ := os.ReadDir(storepath.DefaultStoreDir)
-	for _, e := range ents {
-		p := filepath.Join(storepath.DefaultStoreDir, e.Name())
-		if storepath.Check(storepath.DefaultStoreDir, p) == nil {
-			return p
-		}
-	}
-	t.Skip("no Nix store here")
-	return ""
+	testenv.RequireNix(t)
+	return testenv.AddRandomPath(t, "hook-test", 64)
 }
 
 // TestRootsWhatItSpools: with agentd down, the spooled store paths are GC

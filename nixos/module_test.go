@@ -1,8 +1,13 @@
 // Package nixos tests nixos-module.nix, package.nix and flake.nix: they
-// parse with Nix, and, when a nixpkgs lib is available (NIXPKGS_LIB=/path
-// to nixpkgs' lib directory), the module evaluates with the real module
-// system to the expected units, socket and nix.conf settings, and its
-// assertions fire for bad configurations.
+// parse with Nix, and, when a nixpkgs lib is available, the module
+// evaluates with the real module system to the expected units, socket and
+// nix.conf settings, and its assertions fire for bad configurations.
+//
+// The nixpkgs lib is the directory NIXPKGS_LIB names (nixpkgs' lib/
+// directory, e.g. NIXPKGS_LIB=$HOME/src/nixpkgs/lib); when NIXPKGS_LIB is
+// unset, an offline copy beside the clone, ../shared/nixpkgs-lib/lib, is
+// used if it is there. Without either, the evaluation tests are skipped
+// and only parsing is checked.
 package nixos
 
 import (
@@ -28,6 +33,31 @@ func TestNixFilesParse(t *testing.T) {
 	}
 }
 
+// nixpkgsLib returns the absolute path of the nixpkgs lib directory to
+// evaluate the module with: NIXPKGS_LIB, or else the offline copy at
+// <clone>/../shared/nixpkgs-lib/lib. It skips the test when there is none,
+// and fails it when NIXPKGS_LIB names something that is not a nixpkgs lib.
+func nixpkgsLib(t *testing.T) string {
+	t.Helper()
+	isLib := func(dir string) bool {
+		_, err := os.Stat(filepath.Join(dir, "default.nix"))
+		return err == nil
+	}
+	if dir := os.Getenv("NIXPKGS_LIB"); dir != "" {
+		abs, err := filepath.Abs(dir)
+		if err != nil || !isLib(abs) {
+			t.Fatalf("NIXPKGS_LIB=%s is not a nixpkgs lib directory (no default.nix in it)", dir)
+		}
+		return abs
+	}
+	beside := filepath.Join(filepath.Dir(testenv.RepoRoot()), "shared", "nixpkgs-lib", "lib")
+	if !isLib(beside) {
+		t.Skipf("no nixpkgs lib to evaluate the module with: NIXPKGS_LIB is unset and %s does not exist; "+
+			"set NIXPKGS_LIB to nixpkgs' lib directory to run this test", beside)
+	}
+	return beside
+}
+
 type evalResult struct {
 	FailedAssertions []string       `json:"failedAssertions"`
 	Groups           []string       `json:"groups"`
@@ -43,10 +73,7 @@ type evalResult struct {
 
 func evalModule(t *testing.T, configuration string) evalResult {
 	t.Helper()
-	libDir := os.Getenv("NIXPKGS_LIB")
-	if libDir == "" {
-		t.Skip("set NIXPKGS_LIB to a nixpkgs lib directory to evaluate the module (see README)")
-	}
+	libDir := nixpkgsLib(t)
 	cfg := filepath.Join(t.TempDir(), "cfg.nix")
 	if err := os.WriteFile(cfg, []byte(configuration), 0o644); err != nil {
 		t.Fatal(err)
