@@ -270,6 +270,7 @@ type collector struct {
 	deadline time.Time // local: no delete is sent after it
 	deleted  map[string]bool
 	delErr   bool // a delete failed: it may still land later
+	batch    int  // keys per delete request: halved when one is too slow
 	rep      *Report
 }
 
@@ -787,10 +788,12 @@ func (c *collector) sweep(ctx context.Context, prev *snapshot, p *plan, markTime
 // checking that the lease is held and the sweep's window is open.
 func (c *collector) deleteKeys(ctx context.Context, what string, keys []string, s *snapshot) error {
 	sort.Strings(keys)
+	if c.batch <= 0 {
+		c.batch = maxDeleteBatch
+	}
 	for len(keys) > 0 {
-		n := min(len(keys), 1000)
+		n := min(len(keys), c.batch)
 		batch := keys[:n]
-		keys = keys[n:]
 		if err := c.mayDelete(ctx); err != nil {
 			return err
 		}
@@ -802,11 +805,23 @@ func (c *collector) deleteKeys(ctx context.Context, what string, keys []string, 
 		// check: what is given up lands within the other half (A2).
 		dctx, cancel := context.WithTimeout(ctx, c.tm.Margin/2)
 		err := c.b.deleteKeys(dctx, batch)
+		late := err != nil && ctx.Err() == nil && errors.Is(dctx.Err(), context.DeadlineExceeded)
 		cancel()
 		if err != nil {
 			c.delErr = true
+		}
+		if late && c.batch > 1 {
+			// The store is slower than a batch this size allows: halve it
+			// and send the same keys again (deleting a key twice is
+			// harmless), each request still checked and bounded.
+			c.batch = max(c.batch/2, 1)
+			c.log.Info("gc delete request too slow for the margin; smaller batches", "what", what, "batch", c.batch)
+			continue
+		}
+		if err != nil {
 			return fmt.Errorf("gc: delete %s: %w", what, err)
 		}
+		keys = keys[n:]
 		for _, k := range batch {
 			c.deleted[k] = true
 			c.count(k, s)
@@ -815,6 +830,9 @@ func (c *collector) deleteKeys(ctx context.Context, what string, keys []string, 
 	}
 	return nil
 }
+
+// maxDeleteBatch is the most keys one delete request names (S3's limit).
+const maxDeleteBatch = 1000
 
 func (c *collector) count(k string, s *snapshot) {
 	d := &c.rep.Deleted

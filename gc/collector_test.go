@@ -6,6 +6,7 @@ import (
 	"io"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -652,4 +653,43 @@ func TestCheckStore(t *testing.T) {
 	if keys := w.b.keys(); len(keys) != 0 {
 		t.Fatalf("probes left %v", keys)
 	}
+}
+
+// slowBatches is a store whose delete requests naming more than limit
+// keys do not finish within any margin.
+type slowBatches struct {
+	*memBucket
+	limit int
+	sizes []int
+}
+
+func (s *slowBatches) DeleteMany(ctx context.Context, keys []string) error {
+	s.sizes = append(s.sizes, len(keys))
+	if len(keys) > s.limit {
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	return s.memBucket.DeleteMany(ctx, keys)
+}
+
+// TestSlowDeletesShrinkTheBatch: a store too slow to delete 1,000 keys
+// within half a margin still gets collected: a request that runs out of
+// its time is sent again with half the keys, each still bounded.
+func TestSlowDeletesShrinkTheBatch(t *testing.T) {
+	w := newWorld(t)
+	for i := 0; i < 320; i++ {
+		w.upload(nil, "p"+strconv.Itoa(i))
+	}
+	w.clock.Advance(2 * time.Hour)
+	sb := &slowBatches{memBucket: w.b, limit: 300}
+	opt := w.opts()
+	opt.Grace = 8 * time.Second // margin 2 s: a request may take 1 s
+	rep, err := Run(w.ctx, sb, opt)
+	if err != nil {
+		t.Fatalf("gc on a slow store: %v (request sizes %v)", err, sb.sizes)
+	}
+	if rep.Deleted.Narinfos != 320 || !rep.Complete {
+		t.Fatalf("deleted %d narinfos, complete %v; want all 320", rep.Deleted.Narinfos, rep.Complete)
+	}
+	w.b.checkInvariant(t)
 }
