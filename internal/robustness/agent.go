@@ -31,14 +31,16 @@ type agent struct {
 	onAck  func(a *agent, path string, started time.Time)
 	onFail func(a *agent, path string, err error)
 
-	mu      sync.Mutex
-	running bool
-	cancel  context.CancelFunc
-	wg      sync.WaitGroup
-	up      *uploader.Uploader
-	q       *queue.Queue
-	jobs    chan string
-	pending map[string]bool // handed over and not acknowledged (survives a crash: the durable queue)
+	mu       sync.Mutex
+	running  bool
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+	up       *uploader.Uploader
+	q        *queue.Queue
+	jobs     chan string
+	pending  map[string]bool               // handed over and not acknowledged (survives a crash: the durable queue)
+	running_ map[string]context.CancelFunc // job path → cancels its upload (a drop)
+	ctx      context.Context
 }
 
 const agentWorkers = 4
@@ -77,7 +79,11 @@ func (a *agent) start() error {
 		q.Close()
 		return fmt.Errorf("agent %s: %w", a.name, err)
 	}
-	a.up, a.q, a.cancel, a.running = up, q, cancel, true
+	if err := up.RecoverUploads(ctx); err != nil {
+		a.log.Warn("recover uploads", "err", err)
+	}
+	a.up, a.q, a.cancel, a.running, a.ctx = up, q, cancel, true, ctx
+	a.running_ = map[string]context.CancelFunc{}
 	a.jobs = make(chan string, 4096)
 	if a.pending == nil {
 		a.pending = map[string]bool{}
@@ -143,7 +149,58 @@ func (a *agent) work(ctx context.Context, up *uploader.Uploader, jobs <-chan str
 	}
 }
 
+// drop drops the job for p, as `agentctl drop` does: its upload is
+// cancelled, and its resumable upload state is released.
+func (a *agent) drop(p string) bool {
+	a.mu.Lock()
+	if !a.running || !a.pending[p] {
+		a.mu.Unlock()
+		return false
+	}
+	delete(a.pending, p)
+	if cancel := a.running_[p]; cancel != nil {
+		cancel()
+	}
+	up, ctx := a.up, a.ctx
+	a.wg.Add(1)
+	a.mu.Unlock()
+	go func() {
+		defer a.wg.Done()
+		up.Discard(ctx, p)
+	}()
+	return true
+}
+
+// pushClosure pushes p's closure, as `agentctl push --closure` does: the
+// presence of all of it is asked in bulk first (a listing where that is
+// cheaper).
+func (a *agent) pushClosure(paths []string) {
+	a.mu.Lock()
+	up, ctx, running := a.up, a.ctx, a.running
+	a.mu.Unlock()
+	if running {
+		up.Prefetch(ctx, paths)
+	}
+	for _, p := range paths {
+		a.submit(p)
+	}
+}
+
 func (a *agent) upload(ctx context.Context, up *uploader.Uploader, p string) {
+	a.mu.Lock()
+	if !a.pending[p] || a.running_[p] != nil {
+		a.mu.Unlock()
+		return // dropped, or already being uploaded by another worker
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	a.running_[p] = cancel
+	a.mu.Unlock()
+	defer func() {
+		a.mu.Lock()
+		delete(a.running_, p)
+		a.mu.Unlock()
+		cancel()
+	}()
 	backoff := 20 * time.Millisecond
 	for ctx.Err() == nil {
 		started := time.Now()

@@ -40,14 +40,17 @@ type Semantics struct {
 	EstimateError time.Duration
 	// Latency is the upper bound of the random delay of each request.
 	Latency time.Duration
+	// MultipartExpiry is when the store's lifecycle rule aborts a
+	// multipart upload that was not completed.
+	MultipartExpiry time.Duration
 	// FaultRate is the probability that a request fails (429, 503, a
 	// timeout or a connection reset mid-body).
 	FaultRate float64
 }
 
 func (s Semantics) String() string {
-	return fmt.Sprintf("stamp-at-start=%v list-lag=%s if-none-match=%s if-match=%s skew=%s estimate-error=%s latency=%s faults=%.3f",
-		s.StampAtStart, s.ListLag, s.IfNoneMatch, s.IfMatch, s.ClockSkew, s.EstimateError, s.Latency, s.FaultRate)
+	return fmt.Sprintf("stamp-at-start=%v list-lag=%s if-none-match=%s if-match=%s skew=%s estimate-error=%s latency=%s faults=%.3f multipart-expiry=%s",
+		s.StampAtStart, s.ListLag, s.IfNoneMatch, s.IfMatch, s.ClockSkew, s.EstimateError, s.Latency, s.FaultRate, s.MultipartExpiry)
 }
 
 // drawSemantics picks a store's behaviour.
@@ -63,13 +66,14 @@ func drawSemantics(r *rand.Rand) Semantics {
 		}
 	}
 	s := Semantics{
-		StampAtStart:  r.IntN(2) == 0,
-		ListLag:       []time.Duration{0, 0, 50 * time.Millisecond, 300 * time.Millisecond}[r.IntN(4)],
-		IfNoneMatch:   cond(),
-		ClockSkew:     time.Duration(r.IntN(2001)-1000) * time.Millisecond,
-		EstimateError: time.Duration(r.IntN(1601)-800) * time.Millisecond,
-		Latency:       []time.Duration{0, time.Millisecond, 5 * time.Millisecond}[r.IntN(3)],
-		FaultRate:     []float64{0, 0.005, 0.02}[r.IntN(3)],
+		StampAtStart:    r.IntN(2) == 0,
+		ListLag:         []time.Duration{0, 0, 50 * time.Millisecond, 300 * time.Millisecond}[r.IntN(4)],
+		IfNoneMatch:     cond(),
+		ClockSkew:       time.Duration(r.IntN(2001)-1000) * time.Millisecond,
+		EstimateError:   time.Duration(r.IntN(1601)-800) * time.Millisecond,
+		Latency:         []time.Duration{0, time.Millisecond, 5 * time.Millisecond}[r.IntN(3)],
+		FaultRate:       []float64{0, 0.005, 0.02}[r.IntN(3)],
+		MultipartExpiry: []time.Duration{500 * time.Millisecond, 3 * time.Second, time.Hour}[r.IntN(3)],
 	}
 	// A store that refuses If-None-Match refuses If-Match too; a store may
 	// honour If-None-Match and still ignore If-Match.
@@ -105,6 +109,7 @@ type ObjectStore struct {
 	mu      sync.Mutex
 	objects map[string]*object
 	deleted map[string]tombstone
+	mp      uploads
 	etagSeq int64
 	rng     *rand.Rand // under mu
 
@@ -148,6 +153,7 @@ func newObjectStore(sem Semantics, seed uint64) *ObjectStore {
 		rng:     rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)),
 		faults:  map[string]int{},
 		history: map[string][]string{},
+		mp:      uploads{byID: map[string]*multipartUpload{}},
 		start:   time.Now(),
 	}
 }
@@ -525,3 +531,162 @@ var (
 	_ bucket.Clock        = (*Client)(nil)
 	_ bucket.BoundedClock = (*Client)(nil)
 )
+
+// multipartUpload is one multipart upload in progress on the server.
+type multipartUpload struct {
+	key     string
+	opts    bucket.PutOptions
+	parts   map[int][]byte
+	started time.Time
+	expires time.Time // the store's lifecycle rule aborts it then
+}
+
+// The multipart uploads of the store (under ObjectStore.mu).
+type uploads struct {
+	byID map[string]*multipartUpload
+	seq  int
+}
+
+func (s *ObjectStore) upload(id string) (*multipartUpload, error) {
+	u := s.mp.byID[id]
+	if u == nil {
+		return nil, fmt.Errorf("upload %s: NoSuchUpload: %w", id, bucket.ErrNotExist)
+	}
+	if time.Now().After(u.expires) {
+		delete(s.mp.byID, id)
+		s.faults["multipart-expired"]++
+		return nil, fmt.Errorf("upload %s: NoSuchUpload (expired): %w", id, bucket.ErrNotExist)
+	}
+	return u, nil
+}
+
+// StartMultipart implements bucket.Multipart.
+func (c *Client) StartMultipart(ctx context.Context, key string, opts bucket.PutOptions) (string, error) {
+	if err := c.begin(ctx, "start-multipart"); err != nil {
+		return "", err
+	}
+	c.s.mu.Lock()
+	defer c.s.mu.Unlock()
+	c.s.mp.seq++
+	id := fmt.Sprintf("upload-%d", c.s.mp.seq)
+	c.s.mp.byID[id] = &multipartUpload{key: key, opts: opts, parts: map[int][]byte{}, started: time.Now(),
+		expires: time.Now().Add(c.s.sem.MultipartExpiry)}
+	return id, nil
+}
+
+// ListParts implements bucket.Multipart.
+func (c *Client) ListParts(ctx context.Context, key, id string) ([]bucket.Part, error) {
+	if err := c.begin(ctx, "list-parts"); err != nil {
+		return nil, err
+	}
+	c.s.mu.Lock()
+	defer c.s.mu.Unlock()
+	u, err := c.s.upload(id)
+	if err != nil {
+		return nil, err
+	}
+	var out []bucket.Part
+	for n, data := range u.parts {
+		sum := md5.Sum(data)
+		out = append(out, bucket.Part{Number: n, ETag: hex.EncodeToString(sum[:]), Size: int64(len(data))})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Number < out[j].Number })
+	return out, nil
+}
+
+// PutPart implements bucket.Multipart.
+func (c *Client) PutPart(ctx context.Context, key, id string, n int, r io.Reader, size int64, wantMD5 []byte) (bucket.Part, error) {
+	if err := c.begin(ctx, "put-part"); err != nil {
+		return bucket.Part{}, err
+	}
+	data, err := io.ReadAll(io.LimitReader(r, size+1))
+	if err != nil {
+		return bucket.Part{}, fmt.Errorf("part %d: %w", n, errors.Join(err, bucket.ErrLocal))
+	}
+	if int64(len(data)) != size {
+		return bucket.Part{}, fmt.Errorf("part %d: %d bytes, want %d: %w", n, len(data), size, bucket.ErrPermanent)
+	}
+	sum := md5.Sum(data)
+	if wantMD5 != nil && !bytes.Equal(wantMD5, sum[:]) {
+		return bucket.Part{}, fmt.Errorf("part %d: BadDigest: %w", n, bucket.ErrPermanent)
+	}
+	c.s.mu.Lock()
+	defer c.s.mu.Unlock()
+	u, err := c.s.upload(id)
+	if err != nil {
+		return bucket.Part{}, err
+	}
+	u.parts[n] = data
+	return bucket.Part{Number: n, ETag: hex.EncodeToString(sum[:]), Size: size}, nil
+}
+
+// CompleteMultipart implements bucket.Multipart: the object becomes
+// visible at once, whole.
+func (c *Client) CompleteMultipart(ctx context.Context, key, id string, parts []bucket.Part) error {
+	if err := c.begin(ctx, "complete-multipart"); err != nil {
+		return err
+	}
+	c.s.mu.Lock()
+	u, err := c.s.upload(id)
+	if err != nil {
+		c.s.mu.Unlock()
+		return err
+	}
+	var body []byte
+	for _, p := range parts {
+		data, ok := u.parts[p.Number]
+		if !ok {
+			c.s.mu.Unlock()
+			return fmt.Errorf("complete %s: InvalidPart %d: %w", key, p.Number, bucket.ErrPermanent)
+		}
+		body = append(body, data...)
+	}
+	delete(c.s.mp.byID, id)
+	c.s.mu.Unlock()
+	_, err = c.Put(context.WithoutCancel(ctx), key, bytes.NewReader(body), int64(len(body)), bucket.PutOptions{ContentType: u.opts.ContentType, ContentEncoding: u.opts.ContentEncoding})
+	return err
+}
+
+// AbortMultipart implements bucket.Multipart.
+func (c *Client) AbortMultipart(ctx context.Context, key, id string) error {
+	if err := c.begin(ctx, "abort-multipart"); err != nil {
+		return err
+	}
+	c.s.mu.Lock()
+	delete(c.s.mp.byID, id)
+	c.s.mu.Unlock()
+	return nil
+}
+
+// ListUploads implements bucket.Multipart.
+func (c *Client) ListUploads(ctx context.Context, prefix string) ([]bucket.Upload, error) {
+	if err := c.begin(ctx, "list-uploads"); err != nil {
+		return nil, err
+	}
+	c.s.mu.Lock()
+	defer c.s.mu.Unlock()
+	var out []bucket.Upload
+	for id, u := range c.s.mp.byID {
+		if strings.HasPrefix(u.key, prefix) && time.Now().Before(u.expires) {
+			out = append(out, bucket.Upload{Key: u.key, UploadID: id, Initiated: u.started})
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].UploadID < out[j].UploadID })
+	return out, nil
+}
+
+var _ bucket.Multipart = (*Client)(nil)
+
+// openUploads counts multipart uploads neither completed, aborted nor
+// expired: what a store would bill for.
+func (s *ObjectStore) openUploads() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, u := range s.mp.byID {
+		if time.Now().Before(u.expires) {
+			n++
+		}
+	}
+	return n
+}

@@ -344,7 +344,31 @@ func (r *run) nemesisPhase(ctx context.Context) {
 				}
 				r.push(a, p)
 			}
-		case n < 82:
+		case n < 86:
+			r.count("drop")
+			a.mu.Lock()
+			var victim string
+			for p := range a.pending {
+				victim = p
+				break
+			}
+			a.mu.Unlock()
+			if victim != "" && a.drop(victim) && r.rng.IntN(2) == 0 {
+				r.sleep(ctx, time.Duration(r.rng.IntN(300))*time.Millisecond)
+				r.count("re-request")
+				r.push(a, victim)
+			}
+		case n < 90:
+			r.count("push-closure")
+			top := r.nix.paths[len(r.nix.paths)/2+r.rng.IntN(len(r.nix.paths)/2)]
+			cl := r.nix.closure(top)
+			r.mu.Lock()
+			for _, p := range cl {
+				r.pushed[p] = true
+			}
+			r.mu.Unlock()
+			a.pushClosure(cl)
+		case n < 93:
 			r.count("rebuild-grown")
 			for _, p := range r.nix.paths {
 				if r.nix.isGrown(p) {
@@ -403,6 +427,17 @@ func (r *run) drain(ctx context.Context) {
 		if n := a.pendingCount(); n > 0 {
 			r.store.violate("%s still has %d paths unacknowledged %s after the nemeses stopped", a.name, n, r.cfg.Drain)
 		}
+	}
+	for _, a := range r.agents {
+		a.mu.Lock()
+		q := a.q
+		a.mu.Unlock()
+		if recs, err := q.Uploads(); err == nil && len(recs) > 0 {
+			r.store.violate("%s keeps %d resume records after every job ended", a.name, len(recs))
+		}
+	}
+	if n := r.store.openUploads(); n > 0 {
+		r.store.violate("%d multipart uploads left open after every job ended", n)
 	}
 	snap := r.store.Snapshot()
 	for _, p := range structure(snap) {
