@@ -187,8 +187,8 @@ func (a *Agent) doctorGCStore(ctx context.Context, add func(name, status, detail
 		add("gc store checks", "warn", err.Error(), "")
 		return
 	}
-	detail := fmt.Sprintf("store clock known to within %s; If-None-Match honoured: %v; If-Match honoured: %v",
-		sc.ClockBound.Round(time.Millisecond), sc.IfNoneMatch, sc.IfMatch)
+	detail := fmt.Sprintf("store clock known to within %s; If-None-Match honoured: %v; If-Match honoured: %v; listings lag %s",
+		sc.ClockBound.Round(time.Millisecond), sc.IfNoneMatch, sc.IfMatch, sc.ListLag.Round(time.Millisecond))
 	if p := sc.Problem(a.cfg.GCGrace); p != "" {
 		add("gc store checks", "warn", detail, p)
 		return

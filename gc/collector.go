@@ -327,6 +327,15 @@ func (c *collector) run(ctx context.Context) error {
 			}
 			return fmt.Errorf("gc: %w", err)
 		}
+		// The sweep's listing must show what was written before the
+		// danger zone began (docs/gc.md, "Assumptions").
+		lag, err := MeasureListLag(ctx, c.b)
+		if err != nil {
+			return fmt.Errorf("gc: %w", err)
+		}
+		if max := maxListLag(c.tm); lag >= max {
+			return fmt.Errorf("gc: %w", &ListLagError{Lag: lag, Max: max})
+		}
 		rec := leaseRecord{Holder: opt.Agent + "/" + newCycleID(time.Now()), Agent: opt.Agent, Host: opt.Host, TTL: opt.LeaseTTL}
 		if c.lease, err = acquireLease(ctx, c.b, opt.Clock, rec, cond); err != nil {
 			return fmt.Errorf("gc: %w", err)

@@ -693,3 +693,54 @@ func TestSlowDeletesShrinkTheBatch(t *testing.T) {
 	}
 	w.b.checkInvariant(t)
 }
+
+// laggingList hides objects from listings for lag after they were
+// written, as an eventually consistent listing does.
+type laggingList struct {
+	*memBucket
+	lag     time.Duration
+	written map[string]time.Time
+}
+
+func (l *laggingList) Put(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) (bucket.Info, error) {
+	l.written[key] = time.Now()
+	return l.memBucket.Put(ctx, key, r, size, opts)
+}
+
+func (l *laggingList) List(ctx context.Context, o bucket.ListOptions, fn func(bucket.Object) error) error {
+	return l.memBucket.List(ctx, o, func(obj bucket.Object) error {
+		if time.Since(l.written[obj.Key]) < l.lag {
+			return nil
+		}
+		return fn(obj)
+	})
+}
+
+// TestRefusesLaggingListings: the sweep's listing must show what agents
+// wrote before the danger zone; a store whose listings lag by half a
+// margin or more is refused before anything is written, and the lag is
+// what CheckStore reports.
+func TestRefusesLaggingListings(t *testing.T) {
+	w := newWorld(t)
+	oldAndNew(w)
+	b := &laggingList{memBucket: w.b, lag: 800 * time.Millisecond, written: map[string]time.Time{}}
+	opt := w.opts()
+	opt.Grace = 8 * time.Second // margin 2 s: less than 0.5 s of lag
+	before := w.b.keys()
+	_, err := Run(w.ctx, b, opt)
+	var le *ListLagError
+	if !errors.As(err, &le) || !errors.Is(err, ErrStoreUnfit) {
+		t.Fatalf("gc with listings 0.8 s behind = %v, want a ListLagError", err)
+	}
+	if after := w.b.keys(); !slices.Equal(before, after) {
+		t.Fatalf("the bucket changed:\nbefore %v\nafter  %v", before, after)
+	}
+	sc, err := CheckStore(w.ctx, b)
+	if err != nil || sc.ListLag < 700*time.Millisecond || sc.Problem(opt.Grace) == "" {
+		t.Fatalf("CheckStore: lag %v, problem %q, err %v", sc.ListLag, sc.Problem(opt.Grace), err)
+	}
+	b.lag = 0
+	if sc, err := CheckStore(w.ctx, b); err != nil || sc.ListLag > 300*time.Millisecond {
+		t.Fatalf("CheckStore on consistent listings: lag %v, err %v", sc.ListLag, err)
+	}
+}
