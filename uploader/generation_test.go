@@ -190,3 +190,61 @@ func TestSucceedKeepsTheReplacement(t *testing.T) {
 		t.Fatal("the old node's success removed its replacement from the graph")
 	}
 }
+
+// heldStat answers the first Stat of key as it stood when the request
+// arrived, but only once released: an answer delayed past a reset.
+type heldStat struct {
+	bucket.Bucket
+	key     string
+	arrived chan struct{}
+	release chan struct{}
+	armed   atomic.Bool
+}
+
+func (b *heldStat) Stat(ctx context.Context, key string) (bucket.Info, error) {
+	if key != b.key || !b.armed.CompareAndSwap(true, false) {
+		return b.Bucket.Stat(ctx, key)
+	}
+	info, err := b.Bucket.Stat(ctx, key)
+	close(b.arrived)
+	<-b.release
+	return info, err
+}
+
+// TestAnswerFromBeforeResetIsNotShared: a job that joins a presence
+// question asked before a reset was noticed must not take its answer
+// ("present") for the cache as it is now.
+func TestAnswerFromBeforeResetIsNotShared(t *testing.T) {
+	w := newWorld(t, 1, chain, size(100))
+	hb := &heldStat{Bucket: w.b, key: hashFor(0) + ".narinfo", arrived: make(chan struct{}), release: make(chan struct{})}
+	u := w.uploader(Options{Bucket: hb})
+	ctx := context.Background()
+	if _, err := u.Upload(ctx, w.paths[0]); err != nil {
+		t.Fatal(err)
+	}
+	u.presence.reset() // nothing known: the next check asks
+	hb.armed.Store(true)
+	first := make(chan []string)
+	go func() {
+		missing, _ := u.CheckPresence(ctx, []string{w.paths[0]})
+		first <- missing
+	}()
+	<-hb.arrived // the HEAD saw the narinfo; its answer is on its way
+	w.wipe()
+	if err := u.CheckGeneration(ctx); err != nil { // the reset is noticed
+		t.Fatal(err)
+	}
+	joined := make(chan struct{})
+	u.presence.joined = func() { close(joined) }
+	second := make(chan []string)
+	go func() {
+		missing, _ := u.CheckPresence(ctx, []string{w.paths[0]})
+		second <- missing
+	}()
+	<-joined // the second check waits for the first one's answer
+	close(hb.release)
+	<-first
+	if missing := <-second; len(missing) != 1 {
+		t.Fatal("a presence answer asked before the reset was taken for the cache after it")
+	}
+}

@@ -86,11 +86,15 @@ type presence struct {
 	// unlistable: listing the bucket failed for good (a cache URL that
 	// names the bucket inside endpoint=); presence is asked by HEAD only.
 	unlistable atomic.Bool
+	// joined, if set (tests), is called when a check joins questions
+	// another caller asked.
+	joined func()
 }
 
 type pendingCheck struct {
 	done    chan struct{}
 	present bool
+	gen     uint64 // the generation the question was asked in
 	err     error
 }
 
@@ -402,6 +406,9 @@ func (pr *presence) check(ctx context.Context, paths []string) (missing []string
 		mine = append(mine, p)
 	}
 	pr.mu.Unlock()
+	if len(wait) > 0 && pr.joined != nil {
+		pr.joined()
+	}
 
 	gen, asked := pr.gen.Load(), time.Now()
 	found, err := pr.ask(ctx, mine)
@@ -411,13 +418,17 @@ func (pr *presence) check(ctx context.Context, paths []string) (missing []string
 		foundSet[p] = true
 	}
 	pr.mu.Lock()
+	// An answer that describes the cache before a reset noticed meanwhile
+	// says nothing about the cache now: such paths count as missing (an
+	// upload of a path that is there after all costs a create-only write).
+	stale := pr.gen.Load() != gen
 	for _, p := range mine {
 		h := storepath.HashPart(p)
 		pc := pr.pending[h]
 		delete(pr.pending, h)
-		pc.present, pc.err = foundSet[p], err
+		pc.present, pc.gen, pc.err = foundSet[p], gen, err
 		close(pc.done)
-		if err == nil && !foundSet[p] {
+		if err == nil && (!foundSet[p] || stale) {
 			missing = append(missing, p)
 		}
 	}
@@ -434,7 +445,7 @@ func (pr *presence) check(ctx context.Context, paths []string) (missing []string
 		if pc.err != nil {
 			return nil, pc.err
 		}
-		if !pc.present {
+		if !pc.present || pc.gen != pr.gen.Load() {
 			missing = append(missing, waitPaths[i])
 		}
 	}
@@ -484,7 +495,7 @@ func (pr *presence) prefetch(ctx context.Context, paths []string, before func() 
 			h := storepath.HashPart(p)
 			pc := pr.pending[h]
 			delete(pr.pending, h)
-			pc.present, pc.err = foundSet[p], err
+			pc.present, pc.gen, pc.err = foundSet[p], gen, err
 			close(pc.done)
 			if err == nil && !foundSet[p] {
 				missing++
