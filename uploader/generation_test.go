@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/storepath"
 )
 
@@ -182,7 +183,7 @@ func TestSucceedKeepsTheReplacement(t *testing.T) {
 		t.Fatalf("want a replacement node, got %p and %p", a, b)
 	}
 	now := time.Now()
-	g.succeed(a, now, now)
+	g.succeed(a, now, now, true)
 	g.mu.Lock()
 	cur := g.nodes[w.paths[0]]
 	g.mu.Unlock()
@@ -246,5 +247,44 @@ func TestAnswerFromBeforeResetIsNotShared(t *testing.T) {
 	<-first
 	if missing := <-second; len(missing) != 1 {
 		t.Fatal("a presence answer asked before the reset was taken for the cache after it")
+	}
+}
+
+// TestYoungCacheRepairsNarinfoWithoutNAR: shortly after a reset, a
+// dependency's narinfo is there but its NAR is not (written across the
+// reset by an agent that crashed before it repaired it). An upload that
+// needs it finds that out, uploads the NAR again, and keeps the narinfo;
+// the check costs nothing the second time in the same generation.
+func TestYoungCacheRepairsNarinfoWithoutNAR(t *testing.T) {
+	w := newWorld(t, 3, chain, size(100))
+	ctx := context.Background()
+	first := w.uploader(Options{})
+	if _, err := first.Upload(ctx, w.paths[1]); err != nil {
+		t.Fatal(err)
+	}
+	data, _, err := w.fb.Get(ctx, hashFor(0)+".narinfo", 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ni, err := cachefmt.ParseNarInfo(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.fb.Delete(ctx, ni.URL); err != nil { // the NAR went with a reset
+		t.Fatal(err)
+	}
+	u := w.uploader(Options{})
+	if _, err := u.Upload(ctx, w.paths[2]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.fb.Stat(ctx, ni.URL); err != nil {
+		t.Fatalf("the missing NAR of p0 was not uploaded again: %v", err)
+	}
+	gets := w.b.gets.Load()
+	if _, err := u.Upload(ctx, w.paths[2]); err != nil {
+		t.Fatal(err)
+	}
+	if n := w.b.gets.Load() - gets; n > 2 {
+		t.Fatalf("the second upload in the same generation read %d objects; the closure was verified already", n)
 	}
 }

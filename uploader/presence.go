@@ -70,6 +70,9 @@ type presence struct {
 	// write of theirs (or the finding that another writer's is there) is
 	// confirmed in the current generation.
 	unsure map[string]bool
+	// verifiedNAR holds hashes whose narinfo was checked to name a NAR
+	// that is there, in this generation (see Uploader.verifyPresent).
+	verifiedNAR map[string]bool
 	// gen counts resets seen by this process; entries of known belong to
 	// the current one.
 	gen     atomic.Uint64
@@ -100,7 +103,7 @@ type pendingCheck struct {
 
 func newPresence(u *Uploader) *presence {
 	return &presence{u: u, known: map[string]int64{}, pending: map[string]*pendingCheck{}, absent: map[string]time.Time{},
-		forgotten: map[string]time.Time{}, unsure: map[string]bool{}}
+		forgotten: map[string]time.Time{}, unsure: map[string]bool{}, verifiedNAR: map[string]bool{}}
 }
 
 // seen reports whether the cache is known to hold p's narinfo, whether or
@@ -206,6 +209,24 @@ func (pr *presence) doubt(paths []string) {
 	}
 }
 
+// verified reports whether p's narinfo was checked to name a NAR that is
+// there, in this generation.
+func (pr *presence) verified(p string) bool {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	return pr.verifiedNAR[storepath.HashPart(p)]
+}
+
+// markVerified records that p's narinfo names a NAR that is there, found
+// by a check begun in generation gen.
+func (pr *presence) markVerified(p string, gen uint64) {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	if pr.gen.Load() == gen && len(pr.verifiedNAR) < maxPresent {
+		pr.verifiedNAR[storepath.HashPart(p)] = true
+	}
+}
+
 // settled clears p's doubt: its narinfo write was just confirmed.
 func (pr *presence) settled(p string) {
 	pr.mu.Lock()
@@ -228,6 +249,7 @@ func (pr *presence) reset() error {
 	pr.gen.Add(1)
 	pr.known = map[string]int64{}
 	pr.absent = map[string]time.Time{}
+	pr.verifiedNAR = map[string]bool{}
 	identity := pr.identity
 	pr.mu.Unlock()
 	if ps := pr.u.opt.Presence; ps != nil && identity != "" {

@@ -81,7 +81,15 @@ func (u *Uploader) partialFile(storePath string) string {
 // attempt (after a crash, a restart or a transient error) continues from
 // the parts the server already holds, checked against their MD5 ETags.
 func (u *Uploader) uploadResumable(ctx context.Context, info *nixstore.PathInfo, mp bucket.Multipart) (*narinfo.NarInfo, uint64, error) {
-	defer u.resuming.start(info.Path)()
+	// One upload of a path at a time: a node replacing a cancelled one
+	// waits for the old upload to wind down, so that the two never share
+	// the record and the kept file (one could save the record again after
+	// the other completed and deleted it).
+	release, err := u.resuming.exclusive(ctx, info.Path)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer release()
 	rec, listing, err := u.resumeOrPrepare(ctx, info, mp)
 	if err != nil || rec == nil {
 		return nil, 0, err
@@ -398,10 +406,8 @@ type resumeRun struct {
 	idle chan struct{} // closed when n drops to zero
 }
 
-// start registers an upload of p; the function it returns ends it.
-func (w *resumeWork) start(p string) func() {
-	w.mu.Lock()
-	defer w.mu.Unlock()
+// startLocked registers an upload of p; the function it returns ends it.
+func (w *resumeWork) startLocked(p string) func() {
 	if w.runs == nil {
 		w.runs = map[string]*resumeRun{}
 	}
@@ -418,6 +424,41 @@ func (w *resumeWork) start(p string) func() {
 			close(r.idle)
 			delete(w.runs, p)
 		}
+	}
+}
+
+// exclusive waits until no upload of p runs, then registers one; the
+// function it returns ends it.
+func (w *resumeWork) exclusive(ctx context.Context, p string) (func(), error) {
+	for {
+		w.mu.Lock()
+		r := w.runs[p]
+		if r == nil {
+			end := w.startLocked(p)
+			w.mu.Unlock()
+			return end, nil
+		}
+		w.mu.Unlock()
+		select {
+		case <-r.idle:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// releaseIfPresent drops p's resumable upload state once p is known to
+// be in the cache and no upload of it runs: the record of an upload that a
+// crash interrupted and another writer then completed is never used
+// again.
+func (u *Uploader) releaseIfPresent(ctx context.Context, p string) {
+	mp, ok := u.opt.Bucket.(bucket.Multipart)
+	if !ok || u.opt.Resume == nil || u.resuming.running(p) {
+		return
+	}
+	if rec := u.loadRecord(p); rec != nil {
+		u.log.Info("releasing the resumable upload of a path already in the cache", "path", p)
+		u.discardRecord(ctx, p, rec, mp, true)
 	}
 }
 

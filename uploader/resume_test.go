@@ -591,3 +591,68 @@ func TestRecoverReleasesStaleRecords(t *testing.T) {
 		t.Errorf("aborted %v, want %v", got, aborted)
 	}
 }
+
+// TestRecordReleasedWhenAnotherWriterCompleted: an upload interrupted by a
+// crash leaves its resume record; another machine then uploads the path.
+// The next push of it finds it in the cache and must release the record,
+// the kept file and the multipart upload, which nothing would use again.
+func TestRecordReleasedWhenAnotherWriterCompleted(t *testing.T) {
+	f := newFixture(t, nil)
+	mp := &fakeMultipart{Bucket: f.rec}
+	rs := &memResume{}
+	f.interrupt(t, mp, rs, "zstd")
+	other := f.resumableUploader(t, &fakeMultipart{Bucket: f.rec}, &memResume{}, "zstd")
+	if _, err := other.Upload(context.Background(), f.path(0)); err != nil {
+		t.Fatal(err)
+	}
+	u := f.resumableUploader(t, mp, rs, "zstd")
+	if _, err := u.Upload(context.Background(), f.path(0)); err != nil {
+		t.Fatal(err)
+	}
+	if recs, _ := rs.Uploads(); len(recs) != 0 {
+		t.Fatalf("resume records left: %d", len(recs))
+	}
+	if got := mp.abortedKeys(); len(got) != 1 {
+		t.Fatalf("aborted uploads = %v, want the interrupted one", got)
+	}
+	if kept, _ := filepath.Glob(filepath.Join(f.dir, "tmp", "nar-*"+partialSuffix)); len(kept) != 0 {
+		t.Fatalf("kept files left: %v", kept)
+	}
+}
+
+// TestOneResumableUploadOfAPathAtATime: a second upload of a path (a node
+// that replaced a cancelled one) waits until the first has wound down, so
+// the two never share the record and the kept file.
+func TestOneResumableUploadOfAPathAtATime(t *testing.T) {
+	var w resumeWork
+	ctx := context.Background()
+	end1, err := w.exclusive(ctx, "p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	second := make(chan func())
+	go func() {
+		end2, _ := w.exclusive(ctx, "p")
+		second <- end2
+	}()
+	other, err := w.exclusive(ctx, "q") // another path does not wait
+	if err != nil {
+		t.Fatal(err)
+	}
+	other()
+	select {
+	case <-second:
+		t.Fatal("a second upload of the same path started while the first ran")
+	case <-time.After(50 * time.Millisecond):
+	}
+	end1()
+	select {
+	case end2 := <-second:
+		end2()
+	case <-time.After(10 * time.Second):
+		t.Fatal("the second upload did not start once the first ended")
+	}
+	if w.running("p") {
+		t.Fatal("still registered after both ended")
+	}
+}

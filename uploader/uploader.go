@@ -66,10 +66,12 @@ import (
 	"time"
 
 	"github.com/nix-community/go-nix/pkg/narinfo/signature"
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/sync/semaphore"
 	"golang.org/x/sync/singleflight"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/cacheurl"
 	"github.com/nixspool/nixspool/nixstore"
 	"github.com/nixspool/nixspool/storepath"
@@ -401,6 +403,7 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		if err != nil {
 			return Result{}, err
 		}
+		u.releaseIfPresent(ctx, path)
 		return Result{Realisations: n}, u.settle(ctx, gen, time.Now(), nil)
 	}
 	missing, err := u.presence.check(ctx, []string{path})
@@ -425,6 +428,7 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		if err != nil {
 			return Result{}, err
 		}
+		u.releaseIfPresent(ctx, path)
 		return Result{Realisations: n}, u.settle(ctx, gen, time.Now(), nil)
 	}
 	closure, err := u.opt.Store.Closure(ctx, path)
@@ -447,6 +451,24 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	missingDeps, err := u.presence.check(ctx, deps)
 	if err != nil {
 		return Result{}, err
+	}
+	if young {
+		// Narinfos written across a reset may lack their NAR: the paths
+		// found present are checked (once per generation), and those
+		// lacking it are uploaded again.
+		broken, err := u.verifyPresent(ctx, closure, append(missingDeps, missing...))
+		if err != nil {
+			return Result{}, err
+		}
+		if len(broken) > 0 {
+			u.presence.doubt(broken)
+			missingDeps = append(missingDeps, broken...)
+			for _, b := range broken {
+				if b == path {
+					missing = append(missing, b)
+				}
+			}
+		}
 	}
 	want := map[string]bool{}
 	if len(missing) > 0 {
@@ -488,12 +510,78 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 			return res, err
 		}
 		res.Realisations += n
+		u.releaseIfPresent(ctx, path)
 	}
 	var wrote []string
 	for _, n := range interest {
 		wrote = append(wrote, n.info.Path)
 	}
 	return res, u.settle(ctx, gen, time.Now(), wrote)
+}
+
+// verifyPresent checks, for the paths of closure not in absent (and not
+// upstream), that the narinfo names a NAR object of the size it claims,
+// once per generation per path, and returns the paths where it does not.
+func (u *Uploader) verifyPresent(ctx context.Context, closure []*nixstore.PathInfo, absent []string) ([]string, error) {
+	skip := make(map[string]bool, len(absent))
+	for _, p := range absent {
+		skip[p] = true
+	}
+	var mu sync.Mutex
+	var broken []string
+	gen := u.presence.gen.Load()
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(16)
+	for _, info := range closure {
+		p := info.Path
+		if skip[p] || u.isUpstream(info) || u.presence.verified(p) {
+			continue
+		}
+		g.Go(func() error {
+			ok, err := u.narinfoComplete(gctx, p)
+			if err != nil {
+				return err
+			}
+			if !ok {
+				mu.Lock()
+				broken = append(broken, p)
+				mu.Unlock()
+				return nil
+			}
+			u.presence.markVerified(p, gen)
+			return nil
+		})
+	}
+	return broken, g.Wait()
+}
+
+// narinfoComplete reports whether p's narinfo is in the cache, parses,
+// and names a NAR object of the size it claims.
+func (u *Uploader) narinfoComplete(ctx context.Context, p string) (bool, error) {
+	data, info, err := u.opt.Bucket.Get(ctx, narinfoKey(p), cachefmt.MaxNarinfoSize)
+	if bucket.IsNotExist(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("read narinfo of %s: %w", p, err)
+	}
+	plain, err := cachefmt.DecodeContentEncoding(info.ContentEncoding, data)
+	if err != nil {
+		return false, nil
+	}
+	ni, err := cachefmt.ParseNarInfo(plain)
+	if err != nil {
+		return false, nil
+	}
+	st, err := u.opt.Bucket.Stat(ctx, ni.URL)
+	switch {
+	case bucket.IsNotExist(err):
+		u.log.Warn("narinfo in the cache names a NAR that is not there (written across a reset); uploading the path again", "path", p, "nar", ni.URL)
+		return false, nil
+	case err != nil:
+		return false, fmt.Errorf("check NAR of %s: %w", p, err)
+	}
+	return ni.FileSize < 0 || st.Size == ni.FileSize, nil
 }
 
 // youngCache is how long after its creation or reset a cache's narinfos
@@ -614,7 +702,7 @@ func (u *Uploader) runNarinfo(n *node) {
 	} else {
 		u.log.Info("narinfo already in the cache (another writer); kept it", "path", n.info.Path)
 	}
-	u.graph.succeed(n, started, time.Now())
+	u.graph.succeed(n, started, time.Now(), wrote)
 }
 
 // CheckPresence asks the cache which of paths have a narinfo and returns

@@ -128,7 +128,7 @@ type ObjectStore struct {
 
 // note records an event of key (under mu).
 func (s *ObjectStore) note(key, format string, args ...any) {
-	if !strings.HasSuffix(key, ".narinfo") {
+	if !strings.HasSuffix(key, ".narinfo") && !strings.HasPrefix(key, "nar/") {
 		return
 	}
 	h := append(s.history[key], fmt.Sprintf("%s +%s: ", key, time.Since(s.start).Round(time.Millisecond))+fmt.Sprintf(format, args...))

@@ -47,6 +47,7 @@ import (
 
 	"github.com/nix-community/go-nix/pkg/narinfo/signature"
 
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/gc"
 	"github.com/nixspool/nixspool/storepath"
 )
@@ -234,6 +235,15 @@ func (r *run) acked(a *agent, p string, started time.Time) {
 	r.store.violate("%s acknowledged %s (upload began %s ago) but the bucket lacks %d paths of its closure, e.g. %s; last reset %s, last generation check %s; history: %s",
 		a.name, p, time.Since(started).Round(time.Millisecond), len(missing), missing[0], ago(r.store.lastReset()), ago(confirmed),
 		strings.Join(r.store.History(storepath.HashPart(missing[0])+".narinfo"), "; "))
+}
+
+// explain gives the recorded history of a narinfo key and of its NAR.
+func (r *run) explain(snap map[string][]byte, key string) string {
+	h := r.store.History(key)
+	if ni, err := cachefmt.ParseNarInfo(snap[key]); err == nil {
+		h = append(h, r.store.History(ni.URL)...)
+	}
+	return strings.Join(h, "; ")
 }
 
 func ago(t time.Time) string {
@@ -433,7 +443,12 @@ func (r *run) drain(ctx context.Context) {
 		q := a.q
 		a.mu.Unlock()
 		if recs, err := q.Uploads(); err == nil && len(recs) > 0 {
-			r.store.violate("%s keeps %d resume records after every job ended", a.name, len(recs))
+			var paths []string
+			for p := range recs {
+				paths = append(paths, filepath.Base(p))
+			}
+			sort.Strings(paths)
+			r.store.violate("%s keeps %d resume records after every job ended: %v", a.name, len(recs), paths)
 		}
 	}
 	if n := r.store.openUploads(); n > 0 {
@@ -441,7 +456,7 @@ func (r *run) drain(ctx context.Context) {
 	}
 	snap := r.store.Snapshot()
 	for _, p := range structure(snap) {
-		r.store.violate("final bucket: %s", p)
+		r.store.violate("final bucket: %s; history: %s", p, r.explain(snap, p.key))
 	}
 	for _, p := range all {
 		if missing := closureProblems(snap, r.nix.closure(p)); len(missing) > 0 {
