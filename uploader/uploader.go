@@ -15,7 +15,10 @@
 //     and an upload counts as done only after one more such question,
 //     sent after its last write (settle). Narinfos an upload wrote into a
 //     cache that turned out to be reset are doubted and put back in order
-//     by the retry. With a garbage collector at work, nothing a narinfo
+//     by the retry; in a cache created or reset less than youngCache ago,
+//     a closure's present narinfos are checked to name a NAR that is there
+//     (once per generation), in case their writer crashed before it could
+//     repair them. With a garbage collector at work, nothing a narinfo
 //     relies on may be about to be deleted (Guard);
 //   - a NAR whose streamed hash differs from the store's NarHash is never
 //     uploaded (a permanent error naming both hashes), and a NAR stream is
