@@ -46,7 +46,8 @@ type Agent struct {
 	realiser   *realisation.Realiser
 	roots      *gcroots.Roots
 	listener   net.Listener
-	sockGID    int // group allowed to mutate; -1 if none besides root/own uid
+	conns      *connLimits // set by serve unless a test set it
+	sockGID    int         // group allowed to mutate; -1 if none besides root/own uid
 	started    time.Time
 	now        func() time.Time
 
