@@ -45,6 +45,7 @@ type Agent struct {
 	uploader   *uploader.Uploader
 	realiser   *realisation.Realiser
 	roots      *gcroots.Roots
+	rootsMu    sync.RWMutex // enqueues hold it shared; unroot exclusively
 	listener   net.Listener
 	conns      *connLimits // set by serve unless a test set it
 	sockGID    int         // group allowed to mutate; -1 if none besides root/own uid

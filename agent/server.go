@@ -309,7 +309,7 @@ func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer, pro
 		if err != nil {
 			return &protocol.Response{Error: err.Error()}
 		}
-		if err := a.roots.Remove(j.Path); err != nil {
+		if err := a.unroot(j.Path); err != nil {
 			a.log.Warn("remove gc root", "path", j.Path, "err", err)
 		}
 		// A job being uploaded is stopped; its worker discards the
@@ -446,10 +446,13 @@ func (a *Agent) enqueue(ctx context.Context, paths []string, drv string) ([]prot
 	if err := a.checkPaths(ctx, paths); err != nil {
 		return nil, err
 	}
+	a.rootsMu.RLock() // see unroot
 	rooted := make(chan error, 1)
 	go func() { rooted <- a.roots.AddAll(paths) }()
 	res, err := a.queue.Enqueue(paths, drv, a.now())
-	if rerr := <-rooted; err == nil && rerr != nil {
+	rerr := <-rooted
+	a.rootsMu.RUnlock()
+	if err == nil && rerr != nil {
 		err = fmt.Errorf("queued, but not protected from garbage collection: %w", rerr)
 	}
 	if err != nil {
