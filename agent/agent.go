@@ -45,8 +45,10 @@ type Agent struct {
 	uploader   *uploader.Uploader
 	realiser   *realisation.Realiser
 	roots      *gcroots.Roots
+	rootsMu    sync.RWMutex // enqueues hold it shared; unroot exclusively
 	listener   net.Listener
-	sockGID    int // group allowed to mutate; -1 if none besides root/own uid
+	conns      *connLimits // set by serve unless a test set it
+	sockGID    int         // group allowed to mutate; -1 if none besides root/own uid
 	started    time.Time
 	now        func() time.Time
 

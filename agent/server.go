@@ -9,6 +9,7 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -27,7 +28,16 @@ const prefetchAbove = 64
 // sends slowly) cannot hold a handler for longer.
 const connDeadline = 10 * time.Second
 
+// serve accepts connections until the listener closes, within the
+// connection limits (a connection over them gets a one-line refusal), and
+// returns once every request it took has been handled: they use the queue,
+// which is closed after serve returns.
 func (a *Agent) serve(ctx context.Context) {
+	if a.conns == nil {
+		a.conns = newConnLimits(maxConns, maxConnsPerUID, largeRequests)
+	}
+	var handlers sync.WaitGroup
+	defer handlers.Wait()
 	for {
 		c, err := a.listener.Accept()
 		if err != nil {
@@ -38,8 +48,33 @@ func (a *Agent) serve(ctx context.Context) {
 			time.Sleep(100 * time.Millisecond)
 			continue
 		}
-		go a.handle(ctx, c)
+		p := peerOf(c)
+		release, refusal := a.conns.admit(p)
+		if refusal != "" {
+			a.log.Warn("connection refused", "reason", refusal, "peer_uid", p.uid, "peer_pid", p.pid)
+			refuse(c, refusal)
+			continue
+		}
+		handlers.Add(1)
+		go func() {
+			defer handlers.Done()
+			defer release()
+			a.handle(ctx, c, p)
+		}()
 	}
+}
+
+// refuse answers a connection over the limits with reason and closes it,
+// without reading its request. The write goes to an empty socket buffer;
+// its short deadline only guards the accept loop against the unexpected.
+func refuse(c net.Conn, reason string) {
+	defer c.Close()
+	b, err := protocol.Encode(&protocol.Response{V: protocol.Version, Error: reason})
+	if err != nil {
+		return
+	}
+	c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+	c.Write(b)
 }
 
 type peer struct {
@@ -98,7 +133,7 @@ func (a *Agent) mayMutate(p peer) bool {
 	return false
 }
 
-func (a *Agent) handle(ctx context.Context, c net.Conn) {
+func (a *Agent) handle(ctx context.Context, c net.Conn, p peer) {
 	defer c.Close()
 	defer func() {
 		// A bug in one request's handling must not take agentd down: the
@@ -111,9 +146,8 @@ func (a *Agent) handle(ctx context.Context, c net.Conn) {
 			}
 		}
 	}()
-	c.SetDeadline(time.Now().Add(connDeadline))
-	p := peerOf(c)
-	req, err := protocol.ReadRequest(c)
+	req, release, err := a.readRequest(ctx, c)
+	defer release()
 	var resp *protocol.Response
 	if err != nil {
 		a.log.Warn("bad request", "err", err, "peer_uid", p.uid, "peer_pid", p.pid)
@@ -131,6 +165,23 @@ func (a *Agent) handle(ctx context.Context, c net.Conn) {
 	if err != nil {
 		a.log.Debug("write reply", "err", err)
 	}
+}
+
+// readRequest reads the connection's request within connDeadline. A
+// request over protocol.SmallRequestSize waits (within the same deadline)
+// for one of the slots for large requests; the slot is held until the
+// connection is done (the caller calls release), as the decoded request is
+// about as large. Shutdown ends a read that waits on the client.
+func (a *Agent) readRequest(ctx context.Context, c net.Conn) (req *protocol.Request, release func(), err error) {
+	deadline := time.Now().Add(connDeadline)
+	c.SetDeadline(deadline)
+	rctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Now()) })
+	defer stop()
+	grow, release := a.conns.growRequest(rctx)
+	req, err = protocol.ReadRequestGrowing(c, grow)
+	return req, release, err
 }
 
 // progressWriter returns the function long operations report progress
@@ -258,7 +309,7 @@ func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer, pro
 		if err != nil {
 			return &protocol.Response{Error: err.Error()}
 		}
-		if err := a.roots.Remove(j.Path); err != nil {
+		if err := a.unroot(j.Path); err != nil {
 			a.log.Warn("remove gc root", "path", j.Path, "err", err)
 		}
 		// A job being uploaded is stopped; its worker discards the
@@ -395,10 +446,13 @@ func (a *Agent) enqueue(ctx context.Context, paths []string, drv string) ([]prot
 	if err := a.checkPaths(ctx, paths); err != nil {
 		return nil, err
 	}
+	a.rootsMu.RLock() // see unroot
 	rooted := make(chan error, 1)
 	go func() { rooted <- a.roots.AddAll(paths) }()
 	res, err := a.queue.Enqueue(paths, drv, a.now())
-	if rerr := <-rooted; err == nil && rerr != nil {
+	rerr := <-rooted
+	a.rootsMu.RUnlock()
+	if err == nil && rerr != nil {
 		err = fmt.Errorf("queued, but not protected from garbage collection: %w", rerr)
 	}
 	if err != nil {

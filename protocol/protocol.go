@@ -7,8 +7,18 @@
 // A client connects to agentd's unix socket, writes exactly one request, and
 // reads exactly one response; then both sides close. A request and a response
 // are each one JSON object followed by a newline ("\n"). A request may be at
-// most MaxRequestSize bytes including the newline; agentd answers a longer,
-// truncated or malformed request with an error response and closes.
+// most MaxRequestSize bytes (1 MiB, room for about 10000 store paths)
+// including the newline; agentd answers a longer, truncated or malformed
+// request with an error response and closes.
+//
+// # Limits
+//
+// agentd serves a bounded number of connections at once, in total and per
+// peer uid (root, which runs the post-build hook, counts only towards the
+// total); a client over a limit gets one error response, "agentd is busy:
+// ...", and should try again later (the hook spools). A request longer than
+// SmallRequestSize waits for one of a few slots for large requests, so that
+// the memory all connections hold stays bounded.
 //
 // # Versioning
 //
@@ -66,6 +76,11 @@ const Version = 1
 
 // MaxRequestSize bounds one request, newline included.
 const MaxRequestSize = 1 << 20
+
+// SmallRequestSize is how much of a request is read before a reader must
+// make room for a large one (see ReadRequestGrowing). Every request but a
+// push of many paths fits.
+const SmallRequestSize = 64 << 10
 
 // MaxResponseSize bounds one response, newline included.
 const MaxResponseSize = 64 << 20
@@ -204,16 +219,65 @@ type Spooled struct {
 }
 
 // ErrTooLarge is returned by ReadRequest for a request over MaxRequestSize.
-var ErrTooLarge = errors.New("request exceeds the maximum size")
+var ErrTooLarge = fmt.Errorf("request exceeds the maximum size of %d bytes (about 10000 store paths; send fewer paths per request)", MaxRequestSize)
 
 // ReadRequest reads and decodes one newline-terminated request, refusing
 // anything longer than MaxRequestSize.
 func ReadRequest(r io.Reader) (*Request, error) {
-	line, err := readLine(r, MaxRequestSize)
+	return ReadRequestGrowing(r, nil)
+}
+
+// ReadRequestGrowing is ReadRequest holding at most SmallRequestSize bytes
+// of the request until it proves longer; then grow (if not nil) is called
+// once before reading on, up to MaxRequestSize. grow may wait for memory to
+// become available; its error ends the read and is returned.
+//
+// It reads from r in chunks and may read past the newline: a connection
+// carries one request.
+func ReadRequestGrowing(r io.Reader, grow func() error) (*Request, error) {
+	line, err := readRequestLine(r, SmallRequestSize, MaxRequestSize, grow)
 	if err != nil {
 		return nil, err
 	}
 	return DecodeRequest(line)
+}
+
+// readRequestLine reads one line into a buffer of small bytes, and into one
+// of max bytes (after grow) once the line proves longer: the buffer is
+// allocated once for each size instead of growing by copies.
+func readRequestLine(r io.Reader, small, max int, grow func() error) ([]byte, error) {
+	buf := make([]byte, min(small, max))
+	n := 0
+	for {
+		if n == len(buf) {
+			if n >= max {
+				return nil, ErrTooLarge
+			}
+			if grow != nil {
+				if err := grow(); err != nil {
+					return nil, err
+				}
+			}
+			big := make([]byte, max)
+			copy(big, buf[:n])
+			buf = big
+		}
+		m, err := r.Read(buf[n:])
+		if i := bytes.IndexByte(buf[n:n+m], '\n'); i >= 0 {
+			return buf[:n+i], nil
+		}
+		n += m
+		switch {
+		case err == nil:
+		case errors.Is(err, io.EOF):
+			if n == 0 {
+				return nil, errors.New("connection closed before a request")
+			}
+			return nil, errors.New("truncated message (no newline)")
+		default:
+			return nil, err
+		}
+	}
 }
 
 // DecodeRequest decodes one request line (without its newline) and checks

@@ -149,3 +149,25 @@ func TestCallTimeout(t *testing.T) {
 		t.Fatalf("Call took %v with a 200ms timeout", el)
 	}
 }
+
+// TestReadRequestGrowing: a request that fits SmallRequestSize is read
+// without asking for room; a longer one asks once, and a refusal ends the
+// read with its error.
+func TestReadRequestGrowing(t *testing.T) {
+	grows := 0
+	grow := func() error { grows++; return nil }
+	if _, err := ReadRequestGrowing(strings.NewReader(`{"v":1,"op":"status"}`+"\n"), grow); err != nil || grows != 0 {
+		t.Fatalf("small request: %v, grow called %d times", err, grows)
+	}
+	long := `{"v":1,"op":"push","paths":["` + strings.Repeat("a", 3*SmallRequestSize) + `"]}` + "\n"
+	if req, err := ReadRequestGrowing(strings.NewReader(long), grow); err != nil || grows != 1 || len(req.Paths[0]) != 3*SmallRequestSize {
+		t.Fatalf("long request: %v, grow called %d times", err, grows)
+	}
+	busy := errors.New("busy")
+	if _, err := ReadRequestGrowing(strings.NewReader(long), func() error { return busy }); !errors.Is(err, busy) {
+		t.Fatalf("long request refused room: %v", err)
+	}
+	if !strings.Contains(ErrTooLarge.Error(), "1048576") {
+		t.Fatalf("ErrTooLarge does not name the limit: %v", ErrTooLarge)
+	}
+}

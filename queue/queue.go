@@ -898,6 +898,16 @@ func (q *Queue) transition(id uint64, from State, change func(*Job), reason stri
 	})
 }
 
+// Queued reports whether path has a job (in any state, failed included).
+func (q *Queue) Queued(path string) (bool, error) {
+	var ok bool
+	err := q.db.View(func(tx *bolt.Tx) error {
+		ok = tx.Bucket(bktPaths).Get([]byte(path)) != nil
+		return nil
+	})
+	return ok, err
+}
+
 // Get returns one job.
 func (q *Queue) Get(id uint64) (*Job, error) {
 	var j *Job
