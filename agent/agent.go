@@ -251,6 +251,10 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 	a.uploadCtx, a.stopUploads = context.WithCancel(context.WithoutCancel(ctx))
 	defer a.stopUploads()
 
+	// The derivations acknowledged before a restart, for the realisations.
+	if err := a.noteQueued(); err != nil {
+		a.log.Error("start-up recovery", "err", err)
+	}
 	// The spool first: its paths become jobs, rooted as any other.
 	a.importSpool(ctx)
 	if err := a.recover(ctx); err != nil {

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"fmt"
 
 	"github.com/nixspool/nixspool/queue"
 )
@@ -16,7 +17,9 @@ import (
 // a second derivation with the same output) and notes that arrived while
 // it was being uploaded. It returns the notes it covered.
 func (a *Agent) realise(ctx context.Context, job *queue.Job) (noted []string, n int, err error) {
-	a.realiser.Note(job.Drv, job.Path)
+	for _, drv := range job.Derivations() {
+		a.realiser.Note(drv, job.Path)
+	}
 	noted = a.realiser.Noted(job.Path)
 	if !a.realiser.Wants(job.Path) {
 		return noted, 0, nil
@@ -41,4 +44,19 @@ func (a *Agent) realiseLate(job *queue.Job, covered []string) {
 		}
 		a.log.Info("path queued again for the realisation of a derivation noted during its upload", "path", job.Path, "drv", drv)
 	}
+}
+
+// noteQueued gives the realiser the derivations every queued job was
+// requested for: its notes live in memory, the jobs survive a restart.
+func (a *Agent) noteQueued() error {
+	jobs, err := a.queue.List("", 1<<31)
+	if err != nil {
+		return fmt.Errorf("note the derivations of queued jobs: %w", err)
+	}
+	for _, j := range jobs {
+		for _, drv := range j.Derivations() {
+			a.realiser.Note(drv, j.Path)
+		}
+	}
+	return nil
 }
