@@ -41,7 +41,7 @@ type Agent struct {
 	queue  *queue.Queue
 	store  *nixstore.Store
 	// checkStore answers the validity checks of requests (the hook's).
-	checkStore *nixstore.Store
+	checkStore requestStore
 	uploader   *uploader.Uploader
 	realiser   *realisation.Realiser
 	roots      *gcroots.Roots
@@ -66,6 +66,14 @@ type Agent struct {
 	spoolBeat   atomic.Int64 // unix ns of its last progress
 	running     runningJobs  // jobs being uploaded (a drop stops them)
 	spoolSeen   spoolCache
+}
+
+// requestStore is what the checks of requests ask the Nix daemon
+// (nixstore.Store implements it).
+type requestStore interface {
+	QueryValidPaths(ctx context.Context, paths []string) ([]string, error)
+	QueryDerivationOutputMap(ctx context.Context, drv string) (map[string]string, error)
+	Close() error
 }
 
 // New opens everything agentd needs: the queue (returning interrupted jobs

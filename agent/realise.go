@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"slices"
 
 	"github.com/nixspool/nixspool/queue"
 )
@@ -34,10 +35,17 @@ func (a *Agent) realise(ctx context.Context, job *queue.Job) (noted []string, n 
 
 // realiseLate runs once a job's acknowledgement is durable: derivations
 // noted for its path after realise ran were folded into the finished job
-// by deduplication; each gets a job of its own, so its realisation is
-// published too.
+// by deduplication; each that may still have a realisation to write gets a
+// job of its own, so its realisation is published too. A derivation the
+// job itself was for is never queued again: the job wrote what it could for
+// it, and queueing it again would only repeat the job (forever, for a path
+// a filter leaves out). So a path is queued again once per late derivation.
 func (a *Agent) realiseLate(job *queue.Job, covered []string) {
+	own := job.Derivations()
 	for _, drv := range a.realiser.Forget(job.Path, covered) {
+		if slices.Contains(own, drv) || !a.realiser.Floating(drv) {
+			continue
+		}
 		if _, err := a.enqueue(a.uploadCtx, []string{job.Path}, drv); err != nil {
 			a.log.Warn("queue path again for a late derivation", "path", job.Path, "drv", drv, "err", err)
 			continue
