@@ -62,9 +62,10 @@ type Agent struct {
 	stateErr    string // last state-directory (queue/spool) error, for status
 	uploadCtx   context.Context
 	stopUploads context.CancelFunc
-	spoolBusy   atomic.Bool  // a spool import is running
-	spoolBeat   atomic.Int64 // unix ns of its last progress
-	running     runningJobs  // jobs being uploaded (a drop stops them)
+	spoolBusy   atomic.Bool   // a spool import is running
+	spoolBeat   atomic.Int64  // unix ns of its last progress
+	spoolTries  spoolAttempts // failed imports of spool files
+	running     runningJobs   // jobs being uploaded (a drop stops them)
 	spoolSeen   spoolCache
 }
 
