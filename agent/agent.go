@@ -41,7 +41,7 @@ type Agent struct {
 	queue  *queue.Queue
 	store  *nixstore.Store
 	// checkStore answers the validity checks of requests (the hook's).
-	checkStore *nixstore.Store
+	checkStore requestStore
 	uploader   *uploader.Uploader
 	realiser   *realisation.Realiser
 	roots      *gcroots.Roots
@@ -64,10 +64,19 @@ type Agent struct {
 	stateErr    string // last state-directory (queue/spool) error, for status
 	uploadCtx   context.Context
 	stopUploads context.CancelFunc
-	spoolBusy   atomic.Bool  // a spool import is running
-	spoolBeat   atomic.Int64 // unix ns of its last progress
-	running     runningJobs  // jobs being uploaded (a drop stops them)
+	spoolBusy   atomic.Bool   // a spool import is running
+	spoolBeat   atomic.Int64  // unix ns of its last progress
+	spoolTries  spoolAttempts // failed imports of spool files
+	running     runningJobs   // jobs being uploaded (a drop stops them)
 	spoolSeen   spoolCache
+}
+
+// requestStore is what the checks of requests ask the Nix daemon
+// (nixstore.Store implements it).
+type requestStore interface {
+	QueryValidPaths(ctx context.Context, paths []string) ([]string, error)
+	QueryDerivationOutputMap(ctx context.Context, drv string) (map[string]string, error)
+	Close() error
 }
 
 // New opens everything agentd needs: the queue (returning interrupted jobs
@@ -253,6 +262,10 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 	a.uploadCtx, a.stopUploads = context.WithCancel(context.WithoutCancel(ctx))
 	defer a.stopUploads()
 
+	// The derivations acknowledged before a restart, for the realisations.
+	if err := a.noteQueued(); err != nil {
+		a.log.Error("start-up recovery", "err", err)
+	}
 	// The spool first: its paths become jobs, rooted as any other.
 	a.importSpool(ctx)
 	if err := a.recover(ctx); err != nil {

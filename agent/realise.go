@@ -2,6 +2,8 @@ package agent
 
 import (
 	"context"
+	"fmt"
+	"slices"
 
 	"github.com/nixspool/nixspool/queue"
 )
@@ -16,7 +18,9 @@ import (
 // a second derivation with the same output) and notes that arrived while
 // it was being uploaded. It returns the notes it covered.
 func (a *Agent) realise(ctx context.Context, job *queue.Job) (noted []string, n int, err error) {
-	a.realiser.Note(job.Drv, job.Path)
+	for _, drv := range job.Derivations() {
+		a.realiser.Note(drv, job.Path)
+	}
 	noted = a.realiser.Noted(job.Path)
 	if !a.realiser.Wants(job.Path) {
 		return noted, 0, nil
@@ -31,14 +35,36 @@ func (a *Agent) realise(ctx context.Context, job *queue.Job) (noted []string, n 
 
 // realiseLate runs once a job's acknowledgement is durable: derivations
 // noted for its path after realise ran were folded into the finished job
-// by deduplication; each gets a job of its own, so its realisation is
-// published too.
+// by deduplication; each that may still have a realisation to write gets a
+// job of its own, so its realisation is published too. A derivation the
+// job itself was for is never queued again: the job wrote what it could for
+// it, and queueing it again would only repeat the job (forever, for a path
+// a filter leaves out). So a path is queued again once per late derivation.
 func (a *Agent) realiseLate(job *queue.Job, covered []string) {
+	own := job.Derivations()
 	for _, drv := range a.realiser.Forget(job.Path, covered) {
+		if slices.Contains(own, drv) || !a.realiser.Floating(drv) {
+			continue
+		}
 		if _, err := a.enqueue(a.uploadCtx, []string{job.Path}, drv); err != nil {
 			a.log.Warn("queue path again for a late derivation", "path", job.Path, "drv", drv, "err", err)
 			continue
 		}
 		a.log.Info("path queued again for the realisation of a derivation noted during its upload", "path", job.Path, "drv", drv)
 	}
+}
+
+// noteQueued gives the realiser the derivations every queued job was
+// requested for: its notes live in memory, the jobs survive a restart.
+func (a *Agent) noteQueued() error {
+	jobs, err := a.queue.List("", 1<<31)
+	if err != nil {
+		return fmt.Errorf("note the derivations of queued jobs: %w", err)
+	}
+	for _, j := range jobs {
+		for _, drv := range j.Derivations() {
+			a.realiser.Note(drv, j.Path)
+		}
+	}
+	return nil
 }

@@ -477,10 +477,15 @@ func (a *Agent) logRequeued(res []queue.EnqueueResult) {
 	}
 }
 
-// importSpool queues the requests the hook spooled while agentd was away.
-// A file is removed only after its paths are committed; paths that are not
-// valid store paths are logged and dropped; a file that cannot be parsed is
-// renamed *.bad and kept for inspection.
+// importSpool queues the requests the hook spooled while agentd was away,
+// file by file, oldest first. A file is removed only after its paths are
+// committed; paths that are not valid store paths are logged and dropped; a
+// file that cannot be parsed is renamed *.bad and kept for inspection. A
+// file the Nix daemon answers with an error is tried again at the next
+// imports, and renamed *.bad after maxSpoolAttempts of them; the files
+// behind it are imported meanwhile. When the daemon cannot be reached or
+// the queue cannot commit, no file can be imported: the import stops until
+// the next one, and no file is charged an attempt.
 func (a *Agent) importSpool(ctx context.Context) {
 	dir := a.spoolDir()
 	spool.RemoveStaleTemps(dir, time.Hour)
@@ -489,66 +494,90 @@ func (a *Agent) importSpool(ctx context.Context) {
 		a.log.Error("list spool", "dir", dir, "err", err)
 		return
 	}
+	defer a.spoolTries.keepOnly(files)
 	for _, f := range files {
 		a.spoolBeat.Store(time.Now().UnixNano())
 		if ctx.Err() != nil {
 			return
 		}
-		e, err := spool.Read(f)
-		if err != nil {
-			a.log.Error("unreadable spool file; renamed to .bad", "file", f, "err", err)
-			spool.Quarantine(f)
+		err := a.importSpoolFile(ctx, f)
+		if err == nil {
+			a.spoolTries.forget(f)
 			continue
 		}
-		if e.Floating && e.Drv != "" {
-			paths, err := a.withFloatingOutputs(ctx, e.Paths, e.Drv)
-			var refused *RefusedError
-			switch {
-			case err == nil:
-				e.Paths = paths
-			case errors.As(err, &refused):
-				a.log.Warn("spooled derivation refused", "file", f, "drv", e.Drv, "err", err)
-			default:
-				a.log.Warn("spool import postponed", "file", f, "err", err)
-				return
-			}
+		if !fileAtFault(err) {
+			a.log.Warn("spool import postponed", "file", f, "err", err)
+			return
 		}
-		var good []string
-		for _, p := range e.Paths {
-			if err := a.checkPaths(ctx, []string{p}); err != nil {
-				var refused *RefusedError
-				if errors.As(err, &refused) {
-					a.log.Warn("spooled path refused", "file", f, "path", p, "err", err)
-					continue
-				}
-				a.log.Warn("spool import postponed", "file", f, "err", err)
-				return
-			}
-			good = append(good, p)
-		}
-		drv := e.Drv
-		if drv != "" && storepath.Check(a.cfg.StoreDir, drv) != nil {
-			drv = ""
-		}
-		if len(good) > 0 {
-			a.realiser.Note(drv, good...)
-			if err := a.roots.AddAll(good); err != nil {
-				a.log.Warn("gc root", "file", f, "err", err)
-			}
-			res, err := a.queue.Enqueue(good, drv, a.now())
-			if err != nil {
-				a.setStateErr(err)
-				a.log.Error("spool import postponed", "file", f, "err", err)
-				return
-			}
-			a.logRequeued(res)
-		}
-		if err := spool.Remove(f); err != nil {
-			a.log.Error("remove imported spool file", "file", f, "err", err)
+		n := a.spoolTries.failed(f)
+		if n < maxSpoolAttempts {
+			a.log.Warn("spool file not imported; tried again later, the files behind it now", "file", f, "attempt", n, "max_attempts", maxSpoolAttempts, "err", err)
 			continue
 		}
-		a.log.Info("imported spool file", "file", f, "paths", len(good))
+		if qerr := spool.Quarantine(f); qerr != nil {
+			a.log.Error("quarantine spool file", "file", f, "err", qerr)
+			continue
+		}
+		a.spoolTries.forget(f)
+		a.log.Error("spool file not imported after repeated attempts; renamed to .bad", "file", f, "attempts", n, "reason", err)
 	}
+}
+
+// importSpoolFile imports one spool file. It returns nil once the file is
+// dealt with: imported and removed, or renamed *.bad if unreadable.
+func (a *Agent) importSpoolFile(ctx context.Context, f string) error {
+	e, err := spool.Read(f)
+	if err != nil {
+		a.log.Error("unreadable spool file; renamed to .bad", "file", f, "err", err)
+		spool.Quarantine(f)
+		return nil
+	}
+	if e.Floating && e.Drv != "" {
+		paths, err := a.withFloatingOutputs(ctx, e.Paths, e.Drv)
+		var refused *RefusedError
+		switch {
+		case err == nil:
+			e.Paths = paths
+		case errors.As(err, &refused):
+			a.log.Warn("spooled derivation refused", "file", f, "drv", e.Drv, "err", err)
+		default:
+			return fmt.Errorf("outputs of %s: %w", e.Drv, err)
+		}
+	}
+	var good []string
+	for _, p := range e.Paths {
+		if err := a.checkPaths(ctx, []string{p}); err != nil {
+			var refused *RefusedError
+			if errors.As(err, &refused) {
+				a.log.Warn("spooled path refused", "file", f, "path", p, "err", err)
+				continue
+			}
+			return fmt.Errorf("check %s: %w", p, err)
+		}
+		good = append(good, p)
+	}
+	drv := e.Drv
+	if drv != "" && storepath.Check(a.cfg.StoreDir, drv) != nil {
+		drv = ""
+	}
+	if len(good) > 0 {
+		a.realiser.Note(drv, good...)
+		if err := a.roots.AddAll(good); err != nil {
+			a.log.Warn("gc root", "file", f, "err", err)
+		}
+		res, err := a.queue.Enqueue(good, drv, a.now())
+		if err != nil {
+			a.setStateErr(err)
+			return err
+		}
+		a.logRequeued(res)
+	}
+	if err := spool.Remove(f); err != nil {
+		a.log.Error("remove imported spool file", "file", f, "err", err)
+		return nil // committed: importing it again changes nothing
+	}
+	a.log.Info("imported spool file", "file", f, "paths", len(good))
+	return nil
 }
 
 func (a *Agent) spoolDir() string { return a.cfg.StateDir + "/spool" }

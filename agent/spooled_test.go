@@ -15,6 +15,7 @@ import (
 	"github.com/nixspool/nixspool/gcroots"
 	"github.com/nixspool/nixspool/queue"
 	"github.com/nixspool/nixspool/spool"
+	"github.com/nixspool/nixspool/storepath"
 	"github.com/nixspool/nixspool/uploader"
 )
 
@@ -23,7 +24,7 @@ import (
 func testAgent(t *testing.T) *Agent {
 	t.Helper()
 	dir := t.TempDir()
-	a := &Agent{cfg: Config{StateDir: filepath.Join(dir, "state")}, log: slog.New(slog.DiscardHandler), now: time.Now}
+	a := &Agent{cfg: Config{StateDir: filepath.Join(dir, "state"), StoreDir: storepath.DefaultStoreDir}, log: slog.New(slog.DiscardHandler), now: time.Now}
 	var err error
 	if a.queue, err = queue.Open(filepath.Join(a.cfg.StateDir, "queue.db")); err != nil {
 		t.Fatal(err)

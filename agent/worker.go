@@ -107,7 +107,12 @@ func (a *Agent) process(job *queue.Job) {
 	ctx, finish := a.startJob(job) // dropping the job cancels ctx
 	res, err := a.uploader.Upload(ctx, job.Path)
 	var noted []string
-	if err == nil && !res.SelfSkipped {
+	switch {
+	case err == nil && res.SelfSkipped:
+		// Nothing of a path a filter leaves out is written, realisations
+		// included: every derivation noted for it is settled.
+		noted = a.realiser.Noted(job.Path)
+	case err == nil:
 		var n int
 		noted, n, err = a.realise(ctx, job)
 		res.Realisations += n

@@ -43,6 +43,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -63,14 +64,47 @@ const (
 
 // Job is one store path to upload.
 type Job struct {
-	ID         uint64    `json:"-"`
-	Path       string    `json:"path"`
-	Drv        string    `json:"drv,omitempty"`
+	ID   uint64 `json:"-"`
+	Path string `json:"path"`
+	Drv  string `json:"drv,omitempty"`
+	// Drvs are the other derivations the path was requested for (a
+	// resolved content-addressed build and the derivation clients know
+	// share an output): each request was acknowledged, so each is kept.
+	Drvs       []string  `json:"drvs,omitempty"`
 	State      State     `json:"state"`
 	Attempts   int       `json:"attempts,omitempty"`
 	EnqueuedAt time.Time `json:"enqueued_at"`
 	NotBefore  time.Time `json:"not_before"`
 	LastError  string    `json:"last_error,omitempty"`
+}
+
+// Derivations returns every derivation the job's path was requested for,
+// Drv first.
+func (j *Job) Derivations() []string {
+	var out []string
+	if j.Drv != "" {
+		out = append(out, j.Drv)
+	}
+	for _, d := range j.Drvs {
+		if d != "" && !slices.Contains(out, d) {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+// addDrv records that the job's path was requested for drv too, and
+// reports whether that is news.
+func (j *Job) addDrv(drv string) bool {
+	if drv == "" || slices.Contains(j.Derivations(), drv) {
+		return false
+	}
+	if j.Drv == "" {
+		j.Drv = drv
+	} else {
+		j.Drvs = append(j.Drvs, drv)
+	}
+	return true
 }
 
 // Errors.
@@ -448,14 +482,15 @@ type EnqueueResult struct {
 // the job for each path (the existing one for a path already queued). A
 // path whose job failed is ready again, with its attempts reset (as after
 // Retry; its last error is kept until it is uploaded): a new request for
-// it, typically after it was built again, means it should be uploaded. It
-// returns only after the jobs are durably committed.
+// it, typically after it was built again, means it should be uploaded. A
+// job requested for a derivation it does not have yet records that one too
+// (Job.Derivations). It returns only after the jobs are durably committed.
 func (q *Queue) Enqueue(paths []string, drv string, now time.Time) ([]EnqueueResult, error) {
 	// Paths that are all queued (and not failed) already are durable
 	// already: answer from a read transaction, without a commit (and its
 	// two fsyncs), unless one of their jobs is being failed.
 	if failing := q.noteRequestedAgain(paths); !failing {
-		if res, ok := q.lookupAll(paths); ok {
+		if res, ok := q.lookupAll(paths, drv); ok {
 			return res, nil
 		}
 	}
@@ -469,6 +504,13 @@ func (q *Queue) Enqueue(paths []string, drv string, now time.Time) ([]EnqueueRes
 					return err
 				}
 				if j.State != StateFailed {
+					// The request is acknowledged for drv too: that must
+					// outlive a crash as much as the job does.
+					if j.addDrv(drv) {
+						if err := putJob(tx, j); err != nil {
+							return err
+						}
+					}
 					res = append(res, EnqueueResult{Job: *j})
 					continue
 				}
@@ -476,7 +518,13 @@ func (q *Queue) Enqueue(paths []string, drv string, now time.Time) ([]EnqueueRes
 					return err
 				}
 				j.State, j.Attempts, j.NotBefore = StateReady, 0, now.UTC()
-				if drv != "" {
+				if drv != "" && drv != j.Drv {
+					// The new request's derivation comes first; the
+					// earlier ones are kept.
+					j.Drvs = slices.DeleteFunc(j.Drvs, func(d string) bool { return d == drv })
+					if j.Drv != "" {
+						j.Drvs = append(j.Drvs, j.Drv)
+					}
 					j.Drv = drv
 				}
 				if err := putJob(tx, j); err != nil {
@@ -513,8 +561,9 @@ func (q *Queue) Enqueue(paths []string, drv string, now time.Time) ([]EnqueueRes
 }
 
 // lookupAll returns the jobs of paths if every one of them is queued, in a
-// state Enqueue would not change (not failed), by a durable commit.
-func (q *Queue) lookupAll(paths []string) ([]EnqueueResult, bool) {
+// state Enqueue would not change (not failed, drv recorded), by a durable
+// commit.
+func (q *Queue) lookupAll(paths []string, drv string) ([]EnqueueResult, bool) {
 	var res []EnqueueResult
 	ok := true
 	var txid int
@@ -527,7 +576,7 @@ func (q *Queue) lookupAll(paths []string) ([]EnqueueResult, bool) {
 				return nil
 			}
 			j, err := getJob(tx, binary.BigEndian.Uint64(idb))
-			if err != nil || j.State == StateFailed {
+			if err != nil || j.State == StateFailed || (drv != "" && !slices.Contains(j.Derivations(), drv)) {
 				ok = false
 				return nil
 			}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -468,5 +469,57 @@ func TestNoDeadlockWhileGrowing(t *testing.T) {
 			// A panic prints every goroutine's stack and ends the test binary.
 			panic(fmt.Sprintf("deadlock: no enqueue finished for a minute (after %d); enqueues, leases and status reads stopped making progress", n))
 		}
+	}
+}
+
+// TestSecondDerivationIsDurable: a path requested for a second derivation
+// (a resolved content-addressed build, then the derivation clients know)
+// keeps both with its job, durably once the second request is answered,
+// also while the job is being uploaded.
+func TestSecondDerivationIsDurable(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "queue.db")
+	q, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const p, drvA, drvB, drvC = "/nix/store/a", "/nix/store/resolved.drv", "/nix/store/known.drv", "/nix/store/third.drv"
+	if _, err := q.Enqueue([]string{p}, drvA, t0); err != nil {
+		t.Fatal(err)
+	}
+	res, err := q.Enqueue([]string{p}, drvB, t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := res[0].Job.Derivations(); !slices.Equal(got, []string{drvA, drvB}) || res[0].New {
+		t.Fatalf("second request answered with %+v (derivations %v)", res[0], got)
+	}
+	// The same request again changes nothing.
+	if res, err = q.Enqueue([]string{p}, drvB, t0); err != nil || len(res[0].Job.Drvs) != 1 {
+		t.Fatalf("repeated request: %+v, %v", res, err)
+	}
+	// A third one while the job is being uploaded.
+	if j, err := q.Lease(t0); err != nil || j == nil {
+		t.Fatalf("lease: %v, %v", j, err)
+	}
+	if _, err := q.Enqueue([]string{p}, drvC, t0); err != nil {
+		t.Fatal(err)
+	}
+	// A crash: nothing but what is in the file is left.
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if q, err = Open(path); err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	jobs, err := q.List("", 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(jobs) != 1 || !slices.Equal(jobs[0].Derivations(), []string{drvA, drvB, drvC}) || jobs[0].State != StateReady {
+		t.Fatalf("jobs after reopening = %+v", jobs)
+	}
+	if err := q.Check(); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -410,15 +410,24 @@ func (r *Realiser) setQuiet(err error) {
 // reading the .drv if need be. It asks the daemon nothing.
 func (r *Realiser) Wants(path string) bool {
 	for _, drv := range r.Noted(path) {
-		if storepath.Check(r.opt.StoreDir, drv) != nil || r.isStatic(drv) {
-			continue
+		if r.Floating(drv) {
+			return true
 		}
-		d, err := r.hasher.Load(drv)
-		if err != nil || d.StaticOutputs() {
-			r.setStatic(drv)
-			continue
-		}
-		return true
 	}
 	return false
+}
+
+// Floating reports whether drv may have a realisation to publish: it is
+// readable and not every output path is written in it. It asks the daemon
+// nothing.
+func (r *Realiser) Floating(drv string) bool {
+	if storepath.Check(r.opt.StoreDir, drv) != nil || r.isStatic(drv) {
+		return false
+	}
+	d, err := r.hasher.Load(drv)
+	if err != nil || d.StaticOutputs() {
+		r.setStatic(drv)
+		return false
+	}
+	return true
 }
