@@ -234,13 +234,6 @@ func (pr *presence) settled(p string) {
 	pr.mu.Unlock()
 }
 
-// isUnsure reports whether p is unsure.
-func (pr *presence) isUnsure(p string) bool {
-	pr.mu.Lock()
-	defer pr.mu.Unlock()
-	return pr.unsure[storepath.HashPart(p)]
-}
-
 // reset forgets everything: the cache's generation changed (or an operator
 // asked). Uploads planned before fail their narinfo write and start over.
 func (pr *presence) reset() error {

@@ -129,7 +129,7 @@ func TestClockAgainstRealStores(t *testing.T) {
 			t.Fatal(err)
 		}
 		now, bound := b.NowWithin()
-		if err := now.Sub(time.Now()).Abs(); err > bound || bound > 1500*time.Millisecond {
+		if err := time.Until(now).Abs(); err > bound || bound > 1500*time.Millisecond {
 			t.Fatalf("estimate off by %v with bound %v", err, bound)
 		}
 	})

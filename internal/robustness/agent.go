@@ -2,7 +2,6 @@ package robustness
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"path/filepath"
@@ -234,6 +233,3 @@ func (a *agent) upload(ctx context.Context, up *uploader.Uploader, p string) {
 		backoff = min(backoff*2, 500*time.Millisecond)
 	}
 }
-
-// errStopped is returned by operations on a stopped agent.
-var errStopped = errors.New("agent is not running")

@@ -194,18 +194,6 @@ func (s *ObjectStore) Reset() {
 	s.mu.Unlock()
 }
 
-// lastResetBefore returns the latest reset at or before t (zero if none).
-func (s *ObjectStore) resetsBetween(from, to time.Time) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for _, r := range s.resets {
-		if !r.Before(from) && !r.After(to) {
-			return true
-		}
-	}
-	return false
-}
-
 func (s *ObjectStore) lastReset() time.Time {
 	s.mu.Lock()
 	defer s.mu.Unlock()
