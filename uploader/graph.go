@@ -213,7 +213,6 @@ func (g *graph) narUploaded(n *node, ni *narinfo.NarInfo, sent uint64, relied []
 // ours says the narinfo is the one this upload wrote (not another
 // writer's, kept).
 func (g *graph) succeed(n *node, started, written time.Time, ours bool) {
-	g.u.presence.settled(n.info.Path)
 	g.u.presence.markIn([]string{n.info.Path}, n.gen, started)
 	if ours {
 		g.u.presence.markVerified(n.info.Path, n.gen) // its NAR went up first

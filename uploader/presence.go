@@ -237,14 +237,26 @@ func (pr *presence) settled(p string) {
 // reset forgets everything: the cache's generation changed (or an operator
 // asked). Uploads planned before fail their narinfo write and start over.
 func (pr *presence) reset() error {
-	pr.u.extrasDone.Clear() // the realisations written went with the cache
 	pr.mu.Lock()
+	identity := pr.identity
+	pr.resetLocked()
+	pr.mu.Unlock()
+	return pr.forgetRecords(identity)
+}
+
+// resetLocked moves to a new generation counter and forgets what was
+// known; callers hold mu, so that no one sees a new generation's name or
+// confirmation with the old counter.
+func (pr *presence) resetLocked() {
+	pr.u.extrasDone.Clear() // the realisations written went with the cache
 	pr.gen.Add(1)
 	pr.known = map[string]int64{}
 	pr.absent = map[string]time.Time{}
 	pr.verifiedNAR = map[string]bool{}
-	identity := pr.identity
-	pr.mu.Unlock()
+}
+
+// forgetRecords drops the persisted presence records of identity.
+func (pr *presence) forgetRecords(identity string) error {
 	if ps := pr.u.opt.Presence; ps != nil && identity != "" {
 		return ps.ForgetPresent(identity)
 	}
@@ -267,13 +279,22 @@ func (pr *presence) count() int {
 func (pr *presence) setGeneration(name string, asked time.Time) (changed bool, err error) {
 	pr.mu.Lock()
 	old := pr.genName
-	if asked.After(pr.genAt) {
-		pr.genAt = asked
-	}
 	if old == name {
+		if asked.After(pr.genAt) {
+			pr.genAt = asked
+		}
 		pr.mu.Unlock()
 		return false, nil
 	}
+	// A new generation: the counter moves on and what was known is
+	// dropped before its name and confirmation are published, in one
+	// critical section (an answer of the old generation then fails
+	// markIn's check, and settle sees the new counter).
+	oldIdentity := pr.identity
+	if old != "" {
+		pr.resetLocked()
+	}
+	pr.genAt = asked
 	pr.genName = name
 	base := pr.u.opt.Cache.Identity() + "#"
 	pr.identity = base + name
@@ -281,7 +302,7 @@ func (pr *presence) setGeneration(name string, asked time.Time) (changed bool, e
 	pr.mu.Unlock()
 	if old != "" {
 		pr.u.log.Warn("the cache was reset (its nix-cache-info changed); forgetting what it held", "cache", pr.u.opt.Cache.String())
-		if err := pr.reset(); err != nil {
+		if err := pr.forgetRecords(oldIdentity); err != nil {
 			return true, err
 		}
 	}

@@ -406,8 +406,11 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		if err != nil {
 			return Result{}, err
 		}
+		if err := u.settle(ctx, gen, time.Now(), nil); err != nil {
+			return Result{}, err
+		}
 		u.releaseIfPresent(ctx, path)
-		return Result{Realisations: n}, u.settle(ctx, gen, time.Now(), nil)
+		return Result{Realisations: n}, nil
 	}
 	missing, err := u.presence.check(ctx, []string{path})
 	if err != nil {
@@ -431,8 +434,11 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		if err != nil {
 			return Result{}, err
 		}
+		if err := u.settle(ctx, gen, time.Now(), nil); err != nil {
+			return Result{}, err
+		}
 		u.releaseIfPresent(ctx, path)
-		return Result{Realisations: n}, u.settle(ctx, gen, time.Now(), nil)
+		return Result{Realisations: n}, nil
 	}
 	closure, err := u.opt.Store.Closure(ctx, path)
 	if err != nil {
@@ -605,6 +611,9 @@ func (u *Uploader) settle(ctx context.Context, gen uint64, since time.Time, wrot
 	if u.presence.gen.Load() != gen {
 		u.presence.doubt(wrote)
 		return errReset
+	}
+	for _, p := range wrote {
+		u.presence.settled(p) // written, and confirmed in this generation
 	}
 	return nil
 }
