@@ -397,7 +397,8 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	// narinfo may be there without its references: written by an agent
 	// that had not noticed the reset yet, and not repaired by it yet. There
 	// a present path's closure is checked too, and what it lacks uploaded.
-	young := u.presence.young(bucket.Now(u.opt.Bucket), youngCache)
+	storeNow, _ := bucket.NowWithin(u.opt.Bucket)
+	young := u.presence.young(storeNow, youngCache)
 	// The path itself first: if its narinfo is there, its closure is too
 	// (and only its realisations may be missing: a failed attempt, or a
 	// second derivation with the same output).
