@@ -264,6 +264,36 @@ func (e *InvalidPathError) Error() string {
 	return fmt.Sprintf("path %s is not valid in the Nix store (never built, or garbage-collected)", e.Path)
 }
 
+// ClosureIn returns p's closure within infos (every path's metadata by
+// path), dependencies first; a path infos lacks is an InvalidPathError.
+// Stand-ins for a store in tests use it.
+func ClosureIn(infos map[string]*PathInfo, p string) ([]*PathInfo, error) {
+	sub := map[string]*PathInfo{}
+	var walk func(string) error
+	walk = func(q string) error {
+		info, ok := infos[q]
+		if !ok {
+			return &InvalidPathError{Path: q}
+		}
+		if _, seen := sub[q]; seen {
+			return nil
+		}
+		sub[q] = info
+		for _, r := range info.References {
+			if r != q {
+				if err := walk(r); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	}
+	if err := walk(p); err != nil {
+		return nil, err
+	}
+	return TopoSort(sub), nil
+}
+
 // TopoSort orders infos so that each path follows all of its references
 // (self-references ignored); ties are broken by path for determinism.
 func TopoSort(infos map[string]*PathInfo) []*PathInfo {

@@ -403,15 +403,7 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	// (and only its realisations may be missing: a failed attempt, or a
 	// second derivation with the same output).
 	if !young && u.presence.has(path) {
-		n, err := u.putRealisations(ctx, info)
-		if err != nil {
-			return Result{}, err
-		}
-		if err := u.settle(ctx, gen, time.Now(), nil); err != nil {
-			return Result{}, err
-		}
-		u.releaseIfPresent(ctx, path)
-		return Result{Realisations: n}, nil
+		return u.present(ctx, gen, info)
 	}
 	missing, err := u.presence.check(ctx, []string{path})
 	if err != nil {
@@ -431,15 +423,7 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		}
 	}
 	if len(missing) == 0 && !young {
-		n, err := u.putRealisations(ctx, info)
-		if err != nil {
-			return Result{}, err
-		}
-		if err := u.settle(ctx, gen, time.Now(), nil); err != nil {
-			return Result{}, err
-		}
-		u.releaseIfPresent(ctx, path)
-		return Result{Realisations: n}, nil
+		return u.present(ctx, gen, info)
 	}
 	closure, err := u.opt.Store.Closure(ctx, path)
 	if err != nil {
@@ -597,6 +581,21 @@ func (u *Uploader) narinfoComplete(ctx context.Context, p string) (bool, error) 
 // youngCache is how long after its creation or reset a cache's narinfos
 // are not trusted to come with their closure (see Upload).
 const youngCache = 10 * time.Minute
+
+// present finishes the upload of a path the cache holds: its realisations,
+// the acknowledgement's generation check, and the release of resume state
+// nothing will use.
+func (u *Uploader) present(ctx context.Context, gen uint64, info *nixstore.PathInfo) (Result, error) {
+	n, err := u.putRealisations(ctx, info)
+	if err != nil {
+		return Result{}, err
+	}
+	if err := u.settle(ctx, gen, time.Now(), nil); err != nil {
+		return Result{}, err
+	}
+	u.releaseIfPresent(ctx, info.Path)
+	return Result{Realisations: n}, nil
+}
 
 // settle is the last step of every successful Upload: the answer "the
 // cache has it" holds only if the cache is still the generation the upload

@@ -132,30 +132,7 @@ func (s *nixStore) QueryPathInfo(_ context.Context, p string) (*nixstore.PathInf
 
 // Closure implements uploader.MetadataSource.
 func (s *nixStore) Closure(_ context.Context, p string) ([]*nixstore.PathInfo, error) {
-	sub := map[string]*nixstore.PathInfo{}
-	var walk func(string) error
-	walk = func(q string) error {
-		info, ok := s.infos[q]
-		if !ok {
-			return &nixstore.InvalidPathError{Path: q}
-		}
-		if _, seen := sub[q]; seen {
-			return nil
-		}
-		sub[q] = info
-		for _, r := range info.References {
-			if r != q {
-				if err := walk(r); err != nil {
-					return err
-				}
-			}
-		}
-		return nil
-	}
-	if err := walk(p); err != nil {
-		return nil, err
-	}
-	return nixstore.TopoSort(sub), nil
+	return nixstore.ClosureIn(s.infos, p)
 }
 
 // closure returns the paths of p's closure.
