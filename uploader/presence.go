@@ -581,7 +581,10 @@ func (pr *presence) ask(ctx context.Context, paths []string) ([]string, error) {
 	if len(paths) == 0 {
 		return nil, nil
 	}
-	if pr.listingWorthIt(paths) {
+	// Shortly after a reset a lagging listing may still show what the
+	// reset deleted: in a young cache presence is asked by HEAD.
+	storeNow, _ := bucket.NowWithin(pr.u.opt.Bucket)
+	if pr.listingWorthIt(paths) && !pr.young(storeNow, youngCache) {
 		found, err := pr.askByListing(ctx, paths)
 		if err == nil || errors.Is(err, bucket.ErrUnavailable) || ctx.Err() != nil || !(bucket.IsNotExist(err) || bucket.IsPermanent(err)) {
 			return found, err

@@ -565,6 +565,7 @@ func TestLargeNARsDoNotStarveSmallOnes(t *testing.T) {
 func TestPrefetchSavesAHeadPerJob(t *testing.T) {
 	const n = 200
 	w := newWorld(t, n, func(int) []int { return nil }, size(10))
+	w.b.oldCacheInfo = true // not young: presence may be listed
 	u := w.uploader(Options{})
 	if err := u.EnsureCacheInfo(context.Background()); err != nil {
 		t.Fatal(err)
@@ -707,6 +708,7 @@ func (unlistableBucket) List(context.Context, bucket.ListOptions, func(bucket.Ob
 func TestUnlistableBucketFallsBackToHEADs(t *testing.T) {
 	const n = 300 // enough for a listing to be worth it
 	w := newWorld(t, n, flat(n), size(10))
+	w.b.oldCacheInfo = true // not young: presence may be listed
 	u := w.uploader(Options{Bucket: unlistableBucket{w.b}})
 	if res, err := u.Upload(context.Background(), w.paths[n-1]); err != nil || res.Paths != n {
 		t.Fatalf("Upload = %+v, %v", res, err)
