@@ -451,6 +451,17 @@ func (r *run) drain(ctx context.Context) {
 			r.store.violate("%s keeps %d resume records after every job ended: %v", a.name, len(recs), paths)
 		}
 	}
+	// A crash between starting a multipart upload and recording it leaves
+	// an upload no record names; agentd aborts those at start once they
+	// are a day old (AbortStaleUploads), as every agent does here now.
+	for _, a := range r.agents {
+		a.mu.Lock()
+		up := a.up
+		a.mu.Unlock()
+		if n, err := up.AbortStaleUploads(ctx, 0); err == nil && n > 0 {
+			r.count("orphaned-multipart-aborted")
+		}
+	}
 	if n := r.store.openUploads(); n > 0 {
 		r.store.violate("%d multipart uploads left open after every job ended", n)
 	}
