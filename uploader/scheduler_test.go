@@ -299,11 +299,7 @@ func TestResetBucketIsNoticed(t *testing.T) {
 	if _, err := u.Upload(ctx, w.paths[1]); err != nil {
 		t.Fatal(err)
 	}
-	wipe := func() {
-		var keys []string
-		w.fb.List(ctx, bucket.ListOptions{Recursive: true}, func(o bucket.Object) error { keys = append(keys, o.Key); return nil })
-		bucket.DeleteAll(ctx, w.fb, keys)
-	}
+	wipe := w.wipe
 	// Restart after a wipe: the persisted presence belongs to the old
 	// generation and is not used.
 	wipe()
