@@ -50,6 +50,14 @@ func CallStream(socketPath string, req *Request, timeout time.Duration, progress
 			if err == syscall.EINTR {
 				continue
 			}
+			// agentd may answer and close before reading a request it
+			// refuses (too many connections); its answer says more than
+			// the broken pipe, so read it when there is one.
+			if err == syscall.EPIPE || err == syscall.ECONNRESET {
+				if resp, rerr := ReadResponse(&fdReader{fd: fd, deadline: deadline}); rerr == nil && resp.Progress == nil {
+					return resp, nil
+				}
+			}
 			return nil, fmt.Errorf("send to %s: %w", socketPath, timeoutErr(err))
 		}
 		msg = msg[n:]

@@ -3,6 +3,7 @@ package protocol
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"net"
 	"path/filepath"
 	"strings"
@@ -169,5 +170,42 @@ func TestReadRequestGrowing(t *testing.T) {
 	}
 	if !strings.Contains(ErrTooLarge.Error(), "1048576") {
 		t.Fatalf("ErrTooLarge does not name the limit: %v", ErrTooLarge)
+	}
+}
+
+// TestCallReadsRefusalBeforeRequest: a server that answers and closes
+// without reading the request (agentd refusing a connection over its
+// limit) reaches the caller as that answer, not as a broken pipe, however
+// long the request is.
+func TestCallReadsRefusalBeforeRequest(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			b, _ := Encode(&Response{Error: "agentd is busy: connection limit reached"})
+			c.Write(b)
+			c.Close()
+		}
+	}()
+	paths := make([]string, 0, 20000)
+	for i := 0; i < cap(paths); i++ {
+		paths = append(paths, fmt.Sprintf("/nix/store/%032d-x", i))
+	}
+	for i := 0; i < 20; i++ {
+		resp, err := Call(sock, &Request{Op: OpEnqueue, Paths: paths}, 2*time.Second)
+		if err != nil {
+			t.Fatalf("call %d: %v, want the refusal", i, err)
+		}
+		if resp.OK || !strings.Contains(resp.Error, "limit") {
+			t.Fatalf("call %d: %+v, want the refusal", i, resp)
+		}
 	}
 }
