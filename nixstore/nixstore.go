@@ -323,7 +323,8 @@ func TopoSort(infos map[string]*PathInfo) []*PathInfo {
 	return out
 }
 
-// Protocol constants (see nix-cache-format.md §7.4).
+// Protocol constants of the Nix daemon's worker protocol
+// (src/libstore/worker-protocol.hh in Nix's source).
 const (
 	workerMagic1  = 0x6e697863
 	workerMagic2  = 0x6478696f

@@ -15,7 +15,7 @@ import (
 // It uses blocking system calls on a plain socket with SO_SNDTIMEO and
 // SO_RCVTIMEO rather than package net: the hook is a short-lived process, and
 // net's poller starts extra runtime threads that cost about a millisecond per
-// hook (see perf.md, "hookraw").
+// hook.
 func Call(socketPath string, req *Request, timeout time.Duration) (*Response, error) {
 	return CallStream(socketPath, req, timeout, nil)
 }

@@ -2,6 +2,7 @@ package uploader
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"strings"
 	"sync/atomic"
@@ -297,5 +298,35 @@ func TestYoungCacheRepairsNarinfoWithoutNAR(t *testing.T) {
 	}
 	if n := w.b.gets.Load() - gets; n > 2 {
 		t.Fatalf("the second upload in the same generation read %d objects; the closure was verified already", n)
+	}
+}
+
+// TestUnsureIsBounded: paths doubted beyond maxUnsure are not remembered
+// one by one; from then on every present narinfo is checked as in a young
+// cache, however old the cache is.
+func TestUnsureIsBounded(t *testing.T) {
+	w := newWorld(t, 1, chain, size(100))
+	u := w.uploader(Options{})
+	old := time.Now().Add(-24 * time.Hour)
+	u.presence.born(old)
+	if u.presence.young(time.Now(), youngCache) {
+		t.Fatal("a day-old cache counts as young")
+	}
+	batch := make([]string, 0, 1000)
+	for i := 0; i <= maxUnsure; i++ {
+		batch = append(batch, fmt.Sprintf("/nix/store/%032d-p", i))
+		if len(batch) == cap(batch) || i == maxUnsure {
+			u.presence.doubt(batch)
+			batch = batch[:0]
+		}
+	}
+	u.presence.mu.Lock()
+	n := len(u.presence.unsure)
+	u.presence.mu.Unlock()
+	if n > maxUnsure {
+		t.Fatalf("%d unsure paths remembered, bound %d", n, maxUnsure)
+	}
+	if !u.presence.young(time.Now(), youngCache) {
+		t.Fatal("after the unsure set overflowed, present narinfos are trusted without checks")
 	}
 }

@@ -25,7 +25,7 @@ import (
 
 // smallNAR is the size below which a NAR is compressed in memory and
 // uploaded without a HEAD first: for tiny paths the per-path cost is round
-// trips and syscalls, not bytes (perf.md §8). Overwriting a NAR object with
+// trips and syscalls, not bytes. Overwriting a NAR object with
 // the same content is harmless: its key is the hash of its content.
 const smallNAR = 1 << 20
 

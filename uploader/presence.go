@@ -38,6 +38,11 @@ const DefaultPresenceTTL = 24 * time.Hour
 // entries are dropped (they are asked about again if needed).
 const maxPresent = 500_000
 
+// maxUnsure bounds presence.unsure. Past it the entries are dropped and
+// every present narinfo is checked as in a young cache (its closure and
+// NAR), until the process ends: slower, never less safe.
+const maxUnsure = 100_000
+
 // presence is what the uploader knows about which narinfos the cache
 // holds, keyed by hash part.
 //
@@ -70,6 +75,9 @@ type presence struct {
 	// write of theirs (or the finding that another writer's is there) is
 	// confirmed in the current generation.
 	unsure map[string]bool
+	// unsureOverflowed: unsure outgrew maxUnsure and was dropped; present
+	// narinfos are checked as in a young cache from then on.
+	unsureOverflowed bool
 	// verifiedNAR holds hashes whose narinfo was checked to name a NAR
 	// that is there, in this generation (see Uploader.verifyPresent).
 	verifiedNAR map[string]bool
@@ -206,6 +214,10 @@ func (pr *presence) doubt(paths []string) {
 		h := storepath.HashPart(p)
 		pr.unsure[h] = true
 		delete(pr.known, h)
+	}
+	if len(pr.unsure) > maxUnsure {
+		pr.unsure = map[string]bool{}
+		pr.unsureOverflowed = true
 	}
 }
 
@@ -349,11 +361,12 @@ func (pr *presence) born(t time.Time) {
 }
 
 // young reports whether the cache was created or reset less than d ago
-// (storeNow: the store's clock).
+// (storeNow: the store's clock), or present narinfos must be checked as
+// if it were (too many were doubted to remember them one by one).
 func (pr *presence) young(storeNow time.Time, d time.Duration) bool {
 	pr.mu.Lock()
 	defer pr.mu.Unlock()
-	return !pr.genBorn.IsZero() && storeNow.Sub(pr.genBorn) < d
+	return pr.unsureOverflowed || (!pr.genBorn.IsZero() && storeNow.Sub(pr.genBorn) < d)
 }
 
 // confirmedSince reports whether the generation was confirmed by a
