@@ -64,6 +64,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -478,25 +479,32 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		// Uploaded by another job meanwhile.
 		return Result{Skipped: skipped}, u.settle(ctx, gen, time.Now(), nil)
 	}
-	wait := []*node{top}
-	if top == nil {
-		wait = interest // the path is there: what its closure lacked
+	// The top first (its failure ends the job at once), then every other
+	// node the closure needs: a repaired dependency of a present path (see
+	// verifyPresent) is no reference of any node planned here, and nothing
+	// else waits for it.
+	wait := interest
+	if top != nil {
+		wait = append([]*node{top}, slices.DeleteFunc(slices.Clone(interest), func(n *node) bool { return n == top })...)
 	}
+	var failed error
 	for _, n := range wait {
 		select {
 		case <-n.done:
 		case <-ctx.Done():
 			return Result{}, ctx.Err()
 		}
+		if n.err != nil {
+			failed = n.err
+			break
+		}
 	}
 	job.mu.Lock()
 	res := job.res
 	job.mu.Unlock()
 	res.Skipped += skipped
-	for _, n := range wait {
-		if n.err != nil {
-			return res, n.err
-		}
+	if failed != nil {
+		return res, failed
 	}
 	if top == nil {
 		n, err := u.putRealisations(ctx, info)
