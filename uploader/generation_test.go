@@ -330,4 +330,3 @@ func TestUnsureIsBounded(t *testing.T) {
 		t.Fatal("after the unsure set overflowed, present narinfos are trusted without checks")
 	}
 }
-
