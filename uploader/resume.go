@@ -447,18 +447,39 @@ func (w *resumeWork) exclusive(ctx context.Context, p string) (func(), error) {
 	}
 }
 
-// releaseIfPresent drops p's resumable upload state once p is known to
-// be in the cache and no upload of it runs: the record of an upload that a
-// crash interrupted and another writer then completed is never used
-// again.
+// releaseIfPresent drops the resumable upload state of p's closure once
+// p's closure is known to be in the cache: the records of uploads that a
+// crash interrupted and another writer then completed (p's own, or a
+// dependency's) are never used again. Paths whose upload runs keep theirs.
 func (u *Uploader) releaseIfPresent(ctx context.Context, p string) {
 	mp, ok := u.opt.Bucket.(bucket.Multipart)
-	if !ok || u.opt.Resume == nil || u.resuming.running(p) {
+	if !ok || u.opt.Resume == nil {
 		return
 	}
-	if rec := u.loadRecord(p); rec != nil {
-		u.log.Info("releasing the resumable upload of a path already in the cache", "path", p)
-		u.discardRecord(ctx, p, rec, mp, true)
+	recs, err := u.opt.Resume.Uploads()
+	if err != nil || len(recs) == 0 {
+		return
+	}
+	paths := []string{p}
+	if len(recs) > 1 || recs[p] == nil {
+		closure, err := u.opt.Store.Closure(ctx, p)
+		if err != nil {
+			u.log.Debug("closure of a path found in the cache", "path", p, "err", err)
+		} else {
+			paths = paths[:0]
+			for _, info := range closure {
+				paths = append(paths, info.Path)
+			}
+		}
+	}
+	for _, q := range paths {
+		if recs[q] == nil || u.resuming.running(q) {
+			continue
+		}
+		if rec := u.loadRecord(q); rec != nil {
+			u.log.Info("releasing the resumable upload of a path already in the cache", "path", q)
+			u.discardRecord(ctx, q, rec, mp, true)
+		}
 	}
 }
 

@@ -512,13 +512,18 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 			return res, err
 		}
 		res.Realisations += n
-		u.releaseIfPresent(ctx, path)
 	}
 	var wrote []string
 	for _, n := range interest {
 		wrote = append(wrote, n.info.Path)
 	}
-	return res, u.settle(ctx, gen, time.Now(), wrote)
+	if err := u.settle(ctx, gen, time.Now(), wrote); err != nil {
+		return res, err
+	}
+	// Dependencies found present may have records of uploads a crash
+	// interrupted.
+	u.releaseIfPresent(ctx, path)
+	return res, nil
 }
 
 // verifyPresent checks, for the paths of closure not in absent (and not
