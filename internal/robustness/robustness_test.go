@@ -31,6 +31,11 @@ var regressionSeeds = []uint64{
 	// Acknowledgements after a reset during the uploads of a closure.
 	1,
 	13,
+	// A resume record left behind: a dependency's multipart upload
+	// interrupted by a crash, the dependency then uploaded by another
+	// agent; the push that found the closure present released only its
+	// own path's record.
+	1796455421716022719,
 }
 
 func replayCommand(seed uint64, d time.Duration) string {
