@@ -330,3 +330,47 @@ func TestUnsureIsBounded(t *testing.T) {
 		t.Fatal("after the unsure set overflowed, present narinfos are trusted without checks")
 	}
 }
+
+// TestYoungCacheReplacesNarinfoNamingAnotherNAR: a dependency's narinfo
+// names a NAR that is not there and that this uploader would not write
+// (another compression, say): uploading the NAR again does not repair it,
+// so the broken narinfo is replaced, although narinfo writes are
+// create-only. A complete narinfo is never replaced (the other tests).
+func TestYoungCacheReplacesNarinfoNamingAnotherNAR(t *testing.T) {
+	w := newWorld(t, 3, chain, size(100))
+	ctx := context.Background()
+	if _, err := w.uploader(Options{}).Upload(ctx, w.paths[1]); err != nil {
+		t.Fatal(err)
+	}
+	key := hashFor(0) + ".narinfo"
+	data, _, err := w.fb.Get(ctx, key, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ni, err := cachefmt.ParseNarInfo(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	broken := strings.Replace(strings.Replace(string(data), "URL: "+ni.URL, "URL: nar/"+strings.Repeat("0", 52)+".nar.xz", 1),
+		"Compression: zstd", "Compression: xz", 1)
+	if broken == string(data) {
+		t.Fatal("the narinfo could not be edited")
+	}
+	if _, err := w.fb.Put(ctx, key, strings.NewReader(broken), int64(len(broken)), bucket.PutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	u := w.uploader(Options{})
+	if _, err := u.Upload(ctx, w.paths[2]); err != nil {
+		t.Fatal(err)
+	}
+	data, _, err = w.fb.Get(ctx, key, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ni, err = cachefmt.ParseNarInfo(data); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.fb.Stat(ctx, ni.URL); err != nil {
+		t.Fatalf("after the upload, p0's narinfo names %s, which is not there: %v", ni.URL, err)
+	}
+}

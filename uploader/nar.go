@@ -348,6 +348,44 @@ func (u *Uploader) putNarinfo(ctx context.Context, b bucket.Bucket, ni *narinfo.
 		bucket.PutOptions{ContentType: "text/x-nix-narinfo", ContentEncoding: u.opt.Cache.NarinfoCompression})
 }
 
+// replaceBrokenNarinfo handles a doubted path whose create-only narinfo
+// write found one there: if that narinfo names a NAR that is not there
+// (written across a reset, with a NAR that differs from the one just
+// uploaded), ni replaces it, and it reports true. A complete narinfo is
+// kept, as any other writer's. Where the store honours If-Match only the
+// broken version is replaced; a concurrent change makes the write fail,
+// and the retry looks again.
+func (u *Uploader) replaceBrokenNarinfo(ctx context.Context, b bucket.Bucket, ni *narinfo.NarInfo) (bool, error) {
+	complete, etag, err := u.narinfoState(ctx, b, ni.StorePath)
+	if err != nil || complete {
+		return false, err
+	}
+	if etag == "" { // gone meanwhile
+		return u.putNarinfo(ctx, b, ni)
+	}
+	body, err := compressMeta(u.opt.Cache.NarinfoCompression, []byte(ni.String()))
+	if err != nil {
+		return false, err
+	}
+	opts := bucket.PutOptions{ContentType: "text/x-nix-narinfo", ContentEncoding: u.opt.Cache.NarinfoCompression, IfMatch: etag}
+	key := narinfoKey(ni.StorePath)
+	_, err = b.Put(ctx, key, bytes.NewReader(body), int64(len(body)), opts)
+	if bucket.IsPermanent(err) && !bucket.IsPrecondition(err) {
+		// The store refuses If-Match: replace it plainly (a writer racing
+		// in between can be overwritten, the store's limit).
+		opts.IfMatch = ""
+		_, err = b.Put(ctx, key, bytes.NewReader(body), int64(len(body)), opts)
+	}
+	if bucket.IsPrecondition(err) {
+		return false, fmt.Errorf("replace the broken narinfo of %s: it changed meanwhile", ni.StorePath)
+	}
+	if err != nil {
+		return false, fmt.Errorf("replace the broken narinfo of %s: %w", ni.StorePath, err)
+	}
+	u.log.Warn("replaced a narinfo that named a missing NAR", "path", ni.StorePath, "nar", ni.URL)
+	return true, nil
+}
+
 // putNew writes an object only if the key does not exist yet, and reports
 // whether it wrote it. With a store that honours create-only writes the
 // check and the write are one request (If-None-Match); with one that does

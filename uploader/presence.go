@@ -221,6 +221,13 @@ func (pr *presence) doubt(paths []string) {
 	}
 }
 
+// doubted reports whether p is unsure (see presence.unsure).
+func (pr *presence) doubted(p string) bool {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	return pr.unsure[storepath.HashPart(p)]
+}
+
 // verified reports whether p's narinfo was checked to name a NAR that is
 // there, in this generation.
 func (pr *presence) verified(p string) bool {

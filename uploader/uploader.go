@@ -565,30 +565,37 @@ func (u *Uploader) verifyPresent(ctx context.Context, closure []*nixstore.PathIn
 // narinfoComplete reports whether p's narinfo is in the cache, parses,
 // and names a NAR object of the size it claims.
 func (u *Uploader) narinfoComplete(ctx context.Context, p string) (bool, error) {
-	data, info, err := u.opt.Bucket.Get(ctx, narinfoKey(p), cachefmt.MaxNarinfoSize)
+	ok, _, err := u.narinfoState(ctx, u.opt.Bucket, p)
+	return ok, err
+}
+
+// narinfoState is narinfoComplete on b, and also returns the ETag of the
+// narinfo it read ("" if there is none).
+func (u *Uploader) narinfoState(ctx context.Context, b bucket.Bucket, p string) (complete bool, etag string, err error) {
+	data, info, err := b.Get(ctx, narinfoKey(p), cachefmt.MaxNarinfoSize)
 	if bucket.IsNotExist(err) {
-		return false, nil
+		return false, "", nil
 	}
 	if err != nil {
-		return false, fmt.Errorf("read narinfo of %s: %w", p, err)
+		return false, "", fmt.Errorf("read narinfo of %s: %w", p, err)
 	}
 	plain, err := cachefmt.DecodeContentEncoding(info.ContentEncoding, data)
 	if err != nil {
-		return false, nil
+		return false, info.ETag, nil
 	}
 	ni, err := cachefmt.ParseNarInfo(plain)
 	if err != nil {
-		return false, nil
+		return false, info.ETag, nil
 	}
-	st, err := u.opt.Bucket.Stat(ctx, ni.URL)
+	st, err := b.Stat(ctx, ni.URL)
 	switch {
 	case bucket.IsNotExist(err):
 		u.log.Warn("narinfo in the cache names a NAR that is not there (written across a reset); uploading the path again", "path", p, "nar", ni.URL)
-		return false, nil
+		return false, info.ETag, nil
 	case err != nil:
-		return false, fmt.Errorf("check NAR of %s: %w", p, err)
+		return false, "", fmt.Errorf("check NAR of %s: %w", p, err)
 	}
-	return ni.FileSize < 0 || st.Size == ni.FileSize, nil
+	return ni.FileSize < 0 || st.Size == ni.FileSize, info.ETag, nil
 }
 
 // youngCache is how long after its creation or reset a cache's narinfos
@@ -698,6 +705,9 @@ func (u *Uploader) runNarinfo(n *node) {
 	started := time.Now()
 	err = u.guardedWrite(ctx, within, func(ctx context.Context, b bucket.Bucket) (err error) {
 		wrote, err = u.putNarinfo(ctx, b, n.ni)
+		if err == nil && !wrote && u.presence.doubted(n.info.Path) {
+			wrote, err = u.replaceBrokenNarinfo(ctx, b, n.ni)
+		}
 		return err
 	})
 	if err != nil {

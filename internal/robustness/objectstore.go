@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cachefmt"
 )
 
 // Semantics are the behaviours a real object store may have that the
@@ -226,6 +227,25 @@ func immutable(key string) bool {
 	return key == "nix-cache-info" || strings.HasSuffix(key, ".narinfo") || strings.HasPrefix(key, "realisations/") || strings.HasPrefix(key, "build-trace")
 }
 
+// brokenNarinfoLocked reports whether old, the object at key, is a
+// narinfo whose NAR is not there or not of the size it claims. Callers
+// hold s.mu.
+func (s *ObjectStore) brokenNarinfoLocked(key string, old *object) bool {
+	if !strings.HasSuffix(key, ".narinfo") {
+		return false
+	}
+	plain, err := cachefmt.DecodeContentEncoding(old.encoding, old.data)
+	if err != nil {
+		return true
+	}
+	ni, err := cachefmt.ParseNarInfo(plain)
+	if err != nil {
+		return true
+	}
+	nar, ok := s.objects[ni.URL]
+	return !ok || (ni.FileSize >= 0 && int64(len(nar.data)) != ni.FileSize)
+}
+
 // errFault builds an injected error of the kind a real client reports.
 func errFault(kind string) error {
 	switch kind {
@@ -423,7 +443,11 @@ func (c *Client) Put(ctx context.Context, key string, r io.Reader, size int64, o
 	}
 	if exists && immutable(key) {
 		if !bytes.Equal(old.data, data) {
-			if c.s.sem.IfNoneMatch != "honour" {
+			if c.s.brokenNarinfoLocked(key, old) {
+				// A narinfo naming a NAR that is not there (written
+				// across a reset) may be replaced: no reader can use it.
+				c.s.faults["broken-narinfo-replaced"]++
+			} else if c.s.sem.IfNoneMatch != "honour" {
 				// A store that ignores or refuses create-only writes
 				// cannot be kept from this by any client (two writers
 				// that both looked first); counted, not a violation.

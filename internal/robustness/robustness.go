@@ -22,7 +22,8 @@
 //     cause must be repaired within RepairWithin; any other counts at once;
 //   - no narinfo, realisation or nix-cache-info is replaced with other
 //     content (a store that ignores If-None-Match is exempt: nothing a
-//     client does can prevent it there);
+//     client does can prevent it there), except a narinfo whose NAR is
+//     not there, which no reader can use;
 //   - a path acknowledged as uploaded is in the bucket, with its closure,
 //     at the moment of the acknowledgement, unless the bucket was emptied
 //     after the agent's last confirmation of the cache's generation;
