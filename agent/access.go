@@ -113,6 +113,18 @@ func (ac access) refusal(p peer, op string) string {
 	if t == tierPush && p.inGroup(ac.socket) {
 		return ""
 	}
+	need := ac.who(t)
+	if t == tierOperate && !ac.admin.set {
+		need += " (agentd has no --admin-group)"
+	}
+	if !p.known {
+		return fmt.Sprintf("permission denied: %s needs %s, and agentd could not tell who is calling", op, need)
+	}
+	return fmt.Sprintf("permission denied for uid %d: %s needs %s", p.uid, op, need)
+}
+
+// who names those who may make requests of tier t.
+func (ac access) who(t tier) string {
 	who := []string{"root"}
 	if ac.ownUID != 0 {
 		who = append(who, fmt.Sprintf("agentd's user (uid %d)", ac.ownUID))
@@ -123,14 +135,12 @@ func (ac access) refusal(p peer, op string) string {
 	if ac.admin.set {
 		who = append(who, "group "+ac.admin.String())
 	}
-	need := strings.Join(who, " or ")
-	if t == tierOperate && !ac.admin.set {
-		need += " (agentd has no --admin-group)"
-	}
-	if !p.known {
-		return fmt.Sprintf("permission denied: %s needs %s, and agentd could not tell who is calling", op, need)
-	}
-	return fmt.Sprintf("permission denied for uid %d: %s needs %s", p.uid, op, need)
+	return strings.Join(who, " or ")
+}
+
+// describe is doctor's line on who may do what.
+func (ac access) describe() string {
+	return fmt.Sprintf("push: %s; gc, forget, drop, retry, pin, unpin: %s", ac.who(tierPush), ac.who(tierOperate))
 }
 
 // operatorArgs returns the arguments of an operator's request, for its

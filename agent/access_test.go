@@ -57,6 +57,9 @@ func TestAccessTiers(t *testing.T) {
 	if why := ac.refusal(other, protocol.OpPush); !strings.Contains(why, "push needs root or agentd's user (uid 990) or group nixspool or group nixspool-admin") {
 		t.Errorf("refusal of push = %q", why)
 	}
+	if d := ac.describe(); d != "push: root or agentd's user (uid 990) or group nixspool or group nixspool-admin; gc, forget, drop, retry, pin, unpin: root or agentd's user (uid 990) or group nixspool-admin" {
+		t.Errorf("describe = %q", d)
+	}
 	rootOnly := access{ownUID: 0, socket: ac.socket}
 	if why := rootOnly.refusal(admin, protocol.OpUnpin); why != "permission denied for uid 1003: unpin needs root (agentd has no --admin-group)" {
 		t.Errorf("refusal without an admin group = %q", why)
