@@ -47,8 +47,10 @@ type Agent struct {
 	listener   net.Listener
 	conns      *connLimits // set by serve unless a test set it
 	access     access      // who may make which request
-	started    time.Time
-	now        func() time.Time
+	// groupsWarned: the kernel's lack of SO_PEERGROUPS was logged.
+	groupsWarned atomic.Bool
+	started      time.Time
+	now          func() time.Time
 
 	breaker     *breaker
 	window      *limit.Limiter

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"slices"
@@ -25,9 +26,15 @@ func (p peer) inGroup(g group) bool {
 	return g.set && p.known && (p.gid == g.gid || slices.Contains(p.groups, g.gid))
 }
 
+// errNoPeerGroups is peerOf's error when the peer is known but its
+// supplementary groups are not (a kernel before Linux 4.13): only its
+// primary group counts then.
+var errNoPeerGroups = errors.New("supplementary groups of the peer unknown (SO_PEERGROUPS); only its primary group counts")
+
 // peerOf reads the credentials of c's peer from the kernel: SO_PEERCRED
-// and SO_PEERGROUPS, both as they were at connect(2). Without them the
-// peer is unknown and may only read.
+// and SO_PEERGROUPS, both as they were at connect(2). Without SO_PEERCRED
+// the peer is unknown and may only read; without SO_PEERGROUPS it is known
+// with its primary group only, and the error wraps errNoPeerGroups.
 func peerOf(c net.Conn) (peer, error) {
 	uc, ok := c.(*net.UnixConn)
 	if !ok {
@@ -54,10 +61,11 @@ func peerOf(c net.Conn) (peer, error) {
 	if err != nil {
 		return peer{}, fmt.Errorf("peer credentials (SO_PEERCRED): %w", err)
 	}
+	p := peer{uid: int(cred.Uid), gid: int(cred.Gid), pid: int(cred.Pid), groups: groups, known: true}
 	if gerr != nil {
-		return peer{}, fmt.Errorf("peer groups (SO_PEERGROUPS): %w", gerr)
+		return p, fmt.Errorf("%w: %w", errNoPeerGroups, gerr)
 	}
-	return peer{uid: int(cred.Uid), gid: int(cred.Gid), pid: int(cred.Pid), groups: groups, known: true}, nil
+	return p, nil
 }
 
 // peerGroups returns the supplementary groups the peer of the unix socket

@@ -44,7 +44,13 @@ func (a *Agent) serve(ctx context.Context) {
 			continue
 		}
 		p, err := peerOf(c)
-		if err != nil {
+		switch {
+		case err == nil:
+		case errors.Is(err, errNoPeerGroups):
+			if !a.groupsWarned.Swap(true) { // once: the kernel will not change
+				a.log.Warn("peer groups unknown", "err", err)
+			}
+		default:
 			a.log.Warn("peer credentials unknown; the connection may only read", "err", err)
 		}
 		release, refusal := a.conns.admit(p)
