@@ -38,6 +38,7 @@ let
     "--jobs ${toString cfg.jobs}"
   ]
   ++ map (k: "--secret-key-file \${CREDENTIALS_DIRECTORY}/${k.name}") keyCredentials
+  ++ optional (cfg.adminGroup != null) "--admin-group ${escapeShellArg cfg.adminGroup}"
   ++ optional (cfg.metrics.listen != null) "--metrics-listen ${escapeShellArg cfg.metrics.listen}"
   ++ optional (cfg.settings != { }) settingArgs
   ++ map escapeShellArg cfg.extraArgs);
@@ -121,9 +122,23 @@ in
       type = types.str;
       default = "nixspool";
       description = ''
-        Group that may use the agent's socket (`agentctl push/retry/drop`): the socket is
-        0660 root:socketGroup in a 0755 directory, so the socket's mode is the access control.
-        The group is created if it is the default.
+        Group that may use the agent's socket to queue paths (the post-build hook runs as
+        root; members may `agentctl push`, `status`, `list`, `watch`, `wait`, `doctor`,
+        `audit`, `pins`): the socket is 0660 root:socketGroup in a 0755 directory, so the
+        socket's mode is who may connect. Members may not `gc`, `forget`, `drop`, `retry`,
+        `pin` or `unpin`; see `adminGroup`. The group is created if it is the default.
+      '';
+    };
+
+    adminGroup = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "nixspool-admin";
+      description = ''
+        Group whose members may also run the operator's commands, which change what others
+        rely on: `agentctl gc`, `forget`, `drop`, `retry`, `pin`, `unpin` (null: root only).
+        The group must exist (`users.groups`), and its members reach the socket only if they
+        are in `socketGroup` too. Each such request is logged by agentd with the caller's uid.
       '';
     };
 

@@ -7,9 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"os/user"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -48,9 +46,11 @@ type Agent struct {
 	rootsMu    sync.RWMutex // enqueues hold it shared; unroot exclusively
 	listener   net.Listener
 	conns      *connLimits // set by serve unless a test set it
-	sockGID    int         // group allowed to mutate; -1 if none besides root/own uid
-	started    time.Time
-	now        func() time.Time
+	access     access      // who may make which request
+	// groupsWarned: the kernel's lack of SO_PEERGROUPS was logged.
+	groupsWarned atomic.Bool
+	started      time.Time
+	now          func() time.Time
 
 	breaker     *breaker
 	window      *limit.Limiter
@@ -86,7 +86,15 @@ func New(cfg Config) (*Agent, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	a := &Agent{cfg: cfg, log: cfg.Logger, started: time.Now(), now: time.Now, sockGID: -1}
+	a := &Agent{cfg: cfg, log: cfg.Logger, started: time.Now(), now: time.Now,
+		access: access{ownUID: os.Geteuid()}}
+	if cfg.AdminGroup != "" {
+		g, err := lookupGroup("--admin-group", cfg.AdminGroup)
+		if err != nil {
+			return nil, err
+		}
+		a.access.admin = g
+	}
 	a.breaker = newBreaker(a.backoff)
 	a.filter = newFilter(cfg)
 	var err error
@@ -189,7 +197,7 @@ func (a *Agent) listen() error {
 	}
 	if l != nil {
 		a.listener = l
-		a.sockGID = socketGID(l.Addr().String())
+		a.access.socket = groupOfGID(socketGID(l.Addr().String()))
 		a.log.Info("using socket-activated listener", "socket", l.Addr().String())
 		return nil
 	}
@@ -212,13 +220,15 @@ func (a *Agent) listen() error {
 			return fmt.Errorf("remove stale socket: %w", err)
 		}
 	}
-	gid := -1
+	var sockGroup group
 	if a.cfg.SocketGroup != "" {
-		g, err := user.LookupGroup(a.cfg.SocketGroup)
-		if err != nil {
-			return fmt.Errorf("--socket-group: %w", err)
+		if sockGroup, err = lookupGroup("--socket-group", a.cfg.SocketGroup); err != nil {
+			return err
 		}
-		gid, _ = strconv.Atoi(g.Gid)
+	}
+	gid := -1
+	if sockGroup.set {
+		gid = sockGroup.gid
 	}
 	// Create the socket with no access for others from the first instant.
 	old := syscall.Umask(0o117)
@@ -241,7 +251,7 @@ func (a *Agent) listen() error {
 		return err
 	}
 	a.listener = l
-	a.sockGID = gid
+	a.access.socket = sockGroup
 	return nil
 }
 

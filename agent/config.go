@@ -26,6 +26,7 @@ type Config struct {
 	AllowInsecureKeyPerms bool          // accept key files readable by group/others
 	Socket                string        // unix socket to listen on (unless socket-activated)
 	SocketGroup           string        // group allowed to connect and enqueue ("" = agentd's own)
+	AdminGroup            string        // group allowed to gc, forget, drop, retry, pin, unpin ("" = root and agentd's user only)
 	StateDir              string        // queue.db, spool/, tmp/
 	StoreDir              string        // the Nix store
 	NixDaemonSocket       string        // "" = as Nix finds it, else `nix-daemon --stdio`

@@ -30,6 +30,8 @@ func (a *Agent) doctor(ctx context.Context) []protocol.Check {
 
 	add("configuration", "ok", fmt.Sprintf("cache %s, %d jobs, state in %s", a.cache.String(), a.cfg.Jobs, a.cfg.StateDir), "")
 
+	add("access", "ok", a.access.describe(), "")
+
 	if len(a.cache.NoEffect) > 0 {
 		add("cache URL parameters", "warn", "no effect here: "+strings.Join(a.cache.NoEffect, ", "),
 			"accepted because Nix knows them; the README's table of cache URL parameters says why each does nothing here")

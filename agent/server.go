@@ -5,14 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"runtime/debug"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/nixspool/nixspool/protocol"
 	"github.com/nixspool/nixspool/queue"
@@ -48,7 +43,16 @@ func (a *Agent) serve(ctx context.Context) {
 			time.Sleep(100 * time.Millisecond)
 			continue
 		}
-		p := peerOf(c)
+		p, err := peerOf(c)
+		switch {
+		case err == nil:
+		case errors.Is(err, errNoPeerGroups):
+			if !a.groupsWarned.Swap(true) { // once: the kernel will not change
+				a.log.Warn("peer groups unknown", "err", err)
+			}
+		default:
+			a.log.Warn("peer credentials unknown; the connection may only read", "err", err)
+		}
 		release, refusal := a.conns.admit(p)
 		if refusal != "" {
 			a.log.Warn("connection refused", "reason", refusal, "peer_uid", p.uid, "peer_pid", p.pid)
@@ -75,62 +79,6 @@ func refuse(c net.Conn, reason string) {
 	}
 	c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
 	c.Write(b)
-}
-
-type peer struct {
-	uid, gid, pid int
-	known         bool
-}
-
-func peerOf(c net.Conn) peer {
-	uc, ok := c.(*net.UnixConn)
-	if !ok {
-		return peer{}
-	}
-	raw, err := uc.SyscallConn()
-	if err != nil {
-		return peer{}
-	}
-	var cred *unix.Ucred
-	raw.Control(func(fd uintptr) {
-		cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	})
-	if err != nil || cred == nil {
-		return peer{}
-	}
-	return peer{uid: int(cred.Uid), gid: int(cred.Gid), pid: int(cred.Pid), known: true}
-}
-
-// mayMutate reports whether the peer may change the queue: root, agentd's
-// own user, and members of the socket's group.
-func (a *Agent) mayMutate(p peer) bool {
-	if !p.known {
-		return false
-	}
-	if p.uid == 0 || p.uid == os.Geteuid() {
-		return true
-	}
-	if a.sockGID < 0 {
-		return false
-	}
-	if p.gid == a.sockGID {
-		return true
-	}
-	// Supplementary groups of the peer process.
-	data, err := os.ReadFile("/proc/" + strconv.Itoa(p.pid) + "/status")
-	if err != nil {
-		return false
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if rest, ok := strings.CutPrefix(line, "Groups:"); ok {
-			for _, g := range strings.Fields(rest) {
-				if g == strconv.Itoa(a.sockGID) {
-					return true
-				}
-			}
-		}
-	}
-	return false
 }
 
 func (a *Agent) handle(ctx context.Context, c net.Conn, p peer) {
@@ -205,14 +153,29 @@ func (a *Agent) progressWriter(c net.Conn) func(*protocol.Progress) error {
 	}
 }
 
+// dispatch answers a request the peer may make (see access): a refused one
+// gets the one line that says what it needs, and an operator's request is
+// logged and counted once answered.
 func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer, progress func(*protocol.Progress) error) *protocol.Response {
-	switch req.Op {
-	case protocol.OpEnqueue, protocol.OpPush, protocol.OpRetry, protocol.OpDrop, protocol.OpForget, protocol.OpGC, protocol.OpPin, protocol.OpUnpin:
-		if !a.mayMutate(p) {
-			a.log.Warn("request refused: not allowed", "op", req.Op, "peer_uid", p.uid, "peer_pid", p.pid)
-			return &protocol.Response{Error: fmt.Sprintf("permission denied: uid %d may not %s (root, agentd's user and the socket's group may)", p.uid, req.Op)}
+	operator := tiers[req.Op] == tierOperate
+	if refusal := a.access.refusal(p, req.Op); refusal != "" {
+		a.log.Warn("request refused", "op", req.Op, "reason", refusal, "peer_uid", p.uid, "peer_pid", p.pid)
+		if operator {
+			a.metrics.OperatorAction(req.Op, "refused")
 		}
+		return &protocol.Response{Error: refusal}
 	}
+	if !operator {
+		return a.serveRequest(ctx, req, p, progress)
+	}
+	start := time.Now()
+	resp := a.serveRequest(ctx, req, p, progress)
+	a.logOperatorAction(ctx, req, p, resp, time.Since(start))
+	return resp
+}
+
+// serveRequest carries out a request that dispatch allowed.
+func (a *Agent) serveRequest(ctx context.Context, req *protocol.Request, p peer, progress func(*protocol.Progress) error) *protocol.Response {
 	switch req.Op {
 	case protocol.OpEnqueue, protocol.OpPush:
 		if req.Op == protocol.OpEnqueue {

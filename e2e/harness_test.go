@@ -28,6 +28,10 @@ func TestMain(m *testing.M) {
 	if err != nil {
 		panic(err)
 	}
+	// Tests run agentctl as other users too.
+	if err := os.Chmod(dir, 0o755); err != nil {
+		panic(err)
+	}
 	args := []string{"build", "-o", dir + "/"}
 	if os.Getenv("NIXSPOOL_RACE") == "1" { // make test-race: race-checked daemons
 		args = append(args, "-race")

@@ -41,6 +41,8 @@ type Metrics struct {
 	gcLastDur   prometheus.Gauge
 	gcConflicts prometheus.Counter
 	gcRefusals  prometheus.Counter
+
+	operator *prometheus.CounterVec
 }
 
 // New registers the collectors; snapshot is called on every scrape for
@@ -94,6 +96,10 @@ func New(snapshot func() (Snapshot, error)) *Metrics {
 	m.gcRefusals = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "nixspool_gc_upload_refusals_total", Help: "Narinfo writes held back because an object they rely on is being garbage-collected.",
 	})
+	m.operator = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "nixspool_operator_actions_total", Help: "Operators' requests (gc, forget, drop, retry, pin, unpin), by operation and outcome (ok, failed, refused).",
+	}, []string{"op", "outcome"})
+	m.reg.MustRegister(m.operator)
 	m.reg.MustRegister(m.gcRuns, m.gcDeleted, m.gcBytes, m.gcRequests, m.gcLastRun, m.gcLastDur, m.gcConflicts, m.gcRefusals)
 	gauge := func(name, help string, v func(Snapshot) float64) prometheus.Collector {
 		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, func() float64 {
@@ -198,5 +204,13 @@ func (m *Metrics) GCLeaseConflict() {
 func (m *Metrics) GCRefusal() {
 	if m != nil {
 		m.gcRefusals.Inc()
+	}
+}
+
+// OperatorAction records an operator's request: its operation and its
+// outcome ("ok", "failed", or "refused" when the caller may not make it).
+func (m *Metrics) OperatorAction(op, outcome string) {
+	if m != nil {
+		m.operator.WithLabelValues(op, outcome).Inc()
 	}
 }

@@ -129,6 +129,9 @@ func TestModuleTypicalConfiguration(t *testing.T) {
 			t.Errorf("service script lacks %q:\n%s", want, script)
 		}
 	}
+	if strings.Contains(script, "--admin-group") {
+		t.Errorf("an admin group by default:\n%s", script)
+	}
 	if strings.Contains(script, "/var/lib/secrets") {
 		t.Errorf("key paths leak into argv instead of LoadCredential:\n%s", script)
 	}
@@ -196,6 +199,30 @@ func TestModuleSocketGroupCanReachTheSocket(t *testing.T) {
 		if !strings.Contains(string(unit), want) {
 			t.Errorf("systemd/nixspool.socket lacks %q", strings.TrimSpace(want))
 		}
+	}
+}
+
+// TestModuleAdminGroup: adminGroup reaches agentd as --admin-group; the
+// socket stays the socket group's.
+func TestModuleAdminGroup(t *testing.T) {
+	r := evalModule(t, `{
+  services.nixspool = {
+    enable = true;
+    cache = "s3://my-cache?region=eu-1";
+    secretKeyFiles = [ "/var/lib/secrets/cache-1.key" ];
+    socketGroup = "builders";
+    adminGroup = "cache ops";
+  };
+}`)
+	if len(r.FailedAssertions) != 0 {
+		t.Fatalf("assertions failed: %v", r.FailedAssertions)
+	}
+	script, _ := r.Service["script"].(string)
+	if !strings.Contains(script, "--admin-group 'cache ops'") {
+		t.Errorf("service script lacks --admin-group:\n%s", script)
+	}
+	if sock := r.Socket["socketConfig"].(map[string]any); sock["SocketGroup"] != "builders" {
+		t.Errorf("socketConfig = %v", sock)
 	}
 }
 

@@ -77,6 +77,7 @@ func run(args []string) error {
 	fs.BoolVar(&cfg.AllowInsecureKeyPerms, "allow-insecure-key-perms", false, "accept key files readable by group or others")
 	fs.StringVar(&cfg.Socket, "socket", cfg.Socket, "unix socket to listen on (ignored when socket-activated)")
 	fs.StringVar(&cfg.SocketGroup, "socket-group", "", "group that may connect and queue paths (the socket is 0660)")
+	fs.StringVar(&cfg.AdminGroup, "admin-group", "", "group that may also gc, forget, drop, retry, pin and unpin (default: only root and agentd's user); its members reach the socket through --socket-group")
 	fs.StringVar(&cfg.StateDir, "state-dir", cfg.StateDir, "directory for the queue, spool and temp files")
 	fs.StringVar(&cfg.StoreDir, "store-dir", cfg.StoreDir, "the Nix store directory")
 	fs.StringVar(&cfg.NixDaemonSocket, "nix-daemon-socket", "", "Nix daemon socket (default: $NIX_DAEMON_SOCKET_PATH or /nix/var/nix/daemon-socket/socket; without a daemon, `nix-daemon --stdio` is used)")
