@@ -66,7 +66,9 @@ func (u *Uploader) checkGuard(ctx context.Context, keys []string) (time.Duration
 	if u.opt.Guard == nil {
 		return 0, nil
 	}
-	u.conditionalWrites(ctx) // learnt before the check, not in the time it allows
+	// Learnt before the check, not in the time it allows; a probe that
+	// cannot tell is made again at the write.
+	_, _ = u.conditionalWrites(ctx)
 	return u.opt.Guard.Check(ctx, keys)
 }
 
@@ -132,7 +134,11 @@ func (u *Uploader) revive(ctx context.Context, p string) (bool, error) {
 		return false, nil
 	}
 	opts := bucket.PutOptions{ContentType: "text/x-nix-narinfo", ContentEncoding: info.ContentEncoding}
-	if u.conditionalWrites(ctx) {
+	cond, err := u.conditionalWrites(ctx)
+	if err != nil {
+		return false, err
+	}
+	if cond {
 		opts.IfMatch = info.ETag // nobody changed it meanwhile
 	}
 	within, err := u.guardNarinfo(ctx, p, ni.URL, ni.References)

@@ -392,7 +392,13 @@ func (u *Uploader) replaceBrokenNarinfo(ctx context.Context, b bucket.Bucket, ni
 // not, a HEAD comes first (a writer racing in between can still be
 // overwritten: the store's limit).
 func (u *Uploader) putNew(ctx context.Context, b bucket.Bucket, key string, body []byte, opts bucket.PutOptions) (bool, error) {
-	if u.conditionalWrites(ctx) {
+	cond, err := u.conditionalWrites(ctx)
+	if err != nil {
+		// Not knowing, a plain write could replace another writer's
+		// object: retried later instead.
+		return false, err
+	}
+	if cond {
 		opts.IfNoneMatch = true
 	} else {
 		if _, err := b.Stat(ctx, key); err == nil {
@@ -401,7 +407,7 @@ func (u *Uploader) putNew(ctx context.Context, b bucket.Bucket, key string, body
 			return false, err
 		}
 	}
-	_, err := b.Put(ctx, key, bytes.NewReader(body), int64(len(body)), opts)
+	_, err = b.Put(ctx, key, bytes.NewReader(body), int64(len(body)), opts)
 	if bucket.IsPrecondition(err) {
 		return false, nil
 	}
@@ -409,18 +415,19 @@ func (u *Uploader) putNew(ctx context.Context, b bucket.Bucket, key string, body
 }
 
 // conditionalWrites reports whether the store honours create-only writes,
-// probing it the first time (and again after a probe that could not tell).
-func (u *Uploader) conditionalWrites(ctx context.Context) bool {
+// probing it the first time (and again after a probe that could not tell:
+// then the error says why, and nothing that must not replace an object is
+// written until a probe can tell).
+func (u *Uploader) conditionalWrites(ctx context.Context) (bool, error) {
 	switch u.conditional.Load() {
 	case condYes:
-		return true
+		return true, nil
 	case condNo:
-		return false
+		return false, nil
 	}
 	ok, err := bucket.ProbeConditional(ctx, u.opt.Bucket, "nixspool/probe/")
 	if err != nil {
-		u.log.Warn("cannot tell whether the store honours create-only writes; looking before writing", "err", err)
-		return false
+		return false, fmt.Errorf("cannot tell whether the store honours create-only writes: %w", err)
 	}
 	if ok {
 		u.conditional.Store(condYes)
@@ -428,7 +435,7 @@ func (u *Uploader) conditionalWrites(ctx context.Context) bool {
 		u.conditional.Store(condNo)
 		u.log.Warn("the store does not honour create-only writes (If-None-Match); narinfos are checked with a HEAD before they are written, so two machines writing the same path at the same instant can still replace each other's narinfo", "cache", u.opt.Cache.String())
 	}
-	return ok
+	return ok, nil
 }
 
 const (

@@ -260,12 +260,59 @@ func (b *ignoresConditions) Put(ctx context.Context, key string, r io.Reader, si
 
 func TestConditionalProbeFindsStoresThatIgnoreIt(t *testing.T) {
 	w := newWorld(t, 1, chain, size(10))
-	if u := w.uploader(Options{}); !u.conditionalWrites(context.Background()) {
-		t.Fatal("the file bucket honours create-only writes")
+	if ok, err := w.uploader(Options{}).conditionalWrites(context.Background()); !ok || err != nil {
+		t.Fatalf("the file bucket honours create-only writes; probe = %v, %v", ok, err)
 	}
-	if u := w.uploader(Options{Bucket: &ignoresConditions{w.b}}); u.conditionalWrites(context.Background()) {
-		t.Fatal("a store ignoring If-None-Match was taken for one honouring it")
+	if ok, err := w.uploader(Options{Bucket: &ignoresConditions{w.b}}).conditionalWrites(context.Background()); ok || err != nil {
+		t.Fatalf("a store ignoring If-None-Match: probe = %v, %v; want false", ok, err)
 	}
+}
+
+// TestUndecidedProbeWritesNothingPlain: while the probe for create-only
+// writes cannot tell (its requests fail), nix-cache-info and narinfos are
+// not written at all; before, they were written after a HEAD without the
+// condition, and replaced another agent's nix-cache-info written between
+// the two requests (a reset's generation lost).
+func TestUndecidedProbeWritesNothingPlain(t *testing.T) {
+	w := newWorld(t, 1, chain, size(10))
+	var plain atomic.Int64
+	var failProbe atomic.Bool
+	failProbe.Store(true)
+	w.b.failPut = func(key string) error {
+		if strings.HasPrefix(key, "nixspool/probe/") && failProbe.Load() {
+			return fmt.Errorf("injected: %w", bucket.ErrUnavailable)
+		}
+		return nil
+	}
+	b := &watchPlain{Bucket: w.b, plain: &plain}
+	u := w.uploader(Options{Bucket: b})
+	if _, err := u.Upload(context.Background(), w.paths[0]); err == nil {
+		t.Fatal("upload succeeded although the store's create-only writes could not be probed")
+	}
+	if n := plain.Load(); n != 0 {
+		t.Fatalf("%d narinfo or nix-cache-info writes without If-None-Match", n)
+	}
+	failProbe.Store(false)
+	if _, err := u.Upload(context.Background(), w.paths[0]); err != nil {
+		t.Fatal(err)
+	}
+	if !w.has(0) || plain.Load() != 0 {
+		t.Fatalf("after the probe could tell: uploaded %v, plain writes %d", w.has(0), plain.Load())
+	}
+}
+
+// watchPlain counts writes of nix-cache-info and narinfos without
+// If-None-Match (or If-Match).
+type watchPlain struct {
+	bucket.Bucket
+	plain *atomic.Int64
+}
+
+func (b *watchPlain) Put(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) (bucket.Info, error) {
+	if (key == "nix-cache-info" || strings.HasSuffix(key, ".narinfo")) && !opts.IfNoneMatch && opts.IfMatch == "" {
+		b.plain.Add(1)
+	}
+	return b.Bucket.Put(ctx, key, r, size, opts)
 }
 
 // TestResetBucketIsNoticed: after the bucket is emptied, what was known
