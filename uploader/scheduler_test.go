@@ -685,6 +685,7 @@ func TestStoreRejectingConditionalWrites(t *testing.T) {
 	w := newWorld(t, 3, chain, size(100))
 	theirs := []byte("StorePath: " + w.paths[0] + "\nURL: nar/x.nar\nNarHash: sha256:" + strings.Repeat("0", 52) + "\nNarSize: 1\nSig: other-1:xyz\n")
 	w.fb.Put(context.Background(), hashFor(0)+".narinfo", bytes.NewReader(theirs), int64(len(theirs)), bucket.PutOptions{})
+	w.fb.Put(context.Background(), "nar/x.nar", strings.NewReader("x"), 1, bucket.PutOptions{}) // theirs is complete
 	u := w.uploader(Options{Bucket: &rejectsConditions{w.b}})
 	res, err := u.Upload(context.Background(), w.paths[2])
 	if err != nil || res.Paths != 2 {
