@@ -489,11 +489,13 @@ func (a *Agent) logRequeued(res []queue.EnqueueResult) {
 func (a *Agent) importSpool(ctx context.Context) {
 	dir := a.spoolDir()
 	spool.RemoveStaleTemps(dir, time.Hour)
-	files, err := spool.Files(dir)
+	l, err := spool.Scan(dir)
 	if err != nil {
 		a.log.Error("list spool", "dir", dir, "err", err)
 		return
 	}
+	a.noteOdd(l.Odd)
+	files := l.Files
 	defer a.spoolTries.keepOnly(files)
 	for _, f := range files {
 		a.spoolBeat.Store(time.Now().UnixNano())
@@ -515,7 +517,7 @@ func (a *Agent) importSpool(ctx context.Context) {
 			continue
 		}
 		if qerr := spool.Quarantine(f); qerr != nil {
-			a.log.Error("quarantine spool file", "file", f, "err", qerr)
+			a.log.Error("spool file not imported after repeated attempts, and it could not be renamed to .bad; tried again at the next import", "file", f, "attempts", n, "reason", err, "err", qerr)
 			continue
 		}
 		a.spoolTries.forget(f)
@@ -528,8 +530,11 @@ func (a *Agent) importSpool(ctx context.Context) {
 func (a *Agent) importSpoolFile(ctx context.Context, f string) error {
 	e, err := spool.Read(f)
 	if err != nil {
+		if qerr := spool.Quarantine(f); qerr != nil {
+			a.log.Error("unreadable spool file, and it could not be renamed to .bad; tried again at the next import", "file", f, "err", err, "rename_err", qerr)
+			return nil
+		}
 		a.log.Error("unreadable spool file; renamed to .bad", "file", f, "err", err)
-		spool.Quarantine(f)
 		return nil
 	}
 	if e.Floating && e.Drv != "" {
@@ -562,10 +567,12 @@ func (a *Agent) importSpoolFile(ctx context.Context, f string) error {
 	}
 	if len(good) > 0 {
 		a.realiser.Note(drv, good...)
+		a.rootsMu.RLock() // see unroot
 		if err := a.roots.AddAll(good); err != nil {
 			a.log.Warn("gc root", "file", f, "err", err)
 		}
 		res, err := a.queue.Enqueue(good, drv, a.now())
+		a.rootsMu.RUnlock()
 		if err != nil {
 			a.setStateErr(err)
 			return err
@@ -577,6 +584,14 @@ func (a *Agent) importSpoolFile(ctx context.Context, f string) error {
 		return nil // committed: importing it again changes nothing
 	}
 	a.log.Info("imported spool file", "file", f, "paths", len(good))
+	if e.Drv != "" {
+		// The hook rooted the derivation while the request was spooled;
+		// queued requests keep their derivations as hooks that reach
+		// agentd do.
+		if err := a.unroot(e.Drv); err != nil {
+			a.log.Warn("remove gc root", "path", e.Drv, "err", err)
+		}
+	}
 	return nil
 }
 

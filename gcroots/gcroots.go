@@ -12,6 +12,12 @@
 // missing for a path whose request was acknowledged or spooled. Removals are
 // not synced: a root that comes back after a crash only keeps a path alive
 // until agentd reconciles the directory at its next start.
+//
+// A root may be shared: the hook may find the root of a path agentd is
+// about to release and spool a request for that path. The directory's lock
+// orders the two: the hook holds it shared from rooting until its spool file
+// is in place, and agentd holds it exclusively while it decides, from the
+// spool and the queue, which roots to remove and removes them.
 package gcroots
 
 import (
@@ -20,6 +26,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/nixspool/nixspool/atomicfile"
 )
@@ -49,6 +57,40 @@ func (r *Roots) Enabled() bool { return r.dir != "" }
 
 // Dir is the roots directory ("" when disabled).
 func (r *Roots) Dir() string { return r.dir }
+
+// Lock takes the directory's lock (see the package comment), shared or
+// exclusive, waiting at most wait for it. It returns the function that
+// releases it. A disabled Roots has nothing to lock.
+func (r *Roots) Lock(exclusive bool, wait time.Duration) (unlock func(), err error) {
+	if r.dir == "" {
+		return func() {}, nil
+	}
+	f, err := os.Open(r.dir)
+	if err != nil {
+		return nil, fmt.Errorf("gc roots: lock %s: %w", r.dir, err)
+	}
+	how := unix.LOCK_SH
+	if exclusive {
+		how = unix.LOCK_EX
+	}
+	deadline := time.Now().Add(wait)
+	for {
+		err = unix.Flock(int(f.Fd()), how|unix.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil // closing releases the lock
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
+			break
+		}
+		if time.Now().After(deadline) {
+			err = fmt.Errorf("held by another process for %s", wait)
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	f.Close()
+	return nil, fmt.Errorf("gc roots: lock %s: %w", r.dir, err)
+}
 
 // Add makes storePath a GC root, durably. It is idempotent.
 func (r *Roots) Add(storePath string) error { return r.AddAll([]string{storePath}) }
