@@ -440,8 +440,8 @@ func (a *Agent) snapshot() (metrics.Snapshot, error) {
 	return snap, nil
 }
 
-// recover re-creates GC roots for every queued path (a crash may have lost
-// some) and removes roots of paths that are neither queued nor held by the
+// recover re-creates GC roots for every queued path and its derivations (a
+// crash may have lost some) and removes roots of paths that are neither queued nor held by the
 // spool (the hook roots what it spools; a spooled request whose import was
 // postponed, or that was set aside, keeps its roots). The queue and the
 // spool are read under the locks that enqueues, imports and spooling hooks
@@ -464,11 +464,10 @@ func (a *Agent) recover(ctx context.Context) error {
 		return err
 	}
 	_, spooled := a.spooled()
-	keep := make([]string, 0, len(jobs)+len(spooled))
+	keep := gcroots.Named(spooled)
 	for _, j := range jobs {
-		keep = append(keep, j.Path)
+		jobRoots(keep, j.Path, j.Derivations()...)
 	}
-	keep = append(keep, spooled...)
 	added, removed, err := a.roots.Reconcile(keep, time.Minute)
 	if added+removed > 0 {
 		a.log.Info("reconciled gc roots", "added", added, "removed", removed)

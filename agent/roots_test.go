@@ -40,7 +40,7 @@ func TestUnrootKeepsRequeuedPath(t *testing.T) {
 	if err != nil || !res[0].New {
 		t.Fatalf("enqueue again: %+v %v", res, err)
 	}
-	if err := a.unroot(p); err != nil {
+	if err := a.unroot(p, nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Lstat(link); err != nil {
@@ -52,7 +52,7 @@ func TestUnrootKeepsRequeuedPath(t *testing.T) {
 	if err := a.queue.Ack(job.ID, queue.Totals{}); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.unroot(p); err != nil {
+	if err := a.unroot(p, nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Lstat(link); !os.IsNotExist(err) {
@@ -92,7 +92,7 @@ func TestUnrootKeepsSpooledPath(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, q := range []string{p, drv} {
-		if err := a.unroot(q); err != nil {
+		if err := a.unroot(q, nil); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -102,7 +102,7 @@ func TestUnrootKeepsSpooledPath(t *testing.T) {
 	if err := spool.Quarantine(f); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.unroot(p); err != nil {
+	if err := a.unroot(p, nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Lstat(link); err != nil {
@@ -111,7 +111,7 @@ func TestUnrootKeepsSpooledPath(t *testing.T) {
 	if err := os.Remove(f + ".bad"); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.unroot(p); err != nil {
+	if err := a.unroot(p, nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Lstat(link); !os.IsNotExist(err) {

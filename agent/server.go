@@ -309,7 +309,7 @@ func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer, pro
 		if err != nil {
 			return &protocol.Response{Error: err.Error()}
 		}
-		if err := a.unroot(j.Path); err != nil {
+		if err := a.unroot(j.Path, j.Derivations()); err != nil {
 			a.log.Warn("remove gc root", "path", j.Path, "err", err)
 		}
 		// A job being uploaded is stopped; its worker discards the
@@ -448,7 +448,11 @@ func (a *Agent) enqueue(ctx context.Context, paths []string, drv string) ([]prot
 	}
 	a.rootsMu.RLock() // see unroot
 	rooted := make(chan error, 1)
-	go func() { rooted <- a.roots.AddAll(paths) }()
+	roots := map[string]string{}
+	for _, p := range paths {
+		jobRoots(roots, p, drv)
+	}
+	go func() { rooted <- a.roots.AddNamed(roots) }()
 	res, err := a.queue.Enqueue(paths, drv, a.now())
 	rerr := <-rooted
 	a.rootsMu.RUnlock()
@@ -568,7 +572,11 @@ func (a *Agent) importSpoolFile(ctx context.Context, f string) error {
 	if len(good) > 0 {
 		a.realiser.Note(drv, good...)
 		a.rootsMu.RLock() // see unroot
-		if err := a.roots.AddAll(good); err != nil {
+		roots := map[string]string{}
+		for _, p := range good {
+			jobRoots(roots, p, drv)
+		}
+		if err := a.roots.AddNamed(roots); err != nil {
 			a.log.Warn("gc root", "file", f, "err", err)
 		}
 		res, err := a.queue.Enqueue(good, drv, a.now())
@@ -588,7 +596,7 @@ func (a *Agent) importSpoolFile(ctx context.Context, f string) error {
 		// The hook rooted the derivation while the request was spooled;
 		// queued requests keep their derivations as hooks that reach
 		// agentd do.
-		if err := a.unroot(e.Drv); err != nil {
+		if err := a.unrootSpooled(e.Drv); err != nil {
 			a.log.Warn("remove gc root", "path", e.Drv, "err", err)
 		}
 	}
