@@ -201,3 +201,46 @@ func TestRecoverKeepsRootsOfSetAsideRequests(t *testing.T) {
 		}
 	}
 }
+
+// TestDerivationRootsFollowJobs: a queued job keeps its derivation alive
+// (agentd reads it for the realisations at upload, possibly after a store
+// collection); each output's job holds a root of its own, so the first
+// output uploaded does not release the derivation the other still needs.
+func TestDerivationRootsFollowJobs(t *testing.T) {
+	a := testAgent(t)
+	out := "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-multi"
+	dev := "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-multi-dev"
+	drv := "/nix/store/dddddddddddddddddddddddddddddddd-multi.drv"
+	a.checkStore = &fakeStore{valid: map[string]bool{out: true, dev: true}}
+	if _, err := a.enqueue(context.Background(), []string{out, dev}, drv); err != nil {
+		t.Fatal(err)
+	}
+	drvRooted := func() int {
+		n := 0
+		ents, _ := os.ReadDir(a.roots.Dir())
+		for _, e := range ents {
+			if target, err := os.Readlink(filepath.Join(a.roots.Dir(), e.Name())); err == nil && target == drv {
+				n++
+			}
+		}
+		return n
+	}
+	if n := drvRooted(); n != 2 {
+		t.Fatalf("%d roots of the derivation of two queued outputs, want 2", n)
+	}
+	for i := 2; i > 0; i-- {
+		job, err := a.queue.Lease(time.Now())
+		if err != nil || job == nil {
+			t.Fatalf("lease: %v %v", job, err)
+		}
+		if err := a.queue.Ack(job.ID, queue.Totals{}); err != nil {
+			t.Fatal(err)
+		}
+		if err := a.unroot(job.Path, job.Derivations()); err != nil {
+			t.Fatal(err)
+		}
+		if n := drvRooted(); n != i-1 {
+			t.Fatalf("after an upload: %d roots of the derivation, want %d", n, i-1)
+		}
+	}
+}
