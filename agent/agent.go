@@ -450,25 +450,34 @@ func (a *Agent) snapshot() (metrics.Snapshot, error) {
 	return snap, nil
 }
 
-// recover re-creates GC roots for every queued path (a crash may have lost
-// some) and removes roots of paths that are neither queued nor waiting in
-// the spool (the hook roots what it spools; a spooled request whose import
-// was postponed keeps its roots). Roots younger than a minute are spared:
-// a hook may be spooling right now.
+// recover re-creates GC roots for every queued path and its derivations (a
+// crash may have lost some) and removes roots of paths that are neither queued nor held by the
+// spool (the hook roots what it spools; a spooled request whose import was
+// postponed, or that was set aside, keeps its roots). The queue and the
+// spool are read under the locks that enqueues, imports and spooling hooks
+// hold from rooting to commit (see unroot), so a root one of them found in
+// place is not removed under it. Roots younger than a minute are spared
+// too, for a hook that does not take the lock.
 func (a *Agent) recover(ctx context.Context) error {
 	if !a.roots.Enabled() {
 		return nil
 	}
+	a.rootsMu.Lock()
+	defer a.rootsMu.Unlock()
+	unlock, err := a.roots.Lock(true, rootsLockWait)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	jobs, err := a.queue.List("", 1<<31)
 	if err != nil {
 		return err
 	}
 	_, spooled := a.spooled()
-	keep := make([]string, 0, len(jobs)+len(spooled))
+	keep := gcroots.Named(spooled)
 	for _, j := range jobs {
-		keep = append(keep, j.Path)
+		jobRoots(keep, j.Path, j.Derivations()...)
 	}
-	keep = append(keep, spooled...)
 	added, removed, err := a.roots.Reconcile(keep, time.Minute)
 	if added+removed > 0 {
 		a.log.Info("reconciled gc roots", "added", added, "removed", removed)

@@ -1,14 +1,47 @@
 package agent
 
-import "fmt"
+import (
+	"fmt"
+	"path/filepath"
+	"slices"
+	"time"
 
-// unroot removes the GC root of path, whose job was just acknowledged or
-// dropped, unless the path is queued again. An enqueue roots its paths
-// before its jobs commit and finds the root of a job that is going away
-// already there; removing that root afterwards would leave the new job
-// unrooted. Enqueues therefore hold rootsMu shared from rooting to commit,
-// and unroot checks the queue under rootsMu held exclusively.
-func (a *Agent) unroot(path string) error {
+	"github.com/nixspool/nixspool/gcroots"
+)
+
+// rootsLockWait bounds how long a removal of GC roots waits for hooks that
+// are rooting and spooling (each holds the roots directory's lock for the
+// few writes that takes).
+const rootsLockWait = 10 * time.Second
+
+// unroot removes the GC roots of path, whose job (requested for the
+// derivations drvs) was just acknowledged or dropped: the path's, unless
+// the path is queued again or waits in the spool, and the job's roots of
+// its derivations. An enqueue roots its paths before its jobs commit and
+// finds the root of a job that is going away already there; removing that
+// root afterwards would leave the new job unrooted. Enqueues (and spool
+// imports) therefore hold rootsMu shared from rooting to commit, and unroot
+// checks the queue under rootsMu held exclusively. A hook that spools the
+// path finds the root in place the same way: it holds the roots directory's
+// lock shared from rooting until its spool file is written, and unroot
+// checks the spool under that lock held exclusively.
+func (a *Agent) unroot(path string, drvs []string) error {
+	return a.removeRoots(path, drvs)
+}
+
+// unrootSpooled removes the root the hook made for the derivation of a
+// spool file just imported, unless another spool file needs it. The jobs
+// the import queued keep the derivation with roots of their own.
+func (a *Agent) unrootSpooled(drv string) error {
+	return a.removeRoots(drv, nil)
+}
+
+// removeRoots removes the roots of path (unless it is queued or spooled) and
+// of its derivations drvs (unless it is queued).
+func (a *Agent) removeRoots(path string, drvs []string) error {
+	if !a.roots.Enabled() {
+		return nil
+	}
 	a.rootsMu.Lock()
 	defer a.rootsMu.Unlock()
 	queued, err := a.queue.Queued(path)
@@ -18,5 +51,30 @@ func (a *Agent) unroot(path string) error {
 	if queued {
 		return nil
 	}
+	for _, d := range drvs {
+		if err := a.roots.RemoveNamed(gcroots.DerivationRoot(d, path)); err != nil {
+			return err
+		}
+	}
+	unlock, err := a.roots.Lock(true, rootsLockWait)
+	if err != nil {
+		return fmt.Errorf("remove gc root for %s: %w", path, err)
+	}
+	defer unlock()
+	if _, held := a.spooled(); slices.Contains(held, path) {
+		return nil
+	}
 	return a.roots.Remove(path)
+}
+
+// jobRoots are the roots a job needs: its path's, and one for each of its
+// derivations (see gcroots.DerivationRoot), added to roots.
+func jobRoots(roots map[string]string, path string, drvs ...string) map[string]string {
+	roots[filepath.Base(path)] = path
+	for _, d := range drvs {
+		if d != "" {
+			roots[gcroots.DerivationRoot(d, path)] = d
+		}
+	}
+	return roots
 }

@@ -1,12 +1,14 @@
 package agent
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/nixspool/nixspool/queue"
+	"github.com/nixspool/nixspool/spool"
 )
 
 // TestUnrootKeepsRequeuedPath: the GC root removal that follows an ack
@@ -38,7 +40,7 @@ func TestUnrootKeepsRequeuedPath(t *testing.T) {
 	if err != nil || !res[0].New {
 		t.Fatalf("enqueue again: %+v %v", res, err)
 	}
-	if err := a.unroot(p); err != nil {
+	if err := a.unroot(p, nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Lstat(link); err != nil {
@@ -50,10 +52,195 @@ func TestUnrootKeepsRequeuedPath(t *testing.T) {
 	if err := a.queue.Ack(job.ID, queue.Totals{}); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.unroot(p); err != nil {
+	if err := a.unroot(p, nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Lstat(link); !os.IsNotExist(err) {
 		t.Fatalf("root of an uploaded path kept: %v", err)
+	}
+}
+
+// TestUnrootKeepsSpooledPath: a hook that spools a request for a path
+// whose job is being uploaded finds the job's root in place and makes none
+// of its own; the root removal after the job's ack leaves it, and the
+// derivation's, while the spool holds the request, also once the request is
+// set aside (*.bad).
+func TestUnrootKeepsSpooledPath(t *testing.T) {
+	a := testAgent(t)
+	p := "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-spooled-again"
+	drv := "/nix/store/dddddddddddddddddddddddddddddddd-spooled-again.drv"
+	link := filepath.Join(a.roots.Dir(), filepath.Base(p))
+	if err := a.roots.AddAll([]string{p}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.queue.Enqueue([]string{p}, "", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	job, err := a.queue.Lease(time.Now())
+	if err != nil || job == nil {
+		t.Fatalf("lease: %v %v", job, err)
+	}
+	// The hook, agentd out of reach: roots (the root is there) and spools.
+	if err := a.roots.AddAll([]string{p, drv}); err != nil {
+		t.Fatal(err)
+	}
+	f, err := spool.Write(a.spoolDir(), spool.Entry{Paths: []string{p}, Drv: drv})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.queue.Ack(job.ID, queue.Totals{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []string{p, drv} {
+		if err := a.unroot(q, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := os.Lstat(link); err != nil {
+		t.Fatalf("root of a spooled path removed by the previous job's ack: %v", err)
+	}
+	if err := spool.Quarantine(f); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.unroot(p, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(link); err != nil {
+		t.Fatalf("root of a path of a request set aside removed: %v", err)
+	}
+	if err := os.Remove(f + ".bad"); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.unroot(p, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(link); !os.IsNotExist(err) {
+		t.Fatalf("root kept once nothing needs it: %v", err)
+	}
+}
+
+// TestRecoverWaitsForSpoolingHook: the start-up reconciliation of GC roots
+// runs while hooks may be spooling (the socket is open, requests are not
+// served yet). A hook that finds an old root of its path in place (left
+// by an upload that finished just before a crash) holds the roots lock
+// until its spool file is written; the reconciliation waits for it and
+// keeps the root.
+func TestRecoverWaitsForSpoolingHook(t *testing.T) {
+	a := testAgent(t)
+	p := "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-old-root"
+	if err := a.roots.AddAll([]string{p}); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(a.roots.Dir(), filepath.Base(p))
+	age(t, link, time.Hour)
+
+	// The hook: lock, root (present already), then spool.
+	unlock, err := a.roots.Lock(false, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.roots.AddAll([]string{p}); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- a.recover(context.Background()) }()
+	select {
+	case err := <-done:
+		unlock()
+		t.Fatalf("reconciliation ran while a hook held the roots lock (err %v)", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	if _, err := spool.Write(a.spoolDir(), spool.Entry{Paths: []string{p}}); err != nil {
+		t.Fatal(err)
+	}
+	unlock()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(rootsLockWait + 5*time.Second):
+		t.Fatal("reconciliation did not finish once the hook released the lock")
+	}
+	if _, err := os.Lstat(link); err != nil {
+		t.Fatalf("root of a path spooled during the reconciliation removed: %v", err)
+	}
+}
+
+// TestRecoverKeepsRootsOfSetAsideRequests: the paths and derivations of
+// spool files (waiting, or set aside as *.bad for an operator) keep their
+// roots across a restart.
+func TestRecoverKeepsRootsOfSetAsideRequests(t *testing.T) {
+	a := testAgent(t)
+	bad := "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-set-aside"
+	badDrv := "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-set-aside.drv"
+	waitingDrv := "/nix/store/cccccccccccccccccccccccccccccccc-waiting.drv"
+	f, err := spool.Write(a.spoolDir(), spool.Entry{Paths: []string{bad}, Drv: badDrv, Floating: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := spool.Quarantine(f); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := spool.Write(a.spoolDir(), spool.Entry{Drv: waitingDrv, Floating: true}); err != nil {
+		t.Fatal(err)
+	}
+	all := []string{bad, badDrv, waitingDrv}
+	if err := a.roots.AddAll(all); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range all {
+		age(t, filepath.Join(a.roots.Dir(), filepath.Base(p)), time.Hour)
+	}
+	if err := a.recover(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range all {
+		if _, err := os.Lstat(filepath.Join(a.roots.Dir(), filepath.Base(p))); err != nil {
+			t.Errorf("root of %s removed at start: %v", p, err)
+		}
+	}
+}
+
+// TestDerivationRootsFollowJobs: a queued job keeps its derivation alive
+// (agentd reads it for the realisations at upload, possibly after a store
+// collection); each output's job holds a root of its own, so the first
+// output uploaded does not release the derivation the other still needs.
+func TestDerivationRootsFollowJobs(t *testing.T) {
+	a := testAgent(t)
+	out := "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-multi"
+	dev := "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-multi-dev"
+	drv := "/nix/store/dddddddddddddddddddddddddddddddd-multi.drv"
+	a.checkStore = &fakeStore{valid: map[string]bool{out: true, dev: true}}
+	if _, err := a.enqueue(context.Background(), []string{out, dev}, drv); err != nil {
+		t.Fatal(err)
+	}
+	drvRooted := func() int {
+		n := 0
+		ents, _ := os.ReadDir(a.roots.Dir())
+		for _, e := range ents {
+			if target, err := os.Readlink(filepath.Join(a.roots.Dir(), e.Name())); err == nil && target == drv {
+				n++
+			}
+		}
+		return n
+	}
+	if n := drvRooted(); n != 2 {
+		t.Fatalf("%d roots of the derivation of two queued outputs, want 2", n)
+	}
+	for i := 2; i > 0; i-- {
+		job, err := a.queue.Lease(time.Now())
+		if err != nil || job == nil {
+			t.Fatalf("lease: %v %v", job, err)
+		}
+		if err := a.queue.Ack(job.ID, queue.Totals{}); err != nil {
+			t.Fatal(err)
+		}
+		if err := a.unroot(job.Path, job.Derivations()); err != nil {
+			t.Fatal(err)
+		}
+		if n := drvRooted(); n != i-1 {
+			t.Fatalf("after an upload: %d roots of the derivation, want %d", n, i-1)
+		}
 	}
 }

@@ -272,7 +272,7 @@ func (a *Agent) serveRequest(ctx context.Context, req *protocol.Request, p peer,
 		if err != nil {
 			return &protocol.Response{Error: err.Error()}
 		}
-		if err := a.unroot(j.Path); err != nil {
+		if err := a.unroot(j.Path, j.Derivations()); err != nil {
 			a.log.Warn("remove gc root", "path", j.Path, "err", err)
 		}
 		// A job being uploaded is stopped; its worker discards the
@@ -411,7 +411,11 @@ func (a *Agent) enqueue(ctx context.Context, paths []string, drv string) ([]prot
 	}
 	a.rootsMu.RLock() // see unroot
 	rooted := make(chan error, 1)
-	go func() { rooted <- a.roots.AddAll(paths) }()
+	roots := map[string]string{}
+	for _, p := range paths {
+		jobRoots(roots, p, drv)
+	}
+	go func() { rooted <- a.roots.AddNamed(roots) }()
 	res, err := a.queue.Enqueue(paths, drv, a.now())
 	rerr := <-rooted
 	a.rootsMu.RUnlock()
@@ -452,11 +456,13 @@ func (a *Agent) logRequeued(res []queue.EnqueueResult) {
 func (a *Agent) importSpool(ctx context.Context) {
 	dir := a.spoolDir()
 	spool.RemoveStaleTemps(dir, time.Hour)
-	files, err := spool.Files(dir)
+	l, err := spool.Scan(dir)
 	if err != nil {
 		a.log.Error("list spool", "dir", dir, "err", err)
 		return
 	}
+	a.noteOdd(l.Odd)
+	files := l.Files
 	defer a.spoolTries.keepOnly(files)
 	for _, f := range files {
 		a.spoolBeat.Store(time.Now().UnixNano())
@@ -478,7 +484,7 @@ func (a *Agent) importSpool(ctx context.Context) {
 			continue
 		}
 		if qerr := spool.Quarantine(f); qerr != nil {
-			a.log.Error("quarantine spool file", "file", f, "err", qerr)
+			a.log.Error("spool file not imported after repeated attempts, and it could not be renamed to .bad; tried again at the next import", "file", f, "attempts", n, "reason", err, "err", qerr)
 			continue
 		}
 		a.spoolTries.forget(f)
@@ -491,8 +497,11 @@ func (a *Agent) importSpool(ctx context.Context) {
 func (a *Agent) importSpoolFile(ctx context.Context, f string) error {
 	e, err := spool.Read(f)
 	if err != nil {
+		if qerr := spool.Quarantine(f); qerr != nil {
+			a.log.Error("unreadable spool file, and it could not be renamed to .bad; tried again at the next import", "file", f, "err", err, "rename_err", qerr)
+			return nil
+		}
 		a.log.Error("unreadable spool file; renamed to .bad", "file", f, "err", err)
-		spool.Quarantine(f)
 		return nil
 	}
 	if e.Floating && e.Drv != "" {
@@ -525,10 +534,16 @@ func (a *Agent) importSpoolFile(ctx context.Context, f string) error {
 	}
 	if len(good) > 0 {
 		a.realiser.Note(drv, good...)
-		if err := a.roots.AddAll(good); err != nil {
+		a.rootsMu.RLock() // see unroot
+		roots := map[string]string{}
+		for _, p := range good {
+			jobRoots(roots, p, drv)
+		}
+		if err := a.roots.AddNamed(roots); err != nil {
 			a.log.Warn("gc root", "file", f, "err", err)
 		}
 		res, err := a.queue.Enqueue(good, drv, a.now())
+		a.rootsMu.RUnlock()
 		if err != nil {
 			a.setStateErr(err)
 			return err
@@ -540,6 +555,14 @@ func (a *Agent) importSpoolFile(ctx context.Context, f string) error {
 		return nil // committed: importing it again changes nothing
 	}
 	a.log.Info("imported spool file", "file", f, "paths", len(good))
+	if e.Drv != "" {
+		// The hook rooted the derivation while the request was spooled;
+		// queued requests keep their derivations as hooks that reach
+		// agentd do.
+		if err := a.unrootSpooled(e.Drv); err != nil {
+			a.log.Warn("remove gc root", "path", e.Drv, "err", err)
+		}
+	}
 	return nil
 }
 

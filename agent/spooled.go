@@ -17,39 +17,77 @@ import (
 // wait polls it), so each file is read once.
 type spoolCache struct {
 	mu    sync.Mutex
-	paths map[string][]string // spool file → its paths
+	paths map[string]spool.Entry // spool file → its paths and derivation
+	odd   map[string]bool        // odd entries already warned about
 }
 
 // spooled lists the requests waiting in the spool directory (requests the
-// hook could not hand to agentd) and their paths. An unreadable file counts
-// as a request without paths until the next import sets it aside.
-func (a *Agent) spooled() (protocol.Spooled, []string) {
-	var s protocol.Spooled
-	files, err := spool.Files(a.spoolDir())
-	if err != nil || len(files) == 0 {
+// hook could not hand to agentd). held are the paths whose GC roots the
+// spool needs: the paths and derivations of the waiting requests and of the
+// requests set aside (*.bad: kept for an operator, who may import them
+// again by renaming them back). An unreadable file counts as a request without paths until the
+// next import sets it aside.
+func (a *Agent) spooled() (s protocol.Spooled, held []string) {
+	l, err := spool.Scan(a.spoolDir())
+	if err != nil {
+		a.log.Warn("list spool", "dir", a.spoolDir(), "err", err)
+		return s, nil
+	}
+	a.noteOdd(l.Odd)
+	if len(l.Files)+len(l.Bad) == 0 {
 		return s, nil
 	}
 	a.spoolSeen.mu.Lock()
 	defer a.spoolSeen.mu.Unlock()
 	if a.spoolSeen.paths == nil {
-		a.spoolSeen.paths = map[string][]string{}
+		a.spoolSeen.paths = map[string]spool.Entry{}
 	}
-	seen := make(map[string][]string, len(files))
-	var paths []string
-	for _, f := range files {
-		ps, ok := a.spoolSeen.paths[f]
+	seen := make(map[string]spool.Entry, len(l.Files)+len(l.Bad))
+	read := func(f string) spool.Entry {
+		e, ok := a.spoolSeen.paths[f]
 		if !ok {
-			if e, err := spool.Read(f); err == nil {
-				ps = e.Paths
-			}
+			e, _ = spool.Read(f)
+			e = spool.Entry{Paths: e.Paths, Drv: e.Drv}
 		}
-		seen[f] = ps
-		paths = append(paths, ps...)
+		seen[f] = e
+		if e.Drv != "" {
+			held = append(held, e.Drv)
+		}
+		held = append(held, e.Paths...)
+		return e
+	}
+	for _, f := range l.Files {
+		s.Paths += len(read(f).Paths)
+	}
+	for _, f := range l.Bad {
+		read(f)
 	}
 	a.spoolSeen.paths = seen
-	s.Files, s.Paths = len(files), len(paths)
-	s.OldestAt = spoolFileTime(files[0]).Unix() // files are sorted oldest first
-	return s, paths
+	s.Files = len(l.Files)
+	if len(l.Files) > 0 {
+		s.OldestAt = spoolFileTime(l.Files[0]).Unix() // files are sorted oldest first
+	}
+	return s, held
+}
+
+// noteOdd warns, once per entry, about entries in the spool directory that
+// no writer of the spool makes (symlinks, directories, other names): they
+// are never read, and an operator should know they are there.
+func (a *Agent) noteOdd(odd []string) {
+	if len(odd) == 0 {
+		return
+	}
+	a.spoolSeen.mu.Lock()
+	defer a.spoolSeen.mu.Unlock()
+	if a.spoolSeen.odd == nil {
+		a.spoolSeen.odd = map[string]bool{}
+	}
+	for _, f := range odd {
+		if !a.spoolSeen.odd[f] {
+			a.spoolSeen.odd[f] = true
+			a.log.Warn("spool directory entry ignored: not a spool file (symlinks, directories and other names are never read)", "entry", f)
+		}
+	}
 }
 
 // spoolFileTime is when the hook wrote a spool file: its name starts with

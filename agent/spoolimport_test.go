@@ -3,7 +3,11 @@ package agent
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"os"
+	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 
 	"github.com/nixspool/nixspool/nixstore"
@@ -83,4 +87,67 @@ func TestSpoolFileTheDaemonRejectsDoesNotStallTheSpool(t *testing.T) {
 	if files, _ := spool.Files(a.spoolDir()); len(files) != 0 {
 		t.Fatalf("spool files left: %v", files)
 	}
+}
+
+// TestSpoolOddEntriesAndFailedRenames: entries of the spool directory no
+// writer makes (a symlink, a directory, another name) are never read and
+// are reported once each; an unreadable file that cannot be renamed *.bad
+// is reported as such, kept, and not counted as set aside.
+func TestSpoolOddEntriesAndFailedRenames(t *testing.T) {
+	a := testAgent(t)
+	var logs lockedLog
+	a.log = slog.New(slog.NewTextHandler(&logs, nil))
+	a.realiser = realisation.New(realisation.Options{})
+	a.checkStore = &fakeStore{}
+	dir := a.spoolDir()
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	target := filepath.Join(t.TempDir(), "elsewhere.json")
+	os.WriteFile(target, []byte(`{"paths":[]}`), 0o600)
+	if err := os.Symlink(target, filepath.Join(dir, "1-link.json")); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, "notes.txt"), nil, 0o600)
+	garbage := filepath.Join(dir, "2-garbage.json")
+	os.WriteFile(garbage, []byte("not json"), 0o600)
+	// A directory in the way of the rename.
+	if err := os.MkdirAll(filepath.Join(garbage+".bad", "x"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		a.importSpool(context.Background())
+	}
+	out := logs.String()
+	for _, want := range []string{"1-link.json", "notes.txt", "2-garbage.json.bad"} {
+		if n := strings.Count(out, "spool directory entry ignored"); n != 3 || !strings.Contains(out, want) {
+			t.Errorf("odd entry %s: %d reports, want each once:\n%s", want, n, out)
+		}
+	}
+	if strings.Contains(out, "unreadable spool file; renamed to .bad") || !strings.Contains(out, "could not be renamed to .bad") {
+		t.Errorf("a failed rename is not reported as such:\n%s", out)
+	}
+	if _, err := os.Stat(garbage); err != nil {
+		t.Errorf("the file that could not be renamed is gone: %v", err)
+	}
+	if _, err := os.Stat(target); err != nil {
+		t.Errorf("the symlink's target was touched: %v", err)
+	}
+}
+
+type lockedLog struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

@@ -133,7 +133,7 @@ func (a *Agent) process(job *queue.Job) {
 				log.Error("ack", "err", err)
 				return
 			}
-			if err := a.unroot(job.Path); err != nil {
+			if err := a.unroot(job.Path, job.Derivations()); err != nil {
 				log.Warn("remove gc root", "err", err)
 			}
 			a.realiseLate(job, noted)

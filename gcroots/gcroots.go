@@ -12,6 +12,12 @@
 // missing for a path whose request was acknowledged or spooled. Removals are
 // not synced: a root that comes back after a crash only keeps a path alive
 // until agentd reconciles the directory at its next start.
+//
+// A root may be shared: the hook may find the root of a path agentd is
+// about to release and spool a request for that path. The directory's lock
+// orders the two: the hook holds it shared from rooting until its spool file
+// is in place, and agentd holds it exclusively while it decides, from the
+// spool and the queue, which roots to remove and removes them.
 package gcroots
 
 import (
@@ -19,7 +25,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/nixspool/nixspool/atomicfile"
 )
@@ -50,18 +59,73 @@ func (r *Roots) Enabled() bool { return r.dir != "" }
 // Dir is the roots directory ("" when disabled).
 func (r *Roots) Dir() string { return r.dir }
 
+// Lock takes the directory's lock (see the package comment), shared or
+// exclusive, waiting at most wait for it. It returns the function that
+// releases it. A disabled Roots has nothing to lock.
+func (r *Roots) Lock(exclusive bool, wait time.Duration) (unlock func(), err error) {
+	if r.dir == "" {
+		return func() {}, nil
+	}
+	f, err := os.Open(r.dir)
+	if err != nil {
+		return nil, fmt.Errorf("gc roots: lock %s: %w", r.dir, err)
+	}
+	how := unix.LOCK_SH
+	if exclusive {
+		how = unix.LOCK_EX
+	}
+	deadline := time.Now().Add(wait)
+	for {
+		err = unix.Flock(int(f.Fd()), how|unix.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil // closing releases the lock
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
+			break
+		}
+		if time.Now().After(deadline) {
+			err = fmt.Errorf("held by another process for %s", wait)
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	f.Close()
+	return nil, fmt.Errorf("gc roots: lock %s: %w", r.dir, err)
+}
+
 // Add makes storePath a GC root, durably. It is idempotent.
 func (r *Roots) Add(storePath string) error { return r.AddAll([]string{storePath}) }
 
 // AddAll makes every path a GC root and syncs the directory once, if a root
 // was created.
-func (r *Roots) AddAll(paths []string) error {
+func (r *Roots) AddAll(paths []string) error { return r.AddNamed(Named(paths)) }
+
+// Named names the roots of paths as Add does: after their base names.
+func Named(paths []string) map[string]string {
+	m := make(map[string]string, len(paths))
+	for _, p := range paths {
+		m[filepath.Base(p)] = p
+	}
+	return m
+}
+
+// DerivationRoot is the name of the root that keeps the derivation drv
+// alive for the job of path: one per derivation and path, so that the job
+// of one output of a derivation releases only its own.
+func DerivationRoot(drv, path string) string {
+	hash, _, _ := strings.Cut(filepath.Base(path), "-")
+	return filepath.Base(drv) + "@" + hash
+}
+
+// AddNamed makes each target a GC root under its name (name → target) and
+// syncs the directory once, if a root was created.
+func (r *Roots) AddNamed(roots map[string]string) error {
 	if r.dir == "" {
 		return nil
 	}
 	created := false
-	for _, p := range paths {
-		made, err := r.link(p)
+	for name, target := range roots {
+		made, err := r.link(name, target)
 		if err != nil {
 			return err
 		}
@@ -76,10 +140,10 @@ func (r *Roots) AddAll(paths []string) error {
 	return nil
 }
 
-// link creates the root symlink for storePath unless it exists, and
+// link creates the root symlink name to storePath unless it exists, and
 // reports whether it created one.
-func (r *Roots) link(storePath string) (bool, error) {
-	link := filepath.Join(r.dir, filepath.Base(storePath))
+func (r *Roots) link(name, storePath string) (bool, error) {
+	link := filepath.Join(r.dir, name)
 	if target, err := os.Readlink(link); err == nil && target == storePath {
 		return false, nil
 	}
@@ -98,28 +162,27 @@ func (r *Roots) link(storePath string) (bool, error) {
 }
 
 // Remove drops the root for storePath; a missing root is not an error.
-func (r *Roots) Remove(storePath string) error {
+func (r *Roots) Remove(storePath string) error { return r.RemoveNamed(filepath.Base(storePath)) }
+
+// RemoveNamed drops the root called name; a missing root is not an error.
+func (r *Roots) RemoveNamed(name string) error {
 	if r.dir == "" {
 		return nil
 	}
-	err := os.Remove(filepath.Join(r.dir, filepath.Base(storePath)))
+	err := os.Remove(filepath.Join(r.dir, name))
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("remove gc root for %s: %w", storePath, err)
+		return fmt.Errorf("remove gc root %s: %w", name, err)
 	}
 	return nil
 }
 
-// Reconcile makes the directory hold the roots for keep: it adds missing
-// ones (e.g. lost in a crash) and removes the others, except those created
-// less than spare ago: a hook may have just rooted paths for a request it is
-// about to spool.
-func (r *Roots) Reconcile(keep []string, spare time.Duration) (added, removed int, err error) {
+// Reconcile makes the directory hold the roots keep (name → target): it
+// adds missing ones (e.g. lost in a crash) and removes the others, except
+// those created less than spare ago: a hook may have just rooted paths for
+// a request it is about to spool.
+func (r *Roots) Reconcile(want map[string]string, spare time.Duration) (added, removed int, err error) {
 	if r.dir == "" {
 		return 0, 0, nil
-	}
-	want := map[string]string{}
-	for _, p := range keep {
-		want[filepath.Base(p)] = p
 	}
 	ents, err := os.ReadDir(r.dir)
 	if err != nil {
@@ -136,13 +199,13 @@ func (r *Roots) Reconcile(keep []string, spare time.Duration) (added, removed in
 			removed++
 		}
 	}
-	var missing []string
-	for _, p := range want {
-		if _, err := os.Lstat(filepath.Join(r.dir, filepath.Base(p))); err != nil {
-			missing = append(missing, p)
+	missing := map[string]string{}
+	for name, p := range want {
+		if _, err := os.Lstat(filepath.Join(r.dir, name)); err != nil {
+			missing[name] = p
 		}
 	}
-	if err := r.AddAll(missing); err != nil {
+	if err := r.AddNamed(missing); err != nil {
 		return 0, removed, err
 	}
 	return len(missing), removed, nil

@@ -25,7 +25,7 @@ func TestRoots(t *testing.T) {
 	if got, _ := os.Readlink(filepath.Join(dir, filepath.Base(a))); got != a {
 		t.Fatalf("root points at %q", got)
 	}
-	added, removed, err := r.Reconcile([]string{b}, 0)
+	added, removed, err := r.Reconcile(Named([]string{b}), 0)
 	if err != nil || added != 1 || removed != 1 {
 		t.Fatalf("Reconcile = %d, %d, %v", added, removed, err)
 	}

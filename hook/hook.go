@@ -9,22 +9,29 @@
 // Paths it spools are made garbage-collector roots first (in agentd's roots
 // directory, NIXSPOOL_GC_ROOTS), so that a collection before agentd imports
 // the spool cannot delete them; agentd removes the roots once the paths are
-// uploaded. Floating content-addressed outputs are not known to the hook and
-// cannot be rooted before agentd resolves them.
+// uploaded. The derivation is rooted too (agentd reads it for the
+// realisations), and so are floating content-addressed outputs, which have
+// no path in the derivation: the hook asks the Nix daemon for them before it
+// spools. The hook holds the roots directory's lock from rooting until the
+// spool file is in place, so that agentd never removes a root it found in
+// place before agentd can see the spool file that needs it.
 package hook
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
 
 	"github.com/nixspool/nixspool/drvhash"
 	"github.com/nixspool/nixspool/gcroots"
+	"github.com/nixspool/nixspool/nixstore"
 	"github.com/nixspool/nixspool/protocol"
 	"github.com/nixspool/nixspool/spool"
 	"github.com/nixspool/nixspool/storepath"
@@ -147,38 +154,94 @@ func Run(getenv func(string) string, stderr io.Writer) int {
 		err = errors.New(resp.Error)
 	}
 	// Root first: a spooled path is never without a root.
-	rooted := ""
 	if !cfg.gcRootsSet {
 		cfg.GCRoots = RecordedRoots(cfg.StateDir, cfg.GCRoots)
 	}
-	if rerr := rootPaths(cfg.GCRoots, paths); rerr != nil {
-		rooted = fmt.Sprintf(" (NOT protected from garbage collection: %v)", rerr)
-	}
-	file, serr := spool.Write(filepath.Join(cfg.StateDir, "spool"), spool.Entry{Paths: paths, Drv: cfg.DrvPath, Floating: floating})
+	entry := spool.Entry{Paths: paths, Drv: cfg.DrvPath, Floating: floating}
+	unlock, notes := rootForSpool(cfg, &entry)
+	file, serr := spool.Write(filepath.Join(cfg.StateDir, "spool"), entry)
+	unlock()
 	if serr != nil {
-		fmt.Fprintf(stderr, "nixspool: agentd did not take %d path(s) (%v) and spooling failed (%v); they are NOT queued\n", len(paths), err, serr)
+		fmt.Fprintf(stderr, "nixspool: agentd did not take %d path(s) (%v) and spooling failed (%v); they are NOT queued\n", len(entry.Paths), err, serr)
 		return failStatus(cfg.Strict)
 	}
-	fmt.Fprintf(stderr, "nixspool: agentd did not take %d path(s) (%v); spooled to %s%s\n", len(paths), err, file, rooted)
+	fmt.Fprintf(stderr, "nixspool: agentd did not take %d path(s) (%v); spooled to %s%s\n", len(entry.Paths), err, file, notes)
 	return failStatus(cfg.Strict)
 }
 
-// rootPaths makes the store paths among paths GC roots in dir ("": off).
-func rootPaths(dir string, paths []string) error {
+// rootForSpool makes the paths of the request e about to be spooled GC roots
+// in cfg.GCRoots, with its derivation, and adds the realised floating
+// outputs of the derivation to e's paths. It takes the roots directory's
+// lock shared and returns the function that releases it, to be called once
+// the spool file is written. notes says what could not be done.
+func rootForSpool(cfg Config, e *spool.Entry) (unlock func(), notes string) {
+	unlock = func() {}
+	if e.Floating && e.Drv != "" {
+		outs, err := floatingOutputs(e.Drv, cfg.Timeout)
+		if err != nil {
+			// agentd resolves them at import, if the derivation is still
+			// there.
+			notes += fmt.Sprintf(" (floating outputs unknown, NOT protected from garbage collection: %v)", err)
+		}
+		e.Paths = union(e.Paths, outs)
+	}
+	if cfg.GCRoots == "" {
+		return unlock, notes
+	}
 	var roots []string
-	for _, p := range paths {
-		if storepath.Check(storepath.DefaultStoreDir, p) == nil {
+	for _, p := range append(slices.Clone(e.Paths), e.Drv) {
+		if p != "" && storepath.Check(storepath.DefaultStoreDir, p) == nil {
 			roots = append(roots, p)
 		}
 	}
-	if dir == "" || len(roots) == 0 {
-		return nil
+	if len(roots) == 0 {
+		return unlock, notes
 	}
-	r, err := gcroots.New(dir)
+	r, err := gcroots.New(cfg.GCRoots)
+	if err == nil {
+		var uerr error
+		if unlock, uerr = r.Lock(false, cfg.Timeout); uerr != nil {
+			// Rooting anyway: agentd spares roots younger than a minute.
+			unlock = func() {}
+			notes += fmt.Sprintf(" (rooted without the roots lock: %v)", uerr)
+		}
+		err = r.AddAll(roots)
+	}
 	if err != nil {
-		return err
+		notes += fmt.Sprintf(" (NOT protected from garbage collection: %v)", err)
 	}
-	return r.AddAll(roots)
+	return unlock, notes
+}
+
+// floatingOutputs asks the Nix daemon (found as Nix finds it) for the
+// realised outputs of drv.
+func floatingOutputs(drv string, timeout time.Duration) ([]string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	st := nixstore.Open(nixstore.Options{MaxConns: 1})
+	defer st.Close()
+	m, err := st.QueryDerivationOutputMap(ctx, drv)
+	if err != nil {
+		return nil, err
+	}
+	var outs []string
+	for _, p := range m {
+		if p != "" {
+			outs = append(outs, p)
+		}
+	}
+	return outs, nil
+}
+
+// union returns a with the elements of b it lacks appended, sorted.
+func union(a, b []string) []string {
+	for _, p := range b {
+		if !slices.Contains(a, p) {
+			a = append(a, p)
+		}
+	}
+	sort.Strings(a)
+	return a
 }
 
 func failStatus(strict bool) int {

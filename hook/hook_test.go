@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nixspool/nixspool/gcroots"
 	"github.com/nixspool/nixspool/internal/testenv"
 	"github.com/nixspool/nixspool/spool"
 )
@@ -206,5 +207,46 @@ func TestRootsWhereAgentdRecorded(t *testing.T) {
 	}
 	if got, err := os.Readlink(filepath.Join(roots, filepath.Base(p))); err != nil || got != p {
 		t.Fatalf("root = %q, %v; want it in the recorded directory", got, err)
+	}
+}
+
+// TestSpoolsUnderTheRootsLock: the hook roots and spools under the roots
+// directory's lock, shared: while agentd holds it exclusively (to decide
+// which roots to remove) the hook waits, and spools once it is released.
+func TestSpoolsUnderTheRootsLock(t *testing.T) {
+	dir := t.TempDir()
+	p := aStorePath(t)
+	roots := filepath.Join(dir, "gcroots", "nixspool")
+	r, err := gcroots.New(roots)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unlock, err := r.Lock(true, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := map[string]string{
+		"OUT_PATHS":          p,
+		"NIXSPOOL_SOCKET":    filepath.Join(dir, "none.sock"),
+		"NIXSPOOL_STATE_DIR": dir,
+		"NIXSPOOL_TIMEOUT":   "5s",
+		"NIXSPOOL_GC_ROOTS":  roots,
+	}
+	var stderr bytes.Buffer
+	done := make(chan int, 1)
+	go func() { done <- Run(envOf(env), &stderr) }()
+	time.Sleep(300 * time.Millisecond)
+	_, rerr := os.Lstat(filepath.Join(roots, filepath.Base(p)))
+	files, _ := spool.Files(filepath.Join(dir, "spool"))
+	unlock()
+	if rerr == nil || len(files) != 0 {
+		<-done
+		t.Fatalf("the hook rooted (%v) or spooled (%v) while agentd held the roots lock", rerr == nil, files)
+	}
+	if code := <-done; code != 0 || !strings.Contains(stderr.String(), "spooled to") || strings.Contains(stderr.String(), "without the roots lock") {
+		t.Fatalf("exit %d, stderr %q", code, stderr.String())
+	}
+	if _, err := os.Lstat(filepath.Join(roots, filepath.Base(p))); err != nil {
+		t.Fatalf("not rooted: %v", err)
 	}
 }

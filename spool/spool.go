@@ -31,6 +31,9 @@ type Entry struct {
 
 const suffix = ".json"
 
+// badSuffix is added to the name of a file set aside.
+const badSuffix = ".bad"
+
 // maxFileSize bounds what Read accepts from one spool file.
 const maxFileSize = 1 << 20
 
@@ -59,21 +62,46 @@ func Write(dir string, e Entry) (string, error) {
 // Files lists the complete spool files in dir, oldest first. A missing
 // directory holds no files.
 func Files(dir string) ([]string, error) {
+	l, err := Scan(dir)
+	return l.Files, err
+}
+
+// Listing is what a spool directory holds.
+type Listing struct {
+	Files []string // requests waiting to be imported, oldest first
+	Bad   []string // requests set aside (Quarantine), kept for an operator
+	// Odd are entries no writer of the spool makes: symlinks, directories,
+	// other names. They are never read.
+	Odd []string
+}
+
+// Scan lists the spool directory dir (a missing one is empty). Temp files
+// of writers are left out.
+func Scan(dir string) (Listing, error) {
+	var l Listing
 	ents, err := os.ReadDir(dir)
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
+		return l, nil
 	}
 	if err != nil {
-		return nil, err
+		return l, err
 	}
-	var out []string
 	for _, e := range ents {
-		if e.Type().IsRegular() && strings.HasSuffix(e.Name(), suffix) && !strings.HasPrefix(e.Name(), ".") {
-			out = append(out, filepath.Join(dir, e.Name()))
+		name, full := e.Name(), filepath.Join(dir, e.Name())
+		switch {
+		case strings.HasPrefix(name, atomicfile.TempPrefix):
+		case !e.Type().IsRegular() || strings.HasPrefix(name, "."):
+			l.Odd = append(l.Odd, full)
+		case strings.HasSuffix(name, suffix):
+			l.Files = append(l.Files, full)
+		case strings.HasSuffix(name, suffix+badSuffix):
+			l.Bad = append(l.Bad, full)
+		default:
+			l.Odd = append(l.Odd, full)
 		}
 	}
-	sort.Strings(out) // names start with a timestamp
-	return out, nil
+	sort.Strings(l.Files) // names start with a timestamp
+	return l, nil
 }
 
 // Read decodes one spool file.
@@ -106,9 +134,13 @@ func Remove(path string) error {
 }
 
 // Quarantine renames a spool file that cannot be imported so that it is not
-// tried again, keeping it for an operator to inspect.
+// tried again, keeping it for an operator to inspect (renaming it back
+// imports it again), and syncs the directory.
 func Quarantine(path string) error {
-	return os.Rename(path, path+".bad")
+	if err := os.Rename(path, path+badSuffix); err != nil {
+		return fmt.Errorf("spool: set aside: %w", err)
+	}
+	return atomicfile.SyncDir(filepath.Dir(path))
 }
 
 // RemoveStaleTemps removes temp files of writers that died mid-write

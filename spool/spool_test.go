@@ -70,3 +70,26 @@ func TestRemoveStaleTemps(t *testing.T) {
 		t.Error("fresh temp file removed")
 	}
 }
+
+// TestScan: requests waiting, requests set aside and entries no writer
+// makes are told apart; temp files of writers are left out.
+func TestScan(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "spool")
+	f1, _ := Write(dir, Entry{Paths: []string{"/nix/store/a"}})
+	f2, _ := Write(dir, Entry{Paths: []string{"/nix/store/b"}})
+	if err := Quarantine(f2); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, ".tmp-1"), nil, 0o600)
+	os.WriteFile(filepath.Join(dir, "other.txt"), nil, 0o600)
+	os.Symlink(f1, filepath.Join(dir, "9-link.json"))
+	os.Mkdir(filepath.Join(dir, "9-dir.json"), 0o700)
+	l, err := Scan(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	odd := []string{filepath.Join(dir, "9-dir.json"), filepath.Join(dir, "9-link.json"), filepath.Join(dir, "other.txt")}
+	if !reflect.DeepEqual(l.Files, []string{f1}) || !reflect.DeepEqual(l.Bad, []string{f2 + ".bad"}) || !reflect.DeepEqual(l.Odd, odd) {
+		t.Fatalf("Scan = %+v", l)
+	}
+}
