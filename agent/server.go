@@ -643,5 +643,8 @@ func (a *Agent) status() (*protocol.Status, error) {
 		s.RequestWindow, s.RequestsInFlight = ws.Limit, ws.InFlight
 	}
 	s.Spooled = spooled
+	if t := a.timeToCache.stats(now); t.N > 0 {
+		s.TimeToCache = protocol.TimeToCache{Paths: t.N, P50Seconds: t.P50.Seconds(), P99Seconds: t.P99.Seconds()}
+	}
 	return s, nil
 }

@@ -207,6 +207,17 @@ type Status struct {
 	RequestWindow    int     `json:"request_window"`
 	RequestsInFlight int     `json:"requests_in_flight"`
 	Spooled          Spooled `json:"spooled"`
+	// TimeToCache is the time from paths' acknowledgement (by a hook or a
+	// push) to their narinfo being in the cache, over the last 15 minutes.
+	TimeToCache TimeToCache `json:"time_to_cache"`
+}
+
+// TimeToCache summarises the time to cache of the paths done in the last
+// 15 minutes (to within about 5%).
+type TimeToCache struct {
+	Paths      uint64  `json:"paths"` // jobs done in the window
+	P50Seconds float64 `json:"p50_seconds"`
+	P99Seconds float64 `json:"p99_seconds"`
 }
 
 // Spooled counts the requests waiting in the spool directory: hooks that
@@ -390,6 +401,9 @@ func Summary(s *Status) string {
 	if s.RatePathsPerSecond > 0 {
 		fmt.Fprintf(&b, " (%.1f paths/s, %.1f MB/s)", s.RatePathsPerSecond, s.RateNARBytesPerSec/1e6)
 	}
+	if t := s.TimeToCache; t.Paths > 0 {
+		fmt.Fprintf(&b, "; time to cache p50 %s, p99 %s", Seconds(t.P50Seconds), Seconds(t.P99Seconds))
+	}
 	if s.Spooled.Files > 0 {
 		fmt.Fprintf(&b, "; %d spooled request(s) not imported yet", s.Spooled.Files)
 	}
@@ -397,4 +411,18 @@ func Summary(s *Status) string {
 		b.WriteString("; cache unreachable")
 	}
 	return b.String()
+}
+
+// Seconds renders a duration given in seconds for people: "850ms", "3.2s",
+// "4m10s".
+func Seconds(sec float64) string {
+	d := time.Duration(sec * float64(time.Second))
+	switch {
+	case d < time.Second:
+		return d.Round(time.Millisecond).String()
+	case d < time.Minute:
+		return d.Round(100 * time.Millisecond).String()
+	default:
+		return d.Round(time.Second).String()
+	}
 }
