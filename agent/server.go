@@ -280,6 +280,12 @@ func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer, pro
 			return &protocol.Response{Error: err.Error()}
 		}
 		return &protocol.Response{Status: st}
+	case protocol.OpWait:
+		waits, err := a.pathWaits(ctx, req.Paths)
+		if err != nil {
+			return &protocol.Response{Error: err.Error()}
+		}
+		return &protocol.Response{Waits: waits}
 	case protocol.OpList:
 		jobs, err := a.queue.List(queue.State(req.State), 10000)
 		if err != nil {

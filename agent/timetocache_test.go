@@ -28,13 +28,7 @@ func cachedAgent(t *testing.T, paths ...string) *Agent {
 	dir := t.TempDir()
 	cacheDir := filepath.Join(dir, "cache")
 	for _, p := range paths {
-		if err := os.MkdirAll(cacheDir, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		ni := "StorePath: " + p + "\nURL: nar/x.nar\nCompression: none\nNarHash: sha256:0000000000000000000000000000000000000000000000000000\nNarSize: 1\n"
-		if err := os.WriteFile(filepath.Join(cacheDir, storepath.HashPart(p)+".narinfo"), []byte(ni), 0o644); err != nil {
-			t.Fatal(err)
-		}
+		writeNarinfoIn(t, cacheDir, p)
 	}
 	c, _ := cacheurl.Parse("file://" + cacheDir)
 	a.cache = c
@@ -49,6 +43,21 @@ func cachedAgent(t *testing.T, paths ...string) *Agent {
 	}
 	return a
 }
+
+// writeNarinfoIn puts a narinfo for p into the file cache at dir.
+func writeNarinfoIn(t *testing.T, dir, p string) {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ni := "StorePath: " + p + "\nURL: nar/x.nar\nCompression: none\nNarHash: sha256:0000000000000000000000000000000000000000000000000000\nNarSize: 1\n"
+	if err := os.WriteFile(filepath.Join(dir, storepath.HashPart(p)+".narinfo"), []byte(ni), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// writeNarinfo puts a narinfo for p into a's cache.
+func writeNarinfo(t *testing.T, a *Agent, p string) { writeNarinfoIn(t, a.cache.Dir, p) }
 
 // TestTimeToCacheInStatus: every job done adds its time from the
 // acknowledgement to the narinfo being in the cache to status (p50/p99)

@@ -47,6 +47,11 @@
 //	                     cache lacks it); result: the pin
 //	unpin    name        remove a pin
 //	pins                 list the pins; result: an array of pins
+//	wait     paths       where each path stands ("waits"): in the cache, queued
+//	                     (its job is then scheduled before others for a while;
+//	                     agentctl wait asks again until each path is settled),
+//	                     failed, spooled, or unknown. Added within version 1:
+//	                     an older agentd answers "unknown operation".
 //
 // # Long operations
 //
@@ -100,7 +105,33 @@ const (
 	OpPin     = "pin"
 	OpUnpin   = "unpin"
 	OpPins    = "pins"
+	OpWait    = "wait"
 )
+
+// Where a path stands, in a PathWait.
+const (
+	WaitCached    = "cached"    // its narinfo is in the cache: settled
+	WaitFailed    = "failed"    // its job is in the dead letter: settled
+	WaitUnknown   = "unknown"   // neither queued, spooled nor in the cache: settled
+	WaitReady     = "ready"     // queued, waiting for a worker
+	WaitRetrying  = "retrying"  // queued, backing off after a failed attempt
+	WaitUploading = "uploading" // being uploaded
+	WaitSpooled   = "spooled"   // in a spooled hook request, not imported yet
+	WaitChecking  = "checking"  // agentd could not ask the cache yet (Error says why)
+)
+
+// PathWait is where one path of a wait request stands.
+type PathWait struct {
+	Path  string `json:"path"`
+	State string `json:"state"`
+	Job   uint64 `json:"job,omitempty"`
+	Error string `json:"error,omitempty"` // failed: the reason; retrying: the last error
+}
+
+// Settled reports whether waiting longer cannot change the path's state.
+func (w PathWait) Settled() bool {
+	return w.State == WaitCached || w.State == WaitFailed || w.State == WaitUnknown
+}
 
 // Request is one client request.
 type Request struct {
@@ -134,6 +165,8 @@ type Response struct {
 	Checks []Check `json:"checks,omitempty"`
 	// Result is the outcome of a long operation (audit: an audit.Report).
 	Result json.RawMessage `json:"result,omitempty"`
+	// Waits answers OpWait: one entry per path, in the request's order.
+	Waits []PathWait `json:"waits,omitempty"`
 	// Progress, on a line before the response, reports a long
 	// operation's progress.
 	Progress *Progress `json:"progress,omitempty"`
@@ -311,6 +344,10 @@ func DecodeRequest(line []byte) (*Request, error) {
 			return nil, fmt.Errorf("%s: no paths", req.Op)
 		}
 	case OpStatus, OpList, OpDoctor, OpAudit, OpForget, OpPins:
+	case OpWait:
+		if len(req.Paths) == 0 {
+			return nil, errors.New("wait: no paths")
+		}
 	case OpGC:
 		if req.Grace <= 0 || req.KeepSince < 0 {
 			return nil, errors.New("gc: need a positive grace and a keep-since that is not negative")
