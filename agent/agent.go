@@ -59,6 +59,7 @@ type Agent struct {
 	metrics     *metrics.Metrics // nil when off
 	gc          *gcAgent
 	rate        rateWindow
+	timeToCache timeToCache
 	reachable   atomic.Int32 // 0 unknown, 1 yes, 2 no
 	stateErrMu  sync.Mutex
 	stateErr    string // last state-directory (queue/spool) error, for status

@@ -243,6 +243,12 @@ func (a *Agent) serveRequest(ctx context.Context, req *protocol.Request, p peer,
 			return &protocol.Response{Error: err.Error()}
 		}
 		return &protocol.Response{Status: st}
+	case protocol.OpWait:
+		waits, err := a.pathWaits(ctx, req.Paths)
+		if err != nil {
+			return &protocol.Response{Error: err.Error()}
+		}
+		return &protocol.Response{Waits: waits}
 	case protocol.OpList:
 		jobs, err := a.queue.List(queue.State(req.State), 10000)
 		if err != nil {
@@ -629,5 +635,8 @@ func (a *Agent) status() (*protocol.Status, error) {
 		s.RequestWindow, s.RequestsInFlight = ws.Limit, ws.InFlight
 	}
 	s.Spooled = spooled
+	if t := a.timeToCache.stats(now); t.N > 0 {
+		s.TimeToCache = protocol.TimeToCache{Paths: t.N, P50Seconds: t.P50.Seconds(), P99Seconds: t.P99.Seconds()}
+	}
 	return s, nil
 }

@@ -3,7 +3,30 @@ package agent
 import (
 	"sync"
 	"time"
+
+	"github.com/nixspool/nixspool/latency"
 )
+
+// timeToCacheSpan is the window of the time-to-cache percentiles in
+// status.
+const timeToCacheSpan = 15 * time.Minute
+
+// timeToCache is the recent distribution of the time from a path's
+// acknowledgement to its narinfo being in the cache: fifteen one-minute
+// histograms, whatever the rate.
+type timeToCache struct {
+	once sync.Once
+	w    *latency.Window
+}
+
+func (t *timeToCache) window() *latency.Window {
+	t.once.Do(func() { t.w = latency.New(timeToCacheSpan, time.Minute) })
+	return t.w
+}
+
+func (t *timeToCache) add(at time.Time, d time.Duration) { t.window().Add(at, d) }
+
+func (t *timeToCache) stats(now time.Time) latency.Stats { return t.window().Stats(now) }
 
 // rateWindow is the recent upload rate: completions over the last minute.
 type rateWindow struct {

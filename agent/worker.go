@@ -106,6 +106,7 @@ func (a *Agent) process(job *queue.Job) {
 	start := time.Now()
 	ctx, finish := a.startJob(job) // dropping the job cancels ctx
 	res, err := a.uploader.Upload(ctx, job.Path)
+	visible := a.now() // the narinfo is in the cache, if err is nil
 	var noted []string
 	switch {
 	case err == nil && res.SelfSkipped:
@@ -139,6 +140,11 @@ func (a *Agent) process(job *queue.Job) {
 			a.realiseLate(job, noted)
 		})
 		a.rate.add(now, res.Paths, res.NARBytes)
+		if !res.SelfSkipped {
+			ttc := visible.Sub(job.EnqueuedAt)
+			a.timeToCache.add(visible, ttc)
+			a.metrics.TimeToCache(ttc)
+		}
 		a.metrics.Uploaded(time.Since(start), res.NARBytes, res.FileBytes, uint64(res.Skipped))
 		a.metrics.Realisations(res.Realisations)
 		log.Info("job done", "uploaded_paths", res.Paths, "skipped_paths", res.Skipped, "realisations", res.Realisations, "nar_bytes", res.NARBytes, "file_bytes", res.FileBytes, "duration", time.Since(start))

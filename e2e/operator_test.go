@@ -46,7 +46,10 @@ func TestOperatorView(t *testing.T) {
 		t.Fatalf("status lacks rate, totals or reachability: %+v", s)
 	}
 	human, _ := a.Ctl("status")
-	for _, want := range []string{"queue", "0 pending", "uploaded", "rate (1 min)", "(reachable)"} {
+	if s.TimeToCache.Paths != testenv.GraphPaths || s.TimeToCache.P50Seconds <= 0 || s.TimeToCache.P99Seconds < s.TimeToCache.P50Seconds {
+		t.Fatalf("status time to cache = %+v, want the %d jobs", s.TimeToCache, testenv.GraphPaths)
+	}
+	for _, want := range []string{"queue", "0 pending", "uploaded", "rate (1 min)", "(reachable)", "time to cache", "paths, last 15 min)"} {
 		if !strings.Contains(human, want) {
 			t.Errorf("human status lacks %q:\n%s", want, human)
 		}
@@ -83,6 +86,7 @@ func TestOperatorView(t *testing.T) {
 		"nixspool_jobs_failed 0",
 		fmt.Sprintf(`nixspool_uploads_total{result="uploaded"} %d`, testenv.GraphPaths+1+testenv.GraphPaths),
 		"nixspool_enqueue_duration_seconds_count",
+		fmt.Sprintf("nixspool_time_to_cache_seconds_count %d", testenv.GraphPaths+1+testenv.GraphPaths),
 		"nixspool_upload_duration_seconds_bucket",
 	} {
 		if !strings.Contains(string(body), want) {

@@ -32,6 +32,7 @@ type Metrics struct {
 	reals      prometheus.Counter
 	enqueueDur prometheus.Histogram
 	uploadDur  *prometheus.HistogramVec
+	ttc        prometheus.Histogram
 
 	gcRuns      *prometheus.CounterVec
 	gcDeleted   *prometheus.CounterVec
@@ -72,6 +73,10 @@ func New(snapshot func() (Snapshot, error)) *Metrics {
 		Name: "nixspool_upload_duration_seconds", Help: "Time to upload one job (its path and missing closure), by result.",
 		Buckets: prometheus.ExponentialBuckets(0.005, 2, 16),
 	}, []string{"result"})
+	m.ttc = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name: "nixspool_time_to_cache_seconds", Help: "Time from a path's acknowledgement (hook or push) to its narinfo being in the cache.",
+		Buckets: prometheus.ExponentialBuckets(0.01, 2, 20),
+	})
 	m.gcRuns = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "nixspool_gc_runs_total", Help: "Garbage collection cycles run by this agent, by result (complete, incomplete, failed, dry_run, refused).",
 	}, []string{"result"})
@@ -110,7 +115,7 @@ func New(snapshot func() (Snapshot, error)) *Metrics {
 			return v(s)
 		})
 	}
-	m.reg.MustRegister(m.uploads, m.bytes, m.errors, m.skipped, m.reals, m.enqueueDur, m.uploadDur,
+	m.reg.MustRegister(m.uploads, m.bytes, m.errors, m.skipped, m.reals, m.enqueueDur, m.uploadDur, m.ttc,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		gauge("nixspool_jobs_pending", "Jobs waiting for their first attempt.", func(s Snapshot) float64 { return float64(s.Pending) }),
 		gauge("nixspool_jobs_uploading", "Jobs being uploaded.", func(s Snapshot) float64 { return float64(s.Uploading) }),
@@ -155,6 +160,14 @@ func (m *Metrics) Uploaded(d time.Duration, narBytes, fileBytes, skipped uint64)
 	m.bytes.WithLabelValues("nar").Add(float64(narBytes))
 	m.bytes.WithLabelValues("file").Add(float64(fileBytes))
 	m.skipped.Add(float64(skipped))
+}
+
+// TimeToCache records how long a path took from its acknowledgement to
+// its narinfo being in the cache.
+func (m *Metrics) TimeToCache(d time.Duration) {
+	if m != nil {
+		m.ttc.Observe(d.Seconds())
+	}
 }
 
 // Realisations records realisation objects written.

@@ -47,6 +47,11 @@
 //	                     cache lacks it); result: the pin
 //	unpin    name        remove a pin
 //	pins                 list the pins; result: an array of pins
+//	wait     paths       where each path stands ("waits"): in the cache, queued
+//	                     (its job is then scheduled before others for a while;
+//	                     agentctl wait asks again until each path is settled),
+//	                     failed, spooled, or unknown. Added within version 1:
+//	                     an older agentd answers "unknown operation".
 //
 // # Long operations
 //
@@ -100,7 +105,33 @@ const (
 	OpPin     = "pin"
 	OpUnpin   = "unpin"
 	OpPins    = "pins"
+	OpWait    = "wait"
 )
+
+// Where a path stands, in a PathWait.
+const (
+	WaitCached    = "cached"    // its narinfo is in the cache: settled
+	WaitFailed    = "failed"    // its job is in the dead letter: settled
+	WaitUnknown   = "unknown"   // neither queued, spooled nor in the cache: settled
+	WaitReady     = "ready"     // queued, waiting for a worker
+	WaitRetrying  = "retrying"  // queued, backing off after a failed attempt
+	WaitUploading = "uploading" // being uploaded
+	WaitSpooled   = "spooled"   // in a spooled hook request, not imported yet
+	WaitChecking  = "checking"  // agentd could not ask the cache yet (Error says why)
+)
+
+// PathWait is where one path of a wait request stands.
+type PathWait struct {
+	Path  string `json:"path"`
+	State string `json:"state"`
+	Job   uint64 `json:"job,omitempty"`
+	Error string `json:"error,omitempty"` // failed: the reason; retrying: the last error
+}
+
+// Settled reports whether waiting longer cannot change the path's state.
+func (w PathWait) Settled() bool {
+	return w.State == WaitCached || w.State == WaitFailed || w.State == WaitUnknown
+}
 
 // Request is one client request.
 type Request struct {
@@ -134,6 +165,8 @@ type Response struct {
 	Checks []Check `json:"checks,omitempty"`
 	// Result is the outcome of a long operation (audit: an audit.Report).
 	Result json.RawMessage `json:"result,omitempty"`
+	// Waits answers OpWait: one entry per path, in the request's order.
+	Waits []PathWait `json:"waits,omitempty"`
 	// Progress, on a line before the response, reports a long
 	// operation's progress.
 	Progress *Progress `json:"progress,omitempty"`
@@ -207,6 +240,17 @@ type Status struct {
 	RequestWindow    int     `json:"request_window"`
 	RequestsInFlight int     `json:"requests_in_flight"`
 	Spooled          Spooled `json:"spooled"`
+	// TimeToCache is the time from paths' acknowledgement (by a hook or a
+	// push) to their narinfo being in the cache, over the last 15 minutes.
+	TimeToCache TimeToCache `json:"time_to_cache"`
+}
+
+// TimeToCache summarises the time to cache of the paths done in the last
+// 15 minutes (to within about 5%).
+type TimeToCache struct {
+	Paths      uint64  `json:"paths"` // jobs done in the window
+	P50Seconds float64 `json:"p50_seconds"`
+	P99Seconds float64 `json:"p99_seconds"`
 }
 
 // Spooled counts the requests waiting in the spool directory: hooks that
@@ -300,6 +344,10 @@ func DecodeRequest(line []byte) (*Request, error) {
 			return nil, fmt.Errorf("%s: no paths", req.Op)
 		}
 	case OpStatus, OpList, OpDoctor, OpAudit, OpForget, OpPins:
+	case OpWait:
+		if len(req.Paths) == 0 {
+			return nil, errors.New("wait: no paths")
+		}
 	case OpGC:
 		if req.Grace <= 0 || req.KeepSince < 0 {
 			return nil, errors.New("gc: need a positive grace and a keep-since that is not negative")
@@ -390,6 +438,9 @@ func Summary(s *Status) string {
 	if s.RatePathsPerSecond > 0 {
 		fmt.Fprintf(&b, " (%.1f paths/s, %.1f MB/s)", s.RatePathsPerSecond, s.RateNARBytesPerSec/1e6)
 	}
+	if t := s.TimeToCache; t.Paths > 0 {
+		fmt.Fprintf(&b, "; time to cache p50 %s, p99 %s", Seconds(t.P50Seconds), Seconds(t.P99Seconds))
+	}
 	if s.Spooled.Files > 0 {
 		fmt.Fprintf(&b, "; %d spooled request(s) not imported yet", s.Spooled.Files)
 	}
@@ -397,4 +448,18 @@ func Summary(s *Status) string {
 		b.WriteString("; cache unreachable")
 	}
 	return b.String()
+}
+
+// Seconds renders a duration given in seconds for people: "850ms", "3.2s",
+// "4m10s".
+func Seconds(sec float64) string {
+	d := time.Duration(sec * float64(time.Second))
+	switch {
+	case d < time.Second:
+		return d.Round(time.Millisecond).String()
+	case d < time.Minute:
+		return d.Round(100 * time.Millisecond).String()
+	default:
+		return d.Round(time.Second).String()
+	}
 }

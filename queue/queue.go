@@ -176,6 +176,10 @@ type Queue struct {
 	// commits itself (and so comes after that commit) instead of answering
 	// from a read transaction.
 	failing map[uint64]struct{}
+	// wanted holds jobs someone waits for (agentctl wait PATH), each until
+	// the time its waiter must have renewed it by: Lease hands them out
+	// before any other due job.
+	wanted map[uint64]time.Time
 
 	// durable is the id of the last transaction known to be on disk,
 	// attempted the id of the last one whose commit has finished, with or
@@ -228,6 +232,7 @@ func Open(path string) (*Queue, error) {
 		dropped:   map[uint64]struct{}{},
 		again:     map[uint64]struct{}{},
 		failing:   map[uint64]struct{}{},
+		wanted:    map[uint64]time.Time{},
 		durableCh: make(chan struct{}),
 	}
 	if err := db.Update(func(tx *bolt.Tx) error {
@@ -599,6 +604,10 @@ func (q *Queue) Lease(now time.Time) (*Job, error) {
 	defer q.mu.Unlock()
 	var leased *Job
 	err := q.db.View(func(tx *bolt.Tx) error {
+		if j, err := q.wantedDue(tx, now); err != nil || j != nil {
+			leased = j
+			return err
+		}
 		c := tx.Bucket(bktReady).Cursor()
 		for k, _ := c.First(); k != nil; k, _ = c.Next() {
 			if int64(binary.BigEndian.Uint64(k[:8])) > now.UnixNano() {
@@ -623,6 +632,71 @@ func (q *Queue) Lease(now time.Time) (*Job, error) {
 	q.leased[leased.ID] = *leased
 	leased.State = StateLeased
 	return leased, nil
+}
+
+// Want marks the jobs ids as waited for until until: Lease hands them out
+// before other due jobs (oldest first) while the mark holds. A waiter
+// renews it while it waits; a mark that is not renewed lapses, and one on a
+// job that is no longer ready (done, failed, dropped) goes at the next
+// Lease. Nothing of it is durable.
+func (q *Queue) Want(ids []uint64, until time.Time) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for _, id := range ids {
+		if until.After(q.wanted[id]) {
+			q.wanted[id] = until
+		}
+	}
+}
+
+// Wanted returns how many jobs are marked as waited for now.
+func (q *Queue) Wanted(now time.Time) int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	n := 0
+	for _, until := range q.wanted {
+		if !until.Before(now) {
+			n++
+		}
+	}
+	return n
+}
+
+// wantedDue returns the oldest waited-for job that is due at now and not
+// leased (nil if none), and forgets the marks that lapsed or whose job is
+// no longer ready. q.mu is held.
+func (q *Queue) wantedDue(tx *bolt.Tx, now time.Time) (*Job, error) {
+	if len(q.wanted) == 0 {
+		return nil, nil
+	}
+	ids := make([]uint64, 0, len(q.wanted))
+	for id, until := range q.wanted {
+		if until.Before(now) {
+			delete(q.wanted, id)
+		} else if _, busy := q.leased[id]; !busy {
+			ids = append(ids, id)
+		}
+	}
+	slices.Sort(ids)
+	for _, id := range ids {
+		j, err := getJob(tx, id)
+		if errors.Is(err, ErrNotFound) {
+			delete(q.wanted, id)
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		if j.State != StateReady {
+			delete(q.wanted, id)
+			continue
+		}
+		if j.NotBefore.After(now) {
+			continue // backing off: a wait does not hurry a retry
+		}
+		return j, nil
+	}
+	return nil, nil
 }
 
 // unlease ends the in-memory lease of id, after its outcome. A drop that
@@ -955,6 +1029,32 @@ func (q *Queue) Queued(path string) (bool, error) {
 		return nil
 	})
 	return ok, err
+}
+
+// Lookup returns the jobs of those of paths that have one (in any state,
+// leased included), by path.
+func (q *Queue) Lookup(paths []string) (map[string]Job, error) {
+	out := map[string]Job{}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	err := q.db.View(func(tx *bolt.Tx) error {
+		for _, p := range paths {
+			idb := tx.Bucket(bktPaths).Get([]byte(p))
+			if idb == nil {
+				continue
+			}
+			j, err := getJob(tx, binary.BigEndian.Uint64(idb))
+			if err != nil {
+				return err
+			}
+			if _, busy := q.leased[j.ID]; busy {
+				j.State = StateLeased
+			}
+			out[p] = *j
+		}
+		return nil
+	})
+	return out, err
 }
 
 // Get returns one job.

@@ -30,8 +30,11 @@ Commands:
   push [--closure] PATH...   queue store paths for upload (--closure: every path of their closures)
   retry ID | --all           move failed jobs back to the queue
   drop ID                    remove a job from the queue
-  wait [--timeout D]         wait until every job queued now is uploaded or failed
-                             (exit 0: all uploaded, 1: failed jobs remain, 3: timed out)
+  wait [--timeout D] [PATH...]
+                             wait until every job queued now is uploaded or failed; with
+                             paths, only for those paths' closures (uploaded first)
+                             (exit 0: all uploaded, 1: failed jobs remain or a path is
+                             neither queued nor in the cache, 3: timed out)
   doctor                     check the socket, configuration, keys, store and cache
   forget                     forget what agentd knows the cache holds (after resetting a
                              bucket by hand; agentd also notices a reset on its own)
@@ -242,17 +245,7 @@ func cmdPush(c *client, args []string, out io.Writer) error {
 	if fs.NArg() == 0 {
 		return &exitError{code: 2, msg: "push: no paths given"}
 	}
-	var paths []string
-	for _, p := range fs.Args() {
-		// Accept result symlinks (./result) the way nix commands do.
-		if abs, err := filepath.Abs(p); err == nil {
-			if real, err := filepath.EvalSymlinks(abs); err == nil && strings.HasPrefix(real, "/nix/store/") && !strings.HasPrefix(abs, "/nix/store/") {
-				p = real
-			}
-		}
-		paths = append(paths, p)
-	}
-	resp, err := c.call(&protocol.Request{Op: protocol.OpPush, Paths: paths, Closure: *closure})
+	resp, err := c.call(&protocol.Request{Op: protocol.OpPush, Paths: storePaths(fs.Args()), Closure: *closure})
 	if err != nil {
 		return err
 	}
@@ -264,6 +257,20 @@ func cmdPush(c *client, args []string, out io.Writer) error {
 		fmt.Fprintf(out, "queued %s (job %d, %s)\n", j.Path, j.ID, j.State)
 	}
 	return nil
+}
+
+// storePaths accepts result symlinks (./result) the way nix commands do.
+func storePaths(args []string) []string {
+	var paths []string
+	for _, p := range args {
+		if abs, err := filepath.Abs(p); err == nil {
+			if real, err := filepath.EvalSymlinks(abs); err == nil && strings.HasPrefix(real, "/nix/store/") && !strings.HasPrefix(abs, "/nix/store/") {
+				p = real
+			}
+		}
+		paths = append(paths, p)
+	}
+	return paths
 }
 
 func cmdRetry(c *client, args []string, out io.Writer) error {
@@ -317,10 +324,13 @@ func cmdDrop(c *client, args []string, out io.Writer) error {
 // Exit status: 0 all uploaded, 1 some are in the dead letter (failed now or
 // earlier and not yet retried or dropped), 3 timeout.
 func cmdWait(c *client, args []string, out io.Writer) error {
-	fs := subFlags("wait", "[--timeout D]")
+	fs := subFlags("wait", "[--timeout D] [PATH...]")
 	timeout := fs.Duration("timeout", 0, "give up after this long (0: wait forever)")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if fs.NArg() > 0 {
+		return waitPaths(c, storePaths(fs.Args()), *timeout, out)
 	}
 	started := time.Now()
 	resp, err := c.call(&protocol.Request{Op: protocol.OpStatus})
@@ -377,6 +387,111 @@ func cmdWait(c *client, args []string, out io.Writer) error {
 	}
 	fmt.Fprintln(out, "all queued paths are uploaded")
 	return nil
+}
+
+// waitPoll is how often wait asks agentd again.
+const waitPoll = 200 * time.Millisecond
+
+// waitPaths blocks until each of paths is in the cache (its closure with
+// it), failed, or known to be neither queued nor in the cache; meanwhile
+// agentd uploads their jobs before others. Exit status: 0 all in the
+// cache, 1 some failed or are not queued, 3 timeout (naming what is still
+// missing).
+func waitPaths(c *client, paths []string, timeout time.Duration, out io.Writer) error {
+	var deadline time.Time
+	if timeout > 0 {
+		deadline = time.Now().Add(timeout)
+	}
+	pending := paths
+	var failed, unknown []protocol.PathWait
+	for {
+		resp, err := c.call(&protocol.Request{Op: protocol.OpWait, Paths: pending})
+		if err != nil {
+			if strings.Contains(err.Error(), `unknown operation "wait"`) {
+				return errors.New("this agentd cannot wait for given paths (it is older than this agentctl): upgrade it, or wait for everything queued with `agentctl wait` without paths")
+			}
+			return err
+		}
+		if len(resp.Waits) != len(pending) {
+			return fmt.Errorf("wait: agentd answered for %d paths, asked for %d", len(resp.Waits), len(pending))
+		}
+		var still []protocol.PathWait
+		for _, w := range resp.Waits {
+			switch w.State {
+			case protocol.WaitFailed:
+				failed = append(failed, w)
+			case protocol.WaitUnknown:
+				unknown = append(unknown, w)
+			case protocol.WaitCached:
+			default:
+				still = append(still, w)
+			}
+		}
+		if len(still) == 0 {
+			break
+		}
+		if !deadline.IsZero() && time.Now().After(deadline) {
+			fmt.Fprintf(out, "still missing after %s:\n", timeout)
+			for _, w := range still {
+				fmt.Fprintf(out, "  %s: %s\n", w.Path, describeWait(w))
+			}
+			return &exitError{code: 3, msg: fmt.Sprintf("timed out: %d of %d path(s) not in the cache yet (%s)", len(still), len(paths), waitNames(still))}
+		}
+		pending = pending[:0:0]
+		for _, w := range still {
+			pending = append(pending, w.Path)
+		}
+		time.Sleep(waitPoll)
+	}
+	for _, w := range failed {
+		fmt.Fprintf(out, "failed: %s (job %d): %s\n", w.Path, w.Job, oneLine(w.Error))
+	}
+	for _, w := range unknown {
+		fmt.Fprintf(out, "not queued: %s is neither queued nor in the cache (agentctl push it)\n", w.Path)
+	}
+	if len(failed)+len(unknown) > 0 {
+		var parts []string
+		if len(failed) > 0 {
+			parts = append(parts, fmt.Sprintf("%d failed (%s)", len(failed), waitNames(failed)))
+		}
+		if len(unknown) > 0 {
+			parts = append(parts, fmt.Sprintf("%d neither queued nor in the cache (%s)", len(unknown), waitNames(unknown)))
+		}
+		return &exitError{code: 1, msg: fmt.Sprintf("%d of %d path(s) will not reach the cache: %s", len(failed)+len(unknown), len(paths), strings.Join(parts, ", "))}
+	}
+	fmt.Fprintf(out, "%d path(s) and their closures are in the cache\n", len(paths))
+	return nil
+}
+
+// describeWait says where a path still missing stands.
+func describeWait(w protocol.PathWait) string {
+	switch w.State {
+	case protocol.WaitUploading:
+		return fmt.Sprintf("uploading (job %d)", w.Job)
+	case protocol.WaitReady:
+		return fmt.Sprintf("queued (job %d)", w.Job)
+	case protocol.WaitRetrying:
+		return fmt.Sprintf("retrying (job %d): %s", w.Job, oneLine(w.Error))
+	case protocol.WaitSpooled:
+		return "spooled by the hook, not imported yet"
+	case protocol.WaitChecking:
+		return "cannot ask the cache: " + oneLine(w.Error)
+	}
+	return w.State
+}
+
+// waitNames names a few paths (by their base name) for a one-line message.
+func waitNames(ws []protocol.PathWait) string {
+	const shown = 3
+	var names []string
+	for i, w := range ws {
+		if i == shown {
+			names = append(names, fmt.Sprintf("and %d more", len(ws)-shown))
+			break
+		}
+		names = append(names, filepath.Base(w.Path))
+	}
+	return strings.Join(names, ", ")
 }
 
 // cmdAudit has agentd audit its cache. Progress goes to stderr when that

@@ -42,6 +42,11 @@ func renderStatus(out io.Writer, s *protocol.Status) error {
 		fmt.Fprintf(w, ", %d paths skipped by filters", s.Skipped)
 	}
 	fmt.Fprintln(w)
+	if t := s.TimeToCache; t.Paths > 0 {
+		fmt.Fprintf(w, "time to cache\tp50 %s, p99 %s (%d paths, last 15 min)\n", protocol.Seconds(t.P50Seconds), protocol.Seconds(t.P99Seconds), t.Paths)
+	} else {
+		fmt.Fprintf(w, "time to cache\t- (no path done in the last 15 min)\n")
+	}
 	fmt.Fprintf(w, "rate (1 min)\t%.1f paths/s, %.1f MB/s\n", s.RatePathsPerSecond, s.RateNARBytesPerSec/1e6)
 	fmt.Fprintf(w, "requests\t%d in flight, window %d (adapts to the store's latency and throttling)\n", s.RequestsInFlight, s.RequestWindow)
 	fmt.Fprintf(w, "known in cache\t%d paths\n", s.KnownPresent)
