@@ -77,10 +77,11 @@ test-race: tools
 ## robustness: the long profile of the robustness harness: random schedules
 ## of faults against agents, a collector and an adversarial object store for
 ## ROBUSTNESS_TOTAL (the short profile runs inside make test). Replay a
-## failing seed with the command it prints.
+## failing seed with the command it prints; the agents' log of a failing
+## schedule is kept as robustness-SEED.log.
 ROBUSTNESS_TOTAL ?= 30m
 robustness:
-	ROBUSTNESS_SUMMARY=$(CURDIR)/internal/robustness/last-long-run.txt \
+	ROBUSTNESS_SUMMARY=$(CURDIR)/internal/robustness/last-long-run.txt ROBUSTNESS_KEEP_LOGS=$(CURDIR) \
 	  $(GO) test -count=1 -timeout 0 -run TestRobustness ./internal/robustness -v -robustness.total=$(ROBUSTNESS_TOTAL) 2>&1 | tee robustness.log | grep -E '^(--- |ok|FAIL|\s+robustness_test.go.*(long profile|VIOLATION|violations:))' ; \
 	  cat $(CURDIR)/internal/robustness/last-long-run.txt; ! grep -q -- '--- FAIL' robustness.log
 

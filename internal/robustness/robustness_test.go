@@ -31,6 +31,9 @@ var regressionSeeds = []uint64{
 	// Acknowledgements after a reset during the uploads of a closure.
 	1,
 	13,
+	// nix-cache-info replaced by a plain write: the create-only probe
+	// failed (an injected fault) and the write fell back to a HEAD first.
+	1796454803319690559,
 	// A resume record left behind: a dependency's multipart upload
 	// interrupted by a crash, the dependency then uploaded by another
 	// agent; the push that found the closure present released only its
@@ -45,8 +48,19 @@ func replayCommand(seed uint64, d time.Duration) string {
 func runSchedule(t *testing.T, seed uint64, d time.Duration) *Report {
 	t.Helper()
 	cfg := Config{Seed: seed, Duration: d, Dir: t.TempDir()}
-	if *flagVerbose {
+	var logFile *os.File
+	switch {
+	case *flagVerbose:
 		cfg.Log = os.Stderr
+	case os.Getenv("ROBUSTNESS_KEEP_LOGS") != "":
+		// The long profile keeps the agents' logs of failing schedules
+		// (the schedule's goroutines interleave differently on replay).
+		f, err := os.CreateTemp(t.TempDir(), "agents-*.log")
+		if err != nil {
+			t.Fatal(err)
+		}
+		logFile, cfg.Log = f, f
+		defer f.Close()
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), d+3*time.Minute)
 	defer cancel()
@@ -57,6 +71,12 @@ func runSchedule(t *testing.T, seed uint64, d time.Duration) *Report {
 	t.Log(rep.String())
 	if len(rep.Violations) > 0 {
 		t.Errorf("seed %d: %d invariant violations; replay with:\n  %s", seed, len(rep.Violations), replayCommand(seed, d))
+		if logFile != nil {
+			keep := filepath.Join(os.Getenv("ROBUSTNESS_KEEP_LOGS"), fmt.Sprintf("robustness-%d.log", seed))
+			if data, err := os.ReadFile(logFile.Name()); err == nil && os.WriteFile(keep, data, 0o644) == nil {
+				t.Logf("seed %d: agents' log kept in %s", seed, keep)
+			}
+		}
 	}
 	return rep
 }
