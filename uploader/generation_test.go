@@ -374,3 +374,74 @@ func TestYoungCacheReplacesNarinfoNamingAnotherNAR(t *testing.T) {
 		t.Fatalf("after the upload, p0's narinfo names %s, which is not there: %v", ni.URL, err)
 	}
 }
+
+// holdAfterPut writes key, then holds the Put's return until release is
+// closed: the object is in the bucket, its writer has not heard yet.
+type holdAfterPut struct {
+	bucket.Bucket
+	key     string
+	entered chan struct{}
+	release chan struct{}
+	once    atomic.Bool
+}
+
+func (b *holdAfterPut) Put(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) (bucket.Info, error) {
+	info, err := b.Bucket.Put(ctx, key, r, size, opts)
+	if err == nil && key == b.key && b.once.CompareAndSwap(false, true) {
+		close(b.entered)
+		<-b.release
+	}
+	return info, err
+}
+
+// TestNodeOfAnEarlierGenerationIsNotShared: a job planned after a reset
+// must not wait for (and count on) a node planned before it. Here p0's
+// narinfo is written just before the bucket is emptied, and its node
+// completes only after a second job, planned in the new generation, needs
+// p0: that job must upload p0 again rather than take the old node's
+// success for it. Before nodes carried their generation into sharing, p1
+// was acknowledged with p0 missing from the bucket.
+func TestNodeOfAnEarlierGenerationIsNotShared(t *testing.T) {
+	w := newWorld(t, 2, chain, size(100))
+	ctx := context.Background()
+	hold := &holdAfterPut{Bucket: w.b, key: hashFor(0) + ".narinfo", entered: make(chan struct{}), release: make(chan struct{})}
+	u := w.uploader(Options{Bucket: hold, GenerationCheck: time.Nanosecond})
+	first := make(chan error, 1)
+	go func() { _, err := u.Upload(ctx, w.paths[0]); first <- err }()
+	select {
+	case <-hold.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("p0's narinfo was not written")
+	}
+	w.wipe() // p0's narinfo goes with the reset; its node has not finished
+	var secondErr error
+	secondDone := make(chan struct{})
+	go func() { _, secondErr = u.Upload(ctx, w.paths[1]); close(secondDone) }()
+	// Let the second job plan (and, before the fix, join p0's old node,
+	// waiting for it), or finish; then let the old node finish.
+	deadline := time.Now().Add(10 * time.Second)
+	for planned := false; !planned && time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		u.graph.mu.Lock()
+		planned = u.graph.nodes[w.paths[1]] != nil
+		u.graph.mu.Unlock()
+		select {
+		case <-secondDone:
+			planned = true
+		default:
+		}
+	}
+	close(hold.release)
+	if err := <-first; err == nil {
+		t.Error("the upload across the reset was acknowledged")
+	}
+	<-secondDone
+	if secondErr != nil {
+		t.Fatalf("upload of p1 after the reset: %v", secondErr)
+	}
+	if !w.has(1) {
+		t.Fatal("p1 was acknowledged but is not in the bucket")
+	}
+	if bad := w.narinfosWithoutReferences(); len(bad) > 0 {
+		t.Fatalf("acknowledged p1, but narinfos lack their references: %v", bad)
+	}
+}

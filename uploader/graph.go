@@ -133,13 +133,15 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing map[s
 		if isUpstream[p] {
 			continue
 		}
-		if n := g.nodes[p]; n != nil && n.ctx.Err() == nil {
+		if n := g.nodes[p]; g.shareable(n, gen) {
 			n.interest++
 			interest = append(interest, n)
 			continue
 		}
-		// A node nobody waited for any more was cancelled; it is replaced
-		// (its own failure leaves the replacement in place).
+		// A node nobody waited for any more was cancelled, and one planned
+		// in an earlier generation may have written its narinfo before the
+		// reset and still succeed: either is replaced (its own end leaves
+		// the replacement in place).
 		if !missing[p] || g.u.presence.seen(p) {
 			continue
 		}
@@ -148,7 +150,7 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing map[s
 		for _, r := range info.References {
 			switch {
 			case r == p || isUpstream[r]:
-			case g.nodes[r] != nil && g.nodes[r].ctx.Err() == nil:
+			case g.shareable(g.nodes[r], gen):
 				n.refsLeft++
 				g.nodes[r].dependents = append(g.nodes[r].dependents, n)
 			case g.u.presence.seen(r):
@@ -176,6 +178,14 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing map[s
 		q.push(false, func() { g.u.runNAR(n) })
 	}
 	return interest, top, relies
+}
+
+// shareable reports whether a job planned in generation gen may count on
+// node n (callers hold g.mu): it runs, and was planned in the same
+// generation of the cache. A node of an earlier generation is no evidence
+// for the cache now, even when it succeeds.
+func (g *graph) shareable(n *node, gen uint64) bool {
+	return n != nil && n.ctx.Err() == nil && n.gen == gen
 }
 
 // release ends a job's interest in nodes; nodes nobody waits for any more

@@ -31,6 +31,10 @@ var regressionSeeds = []uint64{
 	// Acknowledgements after a reset during the uploads of a closure.
 	1,
 	13,
+	// An acknowledgement with the closure missing: a job planned after a
+	// reset shared a dependency's node planned before it, whose narinfo
+	// had been written just before the reset.
+	1796454897815439627,
 	// nix-cache-info replaced by a plain write: the create-only probe
 	// failed (an injected fault) and the write fell back to a HEAD first.
 	1796454803319690559,
