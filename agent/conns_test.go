@@ -210,10 +210,17 @@ func TestServeWaitsForHandlers(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The answer (megabytes) does not fit the socket buffers: the handler
-	// blocks writing it until the client reads.
-	deadline := time.Now().Add(5 * time.Second)
-	for a.conns.active() != 1 && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
+	// blocks writing it until the client reads. Shutdown begins once the
+	// answer has begun to arrive (before, a request not read yet may be
+	// answered "stopping" at once).
+	br := bufio.NewReader(c)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := br.Peek(1); err != nil {
+		t.Fatalf("no answer began: %v", err)
+	}
+	c.SetReadDeadline(time.Time{})
+	if n := a.conns.active(); n != 1 {
+		t.Fatalf("%d connections active while the answer is written, want 1", n)
 	}
 	cancel()
 	a.listener.Close()
@@ -222,7 +229,7 @@ func TestServeWaitsForHandlers(t *testing.T) {
 		t.Fatalf("serve returned with %d request(s) still being handled", activeAtReturn.Load())
 	case <-time.After(300 * time.Millisecond):
 	}
-	resp, err := protocol.ReadResponse(bufio.NewReader(c))
+	resp, err := protocol.ReadResponse(br)
 	if err != nil || !resp.OK || len(resp.Jobs) != len(paths) {
 		t.Fatalf("answer after shutdown began: %v", err)
 	}
