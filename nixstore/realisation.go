@@ -5,8 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"sort"
 	"strings"
+
+	"github.com/nixspool/nixspool/nixsig"
 )
 
 // Realisation is what the store records about one output of a derivation
@@ -100,7 +101,7 @@ func ParseRealisation(doc []byte) (*Realisation, error) {
 	if r.DependentRealisations == nil {
 		r.DependentRealisations = map[string]string{}
 	}
-	sort.Strings(r.Signatures)
+	nixsig.SortStrings(r.Signatures)
 	return &r, nil
 }
 

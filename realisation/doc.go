@@ -17,7 +17,9 @@
 //
 //	{"dependentRealisations":{"<id>":"<out base name>",…},"id":"<id>","outPath":"<base name>","signatures":["name:base64",…]}
 //
-// A signature signs the same object without "signatures". The client
+// A signature signs the same object without "signatures"; Nix 2.34 signs
+// and writes "dependentRealisations":{} instead (it no longer has them) and
+// does not read them. The client
 // computes the id from the derivation it evaluated (drvhash), fetches the
 // realisation, then substitutes every dependent realisation the same way
 // and the output path by its narinfo; only when all of that succeeded does
@@ -49,7 +51,10 @@
 // realisation and, recursively, the realisations it depends on
 // (QueryRealisation). Every realisation is signed with our keys (keeping
 // signatures the store has from other keys) and written in the
-// realisations/ layout, dependencies first; a realisation whose
+// realisations/ layout, dependencies first (package nixsig has the rule
+// for signatures and their order: ours, plus other keys' signatures the
+// store holds over the same document, so a build-trace-v2/ entry made from
+// a Nix ≤ 2.34 realisation carries only ours); a realisation whose
 // derivation path is known and has no input derivations is also written
 // in the build-trace-v2/ layout. A dependency is accepted only if its
 // output is a reference of the output that depends on it, so that its

@@ -87,7 +87,7 @@ func TestSignKeepsOtherKeys(t *testing.T) {
 
 func TestBuildTraceFormat(t *testing.T) {
 	sk, pk, _ := signature.GenerateKeypair("ours-1", rand.Reader)
-	body, err := BuildTraceDocument("ixp7d7cmnc2agv9bdh63bgb5xrn5mb33-ca-d.drv", "out", dOut, []signature.SecretKey{sk})
+	body, err := BuildTraceDocument("ixp7d7cmnc2agv9bdh63bgb5xrn5mb33-ca-d.drv", "out", dOut, []signature.SecretKey{sk}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

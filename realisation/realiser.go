@@ -211,7 +211,7 @@ func (r *Realiser) For(ctx context.Context, info *nixstore.PathInfo) ([]uploader
 		}
 		if f.drv != "" && f.resolved {
 			drvBase := filepath.Base(f.drv)
-			body, err := BuildTraceDocument(drvBase, f.output, real.OutPath, r.opt.Keys)
+			body, err := BuildTraceDocument(drvBase, f.output, real.OutPath, r.opt.Keys, nil)
 			if err != nil {
 				return nil, err
 			}
