@@ -185,6 +185,23 @@ func (s *Store) QueryValidPaths(ctx context.Context, paths []string) ([]string, 
 	return valid, nil
 }
 
+// QueryReferrers returns the valid store paths that refer to p (the
+// reverse of p's references).
+func (s *Store) QueryReferrers(ctx context.Context, p string) ([]string, error) {
+	var out []string
+	err := s.with(ctx, func(c *conn) (err error) {
+		if err := c.send(opQueryReferrers, p); err != nil {
+			return err
+		}
+		out, err = c.readStrings()
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("query referrers of %s: %w", p, err)
+	}
+	return out, nil
+}
+
 // QueryDerivationOutputMap returns the output paths of the derivation at
 // drv by output name; an output not built (or not realised) maps to "".
 // This is how floating content-addressed outputs are found.
@@ -331,6 +348,7 @@ const (
 	clientVersion = 1<<8 | 34 // 1.34: Nix 2.8 … 2.14; every newer daemon downgrades to it
 
 	opIsValidPath              = 1
+	opQueryReferrers           = 6
 	opQueryPathInfo            = 26
 	opQueryValidPaths          = 31
 	opQueryDerivationOutputMap = 41

@@ -34,16 +34,23 @@
 //	build-trace-v2/<drv base name>/<output>.doi   {"outPath":"<base name>","signatures":[{"keyName":"…","sig":"<base64>"}]}
 //
 // signed over {"key":{"drvPath":"<drv base name>","outputName":"<output>"},"value":{"outPath":"<base name>"}}.
-// A 2.35 client resolves a derivation itself (substituting its inputs'
-// entries) and then looks up the resolved derivation's entry.
+// A 2.35 client looks up the entry of the derivation it evaluated first
+// (Nix writes none for a derivation with input derivations, and neither
+// does nixspool), then resolves it (substituting its inputs' entries) and
+// looks up the resolved derivation's entry. Clients of 2.33 and 2.34 do
+// the same in the realisations/ layout, where the unresolved
+// derivation's realisation exists.
 //
 // # What is written
 //
 // Both layouts. For a store path P (after P's narinfo is in the cache) the
 // Realiser looks at the derivations known to have produced P: P's deriver
 // (for a resolved build, the resolved derivation) and the derivations the
-// post-build hook named for P (the unresolved one, whose id clients
-// compute). A derivation whose output paths are all written in the .drv
+// post-build hook named for P. Nix ≤ 2.32 names the unresolved derivation,
+// whose id clients compute; since 2.33 (NixOS/nix commit 2ee41976c2) the
+// hook runs for the resolved derivation and names that one, and the
+// unresolved one is searched for among the referrers of the resolved
+// one's sources and of their derivers (searchUnresolved). A derivation whose output paths are all written in the .drv
 // needs no realisation and costs no daemon query. For the others it asks
 // the Nix daemon which output is P (QueryDerivationOutputMap, which also
 // proves the daemon has ca-derivations on: a Nix 2.8 daemon without it

@@ -131,7 +131,9 @@ type fakeStore struct {
 	outputs      map[string]map[string]string
 	realisations map[string]*nixstore.Realisation
 	infos        map[string]*nixstore.PathInfo
+	referrers    map[string][]string
 	queries      int
+	referrerQs   int
 	realErr      error
 }
 
@@ -161,6 +163,12 @@ func (f *fakeStore) QueryPathInfo(_ context.Context, p string) (*nixstore.PathIn
 	return f.infos[p], nil
 }
 
+func (f *fakeStore) QueryReferrers(_ context.Context, p string) ([]string, error) {
+	f.queries++
+	f.referrerQs++
+	return f.referrers[p], nil
+}
+
 func newFixture() (*Realiser, *fakeStore, signature.PublicKey) {
 	files := map[string]string{bPath: bDrv, dPath: dDrv, dResPath: dResDrv, plainDrvPath: plainDrv}
 	st := &fakeStore{
@@ -175,7 +183,13 @@ func newFixture() (*Realiser, *fakeStore, signature.PublicKey) {
 			dResID: {ID: dResID, OutPath: dOut, DependentRealisations: map[string]string{}},
 		},
 		infos: map[string]*nixstore.PathInfo{
-			"/nix/store/" + bOut: {Path: "/nix/store/" + bOut},
+			"/nix/store/" + bOut: {Path: "/nix/store/" + bOut, Deriver: bPath},
+		},
+		// d refers to its input derivation b (and the resolved d to b's
+		// output, with the store's other referrers of b).
+		referrers: map[string][]string{
+			bPath:                {plainDrvPath, dPath, "/nix/store/cccccccccccccccccccccccccccccccc-ca-d-2.drv"},
+			"/nix/store/" + bOut: {dResPath},
 		},
 	}
 	sk, pk, _ := signature.GenerateKeypair("ours-1", rand.Reader)
@@ -373,5 +387,59 @@ func TestNotesAreBounded(t *testing.T) {
 	}
 	if c := strings.Count(logs.String(), "too many build outputs"); c != 1 {
 		t.Fatalf("warned %d times, want once:\n%s", c, logs.String())
+	}
+}
+
+// TestResolvedBuildHookNamesResolved: Nix 2.33 and later name only the
+// resolved derivation in the hook (the output's deriver too). The
+// unresolved d, which clients evaluate, is found among the referrers of
+// the deriver of the resolved derivation's input b, and its realisation
+// goes out after b's. (A fake store: no Nix 2.33 installs here; the
+// referrer search runs against a real Nix 2.8 daemon in e2e.)
+func TestResolvedBuildHookNamesResolved(t *testing.T) {
+	r, st, _ := newFixture()
+	r.Note(dResPath, "/nix/store/"+dOut)
+	info := &nixstore.PathInfo{Path: "/nix/store/" + dOut, Deriver: dResPath, References: []string{"/nix/store/" + bOut}}
+	extras, err := r.For(context.Background(), info)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := strings.Join(keys(extras), " ")
+	want := Key(dResID) + " " + BuildTraceKey("ixp7d7cmnc2agv9bdh63bgb5xrn5mb33-ca-d.drv", "out") + " " + Key(bID) + " " + Key(dID)
+	if got != want {
+		t.Fatalf("keys = %s\nwant   %s", got, want)
+	}
+	if st.referrerQs != 2 {
+		t.Errorf("%d referrer queries, want 2 (b's output, then its deriver)", st.referrerQs)
+	}
+}
+
+// TestSearchIsSound: a derivation of the same name among the referrers
+// whose output map (its realisation in the store) names another path is
+// not published as this output's.
+func TestSearchIsSound(t *testing.T) {
+	r, st, _ := newFixture()
+	st.outputs[dPath] = map[string]string{"out": "/nix/store/zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-ca-d"}
+	info := &nixstore.PathInfo{Path: "/nix/store/" + dOut, Deriver: dResPath, References: []string{"/nix/store/" + bOut}}
+	extras, err := r.For(context.Background(), info)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(keys(extras), " "); got != Key(dResID)+" "+BuildTraceKey("ixp7d7cmnc2agv9bdh63bgb5xrn5mb33-ca-d.drv", "out") {
+		t.Fatalf("keys = %s", got)
+	}
+}
+
+// TestNoSearchWhenTheHookNamesUnresolved: Nix ≤ 2.32 names the unresolved
+// derivation; nothing is searched then.
+func TestNoSearchWhenTheHookNamesUnresolved(t *testing.T) {
+	r, st, _ := newFixture()
+	r.Note(dPath, "/nix/store/"+dOut)
+	info := &nixstore.PathInfo{Path: "/nix/store/" + dOut, Deriver: dResPath, References: []string{"/nix/store/" + bOut}}
+	if _, err := r.For(context.Background(), info); err != nil {
+		t.Fatal(err)
+	}
+	if st.referrerQs != 0 {
+		t.Fatalf("%d referrer queries", st.referrerQs)
 	}
 }
