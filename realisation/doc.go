@@ -68,7 +68,12 @@
 // narinfo is in the cache already (closure order); otherwise the
 // realisation is left out rather than written early.
 //
-// A Nix 2.35 daemon answers realisation queries only behind a protocol
-// feature this client (protocol 1.34) does not negotiate: agentd then
-// logs once and uploads no realisations.
+// A Nix 2.35 daemon answers realisation queries only over the
+// realisation-with-path-not-hash protocol feature, which nixstore
+// negotiates; it keys them by derivation path (QueryBuildTrace). From such
+// a daemon the build trace entry is written with the daemon's signatures
+// from other keys (they sign the entry), and a hash-keyed realisation only
+// for a derivation without input derivations, which depends on no other
+// (entries record no dependencies); Nix 2.35 records entries for resolved
+// derivations only, so no unresolved derivation is searched for.
 package realisation

@@ -132,9 +132,13 @@ type fakeStore struct {
 	realisations map[string]*nixstore.Realisation
 	infos        map[string]*nixstore.PathInfo
 	referrers    map[string][]string
-	queries      int
-	referrerQs   int
-	realErr      error
+	// byPath: a Nix 2.35 daemon, which answers by derivation path only
+	// (traces, keyed "drv^output").
+	byPath     bool
+	traces     map[string]*nixstore.BuildTraceEntry
+	queries    int
+	referrerQs int
+	realErr    error
 }
 
 func (f *fakeStore) QueryDerivationOutputMap(_ context.Context, drv string) (map[string]string, error) {
@@ -150,6 +154,9 @@ func (f *fakeStore) QueryRealisation(_ context.Context, id string) (*nixstore.Re
 	if f.realErr != nil {
 		return nil, f.realErr
 	}
+	if f.byPath {
+		return nil, fmt.Errorf("query realisation %s: %w", id, nixstore.ErrKeyedByPath)
+	}
 	r := f.realisations[id]
 	if r == nil {
 		return nil, nil
@@ -161,6 +168,14 @@ func (f *fakeStore) QueryRealisation(_ context.Context, id string) (*nixstore.Re
 func (f *fakeStore) QueryPathInfo(_ context.Context, p string) (*nixstore.PathInfo, error) {
 	f.queries++
 	return f.infos[p], nil
+}
+
+func (f *fakeStore) QueryBuildTrace(_ context.Context, drv, output string) (*nixstore.BuildTraceEntry, error) {
+	f.queries++
+	if !f.byPath {
+		return nil, fmt.Errorf("query build trace: %w", nixstore.ErrRealisationsUnsupported)
+	}
+	return f.traces[drv+"^"+output], nil
 }
 
 func (f *fakeStore) QueryReferrers(_ context.Context, p string) ([]string, error) {
@@ -441,5 +456,55 @@ func TestNoSearchWhenTheHookNamesUnresolved(t *testing.T) {
 	}
 	if st.referrerQs != 0 {
 		t.Fatalf("%d referrer queries", st.referrerQs)
+	}
+}
+
+// TestNewerDaemonBuildTrace: a Nix 2.35 daemon (a fake here; no such Nix
+// installs on these machines, and nixstore's tests check the wire format
+// against a double of it) answers by derivation path. The build trace
+// entry is written with ours and the daemon's other signatures (they sign
+// the entry's fingerprint); the hash-keyed realisation of the resolved
+// derivation with ours only; nothing is searched.
+func TestNewerDaemonBuildTrace(t *testing.T) {
+	r, st, pk := newFixture()
+	other, otherPK, _ := signature.GenerateKeypair("builder-1", rand.Reader)
+	dResBase := "ixp7d7cmnc2agv9bdh63bgb5xrn5mb33-ca-d.drv"
+	theirs, _ := other.Sign(nil, string(BuildTraceFingerprint(dResBase, "out", dOut)))
+	st.byPath = true
+	st.traces = map[string]*nixstore.BuildTraceEntry{dResPath + "^out": {OutPath: dOut, Signatures: []string{theirs.String()}}}
+	r.Note(dResPath, "/nix/store/"+dOut)
+	info := &nixstore.PathInfo{Path: "/nix/store/" + dOut, Deriver: dResPath, References: []string{"/nix/store/" + bOut}}
+	extras, err := r.For(context.Background(), info)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(keys(extras), " "); got != Key(dResID)+" "+BuildTraceKey(dResBase, "out") {
+		t.Fatalf("keys = %s", got)
+	}
+	legacy, err := nixstore.ParseRealisation(extras[0].Body)
+	if err != nil || len(legacy.Signatures) != 1 || len(legacy.DependentRealisations) != 0 {
+		t.Fatalf("legacy document %s: %v", extras[0].Body, err)
+	}
+	var doc struct {
+		OutPath    string `json:"outPath"`
+		Signatures []struct{ KeyName, Sig string }
+	}
+	if err := json.Unmarshal(extras[1].Body, &doc); err != nil || len(doc.Signatures) != 2 || doc.Signatures[0].KeyName != "builder-1" {
+		t.Fatalf("build trace %s: %v", extras[1].Body, err)
+	}
+	fp := string(BuildTraceFingerprint(dResBase, "out", dOut))
+	for _, s := range doc.Signatures {
+		data, _ := base64.StdEncoding.DecodeString(s.Sig)
+		if !signature.VerifyFirst(fp, []signature.Signature{{Name: s.KeyName, Data: data}}, []signature.PublicKey{pk, otherPK}) {
+			t.Errorf("signature of %s does not verify", s.KeyName)
+		}
+	}
+	if st.referrerQs != 0 {
+		t.Errorf("%d referrer queries", st.referrerQs)
+	}
+	// The unresolved d has no entry on such a daemon: nothing for it.
+	r.Forget(info.Path, []string{dResPath})
+	if extras, err := r.For(context.Background(), &nixstore.PathInfo{Path: "/nix/store/" + dOut, Deriver: dPath, References: info.References}); err != nil || len(extras) != 0 {
+		t.Fatalf("unresolved: %v, %v", keys(extras), err)
 	}
 }

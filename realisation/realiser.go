@@ -26,6 +26,7 @@ type Store interface {
 	QueryRealisation(ctx context.Context, id string) (*nixstore.Realisation, error)
 	QueryPathInfo(ctx context.Context, p string) (*nixstore.PathInfo, error)
 	QueryReferrers(ctx context.Context, p string) ([]string, error)
+	QueryBuildTrace(ctx context.Context, drv, output string) (*nixstore.BuildTraceEntry, error)
 }
 
 // Options configure a Realiser.
@@ -159,6 +160,11 @@ type found struct {
 	// resolved: the derivation has no input derivations (what Nix 2.35
 	// records build trace entries for).
 	resolved bool
+	// byPath: the daemon keys realisations by derivation path (Nix 2.35
+	// and later); real was made from its build trace entry, whose
+	// signatures are traceSigs.
+	byPath    bool
+	traceSigs []string
 }
 
 // For returns the realisation objects to write for info.Path, whose
@@ -207,13 +213,16 @@ func (r *Realiser) For(ctx context.Context, info *nixstore.PathInfo) ([]uploader
 		if err := Sign(&real, r.opt.Keys); err != nil {
 			return nil, err
 		}
-		if k := Key(real.ID); !written[k] {
+		if k := Key(real.ID); !written[k] && (!f.byPath || f.resolved) {
+			// From a build trace entry only a derivation without input
+			// derivations has a hash-keyed realisation to write: it
+			// depends on no other (entries record no dependencies).
 			written[k] = true
 			extras = append(extras, uploader.Extra{Key: k, ContentType: ContentType, Body: Document(&real)})
 		}
-		if f.drv != "" && f.resolved {
+		if f.drv != "" && (f.resolved || f.byPath) {
 			drvBase := filepath.Base(f.drv)
-			body, err := BuildTraceDocument(drvBase, f.output, real.OutPath, r.opt.Keys, nil)
+			body, err := BuildTraceDocument(drvBase, f.output, real.OutPath, r.opt.Keys, f.traceSigs)
 			if err != nil {
 				return nil, err
 			}
@@ -246,6 +255,11 @@ func (r *Realiser) roots(ctx context.Context, info *nixstore.PathInfo) ([]found,
 	unresolvedKnown := false
 	var resolved []string
 	for _, f := range roots {
+		if f.byPath {
+			// Nix 2.35 and later record entries for resolved derivations
+			// (and for the ones a client substituted): nothing to search.
+			return roots, nil
+		}
 		if f.resolved {
 			resolved = append(resolved, f.drv)
 		} else {
@@ -308,6 +322,16 @@ func (r *Realiser) rootsOf(ctx context.Context, info *nixstore.PathInfo, drvPath
 			continue
 		}
 		real, err := r.opt.Store.QueryRealisation(ctx, id)
+		if errors.Is(err, nixstore.ErrKeyedByPath) {
+			f, stop, err := r.fromBuildTrace(ctx, info, d, drvPath, o.Name, id)
+			if stop || err != nil {
+				return nil, stop, err
+			}
+			if f != nil {
+				roots = append(roots, *f)
+			}
+			continue
+		}
 		if errors.Is(err, nixstore.ErrRealisationsUnsupported) {
 			r.setQuiet(err)
 			return nil, true, nil
@@ -322,6 +346,31 @@ func (r *Realiser) rootsOf(ctx context.Context, info *nixstore.PathInfo, drvPath
 		roots = append(roots, found{real: real, drv: drvPath, output: o.Name, resolved: len(d.InputDrvs) == 0})
 	}
 	return roots, false, nil
+}
+
+// fromBuildTrace reads the build trace entry of drvPath's output from a
+// daemon that keys realisations by derivation path.
+func (r *Realiser) fromBuildTrace(ctx context.Context, info *nixstore.PathInfo, d *drvhash.Derivation, drvPath, output, id string) (*found, bool, error) {
+	e, err := r.opt.Store.QueryBuildTrace(ctx, drvPath, output)
+	if errors.Is(err, nixstore.ErrRealisationsUnsupported) {
+		r.setQuiet(err)
+		return nil, true, nil
+	}
+	if err != nil {
+		return nil, false, err
+	}
+	if e == nil || e.OutPath != filepath.Base(info.Path) {
+		r.log.Warn("the Nix daemon has no matching build trace entry", "path", info.Path, "drv", drvPath, "output", output)
+		return nil, false, nil
+	}
+	return &found{
+		real:      &nixstore.Realisation{ID: id, OutPath: e.OutPath, DependentRealisations: map[string]string{}},
+		drv:       drvPath,
+		output:    output,
+		resolved:  len(d.InputDrvs) == 0,
+		byPath:    true,
+		traceSigs: e.Signatures,
+	}, false, nil
 }
 
 // maxReferrerQueries bounds the daemon queries of one search for the
