@@ -283,7 +283,7 @@ func (c *cache) realisation(id string, out int, deps map[string]int) string {
 func (c *cache) buildTrace(drvBase string, out int) string {
 	c.t.Helper()
 	outPath := fmt.Sprintf("%s-p%d", hashOf(out), out)
-	body, err := realisation.BuildTraceDocument(drvBase, "out", outPath, []signature.SecretKey{c.key})
+	body, err := realisation.BuildTraceDocument(drvBase, "out", outPath, []signature.SecretKey{c.key}, nil)
 	if err != nil {
 		c.t.Fatal(err)
 	}

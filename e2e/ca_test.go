@@ -258,3 +258,61 @@ func testCARealisations(t *testing.T, multiUser bool) {
 	}
 	t.Logf("without realisations, as expected: %v", err)
 }
+
+// TestCAResolvedOnlyFindsUnresolved: what a Nix 2.33 or later builder
+// gives agentd is the resolved derivation only (the hook's DRV_PATH and
+// the output's deriver). Nix 2.8 cannot run such a hook, so here no hook
+// runs at all: `top` (a CA derivation depending on CA `base`) is built,
+// then its output is pushed with `agentctl push`, which names no
+// derivation, and its deriver is the resolved derivation. agentd finds
+// the unresolved `top` through the real daemon's referrers and publishes
+// its realisation, and a fresh store substitutes `top` from the cache
+// without building, which needs exactly that realisation.
+func TestCAResolvedOnlyFindsUnresolved(t *testing.T) {
+	testenv.RequireNix(t)
+	m := testenv.StartMinIO(t)
+	sk, pk := keyPair(t, "e2e-ca-resolved-1")
+	a := newAgent(t, m.CacheURL(""), sk, append(m.Env(), "NIX_CONFIG="+testenv.NixConfig+caConfig))
+	a.Start()
+	env := testenv.NixEnv(caConfig)
+
+	marker := filepath.Join(t.TempDir(), "first-machine")
+	if err := os.WriteFile(marker, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	expr := writeCAGraph(t, marker)
+	top := strings.TrimSpace(testenv.Run(t, env, "nix-build", expr, "--no-out-link", "-A", "top"))
+	topDrv, topIDs := realisationIDs(t, env, expr, "top")
+	_, baseIDs := realisationIDs(t, env, expr, "base")
+	if deriver := strings.TrimSpace(testenv.Run(t, env, "nix-store", "-q", "--deriver", top)); deriver == topDrv {
+		t.Fatalf("the output's deriver is the unresolved derivation %s: nothing to find", deriver)
+	}
+	if out, err := a.Ctl("push", top); err != nil {
+		t.Fatalf("agentctl push: %v\n%s", err, out)
+	}
+	if s := a.WaitDrained(2 * time.Minute); s.Failed != 0 {
+		t.Fatalf("status = %+v", s)
+	}
+	keys := map[string]bool{}
+	for _, k := range m.Keys(t) {
+		keys[k] = true
+	}
+	for _, id := range append(topIDs, baseIDs...) {
+		if !keys[realisation.Key(id)] {
+			t.Errorf("bucket lacks %s", realisation.Key(id))
+		}
+	}
+
+	if err := os.Remove(marker); err != nil {
+		t.Fatal(err)
+	}
+	fresh := filepath.Join(t.TempDir(), "fresh")
+	cmd := exec.Command("nix-build", expr, "--no-out-link", "-A", "top", "--store", fresh,
+		"--option", "substituters", m.HTTPURL(), "--option", "trusted-public-keys", pk)
+	cmd.Env = testenv.NixEnv(caConfig, "XDG_CACHE_HOME="+t.TempDir())
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), top) || strings.Contains(string(out), "not the first machine") {
+		t.Fatalf("substituting top: %v\n%s", err, out)
+	}
+	auditCache(t, m.CacheURL(""), a.env)
+}

@@ -185,6 +185,23 @@ func (s *Store) QueryValidPaths(ctx context.Context, paths []string) ([]string, 
 	return valid, nil
 }
 
+// QueryReferrers returns the valid store paths that refer to p (the
+// reverse of p's references).
+func (s *Store) QueryReferrers(ctx context.Context, p string) ([]string, error) {
+	var out []string
+	err := s.with(ctx, func(c *conn) (err error) {
+		if err := c.send(opQueryReferrers, p); err != nil {
+			return err
+		}
+		out, err = c.readStrings()
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("query referrers of %s: %w", p, err)
+	}
+	return out, nil
+}
+
 // QueryDerivationOutputMap returns the output paths of the derivation at
 // drv by output name; an output not built (or not realised) maps to "".
 // This is how floating content-addressed outputs are found.
@@ -326,11 +343,21 @@ func TopoSort(infos map[string]*PathInfo) []*PathInfo {
 // Protocol constants of the Nix daemon's worker protocol
 // (src/libstore/worker-protocol.hh in Nix's source).
 const (
-	workerMagic1  = 0x6e697863
-	workerMagic2  = 0x6478696f
-	clientVersion = 1<<8 | 34 // 1.34: Nix 2.8 … 2.14; every newer daemon downgrades to it
+	workerMagic1 = 0x6e697863
+	workerMagic2 = 0x6478696f
+	// clientVersion 1.38: Nix 2.35's, the first with protocol features. An
+	// older daemon downgrades to its own (2.8: 1.34); nothing this client
+	// sends or reads changed between 1.34 and 1.38 except the handshake
+	// (1.35: the daemon says whether it trusts us; 1.38: features).
+	clientVersion = 1<<8 | 38
+
+	// featureRealisationWithPath: realisations ("build trace entries")
+	// are keyed by derivation path and output name, not by the hash
+	// modulo; a Nix 2.35 daemon answers realisation queries only with it.
+	featureRealisationWithPath = "realisation-with-path-not-hash"
 
 	opIsValidPath              = 1
+	opQueryReferrers           = 6
 	opQueryPathInfo            = 26
 	opQueryValidPaths          = 31
 	opQueryDerivationOutputMap = 41
@@ -354,7 +381,9 @@ type conn struct {
 	w       *bufio.Writer
 	closer  io.Closer
 	version uint64 // negotiated
-	once    sync.Once
+	// features: the protocol features both sides offered (1.38+).
+	features map[string]bool
+	once     sync.Once
 }
 
 func (c *conn) close() { c.once.Do(func() { c.closer.Close() }) }
@@ -388,7 +417,30 @@ func handshake(rw io.ReadWriter, closer io.Closer, stall time.Duration) (*conn, 
 		return fail(fmt.Errorf("unsupported daemon protocol %d.%d", daemonVersion>>8, daemonVersion&0xff))
 	}
 	c.version = min(daemonVersion, clientVersion)
-	for _, v := range []uint64{clientVersion, 0 /* CPU affinity (obsolete) */, 0 /* reserveSpace (obsolete) */} {
+	if err := wire.WriteUint64(c.w, clientVersion); err != nil {
+		return fail(err)
+	}
+	if c.minor() >= 38 {
+		// Both sides send the features they offer (ours first); the
+		// connection has those in both lists.
+		if err := writeStrings(c.w, []string{featureRealisationWithPath}); err != nil {
+			return fail(err)
+		}
+		if err := c.w.Flush(); err != nil {
+			return fail(err)
+		}
+		theirs, err := c.readStrings()
+		if err != nil {
+			return fail(err)
+		}
+		c.features = map[string]bool{}
+		for _, f := range theirs {
+			if f == featureRealisationWithPath {
+				c.features[f] = true
+			}
+		}
+	}
+	for _, v := range []uint64{0 /* CPU affinity (obsolete) */, 0 /* reserveSpace (obsolete) */} {
 		if err := wire.WriteUint64(c.w, v); err != nil {
 			return fail(err)
 		}
@@ -397,7 +449,13 @@ func handshake(rw io.ReadWriter, closer io.Closer, stall time.Duration) (*conn, 
 		return fail(err)
 	}
 	if c.minor() >= 33 {
-		if _, err := wire.ReadString(c.r, maxString); err != nil {
+		if _, err := wire.ReadString(c.r, maxString); err != nil { // the daemon's Nix version
+			return fail(err)
+		}
+	}
+	if c.minor() >= 35 {
+		// Whether the daemon trusts us: 0 unknown, 1 yes, 2 no.
+		if _, err := wire.ReadUint64(c.r); err != nil {
 			return fail(err)
 		}
 	}

@@ -5,8 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"sort"
+	"path"
 	"strings"
+
+	"github.com/nix-community/go-nix/pkg/wire"
+
+	"github.com/nixspool/nixspool/nixsig"
 )
 
 // Realisation is what the store records about one output of a derivation
@@ -31,6 +35,78 @@ type Realisation struct {
 // keys realisations by derivation path behind a protocol feature).
 var ErrRealisationsUnsupported = errors.New("the Nix daemon does not answer realisation queries")
 
+// ErrKeyedByPath: the daemon (Nix 2.35 and later) keys realisations by
+// derivation path; ask it with QueryBuildTrace. It wraps
+// ErrRealisationsUnsupported.
+var ErrKeyedByPath = fmt.Errorf("%w by hash: it keys them by derivation path (Nix 2.35 and later)", ErrRealisationsUnsupported)
+
+// BuildTraceEntry is what a Nix 2.35 or later store records for one output
+// of a derivation (a realisation keyed by derivation path): the output
+// path and the signatures over the entry's fingerprint.
+type BuildTraceEntry struct {
+	OutPath    string   // base name
+	Signatures []string // "name:base64"
+}
+
+// QueryBuildTrace returns the build trace entry the store holds for output
+// of the derivation at drv, or nil if there is none. It needs a daemon
+// that negotiated the realisation-with-path-not-hash protocol feature
+// (Nix 2.35 and later); with any other it returns an error wrapping
+// ErrRealisationsUnsupported.
+func (s *Store) QueryBuildTrace(ctx context.Context, drv, output string) (*BuildTraceEntry, error) {
+	var out *BuildTraceEntry
+	err := s.with(ctx, func(c *conn) error {
+		if !c.features[featureRealisationWithPath] {
+			return fmt.Errorf("%w by derivation path (protocol 1.%d without %s)", ErrRealisationsUnsupported, c.minor(), featureRealisationWithPath)
+		}
+		if err := c.send(opQueryRealisation, drv, output); err != nil {
+			return err
+		}
+		e, err := c.readOptionalBuildTrace()
+		out = e
+		return err
+	})
+	if err != nil {
+		var de *DaemonError
+		if errors.As(err, &de) {
+			err = fmt.Errorf("%w: %w", ErrRealisationsUnsupported, err)
+		}
+		return nil, fmt.Errorf("query build trace %s^%s: %w", drv, output, err)
+	}
+	return out, nil
+}
+
+// readOptionalBuildTrace reads an optional unkeyed realisation as a
+// connection with realisation-with-path-not-hash sends it: a tag (0 none,
+// 1 some), the output path, the signatures.
+func (c *conn) readOptionalBuildTrace() (*BuildTraceEntry, error) {
+	tag, err := wire.ReadUint64(c.r)
+	if err != nil {
+		return nil, err
+	}
+	switch tag {
+	case 0:
+		return nil, nil
+	case 1:
+	default:
+		return nil, fmt.Errorf("bad optional build trace tag %d", tag)
+	}
+	p, err := wire.ReadString(c.r, maxString)
+	if err != nil {
+		return nil, err
+	}
+	sigs, err := c.readStrings()
+	if err != nil {
+		return nil, err
+	}
+	base := path.Base(p)
+	if !strings.HasPrefix(p, "/") || strings.Count(p, "/") < 2 || base == "" {
+		return nil, fmt.Errorf("build trace output %q is not a store path", p)
+	}
+	nixsig.SortStrings(sigs)
+	return &BuildTraceEntry{OutPath: base, Signatures: sigs}, nil
+}
+
 // QueryRealisation returns the realisation the store holds for the
 // derivation output id ("sha256:<hash>!<output>"), or nil if there is none.
 func (s *Store) QueryRealisation(ctx context.Context, id string) (*Realisation, error) {
@@ -41,6 +117,9 @@ func (s *Store) QueryRealisation(ctx context.Context, id string) (*Realisation, 
 	err := s.with(ctx, func(c *conn) error {
 		if c.minor() < 31 {
 			return fmt.Errorf("%w (protocol 1.%d; realisations need 1.31, Nix 2.4)", ErrRealisationsUnsupported, c.minor())
+		}
+		if c.features[featureRealisationWithPath] {
+			return ErrKeyedByPath
 		}
 		if err := c.send(opQueryRealisation, id); err != nil {
 			return err
@@ -100,7 +179,7 @@ func ParseRealisation(doc []byte) (*Realisation, error) {
 	if r.DependentRealisations == nil {
 		r.DependentRealisations = map[string]string{}
 	}
-	sort.Strings(r.Signatures)
+	nixsig.SortStrings(r.Signatures)
 	return &r, nil
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -62,6 +63,20 @@ func checkRealisations(t *testing.T, s *Store, env []string, drv string) {
 	outs, err := s.QueryDerivationOutputMap(ctx, drv)
 	if err != nil || outs["out"] != "/nix/store/"+got.OutPath {
 		t.Fatalf("QueryDerivationOutputMap = %v, %v", outs, err)
+	}
+	// Referrers: the input derivation's are what nix-store says, and
+	// include drv (how a resolved build's unresolved derivation is found).
+	for _, ref := range strings.Fields(testenv.Run(t, env, "nix-store", "-q", "--references", drv)) {
+		if !strings.HasSuffix(ref, ".drv") {
+			continue
+		}
+		got, err := s.QueryReferrers(ctx, ref)
+		want := strings.Fields(testenv.Run(t, env, "nix-store", "-q", "--referrers", ref))
+		slices.Sort(got)
+		slices.Sort(want)
+		if err != nil || !slices.Equal(got, want) || !slices.Contains(got, drv) {
+			t.Fatalf("QueryReferrers(%s) = %v, %v; nix-store says %v", ref, got, err, want)
+		}
 	}
 	none := "sha256:" + strings.Repeat("0", 64) + "!out"
 	if r, err := s.QueryRealisation(ctx, none); r != nil || err != nil {

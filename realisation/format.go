@@ -4,11 +4,12 @@ import (
 	"bytes"
 	"encoding/base64"
 	"fmt"
+	"slices"
 	"sort"
-	"strings"
 
 	"github.com/nix-community/go-nix/pkg/narinfo/signature"
 
+	"github.com/nixspool/nixspool/nixsig"
 	"github.com/nixspool/nixspool/nixstore"
 )
 
@@ -52,8 +53,8 @@ func render(r *nixstore.Realisation, withSigs bool) []byte {
 	b.WriteString(`,"outPath":`)
 	jsonString(&b, r.OutPath)
 	if withSigs {
-		sigs := append([]string(nil), r.Signatures...)
-		sort.Strings(sigs)
+		sigs := slices.Clone(r.Signatures)
+		nixsig.SortStrings(sigs)
 		b.WriteString(`,"signatures":[`)
 		for i, s := range sigs {
 			if i > 0 {
@@ -68,26 +69,14 @@ func render(r *nixstore.Realisation, withSigs bool) []byte {
 }
 
 // Sign replaces r's signatures by ours over its fingerprint, keeping the
-// ones it has from other keys.
+// ones it has from other keys (nixsig's rule: they sign this very
+// document), in Nix's order.
 func Sign(r *nixstore.Realisation, keys []signature.SecretKey) error {
-	fp := string(Fingerprint(r))
-	ours := map[string]bool{}
-	var sigs []string
-	for _, k := range keys {
-		sig, err := k.Sign(nil, fp)
-		if err != nil {
-			return fmt.Errorf("sign realisation %s: %w", r.ID, err)
-		}
-		sigs = append(sigs, sig.String())
-		ours[sig.Name] = true
+	sigs, err := nixsig.Merge(string(Fingerprint(r)), keys, r.Signatures)
+	if err != nil {
+		return fmt.Errorf("realisation %s: %w", r.ID, err)
 	}
-	for _, s := range r.Signatures {
-		if name, _, ok := strings.Cut(s, ":"); ok && !ours[name] {
-			sigs = append(sigs, s)
-		}
-	}
-	sort.Strings(sigs)
-	r.Signatures = sigs
+	r.Signatures = nixsig.Strings(sigs)
 	return nil
 }
 
@@ -104,18 +93,16 @@ func BuildTraceFingerprint(drvBase, output, outPath string) []byte {
 	return b.Bytes()
 }
 
-// BuildTraceDocument is a build trace entry signed with keys.
-func BuildTraceDocument(drvBase, output, outPath string, keys []signature.SecretKey) ([]byte, error) {
-	fp := string(BuildTraceFingerprint(drvBase, output, outPath))
-	var sigs []signature.Signature
-	for _, k := range keys {
-		sig, err := k.Sign(nil, fp)
-		if err != nil {
-			return nil, fmt.Errorf("sign build trace entry %s^%s: %w", drvBase, output, err)
-		}
-		sigs = append(sigs, sig)
+// BuildTraceDocument is a build trace entry signed with keys, keeping the
+// signatures stored from other keys (nixsig's rule). stored must sign this
+// entry's own fingerprint: signatures a Nix 2.35 store holds for the same
+// build trace entry, never those of a Nix ≤ 2.34 realisation, which sign
+// another text and would not verify here.
+func BuildTraceDocument(drvBase, output, outPath string, keys []signature.SecretKey, stored []string) ([]byte, error) {
+	sigs, err := nixsig.Merge(string(BuildTraceFingerprint(drvBase, output, outPath)), keys, stored)
+	if err != nil {
+		return nil, fmt.Errorf("build trace entry %s^%s: %w", drvBase, output, err)
 	}
-	sort.Slice(sigs, func(i, j int) bool { return sigs[i].String() < sigs[j].String() })
 	var b bytes.Buffer
 	b.WriteString(`{"outPath":`)
 	jsonString(&b, outPath)

@@ -87,7 +87,7 @@ func TestSignKeepsOtherKeys(t *testing.T) {
 
 func TestBuildTraceFormat(t *testing.T) {
 	sk, pk, _ := signature.GenerateKeypair("ours-1", rand.Reader)
-	body, err := BuildTraceDocument("ixp7d7cmnc2agv9bdh63bgb5xrn5mb33-ca-d.drv", "out", dOut, []signature.SecretKey{sk})
+	body, err := BuildTraceDocument("ixp7d7cmnc2agv9bdh63bgb5xrn5mb33-ca-d.drv", "out", dOut, []signature.SecretKey{sk}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -131,8 +131,14 @@ type fakeStore struct {
 	outputs      map[string]map[string]string
 	realisations map[string]*nixstore.Realisation
 	infos        map[string]*nixstore.PathInfo
-	queries      int
-	realErr      error
+	referrers    map[string][]string
+	// byPath: a Nix 2.35 daemon, which answers by derivation path only
+	// (traces, keyed "drv^output").
+	byPath     bool
+	traces     map[string]*nixstore.BuildTraceEntry
+	queries    int
+	referrerQs int
+	realErr    error
 }
 
 func (f *fakeStore) QueryDerivationOutputMap(_ context.Context, drv string) (map[string]string, error) {
@@ -148,6 +154,9 @@ func (f *fakeStore) QueryRealisation(_ context.Context, id string) (*nixstore.Re
 	if f.realErr != nil {
 		return nil, f.realErr
 	}
+	if f.byPath {
+		return nil, fmt.Errorf("query realisation %s: %w", id, nixstore.ErrKeyedByPath)
+	}
 	r := f.realisations[id]
 	if r == nil {
 		return nil, nil
@@ -159,6 +168,20 @@ func (f *fakeStore) QueryRealisation(_ context.Context, id string) (*nixstore.Re
 func (f *fakeStore) QueryPathInfo(_ context.Context, p string) (*nixstore.PathInfo, error) {
 	f.queries++
 	return f.infos[p], nil
+}
+
+func (f *fakeStore) QueryBuildTrace(_ context.Context, drv, output string) (*nixstore.BuildTraceEntry, error) {
+	f.queries++
+	if !f.byPath {
+		return nil, fmt.Errorf("query build trace: %w", nixstore.ErrRealisationsUnsupported)
+	}
+	return f.traces[drv+"^"+output], nil
+}
+
+func (f *fakeStore) QueryReferrers(_ context.Context, p string) ([]string, error) {
+	f.queries++
+	f.referrerQs++
+	return f.referrers[p], nil
 }
 
 func newFixture() (*Realiser, *fakeStore, signature.PublicKey) {
@@ -175,7 +198,13 @@ func newFixture() (*Realiser, *fakeStore, signature.PublicKey) {
 			dResID: {ID: dResID, OutPath: dOut, DependentRealisations: map[string]string{}},
 		},
 		infos: map[string]*nixstore.PathInfo{
-			"/nix/store/" + bOut: {Path: "/nix/store/" + bOut},
+			"/nix/store/" + bOut: {Path: "/nix/store/" + bOut, Deriver: bPath},
+		},
+		// d refers to its input derivation b (and the resolved d to b's
+		// output, with the store's other referrers of b).
+		referrers: map[string][]string{
+			bPath:                {plainDrvPath, dPath, "/nix/store/cccccccccccccccccccccccccccccccc-ca-d-2.drv"},
+			"/nix/store/" + bOut: {dResPath},
 		},
 	}
 	sk, pk, _ := signature.GenerateKeypair("ours-1", rand.Reader)
@@ -373,5 +402,109 @@ func TestNotesAreBounded(t *testing.T) {
 	}
 	if c := strings.Count(logs.String(), "too many build outputs"); c != 1 {
 		t.Fatalf("warned %d times, want once:\n%s", c, logs.String())
+	}
+}
+
+// TestResolvedBuildHookNamesResolved: Nix 2.33 and later name only the
+// resolved derivation in the hook (the output's deriver too). The
+// unresolved d, which clients evaluate, is found among the referrers of
+// the deriver of the resolved derivation's input b, and its realisation
+// goes out after b's. (A fake store: no Nix 2.33 installs here; the
+// referrer search runs against a real Nix 2.8 daemon in e2e.)
+func TestResolvedBuildHookNamesResolved(t *testing.T) {
+	r, st, _ := newFixture()
+	r.Note(dResPath, "/nix/store/"+dOut)
+	info := &nixstore.PathInfo{Path: "/nix/store/" + dOut, Deriver: dResPath, References: []string{"/nix/store/" + bOut}}
+	extras, err := r.For(context.Background(), info)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := strings.Join(keys(extras), " ")
+	want := Key(dResID) + " " + BuildTraceKey("ixp7d7cmnc2agv9bdh63bgb5xrn5mb33-ca-d.drv", "out") + " " + Key(bID) + " " + Key(dID)
+	if got != want {
+		t.Fatalf("keys = %s\nwant   %s", got, want)
+	}
+	if st.referrerQs != 2 {
+		t.Errorf("%d referrer queries, want 2 (b's output, then its deriver)", st.referrerQs)
+	}
+}
+
+// TestSearchIsSound: a derivation of the same name among the referrers
+// whose output map (its realisation in the store) names another path is
+// not published as this output's.
+func TestSearchIsSound(t *testing.T) {
+	r, st, _ := newFixture()
+	st.outputs[dPath] = map[string]string{"out": "/nix/store/zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-ca-d"}
+	info := &nixstore.PathInfo{Path: "/nix/store/" + dOut, Deriver: dResPath, References: []string{"/nix/store/" + bOut}}
+	extras, err := r.For(context.Background(), info)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(keys(extras), " "); got != Key(dResID)+" "+BuildTraceKey("ixp7d7cmnc2agv9bdh63bgb5xrn5mb33-ca-d.drv", "out") {
+		t.Fatalf("keys = %s", got)
+	}
+}
+
+// TestNoSearchWhenTheHookNamesUnresolved: Nix ≤ 2.32 names the unresolved
+// derivation; nothing is searched then.
+func TestNoSearchWhenTheHookNamesUnresolved(t *testing.T) {
+	r, st, _ := newFixture()
+	r.Note(dPath, "/nix/store/"+dOut)
+	info := &nixstore.PathInfo{Path: "/nix/store/" + dOut, Deriver: dResPath, References: []string{"/nix/store/" + bOut}}
+	if _, err := r.For(context.Background(), info); err != nil {
+		t.Fatal(err)
+	}
+	if st.referrerQs != 0 {
+		t.Fatalf("%d referrer queries", st.referrerQs)
+	}
+}
+
+// TestNewerDaemonBuildTrace: a Nix 2.35 daemon (a fake here; no such Nix
+// installs on these machines, and nixstore's tests check the wire format
+// against a double of it) answers by derivation path. The build trace
+// entry is written with ours and the daemon's other signatures (they sign
+// the entry's fingerprint); the hash-keyed realisation of the resolved
+// derivation with ours only; nothing is searched.
+func TestNewerDaemonBuildTrace(t *testing.T) {
+	r, st, pk := newFixture()
+	other, otherPK, _ := signature.GenerateKeypair("builder-1", rand.Reader)
+	dResBase := "ixp7d7cmnc2agv9bdh63bgb5xrn5mb33-ca-d.drv"
+	theirs, _ := other.Sign(nil, string(BuildTraceFingerprint(dResBase, "out", dOut)))
+	st.byPath = true
+	st.traces = map[string]*nixstore.BuildTraceEntry{dResPath + "^out": {OutPath: dOut, Signatures: []string{theirs.String()}}}
+	r.Note(dResPath, "/nix/store/"+dOut)
+	info := &nixstore.PathInfo{Path: "/nix/store/" + dOut, Deriver: dResPath, References: []string{"/nix/store/" + bOut}}
+	extras, err := r.For(context.Background(), info)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(keys(extras), " "); got != Key(dResID)+" "+BuildTraceKey(dResBase, "out") {
+		t.Fatalf("keys = %s", got)
+	}
+	legacy, err := nixstore.ParseRealisation(extras[0].Body)
+	if err != nil || len(legacy.Signatures) != 1 || len(legacy.DependentRealisations) != 0 {
+		t.Fatalf("legacy document %s: %v", extras[0].Body, err)
+	}
+	var doc struct {
+		OutPath    string `json:"outPath"`
+		Signatures []struct{ KeyName, Sig string }
+	}
+	if err := json.Unmarshal(extras[1].Body, &doc); err != nil || len(doc.Signatures) != 2 || doc.Signatures[0].KeyName != "builder-1" {
+		t.Fatalf("build trace %s: %v", extras[1].Body, err)
+	}
+	fp := string(BuildTraceFingerprint(dResBase, "out", dOut))
+	for _, s := range doc.Signatures {
+		data, _ := base64.StdEncoding.DecodeString(s.Sig)
+		if !signature.VerifyFirst(fp, []signature.Signature{{Name: s.KeyName, Data: data}}, []signature.PublicKey{pk, otherPK}) {
+			t.Errorf("signature of %s does not verify", s.KeyName)
+		}
+	}
+	if st.referrerQs != 0 {
+		t.Errorf("%d referrer queries", st.referrerQs)
+	}
+	// The unresolved d has no entry on such a daemon: nothing for it.
+	r.Forget(info.Path, []string{dResPath})
+	if extras, err := r.For(context.Background(), &nixstore.PathInfo{Path: "/nix/store/" + dOut, Deriver: dPath, References: info.References}); err != nil || len(extras) != 0 {
+		t.Fatalf("unresolved: %v, %v", keys(extras), err)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -24,6 +25,8 @@ type Store interface {
 	QueryDerivationOutputMap(ctx context.Context, drv string) (map[string]string, error)
 	QueryRealisation(ctx context.Context, id string) (*nixstore.Realisation, error)
 	QueryPathInfo(ctx context.Context, p string) (*nixstore.PathInfo, error)
+	QueryReferrers(ctx context.Context, p string) ([]string, error)
+	QueryBuildTrace(ctx context.Context, drv, output string) (*nixstore.BuildTraceEntry, error)
 }
 
 // Options configure a Realiser.
@@ -157,6 +160,11 @@ type found struct {
 	// resolved: the derivation has no input derivations (what Nix 2.35
 	// records build trace entries for).
 	resolved bool
+	// byPath: the daemon keys realisations by derivation path (Nix 2.35
+	// and later); real was made from its build trace entry, whose
+	// signatures are traceSigs.
+	byPath    bool
+	traceSigs []string
 }
 
 // For returns the realisation objects to write for info.Path, whose
@@ -205,13 +213,16 @@ func (r *Realiser) For(ctx context.Context, info *nixstore.PathInfo) ([]uploader
 		if err := Sign(&real, r.opt.Keys); err != nil {
 			return nil, err
 		}
-		if k := Key(real.ID); !written[k] {
+		if k := Key(real.ID); !written[k] && (!f.byPath || f.resolved) {
+			// From a build trace entry only a derivation without input
+			// derivations has a hash-keyed realisation to write: it
+			// depends on no other (entries record no dependencies).
 			written[k] = true
 			extras = append(extras, uploader.Extra{Key: k, ContentType: ContentType, Body: Document(&real)})
 		}
-		if f.drv != "" && f.resolved {
+		if f.drv != "" && (f.resolved || f.byPath) {
 			drvBase := filepath.Base(f.drv)
-			body, err := BuildTraceDocument(drvBase, f.output, real.OutPath, r.opt.Keys)
+			body, err := BuildTraceDocument(drvBase, f.output, real.OutPath, r.opt.Keys, f.traceSigs)
 			if err != nil {
 				return nil, err
 			}
@@ -225,69 +236,226 @@ func (r *Realiser) For(ctx context.Context, info *nixstore.PathInfo) ([]uploader
 }
 
 // roots finds the realisations whose output is info.Path, among the
-// derivations known to have produced it.
+// derivations known to have produced it and, when those are all resolved
+// derivations (what Nix 2.33 and later name in the hook), the unresolved
+// derivations found by searchUnresolved.
 func (r *Realiser) roots(ctx context.Context, info *nixstore.PathInfo) ([]found, error) {
 	candidates := r.Noted(info.Path)
 	if info.Deriver != "" && !slices.Contains(candidates, info.Deriver) {
 		candidates = append(candidates, info.Deriver)
 	}
-	base := filepath.Base(info.Path)
 	var roots []found
 	for _, drvPath := range candidates {
-		if storepath.Check(r.opt.StoreDir, drvPath) != nil || r.isStatic(drvPath) {
-			continue
-		}
-		d, err := r.hasher.Load(drvPath)
-		if err != nil {
-			// Typically the deriver is not in this store (the path was
-			// substituted, or the .drv collected): nothing to publish.
-			r.log.Debug("derivation unreadable; no realisation", "path", info.Path, "drv", drvPath, "err", err)
-			r.setStatic(drvPath)
-			continue
-		}
-		if d.StaticOutputs() {
-			r.setStatic(drvPath)
-			continue
-		}
-		if r.quiet() {
-			return nil, nil
-		}
-		outs, err := r.opt.Store.QueryDerivationOutputMap(ctx, drvPath)
-		if err != nil {
-			var de *nixstore.DaemonError
-			if errors.As(err, &de) {
-				r.log.Warn("derivation outputs unknown to the Nix daemon; no realisation", "path", info.Path, "drv", drvPath, "err", err)
-				continue
-			}
+		fs, stop, err := r.rootsOf(ctx, info, drvPath)
+		if stop || err != nil {
 			return nil, err
 		}
-		for _, o := range d.Outputs {
-			if outs[o.Name] != info.Path {
-				// Not this output, or the daemon knows no realisation
-				// (ca-derivations off there: never ask it for one then).
-				continue
+		roots = append(roots, fs...)
+	}
+	unresolvedKnown := false
+	var resolved []string
+	for _, f := range roots {
+		if f.byPath {
+			// Nix 2.35 and later record entries for resolved derivations
+			// (and for the ones a client substituted): nothing to search.
+			return roots, nil
+		}
+		if f.resolved {
+			resolved = append(resolved, f.drv)
+		} else {
+			unresolvedKnown = true
+		}
+	}
+	if unresolvedKnown {
+		return roots, nil
+	}
+	for _, drvPath := range resolved {
+		found, err := r.searchUnresolved(ctx, info, drvPath, candidates)
+		if err != nil {
+			return nil, err
+		}
+		roots = append(roots, found...)
+	}
+	return roots, nil
+}
+
+// rootsOf returns the realisations of drvPath's outputs that are
+// info.Path. stop: the daemon answers no realisation queries.
+func (r *Realiser) rootsOf(ctx context.Context, info *nixstore.PathInfo, drvPath string) (roots []found, stop bool, err error) {
+	if storepath.Check(r.opt.StoreDir, drvPath) != nil || r.isStatic(drvPath) {
+		return nil, false, nil
+	}
+	d, err := r.hasher.Load(drvPath)
+	if err != nil {
+		// Typically the deriver is not in this store (the path was
+		// substituted, or the .drv collected): nothing to publish.
+		r.log.Debug("derivation unreadable; no realisation", "path", info.Path, "drv", drvPath, "err", err)
+		r.setStatic(drvPath)
+		return nil, false, nil
+	}
+	if d.StaticOutputs() {
+		r.setStatic(drvPath)
+		return nil, false, nil
+	}
+	if r.quiet() {
+		return nil, true, nil
+	}
+	outs, err := r.opt.Store.QueryDerivationOutputMap(ctx, drvPath)
+	if err != nil {
+		var de *nixstore.DaemonError
+		if errors.As(err, &de) {
+			r.log.Warn("derivation outputs unknown to the Nix daemon; no realisation", "path", info.Path, "drv", drvPath, "err", err)
+			return nil, false, nil
+		}
+		return nil, false, err
+	}
+	base := filepath.Base(info.Path)
+	for _, o := range d.Outputs {
+		if outs[o.Name] != info.Path {
+			// Not this output, or the daemon knows no realisation
+			// (ca-derivations off there: never ask it for one then).
+			continue
+		}
+		id, err := r.hasher.ID(d, o.Name)
+		if err != nil {
+			r.log.Warn("cannot compute the realisation id", "path", info.Path, "drv", drvPath, "output", o.Name, "err", err)
+			continue
+		}
+		real, err := r.opt.Store.QueryRealisation(ctx, id)
+		if errors.Is(err, nixstore.ErrKeyedByPath) {
+			f, stop, err := r.fromBuildTrace(ctx, info, d, drvPath, o.Name, id)
+			if stop || err != nil {
+				return nil, stop, err
 			}
-			id, err := r.hasher.ID(d, o.Name)
-			if err != nil {
-				r.log.Warn("cannot compute the realisation id", "path", info.Path, "drv", drvPath, "output", o.Name, "err", err)
-				continue
+			if f != nil {
+				roots = append(roots, *f)
 			}
-			real, err := r.opt.Store.QueryRealisation(ctx, id)
-			if errors.Is(err, nixstore.ErrRealisationsUnsupported) {
-				r.setQuiet(err)
-				return nil, nil
-			}
+			continue
+		}
+		if errors.Is(err, nixstore.ErrRealisationsUnsupported) {
+			r.setQuiet(err)
+			return nil, true, nil
+		}
+		if err != nil {
+			return nil, false, err
+		}
+		if real == nil || real.OutPath != base {
+			r.log.Warn("the Nix daemon has no matching realisation", "path", info.Path, "drv", drvPath, "id", id)
+			continue
+		}
+		roots = append(roots, found{real: real, drv: drvPath, output: o.Name, resolved: len(d.InputDrvs) == 0})
+	}
+	return roots, false, nil
+}
+
+// fromBuildTrace reads the build trace entry of drvPath's output from a
+// daemon that keys realisations by derivation path.
+func (r *Realiser) fromBuildTrace(ctx context.Context, info *nixstore.PathInfo, d *drvhash.Derivation, drvPath, output, id string) (*found, bool, error) {
+	e, err := r.opt.Store.QueryBuildTrace(ctx, drvPath, output)
+	if errors.Is(err, nixstore.ErrRealisationsUnsupported) {
+		r.setQuiet(err)
+		return nil, true, nil
+	}
+	if err != nil {
+		return nil, false, err
+	}
+	if e == nil || e.OutPath != filepath.Base(info.Path) {
+		r.log.Warn("the Nix daemon has no matching build trace entry", "path", info.Path, "drv", drvPath, "output", output)
+		return nil, false, nil
+	}
+	return &found{
+		real:      &nixstore.Realisation{ID: id, OutPath: e.OutPath, DependentRealisations: map[string]string{}},
+		drv:       drvPath,
+		output:    output,
+		resolved:  len(d.InputDrvs) == 0,
+		byPath:    true,
+		traceSigs: e.Signatures,
+	}, false, nil
+}
+
+// maxReferrerQueries bounds the daemon queries of one search for the
+// unresolved derivations of a resolved one.
+const maxReferrerQueries = 32
+
+// searchUnresolved finds the unresolved derivations whose realisation in
+// the store is info.Path, given the resolved derivation resolvedDrv that
+// built it. Nix 2.33 and later run the post-build hook for the resolved
+// derivation only, and the store links neither the output nor the
+// resolved derivation to the unresolved one: its realisation is keyed by
+// its hash, and floating outputs have no row in the derivation outputs
+// table (so QueryValidDerivers cannot name it either).
+//
+// An unresolved derivation U refers to the inputs resolution replaced
+// (its input derivations) and keeps its input sources; the resolved one
+// lists the inputs' outputs and U's sources as its sources, under U's
+// name. So for each source Q of resolvedDrv (in order) the candidates are
+// the derivations of that name with input derivations that refer to Q or
+// to Q's deriver. A candidate counts only if the daemon's own output map
+// for it names info.Path (its registered realisation says so), which makes
+// the search sound however the candidates were found; it stops at the
+// first source that yields one. It misses U when U refers to none of
+// these: an input whose output came from a resolved build (its deriver is
+// that resolved derivation, not the one U refers to) and no input source
+// of U's own.
+func (r *Realiser) searchUnresolved(ctx context.Context, info *nixstore.PathInfo, resolvedDrv string, known []string) ([]found, error) {
+	d, err := r.hasher.Load(resolvedDrv)
+	if err != nil || len(d.InputSrcs) == 0 {
+		return nil, nil
+	}
+	name := storepath.Name(resolvedDrv)
+	queries := 0
+	tried := map[string]bool{resolvedDrv: true}
+	for _, k := range known {
+		tried[k] = true
+	}
+	for _, src := range d.InputSrcs {
+		targets := []string{src}
+		if queries < maxReferrerQueries {
+			queries++
+			pi, err := r.opt.Store.QueryPathInfo(ctx, src)
 			if err != nil {
 				return nil, err
 			}
-			if real == nil || real.OutPath != base {
-				r.log.Warn("the Nix daemon has no matching realisation", "path", info.Path, "drv", drvPath, "id", id)
-				continue
+			if pi != nil && pi.Deriver != "" && pi.Deriver != resolvedDrv {
+				targets = append(targets, pi.Deriver)
 			}
-			roots = append(roots, found{real: real, drv: drvPath, output: o.Name, resolved: len(d.InputDrvs) == 0})
+		}
+		var roots []found
+		for _, t := range targets {
+			if queries >= maxReferrerQueries {
+				r.log.Debug("search for the unresolved derivation stopped", "path", info.Path, "drv", resolvedDrv, "queries", queries)
+				return nil, nil
+			}
+			queries++
+			refs, err := r.opt.Store.QueryReferrers(ctx, t)
+			if err != nil {
+				var de *nixstore.DaemonError
+				if errors.As(err, &de) {
+					continue // t is not valid (a deriver collected)
+				}
+				return nil, err
+			}
+			for _, u := range refs {
+				if tried[u] || !strings.HasSuffix(u, ".drv") || storepath.Name(u) != name {
+					continue
+				}
+				tried[u] = true
+				ud, err := r.hasher.Load(u)
+				if err != nil || len(ud.InputDrvs) == 0 {
+					continue
+				}
+				fs, stop, err := r.rootsOf(ctx, info, u)
+				if stop || err != nil {
+					return nil, err
+				}
+				roots = append(roots, fs...)
+			}
+		}
+		if len(roots) > 0 {
+			return roots, nil
 		}
 	}
-	return roots, nil
+	return nil, nil
 }
 
 // badClosureError is a realisation whose dependencies cannot be written

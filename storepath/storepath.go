@@ -80,3 +80,13 @@ func HashPart(p string) string {
 	base := filepath.Base(p)
 	return base[:min(len(base), hashLen)]
 }
+
+// Name returns the name part of a store path (absolute or base name): what
+// follows "<hash>-". For anything shorter than a store path it returns "".
+func Name(p string) string {
+	base := filepath.Base(p)
+	if len(base) <= hashLen+1 {
+		return ""
+	}
+	return base[hashLen+1:]
+}

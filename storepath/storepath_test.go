@@ -54,3 +54,16 @@ func TestCheck(t *testing.T) {
 		t.Errorf("HashPart = %q, want %q", got, h)
 	}
 }
+
+func TestName(t *testing.T) {
+	for p, want := range map[string]string{
+		"/nix/store/ixp7d7cmnc2agv9bdh63bgb5xrn5mb33-ca-d.drv": "ca-d.drv",
+		"ixp7d7cmnc2agv9bdh63bgb5xrn5mb33-x":                   "x",
+		"ixp7d7cmnc2agv9bdh63bgb5xrn5mb33-":                    "",
+		"short":                                                "",
+	} {
+		if got := Name(p); got != want {
+			t.Errorf("Name(%q) = %q, want %q", p, got, want)
+		}
+	}
+}

@@ -13,12 +13,12 @@ import (
 	"sync/atomic"
 
 	"github.com/nix-community/go-nix/pkg/narinfo"
-	"github.com/nix-community/go-nix/pkg/narinfo/signature"
 	"github.com/nix-community/go-nix/pkg/nixbase32"
 	"github.com/nix-community/go-nix/pkg/nixhash"
 
 	"github.com/nixspool/nixspool/bucket"
 	"github.com/nixspool/nixspool/nar"
+	"github.com/nixspool/nixspool/nixsig"
 	"github.com/nixspool/nixspool/nixstore"
 	"github.com/nixspool/nixspool/storepath"
 )
@@ -296,7 +296,7 @@ func (u *Uploader) putListing(ctx context.Context, p string, listing *nar.Listin
 
 // makeNarinfo builds the narinfo: Nix's field order (go-nix renders it),
 // references sorted as base names, our signatures plus the ones the path
-// already carries from other keys. url, compression, fileSum and fileSize
+// already carries from other keys, in Nix's order (nixsig). url, compression, fileSum and fileSize
 // describe the NAR file actually uploaded (a resumed upload's file may
 // predate the cache's configuration).
 func (u *Uploader) makeNarinfo(info *nixstore.PathInfo, url, compression string, fileSum []byte, fileSize uint64) (*narinfo.NarInfo, error) {
@@ -316,23 +316,11 @@ func (u *Uploader) makeNarinfo(info *nixstore.PathInfo, url, compression string,
 	if info.Deriver != "" {
 		ni.Deriver = filepath.Base(info.Deriver)
 	}
-	fp := ni.Fingerprint()
-	ours := map[string]bool{}
-	for _, k := range u.opt.Keys {
-		sig, err := k.Sign(nil, fp)
-		if err != nil {
-			return nil, fmt.Errorf("sign %s: %w", info.Path, err)
-		}
-		ni.Signatures = append(ni.Signatures, sig)
-		ours[sig.Name] = true
+	sigs, err := nixsig.Merge(ni.Fingerprint(), u.opt.Keys, info.Sigs)
+	if err != nil {
+		return nil, fmt.Errorf("narinfo of %s: %w", info.Path, err)
 	}
-	for _, s := range info.Sigs {
-		sig, err := signature.ParseSignature(s)
-		if err != nil || ours[sig.Name] {
-			continue
-		}
-		ni.Signatures = append(ni.Signatures, sig)
-	}
+	ni.Signatures = sigs
 	return ni, nil
 }
 

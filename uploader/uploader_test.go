@@ -304,3 +304,34 @@ func TestLoadSecretKeys(t *testing.T) {
 		t.Fatalf("bad key: %v (the error must not echo the file's content)", err)
 	}
 }
+
+// TestNarinfoSignatureOrder: the Sig lines are in Nix's order (key name,
+// then raw bytes; Nix ≥ 2.34 writes them so), each once; the store's
+// signatures from other keys are kept unless they are corrupt.
+func TestNarinfoSignatureOrder(t *testing.T) {
+	f := newFixture(t, nil)
+	ours := f.key.ToPublicKey().Name
+	raw := func(name string, b byte) string {
+		return signature.Signature{Name: name, Data: bytes.Repeat([]byte{b}, 64)}.String()
+	}
+	// "<ours>-x" sorts after ours by name but before it as a string;
+	// under one name, 0x00 bytes ("AAAA") sort before 0xff ("////").
+	f.store.infos[f.path(0)].Sigs = []string{raw(ours+"-x", 0), raw("zz", 0xff), raw("zz", 0), raw("zz", 0), "zz:corrupt"}
+	u := f.uploader(t, Options{})
+	if _, err := u.Upload(context.Background(), f.path(0)); err != nil {
+		t.Fatal(err)
+	}
+	data, _, err := f.rec.Get(context.Background(), hashes[0]+".narinfo", 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lines []string
+	for _, l := range strings.Split(string(data), "\n") {
+		if s, ok := strings.CutPrefix(l, "Sig: "); ok {
+			lines = append(lines, s)
+		}
+	}
+	if len(lines) != 4 || !strings.HasPrefix(lines[0], ours+":") || lines[1] != raw(ours+"-x", 0) || lines[2] != raw("zz", 0) || lines[3] != raw("zz", 0xff) {
+		t.Fatalf("Sig lines:\n%s", strings.Join(lines, "\n"))
+	}
+}
