@@ -14,6 +14,7 @@ import (
 
 	"github.com/nixspool/nixspool/cacheurl"
 	"github.com/nixspool/nixspool/storepath"
+	"github.com/nixspool/nixspool/storewatch"
 )
 
 // Version is set at build time (-ldflags -X).
@@ -45,6 +46,12 @@ type Config struct {
 	SkipSignedBy          []string // key names: paths signed by one of them are not uploaded
 	MetricsListen         string   // "" = no metrics endpoint
 	UploadBuildLogs       bool     // also upload log/<drv> for uploaded paths
+	// Capture: which paths reach the queue besides the hook's and pushes'
+	// (see CaptureMode); the store watcher reads NixDBDir every
+	// CaptureInterval.
+	Capture         CaptureMode
+	CaptureInterval time.Duration
+	NixDBDir        string
 	// Garbage collection: how often announcements are read (every agent),
 	// and an optional schedule of cycles run by this agent (0: none).
 	GCPollInterval time.Duration
@@ -75,6 +82,9 @@ func DefaultConfig() Config {
 		BackoffMax:         10 * time.Minute,
 		SpoolInterval:      5 * time.Second,
 		SkipSignedBy:       []string{"cache.nixos.org-1"},
+		Capture:            CaptureHook,
+		CaptureInterval:    2 * time.Second,
+		NixDBDir:           storewatch.DefaultDir,
 		GCPollInterval:     20 * time.Second,
 		GCKeepSince:        30 * 24 * time.Hour,
 		GCGrace:            2 * time.Hour,
@@ -131,6 +141,18 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxNARSize < 0 {
 		errs = append(errs, errors.New("--max-nar-size: must not be negative"))
+	}
+	if c.Capture == "" {
+		c.Capture = CaptureHook
+	}
+	if _, err := ParseCaptureMode(string(c.Capture)); err != nil {
+		errs = append(errs, err)
+	}
+	if c.CaptureInterval <= 0 {
+		errs = append(errs, errors.New("--capture-interval: must be positive"))
+	}
+	if c.NixDBDir == "" {
+		c.NixDBDir = storewatch.DefaultDir
 	}
 	if c.SpoolInterval <= 0 {
 		errs = append(errs, errors.New("--spool-interval: must be positive"))

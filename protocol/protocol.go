@@ -135,13 +135,16 @@ func (w PathWait) Settled() bool {
 
 // Request is one client request.
 type Request struct {
-	V        int      `json:"v"`
-	Op       string   `json:"op"`
-	Paths    []string `json:"paths,omitempty"`
-	Drv      string   `json:"drv,omitempty"`
-	ID       uint64   `json:"id,omitempty"`
-	All      bool     `json:"all,omitempty"`
-	State    string   `json:"state,omitempty"`
+	V     int      `json:"v"`
+	Op    string   `json:"op"`
+	Paths []string `json:"paths,omitempty"`
+	Drv   string   `json:"drv,omitempty"`
+	ID    uint64   `json:"id,omitempty"`
+	All   bool     `json:"all,omitempty"`
+	State string   `json:"state,omitempty"`
+	// Source (list): only jobs from this source (hook, push, capture,
+	// build-closure, unknown).
+	Source   string   `json:"source,omitempty"`
 	Closure  bool     `json:"closure,omitempty"`
 	Floating bool     `json:"floating,omitempty"`
 	Deep     bool     `json:"deep,omitempty"`
@@ -197,6 +200,9 @@ type Job struct {
 	EnqueuedAt int64  `json:"enqueued_at"`          // unix seconds
 	NotBefore  int64  `json:"not_before,omitempty"` // unix seconds
 	LastError  string `json:"last_error"`
+	// Source is where the path came from: hook, push, capture,
+	// build-closure, or unknown (queued before agentd recorded sources).
+	Source string `json:"source,omitempty"`
 }
 
 // Upload is one upload in progress.
@@ -240,9 +246,28 @@ type Status struct {
 	RequestWindow    int     `json:"request_window"`
 	RequestsInFlight int     `json:"requests_in_flight"`
 	Spooled          Spooled `json:"spooled"`
+	// QueuedBySource counts the queued jobs (pending, uploading, retrying
+	// and failed) by where their paths came from (see Job.Source).
+	QueuedBySource map[string]int `json:"queued_by_source"`
+	// Capture is the store watcher's state (agentd --capture); nil when
+	// it is off (--capture hook).
+	Capture *Capture `json:"capture,omitempty"`
 	// TimeToCache is the time from paths' acknowledgement (by a hook or a
 	// push) to their narinfo being in the cache, over the last 15 minutes.
 	TimeToCache TimeToCache `json:"time_to_cache"`
+}
+
+// Capture is the state of the store watcher.
+type Capture struct {
+	Mode string `json:"mode"` // local or all
+	// Cursor is the last row of the store's database seen; Captured how
+	// many paths the watcher queued since agentd started.
+	Cursor   int64  `json:"cursor"`
+	Captured uint64 `json:"captured"`
+	// LastCycleAt is when the last cycle ended (unix seconds); Error the
+	// last cycle's error, if it failed.
+	LastCycleAt int64  `json:"last_cycle_at"`
+	Error       string `json:"error,omitempty"`
 }
 
 // TimeToCache summarises the time to cache of the paths done in the last
