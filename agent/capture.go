@@ -79,6 +79,7 @@ type capturer struct {
 	signers  map[string]bool
 	interval time.Duration
 	batch    int
+	existing bool // read the whole store when there is no cursor yet
 
 	mu       sync.Mutex
 	cursor   int64
@@ -94,7 +95,7 @@ func newCapturer(a *Agent, mode CaptureMode, dir string, interval time.Duration)
 	if err != nil {
 		return nil, err
 	}
-	c := &capturer{a: a, mode: mode, db: db, signers: a.filter.signers, interval: interval, batch: 1000}
+	c := &capturer{a: a, mode: mode, db: db, signers: a.filter.signers, interval: interval, batch: 1000, existing: true}
 	return c, nil
 }
 
@@ -128,7 +129,7 @@ func (c *capturer) run(ctx context.Context) {
 // cycle queues what became valid since the cursor and returns how many
 // paths it handed to the queue.
 func (c *capturer) cycle(ctx context.Context) (int, error) {
-	cur, err := c.loadCursor()
+	cur, err := c.loadCursor(ctx)
 	if err != nil {
 		return 0, err
 	}
@@ -218,7 +219,7 @@ func (c *capturer) commit(ctx context.Context, paths []string, next int64) error
 // loadCursor returns the cursor, read from the queue's database the first
 // time. With none (capture never ran) or one read in a narrower mode, the
 // store is read from its beginning.
-func (c *capturer) loadCursor() (int64, error) {
+func (c *capturer) loadCursor(ctx context.Context) (int64, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.loaded {
@@ -235,6 +236,11 @@ func (c *capturer) loadCursor() (int64, error) {
 		}
 	}
 	switch {
+	case raw == nil && !c.existing:
+		if rec.Cursor, err = c.db.Last(ctx); err != nil {
+			return 0, err
+		}
+		c.a.log.Info("store watcher starts at the store's top (paths already there are not queued)", "mode", c.mode, "cursor", rec.Cursor)
 	case raw == nil:
 		c.a.log.Info("store watcher starts; reading the whole store once", "mode", c.mode)
 	case c.mode.wider(rec.Mode):
@@ -286,5 +292,6 @@ func (a *Agent) startCapture() {
 		a.log.Error("store watcher off", "err", a.captureErr)
 		return
 	}
+	c.existing = a.cfg.CaptureExisting
 	a.capture = c
 }

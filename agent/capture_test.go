@@ -162,6 +162,23 @@ func TestCaptureLocal(t *testing.T) {
 	}
 }
 
+// Without --capture-existing the first start begins at the store's top.
+func TestCaptureNotExisting(t *testing.T) {
+	fs := &fakeStore{valid: map[string]bool{}}
+	db := newNixDB(t)
+	db.add(fs, "before", "built")
+	a := captureAgent(t, fs)
+	c := startCapturer(t, a, db, CaptureLocal)
+	c.existing = false
+	if n := cycle(t, c); n != 0 {
+		t.Fatalf("first cycle queued %d paths already in the store", n)
+	}
+	after := db.add(fs, "after", "built")
+	if cycle(t, c); !slices.Equal(queuedBy(t, a, queue.SourceCapture), []string{after}) {
+		t.Fatalf("captured %v, want %s", queuedBy(t, a, queue.SourceCapture), after)
+	}
+}
+
 // In all mode substituted paths are queued too, unless signed by a
 // --skip-signed-by key; widening the mode reads the store again.
 func TestCaptureAllAndSkipSignedBy(t *testing.T) {

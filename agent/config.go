@@ -51,6 +51,9 @@ type Config struct {
 	// CaptureInterval.
 	Capture         CaptureMode
 	CaptureInterval time.Duration
+	// CaptureExisting: at the watcher's first start (no cursor yet), also
+	// queue the paths already in the store; otherwise start at its top.
+	CaptureExisting bool
 	NixDBDir        string
 	// Garbage collection: how often announcements are read (every agent),
 	// and an optional schedule of cycles run by this agent (0: none).
@@ -84,6 +87,7 @@ func DefaultConfig() Config {
 		SkipSignedBy:       []string{"cache.nixos.org-1"},
 		Capture:            CaptureHook,
 		CaptureInterval:    2 * time.Second,
+		CaptureExisting:    true,
 		NixDBDir:           storewatch.DefaultDir,
 		GCPollInterval:     20 * time.Second,
 		GCKeepSince:        30 * 24 * time.Hour,

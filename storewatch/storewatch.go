@@ -178,6 +178,21 @@ func (d *DB) reopenIfReplaced() error {
 	return nil
 }
 
+// Last returns the id of the last path that became valid (0 for an empty
+// store): a cursor there reads only what comes later.
+func (d *DB) Last(ctx context.Context) (int64, error) {
+	if err := d.reopenIfReplaced(); err != nil {
+		return 0, err
+	}
+	var high int64
+	d.queries.Add(1)
+	err := d.db.QueryRowContext(ctx, "SELECT seq FROM sqlite_sequence WHERE name = 'ValidPaths'").Scan(&high)
+	if err != nil && !errors.Is(err, sql.ErrNoRows) {
+		return 0, fmt.Errorf("nix database: last id: %w", err)
+	}
+	return high, nil
+}
+
 // Read returns up to limit paths that became valid after cursor (a
 // Batch.Next of an earlier Read; 0 for the whole store), in one read
 // transaction. When nothing did, it costs one query.

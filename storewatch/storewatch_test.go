@@ -134,6 +134,9 @@ func TestReadInBatchesThenIdle(t *testing.T) {
 	if n := d.Queries() - q; n != 1 {
 		t.Fatalf("idle read sent %d queries, want 1", n)
 	}
+	if last, err := d.Last(ctx); err != nil || last != 25 {
+		t.Fatalf("last = %d, %v; want 25", last, err)
+	}
 	// New paths after the cursor, and only those.
 	addPaths(t, w, 25, 27)
 	b, err = d.Read(ctx, cursor, 10)

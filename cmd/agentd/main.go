@@ -96,6 +96,7 @@ func run(args []string) error {
 	fs.Var(skipSigned, "skip-signed-by", `do not upload paths already signed by this key name (repeatable; "" for none)`)
 	fs.StringVar(&capture, "capture", string(cfg.Capture), "which paths are uploaded besides those the hook and agentctl push hand over: hook (none), local (also every path built or added on this machine: sources, nix-store --add, builds the hook missed), all (also substituted and copied-in paths); --skip-signed-by applies in every mode")
 	fs.DurationVar(&cfg.CaptureInterval, "capture-interval", cfg.CaptureInterval, "how often the store watcher (--capture local|all) looks for new valid paths")
+	fs.BoolVar(&cfg.CaptureExisting, "capture-existing", cfg.CaptureExisting, "at the store watcher's first start, also queue the paths already in the store (false: only those that become valid from then on)")
 	fs.StringVar(&cfg.NixDBDir, "nix-db-dir", cfg.NixDBDir, "directory of the Nix database the store watcher reads (read-only)")
 	fs.BoolVar(&cfg.UploadBuildLogs, "upload-build-logs", false, "also upload the build log of each uploaded path's derivation (log/<drv>, read by `nix-store --store CACHE --read-log DRV`)")
 	fs.DurationVar(&cfg.GCPollInterval, "gc-poll-interval", cfg.GCPollInterval, "how often to read garbage-collection announcements; a collector's --grace must exceed twice this plus its margin")
