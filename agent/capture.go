@@ -240,6 +240,13 @@ func (c *capturer) loadCursor(ctx context.Context) (int64, error) {
 		if rec.Cursor, err = c.db.Last(ctx); err != nil {
 			return 0, err
 		}
+		// Kept at once: paths registered while agentd is down, before
+		// any cycle moved the cursor, are found at the next start.
+		rec.Mode = c.mode
+		v, _ := json.Marshal(rec)
+		if err := c.a.queue.SetMark(captureMark, v); err != nil {
+			return 0, fmt.Errorf("store watcher cursor: %w", err)
+		}
 		c.a.log.Info("store watcher starts at the store's top (paths already there are not queued)", "mode", c.mode, "cursor", rec.Cursor)
 	case raw == nil:
 		c.a.log.Info("store watcher starts; reading the whole store once", "mode", c.mode)

@@ -173,8 +173,12 @@ func TestCaptureNotExisting(t *testing.T) {
 	if n := cycle(t, c); n != 0 {
 		t.Fatalf("first cycle queued %d paths already in the store", n)
 	}
+	// Registered while agentd is down, before any cycle found something:
+	// found at the next start.
 	after := db.add(fs, "after", "built")
-	if cycle(t, c); !slices.Equal(queuedBy(t, a, queue.SourceCapture), []string{after}) {
+	c2 := startCapturer(t, a, db, CaptureLocal)
+	c2.existing = false
+	if cycle(t, c2); !slices.Equal(queuedBy(t, a, queue.SourceCapture), []string{after}) {
 		t.Fatalf("captured %v, want %s", queuedBy(t, a, queue.SourceCapture), after)
 	}
 }
