@@ -18,7 +18,9 @@
 // file "schema" beside it (10 from Nix 2.0 to this day); Open refuses any
 // other version with an error that says so, rather than guess at a layout
 // it does not know, and the watcher stays off until agentd supports it.
-// The database is opened read-only (mode=ro, query_only), never written,
+// The database is opened read-only (mode=ro, query_only), never written
+// (though SQLite maps the -shm file of a WAL database read-write, so the
+// directory must not be a read-only mount),
 // with a busy timeout so that a writer holding its lock delays a read
 // instead of failing it. A database that was replaced (a new file) is
 // reopened; one whose numbering restarted below the cursor (a store wiped
@@ -140,6 +142,10 @@ func (d *DB) open() error {
 	}
 	db.SetMaxOpenConns(1)
 	db.SetMaxIdleConns(1)
+	if _, err := db.Exec("SELECT 1 FROM sqlite_master LIMIT 1"); err != nil {
+		db.Close()
+		return fmt.Errorf("nix database %s: cannot read it: %w (a reader of a WAL database needs write access to the db.sqlite-shm file beside it, even read-only: under systemd's ProtectSystem=strict, add ReadWritePaths=%s)", d.file, err, d.dir)
+	}
 	// The table must be the one this package knows: a query naming every
 	// column it reads fails here, not later.
 	if _, err := db.Exec("SELECT id, path, registrationTime, deriver, ultimate, sigs, ca FROM ValidPaths WHERE id < 0"); err != nil {
