@@ -117,7 +117,7 @@ in
         builds the hook missed, e.g. while the agent was not installed). `all`: also paths
         substituted from other caches or copied in (`nix copy --from`, `nix-store --import`).
         Paths signed by a `skip-signed-by` key (default `cache.nixos.org-1`) are left out in
-        every mode. The store watcher reads Nix's database read-only every 2 s.
+        every mode. The store watcher reads Nix's database read-only every second.
       '';
     };
 

@@ -86,7 +86,7 @@ func DefaultConfig() Config {
 		SpoolInterval:      5 * time.Second,
 		SkipSignedBy:       []string{"cache.nixos.org-1"},
 		Capture:            CaptureHook,
-		CaptureInterval:    2 * time.Second,
+		CaptureInterval:    time.Second,
 		CaptureExisting:    true,
 		NixDBDir:           storewatch.DefaultDir,
 		GCPollInterval:     20 * time.Second,
