@@ -10,7 +10,10 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/nixspool/nixspool/cacheurl"
+	"github.com/nixspool/nixspool/protocol"
 	"github.com/nixspool/nixspool/queue"
+	"github.com/nixspool/nixspool/realisation"
 	_ "modernc.org/sqlite"
 )
 
@@ -270,5 +273,39 @@ func TestCaptureUnknownSchema(t *testing.T) {
 	st := a.captureStatus()
 	if a.capture != nil || st == nil || !strings.Contains(st.Error, "schema version 11") {
 		t.Fatalf("capture status %+v", st)
+	}
+}
+
+// Requests record their source: the hook's enqueue "hook", agentctl push
+// "push"; list filters by it and status counts by it.
+func TestRequestSources(t *testing.T) {
+	fs := &fakeStore{valid: map[string]bool{}}
+	a := captureAgent(t, fs)
+	a.realiser = realisation.New(realisation.Options{})
+	a.cache, _ = cacheurl.Parse("file:///nonexistent")
+	a.breaker = newBreaker(a.backoff)
+	hooked := "/nix/store/" + strings.Repeat("h", 32) + "-hooked"
+	pushed := "/nix/store/" + strings.Repeat("p", 32) + "-pushed"
+	fs.valid[hooked], fs.valid[pushed] = true, true
+	for _, r := range []*protocol.Request{{Op: protocol.OpEnqueue, Paths: []string{hooked}}, {Op: protocol.OpPush, Paths: []string{pushed}}} {
+		if resp := a.serveRequest(context.Background(), r, peer{}, nil); resp.Error != "" {
+			t.Fatal(resp.Error)
+		}
+	}
+	for src, want := range map[string]string{"hook": hooked, "push": pushed} {
+		resp := a.serveRequest(context.Background(), &protocol.Request{Op: protocol.OpList, Source: src}, peer{}, nil)
+		if resp.Error != "" || len(resp.Jobs) != 1 || resp.Jobs[0].Path != want || resp.Jobs[0].Source != src {
+			t.Errorf("list --source %s: %+v", src, resp)
+		}
+	}
+	if resp := a.serveRequest(context.Background(), &protocol.Request{Op: protocol.OpList, Source: "nowhere"}, peer{}, nil); resp.Error == "" {
+		t.Error("list --source nowhere: no error")
+	}
+	st, err := a.status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.QueuedBySource["hook"] != 1 || st.QueuedBySource["push"] != 1 || len(st.QueuedBySource) != 2 || st.Capture != nil {
+		t.Fatalf("status: by source %v, capture %+v", st.QueuedBySource, st.Capture)
 	}
 }
