@@ -49,6 +49,9 @@ type Config struct {
 	// Capture: which paths reach the queue besides the hook's and pushes'
 	// (see CaptureMode); the store watcher reads NixDBDir every
 	// CaptureInterval.
+	// BuildClosures: for every derivation the hook hands over, also queue
+	// its build closure (see Agent.buildClosure).
+	BuildClosures   bool
 	Capture         CaptureMode
 	CaptureInterval time.Duration
 	// CaptureExisting: at the watcher's first start (no cursor yet), also

@@ -187,7 +187,22 @@ func (a *Agent) serveRequest(ctx context.Context, req *protocol.Request, p peer,
 		}
 		start := time.Now()
 		paths := req.Paths
-		if req.Closure {
+		source := queue.SourceHook
+		if req.Op == protocol.OpPush {
+			source = queue.SourcePush
+		}
+		var skipped []string
+		if req.BuildClosure && req.Op == protocol.OpPush {
+			var err error
+			if paths, skipped, err = a.buildClosure(ctx, req.Paths); err != nil {
+				a.log.Warn("push refused", "err", err, "peer_uid", p.uid)
+				return &protocol.Response{Error: err.Error()}
+			}
+			if len(paths) == 0 {
+				return &protocol.Response{Skipped: skipped}
+			}
+			source = queue.SourceBuildClosure
+		} else if req.Closure {
 			var err error
 			if paths, err = a.closureOf(ctx, req.Paths); err != nil {
 				a.log.Warn("push refused", "err", err, "peer_uid", p.uid)
@@ -216,10 +231,6 @@ func (a *Agent) serveRequest(ctx context.Context, req *protocol.Request, p peer,
 			// that they need not ask one by one.
 			a.uploader.Prefetch(a.uploadCtx, paths)
 		}
-		source := queue.SourceHook
-		if req.Op == protocol.OpPush {
-			source = queue.SourcePush
-		}
 		jobs, err := a.enqueue(ctx, paths, req.Drv, source)
 		if err != nil {
 			a.log.Warn("enqueue refused", "op", req.Op, "err", err, "peer_uid", p.uid, "peer_pid", p.pid)
@@ -227,8 +238,11 @@ func (a *Agent) serveRequest(ctx context.Context, req *protocol.Request, p peer,
 		}
 		a.metrics.Enqueued(time.Since(start))
 		a.metrics.Queued(source.String(), len(paths))
-		a.log.Info("enqueued", "op", req.Op, "paths", len(paths), "drv", req.Drv, "peer_uid", p.uid, "peer_pid", p.pid, "duration", time.Since(start))
-		return &protocol.Response{Jobs: jobs, Count: len(jobs)}
+		a.log.Info("enqueued", "op", req.Op, "source", source.String(), "paths", len(paths), "drv", req.Drv, "peer_uid", p.uid, "peer_pid", p.pid, "duration", time.Since(start))
+		if a.cfg.BuildClosures && req.Op == protocol.OpEnqueue && req.Drv != "" {
+			go a.queueBuildClosure(req.Drv)
+		}
+		return &protocol.Response{Jobs: jobs, Count: len(jobs), Skipped: skipped}
 	case protocol.OpDoctor:
 		return &protocol.Response{Checks: a.doctor(ctx)}
 	case protocol.OpAudit:

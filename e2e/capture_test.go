@@ -238,3 +238,148 @@ func TestCaptureSubstitutedFromUpstream(t *testing.T) {
 		t.Fatalf("--skip-signed-by e2e-upstream-1: %s uploaded", p)
 	}
 }
+
+// TestPushBuildClosure: agentctl push --build-closure of a build's output
+// puts what the build needed in the bucket: its derivations, its source,
+// and the outputs of its inputs that are in the store; an input output
+// that is not (collected since) is skipped with a reason. Every path of
+// the input closure that existed locally substitutes into a fresh store
+// from the bucket alone, signature checked.
+func TestPushBuildClosure(t *testing.T) {
+	testenv.RequireNix(t)
+	m := testenv.StartMinIO(t)
+	sk, pk := keyPair(t, "e2e-buildclosure-1")
+	a := newAgent(t, m.CacheURL(""), sk, m.Env())
+	a.Start()
+
+	dir := t.TempDir()
+	nonce := testenv.Unique()
+	src := filepath.Join(dir, "src")
+	os.MkdirAll(src, 0o755)
+	os.WriteFile(filepath.Join(src, "input.txt"), []byte("source "+nonce+"\n"), 0o644)
+	expr := filepath.Join(dir, "bc.nix")
+	os.WriteFile(expr, []byte(fmt.Sprintf(`let
+  mk = name: script: derivation { inherit name; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" script ]; };
+  tool = mk "tool-%[1]s" "echo tool %[1]s > $out";
+  gone = mk "gone-%[1]s" "echo gone %[1]s > $out";
+  src = builtins.path { path = %[2]s; name = "src-%[1]s"; };
+in mk "app-%[1]s" "read x < ${src}/input.txt; read y < ${tool}; read z < ${gone}; echo $x $y $z > $out"
+`, nonce, src)), 0o644)
+	env := testenv.NixEnv("")
+	app := strings.TrimSpace(testenv.Run(t, env, "nix-build", expr, "--no-out-link")) // no hook
+	drv := strings.TrimSpace(testenv.Run(t, env, "nix-store", "--query", "--deriver", app))
+	inputs := strings.Fields(testenv.Run(t, env, "nix-store", "--query", "--requisites", drv))
+	var gone string
+	for _, p := range inputs {
+		if strings.HasSuffix(p, "-gone-"+nonce+".drv") {
+			gone = strings.TrimSpace(testenv.Run(t, env, "nix-store", "--query", "--outputs", p))
+		}
+	}
+	testenv.Run(t, env, "nix-store", "--delete", gone)
+
+	out, err := a.Ctl("push", "--build-closure", app)
+	if err != nil {
+		t.Fatalf("agentctl push --build-closure: %v\n%s", err, out)
+	}
+	if !strings.Contains(out, "skipped "+gone+": not in the store") {
+		t.Errorf("push output does not name the missing input %s:\n%s", gone, out)
+	}
+	if s := a.WaitDrained(2 * time.Minute); s.Failed != 0 {
+		t.Fatalf("status %+v: failed jobs", s)
+	}
+
+	// The input closure as it exists here: the derivations, the source,
+	// and every output of those derivations still in the store.
+	want := append([]string{}, inputs...)
+	for _, p := range inputs {
+		if !strings.HasSuffix(p, ".drv") {
+			continue
+		}
+		for _, o := range strings.Fields(testenv.Run(t, env, "nix-store", "--query", "--outputs", p)) {
+			if _, err := os.Lstat(o); err == nil {
+				want = append(want, o)
+			}
+		}
+	}
+	var sawSrc, sawTool bool
+	for _, p := range want {
+		sawSrc = sawSrc || strings.HasSuffix(p, "-src-"+nonce)
+		sawTool = sawTool || strings.HasSuffix(p, "-tool-"+nonce)
+		if p == gone {
+			t.Fatalf("%s was deleted but is listed", gone)
+		}
+	}
+	if !sawSrc || !sawTool {
+		t.Fatalf("input closure lacks the source or the tool: %v", want)
+	}
+	fresh := filepath.Join(t.TempDir(), "fresh")
+	var drvs, outs []string
+	for _, p := range want {
+		if strings.HasSuffix(p, ".drv") {
+			drvs = append(drvs, p)
+		} else {
+			outs = append(outs, p)
+		}
+	}
+	copyArgs := []string{"copy", "--from", m.HTTPURL(), "--to", fresh, "--trusted-public-keys", pk}
+	testenv.Run(t, env, "nix", append(copyArgs, outs...)...)
+	testenv.Run(t, env, "nix", append(append(copyArgs, "--derivation"), drvs...)...)
+	for _, p := range want {
+		if _, err := os.Lstat(filepath.Join(fresh, p)); err != nil {
+			t.Errorf("%s did not substitute from the bucket", p)
+		}
+	}
+	if hasNarinfo(t, m, m.Bucket, gone) {
+		t.Errorf("%s is in the bucket", gone)
+	}
+}
+
+// TestHookBuildClosures: with --build-closures, a build the hook hands over
+// also brings what it needed (its source, its input's derivation and
+// output) into the bucket, and the hook's own output is there as ever.
+func TestHookBuildClosures(t *testing.T) {
+	testenv.RequireNix(t)
+	m := testenv.StartMinIO(t)
+	sk, pk := keyPair(t, "e2e-buildclosure-2")
+	a := newAgent(t, m.CacheURL(""), sk, m.Env(), "--build-closures")
+	a.Start()
+	dir := t.TempDir()
+	nonce := testenv.Unique()
+	src := filepath.Join(dir, "src")
+	os.MkdirAll(src, 0o755)
+	os.WriteFile(filepath.Join(src, "input.txt"), []byte("source "+nonce+"\n"), 0o644)
+	expr := filepath.Join(dir, "hb.nix")
+	os.WriteFile(expr, []byte(fmt.Sprintf(`let
+  mk = name: script: derivation { inherit name; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" script ]; };
+  tool = mk "tool-%[1]s" "echo tool %[1]s > $out";
+  src = builtins.path { path = %[2]s; name = "src-%[1]s"; };
+in mk "app-%[1]s" "read x < ${src}/input.txt; read y < ${tool}; echo $x $y > $out"
+`, nonce, src)), 0o644)
+	env := testenv.NixEnv(hookConfig(), a.HookEnv()...)
+	app := strings.TrimSpace(testenv.Run(t, env, "nix-build", expr, "--no-out-link"))
+	drv := strings.TrimSpace(testenv.Run(t, env, "nix-store", "--query", "--deriver", app))
+	var needed []string
+	for _, p := range strings.Fields(testenv.Run(t, env, "nix-store", "--query", "--requisites", drv)) {
+		if strings.HasSuffix(p, "-src-"+nonce) || strings.HasSuffix(p, "-tool-"+nonce+".drv") {
+			needed = append(needed, p)
+		}
+		if strings.HasSuffix(p, "-tool-"+nonce+".drv") {
+			needed = append(needed, strings.TrimSpace(testenv.Run(t, env, "nix-store", "--query", "--outputs", p)))
+		}
+	}
+	if len(needed) != 3 {
+		t.Fatalf("input closure of %s: found %v, want the source, the tool's derivation and output", drv, needed)
+	}
+	testenv.Poll(t, time.Minute, "the build closure in the bucket", func() bool {
+		for _, p := range needed {
+			if !hasNarinfo(t, m, m.Bucket, p) {
+				return false
+			}
+		}
+		return true
+	})
+	if s := a.WaitDrained(time.Minute); s.Failed != 0 {
+		t.Fatalf("status %+v: failed jobs", s)
+	}
+	verifyCache(t, m.HTTPURL(), pk, app)
+}

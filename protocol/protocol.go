@@ -144,11 +144,14 @@ type Request struct {
 	State string   `json:"state,omitempty"`
 	// Source (list): only jobs from this source (hook, push, capture,
 	// build-closure, unknown).
-	Source   string   `json:"source,omitempty"`
-	Closure  bool     `json:"closure,omitempty"`
-	Floating bool     `json:"floating,omitempty"`
-	Deep     bool     `json:"deep,omitempty"`
-	Keys     []string `json:"keys,omitempty"` // audit: trusted public keys
+	Source  string `json:"source,omitempty"`
+	Closure bool   `json:"closure,omitempty"`
+	// BuildClosure (push): queue what building the paths needed (see
+	// agentctl push --build-closure) instead of the paths.
+	BuildClosure bool     `json:"build_closure,omitempty"`
+	Floating     bool     `json:"floating,omitempty"`
+	Deep         bool     `json:"deep,omitempty"`
+	Keys         []string `json:"keys,omitempty"` // audit: trusted public keys
 	// gc: the retention, the grace period, and whether to only report.
 	KeepSince time.Duration `json:"keep_since_ns,omitempty"`
 	Grace     time.Duration `json:"grace_ns,omitempty"`
@@ -159,13 +162,15 @@ type Request struct {
 
 // Response is agentd's answer to one request.
 type Response struct {
-	V      int     `json:"v"`
-	OK     bool    `json:"ok"`
-	Error  string  `json:"error,omitempty"`
-	Jobs   []Job   `json:"jobs,omitempty"`
-	Status *Status `json:"status,omitempty"`
-	Count  int     `json:"count,omitempty"`
-	Checks []Check `json:"checks,omitempty"`
+	V     int    `json:"v"`
+	OK    bool   `json:"ok"`
+	Error string `json:"error,omitempty"`
+	Jobs  []Job  `json:"jobs,omitempty"`
+	// Skipped (push --build-closure): what was left out, each with why.
+	Skipped []string `json:"skipped,omitempty"`
+	Status  *Status  `json:"status,omitempty"`
+	Count   int      `json:"count,omitempty"`
+	Checks  []Check  `json:"checks,omitempty"`
 	// Result is the outcome of a long operation (audit: an audit.Report).
 	Result json.RawMessage `json:"result,omitempty"`
 	// Waits answers OpWait: one entry per path, in the request's order.

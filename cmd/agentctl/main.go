@@ -29,7 +29,9 @@ Commands:
                              jobs (S: ready, retrying, leased, failed;
                              SRC: hook, push, capture, build-closure, unknown)
   watch [--interval D]       live view; progress bars for uploads in progress
-  push [--closure] PATH...   queue store paths for upload (--closure: every path of their closures)
+  push [--closure | --build-closure] PATH...
+                             queue store paths for upload (--closure: every path of their closures;
+                             --build-closure: what building them needed, as far as the store has it)
   retry ID | --all           move failed jobs back to the queue
   drop ID                    remove a job from the queue
   wait [--timeout D] [PATH...]
@@ -245,17 +247,24 @@ func cmdList(c *client, args []string, out io.Writer) error {
 }
 
 func cmdPush(c *client, args []string, out io.Writer) error {
-	fs := subFlags("push", "[--closure] PATH...")
+	fs := subFlags("push", "[--closure | --build-closure] PATH...")
 	closure := fs.Bool("closure", false, "also queue every path in the closures (for paths the hook never saw)")
+	buildClosure := fs.Bool("build-closure", false, "queue what building the paths needed instead: for a .drv (or an output, through its deriver) the derivation's closure (sources, .drv files) and every output of it that is in the store; what is not is skipped and listed")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if fs.NArg() == 0 {
 		return &exitError{code: 2, msg: "push: no paths given"}
 	}
-	resp, err := c.call(&protocol.Request{Op: protocol.OpPush, Paths: storePaths(fs.Args()), Closure: *closure})
+	if *closure && *buildClosure {
+		return &exitError{code: 2, msg: "push: --closure and --build-closure exclude each other"}
+	}
+	resp, err := c.call(&protocol.Request{Op: protocol.OpPush, Paths: storePaths(fs.Args()), Closure: *closure, BuildClosure: *buildClosure})
 	if err != nil {
 		return err
+	}
+	for _, s := range resp.Skipped {
+		fmt.Fprintf(out, "skipped %s\n", s)
 	}
 	if len(resp.Jobs) > 20 {
 		fmt.Fprintf(out, "queued %d paths\n", len(resp.Jobs))

@@ -94,6 +94,7 @@ func run(args []string) error {
 	fs.Var(&excludes, "exclude", "do not upload paths whose name (after the hash) matches this regular expression (repeatable)")
 	fs.Int64Var(&cfg.MaxNARSize, "max-nar-size", 0, "do not upload paths whose NAR is larger than this many bytes (0: no limit)")
 	fs.Var(skipSigned, "skip-signed-by", `do not upload paths already signed by this key name (repeatable; "" for none)`)
+	fs.BoolVar(&cfg.BuildClosures, "build-closures", false, "for every build the hook hands over, also upload what the build needed that is in the store: the derivation's closure (sources, .drv files) and the outputs of its input derivations (as agentctl push --build-closure)")
 	fs.StringVar(&capture, "capture", string(cfg.Capture), "which paths are uploaded besides those the hook and agentctl push hand over: hook (none), local (also every path built or added on this machine: sources, nix-store --add, builds the hook missed), all (also substituted and copied-in paths); --skip-signed-by applies in every mode")
 	fs.DurationVar(&cfg.CaptureInterval, "capture-interval", cfg.CaptureInterval, "how often the store watcher (--capture local|all) looks for new valid paths")
 	fs.BoolVar(&cfg.CaptureExisting, "capture-existing", cfg.CaptureExisting, "at the store watcher's first start, also queue the paths already in the store (false: only those that become valid from then on)")
