@@ -3,6 +3,8 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -72,7 +74,8 @@ func TestCaptureAddedSources(t *testing.T) {
 	hookBucket := "hookonly-" + testenv.Unique()
 	m.MakeBucket(hookBucket)
 	sk, pk := keyPair(t, "e2e-capture-1")
-	local := newAgent(t, m.CacheURL(""), sk, m.Env(), captureFlags("local")...)
+	metricsAddr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
+	local := newAgent(t, m.CacheURL(""), sk, m.Env(), append(captureFlags("local"), "--metrics-listen", metricsAddr)...)
 	local.Start()
 	hookOnly := newAgent(t, m.BucketURL(hookBucket, ""), sk, m.Env(), "--capture-interval", "200ms")
 	hookOnly.Start()
@@ -110,6 +113,15 @@ func TestCaptureAddedSources(t *testing.T) {
 			t.Errorf("--capture local: %s not uploaded", p)
 		}
 		verifyCache(t, m.HTTPURL(), pk, p)
+	}
+	resp, err := http.Get("http://" + metricsAddr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(body), `nixspool_queued_paths_total{source="capture"}`) {
+		t.Errorf("metrics lack the captured paths:\n%s", body)
 	}
 	// The other agent had as long; its mode leaves the paths out.
 	hookOnly.WaitDrained(time.Minute)
