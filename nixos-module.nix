@@ -36,6 +36,7 @@ let
     "--socket ${socketPath}"
     "--gc-roots ${if cfg.gcRoots then gcRootsDir else "off"}"
     "--jobs ${toString cfg.jobs}"
+    "--capture ${cfg.capture}"
   ]
   ++ map (k: "--secret-key-file \${CREDENTIALS_DIRECTORY}/${k.name}") keyCredentials
   ++ optional (cfg.adminGroup != null) "--admin-group ${escapeShellArg cfg.adminGroup}"
@@ -104,6 +105,20 @@ in
       type = types.nullOr (types.enum [ "zstd" "xz" "br" "gzip" "lz4" "none" ]);
       default = null;
       description = "NAR compression (null: the cache URL's `compression=`, else zstd).";
+    };
+
+    capture = mkOption {
+      type = types.enum [ "hook" "local" "all" ];
+      default = "hook";
+      description = ''
+        Which paths are uploaded besides those the post-build hook and `agentctl push` hand
+        over (`agentd --capture`). `hook`: none. `local`: also every path built or added on
+        this machine (evaluation sources, `nix-store --add`, import-from-derivation results,
+        builds the hook missed, e.g. while the agent was not installed). `all`: also paths
+        substituted from other caches or copied in (`nix copy --from`, `nix-store --import`).
+        Paths signed by a `skip-signed-by` key (default `cache.nixos.org-1`) are left out in
+        every mode. The store watcher reads Nix's database read-only every second.
+      '';
     };
 
     jobs = mkOption {
@@ -328,7 +343,12 @@ in
         AmbientCapabilities = "";
         NoNewPrivileges = true;
         ProtectSystem = "strict";
-        ReadWritePaths = optional cfg.gcRoots "-${gcRootsDir}";
+        # The store watcher (capture local/all) only reads Nix's database,
+        # but an SQLite reader of a WAL database maps its -shm file (the
+        # shared wal-index) read-write: on a read-only mount it cannot open
+        # it at all.
+        ReadWritePaths = optional cfg.gcRoots "-${gcRootsDir}"
+          ++ optional (cfg.capture != "hook") "/nix/var/nix/db";
         ProtectHome = true;
         PrivateTmp = true;
         PrivateDevices = true;

@@ -70,6 +70,8 @@ type Agent struct {
 	spoolTries  spoolAttempts // failed imports of spool files
 	running     runningJobs   // jobs being uploaded (a drop stops them)
 	spoolSeen   spoolCache
+	capture     *capturer // nil unless --capture local|all
+	captureErr  error     // why the watcher could not start
 }
 
 // requestStore is what the checks of requests ask the Nix daemon
@@ -176,6 +178,7 @@ func New(cfg Config) (*Agent, error) {
 		}
 		a.log.Info("serving metrics", "addr", addr.String())
 	}
+	a.startCapture()
 	if err := a.listen(); err != nil {
 		a.queue.Close()
 		return nil, err
@@ -310,6 +313,10 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 
 	var wg sync.WaitGroup
 	wg.Add(2)
+	if a.capture != nil {
+		wg.Add(1)
+		go func() { defer wg.Done(); a.capture.run(ctx) }()
+	}
 	go func() { defer wg.Done(); a.serve(ctx) }()
 	go func() { defer wg.Done(); a.chores(ctx) }()
 	var workers sync.WaitGroup
@@ -444,7 +451,11 @@ func (a *Agent) snapshot() (metrics.Snapshot, error) {
 	if err != nil {
 		return metrics.Snapshot{}, err
 	}
-	snap := metrics.Snapshot{Pending: st.Pending, Uploading: st.Leased, Retrying: st.Retrying, Failed: st.Failed}
+	snap := metrics.Snapshot{Pending: st.Pending, Uploading: st.Leased, Retrying: st.Retrying, Failed: st.Failed,
+		BySource: map[string]int{}}
+	for src, n := range st.BySource {
+		snap.BySource[src.String()] = n
+	}
 	if !st.OldestActive.IsZero() {
 		snap.OldestPending = a.now().Sub(st.OldestActive)
 	}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/nixspool/nixspool/cacheurl"
 	"github.com/nixspool/nixspool/storepath"
+	"github.com/nixspool/nixspool/storewatch"
 )
 
 // Version is set at build time (-ldflags -X).
@@ -45,6 +46,18 @@ type Config struct {
 	SkipSignedBy          []string // key names: paths signed by one of them are not uploaded
 	MetricsListen         string   // "" = no metrics endpoint
 	UploadBuildLogs       bool     // also upload log/<drv> for uploaded paths
+	// Capture: which paths reach the queue besides the hook's and pushes'
+	// (see CaptureMode); the store watcher reads NixDBDir every
+	// CaptureInterval.
+	// BuildClosures: for every derivation the hook hands over, also queue
+	// its build closure (see Agent.buildClosure).
+	BuildClosures   bool
+	Capture         CaptureMode
+	CaptureInterval time.Duration
+	// CaptureExisting: at the watcher's first start (no cursor yet), also
+	// queue the paths already in the store; otherwise start at its top.
+	CaptureExisting bool
+	NixDBDir        string
 	// Garbage collection: how often announcements are read (every agent),
 	// and an optional schedule of cycles run by this agent (0: none).
 	GCPollInterval time.Duration
@@ -75,6 +88,10 @@ func DefaultConfig() Config {
 		BackoffMax:         10 * time.Minute,
 		SpoolInterval:      5 * time.Second,
 		SkipSignedBy:       []string{"cache.nixos.org-1"},
+		Capture:            CaptureHook,
+		CaptureInterval:    time.Second,
+		CaptureExisting:    true,
+		NixDBDir:           storewatch.DefaultDir,
 		GCPollInterval:     20 * time.Second,
 		GCKeepSince:        30 * 24 * time.Hour,
 		GCGrace:            2 * time.Hour,
@@ -131,6 +148,18 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxNARSize < 0 {
 		errs = append(errs, errors.New("--max-nar-size: must not be negative"))
+	}
+	if c.Capture == "" {
+		c.Capture = CaptureHook
+	}
+	if _, err := ParseCaptureMode(string(c.Capture)); err != nil {
+		errs = append(errs, err)
+	}
+	if c.CaptureInterval <= 0 {
+		errs = append(errs, errors.New("--capture-interval: must be positive"))
+	}
+	if c.NixDBDir == "" {
+		c.NixDBDir = storewatch.DefaultDir
 	}
 	if c.SpoolInterval <= 0 {
 		errs = append(errs, errors.New("--spool-interval: must be positive"))

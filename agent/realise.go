@@ -46,7 +46,7 @@ func (a *Agent) realiseLate(job *queue.Job, covered []string) {
 		if slices.Contains(own, drv) || !a.realiser.Floating(drv) {
 			continue
 		}
-		if _, err := a.enqueue(a.uploadCtx, []string{job.Path}, drv); err != nil {
+		if _, err := a.enqueue(a.uploadCtx, []string{job.Path}, drv, job.Source); err != nil {
 			a.log.Warn("queue path again for a late derivation", "path", job.Path, "drv", drv, "err", err)
 			continue
 		}

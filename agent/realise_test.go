@@ -86,7 +86,7 @@ func TestFilteredPathIsNotQueuedAgain(t *testing.T) {
 
 	// As a hook request does.
 	a.realiser.Note(drv, p)
-	if _, err := a.enqueue(context.Background(), []string{p}, drv); err != nil {
+	if _, err := a.enqueue(context.Background(), []string{p}, drv, queue.SourceHook); err != nil {
 		t.Fatal(err)
 	}
 	job, err := a.queue.Lease(time.Now())
@@ -111,7 +111,7 @@ func TestLateDerivationQueuedOnce(t *testing.T) {
 	a.realiser = realisation.New(realisation.Options{ReadDrv: drvReader(map[string]string{drvA: floatingDrv, drvB: floatingDrv, drvStatic: staticDrv})})
 
 	a.realiser.Note(drvA, p)
-	if _, err := a.enqueue(context.Background(), []string{p}, drvA); err != nil {
+	if _, err := a.enqueue(context.Background(), []string{p}, drvA, queue.SourceHook); err != nil {
 		t.Fatal(err)
 	}
 	first, _ := a.queue.Lease(time.Now())

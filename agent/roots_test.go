@@ -212,7 +212,7 @@ func TestDerivationRootsFollowJobs(t *testing.T) {
 	dev := "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-multi-dev"
 	drv := "/nix/store/dddddddddddddddddddddddddddddddd-multi.drv"
 	a.checkStore = &fakeStore{valid: map[string]bool{out: true, dev: true}}
-	if _, err := a.enqueue(context.Background(), []string{out, dev}, drv); err != nil {
+	if _, err := a.enqueue(context.Background(), []string{out, dev}, drv, queue.SourceHook); err != nil {
 		t.Fatal(err)
 	}
 	drvRooted := func() int {

@@ -187,7 +187,22 @@ func (a *Agent) serveRequest(ctx context.Context, req *protocol.Request, p peer,
 		}
 		start := time.Now()
 		paths := req.Paths
-		if req.Closure {
+		source := queue.SourceHook
+		if req.Op == protocol.OpPush {
+			source = queue.SourcePush
+		}
+		var skipped []string
+		if req.BuildClosure && req.Op == protocol.OpPush {
+			var err error
+			if paths, skipped, err = a.buildClosure(ctx, req.Paths); err != nil {
+				a.log.Warn("push refused", "err", err, "peer_uid", p.uid)
+				return &protocol.Response{Error: err.Error()}
+			}
+			if len(paths) == 0 {
+				return &protocol.Response{Skipped: skipped}
+			}
+			source = queue.SourceBuildClosure
+		} else if req.Closure {
 			var err error
 			if paths, err = a.closureOf(ctx, req.Paths); err != nil {
 				a.log.Warn("push refused", "err", err, "peer_uid", p.uid)
@@ -216,14 +231,18 @@ func (a *Agent) serveRequest(ctx context.Context, req *protocol.Request, p peer,
 			// that they need not ask one by one.
 			a.uploader.Prefetch(a.uploadCtx, paths)
 		}
-		jobs, err := a.enqueue(ctx, paths, req.Drv)
+		jobs, err := a.enqueue(ctx, paths, req.Drv, source)
 		if err != nil {
 			a.log.Warn("enqueue refused", "op", req.Op, "err", err, "peer_uid", p.uid, "peer_pid", p.pid)
 			return &protocol.Response{Error: err.Error()}
 		}
 		a.metrics.Enqueued(time.Since(start))
-		a.log.Info("enqueued", "op", req.Op, "paths", len(paths), "drv", req.Drv, "peer_uid", p.uid, "peer_pid", p.pid, "duration", time.Since(start))
-		return &protocol.Response{Jobs: jobs, Count: len(jobs)}
+		a.metrics.Queued(source.String(), len(paths))
+		a.log.Info("enqueued", "op", req.Op, "source", source.String(), "paths", len(paths), "drv", req.Drv, "peer_uid", p.uid, "peer_pid", p.pid, "duration", time.Since(start))
+		if a.cfg.BuildClosures && req.Op == protocol.OpEnqueue && req.Drv != "" {
+			go a.queueBuildClosure(req.Drv)
+		}
+		return &protocol.Response{Jobs: jobs, Count: len(jobs), Skipped: skipped}
 	case protocol.OpDoctor:
 		return &protocol.Response{Checks: a.doctor(ctx)}
 	case protocol.OpAudit:
@@ -250,7 +269,15 @@ func (a *Agent) serveRequest(ctx context.Context, req *protocol.Request, p peer,
 		}
 		return &protocol.Response{Waits: waits}
 	case protocol.OpList:
-		jobs, err := a.queue.List(queue.State(req.State), 10000)
+		var source *queue.Source
+		if req.Source != "" {
+			s, err := queue.ParseSource(req.Source)
+			if err != nil {
+				return &protocol.Response{Error: err.Error()}
+			}
+			source = &s
+		}
+		jobs, err := a.queue.ListBy(queue.State(req.State), source, 10000)
 		if err != nil {
 			return &protocol.Response{Error: err.Error()}
 		}
@@ -295,7 +322,7 @@ func (a *Agent) serveRequest(ctx context.Context, req *protocol.Request, p peer,
 
 func jobView(j queue.Job) protocol.Job {
 	v := protocol.Job{ID: j.ID, Path: j.Path, Drv: j.Drv, State: string(j.State), Attempts: j.Attempts,
-		EnqueuedAt: j.EnqueuedAt.Unix(), LastError: j.LastError}
+		EnqueuedAt: j.EnqueuedAt.Unix(), LastError: j.LastError, Source: j.Source.String()}
 	if j.State == queue.StateReady && j.Attempts > 0 {
 		v.State = "retrying"
 		v.NotBefore = j.NotBefore.Unix()
@@ -408,13 +435,26 @@ func (a *Agent) checkPaths(ctx context.Context, paths []string) error {
 // fsync, and done one after the other they nearly doubled the time a hook
 // waits (a root that a crash loses before the commit is durable is made
 // again at the next start, for every queued path).
-func (a *Agent) enqueue(ctx context.Context, paths []string, drv string) ([]protocol.Job, error) {
+func (a *Agent) enqueue(ctx context.Context, paths []string, drv string, source queue.Source) ([]protocol.Job, error) {
 	if drv != "" && storepath.Check(a.cfg.StoreDir, drv) != nil {
 		return nil, &RefusedError{fmt.Errorf("drv %q is not a store path", drv)}
 	}
 	if err := a.checkPaths(ctx, paths); err != nil {
 		return nil, err
 	}
+	res, err := a.commitJobs(paths, drv, queue.EnqueueOptions{Source: source})
+	if err != nil {
+		return nil, err
+	}
+	jobs := make([]protocol.Job, 0, len(res))
+	for _, r := range res {
+		jobs = append(jobs, jobView(r.Job))
+	}
+	return jobs, nil
+}
+
+// commitJobs roots paths (checked already) and commits their jobs.
+func (a *Agent) commitJobs(paths []string, drv string, opt queue.EnqueueOptions) ([]queue.EnqueueResult, error) {
 	a.rootsMu.RLock() // see unroot
 	rooted := make(chan error, 1)
 	roots := map[string]string{}
@@ -422,7 +462,7 @@ func (a *Agent) enqueue(ctx context.Context, paths []string, drv string) ([]prot
 		jobRoots(roots, p, drv)
 	}
 	go func() { rooted <- a.roots.AddNamed(roots) }()
-	res, err := a.queue.Enqueue(paths, drv, a.now())
+	res, err := a.queue.EnqueueWith(paths, drv, a.now(), opt)
 	rerr := <-rooted
 	a.rootsMu.RUnlock()
 	if err == nil && rerr != nil {
@@ -433,12 +473,8 @@ func (a *Agent) enqueue(ctx context.Context, paths []string, drv string) ([]prot
 		return nil, err
 	}
 	a.setStateErr(nil)
-	jobs := make([]protocol.Job, 0, len(res))
-	for _, r := range res {
-		jobs = append(jobs, jobView(r.Job))
-	}
 	a.logRequeued(res)
-	return jobs, nil
+	return res, nil
 }
 
 // logRequeued logs the failed jobs a new request made ready again.
@@ -635,6 +671,11 @@ func (a *Agent) status() (*protocol.Status, error) {
 		s.RequestWindow, s.RequestsInFlight = ws.Limit, ws.InFlight
 	}
 	s.Spooled = spooled
+	s.QueuedBySource = map[string]int{}
+	for src, n := range st.BySource {
+		s.QueuedBySource[src.String()] = n
+	}
+	s.Capture = a.captureStatus()
 	if t := a.timeToCache.stats(now); t.N > 0 {
 		s.TimeToCache = protocol.TimeToCache{Paths: t.N, P50Seconds: t.P50.Seconds(), P99Seconds: t.P99.Seconds()}
 	}

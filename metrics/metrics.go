@@ -19,6 +19,27 @@ import (
 type Snapshot struct {
 	Pending, Uploading, Retrying, Failed int
 	OldestPending                        time.Duration
+	// BySource counts the queued jobs (any state) by where their paths
+	// came from (hook, push, capture, build-closure, unknown).
+	BySource map[string]int
+}
+
+// bySource reports the jobs_queued gauge, one series per source.
+type bySource struct {
+	desc     *prometheus.Desc
+	snapshot func() (Snapshot, error)
+}
+
+func (c *bySource) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+func (c *bySource) Collect(ch chan<- prometheus.Metric) {
+	s, err := c.snapshot()
+	if err != nil {
+		return
+	}
+	for src, n := range s.BySource {
+		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(n), src)
+	}
 }
 
 // Metrics holds agentd's collectors. A nil *Metrics records nothing, so
@@ -31,6 +52,7 @@ type Metrics struct {
 	skipped    prometheus.Counter
 	reals      prometheus.Counter
 	enqueueDur prometheus.Histogram
+	queued     *prometheus.CounterVec
 	uploadDur  *prometheus.HistogramVec
 	ttc        prometheus.Histogram
 
@@ -62,6 +84,9 @@ func New(snapshot func() (Snapshot, error)) *Metrics {
 	m.skipped = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "nixspool_skipped_paths_total", Help: "Paths not uploaded because of a filter.",
 	})
+	m.queued = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "nixspool_queued_paths_total", Help: "Paths handed to the queue (new or queued already), by source (hook, push, capture, build-closure).",
+	}, []string{"source"})
 	m.reals = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "nixspool_realisations_uploaded_total", Help: "Realisation objects (.doi, content-addressed derivations) written.",
 	})
@@ -115,6 +140,8 @@ func New(snapshot func() (Snapshot, error)) *Metrics {
 			return v(s)
 		})
 	}
+	m.reg.MustRegister(m.queued, &bySource{snapshot: snapshot, desc: prometheus.NewDesc("nixspool_jobs_queued",
+		"Jobs in the queue (pending, uploading, retrying, failed), by where their paths came from.", []string{"source"}, nil)})
 	m.reg.MustRegister(m.uploads, m.bytes, m.errors, m.skipped, m.reals, m.enqueueDur, m.uploadDur, m.ttc,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		gauge("nixspool_jobs_pending", "Jobs waiting for their first attempt.", func(s Snapshot) float64 { return float64(s.Pending) }),
@@ -147,6 +174,13 @@ func (m *Metrics) Serve(addr string, log *slog.Logger) (net.Addr, error) {
 func (m *Metrics) Enqueued(d time.Duration) {
 	if m != nil {
 		m.enqueueDur.Observe(d.Seconds())
+	}
+}
+
+// Queued records n paths handed to the queue from source.
+func (m *Metrics) Queued(source string, n int) {
+	if m != nil && n > 0 {
+		m.queued.WithLabelValues(source).Add(float64(n))
 	}
 }
 

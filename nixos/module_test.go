@@ -121,6 +121,7 @@ func TestModuleTypicalConfiguration(t *testing.T) {
 		"--secret-key-file ${CREDENTIALS_DIRECTORY}/secret-key-1",
 		"--gc-roots /nix/var/nix/gcroots/nixspool",
 		"--jobs 4",
+		"--capture hook",
 		"--metrics-listen 127.0.0.1:9443",
 		"--max-attempts=20",
 		"--exclude='-doc$'",
@@ -293,5 +294,32 @@ func TestModuleGC(t *testing.T) {
     gc = { enable = true; keepSince = "a month"; }; }; }`)
 	if len(r.FailedAssertions) != 1 || !strings.Contains(r.FailedAssertions[0], "services.nixspool.gc") {
 		t.Errorf("bad keepSince: %v", r.FailedAssertions)
+	}
+}
+
+// TestModuleCapture: capture is passed to agentd, lets the service open
+// Nix's database (an SQLite reader of a WAL database writes its -shm
+// file), and is refused outside its values.
+func TestModuleCapture(t *testing.T) {
+	r := evalModule(t, `{ services.nixspool = { enable = true; cache = "file:///var/cache/nix"; secretKeyFiles = [ "/k" ]; capture = "local"; }; }`)
+	script, _ := r.Service["script"].(string)
+	if !strings.Contains(script, "--capture local") {
+		t.Errorf("service script lacks --capture local:\n%s", script)
+	}
+	rw, _ := json.Marshal(r.Service["serviceConfig"].(map[string]any)["ReadWritePaths"])
+	if !strings.Contains(string(rw), `"/nix/var/nix/db"`) {
+		t.Errorf("capture = local: ReadWritePaths = %s, want the Nix database's directory", rw)
+	}
+	r = evalModule(t, `{ services.nixspool = { enable = true; cache = "file:///var/cache/nix"; secretKeyFiles = [ "/k" ]; }; }`)
+	if rw, _ := json.Marshal(r.Service["serviceConfig"].(map[string]any)["ReadWritePaths"]); strings.Contains(string(rw), "/nix/var/nix/db") {
+		t.Errorf("default (hook): ReadWritePaths = %s opens the Nix database", rw)
+	}
+	libDir := nixpkgsLib(t)
+	cfg := filepath.Join(t.TempDir(), "cfg.nix")
+	os.WriteFile(cfg, []byte(`{ services.nixspool = { enable = true; cache = "file:///c"; secretKeyFiles = [ "/k" ]; capture = "everything"; }; }`), 0o644)
+	out, err := exec.Command("nix-instantiate", "--eval", "--strict", "--json", filepath.Join(testenv.RepoRoot(), "nixos", "eval.nix"),
+		"--arg", "lib", "import "+libDir, "--arg", "configuration", "import "+cfg).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "capture") {
+		t.Errorf("capture = \"everything\" evaluated (err %v):\n%s", err, out)
 	}
 }

@@ -135,17 +135,23 @@ func (w PathWait) Settled() bool {
 
 // Request is one client request.
 type Request struct {
-	V        int      `json:"v"`
-	Op       string   `json:"op"`
-	Paths    []string `json:"paths,omitempty"`
-	Drv      string   `json:"drv,omitempty"`
-	ID       uint64   `json:"id,omitempty"`
-	All      bool     `json:"all,omitempty"`
-	State    string   `json:"state,omitempty"`
-	Closure  bool     `json:"closure,omitempty"`
-	Floating bool     `json:"floating,omitempty"`
-	Deep     bool     `json:"deep,omitempty"`
-	Keys     []string `json:"keys,omitempty"` // audit: trusted public keys
+	V     int      `json:"v"`
+	Op    string   `json:"op"`
+	Paths []string `json:"paths,omitempty"`
+	Drv   string   `json:"drv,omitempty"`
+	ID    uint64   `json:"id,omitempty"`
+	All   bool     `json:"all,omitempty"`
+	State string   `json:"state,omitempty"`
+	// Source (list): only jobs from this source (hook, push, capture,
+	// build-closure, unknown).
+	Source  string `json:"source,omitempty"`
+	Closure bool   `json:"closure,omitempty"`
+	// BuildClosure (push): queue what building the paths needed (see
+	// agentctl push --build-closure) instead of the paths.
+	BuildClosure bool     `json:"build_closure,omitempty"`
+	Floating     bool     `json:"floating,omitempty"`
+	Deep         bool     `json:"deep,omitempty"`
+	Keys         []string `json:"keys,omitempty"` // audit: trusted public keys
 	// gc: the retention, the grace period, and whether to only report.
 	KeepSince time.Duration `json:"keep_since_ns,omitempty"`
 	Grace     time.Duration `json:"grace_ns,omitempty"`
@@ -156,13 +162,15 @@ type Request struct {
 
 // Response is agentd's answer to one request.
 type Response struct {
-	V      int     `json:"v"`
-	OK     bool    `json:"ok"`
-	Error  string  `json:"error,omitempty"`
-	Jobs   []Job   `json:"jobs,omitempty"`
-	Status *Status `json:"status,omitempty"`
-	Count  int     `json:"count,omitempty"`
-	Checks []Check `json:"checks,omitempty"`
+	V     int    `json:"v"`
+	OK    bool   `json:"ok"`
+	Error string `json:"error,omitempty"`
+	Jobs  []Job  `json:"jobs,omitempty"`
+	// Skipped (push --build-closure): what was left out, each with why.
+	Skipped []string `json:"skipped,omitempty"`
+	Status  *Status  `json:"status,omitempty"`
+	Count   int      `json:"count,omitempty"`
+	Checks  []Check  `json:"checks,omitempty"`
 	// Result is the outcome of a long operation (audit: an audit.Report).
 	Result json.RawMessage `json:"result,omitempty"`
 	// Waits answers OpWait: one entry per path, in the request's order.
@@ -197,6 +205,9 @@ type Job struct {
 	EnqueuedAt int64  `json:"enqueued_at"`          // unix seconds
 	NotBefore  int64  `json:"not_before,omitempty"` // unix seconds
 	LastError  string `json:"last_error"`
+	// Source is where the path came from: hook, push, capture,
+	// build-closure, or unknown (queued before agentd recorded sources).
+	Source string `json:"source,omitempty"`
 }
 
 // Upload is one upload in progress.
@@ -240,9 +251,28 @@ type Status struct {
 	RequestWindow    int     `json:"request_window"`
 	RequestsInFlight int     `json:"requests_in_flight"`
 	Spooled          Spooled `json:"spooled"`
+	// QueuedBySource counts the queued jobs (pending, uploading, retrying
+	// and failed) by where their paths came from (see Job.Source).
+	QueuedBySource map[string]int `json:"queued_by_source"`
+	// Capture is the store watcher's state (agentd --capture); nil when
+	// it is off (--capture hook).
+	Capture *Capture `json:"capture,omitempty"`
 	// TimeToCache is the time from paths' acknowledgement (by a hook or a
 	// push) to their narinfo being in the cache, over the last 15 minutes.
 	TimeToCache TimeToCache `json:"time_to_cache"`
+}
+
+// Capture is the state of the store watcher.
+type Capture struct {
+	Mode string `json:"mode"` // local or all
+	// Cursor is the last row of the store's database seen; Captured how
+	// many paths the watcher queued since agentd started.
+	Cursor   int64  `json:"cursor"`
+	Captured uint64 `json:"captured"`
+	// LastCycleAt is when the last cycle ended (unix seconds); Error the
+	// last cycle's error, if it failed.
+	LastCycleAt int64  `json:"last_cycle_at"`
+	Error       string `json:"error,omitempty"`
 }
 
 // TimeToCache summarises the time to cache of the paths done in the last

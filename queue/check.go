@@ -36,6 +36,9 @@ func checkInvariants(tx *bolt.Tx) error {
 		j.ID = binary.BigEndian.Uint64(k)
 		jobs[j.ID] = j
 		counts[counterKey(j)]++
+		if j.Source != SourceUnknown {
+			counts[cntSourcePfx+string(j.Source)]++
+		}
 		return nil
 	}); err != nil {
 		return err
@@ -104,7 +107,13 @@ func checkInvariants(tx *bolt.Tx) error {
 		return fmt.Errorf("path index has %d entries for %d jobs", paths, len(jobs))
 	}
 	m := tx.Bucket(bktMeta)
-	for _, k := range []string{cntPending, cntRetrying, cntFailed} {
+	keys := []string{cntPending, cntRetrying, cntFailed}
+	for _, src := range Sources {
+		if src != SourceUnknown {
+			keys = append(keys, cntSourcePfx+string(src))
+		}
+	}
+	for _, k := range keys {
 		if got := counter(m, k); got != counts[k] {
 			return fmt.Errorf("counter %s = %d, want %d", k, got, counts[k])
 		}

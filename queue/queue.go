@@ -76,6 +76,43 @@ type Job struct {
 	EnqueuedAt time.Time `json:"enqueued_at"`
 	NotBefore  time.Time `json:"not_before"`
 	LastError  string    `json:"last_error,omitempty"`
+	// Source is where the path came from first (a later request from
+	// elsewhere does not change it). Records written before sources were
+	// kept have none: SourceUnknown.
+	Source Source `json:"source,omitempty"`
+}
+
+// Source is where a job's path came from.
+type Source string
+
+// Sources of jobs.
+const (
+	SourceUnknown      Source = ""              // queued before sources were recorded
+	SourceHook         Source = "hook"          // the post-build hook (directly or through the spool)
+	SourcePush         Source = "push"          // agentctl push
+	SourceCapture      Source = "capture"       // the store watcher (agentd --capture local|all)
+	SourceBuildClosure Source = "build-closure" // a build-time closure push
+)
+
+// Sources are the known sources, in display order (SourceUnknown last).
+var Sources = []Source{SourceHook, SourcePush, SourceCapture, SourceBuildClosure, SourceUnknown}
+
+// String returns the source's name; SourceUnknown is "unknown".
+func (s Source) String() string {
+	if s == SourceUnknown {
+		return "unknown"
+	}
+	return string(s)
+}
+
+// ParseSource parses a source's name ("unknown" for SourceUnknown).
+func ParseSource(name string) (Source, error) {
+	for _, s := range Sources {
+		if s.String() == name {
+			return s, nil
+		}
+	}
+	return "", fmt.Errorf("unknown source %q (want hook, push, capture, build-closure or unknown)", name)
 }
 
 // Derivations returns every derivation the job's path was requested for,
@@ -140,6 +177,8 @@ const (
 	cntSkipped   = "n_skipped"
 	cntPaths     = "n_paths"
 	cntReals     = "n_realisations"
+	cntSourcePfx = "n_src_" // ‖ source: jobs queued (any state) from that source; none for SourceUnknown
+	keyMarkPfx   = "mark/"  // ‖ name: a caller's record (see Mark)
 	keyLastErr   = "last_error"
 	keyLastErrAt = "last_error_at"
 )
@@ -490,11 +529,34 @@ type EnqueueResult struct {
 // it, typically after it was built again, means it should be uploaded. A
 // job requested for a derivation it does not have yet records that one too
 // (Job.Derivations). It returns only after the jobs are durably committed.
+// New jobs have SourceHook; EnqueueWith sets another.
 func (q *Queue) Enqueue(paths []string, drv string, now time.Time) ([]EnqueueResult, error) {
+	return q.EnqueueWith(paths, drv, now, EnqueueOptions{Source: SourceHook})
+}
+
+// EnqueueOptions are the optional parts of an enqueue.
+type EnqueueOptions struct {
+	// Source is recorded in new jobs (a job that exists keeps its own).
+	Source Source
+	// Mark, if set, is stored with the jobs in the same commit (see
+	// GetMark): a caller that records how far it got (the store
+	// watcher's cursor) never records progress whose jobs a crash lost.
+	Mark *Mark
+}
+
+// Mark is a small named record a caller keeps in the queue's database.
+type Mark struct {
+	Name  string
+	Value []byte
+}
+
+// EnqueueWith is Enqueue with options.
+func (q *Queue) EnqueueWith(paths []string, drv string, now time.Time, opt EnqueueOptions) ([]EnqueueResult, error) {
 	// Paths that are all queued (and not failed) already are durable
 	// already: answer from a read transaction, without a commit (and its
-	// two fsyncs), unless one of their jobs is being failed.
-	if failing := q.noteRequestedAgain(paths); !failing {
+	// two fsyncs), unless one of their jobs is being failed (or a mark
+	// must be committed).
+	if failing := q.noteRequestedAgain(paths); !failing && opt.Mark == nil {
 		if res, ok := q.lookupAll(paths, drv); ok {
 			return res, nil
 		}
@@ -502,6 +564,11 @@ func (q *Queue) Enqueue(paths []string, drv string, now time.Time) ([]EnqueueRes
 	var res []EnqueueResult
 	err := q.update(func(tx *bolt.Tx) error {
 		res = res[:0] // fn may run twice if its batch is retried
+		if opt.Mark != nil {
+			if err := tx.Bucket(bktMeta).Put([]byte(keyMarkPfx+opt.Mark.Name), opt.Mark.Value); err != nil {
+				return err
+			}
+		}
 		for _, p := range paths {
 			if idb := tx.Bucket(bktPaths).Get([]byte(p)); idb != nil {
 				j, err := getJob(tx, binary.BigEndian.Uint64(idb))
@@ -545,8 +612,11 @@ func (q *Queue) Enqueue(paths []string, drv string, now time.Time) ([]EnqueueRes
 			if err != nil {
 				return err
 			}
-			j := &Job{ID: id, Path: p, Drv: drv, State: StateReady, EnqueuedAt: now.UTC(), NotBefore: now.UTC()}
+			j := &Job{ID: id, Path: p, Drv: drv, State: StateReady, EnqueuedAt: now.UTC(), NotBefore: now.UTC(), Source: opt.Source}
 			if err := putJob(tx, j); err != nil {
+				return err
+			}
+			if err := countSource(tx, j.Source, 1); err != nil {
 				return err
 			}
 			if err := tx.Bucket(bktPaths).Put([]byte(p), be64(id)); err != nil {
@@ -1073,6 +1143,12 @@ func (q *Queue) Get(id uint64) (*Job, error) {
 // List returns up to limit jobs in state (all states if state is ""), in
 // id order.
 func (q *Queue) List(state State, limit int) ([]Job, error) {
+	return q.ListBy(state, nil, limit)
+}
+
+// ListBy is List that also keeps only jobs from source, if source is not
+// nil.
+func (q *Queue) ListBy(state State, source *Source, limit int) ([]Job, error) {
 	var out []Job
 	q.mu.Lock()
 	defer q.mu.Unlock()
@@ -1087,7 +1163,7 @@ func (q *Queue) List(state State, limit int) ([]Job, error) {
 			if _, busy := q.leased[j.ID]; busy {
 				j.State = StateLeased
 			}
-			if state == "" || j.State == state {
+			if (state == "" || j.State == state) && (source == nil || j.Source == *source) {
 				out = append(out, *j)
 			}
 		}
@@ -1105,8 +1181,11 @@ type Stats struct {
 	OldestActive                      time.Time // zero if nothing is ready or leased
 	OldestActiveID, NewestID          uint64    // id of the oldest ready job (0 if none); last id assigned
 	NextRetry                         time.Time // earliest not-before of a retrying job, if any
-	LastError                         string
-	LastErrorAt                       time.Time
+	// BySource counts the queued jobs (any state) by where they came
+	// from; sources with none are left out.
+	BySource    map[Source]int
+	LastError   string
+	LastErrorAt time.Time
 }
 
 // Stats returns the counters without scanning the queue.
@@ -1152,6 +1231,20 @@ func (q *Queue) Stats() (Stats, error) {
 			s.OldestActiveID = j.ID
 		}
 		s.NewestID = tx.Bucket(bktJobs).Sequence()
+		s.BySource = map[Source]int{}
+		total := int(counter(m, cntPending) + counter(m, cntRetrying) + counter(m, cntFailed))
+		for _, src := range Sources {
+			if src == SourceUnknown {
+				continue
+			}
+			if n := int(counter(m, cntSourcePfx+string(src))); n > 0 {
+				s.BySource[src] = n
+				total -= n
+			}
+		}
+		if total > 0 {
+			s.BySource[SourceUnknown] = total
+		}
 		if s.Retrying > 0 {
 			// The first ready key is the earliest due job; if it is a retry
 			// that is the next retry time. Good enough for display.
@@ -1220,10 +1313,40 @@ func removeJob(tx *bolt.Tx, j *Job) error {
 	if err := leaveState(tx, j); err != nil {
 		return err
 	}
+	if err := countSource(tx, j.Source, -1); err != nil {
+		return err
+	}
 	if err := tx.Bucket(bktPaths).Delete([]byte(j.Path)); err != nil {
 		return err
 	}
 	return tx.Bucket(bktJobs).Delete(be64(j.ID))
+}
+
+// countSource adds d to the count of queued jobs from source. Jobs of
+// SourceUnknown are not counted: databases written before sources were
+// recorded hold such jobs without a counter (Stats derives their number).
+func countSource(tx *bolt.Tx, source Source, d int64) error {
+	if source == SourceUnknown {
+		return nil
+	}
+	return addCounter(tx.Bucket(bktMeta), cntSourcePfx+string(source), d)
+}
+
+// GetMark returns the record named name (nil if there is none).
+func (q *Queue) GetMark(name string) ([]byte, error) {
+	var v []byte
+	err := q.db.View(func(tx *bolt.Tx) error {
+		v = bytes.Clone(tx.Bucket(bktMeta).Get([]byte(keyMarkPfx + name)))
+		return nil
+	})
+	return v, err
+}
+
+// SetMark durably stores the record named name.
+func (q *Queue) SetMark(name string, value []byte) error {
+	return q.update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bktMeta).Put([]byte(keyMarkPfx+name), value)
+	})
 }
 
 func readyKey(j *Job) []byte {

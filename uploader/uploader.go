@@ -850,3 +850,7 @@ func IsPermanent(err error) bool {
 	var pe *PermanentError
 	return errors.As(err, &pe) || bucket.IsPermanent(err)
 }
+
+// KnownPresent reports whether the cache is known to hold p's narinfo (and
+// no collector announced it): queueing p would only find it there.
+func (u *Uploader) KnownPresent(p string) bool { return u.presence.has(p) }

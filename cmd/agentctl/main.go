@@ -25,9 +25,13 @@ const usage = `usage: agentctl [--socket PATH] COMMAND [ARGS]
 
 Commands:
   status [--json]            queue counts, totals, uploads in progress, last error
-  list [--state S] [--json]  jobs (S: ready, retrying, leased, failed)
+  list [--state S] [--source SRC] [--json]
+                             jobs (S: ready, retrying, leased, failed;
+                             SRC: hook, push, capture, build-closure, unknown)
   watch [--interval D]       live view; progress bars for uploads in progress
-  push [--closure] PATH...   queue store paths for upload (--closure: every path of their closures)
+  push [--closure | --build-closure] PATH...
+                             queue store paths for upload (--closure: every path of their closures;
+                             --build-closure: what building them needed, as far as the store has it)
   retry ID | --all           move failed jobs back to the queue
   drop ID                    remove a job from the queue
   wait [--timeout D] [PATH...]
@@ -194,8 +198,9 @@ func cmdStatus(c *client, args []string, out io.Writer) error {
 }
 
 func cmdList(c *client, args []string, out io.Writer) error {
-	fs := subFlags("list", "[--state ready|retrying|leased|failed] [--json]")
+	fs := subFlags("list", "[--state ready|retrying|leased|failed] [--source hook|push|capture|build-closure|unknown] [--json]")
 	state := fs.String("state", "", "only jobs in this state")
+	source := fs.String("source", "", "only jobs whose path came from this source (hook, push, capture, build-closure; unknown: queued before sources were recorded)")
 	asJSON := fs.Bool("json", false, "print JSON")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -208,7 +213,12 @@ func cmdList(c *client, args []string, out io.Writer) error {
 	default:
 		return &exitError{code: 2, msg: fmt.Sprintf("--state %q: want ready, retrying, leased or failed", *state)}
 	}
-	resp, err := c.call(&protocol.Request{Op: protocol.OpList, State: qstate})
+	switch *source {
+	case "", "hook", "push", "capture", "build-closure", "unknown":
+	default:
+		return &exitError{code: 2, msg: fmt.Sprintf("--source %q: want hook, push, capture, build-closure or unknown", *source)}
+	}
+	resp, err := c.call(&protocol.Request{Op: protocol.OpList, State: qstate, Source: *source})
 	if err != nil {
 		return err
 	}
@@ -229,25 +239,32 @@ func cmdList(c *client, args []string, out io.Writer) error {
 		return json.NewEncoder(out).Encode(jobs)
 	}
 	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(w, "ID\tSTATE\tATTEMPTS\tAGE\tPATH\tLAST ERROR")
+	fmt.Fprintln(w, "ID\tSTATE\tATTEMPTS\tAGE\tSOURCE\tPATH\tLAST ERROR")
 	for _, j := range jobs {
-		fmt.Fprintf(w, "%d\t%s\t%d\t%s\t%s\t%s\n", j.ID, j.State, j.Attempts, ago(j.EnqueuedAt), j.Path, oneLine(j.LastError))
+		fmt.Fprintf(w, "%d\t%s\t%d\t%s\t%s\t%s\t%s\n", j.ID, j.State, j.Attempts, ago(j.EnqueuedAt), j.Source, j.Path, oneLine(j.LastError))
 	}
 	return w.Flush()
 }
 
 func cmdPush(c *client, args []string, out io.Writer) error {
-	fs := subFlags("push", "[--closure] PATH...")
+	fs := subFlags("push", "[--closure | --build-closure] PATH...")
 	closure := fs.Bool("closure", false, "also queue every path in the closures (for paths the hook never saw)")
+	buildClosure := fs.Bool("build-closure", false, "queue what building the paths needed instead: for a .drv (or an output, through its deriver) the derivation's closure (sources, .drv files) and every output of it that is in the store; what is not is skipped and listed")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if fs.NArg() == 0 {
 		return &exitError{code: 2, msg: "push: no paths given"}
 	}
-	resp, err := c.call(&protocol.Request{Op: protocol.OpPush, Paths: storePaths(fs.Args()), Closure: *closure})
+	if *closure && *buildClosure {
+		return &exitError{code: 2, msg: "push: --closure and --build-closure exclude each other"}
+	}
+	resp, err := c.call(&protocol.Request{Op: protocol.OpPush, Paths: storePaths(fs.Args()), Closure: *closure, BuildClosure: *buildClosure})
 	if err != nil {
 		return err
+	}
+	for _, s := range resp.Skipped {
+		fmt.Fprintf(out, "skipped %s\n", s)
 	}
 	if len(resp.Jobs) > 20 {
 		fmt.Fprintf(out, "queued %d paths\n", len(resp.Jobs))

@@ -18,6 +18,17 @@ import (
 	"github.com/nixspool/nixspool/protocol"
 )
 
+// sourcesLine lists counts by source, in a fixed order.
+func sourcesLine(by map[string]int) string {
+	var parts []string
+	for _, src := range []string{"hook", "push", "capture", "build-closure", "unknown"} {
+		if n := by[src]; n > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", n, src))
+		}
+	}
+	return strings.Join(parts, ", ")
+}
+
 // renderStatus writes the human status view.
 func renderStatus(out io.Writer, s *protocol.Status) error {
 	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
@@ -28,6 +39,16 @@ func renderStatus(out io.Writer, s *protocol.Status) error {
 	fmt.Fprintf(w, "agentd\t%s, up %s\n", s.Version, (time.Duration(s.UptimeSeconds) * time.Second).String())
 	fmt.Fprintf(w, "cache\t%s (%s)\n", s.Cache, reach)
 	fmt.Fprintf(w, "queue\t%d pending, %d uploading, %d retrying, %d failed\n", s.Pending, s.Uploading, s.Retrying, s.Failed)
+	if len(s.QueuedBySource) > 0 {
+		fmt.Fprintf(w, "queued from\t%s\n", sourcesLine(s.QueuedBySource))
+	}
+	if c := s.Capture; c != nil {
+		if c.Error != "" {
+			fmt.Fprintf(w, "capture\t%s: OFF: %s\n", c.Mode, c.Error)
+		} else {
+			fmt.Fprintf(w, "capture\t%s: %d paths queued since start, cursor %d\n", c.Mode, c.Captured, c.Cursor)
+		}
+	}
 	if s.Spooled.Files > 0 {
 		fmt.Fprintf(w, "spooled\t%d request(s), %d paths, not queued yet (agentd imports the spool periodically)\n", s.Spooled.Files, s.Spooled.Paths)
 	}

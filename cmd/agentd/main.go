@@ -71,7 +71,7 @@ func run(args []string) error {
 	}
 	var keys, excludes multiFlag
 	skipSigned := &defaultedList{vals: cfg.SkipSignedBy}
-	var gcRoots, logFormat, logLevel, pprofAddr string
+	var gcRoots, logFormat, logLevel, pprofAddr, capture string
 	fs.StringVar(&cfg.Cache, "cache", "", "binary cache URL as Nix writes it: s3://BUCKET[/PREFIX]?endpoint=http(s)://HOST[:PORT]&region=R&profile=P&compression=zstd|xz|br|gzip|lz4|none&secret-key=FILE… (every parameter of Nix's S3 store; see README) or file:///DIR (default file://STATE-DIR/cache)")
 	fs.Var(&keys, "secret-key-file", "Nix secret signing key file (repeatable; required unless the cache URL has secret-key= or secret-keys=)")
 	fs.BoolVar(&cfg.AllowInsecureKeyPerms, "allow-insecure-key-perms", false, "accept key files readable by group or others")
@@ -94,6 +94,11 @@ func run(args []string) error {
 	fs.Var(&excludes, "exclude", "do not upload paths whose name (after the hash) matches this regular expression (repeatable)")
 	fs.Int64Var(&cfg.MaxNARSize, "max-nar-size", 0, "do not upload paths whose NAR is larger than this many bytes (0: no limit)")
 	fs.Var(skipSigned, "skip-signed-by", `do not upload paths already signed by this key name (repeatable; "" for none)`)
+	fs.BoolVar(&cfg.BuildClosures, "build-closures", false, "for every build the hook hands over, also upload what the build needed that is in the store: the derivation's closure (sources, .drv files) and the outputs of its input derivations (as agentctl push --build-closure)")
+	fs.StringVar(&capture, "capture", string(cfg.Capture), "which paths are uploaded besides those the hook and agentctl push hand over: hook (none), local (also every path built or added on this machine: sources, nix-store --add, builds the hook missed), all (also substituted and copied-in paths); --skip-signed-by applies in every mode")
+	fs.DurationVar(&cfg.CaptureInterval, "capture-interval", cfg.CaptureInterval, "how often the store watcher (--capture local|all) looks for new valid paths")
+	fs.BoolVar(&cfg.CaptureExisting, "capture-existing", cfg.CaptureExisting, "at the store watcher's first start, also queue the paths already in the store (false: only those that become valid from then on)")
+	fs.StringVar(&cfg.NixDBDir, "nix-db-dir", cfg.NixDBDir, "directory of the Nix database the store watcher reads (read-only)")
 	fs.BoolVar(&cfg.UploadBuildLogs, "upload-build-logs", false, "also upload the build log of each uploaded path's derivation (log/<drv>, read by `nix-store --store CACHE --read-log DRV`)")
 	fs.DurationVar(&cfg.GCPollInterval, "gc-poll-interval", cfg.GCPollInterval, "how often to read garbage-collection announcements; a collector's --grace must exceed twice this plus its margin")
 	fs.Var(gc.DurationFlag{D: &cfg.GCInterval}, "gc-interval", "run a garbage collection cycle this often, e.g. 7d (0: never; see also agentctl gc)")
@@ -111,6 +116,7 @@ func run(args []string) error {
 	cfg.SecretKeyFiles = keys
 	cfg.Excludes = excludes
 	cfg.SkipSignedBy = skipSigned.vals
+	cfg.Capture = agent.CaptureMode(capture)
 	if gcRoots != "off" {
 		cfg.GCRootsDir = gcRoots
 	}
