@@ -177,9 +177,9 @@ func TestSucceedKeepsTheReplacement(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := map[string]bool{w.paths[0]: true}
-	interestA, a, _ := g.plan(&jobResult{}, closure, want, nil, 0)
+	interestA, a, _ := g.plan(&jobResult{}, closure, want, nil, nil, 0)
 	g.release(interestA) // the job went away: a is cancelled
-	_, b, _ := g.plan(&jobResult{}, closure, want, nil, 0)
+	_, b, _ := g.plan(&jobResult{}, closure, want, nil, nil, 0)
 	if a == nil || b == nil || a == b {
 		t.Fatalf("want a replacement node, got %p and %p", a, b)
 	}

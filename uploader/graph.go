@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nix-community/go-nix/pkg/narinfo"
@@ -53,6 +54,10 @@ type node struct {
 	owner        *jobResult // the job that created the node counts its upload
 	done         chan struct{}
 	err          error
+	// repair: a job found the path's narinfo in the cache naming a NAR
+	// that is not there; a narinfo found at the write is checked, and
+	// replaced if it is still broken (see replaceBrokenNarinfo).
+	repair atomic.Bool
 }
 
 // jobResult accumulates what one Upload call uploaded.
@@ -117,7 +122,10 @@ func (e *errDependencyGone) Error() string {
 // plan registers the upload of missing (closure order: dependencies first)
 // for one job, and returns the nodes the job is interested in and the
 // node of top (nil if top needs no upload).
-func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing map[string]bool, upstream func(*nixstore.PathInfo) bool, gen uint64) (interest []*node, top *node, relies bool) {
+//
+// repair names the paths whose narinfo in the cache is broken: their nodes,
+// new or shared, check what they find at the narinfo write.
+func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing, repair map[string]bool, upstream func(*nixstore.PathInfo) bool, gen uint64) (interest []*node, top *node, relies bool) {
 	planned := time.Now()
 	g.mu.Lock()
 	var created []*node
@@ -134,6 +142,9 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing map[s
 			continue
 		}
 		if n := g.nodes[p]; g.shareable(n, gen) {
+			if repair[p] {
+				n.repair.Store(true)
+			}
 			n.interest++
 			interest = append(interest, n)
 			continue
@@ -147,6 +158,7 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing map[s
 		}
 		ctx, cancel := context.WithCancel(context.Background())
 		n := &node{info: info, ctx: ctx, cancel: cancel, interest: 1, gen: gen, planned: planned, dependsSince: planned, owner: job, done: make(chan struct{})}
+		n.repair.Store(repair[p])
 		for _, r := range info.References {
 			switch {
 			case r == p || isUpstream[r]:

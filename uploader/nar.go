@@ -414,6 +414,14 @@ func (u *Uploader) conditionalWrites(ctx context.Context) (bool, error) {
 		return false, nil
 	}
 	ok, err := bucket.ProbeConditional(ctx, u.opt.Bucket, "nixspool/probe/")
+	if err != nil && bucket.IsPermanent(err) && !bucket.IsPrecondition(err) {
+		// The probe's key itself is refused for good (a bucket policy
+		// denying writes under nixspool/probe/, say): no probe will ever
+		// tell, so look before writing, as for a store without them.
+		u.conditional.Store(condNo)
+		u.log.Warn("the create-only probe's writes are refused; narinfos are checked with a HEAD before they are written", "cache", u.opt.Cache.String(), "err", err)
+		return false, nil
+	}
 	if err != nil {
 		return false, fmt.Errorf("cannot tell whether the store honours create-only writes: %w", err)
 	}

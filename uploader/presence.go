@@ -210,14 +210,15 @@ func (pr *presence) forget(paths []string) []string {
 func (pr *presence) doubt(paths []string) {
 	pr.mu.Lock()
 	defer pr.mu.Unlock()
+	if len(pr.unsure)+len(paths) > maxUnsure {
+		// The paths doubted now stay doubted (see node.repair too).
+		pr.unsure = map[string]bool{}
+		pr.unsureOverflowed = true
+	}
 	for _, p := range paths {
 		h := storepath.HashPart(p)
 		pr.unsure[h] = true
 		delete(pr.known, h)
-	}
-	if len(pr.unsure) > maxUnsure {
-		pr.unsure = map[string]bool{}
-		pr.unsureOverflowed = true
 	}
 }
 
@@ -269,6 +270,7 @@ func (pr *presence) reset() error {
 func (pr *presence) resetLocked() {
 	pr.u.extrasDone.Clear() // the realisations written went with the cache
 	pr.gen.Add(1)
+	pr.unsureOverflowed = false // what was dropped went with the cache
 	pr.known = map[string]int64{}
 	pr.absent = map[string]time.Time{}
 	pr.verifiedNAR = map[string]bool{}

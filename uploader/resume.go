@@ -451,7 +451,9 @@ func (w *resumeWork) exclusive(ctx context.Context, p string) (func(), error) {
 // p's closure is known to be in the cache: the records of uploads that a
 // crash interrupted and another writer then completed (p's own, or a
 // dependency's) are never used again. Paths whose upload runs keep theirs.
-func (u *Uploader) releaseIfPresent(ctx context.Context, p string) {
+// closure is p's, if the caller has it; otherwise it is asked for only when
+// records of other paths, not being uploaded, exist (after a crash).
+func (u *Uploader) releaseIfPresent(ctx context.Context, p string, closure []*nixstore.PathInfo) {
 	mp, ok := u.opt.Bucket.(bucket.Multipart)
 	if !ok || u.opt.Resume == nil {
 		return
@@ -460,22 +462,36 @@ func (u *Uploader) releaseIfPresent(ctx context.Context, p string) {
 	if err != nil || len(recs) == 0 {
 		return
 	}
-	paths := []string{p}
-	if len(recs) > 1 || recs[p] == nil {
-		closure, err := u.opt.Store.Closure(ctx, p)
-		if err != nil {
-			u.log.Debug("closure of a path found in the cache", "path", p, "err", err)
-		} else {
-			paths = paths[:0]
-			for _, info := range closure {
-				paths = append(paths, info.Path)
+	candidates := map[string]bool{}
+	for q := range recs {
+		if !u.resuming.running(q) {
+			candidates[q] = true
+		}
+	}
+	if len(candidates) == 0 {
+		return
+	}
+	var paths []string
+	if len(candidates) == 1 && candidates[p] {
+		paths = []string{p}
+	} else {
+		if closure == nil {
+			closure, err = u.opt.Store.Closure(ctx, p)
+			if err != nil {
+				u.log.Debug("closure of a path found in the cache", "path", p, "err", err)
+				closure = nil
 			}
+		}
+		paths = []string{p}
+		for _, info := range closure {
+			paths = append(paths, info.Path)
 		}
 	}
 	for _, q := range paths {
-		if recs[q] == nil || u.resuming.running(q) {
+		if !candidates[q] || u.resuming.running(q) {
 			continue
 		}
+		delete(candidates, q) // p appears twice
 		if rec := u.loadRecord(q); rec != nil {
 			u.log.Info("releasing the resumable upload of a path already in the cache", "path", q)
 			u.discardRecord(ctx, q, rec, mp, true)

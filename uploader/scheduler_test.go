@@ -301,6 +301,27 @@ func TestUndecidedProbeWritesNothingPlain(t *testing.T) {
 	}
 }
 
+// TestRefusedProbeFallsBack: a store that refuses the probe's writes for
+// good (a policy on nixspool/probe/) is taken for one without create-only
+// writes: uploads go on, looking before writing, instead of failing for
+// good.
+func TestRefusedProbeFallsBack(t *testing.T) {
+	w := newWorld(t, 1, chain, size(10))
+	w.b.failPut = func(key string) error {
+		if strings.HasPrefix(key, "nixspool/probe/") {
+			return fmt.Errorf("injected AccessDenied: %w", bucket.ErrPermanent)
+		}
+		return nil
+	}
+	u := w.uploader(Options{})
+	if _, err := u.Upload(context.Background(), w.paths[0]); err != nil {
+		t.Fatalf("upload with the probe refused: %v", err)
+	}
+	if !w.has(0) || u.conditional.Load() != condNo {
+		t.Fatalf("uploaded %v, create-only writes %d; want uploaded, looking before writing", w.has(0), u.conditional.Load())
+	}
+}
+
 // watchPlain counts writes of nix-cache-info and narinfos without
 // If-None-Match (or If-Match).
 type watchPlain struct {

@@ -447,11 +447,12 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
+	var broken []string
 	if young {
 		// Narinfos written across a reset may lack their NAR: the paths
 		// found present are checked (once per generation), and those
 		// lacking it are uploaded again.
-		broken, err := u.verifyPresent(ctx, closure, append(missingDeps, missing...))
+		broken, err = u.verifyPresent(ctx, closure, append(missingDeps, missing...))
 		if err != nil {
 			return Result{}, err
 		}
@@ -472,13 +473,16 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	for _, p := range missingDeps {
 		want[p] = true
 	}
-	job := &jobResult{}
-	interest, top, _ := u.graph.plan(job, closure, want, u.opt.Upstream, gen)
-	defer u.graph.release(interest)
-	if top == nil && len(missing) > 0 {
-		// Uploaded by another job meanwhile.
-		return Result{Skipped: skipped}, u.settle(ctx, gen, time.Now(), nil)
+	repair := make(map[string]bool, len(broken))
+	for _, p := range broken {
+		repair[p] = true
 	}
+	job := &jobResult{}
+	// With top nil (the path is there: uploaded by another job meanwhile,
+	// or only its closure lacked something) the job waits for the nodes
+	// its closure needs all the same.
+	interest, top, _ := u.graph.plan(job, closure, want, repair, u.opt.Upstream, gen)
+	defer u.graph.release(interest)
 	// The top first (its failure ends the job at once), then every other
 	// node the closure needs: a repaired dependency of a present path (see
 	// verifyPresent) is no reference of any node planned here, and nothing
@@ -513,6 +517,17 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		}
 		res.Realisations += n
 	}
+	// A broken narinfo may still be there: kept by a node that wrote or
+	// found it before this job marked it for repair. Never acknowledged.
+	for _, p := range broken {
+		ok, err := u.narinfoComplete(ctx, p)
+		if err != nil {
+			return res, err
+		}
+		if !ok {
+			return res, fmt.Errorf("the narinfo of %s still names a NAR that is not there; retrying", p)
+		}
+	}
 	var wrote []string
 	for _, n := range interest {
 		wrote = append(wrote, n.info.Path)
@@ -522,7 +537,7 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	}
 	// Dependencies found present may have records of uploads a crash
 	// interrupted.
-	u.releaseIfPresent(ctx, path)
+	u.releaseIfPresent(ctx, path, closure)
 	return res, nil
 }
 
@@ -613,7 +628,7 @@ func (u *Uploader) present(ctx context.Context, gen uint64, info *nixstore.PathI
 	if err := u.settle(ctx, gen, time.Now(), nil); err != nil {
 		return Result{}, err
 	}
-	u.releaseIfPresent(ctx, info.Path)
+	u.releaseIfPresent(ctx, info.Path, nil)
 	return Result{Realisations: n}, nil
 }
 
@@ -705,7 +720,7 @@ func (u *Uploader) runNarinfo(n *node) {
 	started := time.Now()
 	err = u.guardedWrite(ctx, within, func(ctx context.Context, b bucket.Bucket) (err error) {
 		wrote, err = u.putNarinfo(ctx, b, n.ni)
-		if err == nil && !wrote && u.presence.doubted(n.info.Path) {
+		if err == nil && !wrote && (n.repair.Load() || u.presence.doubted(n.info.Path)) {
 			wrote, err = u.replaceBrokenNarinfo(ctx, b, n.ni)
 		}
 		return err
