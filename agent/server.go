@@ -225,7 +225,7 @@ func (a *Agent) serveRequest(ctx context.Context, req *protocol.Request, p peer,
 		a.log.Info("enqueued", "op", req.Op, "paths", len(paths), "drv", req.Drv, "peer_uid", p.uid, "peer_pid", p.pid, "duration", time.Since(start))
 		return &protocol.Response{Jobs: jobs, Count: len(jobs)}
 	case protocol.OpDoctor:
-		return &protocol.Response{Checks: a.doctor(ctx)}
+		return &protocol.Response{Checks: a.doctor(ctx, a.access.operator(p))}
 	case protocol.OpAudit:
 		return a.audit(ctx, req, progress)
 	case protocol.OpForget:
