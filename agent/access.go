@@ -107,7 +107,7 @@ func (ac access) refusal(p peer, op string) string {
 	if !ok || t == tierRead {
 		return ""
 	}
-	if p.known && (p.uid == 0 || p.uid == ac.ownUID || p.inGroup(ac.admin)) {
+	if ac.operator(p) {
 		return ""
 	}
 	if t == tierPush && p.inGroup(ac.socket) {
@@ -121,6 +121,12 @@ func (ac access) refusal(p peer, op string) string {
 		return fmt.Sprintf("permission denied: %s needs %s, and agentd could not tell who is calling", op, need)
 	}
 	return fmt.Sprintf("permission denied for uid %d: %s needs %s", p.uid, op, need)
+}
+
+// operator reports whether p may make every request: root, agentd's user
+// or a member of the admin group.
+func (ac access) operator(p peer) bool {
+	return p.known && (p.uid == 0 || p.uid == ac.ownUID || p.inGroup(ac.admin))
 }
 
 // who names those who may make requests of tier t.

@@ -72,6 +72,8 @@ type Agent struct {
 	spoolSeen   spoolCache
 	capture     *capturer // nil unless --capture local|all
 	captureErr  error     // why the watcher could not start
+	// spoolFileBound bounds the import of one spool file (0: the default).
+	spoolFileBound time.Duration
 }
 
 // requestStore is what the checks of requests ask the Nix daemon
@@ -280,8 +282,9 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 	if err := a.noteQueued(); err != nil {
 		a.log.Error("start-up recovery", "err", err)
 	}
-	// The spool first: its paths become jobs, rooted as any other.
-	a.importSpool(ctx)
+	// The spool is imported by the main loop, after READY=1: a large
+	// spool or a Nix daemon that does not answer must not hold the start
+	// past systemd's start timeout. Until then recover keeps its roots.
 	if err := a.recover(ctx); err != nil {
 		a.log.Error("start-up recovery", "err", err)
 	}
@@ -351,8 +354,8 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 	return err
 }
 
-// mainLoop runs periodic chores until ctx is done: spool imports, the
-// systemd status line and watchdog pings. The watchdog is pinged from here
+// mainLoop runs periodic chores until ctx is done: spool imports (the
+// first at once), the systemd status line and watchdog pings. The watchdog is pinged from here
 // only while the loop and the spool import it started make progress, so that
 // a wedged agentd gets the service restarted; a spool import that is merely
 // long (a big spool) keeps the pings going file by file.
@@ -372,21 +375,25 @@ func (a *Agent) mainLoop(ctx context.Context) {
 	a.publishStatus()
 	var importing sync.WaitGroup
 	defer importing.Wait()
+	startImport := func() {
+		if !a.spoolBusy.CompareAndSwap(false, true) {
+			return // the previous import is still running
+		}
+		a.spoolBeat.Store(time.Now().UnixNano())
+		importing.Add(1)
+		go func() {
+			defer importing.Done()
+			defer a.spoolBusy.Store(false)
+			a.importSpool(ctx)
+		}()
+	}
+	startImport() // what was spooled while agentd was away, right away
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-spoolTick.C:
-			if !a.spoolBusy.CompareAndSwap(false, true) {
-				continue // the previous import is still running
-			}
-			a.spoolBeat.Store(time.Now().UnixNano())
-			importing.Add(1)
-			go func() {
-				defer importing.Done()
-				defer a.spoolBusy.Store(false)
-				a.importSpool(ctx)
-			}()
+			startImport()
 		case <-statusTick.C:
 			a.publishStatus()
 		case <-wdC:

@@ -20,7 +20,11 @@ import (
 )
 
 // doctor checks what agentd depends on, each with a hint when it fails.
-func (a *Agent) doctor(ctx context.Context) []protocol.Check {
+// Only for an operator (writes) does it probe writes: a probe object put
+// and deleted in the cache (and the collector's store checks, which write
+// under nixspool/gc/), a GC root made and removed, a file in the state
+// directory; anyone else who may connect gets the checks that only read.
+func (a *Agent) doctor(ctx context.Context, writes bool) []protocol.Check {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	var checks []protocol.Check
@@ -31,6 +35,9 @@ func (a *Agent) doctor(ctx context.Context) []protocol.Check {
 	add("configuration", "ok", fmt.Sprintf("cache %s, %d jobs, state in %s", a.cache.String(), a.cfg.Jobs, a.cfg.StateDir), "")
 
 	add("access", "ok", a.access.describe(), "")
+	if !writes {
+		add("write probes", "ok", "not run: only "+a.access.who(tierOperate)+" make doctor write and delete a probe object in the cache, a GC root and a file in the state directory; the checks below only read", "")
+	}
 
 	if len(a.cache.NoEffect) > 0 {
 		add("cache URL parameters", "warn", "no effect here: "+strings.Join(a.cache.NoEffect, ", "),
@@ -55,10 +62,15 @@ func (a *Agent) doctor(ctx context.Context) []protocol.Check {
 	}
 
 	probe := filepath.Join(a.cfg.StateDir, ".doctor-probe")
-	if err := os.WriteFile(probe, []byte("x"), 0o600); err != nil {
-		add("state directory", "fail", err.Error(), "agentd must be able to write "+a.cfg.StateDir+" (queue, spool, temp files)")
+	var werr error
+	if writes {
+		if werr = os.WriteFile(probe, []byte("x"), 0o600); werr == nil {
+			os.Remove(probe)
+		}
+	}
+	if werr != nil {
+		add("state directory", "fail", werr.Error(), "agentd must be able to write "+a.cfg.StateDir+" (queue, spool, temp files)")
 	} else {
-		os.Remove(probe)
 		var st syscall.Statfs_t
 		if syscall.Statfs(a.cfg.StateDir, &st) == nil {
 			free := st.Bavail * uint64(st.Bsize)
@@ -70,7 +82,9 @@ func (a *Agent) doctor(ctx context.Context) []protocol.Check {
 		}
 	}
 
-	if a.roots.Enabled() {
+	if a.roots.Enabled() && !writes {
+		add("gc roots", "ok", a.roots.Dir()+" (making a root not probed)", "")
+	} else if a.roots.Enabled() {
 		if err := a.roots.Add(filepath.Join(a.cfg.StoreDir, "00000000000000000000000000000000-nixspool-doctor")); err != nil {
 			add("gc roots", "fail", err.Error(), "agentd keeps queued paths alive with roots in "+a.roots.Dir())
 		} else {
@@ -81,7 +95,7 @@ func (a *Agent) doctor(ctx context.Context) []protocol.Check {
 		add("gc roots", "warn", "off", "queued paths can be garbage-collected before they are uploaded")
 	}
 
-	a.doctorBucket(ctx, add)
+	a.doctorBucket(ctx, add, writes)
 
 	us := a.uploader.Stats()
 	if us.Generation != "" {
@@ -130,8 +144,34 @@ func (a *Agent) doctor(ctx context.Context) []protocol.Check {
 }
 
 // doctorBucket makes a real put/head/delete round trip of a small probe
-// object and checks nix-cache-info.
-func (a *Agent) doctorBucket(ctx context.Context, add func(name, status, detail, hint string)) {
+// object (writes) and checks nix-cache-info.
+func (a *Agent) doctorBucket(ctx context.Context, add func(name, status, detail, hint string), writes bool) {
+	if writes && !a.doctorBucketWrites(ctx, add) {
+		return
+	}
+	data, _, err := a.bucket.Get(ctx, "nix-cache-info", 64<<10)
+	switch {
+	case bucket.IsNotExist(err):
+		add("nix-cache-info", "fail", "missing", "agentd writes it at start when the cache is reachable; restart agentd. Without it Nix refuses the cache (\"does not appear to be a binary cache\")")
+	case err != nil:
+		add("nix-cache-info", "fail", err.Error(), "")
+	case !strings.Contains(string(data), "StoreDir: "+storepath.DefaultStoreDir):
+		add("nix-cache-info", "fail", strings.TrimSpace(string(data)), "this cache is for another store directory; Nix clients with /nix/store will refuse it")
+	default:
+		add("nix-cache-info", "ok", strings.ReplaceAll(strings.TrimSpace(string(data)), "\n", ", "), "")
+	}
+	if writes {
+		a.doctorGCStore(ctx, add)
+	}
+	if err := a.gc.watcher.LastError(); err != nil {
+		add("gc announcements", "fail", err.Error(),
+			"narinfo writes wait until the announcements can be read. An announcement that cannot be decoded was written by a newer collector or is damaged: upgrade agentd, or delete that object with the store's own tools once no collector runs")
+	}
+}
+
+// doctorBucketWrites puts, heads and deletes a probe object; it reports
+// whether that worked.
+func (a *Agent) doctorBucketWrites(ctx context.Context, add func(name, status, detail, hint string)) bool {
 	var rnd [6]byte
 	rand.Read(rnd[:])
 	host, _ := os.Hostname()
@@ -154,30 +194,12 @@ func (a *Agent) doctorBucket(ctx context.Context, add func(name, status, detail,
 		add("cache", "ok", a.bucket.String()+": put, head and delete of a probe object work", "")
 	case bucket.IsPermanent(err):
 		add("cache", "fail", err.Error(), "the bucket refuses: check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile=, the credentials file), the bucket name and region, and that the policy allows s3:PutObject, s3:GetObject, s3:DeleteObject and s3:ListBucket")
-		return
 	case errors.Is(err, bucket.ErrUnavailable):
 		add("cache", "fail", err.Error(), "the cache cannot be reached: check endpoint=, scheme= (https unless scheme=http) and the network")
-		return
 	default:
 		add("cache", "fail", err.Error(), "check the cache URL and permissions")
-		return
 	}
-	data, _, err := a.bucket.Get(ctx, "nix-cache-info", 64<<10)
-	switch {
-	case bucket.IsNotExist(err):
-		add("nix-cache-info", "fail", "missing", "agentd writes it at start when the cache is reachable; restart agentd. Without it Nix refuses the cache (\"does not appear to be a binary cache\")")
-	case err != nil:
-		add("nix-cache-info", "fail", err.Error(), "")
-	case !strings.Contains(string(data), "StoreDir: "+storepath.DefaultStoreDir):
-		add("nix-cache-info", "fail", strings.TrimSpace(string(data)), "this cache is for another store directory; Nix clients with /nix/store will refuse it")
-	default:
-		add("nix-cache-info", "ok", strings.ReplaceAll(strings.TrimSpace(string(data)), "\n", ", "), "")
-	}
-	a.doctorGCStore(ctx, add)
-	if err := a.gc.watcher.LastError(); err != nil {
-		add("gc announcements", "fail", err.Error(),
-			"narinfo writes wait until the announcements can be read. An announcement that cannot be decoded was written by a newer collector or is damaged: upgrade agentd, or delete that object with the store's own tools once no collector runs")
-	}
+	return err == nil
 }
 
 // doctorGCStore reports what garbage collection needs of the store

@@ -13,11 +13,14 @@ type fakeStore struct {
 	valid   map[string]bool
 	outputs map[string]map[string]string // drv → output name → path
 	drvErr  map[string]error             // drv → error of its output map
+	// validCalls counts the QueryValidPaths calls.
+	validCalls int
 }
 
 func (s *fakeStore) QueryValidPaths(ctx context.Context, paths []string) ([]string, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.validCalls++
 	var out []string
 	for _, p := range paths {
 		if s.valid[p] {

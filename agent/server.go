@@ -244,7 +244,7 @@ func (a *Agent) serveRequest(ctx context.Context, req *protocol.Request, p peer,
 		}
 		return &protocol.Response{Jobs: jobs, Count: len(jobs), Skipped: skipped}
 	case protocol.OpDoctor:
-		return &protocol.Response{Checks: a.doctor(ctx)}
+		return &protocol.Response{Checks: a.doctor(ctx, a.access.operator(p))}
 	case protocol.OpAudit:
 		return a.audit(ctx, req, progress)
 	case protocol.OpForget:
@@ -537,6 +537,8 @@ func (a *Agent) importSpool(ctx context.Context) {
 // importSpoolFile imports one spool file. It returns nil once the file is
 // dealt with: imported and removed, or renamed *.bad if unreadable.
 func (a *Agent) importSpoolFile(ctx context.Context, f string) error {
+	ctx, cancel := context.WithTimeout(ctx, a.spoolFileTimeout())
+	defer cancel()
 	e, err := spool.Read(f)
 	if err != nil {
 		if qerr := spool.Quarantine(f); qerr != nil {
@@ -558,17 +560,9 @@ func (a *Agent) importSpoolFile(ctx context.Context, f string) error {
 			return fmt.Errorf("outputs of %s: %w", e.Drv, err)
 		}
 	}
-	var good []string
-	for _, p := range e.Paths {
-		if err := a.checkPaths(ctx, []string{p}); err != nil {
-			var refused *RefusedError
-			if errors.As(err, &refused) {
-				a.log.Warn("spooled path refused", "file", f, "path", p, "err", err)
-				continue
-			}
-			return fmt.Errorf("check %s: %w", p, err)
-		}
-		good = append(good, p)
+	good, err := a.validSpooled(ctx, f, e.Paths)
+	if err != nil {
+		return err
 	}
 	drv := e.Drv
 	if drv != "" && storepath.Check(a.cfg.StoreDir, drv) != nil {
@@ -606,6 +600,49 @@ func (a *Agent) importSpoolFile(ctx context.Context, f string) error {
 		}
 	}
 	return nil
+}
+
+// validSpooled returns the paths of spool file f that are store paths
+// valid in the Nix store, asking the daemon once for all of them; the
+// others are logged and dropped.
+func (a *Agent) validSpooled(ctx context.Context, f string, paths []string) ([]string, error) {
+	var syntactic []string
+	for _, p := range paths {
+		if err := storepath.Check(a.cfg.StoreDir, p); err != nil {
+			a.log.Warn("spooled path refused", "file", f, "path", p, "err", err)
+			continue
+		}
+		syntactic = append(syntactic, p)
+	}
+	if len(syntactic) == 0 {
+		return nil, nil
+	}
+	valid, err := a.checkStore.QueryValidPaths(ctx, syntactic)
+	if err != nil {
+		return nil, fmt.Errorf("check the paths of %s: %w", f, err)
+	}
+	ok := make(map[string]bool, len(valid))
+	for _, v := range valid {
+		ok[v] = true
+	}
+	good := syntactic[:0]
+	for _, p := range syntactic {
+		if !ok[p] {
+			a.log.Warn("spooled path refused", "file", f, "path", p, "err", "not a valid path in the Nix store")
+			continue
+		}
+		good = append(good, p)
+	}
+	return good, nil
+}
+
+// spoolFileTimeout bounds the import of one spool file: a Nix daemon that
+// stops answering postpones the import instead of holding it.
+func (a *Agent) spoolFileTimeout() time.Duration {
+	if a.spoolFileBound > 0 {
+		return a.spoolFileBound
+	}
+	return defaultSpoolFileTimeout
 }
 
 func (a *Agent) spoolDir() string { return a.cfg.StateDir + "/spool" }

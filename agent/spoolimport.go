@@ -3,6 +3,7 @@ package agent
 import (
 	"errors"
 	"sync"
+	"time"
 
 	"github.com/nixspool/nixspool/nixstore"
 )
@@ -10,6 +11,11 @@ import (
 // maxSpoolAttempts is how many imports a spool file the Nix daemon answers
 // with an error gets before it is renamed *.bad.
 const maxSpoolAttempts = 10
+
+// defaultSpoolFileTimeout bounds the Nix daemon's answers for one spool
+// file (its paths' validity, a floating derivation's outputs): well under
+// the watchdog's patience for a spool import that makes no progress.
+const defaultSpoolFileTimeout = time.Minute
 
 // fileAtFault reports whether an import failed for the file's own sake:
 // the Nix daemon answered, with an error about what the file asks (a

@@ -3,12 +3,14 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/nixspool/nixspool/nixstore"
 	"github.com/nixspool/nixspool/realisation"
@@ -150,4 +152,104 @@ func (l *lockedLog) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()
+}
+
+// TestSpoolImportAsksOncePerFile: the paths of one spool file are checked
+// with one query to the Nix daemon, not one round trip each; paths that
+// are not store paths, or not valid, are dropped and the others queued.
+func TestSpoolImportAsksOncePerFile(t *testing.T) {
+	a := testAgent(t)
+	a.realiser = realisation.New(realisation.Options{})
+	fs := &fakeStore{valid: map[string]bool{}}
+	a.checkStore = fs
+	var paths []string
+	for i := range 500 {
+		p := fmt.Sprintf("/nix/store/%032d-p%d", i, i)
+		p = strings.ReplaceAll(p, "0", "a") // base32 has no 'e', 'o', 'u', 't'
+		paths = append(paths, p)
+		if i != 7 {
+			fs.valid[p] = true
+		}
+	}
+	if _, err := spool.Write(a.spoolDir(), spool.Entry{Paths: append(paths, "/tmp/not-a-store-path")}); err != nil {
+		t.Fatal(err)
+	}
+	a.importSpool(context.Background())
+	if fs.validCalls != 1 {
+		t.Errorf("%d validity queries for one spool file, want 1", fs.validCalls)
+	}
+	jobs, err := a.queue.List("", 1000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(jobs) != len(paths)-1 {
+		t.Errorf("%d jobs queued, want %d", len(jobs), len(paths)-1)
+	}
+	for _, j := range jobs {
+		if j.Path == paths[7] {
+			t.Errorf("the invalid path %s was queued", j.Path)
+		}
+	}
+	if files, _ := spool.Files(a.spoolDir()); len(files) != 0 {
+		t.Fatalf("spool files left: %v", files)
+	}
+}
+
+// hangingStore is a Nix daemon that stops answering validity queries
+// until the request's context ends (or the test releases it).
+type hangingStore struct {
+	*fakeStore
+	release chan struct{}
+}
+
+func (s *hangingStore) QueryValidPaths(ctx context.Context, paths []string) ([]string, error) {
+	select {
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-s.release:
+		return s.fakeStore.QueryValidPaths(ctx, paths)
+	}
+}
+
+// TestSpoolImportBoundedPerFile: a Nix daemon that stops answering
+// postpones a spool import after the bound of one file; the file is kept
+// and charged no attempt, and is imported once the daemon answers.
+func TestSpoolImportBoundedPerFile(t *testing.T) {
+	a := testAgent(t)
+	a.realiser = realisation.New(realisation.Options{})
+	a.spoolFileBound = 200 * time.Millisecond
+	const p = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-p"
+	hs := &hangingStore{fakeStore: &fakeStore{valid: map[string]bool{p: true}}, release: make(chan struct{})}
+	released := false
+	release := func() {
+		if !released {
+			released = true
+			close(hs.release)
+		}
+	}
+	t.Cleanup(release)
+	a.checkStore = hs
+	f, err := spool.Write(a.spoolDir(), spool.Entry{Paths: []string{p}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range maxSpoolAttempts + 1 {
+		done := make(chan struct{})
+		go func() { defer close(done); a.importSpool(context.Background()) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			release()
+			<-done
+			t.Fatal("a spool import waited on a Nix daemon that does not answer past the bound of one file")
+		}
+	}
+	if _, err := os.Stat(f); err != nil {
+		t.Fatalf("the spool file was not kept: %v", err)
+	}
+	release()
+	a.importSpool(context.Background())
+	if jobs, _ := a.queue.List("", 10); len(jobs) != 1 || jobs[0].Path != p {
+		t.Fatalf("jobs after the daemon answered: %+v", jobs)
+	}
 }

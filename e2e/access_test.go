@@ -112,6 +112,13 @@ func TestAccessTiersRealUsers(t *testing.T) {
 	if access := fmt.Sprintf("push: root or group %s or group %s; gc, forget, drop, retry, pin, unpin: root or group %s", pushGroup, adminGroup, adminGroup); err != nil || !strings.Contains(out, access) {
 		t.Errorf("doctor as a pusher: %v, want the line %q:\n%s", err, access, out)
 	}
+	// A pusher's doctor only reads: no probe object, GC root or file.
+	if !regexp.MustCompile(`write probes +not run`).MatchString(out) || strings.Contains(out, "put, head and delete") || !strings.Contains(out, "StoreDir: /nix/store") {
+		t.Errorf("doctor as a pusher probed writes, or did not say it did not:\n%s", out)
+	}
+	if out, _, err := admin.ctl(a, "doctor"); err != nil || !strings.Contains(out, "put, head and delete of a probe object work") || strings.Contains(out, "write probes") {
+		t.Errorf("doctor as an operator: %v, want the write probes:\n%s", err, out)
+	}
 
 	// ... and is refused what operators do.
 	refusedPIDs := map[string]int{}

@@ -344,3 +344,30 @@ func TestFloatingCAOutputs(t *testing.T) {
 	}
 	verifyCache(t, "file://"+cacheDir, pk, top)
 }
+
+// TestNixDaemonRestartDoesNotSpool: a restart of the Nix daemon that also
+// ends the processes serving its connections closes agentd's pooled
+// connections to it; the next build's hook is still answered (the query
+// is retried on a fresh connection) instead of spooling.
+func TestNixDaemonRestartDoesNotSpool(t *testing.T) {
+	testenv.RequireNix(t)
+	sk, pk := keyPair(t, "e2e-restart-1")
+	cacheDir := filepath.Join(t.TempDir(), "cache")
+	a := newAgent(t, "file://"+cacheDir, sk, nil, "--spool-interval", "1h")
+	daemon := testenv.StartNixDaemon(t, testenv.NixEnv(hookConfig(), a.HookEnv()...))
+	a.args = append(a.args, "--nix-daemon-socket", daemon.Socket)
+	a.Start()
+	client := daemon.ClientEnv(testenv.NixEnv(""))
+	build(t, client, testenv.WriteGraph(t, t.TempDir(), false))
+	a.WaitDrained(2 * time.Minute)
+
+	daemon.Restart(t, true)
+	top := build(t, client, testenv.WriteGraph(t, t.TempDir(), false))
+	if files, _ := spool.Files(filepath.Join(a.StateDir, "spool")); len(files) != 0 {
+		t.Fatalf("after a restart of the Nix daemon the hook spooled %d request(s)", len(files))
+	}
+	if s := a.WaitDrained(2 * time.Minute); s.Failed != 0 || s.Uploaded != 2*testenv.GraphPaths {
+		t.Fatalf("status = %+v, want %d uploaded", s, 2*testenv.GraphPaths)
+	}
+	verifyCache(t, "file://"+cacheDir, pk, top)
+}

@@ -258,14 +258,14 @@ func (a *Agent) Ctl(args ...string) (string, error) {
 	return string(out), err
 }
 
-// WaitDrained waits until nothing is pending, uploading or retrying, and
-// returns the final status.
+// WaitDrained waits until nothing is spooled, pending, uploading or
+// retrying, and returns the final status.
 func (a *Agent) WaitDrained(timeout time.Duration) protocol.Status {
 	a.t.Helper()
 	var s protocol.Status
 	testenv.Poll(a.t, timeout, "the queue to drain", func() bool {
 		s = a.Status()
-		return s.Pending == 0 && s.Uploading == 0 && s.Retrying == 0
+		return s.Spooled.Files == 0 && s.Pending == 0 && s.Uploading == 0 && s.Retrying == 0
 	})
 	return s
 }

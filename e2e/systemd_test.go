@@ -1,11 +1,14 @@
 package e2e
 
 import (
+	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -16,18 +19,28 @@ import (
 )
 
 // TestSystemdNotify runs agentd as systemd would for Type=notify with a
-// watchdog: READY=1 comes only after the spool was imported, STATUS= lines
-// and WATCHDOG=1 pings follow, and SIGTERM sends STOPPING=1.
+// watchdog: READY=1 comes once agentd serves, without waiting for the spool
+// (a large spool or a Nix daemon that stops answering would otherwise hold
+// the start past TimeoutStartSec); the spool is imported after it, every
+// path of it uploaded. STATUS= lines and WATCHDOG=1 pings follow, and
+// SIGTERM sends STOPPING=1.
 func TestSystemdNotify(t *testing.T) {
 	testenv.RequireNix(t)
 	sk, _ := keyPair(t, "e2e-notify-1")
 	notify, msgs := testenv.NotifySocket(t)
+	daemon := testenv.StartNixDaemon(t, testenv.NixEnv(""))
+	gate := startGate(t, daemon.Socket) // the daemon does not answer until opened
 
-	a := newAgent(t, "file://"+filepath.Join(t.TempDir(), "cache"), sk, []string{"NOTIFY_SOCKET=" + notify, "WATCHDOG_USEC=300000"})
-	// A spooled request from before the start must be imported before READY.
-	p := testenv.AddTextPath(t, "notify", "x\n")
-	if _, err := spool.Write(filepath.Join(a.StateDir, "spool"), spool.Entry{Paths: []string{p}}); err != nil {
-		t.Fatal(err)
+	a := newAgent(t, "file://"+filepath.Join(t.TempDir(), "cache"), sk, []string{"NOTIFY_SOCKET=" + notify, "WATCHDOG_USEC=300000"},
+		"--nix-daemon-socket", gate.socket)
+	// Requests spooled before the start: three files of 40 paths.
+	var paths []string
+	for i := range 3 {
+		ps := addTextPaths(t, fmt.Sprintf("notify%d", i), 40)
+		if _, err := spool.Write(filepath.Join(a.StateDir, "spool"), spool.Entry{Paths: ps}); err != nil {
+			t.Fatal(err)
+		}
+		paths = append(paths, ps...)
 	}
 	a.Start()
 	seen := map[string]int{}
@@ -39,16 +52,20 @@ func TestSystemdNotify(t *testing.T) {
 			if strings.HasPrefix(m, "STATUS=") {
 				key = "STATUS"
 			}
-			if m == "READY=1" && seen["READY=1"] == 0 {
-				if files, _ := spool.Files(filepath.Join(a.StateDir, "spool")); len(files) != 0 {
-					t.Fatal("READY=1 before the spool was imported")
-				}
-			}
 			seen[key]++
 		case <-deadline:
-			t.Fatalf("messages so far: %v", seen)
+			t.Fatalf("with the Nix daemon not answering, messages so far: %v", seen)
 		}
 	}
+	if files, _ := spool.Files(filepath.Join(a.StateDir, "spool")); len(files) != 3 {
+		t.Fatalf("%d spool files left, want all 3 (the Nix daemon has not answered yet)", len(files))
+	}
+	gate.open()
+	testenv.Poll(t, 2*time.Minute, "the spooled paths to upload", func() bool {
+		files, _ := spool.Files(filepath.Join(a.StateDir, "spool"))
+		s := a.Status()
+		return len(files) == 0 && s.Uploaded == uint64(len(paths)) && s.Pending == 0 && s.Uploading == 0
+	})
 	a.Stop()
 	for {
 		select {
@@ -61,6 +78,75 @@ func TestSystemdNotify(t *testing.T) {
 		}
 	}
 }
+
+// addTextPaths adds n small store paths named name-<i>-<unique> with one
+// nix-store call.
+func addTextPaths(t *testing.T, name string, n int) []string {
+	t.Helper()
+	dir := t.TempDir()
+	args := []string{"--add"}
+	for i := range n {
+		f := filepath.Join(dir, fmt.Sprintf("%s-%d-%s", name, i, testenv.Unique()))
+		if err := os.WriteFile(f, []byte(f+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		args = append(args, f)
+	}
+	paths := strings.Fields(testenv.Run(t, testenv.NixEnv(""), "nix-store", args...))
+	if len(paths) != n {
+		t.Fatalf("nix-store --add gave %d paths, want %d", len(paths), n)
+	}
+	return paths
+}
+
+// gate is a unix socket in front of a Nix daemon's that holds every
+// connection unanswered until opened: a daemon that stopped answering.
+type gate struct {
+	socket string
+	opened chan struct{}
+	once   sync.Once
+}
+
+func startGate(t *testing.T, target string) *gate {
+	t.Helper()
+	g := &gate{socket: filepath.Join(t.TempDir(), "gate.sock"), opened: make(chan struct{})}
+	l, err := net.Listen("unix", g.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	var conns sync.WaitGroup
+	t.Cleanup(func() { close(done); l.Close(); conns.Wait() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			conns.Add(1)
+			go func() {
+				defer conns.Done()
+				defer c.Close()
+				select {
+				case <-g.opened:
+				case <-done:
+					return
+				}
+				d, err := net.Dial("unix", target)
+				if err != nil {
+					return
+				}
+				defer d.Close()
+				go func() { <-done; c.Close(); d.Close() }()
+				go func() { io.Copy(d, c); d.Close() }()
+				io.Copy(c, d)
+			}()
+		}
+	}()
+	return g
+}
+
+func (g *gate) open() { g.once.Do(func() { close(g.opened) }) }
 
 // TestSocketActivation passes a listening socket to agentd as systemd does
 // (LISTEN_FDS/LISTEN_PID, fd 3). A hook that connects before agentd runs

@@ -24,6 +24,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/nix-community/go-nix/pkg/wire"
@@ -94,7 +95,7 @@ func Open(opts Options) *Store {
 			if err != nil {
 				return nil, err
 			}
-			return handshake(c, c, stall)
+			return handshake(ctx, c, c, stall)
 		}
 	} else {
 		bin := opts.NixDaemon
@@ -102,7 +103,7 @@ func Open(opts Options) *Store {
 			bin = "nix-daemon"
 		}
 		s.where = bin + " --stdio"
-		s.dial = func(ctx context.Context) (*conn, error) { return dialStdio(bin, stall) }
+		s.dial = func(ctx context.Context) (*conn, error) { return dialStdio(ctx, bin, stall) }
 	}
 	return s
 }
@@ -125,25 +126,71 @@ func (s *Store) Close() error {
 // with runs fn on a pooled connection. A connection that saw any error is
 // discarded: after some errors (those raised while the daemon still parses
 // a request) the daemon closes the connection, and the protocol gives no
-// way to tell which.
+// way to tell which. fn must be an idempotent query: when the daemon
+// closed a pooled connection before answering (its process was killed, or
+// the daemon restarted with the processes serving connections), fn runs
+// once more on a fresh connection.
 func (s *Store) with(ctx context.Context, fn func(c *conn) error) error {
-	var c *conn
+	c, pooled, err := s.acquire(ctx)
+	if err != nil {
+		return err
+	}
+	before := c.received
+	err = s.run(ctx, c, fn)
+	if err == nil || !pooled || c.received != before || !closedByDaemon(err) || ctx.Err() != nil {
+		return err
+	}
+	if c, err = s.fresh(ctx); err != nil {
+		return err
+	}
+	return s.run(ctx, c, fn)
+}
+
+// acquire returns an idle connection (pooled) or a new one within the
+// bound on connections.
+func (s *Store) acquire(ctx context.Context) (c *conn, pooled bool, err error) {
 	select {
 	case c = <-s.idle:
+		return c, true, nil
 	default:
-		select {
-		case c = <-s.idle:
-		case s.slots <- struct{}{}:
-			var err error
-			c, err = s.dial(ctx)
-			if err != nil {
-				<-s.slots
-				return fmt.Errorf("connect to nix store via %s: %w", s.where, err)
-			}
-		case <-ctx.Done():
-			return ctx.Err()
-		}
 	}
+	select {
+	case c = <-s.idle:
+		return c, true, nil
+	case s.slots <- struct{}{}:
+		c, err = s.connect(ctx)
+		return c, false, err
+	case <-ctx.Done():
+		return nil, false, ctx.Err()
+	}
+}
+
+// fresh returns a new connection, in a free slot or in the slot of an idle
+// connection it closes (that one may have been closed by the daemon too).
+func (s *Store) fresh(ctx context.Context) (*conn, error) {
+	select {
+	case s.slots <- struct{}{}:
+	case c := <-s.idle:
+		c.close() // its slot is taken over
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return s.connect(ctx)
+}
+
+// connect dials in a slot already taken; the slot is released if that
+// fails.
+func (s *Store) connect(ctx context.Context) (*conn, error) {
+	c, err := s.dial(ctx)
+	if err != nil {
+		<-s.slots
+		return nil, fmt.Errorf("connect to nix store via %s: %w", s.where, err)
+	}
+	return c, nil
+}
+
+// run runs fn on c, then pools c, or closes it if anything failed.
+func (s *Store) run(ctx context.Context, c *conn, fn func(c *conn) error) error {
 	// The protocol has no cancellation; closing the connection unblocks it.
 	stop := context.AfterFunc(ctx, c.close)
 	err := fn(c)
@@ -157,6 +204,12 @@ func (s *Store) with(ctx context.Context, fn func(c *conn) error) error {
 	}
 	s.idle <- c
 	return nil
+}
+
+// closedByDaemon reports whether err is the daemon's side of the
+// connection going away: end of file, a broken pipe or a reset.
+func closedByDaemon(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET)
 }
 
 // QueryPathInfo returns the metadata of p, or nil if p is not valid.
@@ -384,16 +437,24 @@ type conn struct {
 	// features: the protocol features both sides offered (1.38+).
 	features map[string]bool
 	once     sync.Once
+	// received counts the bytes read from the daemon.
+	received int64
 }
 
 func (c *conn) close() { c.once.Do(func() { c.closer.Close() }) }
 
-func handshake(rw io.ReadWriter, closer io.Closer, stall time.Duration) (*conn, error) {
+// handshake opens the protocol on a new connection. The connection is
+// closed if ctx ends first.
+func handshake(ctx context.Context, rw io.ReadWriter, closer io.Closer, stall time.Duration) (*conn, error) {
 	c := &conn{closer: closer}
-	sg := &stallGuard{rw: rw, timeout: stall, onStall: c.close}
+	sg := &stallGuard{rw: rw, timeout: stall, onStall: c.close, received: &c.received}
 	c.r, c.w = bufio.NewReaderSize(sg, 64<<10), bufio.NewWriter(sg)
+	stop := context.AfterFunc(ctx, c.close)
 	fail := func(err error) (*conn, error) {
-		closer.Close()
+		c.close()
+		if !stop() {
+			err = errors.Join(ctx.Err(), err)
+		}
 		return nil, fmt.Errorf("handshake: %w", err)
 	}
 	if err := wire.WriteUint64(c.w, workerMagic1); err != nil {
@@ -461,6 +522,9 @@ func handshake(rw io.ReadWriter, closer io.Closer, stall time.Duration) (*conn, 
 	}
 	if err := c.processStderr(); err != nil {
 		return fail(err)
+	}
+	if !stop() {
+		return fail(errors.New("cancelled"))
 	}
 	return c, nil
 }
@@ -729,7 +793,7 @@ func (c *conn) queryValidPaths(paths []string) ([]string, error) {
 
 // dialStdio starts `nix-daemon --stdio` and speaks the protocol over its
 // stdin and stdout.
-func dialStdio(bin string, stall time.Duration) (*conn, error) {
+func dialStdio(ctx context.Context, bin string, stall time.Duration) (*conn, error) {
 	cmd := exec.Command(bin, "--stdio")
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
@@ -744,16 +808,17 @@ func dialStdio(bin string, stall time.Duration) (*conn, error) {
 		return nil, err
 	}
 	p := &pipeConn{cmd: cmd, in: stdin, out: stdout}
-	return handshake(p, p, stall)
+	return handshake(ctx, p, p, stall)
 }
 
 // stallGuard closes a connection whose read or write blocks longer than
 // timeout: the daemon protocol has no timeouts of its own, and a hung
 // daemon must not hold a worker forever.
 type stallGuard struct {
-	rw      io.ReadWriter
-	timeout time.Duration
-	onStall func()
+	rw       io.ReadWriter
+	timeout  time.Duration
+	onStall  func()
+	received *int64 // bytes read, counted
 }
 
 // ErrStalled is wrapped by the error of a request the daemon did not
@@ -770,6 +835,7 @@ func (s *stallGuard) guard(n int, err error, t *time.Timer) (int, error) {
 func (s *stallGuard) Read(p []byte) (int, error) {
 	t := time.AfterFunc(s.timeout, s.onStall)
 	n, err := s.rw.Read(p)
+	*s.received += int64(n)
 	return s.guard(n, err, t)
 }
 

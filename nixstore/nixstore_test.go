@@ -150,3 +150,70 @@ func TestHungDaemonTimesOut(t *testing.T) {
 		t.Fatalf("took %v with a 200 ms stall timeout", el)
 	}
 }
+
+// TestHandshakeHonoursContext: a daemon that accepts a connection and
+// never answers the handshake fails the request when its context ends,
+// not after the (much longer) stall timeout.
+func TestHandshakeHonoursContext(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "hung.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close() // read nothing, answer nothing
+		}
+	}()
+	s := Open(Options{Socket: sock, StallTimeout: 20 * time.Second})
+	defer s.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err = s.QueryValidPaths(ctx, []string{"/nix/store/r7kyvs66hayj3v09hzgqyrl8f60sll7q-x"})
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("request with a 200 ms deadline to a daemon that does not answer the handshake = %v, want the deadline's error", err)
+	}
+	if el := time.Since(start); el > 5*time.Second {
+		t.Fatalf("took %v with a 200 ms deadline", el)
+	}
+}
+
+// TestDaemonRestartRetriesPooledConnection: a restart of the Nix daemon
+// that leaves the processes serving open connections running (Nix's own
+// nix-daemon.service has KillMode=process, and nixos-rebuild restarts it
+// so) leaves pooled connections usable. One that kills them too closes the
+// pooled connections: the first query on each is retried on a fresh
+// connection instead of failing.
+func TestDaemonRestartRetriesPooledConnection(t *testing.T) {
+	testenv.RequireNix(t)
+	d := testenv.StartNixDaemon(t, testenv.NixEnv(""))
+	top := testenv.AddTextPath(t, "restart", "r\n")
+	ctx := context.Background()
+	for _, connections := range []bool{false, true, true} {
+		// Two pooled connections, served by the running daemon's processes.
+		s := Open(Options{Socket: d.Socket, MaxConns: 2})
+		defer s.Close()
+		if err := s.with(ctx, func(*conn) error {
+			_, err := s.QueryPathInfo(ctx, top)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if n := len(s.idle); n != 2 {
+			t.Fatalf("%d pooled connections, want 2", n)
+		}
+		d.Restart(t, connections)
+		if valid, err := s.QueryValidPaths(ctx, []string{top}); err != nil || len(valid) != 1 {
+			t.Fatalf("query after a restart of the daemon (connections killed: %v) = %v, %v", connections, valid, err)
+		}
+		if info, err := s.QueryPathInfo(ctx, top); err != nil || info == nil {
+			t.Fatalf("path info after a restart of the daemon (connections killed: %v) = %v, %v", connections, info, err)
+		}
+	}
+}

@@ -232,10 +232,12 @@ type Queue struct {
 	// Test hooks: inWrite runs in a commit's transaction after its
 	// operations, before it is written; afterWrite runs after a commit is
 	// written and before it is recorded as durable; waitingDurable runs
-	// when the already-queued shortcut waits for a commit in flight.
+	// when the already-queued shortcut waits for a commit in flight;
+	// listing runs in List's read transaction for every job it reads.
 	inWrite        func()
 	afterWrite     func()
 	waitingDurable func()
+	listing        func()
 }
 
 type op struct {
@@ -1150,17 +1152,27 @@ func (q *Queue) List(state State, limit int) ([]Job, error) {
 // nil.
 func (q *Queue) ListBy(state State, source *Source, limit int) ([]Job, error) {
 	var out []Job
+	// The scan reads every job: it runs in a read transaction of its own,
+	// without q.mu, so that leases and commits do not wait for it. Leases
+	// are those of the moment it starts.
 	q.mu.Lock()
-	defer q.mu.Unlock()
+	leased := make(map[uint64]bool, len(q.leased))
+	for id := range q.leased {
+		leased[id] = true
+	}
+	q.mu.Unlock()
 	err := q.db.View(func(tx *bolt.Tx) error {
 		c := tx.Bucket(bktJobs).Cursor()
 		for k, v := c.First(); k != nil && len(out) < limit; k, v = c.Next() {
+			if q.listing != nil {
+				q.listing()
+			}
 			j, err := decodeJob(v)
 			if err != nil {
 				return err
 			}
 			j.ID = binary.BigEndian.Uint64(k)
-			if _, busy := q.leased[j.ID]; busy {
+			if leased[j.ID] {
 				j.State = StateLeased
 			}
 			if (state == "" || j.State == state) && (source == nil || j.Source == *source) {

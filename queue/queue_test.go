@@ -523,3 +523,59 @@ func TestSecondDerivationIsDurable(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestListDoesNotBlockLeases: List reads every job; while it does,
+// workers still lease jobs (it used to hold the lock leases take for the
+// whole scan).
+func TestListDoesNotBlockLeases(t *testing.T) {
+	q, _ := openTest(t)
+	now := time.Now()
+	for _, p := range []string{"/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-a", "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-b", "/nix/store/cccccccccccccccccccccccccccccccc-c"} {
+		if _, err := q.Enqueue([]string{p}, "", now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	inScan, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	q.listing = func() {
+		once.Do(func() {
+			close(inScan)
+			<-release
+		})
+	}
+	var released sync.Once
+	unblock := func() { released.Do(func() { close(release) }) }
+	t.Cleanup(unblock)
+	listed := make(chan []Job, 1)
+	go func() {
+		jobs, err := q.List("", 100)
+		if err != nil {
+			t.Error(err)
+		}
+		listed <- jobs
+	}()
+	<-inScan
+
+	done := make(chan error, 1)
+	go func() {
+		j, err := q.Lease(now)
+		if err == nil && j == nil {
+			err = errors.New("nothing to lease")
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		unblock()
+		<-done
+		t.Fatal("a lease waited for a listing of the queue")
+	}
+	unblock()
+	if jobs := <-listed; len(jobs) != 3 {
+		t.Fatalf("listed %d jobs, want the 3 queued when it began", len(jobs))
+	}
+}

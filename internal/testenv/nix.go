@@ -1,11 +1,13 @@
 package testenv
 
 import (
+	"bytes"
 	"crypto/rand"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -136,6 +138,8 @@ func Requisites(t T, env []string, p string) []string {
 // NixDaemon is a nix-daemon on a private socket, as on NixOS.
 type NixDaemon struct {
 	Socket string
+	env    []string
+	log    *os.File
 	cmd    *exec.Cmd
 }
 
@@ -144,28 +148,92 @@ type NixDaemon struct {
 // cleanup. Clients use ClientEnv.
 func StartNixDaemon(t T, env []string) *NixDaemon {
 	t.Helper()
-	sock := filepath.Join(t.TempDir(), "nix-daemon.sock")
-	cmd := exec.Command("nix-daemon")
-	cmd.Env = append(env, "NIX_DAEMON_SOCKET_PATH="+sock)
+	d := &NixDaemon{Socket: filepath.Join(t.TempDir(), "nix-daemon.sock"), env: env}
 	logf, err := os.Create(filepath.Join(t.TempDir(), "nix-daemon.log"))
 	if err != nil {
 		t.Fatalf("%v", err)
 	}
-	cmd.Stdout, cmd.Stderr = logf, logf
+	d.log = logf
+	t.Cleanup(func() {
+		d.stop()
+		logf.Close()
+	})
+	d.start(t)
+	return d
+}
+
+func (d *NixDaemon) start(t T) {
+	t.Helper()
+	cmd := exec.Command("nix-daemon")
+	cmd.Env = append(d.env, "NIX_DAEMON_SOCKET_PATH="+d.Socket)
+	cmd.Stdout, cmd.Stderr = d.log, d.log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("%v", err)
 	}
-	t.Cleanup(func() {
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-		cmd.Wait()
-		logf.Close()
-	})
+	d.cmd = cmd
 	Poll(t, 20*time.Second, "nix-daemon socket", func() bool {
-		fi, err := os.Stat(sock)
+		fi, err := os.Stat(d.Socket)
 		return err == nil && fi.Mode()&os.ModeSocket != 0
 	})
-	return &NixDaemon{Socket: sock, cmd: cmd}
+}
+
+// stop kills the daemon and the processes serving its connections (each
+// in a session of its own).
+func (d *NixDaemon) stop() {
+	if d.cmd == nil {
+		return
+	}
+	workers := childrenOf(d.cmd.Process.Pid)
+	syscall.Kill(-d.cmd.Process.Pid, syscall.SIGKILL)
+	for _, pid := range workers {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	d.cmd.Wait()
+	d.cmd = nil
+}
+
+// Restart restarts the daemon on the same socket. With connections, the
+// processes serving its open connections are killed too (systemd's
+// KillMode=control-group, `systemctl kill`); without, they go on serving
+// them, as with the KillMode=process of Nix's own nix-daemon.service.
+func (d *NixDaemon) Restart(t T, connections bool) {
+	t.Helper()
+	if connections {
+		d.stop()
+	} else {
+		syscall.Kill(-d.cmd.Process.Pid, syscall.SIGKILL)
+		d.cmd.Wait()
+		d.cmd = nil
+	}
+	os.Remove(d.Socket)
+	d.start(t)
+}
+
+// childrenOf lists the processes whose parent is pid.
+func childrenOf(pid int) []int {
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		child, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...: comm may hold spaces and parentheses.
+		i := bytes.LastIndexByte(b, ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(string(b[i+1:]))
+		if len(f) > 1 && f[1] == strconv.Itoa(pid) {
+			out = append(out, child)
+		}
+	}
+	return out
 }
 
 // ClientEnv is the environment of a Nix client of this daemon.
