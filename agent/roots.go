@@ -37,24 +37,35 @@ func (a *Agent) unrootSpooled(drv string) error {
 }
 
 // removeRoots removes the roots of path (unless it is queued or spooled) and
-// of its derivations drvs (unless it is queued).
+// of its derivations drvs (unless the path's queued job has them).
 func (a *Agent) removeRoots(path string, drvs []string) error {
 	if !a.roots.Enabled() {
 		return nil
 	}
 	a.rootsMu.Lock()
 	defer a.rootsMu.Unlock()
-	queued, err := a.queue.Queued(path)
+	jobs, err := a.queue.Lookup([]string{path})
 	if err != nil {
 		return fmt.Errorf("remove gc root for %s: check the queue: %w", path, err)
 	}
+	// A job of path queued now (the one acknowledged, kept for derivations
+	// requested during its upload, or a new one) keeps the path's root and
+	// those of its own derivations, not those of the others.
+	var keep []string
+	j, queued := jobs[path]
 	if queued {
-		return nil
+		keep = j.Derivations()
 	}
 	for _, d := range drvs {
+		if slices.Contains(keep, d) {
+			continue
+		}
 		if err := a.roots.RemoveNamed(gcroots.DerivationRoot(d, path)); err != nil {
 			return err
 		}
+	}
+	if queued {
+		return nil
 	}
 	unlock, err := a.roots.Lock(true, rootsLockWait)
 	if err != nil {

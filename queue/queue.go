@@ -805,7 +805,11 @@ type Totals struct {
 }
 
 // Ack removes a leased job after its path was uploaded, and adds to the
-// upload totals. A job dropped while it was leased is not an error.
+// upload totals. A job dropped while it was leased is not an error. A job
+// whose path was requested for a derivation it did not have when it was
+// leased stays ready for the derivations added since (their realisations
+// may not have been written): the request for them was acknowledged, and
+// the job is its only durable record.
 func (q *Queue) Ack(id uint64, t Totals) error {
 	done := make(chan error, 1)
 	q.AckAsync(id, t, func(err error) { done <- err })
@@ -828,10 +832,18 @@ func (q *Queue) AckAsync(id uint64, t Totals, after func(error)) {
 		}
 		return
 	}
-	o := &op{fn: ackFn(id, t), done: make(chan error, 1), lazy: true}
+	q.mu.Lock()
+	leasedJob := q.leased[id]
+	q.mu.Unlock()
+	leasedDrvs := leasedJob.Derivations()
+	var kept bool
+	o := &op{fn: ackFn(id, t, leasedDrvs, &kept), done: make(chan error, 1), lazy: true}
 	go func() {
 		err := <-o.done
 		q.unlease(id)
+		if err == nil && kept {
+			q.notify() // the job is due again, and no longer leased
+		}
 		if after != nil {
 			after(err)
 		}
@@ -841,8 +853,11 @@ func (q *Queue) AckAsync(id uint64, t Totals, after func(error)) {
 	}
 }
 
-func ackFn(id uint64, t Totals) func(tx *bolt.Tx) error {
+// ackFn removes job id, leased for the derivations leasedDrvs, or keeps it
+// ready for those it was requested for since (setting *kept).
+func ackFn(id uint64, t Totals, leasedDrvs []string, kept *bool) func(tx *bolt.Tx) error {
 	return func(tx *bolt.Tx) error {
+		*kept = false // fn may run twice if its batch is retried
 		j, err := getJob(tx, id)
 		if errors.Is(err, ErrNotFound) {
 			return nil
@@ -850,7 +865,20 @@ func ackFn(id uint64, t Totals) func(tx *bolt.Tx) error {
 		if err != nil {
 			return err
 		}
-		if err := removeJob(tx, j); err != nil {
+		if late := lateDerivations(j, leasedDrvs); len(late) > 0 {
+			if err := leaveState(tx, j); err != nil {
+				return err
+			}
+			j.Drv, j.Drvs = late[0], late[1:]
+			j.Attempts, j.LastError = 0, ""
+			if err := putJob(tx, j); err != nil {
+				return err
+			}
+			if err := enterState(tx, j); err != nil {
+				return err
+			}
+			*kept = true
+		} else if err := removeJob(tx, j); err != nil {
 			return err
 		}
 		m := tx.Bucket(bktMeta)
@@ -861,6 +889,17 @@ func ackFn(id uint64, t Totals) func(tx *bolt.Tx) error {
 		}
 		return nil
 	}
+}
+
+// lateDerivations returns the derivations of j that are not in leasedDrvs.
+func lateDerivations(j *Job, leasedDrvs []string) []string {
+	var late []string
+	for _, d := range j.Derivations() {
+		if !slices.Contains(leasedDrvs, d) {
+			late = append(late, d)
+		}
+	}
+	return late
 }
 
 // RetryLater returns a leased job to ready, due at notBefore, counting one
