@@ -351,3 +351,59 @@ func TestUnrootAfterRequeueForAnotherDerivation(t *testing.T) {
 		t.Errorf("roots left after the path's jobs were acknowledged: %v", got)
 	}
 }
+
+// TestUnrootWaitingForHooksDoesNotBlockEnqueues: a removal of GC roots
+// that waits for the roots directory's lock (spooling hooks hold it) does
+// not hold up enqueues meanwhile; when it gives up, the removal is tried
+// again later and then done.
+func TestUnrootWaitingForHooksDoesNotBlockEnqueues(t *testing.T) {
+	a := testAgent(t)
+	a.rootsWait = 2 * time.Second
+	done := "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-done"
+	other := "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-other"
+	a.checkStore = &fakeStore{valid: map[string]bool{done: true, other: true}}
+	if err := a.roots.AddAll([]string{done}); err != nil {
+		t.Fatal(err)
+	}
+	// A spooling hook holds the lock.
+	unlock, err := a.roots.Lock(false, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { unlock() }()
+	removed := make(chan error, 1)
+	go func() { removed <- a.unroot(done, nil) }()
+	time.Sleep(100 * time.Millisecond) // let the removal start waiting
+	enqueued := make(chan error, 1)
+	go func() {
+		_, err := a.enqueue(context.Background(), []string{other}, "")
+		enqueued <- err
+	}()
+	select {
+	case err := <-enqueued:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(time.Second):
+		t.Fatal("an enqueue waited for a removal of GC roots that waits for the roots lock")
+	}
+	if err := <-removed; err == nil {
+		t.Fatal("removal succeeded while a hook held the roots lock")
+	}
+	link := filepath.Join(a.roots.Dir(), filepath.Base(done))
+	if _, err := os.Lstat(link); err != nil {
+		t.Fatalf("root removed without the lock: %v", err)
+	}
+	unlock()
+	unlock = func() {}
+	a.retryUnroots()
+	if _, err := os.Lstat(link); !os.IsNotExist(err) {
+		t.Fatalf("root still there after the removal was tried again: %v", err)
+	}
+	if n := a.unrootLater.len(); n != 0 {
+		t.Errorf("%d removals left to try again", n)
+	}
+	if _, err := os.Lstat(filepath.Join(a.roots.Dir(), filepath.Base(other))); err != nil {
+		t.Errorf("root of the queued path: %v", err)
+	}
+}
