@@ -14,7 +14,7 @@ import (
 
 func waitsByPath(t *testing.T, a *Agent, paths ...string) map[string]protocol.PathWait {
 	t.Helper()
-	resp := a.dispatch(context.Background(), &protocol.Request{V: protocol.Version, Op: protocol.OpWait, Paths: paths}, peer{uid: 1000}, nil)
+	resp := a.dispatch(context.Background(), &protocol.Request{V: protocol.Version, Op: protocol.OpWait, Paths: paths}, peer{uid: 0, known: true}, nil) // root: wait is for pushers
 	if resp.Error != "" {
 		t.Fatalf("wait: %s", resp.Error)
 	}
@@ -78,7 +78,7 @@ func TestWaitStates(t *testing.T) {
 	})
 
 	// Not a store path: refused.
-	resp := a.dispatch(context.Background(), &protocol.Request{V: protocol.Version, Op: protocol.OpWait, Paths: []string{"/etc/shadow"}}, peer{uid: 1000}, nil)
+	resp := a.dispatch(context.Background(), &protocol.Request{V: protocol.Version, Op: protocol.OpWait, Paths: []string{"/etc/shadow"}}, peer{uid: 0, known: true}, nil) // root: wait is for pushers
 	if resp.Error == "" {
 		t.Errorf("wait for /etc/shadow answered %+v", resp.Waits)
 	}
