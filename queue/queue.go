@@ -178,8 +178,12 @@ type Queue struct {
 	failing map[uint64]struct{}
 	// wanted holds jobs someone waits for (agentctl wait PATH), each until
 	// the time its waiter must have renewed it by: Lease hands them out
-	// before any other due job.
-	wanted map[uint64]time.Time
+	// before any other due job. wantedIDs are its ids in order (oldest
+	// job first).
+	wanted    map[uint64]*wantMark
+	wantedIDs []uint64
+	// wantedReads counts the jobs wantedDue read (for tests).
+	wantedReads int
 
 	// durable is the id of the last transaction known to be on disk,
 	// attempted the id of the last one whose commit has finished, with or
@@ -232,7 +236,7 @@ func Open(path string) (*Queue, error) {
 		dropped:   map[uint64]struct{}{},
 		again:     map[uint64]struct{}{},
 		failing:   map[uint64]struct{}{},
-		wanted:    map[uint64]time.Time{},
+		wanted:    map[uint64]*wantMark{},
 		durableCh: make(chan struct{}),
 	}
 	if err := db.Update(func(tx *bolt.Tx) error {
@@ -643,9 +647,35 @@ func (q *Queue) Want(ids []uint64, until time.Time) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	for _, id := range ids {
-		if until.After(q.wanted[id]) {
-			q.wanted[id] = until
+		if m, ok := q.wanted[id]; ok {
+			if until.After(m.until) {
+				m.until = until
+			}
+			continue
 		}
+		q.wanted[id] = &wantMark{until: until}
+		i, _ := slices.BinarySearch(q.wantedIDs, id)
+		q.wantedIDs = slices.Insert(q.wantedIDs, i, id)
+	}
+}
+
+// wantMark is one job someone waits for.
+type wantMark struct {
+	until time.Time // the mark lapses then unless renewed
+	// notBefore is the job's NotBefore as last read, while it is ready:
+	// until then it is not due, and is not read again. A lease of the job
+	// (after which it may change) clears it.
+	notBefore time.Time
+}
+
+// unwant forgets the mark of job id. q.mu is held.
+func (q *Queue) unwant(id uint64) {
+	if _, ok := q.wanted[id]; !ok {
+		return
+	}
+	delete(q.wanted, id)
+	if i, found := slices.BinarySearch(q.wantedIDs, id); found {
+		q.wantedIDs = slices.Delete(q.wantedIDs, i, i+1)
 	}
 }
 
@@ -654,8 +684,8 @@ func (q *Queue) Wanted(now time.Time) int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	n := 0
-	for _, until := range q.wanted {
-		if !until.Before(now) {
+	for _, m := range q.wanted {
+		if !m.until.Before(now) {
 			n++
 		}
 	}
@@ -664,35 +694,41 @@ func (q *Queue) Wanted(now time.Time) int {
 
 // wantedDue returns the oldest waited-for job that is due at now and not
 // leased (nil if none), and forgets the marks that lapsed or whose job is
-// no longer ready. q.mu is held.
+// no longer ready. A job known to be backing off is skipped without being
+// read: a lease reads each waited-for job at most once while it waits out
+// a backoff. q.mu is held.
 func (q *Queue) wantedDue(tx *bolt.Tx, now time.Time) (*Job, error) {
-	if len(q.wanted) == 0 {
-		return nil, nil
-	}
-	ids := make([]uint64, 0, len(q.wanted))
-	for id, until := range q.wanted {
-		if until.Before(now) {
-			delete(q.wanted, id)
-		} else if _, busy := q.leased[id]; !busy {
-			ids = append(ids, id)
+	var gone []uint64
+	defer func() {
+		for _, id := range gone {
+			q.unwant(id)
 		}
-	}
-	slices.Sort(ids)
-	for _, id := range ids {
+	}()
+	for _, id := range q.wantedIDs {
+		m := q.wanted[id]
+		if m.until.Before(now) {
+			gone = append(gone, id)
+			continue
+		}
+		if _, busy := q.leased[id]; busy || m.notBefore.After(now) {
+			continue // backing off: a wait does not hurry a retry
+		}
+		q.wantedReads++
 		j, err := getJob(tx, id)
 		if errors.Is(err, ErrNotFound) {
-			delete(q.wanted, id)
+			gone = append(gone, id)
 			continue
 		}
 		if err != nil {
 			return nil, err
 		}
 		if j.State != StateReady {
-			delete(q.wanted, id)
+			gone = append(gone, id)
 			continue
 		}
 		if j.NotBefore.After(now) {
-			continue // backing off: a wait does not hurry a retry
+			m.notBefore = j.NotBefore
+			continue
 		}
 		return j, nil
 	}
@@ -711,6 +747,9 @@ func (q *Queue) unlease(id uint64) {
 
 // forget removes what is kept in memory about the lease of id. q.mu is held.
 func (q *Queue) forget(id uint64) {
+	if m, ok := q.wanted[id]; ok {
+		m.notBefore = time.Time{} // the outcome may have changed it
+	}
 	delete(q.leased, id)
 	delete(q.again, id)
 	delete(q.failing, id)
