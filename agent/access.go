@@ -29,7 +29,8 @@ const (
 )
 
 // tiers gives each operation its tier. An operation missing here is
-// answered "unknown operation", whoever asks.
+// refused as "unknown operation", whoever asks (TestEveryOpHasATier keeps
+// the list complete).
 var tiers = map[string]tier{
 	protocol.OpStatus: tierRead,
 	protocol.OpList:   tierRead,
@@ -39,6 +40,9 @@ var tiers = map[string]tier{
 
 	protocol.OpEnqueue: tierPush,
 	protocol.OpPush:    tierPush,
+	// How CI waits for what it pushed; it hands the waited-for jobs out
+	// first (Queue.Want).
+	protocol.OpWait: tierPush,
 
 	protocol.OpGC:     tierOperate,
 	protocol.OpForget: tierOperate,
@@ -104,7 +108,10 @@ type access struct {
 // that tells the caller what op needs.
 func (ac access) refusal(p peer, op string) string {
 	t, ok := tiers[op]
-	if !ok || t == tierRead {
+	if !ok {
+		return fmt.Sprintf("unknown operation %q", op)
+	}
+	if t == tierRead {
 		return ""
 	}
 	if ac.operator(p) {
@@ -146,7 +153,7 @@ func (ac access) who(t tier) string {
 
 // describe is doctor's line on who may do what.
 func (ac access) describe() string {
-	return fmt.Sprintf("push: %s; gc, forget, drop, retry, pin, unpin: %s", ac.who(tierPush), ac.who(tierOperate))
+	return fmt.Sprintf("push, wait: %s; gc, forget, drop, retry, pin, unpin: %s", ac.who(tierPush), ac.who(tierOperate))
 }
 
 // operatorArgs returns the arguments of an operator's request, for its

@@ -1,6 +1,11 @@
 package agent
 
 import (
+	"go/ast"
+	"go/parser"
+	"go/token"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -21,7 +26,7 @@ func TestAccessTiers(t *testing.T) {
 	other := peer{uid: 1004, gid: 100, groups: []int{100}, known: true}
 	unknown := peer{}
 	read := []string{protocol.OpStatus, protocol.OpList, protocol.OpDoctor, protocol.OpAudit, protocol.OpPins}
-	push := []string{protocol.OpEnqueue, protocol.OpPush}
+	push := []string{protocol.OpEnqueue, protocol.OpPush, protocol.OpWait}
 	operate := []string{protocol.OpGC, protocol.OpForget, protocol.OpDrop, protocol.OpRetry, protocol.OpPin, protocol.OpUnpin}
 	for _, c := range []struct {
 		name                string
@@ -57,7 +62,7 @@ func TestAccessTiers(t *testing.T) {
 	if why := ac.refusal(other, protocol.OpPush); !strings.Contains(why, "push needs root or agentd's user (uid 990) or group nixspool or group nixspool-admin") {
 		t.Errorf("refusal of push = %q", why)
 	}
-	if d := ac.describe(); d != "push: root or agentd's user (uid 990) or group nixspool or group nixspool-admin; gc, forget, drop, retry, pin, unpin: root or agentd's user (uid 990) or group nixspool-admin" {
+	if d := ac.describe(); d != "push, wait: root or agentd's user (uid 990) or group nixspool or group nixspool-admin; gc, forget, drop, retry, pin, unpin: root or agentd's user (uid 990) or group nixspool-admin" {
 		t.Errorf("describe = %q", d)
 	}
 	rootOnly := access{ownUID: 0, socket: ac.socket}
@@ -70,7 +75,55 @@ func TestAccessTiers(t *testing.T) {
 	if why := (access{}).refusal(peer{uid: 1001, gid: 0, known: true}, protocol.OpPush); why == "" {
 		t.Error("the zero access lets gid 0 push: an unset group must grant nothing")
 	}
-	if why := ac.refusal(other, "no-such-op"); why != "" {
-		t.Errorf("an unknown operation is refused (%q) instead of answered as unknown", why)
+	if why := ac.refusal(root, "no-such-op"); why != `unknown operation "no-such-op"` {
+		t.Errorf("refusal of an unknown operation = %q", why)
+	}
+}
+
+// TestEveryOpHasATier: every operation of the protocol (each Op constant in
+// package protocol) has a tier: one missing would be refused to everyone.
+func TestEveryOpHasATier(t *testing.T) {
+	fset := token.NewFileSet()
+	names, err := filepath.Glob("../protocol/*.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, name := range names {
+		if strings.HasSuffix(name, "_test.go") {
+			continue
+		}
+		f, err := parser.ParseFile(fset, name, nil, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range f.Decls {
+			g, ok := d.(*ast.GenDecl)
+			if !ok || g.Tok != token.CONST {
+				continue
+			}
+			for _, spec := range g.Specs {
+				for i, name := range spec.(*ast.ValueSpec).Names {
+					if !strings.HasPrefix(name.Name, "Op") || !name.IsExported() {
+						continue
+					}
+					lit, ok := spec.(*ast.ValueSpec).Values[i].(*ast.BasicLit)
+					if !ok {
+						t.Fatalf("protocol.%s is not a string literal", name.Name)
+					}
+					op, err := strconv.Unquote(lit.Value)
+					if err != nil {
+						t.Fatal(err)
+					}
+					n++
+					if _, ok := tiers[op]; !ok {
+						t.Errorf("protocol.%s (%q) has no tier", name.Name, op)
+					}
+				}
+			}
+		}
+	}
+	if n < len(tiers) {
+		t.Errorf("found %d operations in package protocol, fewer than the %d tiers list", n, len(tiers))
 	}
 }

@@ -44,9 +44,13 @@ type Agent struct {
 	realiser   *realisation.Realiser
 	roots      *gcroots.Roots
 	rootsMu    sync.RWMutex // enqueues hold it shared; unroot exclusively
-	listener   net.Listener
-	conns      *connLimits // set by serve unless a test set it
-	access     access      // who may make which request
+	// rootsWait bounds the wait for the roots directory's lock in a
+	// removal (rootsLockWait unless a test sets it).
+	rootsWait   time.Duration
+	unrootLater unrootBacklog // removals of GC roots to try again
+	listener    net.Listener
+	conns       *connLimits // set by serve unless a test set it
+	access      access      // who may make which request
 	// groupsWarned: the kernel's lack of SO_PEERGROUPS was logged.
 	groupsWarned atomic.Bool
 	started      time.Time
@@ -427,6 +431,8 @@ func (a *Agent) chores(ctx context.Context) {
 	defer gen.Stop()
 	prune := time.NewTicker(10 * time.Minute)
 	defer prune.Stop()
+	unroots := time.NewTicker(unrootRetryEvery)
+	defer unroots.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -442,6 +448,8 @@ func (a *Agent) chores(ctx context.Context) {
 			cancel()
 		case <-prune.C:
 			a.uploader.Maintain()
+		case <-unroots.C:
+			a.retryUnroots()
 		}
 	}
 }
@@ -481,13 +489,13 @@ func (a *Agent) recover(ctx context.Context) error {
 	if !a.roots.Enabled() {
 		return nil
 	}
-	a.rootsMu.Lock()
-	defer a.rootsMu.Unlock()
 	unlock, err := a.roots.Lock(true, rootsLockWait)
 	if err != nil {
 		return err
 	}
 	defer unlock()
+	a.rootsMu.Lock() // after the directory's lock, as in removeRoots
+	defer a.rootsMu.Unlock()
 	jobs, err := a.queue.List("", 1<<31)
 	if err != nil {
 		return err

@@ -36,7 +36,9 @@ func (a *Agent) realise(ctx context.Context, job *queue.Job) (noted []string, n 
 // realiseLate runs once a job's acknowledgement is durable: derivations
 // noted for its path after realise ran were folded into the finished job
 // by deduplication; each that may still have a realisation to write gets a
-// job of its own, so its realisation is published too. A derivation the
+// job of its own, so its realisation is published too. (Those recorded
+// with the job during its upload keep it queued at the ack already; this
+// finds it there.) A derivation the
 // job itself was for is never queued again: the job wrote what it could for
 // it, and queueing it again would only repeat the job (forever, for a path
 // a filter leaves out). So a path is queued again once per late derivation.

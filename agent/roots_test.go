@@ -4,9 +4,11 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
+	"github.com/nixspool/nixspool/gcroots"
 	"github.com/nixspool/nixspool/queue"
 	"github.com/nixspool/nixspool/spool"
 )
@@ -242,5 +244,166 @@ func TestDerivationRootsFollowJobs(t *testing.T) {
 		if n := drvRooted(); n != i-1 {
 			t.Fatalf("after an upload: %d roots of the derivation, want %d", n, i-1)
 		}
+	}
+}
+
+// rootNames lists the GC roots agentd holds.
+func rootNames(t *testing.T, a *Agent) []string {
+	t.Helper()
+	ents, err := os.ReadDir(a.roots.Dir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	return names
+}
+
+// uploadOnce leases the next job and acknowledges it as the worker does:
+// the ack, then the removal of its roots.
+func uploadOnce(t *testing.T, a *Agent) *queue.Job {
+	t.Helper()
+	job, err := a.queue.Lease(time.Now())
+	if err != nil || job == nil {
+		t.Fatalf("lease: %v %v", job, err)
+	}
+	if err := a.queue.Ack(job.ID, queue.Totals{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.unroot(job.Path, job.Derivations()); err != nil {
+		t.Fatal(err)
+	}
+	return job
+}
+
+// TestSecondDerivationDuringUploadKeepsJobAndRoots: the second derivation
+// of a path (the CA flow: resolved .drv, then the .drv clients know) is
+// requested while the path's job is leased. The ack keeps the job for it,
+// with the roots it needs and without the first derivation's; once that
+// job is done, no root of the path is left.
+func TestSecondDerivationDuringUploadKeepsJobAndRoots(t *testing.T) {
+	a := testAgent(t)
+	out := "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-ca"
+	drv1 := "/nix/store/cccccccccccccccccccccccccccccccc-ca-resolved.drv"
+	drv2 := "/nix/store/dddddddddddddddddddddddddddddddd-ca.drv"
+	a.checkStore = &fakeStore{valid: map[string]bool{out: true}}
+	if _, err := a.enqueue(context.Background(), []string{out}, drv1); err != nil {
+		t.Fatal(err)
+	}
+	job, err := a.queue.Lease(time.Now())
+	if err != nil || job == nil {
+		t.Fatalf("lease: %v %v", job, err)
+	}
+	if _, err := a.enqueue(context.Background(), []string{out}, drv2); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.queue.Ack(job.ID, queue.Totals{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.unroot(job.Path, job.Derivations()); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{filepath.Base(out), gcroots.DerivationRoot(drv2, out)} // sorted
+	if got := rootNames(t, a); !slices.Equal(got, want) {
+		t.Fatalf("roots after the first ack: %v, want %v", got, want)
+	}
+	if j := uploadOnce(t, a); !slices.Equal(j.Derivations(), []string{drv2}) {
+		t.Fatalf("kept job is for %v, want [%s]", j.Derivations(), drv2)
+	}
+	if got := rootNames(t, a); len(got) > 0 {
+		t.Errorf("roots left after the path's jobs were acknowledged: %v", got)
+	}
+}
+
+// TestUnrootAfterRequeueForAnotherDerivation: the path is queued again for
+// another derivation between the ack and the removal of its roots: the new
+// job keeps the path's root and its derivation's, not the old job's.
+func TestUnrootAfterRequeueForAnotherDerivation(t *testing.T) {
+	a := testAgent(t)
+	out := "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-ca"
+	drv1 := "/nix/store/cccccccccccccccccccccccccccccccc-ca-resolved.drv"
+	drv2 := "/nix/store/dddddddddddddddddddddddddddddddd-ca.drv"
+	a.checkStore = &fakeStore{valid: map[string]bool{out: true}}
+	if _, err := a.enqueue(context.Background(), []string{out}, drv1); err != nil {
+		t.Fatal(err)
+	}
+	job, err := a.queue.Lease(time.Now())
+	if err != nil || job == nil {
+		t.Fatalf("lease: %v %v", job, err)
+	}
+	if err := a.queue.Ack(job.ID, queue.Totals{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.enqueue(context.Background(), []string{out}, drv2); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.unroot(job.Path, job.Derivations()); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{filepath.Base(out), gcroots.DerivationRoot(drv2, out)} // sorted
+	if got := rootNames(t, a); !slices.Equal(got, want) {
+		t.Fatalf("roots: %v, want %v", got, want)
+	}
+	uploadOnce(t, a)
+	if got := rootNames(t, a); len(got) > 0 {
+		t.Errorf("roots left after the path's jobs were acknowledged: %v", got)
+	}
+}
+
+// TestUnrootWaitingForHooksDoesNotBlockEnqueues: a removal of GC roots
+// that waits for the roots directory's lock (spooling hooks hold it) does
+// not hold up enqueues meanwhile; when it gives up, the removal is tried
+// again later and then done.
+func TestUnrootWaitingForHooksDoesNotBlockEnqueues(t *testing.T) {
+	a := testAgent(t)
+	a.rootsWait = 2 * time.Second
+	done := "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-done"
+	other := "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-other"
+	a.checkStore = &fakeStore{valid: map[string]bool{done: true, other: true}}
+	if err := a.roots.AddAll([]string{done}); err != nil {
+		t.Fatal(err)
+	}
+	// A spooling hook holds the lock.
+	unlock, err := a.roots.Lock(false, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { unlock() }()
+	removed := make(chan error, 1)
+	go func() { removed <- a.unroot(done, nil) }()
+	time.Sleep(100 * time.Millisecond) // let the removal start waiting
+	enqueued := make(chan error, 1)
+	go func() {
+		_, err := a.enqueue(context.Background(), []string{other}, "")
+		enqueued <- err
+	}()
+	select {
+	case err := <-enqueued:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(time.Second):
+		t.Fatal("an enqueue waited for a removal of GC roots that waits for the roots lock")
+	}
+	if err := <-removed; err == nil {
+		t.Fatal("removal succeeded while a hook held the roots lock")
+	}
+	link := filepath.Join(a.roots.Dir(), filepath.Base(done))
+	if _, err := os.Lstat(link); err != nil {
+		t.Fatalf("root removed without the lock: %v", err)
+	}
+	unlock()
+	unlock = func() {}
+	a.retryUnroots()
+	if _, err := os.Lstat(link); !os.IsNotExist(err) {
+		t.Fatalf("root still there after the removal was tried again: %v", err)
+	}
+	if n := a.unrootLater.len(); n != 0 {
+		t.Errorf("%d removals left to try again", n)
+	}
+	if _, err := os.Lstat(filepath.Join(a.roots.Dir(), filepath.Base(other))); err != nil {
+		t.Errorf("root of the queued path: %v", err)
 	}
 }

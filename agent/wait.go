@@ -19,9 +19,11 @@ const presenceTimeout = 15 * time.Second
 // pathWaits tells where each of paths stands for `agentctl wait PATH`, and
 // has the queue hand out the jobs of those still queued before any other.
 // A path that has no job and is in no spooled request is looked up in the
-// cache (free for a path agentd knows is there): its narinfo there means
-// its closure is there too.
+// cache (free for a path agentd knows is there, once the cache's
+// generation is confirmed by a question sent after the request arrived):
+// its narinfo there means its closure is there too.
 func (a *Agent) pathWaits(ctx context.Context, paths []string) ([]protocol.PathWait, error) {
+	arrived := time.Now()
 	if err := checkSyntax(a.cfg.StoreDir, paths, ""); err != nil {
 		return nil, err
 	}
@@ -75,7 +77,15 @@ func (a *Agent) pathWaits(ctx context.Context, paths []string) ([]protocol.PathW
 	}
 	ctx, cancel := context.WithTimeout(ctx, presenceTimeout)
 	defer cancel()
-	missing, err := a.uploader.CheckPresence(ctx, askPaths)
+	// "Cached" ends agentctl wait with success: it must hold for the cache
+	// as it is now, not as it was when the paths were last seen there. One
+	// generation question sent after this request arrived (shared with
+	// concurrent ones) catches a bucket emptied since.
+	var missing []string
+	err = a.uploader.ConfirmGeneration(ctx, arrived)
+	if err == nil {
+		missing, err = a.uploader.CheckPresence(ctx, askPaths)
+	}
 	absent := make(map[string]bool, len(missing))
 	for _, p := range missing {
 		absent[p] = true

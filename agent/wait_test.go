@@ -3,6 +3,8 @@ package agent
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -12,7 +14,7 @@ import (
 
 func waitsByPath(t *testing.T, a *Agent, paths ...string) map[string]protocol.PathWait {
 	t.Helper()
-	resp := a.dispatch(context.Background(), &protocol.Request{V: protocol.Version, Op: protocol.OpWait, Paths: paths}, peer{uid: 1000}, nil)
+	resp := a.dispatch(context.Background(), &protocol.Request{V: protocol.Version, Op: protocol.OpWait, Paths: paths}, peer{uid: 0, known: true}, nil) // root: wait is for pushers
 	if resp.Error != "" {
 		t.Fatalf("wait: %s", resp.Error)
 	}
@@ -76,7 +78,7 @@ func TestWaitStates(t *testing.T) {
 	})
 
 	// Not a store path: refused.
-	resp := a.dispatch(context.Background(), &protocol.Request{V: protocol.Version, Op: protocol.OpWait, Paths: []string{"/etc/shadow"}}, peer{uid: 1000}, nil)
+	resp := a.dispatch(context.Background(), &protocol.Request{V: protocol.Version, Op: protocol.OpWait, Paths: []string{"/etc/shadow"}}, peer{uid: 0, known: true}, nil) // root: wait is for pushers
 	if resp.Error == "" {
 		t.Errorf("wait for /etc/shadow answered %+v", resp.Waits)
 	}
@@ -100,5 +102,32 @@ func TestWaitedForPathJumpsTheQueue(t *testing.T) {
 	job, err := a.queue.Lease(time.Now())
 	if err != nil || job == nil || job.Path != last {
 		t.Fatalf("next lease = %+v, %v; want the waited-for %s", job, err, last)
+	}
+}
+
+// TestWaitCachedConfirmsGeneration: "cached" (agentctl wait exits 0) holds
+// for the cache as it is when the request arrives: after the bucket is
+// emptied, a path agentd saw there before is no longer answered cached.
+func TestWaitCachedConfirmsGeneration(t *testing.T) {
+	const p = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-cached"
+	a := cachedAgent(t, p)
+	if err := a.uploader.EnsureCacheInfo(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if s := waitsByPath(t, a, p)[p].State; s != protocol.WaitCached {
+		t.Fatalf("before the reset: %s", s)
+	}
+	// An operator empties the bucket.
+	ents, err := os.ReadDir(a.cache.Dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if err := os.RemoveAll(filepath.Join(a.cache.Dir, e.Name())); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if s := waitsByPath(t, a, p)[p].State; s != protocol.WaitUnknown {
+		t.Fatalf("after the bucket was emptied, wait says %s, want %s", s, protocol.WaitUnknown)
 	}
 }

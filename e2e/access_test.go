@@ -109,7 +109,7 @@ func TestAccessTiersRealUsers(t *testing.T) {
 		}
 	}
 	out, _, err := pusher.ctl(a, "doctor")
-	if access := fmt.Sprintf("push: root or group %s or group %s; gc, forget, drop, retry, pin, unpin: root or group %s", pushGroup, adminGroup, adminGroup); err != nil || !strings.Contains(out, access) {
+	if access := fmt.Sprintf("push, wait: root or group %s or group %s; gc, forget, drop, retry, pin, unpin: root or group %s", pushGroup, adminGroup, adminGroup); err != nil || !strings.Contains(out, access) {
 		t.Errorf("doctor as a pusher: %v, want the line %q:\n%s", err, access, out)
 	}
 	// A pusher's doctor only reads: no probe object, GC root or file.

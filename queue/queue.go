@@ -217,8 +217,12 @@ type Queue struct {
 	failing map[uint64]struct{}
 	// wanted holds jobs someone waits for (agentctl wait PATH), each until
 	// the time its waiter must have renewed it by: Lease hands them out
-	// before any other due job.
-	wanted map[uint64]time.Time
+	// before any other due job. wantedIDs are its ids in order (oldest
+	// job first).
+	wanted    map[uint64]*wantMark
+	wantedIDs []uint64
+	// wantedReads counts the jobs wantedDue read (for tests).
+	wantedReads int
 
 	// durable is the id of the last transaction known to be on disk,
 	// attempted the id of the last one whose commit has finished, with or
@@ -273,7 +277,7 @@ func Open(path string) (*Queue, error) {
 		dropped:   map[uint64]struct{}{},
 		again:     map[uint64]struct{}{},
 		failing:   map[uint64]struct{}{},
-		wanted:    map[uint64]time.Time{},
+		wanted:    map[uint64]*wantMark{},
 		durableCh: make(chan struct{}),
 	}
 	if err := db.Update(func(tx *bolt.Tx) error {
@@ -715,9 +719,35 @@ func (q *Queue) Want(ids []uint64, until time.Time) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	for _, id := range ids {
-		if until.After(q.wanted[id]) {
-			q.wanted[id] = until
+		if m, ok := q.wanted[id]; ok {
+			if until.After(m.until) {
+				m.until = until
+			}
+			continue
 		}
+		q.wanted[id] = &wantMark{until: until}
+		i, _ := slices.BinarySearch(q.wantedIDs, id)
+		q.wantedIDs = slices.Insert(q.wantedIDs, i, id)
+	}
+}
+
+// wantMark is one job someone waits for.
+type wantMark struct {
+	until time.Time // the mark lapses then unless renewed
+	// notBefore is the job's NotBefore as last read, while it is ready:
+	// until then it is not due, and is not read again. A lease of the job
+	// (after which it may change) clears it.
+	notBefore time.Time
+}
+
+// unwant forgets the mark of job id. q.mu is held.
+func (q *Queue) unwant(id uint64) {
+	if _, ok := q.wanted[id]; !ok {
+		return
+	}
+	delete(q.wanted, id)
+	if i, found := slices.BinarySearch(q.wantedIDs, id); found {
+		q.wantedIDs = slices.Delete(q.wantedIDs, i, i+1)
 	}
 }
 
@@ -726,8 +756,8 @@ func (q *Queue) Wanted(now time.Time) int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	n := 0
-	for _, until := range q.wanted {
-		if !until.Before(now) {
+	for _, m := range q.wanted {
+		if !m.until.Before(now) {
 			n++
 		}
 	}
@@ -736,35 +766,41 @@ func (q *Queue) Wanted(now time.Time) int {
 
 // wantedDue returns the oldest waited-for job that is due at now and not
 // leased (nil if none), and forgets the marks that lapsed or whose job is
-// no longer ready. q.mu is held.
+// no longer ready. A job known to be backing off is skipped without being
+// read: a lease reads each waited-for job at most once while it waits out
+// a backoff. q.mu is held.
 func (q *Queue) wantedDue(tx *bolt.Tx, now time.Time) (*Job, error) {
-	if len(q.wanted) == 0 {
-		return nil, nil
-	}
-	ids := make([]uint64, 0, len(q.wanted))
-	for id, until := range q.wanted {
-		if until.Before(now) {
-			delete(q.wanted, id)
-		} else if _, busy := q.leased[id]; !busy {
-			ids = append(ids, id)
+	var gone []uint64
+	defer func() {
+		for _, id := range gone {
+			q.unwant(id)
 		}
-	}
-	slices.Sort(ids)
-	for _, id := range ids {
+	}()
+	for _, id := range q.wantedIDs {
+		m := q.wanted[id]
+		if m.until.Before(now) {
+			gone = append(gone, id)
+			continue
+		}
+		if _, busy := q.leased[id]; busy || m.notBefore.After(now) {
+			continue // backing off: a wait does not hurry a retry
+		}
+		q.wantedReads++
 		j, err := getJob(tx, id)
 		if errors.Is(err, ErrNotFound) {
-			delete(q.wanted, id)
+			gone = append(gone, id)
 			continue
 		}
 		if err != nil {
 			return nil, err
 		}
 		if j.State != StateReady {
-			delete(q.wanted, id)
+			gone = append(gone, id)
 			continue
 		}
 		if j.NotBefore.After(now) {
-			continue // backing off: a wait does not hurry a retry
+			m.notBefore = j.NotBefore
+			continue
 		}
 		return j, nil
 	}
@@ -783,6 +819,9 @@ func (q *Queue) unlease(id uint64) {
 
 // forget removes what is kept in memory about the lease of id. q.mu is held.
 func (q *Queue) forget(id uint64) {
+	if m, ok := q.wanted[id]; ok {
+		m.notBefore = time.Time{} // the outcome may have changed it
+	}
 	delete(q.leased, id)
 	delete(q.again, id)
 	delete(q.failing, id)
@@ -877,7 +916,11 @@ type Totals struct {
 }
 
 // Ack removes a leased job after its path was uploaded, and adds to the
-// upload totals. A job dropped while it was leased is not an error.
+// upload totals. A job dropped while it was leased is not an error. A job
+// whose path was requested for a derivation it did not have when it was
+// leased stays ready for the derivations added since (their realisations
+// may not have been written): the request for them was acknowledged, and
+// the job is its only durable record.
 func (q *Queue) Ack(id uint64, t Totals) error {
 	done := make(chan error, 1)
 	q.AckAsync(id, t, func(err error) { done <- err })
@@ -900,10 +943,18 @@ func (q *Queue) AckAsync(id uint64, t Totals, after func(error)) {
 		}
 		return
 	}
-	o := &op{fn: ackFn(id, t), done: make(chan error, 1), lazy: true}
+	q.mu.Lock()
+	leasedJob := q.leased[id]
+	q.mu.Unlock()
+	leasedDrvs := leasedJob.Derivations()
+	var kept bool
+	o := &op{fn: ackFn(id, t, leasedDrvs, &kept), done: make(chan error, 1), lazy: true}
 	go func() {
 		err := <-o.done
 		q.unlease(id)
+		if err == nil && kept {
+			q.notify() // the job is due again, and no longer leased
+		}
 		if after != nil {
 			after(err)
 		}
@@ -913,8 +964,11 @@ func (q *Queue) AckAsync(id uint64, t Totals, after func(error)) {
 	}
 }
 
-func ackFn(id uint64, t Totals) func(tx *bolt.Tx) error {
+// ackFn removes job id, leased for the derivations leasedDrvs, or keeps it
+// ready for those it was requested for since (setting *kept).
+func ackFn(id uint64, t Totals, leasedDrvs []string, kept *bool) func(tx *bolt.Tx) error {
 	return func(tx *bolt.Tx) error {
+		*kept = false // fn may run twice if its batch is retried
 		j, err := getJob(tx, id)
 		if errors.Is(err, ErrNotFound) {
 			return nil
@@ -922,7 +976,20 @@ func ackFn(id uint64, t Totals) func(tx *bolt.Tx) error {
 		if err != nil {
 			return err
 		}
-		if err := removeJob(tx, j); err != nil {
+		if late := lateDerivations(j, leasedDrvs); len(late) > 0 {
+			if err := leaveState(tx, j); err != nil {
+				return err
+			}
+			j.Drv, j.Drvs = late[0], late[1:]
+			j.Attempts, j.LastError = 0, ""
+			if err := putJob(tx, j); err != nil {
+				return err
+			}
+			if err := enterState(tx, j); err != nil {
+				return err
+			}
+			*kept = true
+		} else if err := removeJob(tx, j); err != nil {
 			return err
 		}
 		m := tx.Bucket(bktMeta)
@@ -933,6 +1000,17 @@ func ackFn(id uint64, t Totals) func(tx *bolt.Tx) error {
 		}
 		return nil
 	}
+}
+
+// lateDerivations returns the derivations of j that are not in leasedDrvs.
+func lateDerivations(j *Job, leasedDrvs []string) []string {
+	var late []string
+	for _, d := range j.Derivations() {
+		if !slices.Contains(leasedDrvs, d) {
+			late = append(late, d)
+		}
+	}
+	return late
 }
 
 // RetryLater returns a leased job to ready, due at notBefore, counting one

@@ -2,6 +2,7 @@ package queue
 
 import (
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 )
@@ -98,5 +99,62 @@ func TestLookup(t *testing.T) {
 	}
 	if len(got) != 2 || got[j.Path].State != StateLeased || got["/nix/store/b"].State != StateReady {
 		t.Fatalf("lookup = %+v", got)
+	}
+}
+
+// TestWantedBackingOffReadOnce: a lease does not read again the
+// waited-for jobs it found backing off: with W of them, leasing N other
+// jobs reads about W jobs, not N×W.
+func TestWantedBackingOffReadOnce(t *testing.T) {
+	q, _ := openTest(t)
+	const w, n = 500, 50
+	var slow, other []string
+	for i := range w {
+		slow = append(slow, fmt.Sprintf("/nix/store/slow%04d", i))
+	}
+	for i := range n {
+		other = append(other, fmt.Sprintf("/nix/store/other%04d", i))
+	}
+	res, err := q.Enqueue(slow, "", t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := t0.Add(time.Second)
+	var ids []uint64
+	for range w {
+		j, err := q.Lease(now)
+		if err != nil || j == nil {
+			t.Fatalf("lease: %v, %v", j, err)
+		}
+		if err := q.RetryLater(j.ID, now.Add(time.Hour), "slow", now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, r := range res {
+		ids = append(ids, r.Job.ID)
+	}
+	if _, err := q.Enqueue(other, "", now); err != nil {
+		t.Fatal(err)
+	}
+	q.Want(ids, now.Add(time.Minute))
+	for range n {
+		j, err := q.Lease(now)
+		if err != nil || j == nil {
+			t.Fatalf("lease: %v, %v", j, err)
+		}
+		if !strings.HasPrefix(j.Path, "/nix/store/other") {
+			t.Fatalf("leased %s, which is backing off", j.Path)
+		}
+	}
+	q.mu.Lock()
+	reads := q.wantedReads
+	q.mu.Unlock()
+	if reads > w {
+		t.Errorf("%d leases read %d waited-for jobs backing off; want at most %d (each once)", n, reads, w)
+	}
+	// Once the backoff is over, they are hurried again.
+	q.Want(ids, now.Add(3*time.Hour))
+	if j, _ := q.Lease(now.Add(2 * time.Hour)); j == nil || j.ID != ids[0] {
+		t.Fatalf("after the backoff leased %v, want the oldest waited-for job %d", j, ids[0])
 	}
 }

@@ -755,6 +755,14 @@ func (u *Uploader) runNarinfo(n *node) {
 	u.graph.succeed(n, started, time.Now(), wrote)
 }
 
+// ConfirmGeneration returns once the cache's generation was confirmed by a
+// question sent at or after since (joining one in flight), so that what
+// CheckPresence then answers from memory holds for the cache as it is now:
+// a reset found by that question forgets what the emptied cache held.
+func (u *Uploader) ConfirmGeneration(ctx context.Context, since time.Time) error {
+	return u.confirmAfter(ctx, since)
+}
+
 // CheckPresence asks the cache which of paths have a narinfo and returns
 // the ones that do not. Paths known to be present cost nothing.
 func (u *Uploader) CheckPresence(ctx context.Context, paths []string) ([]string, error) {
