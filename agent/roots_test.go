@@ -289,14 +289,14 @@ func TestSecondDerivationDuringUploadKeepsJobAndRoots(t *testing.T) {
 	drv1 := "/nix/store/cccccccccccccccccccccccccccccccc-ca-resolved.drv"
 	drv2 := "/nix/store/dddddddddddddddddddddddddddddddd-ca.drv"
 	a.checkStore = &fakeStore{valid: map[string]bool{out: true}}
-	if _, err := a.enqueue(context.Background(), []string{out}, drv1); err != nil {
+	if _, err := a.enqueue(context.Background(), []string{out}, drv1, queue.SourceHook); err != nil {
 		t.Fatal(err)
 	}
 	job, err := a.queue.Lease(time.Now())
 	if err != nil || job == nil {
 		t.Fatalf("lease: %v %v", job, err)
 	}
-	if _, err := a.enqueue(context.Background(), []string{out}, drv2); err != nil {
+	if _, err := a.enqueue(context.Background(), []string{out}, drv2, queue.SourceHook); err != nil {
 		t.Fatal(err)
 	}
 	if err := a.queue.Ack(job.ID, queue.Totals{}); err != nil {
@@ -326,7 +326,7 @@ func TestUnrootAfterRequeueForAnotherDerivation(t *testing.T) {
 	drv1 := "/nix/store/cccccccccccccccccccccccccccccccc-ca-resolved.drv"
 	drv2 := "/nix/store/dddddddddddddddddddddddddddddddd-ca.drv"
 	a.checkStore = &fakeStore{valid: map[string]bool{out: true}}
-	if _, err := a.enqueue(context.Background(), []string{out}, drv1); err != nil {
+	if _, err := a.enqueue(context.Background(), []string{out}, drv1, queue.SourceHook); err != nil {
 		t.Fatal(err)
 	}
 	job, err := a.queue.Lease(time.Now())
@@ -336,7 +336,7 @@ func TestUnrootAfterRequeueForAnotherDerivation(t *testing.T) {
 	if err := a.queue.Ack(job.ID, queue.Totals{}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := a.enqueue(context.Background(), []string{out}, drv2); err != nil {
+	if _, err := a.enqueue(context.Background(), []string{out}, drv2, queue.SourceHook); err != nil {
 		t.Fatal(err)
 	}
 	if err := a.unroot(job.Path, job.Derivations()); err != nil {
@@ -376,7 +376,7 @@ func TestUnrootWaitingForHooksDoesNotBlockEnqueues(t *testing.T) {
 	time.Sleep(100 * time.Millisecond) // let the removal start waiting
 	enqueued := make(chan error, 1)
 	go func() {
-		_, err := a.enqueue(context.Background(), []string{other}, "")
+		_, err := a.enqueue(context.Background(), []string{other}, "", queue.SourceHook)
 		enqueued <- err
 	}()
 	select {
