@@ -176,7 +176,11 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing, repa
 		created = append(created, n)
 		relies = relies || len(n.relied) > 0
 	}
-	top = g.nodes[topPath]
+	// The top only if this job counts on it: a node of the path left by
+	// a given-up job or an earlier generation is not this job's.
+	if n := g.nodes[topPath]; g.shareable(n, gen) {
+		top = n
+	}
 	g.mu.Unlock()
 	for _, n := range created {
 		if n.err != nil {
@@ -198,6 +202,14 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing, repa
 // for the cache now, even when it succeeds.
 func (g *graph) shareable(n *node, gen uint64) bool {
 	return n != nil && n.ctx.Err() == nil && n.gen == gen
+}
+
+// wanted reports whether a job waits for p's node.
+func (g *graph) wanted(p string) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	n := g.nodes[p]
+	return n != nil && n.ctx.Err() == nil
 }
 
 // release ends a job's interest in nodes; nodes nobody waits for any more

@@ -450,9 +450,11 @@ func (w *resumeWork) exclusive(ctx context.Context, p string) (func(), error) {
 // releaseIfPresent drops the resumable upload state of p's closure once
 // p's closure is known to be in the cache: the records of uploads that a
 // crash interrupted and another writer then completed (p's own, or a
-// dependency's) are never used again. Paths whose upload runs keep theirs.
-// closure is p's, if the caller has it; otherwise it is asked for only when
-// records of other paths, not being uploaded, exist (after a crash).
+// dependency's), or that a job gave up while another writer completed
+// them, are never used again. Uploads a job still waits for keep theirs;
+// abandoned ones winding down are waited for (briefly). closure is p's, if
+// the caller has it; otherwise it is asked for only when such records
+// exist.
 func (u *Uploader) releaseIfPresent(ctx context.Context, p string, closure []*nixstore.PathInfo) {
 	mp, ok := u.opt.Bucket.(bucket.Multipart)
 	if !ok || u.opt.Resume == nil {
@@ -464,40 +466,45 @@ func (u *Uploader) releaseIfPresent(ctx context.Context, p string, closure []*ni
 	}
 	candidates := map[string]bool{}
 	for q := range recs {
-		if !u.resuming.running(q) {
+		if !u.resuming.running(q) || !u.graph.wanted(q) {
 			candidates[q] = true
 		}
 	}
 	if len(candidates) == 0 {
 		return
 	}
-	var paths []string
-	if len(candidates) == 1 && candidates[p] {
-		paths = []string{p}
-	} else {
+	paths := []string{p}
+	if len(candidates) > 1 || !candidates[p] {
 		if closure == nil {
 			closure, err = u.opt.Store.Closure(ctx, p)
 			if err != nil {
 				u.log.Debug("closure of a path found in the cache", "path", p, "err", err)
-				closure = nil
 			}
 		}
-		paths = []string{p}
 		for _, info := range closure {
 			paths = append(paths, info.Path)
 		}
 	}
+	ctx, cancel := context.WithTimeout(ctx, releaseWait)
+	defer cancel()
 	for _, q := range paths {
-		if !candidates[q] || u.resuming.running(q) {
+		if !candidates[q] {
 			continue
 		}
-		delete(candidates, q) // p appears twice
+		delete(candidates, q) // p may appear twice
+		if err := u.waitIdle(ctx, q); err != nil {
+			continue // wanted again, or still winding down: kept for now
+		}
 		if rec := u.loadRecord(q); rec != nil {
 			u.log.Info("releasing the resumable upload of a path already in the cache", "path", q)
 			u.discardRecord(ctx, q, rec, mp, true)
 		}
 	}
 }
+
+// releaseWait bounds how long releaseIfPresent waits for abandoned
+// uploads to stop.
+const releaseWait = 10 * time.Second
 
 // running reports whether an upload of p runs.
 func (w *resumeWork) running(p string) bool {
