@@ -445,3 +445,30 @@ func TestNodeOfAnEarlierGenerationIsNotShared(t *testing.T) {
 		t.Fatalf("acknowledged p1, but narinfos lack their references: %v", bad)
 	}
 }
+
+// TestConcurrentStartWritesCacheInfoOnce: workers starting at once on an
+// empty bucket share one look at nix-cache-info and one write of it.
+func TestConcurrentStartWritesCacheInfoOnce(t *testing.T) {
+	w := newWorld(t, 8, func(int) []int { return nil }, size(10))
+	var writes atomic.Int64
+	w.b.failPut = func(key string) error {
+		if key == "nix-cache-info" {
+			writes.Add(1)
+			time.Sleep(50 * time.Millisecond) // a slow write: the others arrive meanwhile
+		}
+		return nil
+	}
+	u := w.uploader(Options{})
+	errs := make(chan error, len(w.paths))
+	for _, p := range w.paths {
+		go func() { _, err := u.Upload(context.Background(), p); errs <- err }()
+	}
+	for range w.paths {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := writes.Load(); n != 1 {
+		t.Fatalf("nix-cache-info written %d times by one uploader, want 1", n)
+	}
+}

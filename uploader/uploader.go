@@ -268,20 +268,27 @@ func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
 	if u.cacheInfoOK.Load() {
 		return nil
 	}
-	asked := time.Now()
-	info, err := u.statCacheInfo(ctx)
-	if bucket.IsNotExist(err) {
-		info, err = u.writeCacheInfo(ctx)
-	}
-	if err != nil {
-		return fmt.Errorf("check nix-cache-info: %w", err)
-	}
-	u.presence.born(info.LastModified)
-	if _, err := u.presence.setGeneration(generationName(info), asked); err != nil {
-		u.log.Warn("presence cache", "err", err)
-	}
-	u.cacheInfoOK.Store(true)
-	return nil
+	// Workers starting at once share one look (and at most one write).
+	_, err, _ := u.fresh.Do("ensure", func() (any, error) {
+		if u.cacheInfoOK.Load() {
+			return nil, nil
+		}
+		asked := time.Now()
+		info, err := u.statCacheInfo(ctx)
+		if bucket.IsNotExist(err) {
+			info, err = u.writeCacheInfo(ctx)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("check nix-cache-info: %w", err)
+		}
+		u.presence.born(info.LastModified)
+		if _, err := u.presence.setGeneration(generationName(info), asked); err != nil {
+			u.log.Warn("presence cache", "err", err)
+		}
+		u.cacheInfoOK.Store(true)
+		return nil, nil
+	})
+	return err
 }
 
 // writeCacheInfo creates nix-cache-info (create-only: of two agents
@@ -299,10 +306,13 @@ func (u *Uploader) writeCacheInfo(ctx context.Context) (bucket.Info, error) {
 	}
 	body := fmt.Sprintf("StoreDir: %s\nWantMassQuery: %d\nPriority: %d\n%s: %s\n",
 		storepath.DefaultStoreDir, wmq, u.opt.Cache.Priority, CacheInfoGenerationField, rand.Text())
-	if _, err := u.putNew(ctx, u.opt.Bucket, "nix-cache-info", []byte(body), bucket.PutOptions{ContentType: "text/x-nix-cache-info"}); err != nil {
+	wrote, err := u.putNew(ctx, u.opt.Bucket, "nix-cache-info", []byte(body), bucket.PutOptions{ContentType: "text/x-nix-cache-info"})
+	if err != nil {
 		return bucket.Info{}, fmt.Errorf("write nix-cache-info: %w", err)
 	}
-	u.log.Info("wrote nix-cache-info", "cache", u.opt.Cache.String())
+	if wrote {
+		u.log.Info("wrote nix-cache-info", "cache", u.opt.Cache.String())
+	}
 	return u.statCacheInfo(ctx)
 }
 
