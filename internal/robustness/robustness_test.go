@@ -43,6 +43,10 @@ var regressionSeeds = []uint64{
 	// agent; the push that found the closure present released only its
 	// own path's record.
 	1796455421716022719,
+	// A resume record left behind: a job gave up while a dependency's
+	// multipart upload was winding down; the push that then found the
+	// closure present skipped the record as "running".
+	1796457955950084077,
 }
 
 func replayCommand(seed uint64, d time.Duration) string {
