@@ -12,7 +12,7 @@ import (
 
 var (
 	flagSeed     = flag.Uint64("robustness.seed", 0, "replay one schedule (0: the short profile: regression seeds and a random one)")
-	flagDuration = flag.Duration("robustness.duration", 0, "how long each schedule's nemeses run (default 12s; long profile 45s)")
+	flagDuration = flag.Duration("robustness.duration", 0, "how long each schedule's nemeses run (default: replay 12s, short profile 8s, long profile 45s)")
 	flagTotal    = flag.Duration("robustness.total", 0, "long profile: run random schedules for this long (make robustness)")
 	flagRandom   = flag.Bool("robustness.random", false, "short profile: also run one new random schedule")
 	flagVerbose  = flag.Bool("robustness.log", false, "print the agents' logs")
@@ -104,7 +104,7 @@ func TestRobustness(t *testing.T) {
 		longProfile(t, *flagTotal, d)
 	default:
 		if d == 0 {
-			d = 10 * time.Second
+			d = 8 * time.Second // the whole short profile within 90 s
 		}
 		seeds := append([]uint64{}, regressionSeeds...)
 		if *flagRandom {
