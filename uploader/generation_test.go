@@ -338,6 +338,18 @@ func TestUnsureIsBounded(t *testing.T) {
 // create-only. A complete narinfo is never replaced (the other tests).
 func TestYoungCacheReplacesNarinfoNamingAnotherNAR(t *testing.T) {
 	w := newWorld(t, 3, chain, size(100))
+	w.breakNarinfo(t)
+	u := w.uploader(Options{})
+	if _, err := u.Upload(context.Background(), w.paths[2]); err != nil {
+		t.Fatal(err)
+	}
+	w.checkNarinfoComplete(t, 0)
+}
+
+// breakNarinfo uploads p1 (and so p0), then makes p0's narinfo name a NAR
+// that is not there, of another compression than this uploader's.
+func (w *world) breakNarinfo(t *testing.T) {
+	t.Helper()
 	ctx := context.Background()
 	if _, err := w.uploader(Options{}).Upload(ctx, w.paths[1]); err != nil {
 		t.Fatal(err)
@@ -359,19 +371,23 @@ func TestYoungCacheReplacesNarinfoNamingAnotherNAR(t *testing.T) {
 	if _, err := w.fb.Put(ctx, key, strings.NewReader(broken), int64(len(broken)), bucket.PutOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	u := w.uploader(Options{})
-	if _, err := u.Upload(ctx, w.paths[2]); err != nil {
-		t.Fatal(err)
-	}
-	data, _, err = w.fb.Get(ctx, key, 1<<20)
+}
+
+// checkNarinfoComplete fails t unless path i's narinfo names a NAR that
+// is there.
+func (w *world) checkNarinfoComplete(t *testing.T, i int) {
+	t.Helper()
+	ctx := context.Background()
+	data, _, err := w.fb.Get(ctx, hashFor(i)+".narinfo", 1<<20)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ni, err = cachefmt.ParseNarInfo(data); err != nil {
+	ni, err := cachefmt.ParseNarInfo(data)
+	if err != nil {
 		t.Fatal(err)
 	}
 	if _, err := w.fb.Stat(ctx, ni.URL); err != nil {
-		t.Fatalf("after the upload, p0's narinfo names %s, which is not there: %v", ni.URL, err)
+		t.Fatalf("p%d's narinfo names %s, which is not there: %v", i, ni.URL, err)
 	}
 }
 

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -13,7 +12,6 @@ import (
 
 	"github.com/nix-community/go-nix/pkg/narinfo/signature"
 	"github.com/nixspool/nixspool/bucket"
-	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/cacheurl"
 	"github.com/nixspool/nixspool/nixstore"
 )
@@ -69,38 +67,17 @@ func TestNoExtraClosureWalkWhileALargeUploadRuns(t *testing.T) {
 // that is not there.
 func TestOverflowKeepsTheBrokenPathJustDoubted(t *testing.T) {
 	w := newWorld(t, 3, chain, size(100))
-	ctx := context.Background()
-	if _, err := w.uploader(Options{}).Upload(ctx, w.paths[1]); err != nil {
-		t.Fatal(err)
-	}
-	key := hashFor(0) + ".narinfo"
-	data, _, err := w.fb.Get(ctx, key, 1<<20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ni, err := cachefmt.ParseNarInfo(data)
-	if err != nil {
-		t.Fatal(err)
-	}
-	broken := strings.Replace(strings.Replace(string(data), "URL: "+ni.URL, "URL: nar/"+strings.Repeat("0", 52)+".nar.xz", 1),
-		"Compression: zstd", "Compression: xz", 1)
-	if _, err := w.fb.Put(ctx, key, strings.NewReader(broken), int64(len(broken)), bucket.PutOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	w.breakNarinfo(t)
 	u := w.uploader(Options{})
 	u.presence.mu.Lock()
 	for i := 0; i < maxUnsure; i++ { // earlier doubts, e.g. after many resets
 		u.presence.unsure[fmt.Sprintf("%032d", i)] = true
 	}
 	u.presence.mu.Unlock()
-	if _, err := u.Upload(ctx, w.paths[2]); err != nil {
+	if _, err := u.Upload(context.Background(), w.paths[2]); err != nil {
 		t.Fatal(err)
 	}
-	data, _, _ = w.fb.Get(ctx, key, 1<<20)
-	ni, _ = cachefmt.ParseNarInfo(data)
-	if _, err := w.fb.Stat(ctx, ni.URL); err != nil {
-		t.Fatalf("p2 acknowledged, but p0's narinfo names %s, which is not there: %v", ni.URL, err)
-	}
+	w.checkNarinfoComplete(t, 0)
 }
 
 // stickyParts holds every PutPart until gate is closed, whatever the
