@@ -146,7 +146,11 @@ func (c *capturer) cycle(ctx context.Context) (int, error) {
 		if b.Next == cur && len(b.Paths) == 0 && !b.Reset {
 			return queued, nil // idle
 		}
-		paths := c.keep(b.Paths)
+		// A path is left out as present only on an answer confirmed in
+		// the cache's current generation: the cursor moves past it for
+		// good (a bucket emptied a moment ago must not lose it).
+		trustPresence := c.a.uploader.ConfirmGeneration(ctx, time.Now()) == nil
+		paths := c.keep(b.Paths, trustPresence)
 		if err := c.commit(ctx, paths, b.Next); err != nil {
 			return queued, err
 		}
@@ -159,14 +163,15 @@ func (c *capturer) cycle(ctx context.Context) (int, error) {
 }
 
 // keep returns the paths of rows the mode takes in.
-func (c *capturer) keep(rows []storewatch.Path) []string {
+// Paths known to be in the cache are left out if trustPresence.
+func (c *capturer) keep(rows []storewatch.Path, trustPresence bool) []string {
 	var out []string
 	for _, p := range rows {
 		switch {
 		case strings.HasSuffix(p.Path, ".drv"):
 		case c.mode == CaptureLocal && !p.Local():
 		case p.SignedBy(c.signers):
-		case c.a.uploader.KnownPresent(p.Path):
+		case trustPresence && c.a.uploader.KnownPresent(p.Path):
 		default:
 			out = append(out, p.Path)
 		}

@@ -14,6 +14,7 @@ import (
 	"github.com/nixspool/nixspool/protocol"
 	"github.com/nixspool/nixspool/queue"
 	"github.com/nixspool/nixspool/realisation"
+	"github.com/nixspool/nixspool/storepath"
 	_ "modernc.org/sqlite"
 )
 
@@ -307,5 +308,41 @@ func TestRequestSources(t *testing.T) {
 	}
 	if st.QueuedBySource["hook"] != 1 || st.QueuedBySource["push"] != 1 || len(st.QueuedBySource) != 2 || st.Capture != nil {
 		t.Fatalf("status: by source %v, capture %+v", st.QueuedBySource, st.Capture)
+	}
+}
+
+// TestCaptureDoesNotTrustPresenceAcrossAReset: a path the uploader last
+// knew to be in the cache is not left out once the bucket was emptied:
+// the watcher's cursor moves past a row for good, so the presence it
+// trusts must be confirmed in the cache's current generation.
+func TestCaptureDoesNotTrustPresenceAcrossAReset(t *testing.T) {
+	fs := &fakeStore{valid: map[string]bool{}}
+	db := newNixDB(t)
+	a := captureAgent(t, fs)
+	c := startCapturer(t, a, db, CaptureLocal)
+	cycle(t, c) // the cursor starts at the top
+	ctx := context.Background()
+	cacheDir := filepath.Join(filepath.Dir(a.cfg.StateDir), "cache")
+	if err := a.uploader.EnsureCacheInfo(ctx); err != nil {
+		t.Fatal(err)
+	}
+	p := db.add(fs, "added", "added")
+	narinfo := filepath.Join(cacheDir, storepath.HashPart(p)+".narinfo")
+	if err := os.WriteFile(narinfo, []byte("StorePath: "+p+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if missing, err := a.uploader.CheckPresence(ctx, []string{p}); err != nil || len(missing) != 0 {
+		t.Fatalf("presence = %v, %v", missing, err)
+	}
+	// The bucket is emptied; the uploader has not noticed yet.
+	entries, _ := os.ReadDir(cacheDir)
+	for _, e := range entries {
+		os.RemoveAll(filepath.Join(cacheDir, e.Name()))
+	}
+	if !a.uploader.KnownPresent(p) {
+		t.Fatal("setup: the path is not known present")
+	}
+	if n := cycle(t, c); n != 1 {
+		t.Fatalf("cycle queued %d paths after the bucket was emptied, want 1 (%s)", n, p)
 	}
 }

@@ -268,8 +268,12 @@ func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
 	if u.cacheInfoOK.Load() {
 		return nil
 	}
-	// Workers starting at once share one look (and at most one write).
+	// Workers starting at once share one look (and at most one write),
+	// under a context of its own: a cancelled first caller must not fail
+	// the others.
 	_, err, _ := u.fresh.Do("ensure", func() (any, error) {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), ensureCacheInfoTimeout)
+		defer cancel()
 		if u.cacheInfoOK.Load() {
 			return nil, nil
 		}
@@ -290,6 +294,9 @@ func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
 	})
 	return err
 }
+
+// ensureCacheInfoTimeout bounds the shared look at nix-cache-info.
+const ensureCacheInfoTimeout = 2 * time.Minute
 
 // writeCacheInfo creates nix-cache-info (create-only: of two agents
 // writing it at once, one wins and both see the same object).
