@@ -620,44 +620,36 @@ func TestRecordReleasedWhenAnotherWriterCompleted(t *testing.T) {
 	}
 }
 
-// TestDependencyRecordReleasedWhenAnotherWriterCompleted: as above, but
-// the interrupted upload was a dependency's, and the push that finds the
-// closure in the cache is of the path that needs it: the dependency's
-// record goes too (no upload of it is left to resume).
-func TestDependencyRecordReleasedWhenAnotherWriterCompleted(t *testing.T) {
-	f := newFixture(t, map[int][]int{1: {0}})
-	mp := &fakeMultipart{Bucket: f.rec}
-	rs := &memResume{}
-	f.interrupt(t, mp, rs, "zstd")
-	other := f.resumableUploader(t, &fakeMultipart{Bucket: f.rec}, &memResume{}, "zstd")
-	if _, err := other.Upload(context.Background(), f.path(1)); err != nil {
-		t.Fatal(err)
+// TestDependencyRecordReleased: the interrupted upload was a dependency's
+// (p0), and another writer then completed it, alone or with the path that
+// needs it (p1). The next push of p1, which finds the closure in the cache
+// or uploads p1 itself, releases the dependency's record too (no upload of
+// it is left to resume).
+func TestDependencyRecordReleased(t *testing.T) {
+	for _, tc := range []struct {
+		name         string
+		otherUploads int // what the other writer uploads
+	}{
+		{"closure present", 1},
+		{"dependency present", 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t, map[int][]int{1: {0}})
+			mp := &fakeMultipart{Bucket: f.rec}
+			rs := &memResume{}
+			f.interrupt(t, mp, rs, "zstd")
+			other := f.resumableUploader(t, &fakeMultipart{Bucket: f.rec}, &memResume{}, "zstd")
+			if _, err := other.Upload(context.Background(), f.path(tc.otherUploads)); err != nil {
+				t.Fatal(err)
+			}
+			u := f.resumableUploader(t, mp, rs, "zstd")
+			if _, err := u.Upload(context.Background(), f.path(1)); err != nil {
+				t.Fatal(err)
+			}
+			f.narinfo(t, 1) // in the cache
+			f.released(t, mp, rs, 1)
+		})
 	}
-	u := f.resumableUploader(t, mp, rs, "zstd")
-	if _, err := u.Upload(context.Background(), f.path(1)); err != nil {
-		t.Fatal(err)
-	}
-	f.released(t, mp, rs, 1)
-}
-
-// TestDependencyRecordReleasedOnUpload: the interrupted upload was a
-// dependency's, another writer completed the dependency, and the next push
-// uploads the path that needs it: the dependency's record goes too.
-func TestDependencyRecordReleasedOnUpload(t *testing.T) {
-	f := newFixture(t, map[int][]int{1: {0}})
-	mp := &fakeMultipart{Bucket: f.rec}
-	rs := &memResume{}
-	f.interrupt(t, mp, rs, "zstd")
-	other := f.resumableUploader(t, &fakeMultipart{Bucket: f.rec}, &memResume{}, "zstd")
-	if _, err := other.Upload(context.Background(), f.path(0)); err != nil {
-		t.Fatal(err)
-	}
-	u := f.resumableUploader(t, mp, rs, "zstd")
-	if _, err := u.Upload(context.Background(), f.path(1)); err != nil {
-		t.Fatal(err)
-	}
-	f.narinfo(t, 1) // uploaded
-	f.released(t, mp, rs, 1)
 }
 
 // TestOneResumableUploadOfAPathAtATime: a second upload of a path (a node
