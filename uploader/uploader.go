@@ -277,23 +277,47 @@ func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
 		if u.cacheInfoOK.Load() {
 			return nil, nil
 		}
-		asked := time.Now()
-		info, err := u.statCacheInfo(ctx)
-		if bucket.IsNotExist(err) {
-			info, err = u.writeCacheInfo(ctx)
+		err := u.readGeneration(ctx, nil)
+		var pe *presenceError
+		if errors.As(err, &pe) {
+			u.log.Warn("presence cache", "err", pe.err)
+			return nil, nil
 		}
-		if err != nil {
-			return nil, fmt.Errorf("check nix-cache-info: %w", err)
-		}
-		u.presence.born(info.LastModified)
-		if _, err := u.presence.setGeneration(generationName(info), asked); err != nil {
-			u.log.Warn("presence cache", "err", err)
-		}
-		u.cacheInfoOK.Store(true)
-		return nil, nil
+		return nil, err
 	})
 	return err
 }
+
+// readGeneration reads nix-cache-info, writing it if it is missing (after
+// calling missing, if set), and records the generation it names. An error
+// of the presence records is returned as a *presenceError.
+func (u *Uploader) readGeneration(ctx context.Context, missing func()) error {
+	asked := time.Now()
+	info, err := u.statCacheInfo(ctx)
+	if bucket.IsNotExist(err) {
+		if missing != nil {
+			missing()
+		}
+		info, err = u.writeCacheInfo(ctx)
+	}
+	if err != nil {
+		return fmt.Errorf("check nix-cache-info: %w", err)
+	}
+	u.presence.born(info.LastModified)
+	_, err = u.presence.setGeneration(generationName(info), asked)
+	u.cacheInfoOK.Store(true)
+	if err != nil {
+		return &presenceError{err}
+	}
+	return nil
+}
+
+// presenceError: the generation was read, but the presence records on disk
+// could not be loaded or forgotten.
+type presenceError struct{ err error }
+
+func (e *presenceError) Error() string { return "presence cache: " + e.err.Error() }
+func (e *presenceError) Unwrap() error { return e.err }
 
 // ensureCacheInfoTimeout bounds the shared look at nix-cache-info.
 const ensureCacheInfoTimeout = 2 * time.Minute
@@ -346,22 +370,12 @@ func generationName(info bucket.Info) string {
 // known about its contents is forgotten (and nix-cache-info written again).
 func (u *Uploader) CheckGeneration(ctx context.Context) error {
 	_, err, _ := u.fresh.Do("generation", func() (any, error) {
-		asked := time.Now()
-		info, err := u.statCacheInfo(ctx)
-		if bucket.IsNotExist(err) {
+		return nil, u.readGeneration(ctx, func() {
 			u.log.Warn("nix-cache-info is gone: the cache was emptied; forgetting what it held", "cache", u.opt.Cache.String())
 			if rerr := u.presence.reset(); rerr != nil {
 				u.log.Warn("presence cache", "err", rerr)
 			}
-			info, err = u.writeCacheInfo(ctx)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("check nix-cache-info: %w", err)
-		}
-		u.presence.born(info.LastModified)
-		_, err = u.presence.setGeneration(generationName(info), asked)
-		u.cacheInfoOK.Store(true)
-		return nil, err
+		})
 	})
 	return err
 }
