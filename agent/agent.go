@@ -467,7 +467,7 @@ func (a *Agent) snapshot() (metrics.Snapshot, error) {
 		return metrics.Snapshot{}, err
 	}
 	snap := metrics.Snapshot{Pending: st.Pending, Uploading: st.Leased, Retrying: st.Retrying, Failed: st.Failed,
-		BySource: map[string]int{}}
+		BySource: map[string]int{}, Commits: a.queue.Commits()}
 	for src, n := range st.BySource {
 		snap.BySource[src.String()] = n
 	}

@@ -22,6 +22,9 @@ type Snapshot struct {
 	// BySource counts the queued jobs (any state) by where their paths
 	// came from (hook, push, capture, build-closure, unknown).
 	BySource map[string]int
+	// Commits is how many queue transactions have been committed (each
+	// one round of fsyncs, shared by the operations it carried).
+	Commits uint64
 }
 
 // bySource reports the jobs_queued gauge, one series per source.
@@ -149,6 +152,15 @@ func New(snapshot func() (Snapshot, error)) *Metrics {
 		gauge("nixspool_jobs_retrying", "Jobs waiting to be retried.", func(s Snapshot) float64 { return float64(s.Retrying) }),
 		gauge("nixspool_jobs_failed", "Jobs in the dead letter (agentctl list --state failed).", func(s Snapshot) float64 { return float64(s.Failed) }),
 		gauge("nixspool_oldest_pending_seconds", "Age of the oldest job not yet uploaded.", func(s Snapshot) float64 { return s.OldestPending.Seconds() }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "nixspool_queue_commits_total",
+			Help: "Queue transactions committed, each with its fsyncs; concurrent enqueues share one (compare with nixspool_enqueue_duration_seconds_count)."},
+			func() float64 {
+				s, err := snapshot()
+				if err != nil {
+					return 0
+				}
+				return float64(s.Commits)
+			}),
 	)
 	return m
 }

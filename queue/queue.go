@@ -46,6 +46,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -233,6 +234,10 @@ type Queue struct {
 	attempted int
 	durableCh chan struct{}
 
+	// commits counts the read-write transactions the committer has
+	// written (each costs bbolt's fsyncs), successful or not.
+	commits atomic.Uint64
+
 	// Test hooks: inWrite runs in a commit's transaction after its
 	// operations, before it is written; afterWrite runs after a commit is
 	// written and before it is recorded as durable; waitingDurable runs
@@ -315,6 +320,12 @@ func (q *Queue) Close() error {
 	<-q.done
 	return q.db.Close()
 }
+
+// Commits returns how many read-write transactions the committer has
+// committed (or tried to) since Open: each is one round of fsyncs, however
+// many operations it carried, so concurrent enqueues cost fewer commits
+// than enqueues.
+func (q *Queue) Commits() uint64 { return q.commits.Load() }
 
 // Wake returns a channel that receives a value after a commit that may have
 // made a job due. Workers wait on it instead of polling.
@@ -439,6 +450,7 @@ func (e *opFailed) Error() string { return e.err.Error() }
 
 func (q *Queue) commit(batch []*op) {
 	var txid int
+	q.commits.Add(1)
 	err := q.db.Update(func(tx *bolt.Tx) error {
 		txid = tx.ID()
 		for i, o := range batch {

@@ -579,3 +579,36 @@ func TestListDoesNotBlockLeases(t *testing.T) {
 		t.Fatalf("listed %d jobs, want the 3 queued when it began", len(jobs))
 	}
 }
+
+// TestGroupCommitSharesFsyncs: enqueues that wait while a commit is being
+// written share the next commit (and its fsyncs) instead of one each.
+func TestGroupCommitSharesFsyncs(t *testing.T) {
+	q, _ := openTest(t)
+	const n = 32
+	before := q.Commits()
+	g := gateCommits(&q.inWrite, 1)
+	errs := make(chan error, n)
+	enqueue := func(i int) {
+		_, err := q.Enqueue([]string{fmt.Sprintf("/p/shared-%d", i)}, "", t0)
+		errs <- err
+	}
+	go enqueue(0)
+	await(t, g.held, "first commit")
+	for i := 1; i < n; i++ {
+		go enqueue(i)
+	}
+	// Every other enqueue is waiting for the committer.
+	waitFor(t, "enqueues waiting", func() bool { return len(q.ops) == n-1 })
+	g.release <- struct{}{}
+	for i := 0; i < n; i++ {
+		if err := await(t, errs, "enqueue"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := q.Commits() - before; got != 2 {
+		t.Errorf("%d concurrent enqueues cost %d commits, want 2 (the first alone, the rest together)", n, got)
+	}
+	if s := mustStats(t, q); s.Pending != n {
+		t.Fatalf("pending = %d, want %d", s.Pending, n)
+	}
+}
