@@ -18,7 +18,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"sort"
@@ -90,8 +89,7 @@ func Open(opts Options) *Store {
 	if fi, err := os.Stat(sock); opts.Socket != "" || (err == nil && fi.Mode()&os.ModeSocket != 0) {
 		s.where = "daemon socket " + sock
 		s.dial = func(ctx context.Context) (*conn, error) {
-			var d net.Dialer
-			c, err := d.DialContext(ctx, "unix", sock)
+			c, err := dialUnix(ctx, sock)
 			if err != nil {
 				return nil, err
 			}
@@ -106,6 +104,41 @@ func Open(opts Options) *Store {
 		s.dial = func(ctx context.Context) (*conn, error) { return dialStdio(ctx, bin, stall) }
 	}
 	return s
+}
+
+// dialUnix connects to a unix stream socket with system calls and returns
+// the connection as a file (reads and writes go through the runtime's
+// poller; closing it ends a blocked read). Not package net: the hook links
+// this package, and net makes every hook binary link the C library (its
+// resolver), which costs each hook a millisecond or more of start-up.
+func dialUnix(ctx context.Context, path string) (*os.File, error) {
+	fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC|syscall.SOCK_NONBLOCK, 0)
+	if err != nil {
+		return nil, fmt.Errorf("dial unix %s: socket: %w", path, err)
+	}
+	sa := &syscall.SockaddrUnix{Name: path}
+	for {
+		err = syscall.Connect(fd, sa)
+		if err == syscall.EINTR {
+			continue
+		}
+		if err != syscall.EAGAIN {
+			break
+		}
+		// The listen backlog is full: try again shortly, until ctx ends.
+		select {
+		case <-ctx.Done():
+			err = ctx.Err()
+		case <-time.After(time.Millisecond):
+			continue
+		}
+		break
+	}
+	if err != nil {
+		syscall.Close(fd)
+		return nil, fmt.Errorf("dial unix %s: %w", path, err)
+	}
+	return os.NewFile(uintptr(fd), path), nil
 }
 
 // String says how the store is reached.
