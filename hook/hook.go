@@ -3,8 +3,13 @@
 // and fall back to the spool directory when agentd cannot take them.
 //
 // It must stay small and must never make a build fail (unless strict mode is
-// asked for): Nix blocks its build loop on the hook and fails the build when
-// the hook exits non-zero. It links neither bbolt nor an S3 client.
+// asked for): Nix fails the build when the hook exits non-zero, and waits
+// for it. Up to Nix 2.34 the hook runs synchronously and blocks Nix's whole
+// build loop; since 2.35 it runs asynchronously, up to max-jobs hooks at
+// once, and only the builds that depend on the hooked outputs wait for it.
+// Either way its latency is on the build's critical path, and since 2.35
+// many hooks start together: it links neither bbolt, an S3 client nor
+// package net (which would link the C library and slow every start).
 //
 // Paths it spools are made garbage-collector roots first (in agentd's roots
 // directory, NIXSPOOL_GC_ROOTS), so that a collection before agentd imports

@@ -1,6 +1,9 @@
 // Command hook is nixspool's post-build-hook. Nix runs it with no arguments
 // after each build, with OUT_PATHS and DRV_PATH in the environment; it hands
 // the built outputs to agentd and exits within NIXSPOOL_TIMEOUT (default 2s).
+// Nix waits for it: before 2.35 with its whole build loop, since 2.35 (hooks
+// run asynchronously, up to max-jobs at once) only in the builds that depend
+// on the hooked outputs.
 //
 // Environment: NIXSPOOL_SOCKET (default /run/nixspool/agentd.sock),
 // NIXSPOOL_STATE_DIR (default /var/lib/nixspool; spool/ below it),
