@@ -9,7 +9,8 @@
 //
 // New roots are durable before Add returns (the symlink is renamed into
 // place and the directory fsynced): after a power loss a root must not be
-// missing for a path whose request was acknowledged or spooled. Removals are
+// missing for a path whose request was acknowledged or spooled. Concurrent
+// adds share directory syncs. Removals are
 // not synced: a root that comes back after a crash only keeps a path alive
 // until agentd reconciles the directory at its next start.
 //
@@ -26,6 +27,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -39,7 +41,8 @@ const DefaultDir = "/nix/var/nix/gcroots/nixspool"
 // Roots manages the root symlinks in one directory. A Roots with an empty
 // directory is disabled: every method does nothing.
 type Roots struct {
-	dir string
+	dir  string
+	sync dirSyncer
 }
 
 // New returns the roots kept in dir ("" disables them), creating dir.
@@ -50,7 +53,7 @@ func New(dir string) (*Roots, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("gc roots: %w", err)
 	}
-	return &Roots{dir: dir}, nil
+	return &Roots{dir: dir, sync: dirSyncer{syncDir: atomicfile.SyncDir}}, nil
 }
 
 // Enabled reports whether roots are kept.
@@ -134,10 +137,58 @@ func (r *Roots) AddNamed(roots map[string]string) error {
 	if !created {
 		return nil
 	}
-	if err := atomicfile.SyncDir(r.dir); err != nil {
+	if err := r.sync.sync(r.dir); err != nil {
 		return fmt.Errorf("gc roots: sync %s: %w", r.dir, err)
 	}
 	return nil
+}
+
+// dirSyncer shares directory fsyncs between concurrent callers, as the
+// queue shares commits: a caller needs a sync that starts after its call
+// (its links are in place by then); while one sync runs, every caller that
+// arrives waits for it to end and then for one more sync, which all of them
+// share. Concurrent hooks thus cost two directory syncs, not one each (on
+// ext4 each is a journal commit, and they do not overlap).
+type dirSyncer struct {
+	syncDir func(dir string) error
+
+	mu      sync.Mutex
+	cond    *sync.Cond
+	started uint64 // syncs started
+	done    uint64 // the last sync finished
+	running bool
+	err     error // outcome of sync done
+	waiting int   // callers waiting for another's sync (for tests)
+	count   int   // syncs made (for tests)
+}
+
+func (s *dirSyncer) sync(dir string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cond == nil {
+		s.cond = sync.NewCond(&s.mu)
+	}
+	// Any sync started from now on covers the caller's links; the latest
+	// finished one has started after any earlier one.
+	need := s.started + 1
+	for s.done < need {
+		if s.running {
+			s.waiting++
+			s.cond.Wait()
+			s.waiting--
+			continue
+		}
+		s.running = true
+		s.started++
+		gen := s.started
+		s.count++
+		s.mu.Unlock()
+		err := s.syncDir(dir)
+		s.mu.Lock()
+		s.running, s.done, s.err = false, gen, err
+		s.cond.Broadcast()
+	}
+	return s.err
 }
 
 // link creates the root symlink name to storePath unless it exists, and

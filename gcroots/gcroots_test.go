@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nixspool/nixspool/atomicfile"
 )
 
 func TestRoots(t *testing.T) {
@@ -85,5 +87,70 @@ func BenchmarkAdd(b *testing.B) {
 		if err := r.Add(fmt.Sprintf("/nix/store/%032d-p", i)); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestConcurrentAddsShareDirSyncs: roots added while the directory is being
+// synced share the next sync instead of one each, and a failed sync fails
+// the adds that needed it.
+func TestConcurrentAddsShareDirSyncs(t *testing.T) {
+	r, err := New(filepath.Join(t.TempDir(), "roots"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	held, release := make(chan struct{}), make(chan struct{})
+	first := true
+	r.sync.syncDir = func(dir string) error {
+		if first { // only the syncing caller runs this
+			first = false
+			held <- struct{}{}
+			<-release
+		}
+		return atomicfile.SyncDir(dir)
+	}
+	const n = 32
+	errs := make(chan error, n)
+	add := func(i int) { errs <- r.Add(fmt.Sprintf("/nix/store/%032d-p", i)) }
+	go add(0)
+	select {
+	case <-held:
+	case <-time.After(20 * time.Second):
+		t.Fatal("first sync did not start")
+	}
+	for i := 1; i < n; i++ {
+		go add(i)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		r.sync.mu.Lock()
+		w := r.sync.waiting
+		r.sync.mu.Unlock()
+		if w == n-1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d adds waiting, want %d", w, n-1)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	close(release)
+	for i := 0; i < n; i++ {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if r.sync.count != 2 {
+		t.Errorf("%d concurrent adds made %d directory syncs, want 2", n, r.sync.count)
+	}
+	for i := 0; i < n; i++ {
+		p := fmt.Sprintf("/nix/store/%032d-p", i)
+		if got, _ := os.Readlink(filepath.Join(r.Dir(), filepath.Base(p))); got != p {
+			t.Errorf("root of %s points at %q", p, got)
+		}
+	}
+
+	r.sync.syncDir = func(string) error { return unix.EIO }
+	if err := r.Add("/nix/store/00000000000000000000000000000000-failed"); err == nil {
+		t.Error("an add whose directory sync failed succeeded")
 	}
 }
