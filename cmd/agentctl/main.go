@@ -63,19 +63,24 @@ type exitError struct {
 func (e *exitError) Error() string { return e.msg }
 
 func main() {
-	err := run(os.Args[1:], os.Stdout)
+	code, msg := exitStatus(run(os.Args[1:], os.Stdout))
+	if msg != "" {
+		fmt.Fprintln(os.Stderr, "agentctl:", msg)
+	}
+	os.Exit(code)
+}
+
+// exitStatus maps run's error to the exit status and the one-line message
+// for stderr ("" for none).
+func exitStatus(err error) (code int, msg string) {
 	var ee *exitError
 	switch {
-	case err == nil:
-	case errors.Is(err, flag.ErrHelp):
+	case err == nil, errors.Is(err, flag.ErrHelp):
+		return 0, ""
 	case errors.As(err, &ee):
-		if ee.msg != "" {
-			fmt.Fprintln(os.Stderr, "agentctl:", ee.msg)
-		}
-		os.Exit(ee.code)
+		return ee.code, ee.msg
 	default:
-		fmt.Fprintln(os.Stderr, "agentctl:", err)
-		os.Exit(1)
+		return 1, err.Error()
 	}
 }
 
@@ -586,11 +591,14 @@ func bytesStr(n uint64) string {
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
 
+// now is the clock ages are measured against (tests fix it).
+var now = time.Now
+
 func ago(unix int64) string {
 	if unix == 0 {
 		return "-"
 	}
-	return time.Since(time.Unix(unix, 0)).Round(time.Second).String()
+	return now().Sub(time.Unix(unix, 0)).Round(time.Second).String()
 }
 
 func oneLine(s string) string {

@@ -85,7 +85,7 @@ func renderStatus(out io.Writer, s *protocol.Status) error {
 		fmt.Fprintf(w, "last error\t%s ago: %s\n", ago(s.LastErrorAt), oneLine(s.LastError))
 	}
 	if s.NextRetryAt > 0 {
-		fmt.Fprintf(w, "next retry\tin %s\n", max(time.Until(time.Unix(s.NextRetryAt, 0)), 0).Round(time.Second))
+		fmt.Fprintf(w, "next retry\tin %s\n", max(time.Unix(s.NextRetryAt, 0).Sub(now()), 0).Round(time.Second))
 	}
 	if s.StateDirError != "" {
 		fmt.Fprintf(w, "STATE DIR ERROR\t%s\n", oneLine(s.StateDirError))
