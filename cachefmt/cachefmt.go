@@ -62,6 +62,7 @@ func ParseNarInfo(data []byte) (*NarInfo, error) {
 	n := &NarInfo{FileSize: -1}
 	sc := bufio.NewScanner(bytes.NewReader(data))
 	sc.Buffer(make([]byte, 64<<10), 16<<20)
+	sc.Split(scanLF)
 	seenRefs := false
 	for sc.Scan() {
 		line := sc.Text()
@@ -126,6 +127,52 @@ func ParseNarInfo(data []byte) (*NarInfo, error) {
 		return nil, errors.New("narinfo: NarSize missing or zero")
 	}
 	return n, nil
+}
+
+// scanLF splits lines at '\n' only, as Nix does: a carriage return stays
+// in the value (bufio.ScanLines would drop one, and read a CRLF narinfo
+// that Nix reads with a "\r" at the end of every value, URL included, as a
+// good one).
+func scanLF(data []byte, atEOF bool) (advance int, token []byte, err error) {
+	if i := bytes.IndexByte(data, '\n'); i >= 0 {
+		return i + 1, data[:i], nil
+	}
+	if atEOF && len(data) > 0 {
+		return len(data), data, nil
+	}
+	return 0, nil, nil
+}
+
+// Format renders n as Nix writes a narinfo: the fields in Nix's order,
+// FileSize only when known, References always, Deriver and CA when set,
+// one Sig line per signature. ParseNarInfo reads it back as n.
+func (n *NarInfo) Format() []byte {
+	var b bytes.Buffer
+	line := func(k, v string) { b.WriteString(k + ": " + v + "\n") }
+	line("StorePath", n.StorePath)
+	line("URL", n.URL)
+	if n.Compression != "" {
+		line("Compression", n.Compression)
+	}
+	if n.FileHash != "" {
+		line("FileHash", n.FileHash)
+	}
+	if n.FileSize >= 0 {
+		line("FileSize", strconv.FormatInt(n.FileSize, 10))
+	}
+	line("NarHash", n.NarHash)
+	line("NarSize", strconv.FormatInt(n.NarSize, 10))
+	line("References", strings.Join(n.References, " "))
+	if n.Deriver != "" {
+		line("Deriver", n.Deriver)
+	}
+	for _, s := range n.Sigs {
+		line("Sig", s)
+	}
+	if n.CA != "" {
+		line("CA", n.CA)
+	}
+	return b.Bytes()
 }
 
 func truncate(s string) string {
