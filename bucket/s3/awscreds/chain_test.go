@@ -224,3 +224,15 @@ func TestIMDSInstanceCredentials(t *testing.T) {
 		t.Fatal("AWS_EC2_METADATA_DISABLED=true did not turn IMDS off")
 	}
 }
+
+// An SSO profile is SSO's: its cached token is looked for (here missing,
+// so the error says to log in), and the profile link leaves it alone.
+func TestSSOProfileGoesToSSO(t *testing.T) {
+	dir := isolate(t)
+	writeFile(t, filepath.Join(dir, "config"), "[profile dev]\nsso_session = corp\nsso_account_id = 123456789012\nsso_role_name = CacheWriter\n[sso-session corp]\nsso_region = eu-west-1\nsso_start_url = https://corp.awsapps.com/start\n", 0o600)
+	_, c := retrieve(t, Options{Profile: "dev"})
+	d := c.Describe()
+	if !strings.Contains(d, "sso (profile dev)") || !strings.Contains(d, "aws sso login") || strings.Contains(d, "profile dev has no credentials") {
+		t.Fatalf("Describe = %q", d)
+	}
+}
