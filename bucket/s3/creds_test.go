@@ -142,7 +142,7 @@ func TestCredentialsRenewedDuringMultipartUpload(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		v, err := sts.Get()
+		v, err := sts.GetWithContext(&credentials.CredContext{Client: http.DefaultClient})
 		if err != nil {
 			t.Fatalf("AssumeRole at MinIO: %v", err)
 		}
