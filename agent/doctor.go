@@ -95,6 +95,17 @@ func (a *Agent) doctor(ctx context.Context, writes bool) []protocol.Check {
 		add("gc roots", "warn", "off", "queued paths can be garbage-collected before they are uploaded")
 	}
 
+	if c, ok := a.bucket.(interface{ CredentialSource(context.Context) string }); ok {
+		switch src := c.CredentialSource(ctx); {
+		case strings.HasPrefix(src, "none"):
+			add("credentials", "warn", src, "requests are unsigned: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile (profile=, AWS_PROFILE), web identity or a container or instance role; the README lists the order")
+		case strings.HasPrefix(src, "error"):
+			add("credentials", "fail", src, "")
+		default:
+			add("credentials", "ok", src, "")
+		}
+	}
+
 	a.doctorBucket(ctx, add, writes)
 
 	us := a.uploader.Stats()

@@ -91,7 +91,7 @@ var Params = []Param{
 	{"region", true, "signing region (default `us-east-1`)"},
 	{"aws-region", true, "old name of `region` (Nix ≤ 2.14)"},
 	{"scheme", true, "`http` or `https` for a bare-host endpoint (deprecated in Nix for an endpoint URL)"},
-	{"profile", true, "AWS profile in the shared credentials file, tried first"},
+	{"profile", true, "AWS profile in the shared config and credentials files, tried after the environment and SSO"},
 	{"addressing-style", true, "`auto` (default: virtual-host style for AWS, path style for a custom endpoint or a bucket name with dots), `path` or `virtual`"},
 	{"storage-class", true, "sent as `x-amz-storage-class` with every upload"},
 	{"multipart-chunk-size", true, "smallest multipart part (5 MiB to 5 GiB; default 16 MiB); larger objects get larger parts to stay under 10,000 parts"},

@@ -56,7 +56,7 @@ func TestOperatorView(t *testing.T) {
 	}
 
 	out, err := a.Ctl("doctor")
-	if err != nil || !strings.Contains(out, "trusted-public-keys = "+pk) || !strings.Contains(out, "put, head and delete") {
+	if err != nil || !strings.Contains(out, "trusted-public-keys = "+pk) || !strings.Contains(out, "put, head and delete") || !strings.Contains(out, "environment (AWS_ACCESS_KEY_ID)") {
 		t.Fatalf("doctor against a good MinIO: %v\n%s", err, out)
 	}
 
@@ -93,6 +93,39 @@ func TestOperatorView(t *testing.T) {
 			t.Errorf("metrics lack %q", want)
 		}
 	}
+}
+
+// TestRoleProfileCredentials: agentd with profile= naming a role profile
+// (role_arn with source_profile) gets session credentials from the
+// store's STS (MinIO's AssumeRole, as AWS_ENDPOINT_URL_STS says), uploads
+// with them, and doctor names the role and the source profile, never the
+// source profile's secret.
+func TestRoleProfileCredentials(t *testing.T) {
+	testenv.RequireNix(t)
+	m := testenv.StartMinIO(t)
+	sk, pk := keyPair(t, "e2e-role-1")
+	dir := t.TempDir()
+	creds, config := filepath.Join(dir, "credentials"), filepath.Join(dir, "config")
+	if err := os.WriteFile(creds, []byte(fmt.Sprintf("[base]\naws_access_key_id = %s\naws_secret_access_key = %s\n", m.AccessKey, m.SecretKey)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(config, []byte("[profile uploader]\nrole_arn = arn:aws:iam::123456789012:role/cache-writer\nsource_profile = base\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	env := []string{"AWS_SHARED_CREDENTIALS_FILE=" + creds, "AWS_CONFIG_FILE=" + config, "AWS_ENDPOINT_URL_STS=http://" + m.Endpoint, "AWS_EC2_METADATA_DISABLED=true"}
+	a := newAgent(t, m.CacheURL("profile=uploader"), sk, env)
+	a.Start()
+	top := build(t, testenv.NixEnv(hookConfig(), a.HookEnv()...), testenv.WriteGraph(t, t.TempDir(), false))
+	if out, err := a.Ctl("wait", "--timeout", "2m"); err != nil {
+		t.Fatalf("wait: %v\n%s", err, out)
+	}
+	verifyCache(t, m.HTTPURL(), pk, top)
+	out, err := a.Ctl("doctor")
+	want := "profile uploader (assume role arn:aws:iam::123456789012:role/cache-writer with profile base)"
+	if err != nil || !strings.Contains(out, want) || !strings.Contains(out, "put, head and delete") {
+		t.Fatalf("doctor does not name the role (%q): %v\n%s", want, err, out)
+	}
+	assertNoSecrets(t, a, m.SecretKey, signingSecret(t, sk))
 }
 
 // assertNoSecrets fails the test if any secret shows in agentd's log, in

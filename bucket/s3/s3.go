@@ -24,6 +24,7 @@ import (
 	"github.com/minio/minio-go/v7/pkg/s3utils"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/bucket/s3/awscreds"
 	"github.com/nixspool/nixspool/cacheurl"
 )
 
@@ -34,6 +35,8 @@ type Bucket struct {
 	prefix string
 	desc   string
 	hints  *retryAfterTransport
+	creds  *credentials.Credentials
+	chain  *awscreds.Chain
 
 	storageClass string // applied to uploads that do not name one
 	partFloor    uint64 // smallest multipart part
@@ -51,9 +54,9 @@ const (
 )
 
 // New connects to the bucket described by c. Credentials come from the
-// usual AWS chain: with profile= the shared credentials file's profile
-// first, then AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the shared file, and
-// instance roles. They never appear in c.
+// AWS chain in Nix's order (package awscreds): the environment, SSO, the
+// profile (profile=, else AWS_PROFILE, else default), web identity, ECS,
+// IMDS. They never appear in c.
 //
 // Requests go where Nix sends them for the same URL: to BUCKET.ENDPOINT/KEY
 // (virtual-host style) or ENDPOINT/BUCKET/KEY (path style) as c.VirtualHost
@@ -71,11 +74,8 @@ func newBucket(c *cacheurl.Cache, adjust func(*http.Transport)) (*Bucket, error)
 	if err := s3utils.CheckValidBucketName(c.Bucket); err != nil {
 		return nil, fmt.Errorf("cache URL: bucket %q: %w", c.Bucket, err)
 	}
-	file := &credentials.FileAWSCredentials{Profile: c.Profile}
-	chain := []credentials.Provider{&credentials.EnvAWS{}, file, &credentials.IAM{Client: &http.Client{}}}
-	if c.Profile != "" {
-		chain = []credentials.Provider{file, &credentials.EnvAWS{}, &credentials.IAM{Client: &http.Client{}}}
-	}
+	chain := awscreds.NewChain(awscreds.Options{Profile: c.Profile, Region: c.Region})
+	creds := credentials.New(chain)
 	endpoint := c.Endpoint
 	if endpoint == "" {
 		endpoint = "s3." + c.Region + ".amazonaws.com"
@@ -109,7 +109,7 @@ func newBucket(c *cacheurl.Cache, adjust func(*http.Transport)) (*Bucket, error)
 	}
 	hints := &retryAfterTransport{base: tr}
 	client, err := minio.New(endpoint, &minio.Options{
-		Creds:        credentials.NewChainCredentials(chain),
+		Creds:        creds,
 		Secure:       c.Secure,
 		Region:       c.Region,
 		BucketLookup: lookup,
@@ -124,7 +124,7 @@ func newBucket(c *cacheurl.Cache, adjust func(*http.Transport)) (*Bucket, error)
 	// The endpoints Nix uses (s3.REGION.amazonaws.com), not the dual-stack
 	// ones: a firewall or VPC endpoint policy written for Nix applies.
 	client.SetS3EnableDualstack(false)
-	b := &Bucket{client: client, name: c.Bucket, prefix: c.Prefix, desc: c.String(), hints: hints,
+	b := &Bucket{client: client, name: c.Bucket, prefix: c.Prefix, desc: c.String(), hints: hints, creds: creds, chain: chain,
 		storageClass: c.StorageClass, partFloor: MinPartSize, threshold: c.MultipartThreshold}
 	if c.PartSize > 0 {
 		b.partFloor = c.PartSize
@@ -133,6 +133,16 @@ func newBucket(c *cacheurl.Cache, adjust func(*http.Transport)) (*Bucket, error)
 }
 
 func (b *Bucket) String() string { return b.desc }
+
+// CredentialSource names where the credentials come from ("environment
+// (AWS_ACCESS_KEY_ID)", "profile ci (assume role … with profile base)",
+// …), looking them up if no request has yet; never a secret.
+func (b *Bucket) CredentialSource(ctx context.Context) string {
+	if _, err := b.creds.GetWithContext(&credentials.CredContext{Client: http.DefaultClient, Context: ctx}); err != nil {
+		return "error: " + err.Error()
+	}
+	return b.chain.Describe()
+}
 
 // PartSize returns the multipart part size for an object of size bytes:
 // the floor (default MinPartSize), raised to whole MiB so that no upload
