@@ -270,3 +270,28 @@ func Direct(b Bucket) Bucket {
 		b = u.Unwrap()
 	}
 }
+
+// ErrNoListing is wrapped (together with ErrPermanent) by List on a store
+// that has no way to list its keys: an HTTP binary cache, which only
+// answers GET, HEAD and PUT for keys it is asked about.
+var ErrNoListing = errors.New("the store cannot list its keys")
+
+// Unlistable is implemented by buckets that cannot list: their List
+// always fails with ErrNoListing. NoListing says why, in one line.
+type Unlistable interface {
+	NoListing() error
+}
+
+// CheckListable returns nil if b (or the bucket under its request
+// limiters) can list its keys, and otherwise the error saying why not,
+// wrapping ErrNoListing and ErrPermanent. Whatever needs a listing (gc,
+// the whole-cache audit) refuses up front with it; whatever can do
+// without (presence) asks key by key instead.
+func CheckListable(b Bucket) error {
+	for _, x := range []Bucket{b, Direct(b)} {
+		if u, ok := x.(Unlistable); ok {
+			return u.NoListing()
+		}
+	}
+	return nil
+}
