@@ -276,8 +276,22 @@ func Direct(b Bucket) Bucket {
 // answers GET, HEAD and PUT for keys it is asked about.
 var ErrNoListing = errors.New("the store cannot list its keys")
 
+// NoListingError returns the error of a store that cannot list its keys:
+// "DESC cannot be listed (WHY)", wrapping ErrNoListing and ErrPermanent.
+func NoListingError(desc, why string) error {
+	return &noListingError{msg: desc + " cannot be listed (" + why + ")"}
+}
+
+type noListingError struct{ msg string }
+
+func (e *noListingError) Error() string { return e.msg }
+func (e *noListingError) Is(target error) bool {
+	return target == ErrNoListing || target == ErrPermanent
+}
+
 // Unlistable is implemented by buckets that cannot list: their List
-// always fails with ErrNoListing. NoListing says why, in one line.
+// always fails with ErrNoListing. NoListing says why, in one line
+// (NoListingError).
 type Unlistable interface {
 	NoListing() error
 }

@@ -135,7 +135,7 @@ func (b *Bucket) String() string { return b.desc }
 
 // NoListing implements bucket.Unlistable.
 func (b *Bucket) NoListing() error {
-	return fmt.Errorf("%s: %w: %w (HTTP has no listing request)", b.desc, bucket.ErrPermanent, bucket.ErrNoListing)
+	return bucket.NoListingError(b.desc, "an HTTP binary cache has no listing request")
 }
 
 // OnThrottle sets f to be called whenever the server answers 429 or 503
@@ -463,7 +463,7 @@ func (b *Bucket) Delete(ctx context.Context, key string) error {
 
 // List implements bucket.Bucket: it always fails, see NoListing.
 func (b *Bucket) List(ctx context.Context, opts bucket.ListOptions, fn func(bucket.Object) error) error {
-	return fmt.Errorf("list %q: %w", opts.Prefix, b.NoListing())
+	return b.NoListing()
 }
 
 type readCloser struct {

@@ -283,7 +283,7 @@ func TestNoListing(t *testing.T) {
 	if !errors.Is(err, bucket.ErrNoListing) || !bucket.IsPermanent(err) || requests != 0 {
 		t.Fatalf("List = %v after %d requests", err, requests)
 	}
-	if err := bucket.CheckListable(b); !errors.Is(err, bucket.ErrNoListing) || !strings.Contains(err.Error(), "cannot list") {
+	if err := bucket.CheckListable(b); !errors.Is(err, bucket.ErrNoListing) || !strings.Contains(err.Error(), "cannot be listed") {
 		t.Fatalf("CheckListable = %v", err)
 	}
 }
