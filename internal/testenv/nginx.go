@@ -28,8 +28,10 @@ type Nginx struct {
 // StartNginx starts nginx on a free port of 127.0.0.1, with its
 // configuration, pid file, logs and temp files in a temporary directory,
 // waits until it answers, and stops it at cleanup. nginx comes from `make
-// tools` (Debian's nginx package, built with the DAV module).
-func StartNginx(t T) *Nginx {
+// tools` (Debian's nginx package, built with the DAV module). Writers
+// ("login:password") are the accounts PUT and DELETE require (basic
+// authentication); with none, anyone may write. Reads are open.
+func StartNginx(t T, writers ...string) *Nginx {
 	t.Helper()
 	bin, ok := Lookup("nginx")
 	if !ok {
@@ -46,6 +48,19 @@ func StartNginx(t T) *Nginx {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			t.Fatalf("%v", err)
 		}
+	}
+	auth := ""
+	if len(writers) > 0 {
+		htpasswd := filepath.Join(dir, "htpasswd")
+		var lines []string
+		for _, w := range writers {
+			login, pw, _ := strings.Cut(w, ":")
+			lines = append(lines, login+":{PLAIN}"+pw)
+		}
+		if err := os.WriteFile(htpasswd, []byte(strings.Join(lines, "\n")+"\n"), 0o644); err != nil {
+			t.Fatalf("%v", err)
+		}
+		auth = fmt.Sprintf("limit_except GET HEAD { auth_basic \"cache\"; auth_basic_user_file %s; }", htpasswd)
 	}
 	user := ""
 	if os.Geteuid() == 0 {
@@ -75,10 +90,11 @@ http {
 			dav_methods PUT DELETE;
 			create_full_put_path on;
 			dav_access user:rw group:r all:r;
+			%[5]s
 		}
 	}
 }
-`, user, dir, n.Endpoint, n.Root)
+`, user, dir, n.Endpoint, n.Root, auth)
 	confFile := filepath.Join(dir, "nginx.conf")
 	if err := os.WriteFile(confFile, []byte(conf), 0o644); err != nil {
 		t.Fatalf("%v", err)
