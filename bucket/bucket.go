@@ -1,7 +1,8 @@
 // Package bucket is the small object-store interface the uploader, the
 // auditor and the collector work through, with implementations for S3
-// (bucket/s3) and a local directory (bucket/file). The contract is checked
-// for both by one suite, bucket/buckettest.
+// (bucket/s3), an HTTP binary cache (bucket/httpcache) and a local
+// directory (bucket/file). The contract is checked for each by one suite,
+// bucket/buckettest.
 package bucket
 
 import (

@@ -1,6 +1,8 @@
 // Package buckettest is the contract every bucket.Bucket implementation must
 // meet, as one suite run against each of them: a local directory, MinIO and
-// a second, independent S3 implementation (the Versity S3 Gateway).
+// a second, independent S3 implementation (the Versity S3 Gateway), and
+// HTTP binary caches (nginx's DAV module, and an in-memory server that
+// honours conditional PUTs).
 //
 // S3 implementations differ in a few things nixspool can live with either
 // way; Caps names them, so the suite checks that a store does what it
