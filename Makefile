@@ -23,7 +23,7 @@ LDFLAGS      := -s -w -X github.com/nixspool/nixspool/agent.Version=$(VERSION)
 export PATH  := $(TOOLS):$(PATH)
 NIX          := nix --extra-experimental-features nix-command
 
-.PHONY: all build test test-race robustness run bench lint tools tool-nix tool-minio tool-versitygw tool-staticcheck clean
+.PHONY: all build test test-race robustness run bench lint tools tool-nix tool-nginx tool-minio tool-versitygw tool-staticcheck clean
 
 all: build
 
@@ -31,7 +31,7 @@ build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ ./cmd/hook ./cmd/agentd ./cmd/agentctl
 
 ## tools: what the tests need, installed only when missing.
-tools: tool-nix tool-minio tool-versitygw
+tools: tool-nix tool-nginx tool-minio tool-versitygw
 
 tool-nix:
 	@if ! command -v nix-build >/dev/null; then \
@@ -45,6 +45,23 @@ tool-nix:
 	@if ! command -v systemd-analyze >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  echo "installing systemd (for systemd-analyze verify of the unit files)"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null || true; \
+	fi
+
+# nginx with its DAV module (Debian's nginx has it): the HTTP binary cache
+# the http:// tests upload to. The tests start their own instance; the
+# package's service is kept from starting (policy-rc.d) and not needed.
+tool-nginx:
+	@if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's nginx (service not started)"; \
+	    prc=/usr/sbin/policy-rc.d; had=; [ -e $$prc ] && had=1 && mv $$prc $$prc.nixspool-saved; \
+	    printf '#!/bin/sh\nexit 101\n' > $$prc && chmod 755 $$prc; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }; rc=$$?; \
+	    rm -f $$prc; [ -n "$$had" ] && mv $$prc.nixspool-saved $$prc; \
+	    [ $$rc = 0 ] || exit $$rc; \
+	  else \
+	    echo "nginx is missing: install it (Debian: sudo apt-get install nginx) and run again" >&2; exit 1; \
+	  fi; \
 	fi
 
 tool-minio:

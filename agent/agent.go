@@ -117,6 +117,7 @@ func New(cfg Config) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
+	a.cache.NetrcFile = cfg.NetrcFile
 	if a.bucket, err = open.Cache(a.cache); err != nil {
 		return nil, err
 	}

@@ -23,6 +23,7 @@ var Version = "dev"
 // Config is agentd's configuration.
 type Config struct {
 	Cache                 string        // cache URL; "" = file://<StateDir>/cache
+	NetrcFile             string        // credentials of an http(s):// cache; "" = Nix's default netrc file, if any
 	SecretKeyFiles        []string      // at least one, here or in the cache URL (secret-key=, secret-keys=)
 	AllowInsecureKeyPerms bool          // accept key files readable by group/others
 	Socket                string        // unix socket to listen on (unless socket-activated)
@@ -110,6 +111,9 @@ func (c *Config) Validate() error {
 	}
 	if len(c.SecretKeyFiles) == 0 && (cache == nil || len(cache.SecretKeyFiles) == 0) {
 		errs = append(errs, errors.New("--secret-key-file: at least one signing key is required, here or as secret-key= in the cache URL (create one with `nix key generate-secret --key-name NAME`)"))
+	}
+	if c.NetrcFile != "" && !filepath.IsAbs(c.NetrcFile) {
+		errs = append(errs, fmt.Errorf("--netrc-file %q: must be absolute", c.NetrcFile))
 	}
 	if !filepath.IsAbs(c.StateDir) {
 		errs = append(errs, fmt.Errorf("--state-dir %q: must be absolute", c.StateDir))

@@ -217,6 +217,10 @@ func (a *Agent) doctorBucketWrites(ctx context.Context, add func(name, status, d
 // (docs/gc.md, "Assumptions"): conditional writes, and how well the
 // store's clock is known.
 func (a *Agent) doctorGCStore(ctx context.Context, add func(name, status, detail, hint string)) {
+	if err := bucket.CheckListable(a.bucket); err != nil {
+		add("gc store checks", "ok", "not applicable: "+err.Error()+", so nixspool does not collect it", "")
+		return
+	}
 	sc, err := gc.CheckStore(ctx, a.bucket)
 	if err != nil {
 		add("gc store checks", "warn", err.Error(), "")

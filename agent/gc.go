@@ -79,7 +79,8 @@ func agentID(stateDir string) (string, error) {
 // deleted them), then keeps watching, and runs the schedule if any.
 func (g *gcAgent) start(ctx context.Context) {
 	pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	if err := g.watcher.Poll(pctx); err != nil {
+	// A cache that cannot be listed: the watcher has said what that means.
+	if err := g.watcher.Poll(pctx); err != nil && !errors.Is(err, bucket.ErrNoListing) {
 		g.a.log.Warn("gc watcher: cannot read announcements yet; narinfo writes wait until it can", "err", err)
 	}
 	cancel()

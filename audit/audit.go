@@ -169,6 +169,9 @@ func (a *auditor) problem(key, kind, format string, args ...any) {
 // Run audits the cache in b.
 func Run(ctx context.Context, b bucket.Bucket, opt Options) (*Report, error) {
 	start := time.Now()
+	if err := bucket.CheckListable(b); err != nil {
+		return nil, fmt.Errorf("audit refused: %w, and the audit reads the whole cache; audit the directory or bucket behind it (agentd audit --cache file://… or s3://…) instead", err)
+	}
 	if opt.Concurrency <= 0 {
 		opt.Concurrency = 32
 	}

@@ -1,7 +1,8 @@
 // Package bucket is the small object-store interface the uploader, the
 // auditor and the collector work through, with implementations for S3
-// (bucket/s3) and a local directory (bucket/file). The contract is checked
-// for both by one suite, bucket/buckettest.
+// (bucket/s3), an HTTP binary cache (bucket/httpcache) and a local
+// directory (bucket/file). The contract is checked for each by one suite,
+// bucket/buckettest.
 package bucket
 
 import (
@@ -269,4 +270,43 @@ func Direct(b Bucket) Bucket {
 		}
 		b = u.Unwrap()
 	}
+}
+
+// ErrNoListing is wrapped (together with ErrPermanent) by List on a store
+// that has no way to list its keys: an HTTP binary cache, which only
+// answers GET, HEAD and PUT for keys it is asked about.
+var ErrNoListing = errors.New("the store cannot list its keys")
+
+// NoListingError returns the error of a store that cannot list its keys:
+// "DESC cannot be listed (WHY)", wrapping ErrNoListing and ErrPermanent.
+func NoListingError(desc, why string) error {
+	return &noListingError{msg: desc + " cannot be listed (" + why + ")"}
+}
+
+type noListingError struct{ msg string }
+
+func (e *noListingError) Error() string { return e.msg }
+func (e *noListingError) Is(target error) bool {
+	return target == ErrNoListing || target == ErrPermanent
+}
+
+// Unlistable is implemented by buckets that cannot list: their List
+// always fails with ErrNoListing. NoListing says why, in one line
+// (NoListingError).
+type Unlistable interface {
+	NoListing() error
+}
+
+// CheckListable returns nil if b (or the bucket under its request
+// limiters) can list its keys, and otherwise the error saying why not,
+// wrapping ErrNoListing and ErrPermanent. Whatever needs a listing (gc,
+// the whole-cache audit) refuses up front with it; whatever can do
+// without (presence) asks key by key instead.
+func CheckListable(b Bucket) error {
+	for _, x := range []Bucket{b, Direct(b)} {
+		if u, ok := x.(Unlistable); ok {
+			return u.NoListing()
+		}
+	}
+	return nil
 }

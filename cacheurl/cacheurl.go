@@ -1,6 +1,7 @@
 // Package cacheurl parses binary cache addresses the way Nix users write
-// them: s3://BUCKET[/PREFIX]?endpoint=…&region=…&… or file:///ABS/DIR, with
-// every parameter Nix's S3, HTTP and local binary cache stores accept.
+// them: s3://BUCKET[/PREFIX]?endpoint=…&region=…&…, http(s)://HOST[/PATH]?…
+// or file:///ABS/DIR, with every parameter Nix's S3, HTTP and local binary
+// cache stores accept.
 //
 // The parameters and what nixspool does with each are one table, Params:
 // a parameter is honoured (it changes where or how objects are written),
@@ -24,7 +25,7 @@ import (
 
 // Cache is a parsed cache address.
 type Cache struct {
-	Scheme string // "s3" or "file"
+	Scheme string // "s3", "http", "https" or "file"
 
 	// s3
 	Bucket      string
@@ -53,6 +54,14 @@ type Cache struct {
 	// file
 	Dir string
 
+	// http, https: the cache's URL without parameters or trailing slash
+	// (TLSCertificate and TLSPrivateKey apply too).
+	URL string
+	// NetrcFile names the netrc file with the credentials of an HTTP
+	// cache. It is not part of the URL: agentd sets it (--netrc-file);
+	// "" means Nix's default, if it exists.
+	NetrcFile string
+
 	// Upload options (Nix's names).
 	Compression         string // one of WritableCompressions
 	CompressionLevel    int    // -1: the method's default
@@ -75,52 +84,72 @@ type Cache struct {
 // Param is one cache URL parameter of Nix's binary cache stores.
 type Param struct {
 	Name string
-	// S3Only: a setting of Nix's S3 (and HTTP) binary cache store only;
-	// Nix's file:// store does not know it.
-	S3Only bool
+	// Stores are the cache URL schemes whose Nix store knows it, as the
+	// README's table shows them: StoresS3, StoresS3HTTP or StoresAll.
+	Stores string
 	// Effect says what nixspool does with it (the README's table).
 	Effect string
+}
+
+// The sets of stores a parameter applies to ("http" stands for https too).
+const (
+	StoresS3     = "s3"
+	StoresS3HTTP = "s3, http"
+	StoresAll    = "s3, http, file"
+)
+
+// AppliesTo reports whether Nix's store for the URL scheme knows p.
+func (p Param) AppliesTo(scheme string) bool {
+	switch scheme {
+	case "s3":
+		return true
+	case "http", "https":
+		return p.Stores != StoresS3
+	}
+	return p.Stores == StoresAll
 }
 
 // Params are the parameters Nix's S3, HTTP and local binary cache stores
 // know (checked against Nix 2.8 and 2.35: BinaryCacheStoreConfig,
 // HttpBinaryCacheStoreConfig, S3BinaryCacheStoreConfig and the StoreConfig
-// settings every store has).
+// settings every store has). Nix 2.35's HTTP store knows the metadata
+// compressions and the TLS client certificate; nixspool accepts them for
+// every http(s):// cache.
 var Params = []Param{
-	{"endpoint", true, "S3-compatible endpoint: `host[:port]` (TLS unless `scheme=http`) or `http(s)://host[:port]` (the URL's scheme decides TLS; a different `scheme=` is an error)"},
-	{"region", true, "signing region (default `us-east-1`)"},
-	{"aws-region", true, "old name of `region` (Nix ≤ 2.14)"},
-	{"scheme", true, "`http` or `https` for a bare-host endpoint (deprecated in Nix for an endpoint URL)"},
-	{"profile", true, "AWS profile in the shared config and credentials files, tried after the environment and SSO"},
-	{"addressing-style", true, "`auto` (default: virtual-host style for AWS, path style for a custom endpoint or a bucket name with dots), `path` or `virtual`"},
-	{"storage-class", true, "sent as `x-amz-storage-class` with every upload"},
-	{"multipart-chunk-size", true, "smallest multipart part (5 MiB to 5 GiB; default 16 MiB); larger objects get larger parts to stay under 10,000 parts"},
-	{"buffer-size", true, "old name of `multipart-chunk-size` (Nix ≤ 2.32)"},
-	{"multipart-upload", true, "`true`: objects under `multipart-threshold` go up in one PUT; `false`: no effect (an object larger than one part always goes up in parts)"},
-	{"multipart-threshold", true, "with `multipart-upload=true`, the size under which an object goes up in one PUT (default 100 MiB, at most 5 GiB); no effect otherwise"},
-	{"narinfo-compression", true, "compress narinfos (`br`, `gzip` or `zstd`), sent as Content-Encoding"},
-	{"ls-compression", true, "compress `.ls` listings, likewise"},
-	{"log-compression", true, "compress build logs, likewise"},
-	{"tls-certificate", true, "client certificate (PEM) presented to the endpoint"},
-	{"tls-private-key", true, "key of `tls-certificate` (PEM; default: the certificate file)"},
-	{"retry-attempts", true, "no effect: agentd retries each job with persisted backoff (`--max-attempts`, `--backoff-max`)"},
-	{"retry-delay", true, "no effect, likewise"},
-	{"retry-delay-rate-limited", true, "no effect, likewise"},
-	{"retry-max-delay", true, "no effect, likewise"},
-	{"compression", false, "NAR compression: `zstd` (default), `xz`, `bzip2`, `br`, `gzip`, `lz4` or `none`; refused: `lzip`, `lzop`, `compress`, `grzip`, `lrzip` (no maintained Go encoder) and `lzma` (stock Nix 2.8 cannot read it back)"},
-	{"compression-level", false, "level of `compression` (zstd 0–22, xz 0–9, bzip2 1–9, gzip 0–9, br 0–11, lz4 1–9); no effect with `none`"},
-	{"parallel-compression", false, "zstd and lz4 compress large NARs on two threads (Nix 2.35's default for zstd) unless `false`; with another method, `true` has no effect"},
-	{"write-nar-listing", false, "also write `<hash>.ls` listings"},
-	{"secret-key", false, "signing key file, in addition to `--secret-key-file` (same permission check)"},
-	{"secret-keys", false, "comma-separated signing key files, likewise"},
-	{"priority", false, "written to `nix-cache-info` (default 40)"},
-	{"want-mass-query", false, "written to `nix-cache-info` (default true)"},
-	{"store", false, "must be `/nix/store`, the only store nixspool uploads from"},
-	{"index-debug-info", false, "no effect: `debuginfo/` objects are not written"},
-	{"local-nar-cache", false, "no effect (a reader's setting)"},
-	{"trusted", false, "no effect (a reader's setting)"},
-	{"path-info-cache-size", false, "no effect (a reader's setting)"},
-	{"system-features", false, "no effect (a builder's setting)"},
+	{"endpoint", StoresS3, "S3-compatible endpoint: `host[:port]` (TLS unless `scheme=http`) or `http(s)://host[:port]` (the URL's scheme decides TLS; a different `scheme=` is an error)"},
+	{"region", StoresS3, "signing region (default `us-east-1`)"},
+	{"aws-region", StoresS3, "old name of `region` (Nix ≤ 2.14)"},
+	{"scheme", StoresS3, "`http` or `https` for a bare-host endpoint (deprecated in Nix for an endpoint URL)"},
+	{"profile", StoresS3, "AWS profile in the shared config and credentials files, tried after the environment and SSO"},
+	{"addressing-style", StoresS3, "`auto` (default: virtual-host style for AWS, path style for a custom endpoint or a bucket name with dots), `path` or `virtual`"},
+	{"storage-class", StoresS3, "sent as `x-amz-storage-class` with every upload"},
+	{"multipart-chunk-size", StoresS3, "smallest multipart part (5 MiB to 5 GiB; default 16 MiB); larger objects get larger parts to stay under 10,000 parts"},
+	{"buffer-size", StoresS3, "old name of `multipart-chunk-size` (Nix ≤ 2.32)"},
+	{"multipart-upload", StoresS3, "`true`: objects under `multipart-threshold` go up in one PUT; `false`: no effect (an object larger than one part always goes up in parts)"},
+	{"multipart-threshold", StoresS3, "with `multipart-upload=true`, the size under which an object goes up in one PUT (default 100 MiB, at most 5 GiB); no effect otherwise"},
+	{"narinfo-compression", StoresS3HTTP, "compress narinfos (`br`, `gzip` or `zstd`), sent as Content-Encoding"},
+	{"ls-compression", StoresS3HTTP, "compress `.ls` listings, likewise"},
+	{"log-compression", StoresS3HTTP, "compress build logs, likewise"},
+	{"tls-certificate", StoresS3HTTP, "client certificate (PEM) presented to the endpoint"},
+	{"tls-private-key", StoresS3HTTP, "key of `tls-certificate` (PEM; default: the certificate file)"},
+	{"retry-attempts", StoresS3, "no effect: agentd retries each job with persisted backoff (`--max-attempts`, `--backoff-max`)"},
+	{"retry-delay", StoresS3, "no effect, likewise"},
+	{"retry-delay-rate-limited", StoresS3, "no effect, likewise"},
+	{"retry-max-delay", StoresS3, "no effect, likewise"},
+	{"compression", StoresAll, "NAR compression: `zstd` (default), `xz`, `bzip2`, `br`, `gzip`, `lz4` or `none`; refused: `lzip`, `lzop`, `compress`, `grzip`, `lrzip` (no maintained Go encoder) and `lzma` (stock Nix 2.8 cannot read it back)"},
+	{"compression-level", StoresAll, "level of `compression` (zstd 0–22, xz 0–9, bzip2 1–9, gzip 0–9, br 0–11, lz4 1–9); no effect with `none`"},
+	{"parallel-compression", StoresAll, "zstd and lz4 compress large NARs on two threads (Nix 2.35's default for zstd) unless `false`; with another method, `true` has no effect"},
+	{"write-nar-listing", StoresAll, "also write `<hash>.ls` listings"},
+	{"secret-key", StoresAll, "signing key file, in addition to `--secret-key-file` (same permission check)"},
+	{"secret-keys", StoresAll, "comma-separated signing key files, likewise"},
+	{"priority", StoresAll, "written to `nix-cache-info` (default 40)"},
+	{"want-mass-query", StoresAll, "written to `nix-cache-info` (default true)"},
+	{"store", StoresAll, "must be `/nix/store`, the only store nixspool uploads from"},
+	{"index-debug-info", StoresAll, "no effect: `debuginfo/` objects are not written"},
+	{"local-nar-cache", StoresAll, "no effect (a reader's setting)"},
+	{"trusted", StoresAll, "no effect (a reader's setting)"},
+	{"path-info-cache-size", StoresAll, "no effect (a reader's setting)"},
+	{"system-features", StoresAll, "no effect (a builder's setting)"},
 }
 
 // WritableCompressions are the NAR compressions nixspool writes.
@@ -171,6 +200,25 @@ func Parse(raw string) (*Cache, error) {
 		if p := strings.Trim(u.Path, "/"); p != "" {
 			c.Prefix = p + "/"
 		}
+	case "http", "https":
+		if u.Host == "" {
+			return nil, fmt.Errorf("cache URL %q: no host (want %s://HOST[:PORT][/PATH])", raw, u.Scheme)
+		}
+		if u.User != nil {
+			return nil, fmt.Errorf("cache URL: credentials do not belong in the URL; put them in a netrc file (agentd --netrc-file)")
+		}
+		if u.Fragment != "" {
+			return nil, fmt.Errorf("cache URL %q: a fragment (#…) has no meaning here", raw)
+		}
+		if err := checkHostPort(u.Host); err != nil {
+			return nil, fmt.Errorf("cache URL %q: %w", raw, err)
+		}
+		p := strings.TrimRight(u.EscapedPath(), "/")
+		if strings.Contains(p+"/", "/../") || strings.Contains(p+"/", "/./") || strings.Contains(p, "//") {
+			return nil, fmt.Errorf("cache URL %q: the path must be clean (no //, . or ..)", raw)
+		}
+		c.URL = u.Scheme + "://" + u.Host + p
+		c.Secure = u.Scheme == "https"
 	case "file":
 		if u.Host != "" {
 			return nil, fmt.Errorf("cache URL %q: file URLs need an absolute path (file:///DIR)", raw)
@@ -180,7 +228,7 @@ func Parse(raw string) (*Cache, error) {
 		}
 		c.Dir = u.Path
 	default:
-		return nil, fmt.Errorf("cache URL %q: scheme must be s3:// or file://", raw)
+		return nil, fmt.Errorf("cache URL %q: scheme must be s3://, http://, https:// or file://", raw)
 	}
 	q, err := url.ParseQuery(u.RawQuery)
 	if err != nil {
@@ -205,7 +253,10 @@ func Parse(raw string) (*Cache, error) {
 		if len(vals) != 1 {
 			return nil, fmt.Errorf("cache URL parameter %q given %d times", key, len(vals))
 		}
-		if p.S3Only && c.Scheme != "s3" {
+		if !p.AppliesTo(c.Scheme) {
+			if p.Stores == StoresS3HTTP {
+				return nil, fmt.Errorf("cache URL parameter %q only applies to s3:// and http(s):// caches", key)
+			}
 			return nil, fmt.Errorf("cache URL parameter %q only applies to s3:// caches", key)
 		}
 		v := vals[0]
@@ -437,8 +488,11 @@ func Parse(raw string) (*Cache, error) {
 }
 
 func storeName(scheme string) string {
-	if scheme == "file" {
+	switch scheme {
+	case "file":
 		return "local (file://)"
+	case "http", "https":
+		return "HTTP"
 	}
 	return "S3"
 }
@@ -539,8 +593,11 @@ func parseBool(s string) (bool, error) {
 // directory), without options or secrets. Two caches with the same identity
 // hold the same objects.
 func (c *Cache) Identity() string {
-	if c.Scheme == "file" {
+	switch c.Scheme {
+	case "file":
 		return "file://" + c.Dir
+	case "http", "https":
+		return c.URL + "/"
 	}
 	ep := c.Endpoint
 	if ep == "" {
@@ -552,8 +609,11 @@ func (c *Cache) Identity() string {
 // String renders the address for logs and status: no credentials are ever
 // part of a Cache, so this is safe to show.
 func (c *Cache) String() string {
-	if c.Scheme == "file" {
+	switch c.Scheme {
+	case "file":
 		return "file://" + c.Dir
+	case "http", "https":
+		return c.URL
 	}
 	s := "s3://" + c.Bucket
 	if c.Prefix != "" {

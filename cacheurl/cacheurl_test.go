@@ -46,7 +46,8 @@ var sample = map[string]string{
 }
 
 // TestEveryParameterIsAccepted: each parameter Nix knows parses alone; one
-// that Nix's file:// store does not know is refused there, naming it.
+// that Nix's file:// or HTTP store does not know is refused there, naming
+// it.
 func TestEveryParameterIsAccepted(t *testing.T) {
 	for _, p := range Params {
 		v, ok := sample[p.Name]
@@ -62,17 +63,63 @@ func TestEveryParameterIsAccepted(t *testing.T) {
 		if _, err := Parse("s3://bucket" + q + companion); err != nil {
 			t.Errorf("s3: %s=%s: %v", p.Name, v, err)
 		}
-		_, err := Parse("file:///var/cache/nix" + q)
-		switch {
-		case p.S3Only && (err == nil || !strings.Contains(err.Error(), p.Name)):
-			t.Errorf("file: %s accepted or error does not name it: %v", p.Name, err)
-		case !p.S3Only && err != nil:
-			t.Errorf("file: %s=%s: %v", p.Name, v, err)
+		for _, base := range []string{"file:///var/cache/nix", "http://cache.example.org/nix", "https://cache.example.org"} {
+			scheme, _, _ := strings.Cut(base, ":")
+			known := p.AppliesTo(scheme)
+			with := ""
+			if known {
+				with = companion
+			}
+			_, err := Parse(base + q + with)
+			switch {
+			case !known && (err == nil || !strings.Contains(err.Error(), p.Name)):
+				t.Errorf("%s: %s accepted or error does not name it: %v", scheme, p.Name, err)
+			case known && err != nil:
+				t.Errorf("%s: %s=%s: %v", scheme, p.Name, v, err)
+			}
 		}
 	}
 	for name := range sample {
 		if !slices.ContainsFunc(Params, func(p Param) bool { return p.Name == name }) {
 			t.Errorf("sample %s is not a parameter", name)
+		}
+	}
+}
+
+// TestHTTP: an http(s):// cache is its URL without parameters, TLS
+// unless http://, with the binary cache parameters Nix's HTTP store knows.
+func TestHTTP(t *testing.T) {
+	c, err := Parse("http://127.0.0.1:8080/cache/?compression=xz&secret-key=/k/one&narinfo-compression=br&write-nar-listing=1&priority=30")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Scheme != "http" || c.URL != "http://127.0.0.1:8080/cache" || c.Secure || c.Compression != "xz" || c.NarinfoCompression != "br" ||
+		!c.WriteNARListing || c.Priority != 30 || !slices.Equal(c.SecretKeyFiles, []string{"/k/one"}) {
+		t.Fatalf("parsed %+v", c)
+	}
+	if c.String() != "http://127.0.0.1:8080/cache" || c.Identity() != "http://127.0.0.1:8080/cache/" {
+		t.Errorf("String %q, Identity %q", c.String(), c.Identity())
+	}
+	s, err := Parse("https://cache.example.org")
+	if err != nil || !s.Secure || s.URL != "https://cache.example.org" || s.Compression != "zstd" {
+		t.Fatalf("https: %+v %v", s, err)
+	}
+	for raw, want := range map[string]string{
+		"http://user:secret@cache.example.org/": "netrc",
+		"https:///nix":                          "no host",
+		"http://h/a/../b":                       "clean",
+		"http://h/a//b":                         "clean",
+		"http://h/#x":                           "fragment",
+		"https://h?region=eu-west-1":            "region",
+		"https://h?endpoint=x":                  "only applies to s3://",
+		"https://h?bogus=1":                     "HTTP binary cache store",
+	} {
+		_, err := Parse(raw)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Parse(%q) = %v, want an error saying %q", raw, err, want)
+		}
+		if err != nil && strings.Contains(err.Error(), "secret") {
+			t.Errorf("Parse(%q) error shows the password: %v", raw, err)
 		}
 	}
 }
@@ -214,7 +261,7 @@ func TestParseErrorsNameTheParameter(t *testing.T) {
 		"s3://b?trusted=perhaps":                         "trusted",
 		"s3://b?retry-attempts=-1":                       "retry-attempts",
 		"s3://b?path-info-cache-size=big":                "path-info-cache-size",
-		"http://example.com/cache":                       "scheme",
+		"ftp://example.com/cache":                        "scheme",
 		"file://relative/dir":                            "absolute",
 		"s3://?endpoint=x":                               "bucket",
 		"s3://key:secret@bucket":                         "credentials",
@@ -278,10 +325,7 @@ func TestReadmeListsEveryParameter(t *testing.T) {
 			if p.Name != m[1] {
 				continue
 			}
-			stores := "s3, file"
-			if p.S3Only {
-				stores = "s3"
-			}
+			stores := p.Stores
 			if m[2] != stores || m[3] != p.Effect {
 				t.Errorf("README row for %s says\n  %s | %s\nthe code says\n  %s | %s", p.Name, m[2], m[3], stores, p.Effect)
 			}
@@ -300,7 +344,7 @@ func TestReadmeListsEveryParameter(t *testing.T) {
 }
 
 func FuzzParse(f *testing.F) {
-	for _, s := range []string{"s3://b?endpoint=h:1&scheme=http", "file:///x", "s3://b/p?compression=xz&priority=1", "%zz", "s3://b?a=b&a=c",
+	for _, s := range []string{"s3://b?endpoint=h:1&scheme=http", "file:///x", "http://h:8080/c?compression=xz", "https://u:p@h/", "s3://b/p?compression=xz&priority=1", "%zz", "s3://b?a=b&a=c",
 		"s3://b?endpoint=http://[::1]:9&multipart-chunk-size=5M", "s3://a.b?addressing-style=virtual"} {
 		f.Add(s)
 	}
@@ -312,7 +356,7 @@ func FuzzParse(f *testing.F) {
 			}
 			return
 		}
-		if c.Scheme != "s3" && c.Scheme != "file" {
+		if c.Scheme != "s3" && c.Scheme != "file" && c.Scheme != "http" && c.Scheme != "https" {
 			t.Fatalf("accepted scheme %q", c.Scheme)
 		}
 		if c.PartSize != 0 && (c.PartSize < 5<<20 || c.PartSize > 5<<30) {

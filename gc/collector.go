@@ -283,6 +283,9 @@ func Run(ctx context.Context, b bucket.Bucket, opt Options) (*Report, error) {
 	if opt.Grace <= 0 || opt.KeepSince < 0 {
 		return rep, errors.New("gc: --grace must be positive and --keep-since not negative")
 	}
+	if err := bucket.CheckListable(b); err != nil {
+		return rep, fmt.Errorf("gc refused: %w, and garbage collection must see every object; collect the directory or bucket behind it (file://… or s3://…) instead", err)
+	}
 	c := &collector{b: &counting{Bucket: b}, opt: opt, tm: TimingFor(opt.Grace), log: opt.Logger, deleted: map[string]bool{}, rep: rep}
 	start := opt.Clock.Now()
 	err := c.run(ctx)

@@ -80,6 +80,9 @@ func RemovePin(ctx context.Context, b bucket.Bucket, name string) (string, error
 
 // ListPins returns every pin, by name.
 func ListPins(ctx context.Context, b bucket.Bucket) ([]Pin, error) {
+	if err := bucket.CheckListable(b); err != nil {
+		return nil, fmt.Errorf("pins: %w", err)
+	}
 	var objs []bucket.Object
 	if err := b.List(ctx, bucket.ListOptions{Prefix: PinPrefix, Recursive: true}, func(o bucket.Object) error {
 		if validPinName(strings.TrimPrefix(o.Key, PinPrefix)) {

@@ -178,7 +178,7 @@ func (w *Watcher) poll(ctx context.Context) error {
 			w.blind = true
 			w.mu.Unlock()
 			if first {
-				w.opt.Logger.Warn("this cache cannot be listed with this URL (the bucket is named inside endpoint=); this agent cannot see garbage-collection announcements, so it registers as blind: collectors refuse to run while it does, and it writes narinfos only while no collector holds the lease", "err", err)
+				w.opt.Logger.Warn("this cache cannot be listed with this URL (an HTTP binary cache, or an S3 bucket named inside endpoint=); this agent cannot see garbage-collection announcements, so it registers as blind: collectors refuse to run while it does, and it writes narinfos only while no collector holds the lease", "err", err)
 			}
 		}
 		return fmt.Errorf("list gc announcements: %w", err)

@@ -584,9 +584,11 @@ func (pr *presence) doomedLocked(h string) bool {
 }
 
 // listingWorthIt decides between a HEAD per path and listing the hash
-// prefixes the paths fall under, from the estimated size of the cache.
+// prefixes the paths fall under, from the estimated size of the cache. A
+// store that says it cannot list (an HTTP binary cache) is asked by HEAD
+// only.
 func (pr *presence) listingWorthIt(paths []string) bool {
-	if len(paths) < 32 || pr.unlistable.Load() {
+	if len(paths) < 32 || pr.unlistable.Load() || bucket.CheckListable(pr.u.opt.Bucket) != nil {
 		return false
 	}
 	prefixes := map[byte]bool{}

@@ -783,6 +783,38 @@ func TestUnlistableBucketFallsBackToHEADs(t *testing.T) {
 	}
 }
 
+// noListingBucket cannot list, and says so up front, as an HTTP binary
+// cache does; a List call fails the test.
+type noListingBucket struct {
+	bucket.Bucket
+	t *testing.T
+}
+
+func (b noListingBucket) NoListing() error {
+	return fmt.Errorf("test cache: %w: %w", bucket.ErrPermanent, bucket.ErrNoListing)
+}
+
+func (b noListingBucket) List(context.Context, bucket.ListOptions, func(bucket.Object) error) error {
+	b.t.Errorf("List called on a bucket that says it cannot list")
+	return b.NoListing()
+}
+
+// TestNoListingBucketIsAskedByHEAD: a bucket that says it cannot list is
+// never listed, however many paths a closure has: presence is asked by
+// HEAD, without a failed listing first or a warning about one.
+func TestNoListingBucketIsAskedByHEAD(t *testing.T) {
+	const n = 300 // enough for a listing to be worth it
+	w := newWorld(t, n, flat(n), size(10))
+	w.b.oldCacheInfo = true // not young: presence may be listed
+	u := w.uploader(Options{Bucket: noListingBucket{w.b, t}})
+	if res, err := u.Upload(context.Background(), w.paths[n-1]); err != nil || res.Paths != n {
+		t.Fatalf("Upload = %+v, %v", res, err)
+	}
+	if u.presence.unlistable.Load() {
+		t.Fatal("a listing was tried and failed")
+	}
+}
+
 // TestLoadedPresenceKeepsItsAge: what a restart loads is trusted for what
 // is left of the TTL, not for a whole TTL again.
 func TestLoadedPresenceKeepsItsAge(t *testing.T) {

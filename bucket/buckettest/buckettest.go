@@ -1,6 +1,8 @@
 // Package buckettest is the contract every bucket.Bucket implementation must
 // meet, as one suite run against each of them: a local directory, MinIO and
-// a second, independent S3 implementation (the Versity S3 Gateway).
+// a second, independent S3 implementation (the Versity S3 Gateway), and
+// HTTP binary caches (nginx's DAV module, and an in-memory server that
+// honours conditional PUTs).
 //
 // S3 implementations differ in a few things nixspool can live with either
 // way; Caps names them, so the suite checks that a store does what it
@@ -50,6 +52,10 @@ type Caps struct {
 	// of one exact key only (it expires stale uploads itself), so stale
 	// upload cleanup finds nothing there, harmlessly.
 	ListUploadsByPrefix bool
+	// NoListing: the store cannot list its keys (an HTTP binary cache).
+	// List must then fail with bucket.ErrNoListing and ErrPermanent, and
+	// bucket.CheckListable must say so before anything is asked.
+	NoListing bool
 	// PartETagIsMD5: a multipart part's ETag is the hex MD5 of its bytes.
 	// A resumed upload keeps the parts already on the server only when
 	// their ETag matches the local part's MD5; elsewhere it sends them
@@ -206,7 +212,25 @@ func RunWith(t *testing.T, b bucket.Bucket, caps Caps) {
 	if !caps.IgnoresConditions {
 		t.Run("ConditionalWrites", func(t *testing.T) { conditionalWrites(t, b) })
 	}
+	if caps.NoListing {
+		t.Run("NoListing", func(t *testing.T) {
+			err := bucket.CheckListable(b)
+			if !errors.Is(err, bucket.ErrNoListing) || !bucket.IsPermanent(err) {
+				t.Fatalf("CheckListable = %v, want ErrNoListing and ErrPermanent", err)
+			}
+			called := false
+			err = b.List(ctx, bucket.ListOptions{Recursive: true}, func(bucket.Object) error { called = true; return nil })
+			if !errors.Is(err, bucket.ErrNoListing) || !bucket.IsPermanent(err) || called {
+				t.Fatalf("List = %v (fn called: %v), want ErrNoListing and ErrPermanent", err, called)
+			}
+		})
+	} else if err := bucket.CheckListable(b); err != nil {
+		t.Fatalf("CheckListable = %v on a store that lists", err)
+	}
 	t.Run("List", func(t *testing.T) {
+		if caps.NoListing {
+			t.Skip("the store cannot list")
+		}
 		keys := []string{"0a.narinfo", "0b.ls", "1c.narinfo", "nar/0a.nar.zst", "nar/1c.nar", "nix-cache-info", "log/x.drv"}
 		for _, k := range keys {
 			put(t, b, k, "body of "+k, bucket.PutOptions{})
@@ -270,17 +294,19 @@ func RunWith(t *testing.T, b bucket.Bucket, caps Caps) {
 				t.Fatalf("Get %q = %q, %v", k, got, err)
 			}
 		}
-		var listed []string
-		if err := b.List(ctx, bucket.ListOptions{Recursive: true}, func(o bucket.Object) error {
-			listed = append(listed, o.Key)
-			return nil
-		}); err != nil {
-			t.Fatal(err)
-		}
-		want := append([]string(nil), keys...)
-		sort.Strings(want)
-		if strings.Join(listed, " ") != strings.Join(want, " ") {
-			t.Fatalf("List = %q, want %q", listed, want)
+		if !caps.NoListing {
+			var listed []string
+			if err := b.List(ctx, bucket.ListOptions{Recursive: true}, func(o bucket.Object) error {
+				listed = append(listed, o.Key)
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			want := append([]string(nil), keys...)
+			sort.Strings(want)
+			if strings.Join(listed, " ") != strings.Join(want, " ") {
+				t.Fatalf("List = %q, want %q", listed, want)
+			}
 		}
 		if err := bucket.DeleteAll(ctx, b, keys); err != nil {
 			t.Fatal(err)
