@@ -17,7 +17,7 @@ buildGoModule rec {
       !(builtins.elem base [ "bin" "var" ".tools" "result" ]);
   };
 
-  vendorHash = "sha256-DejTZocMtjDNXXLn0Qy0coJ9srOhLGrZo04ir+ohwxA=";
+  vendorHash = "sha256-DU9iNmkCk2TTEeG/fG6OcXHbJuI/Gt4RzOFPp3VVP8w=";
 
   subPackages = [ "cmd/hook" "cmd/agentd" "cmd/agentctl" ];
 
