@@ -605,13 +605,22 @@ func (pr *presence) ask(ctx context.Context, paths []string) ([]string, error) {
 	if len(paths) == 0 {
 		return nil, nil
 	}
-	// Shortly after a reset a lagging listing may still show what the
-	// reset deleted: in a young cache presence is asked by HEAD.
-	storeNow, _ := bucket.NowWithin(pr.u.opt.Bucket)
-	if pr.listingWorthIt(paths) && !pr.young(storeNow, youngCache) {
+	if pr.listingWorthIt(paths) {
 		found, err := pr.askByListing(ctx, paths)
-		if err == nil || errors.Is(err, bucket.ErrUnavailable) || ctx.Err() != nil || !(bucket.IsNotExist(err) || bucket.IsPermanent(err)) {
-			return found, err
+		if err == nil {
+			// Shortly after a reset a lagging listing may still show what
+			// the reset deleted: in a young cache what it shows is asked
+			// again by HEAD. What it does not show counts as missing, as a
+			// HEAD's "not found" does: the upload of a path that is there
+			// after all costs a create-only write that keeps it.
+			storeNow, _ := bucket.NowWithin(pr.u.opt.Bucket)
+			if pr.young(storeNow, youngCache) {
+				return pr.askByHead(ctx, found)
+			}
+			return found, nil
+		}
+		if errors.Is(err, bucket.ErrUnavailable) || ctx.Err() != nil || !(bucket.IsNotExist(err) || bucket.IsPermanent(err)) {
+			return nil, err
 		}
 		if !pr.unlistable.Swap(true) {
 			pr.u.log.Warn("the bucket cannot be listed with this cache URL; asking about paths one by one (HEAD)", "err", err)

@@ -844,3 +844,36 @@ func TestLoadedPresenceKeepsItsAge(t *testing.T) {
 		t.Fatalf("loaded %v at %v, want it dated %v", ok, time.Unix(at, 0), recorded)
 	}
 }
+
+// TestYoungCacheListsThenConfirmsByHEAD: in a young cache many paths are
+// asked about with a listing per hash prefix, and only what the listing
+// shows is asked again by HEAD (a lagging listing may still show what a
+// reset deleted); what it does not show is uploaded.
+func TestYoungCacheListsThenConfirmsByHEAD(t *testing.T) {
+	const n, present = 400, 50
+	w := newWorld(t, n, flat(n), size(10))
+	first := w.uploader(Options{})
+	for i := 0; i < present; i++ {
+		if _, err := first.Upload(context.Background(), w.paths[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w.b.stats.Store(0)
+	w.b.lists.Store(0)
+	fresh := w.uploader(Options{})
+	if err := fresh.EnsureCacheInfo(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if !fresh.presence.young(time.Now(), youngCache) {
+		t.Fatal("the cache is not young")
+	}
+	res, err := fresh.Upload(context.Background(), w.paths[n-1])
+	if err != nil || res.Paths != n-present {
+		t.Fatalf("Upload = %+v, %v; want %d paths uploaded", res, err, n-present)
+	}
+	// The present paths' narinfos are asked about again by HEAD (and, in a
+	// young cache, their NARs checked): about 2 × present, far from n.
+	if s, l := w.b.stats.Load(), w.b.lists.Load(); l == 0 || l > 32 || s > 3*present {
+		t.Fatalf("%d HEADs, %d listings; want at most 32 listings and HEADs only for the %d listed paths", s, l, present)
+	}
+}
