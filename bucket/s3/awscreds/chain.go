@@ -59,6 +59,13 @@ type Chain struct {
 	curr      Link
 	anonUntil time.Time // with no credentials, when to look again
 	source    string    // what supplied the current credentials, for Describe
+	had       bool      // a link gave credentials once
+}
+
+func (c *Chain) hadCredentials() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.had
 }
 
 // anonymousFor is how long the chain keeps sending unsigned requests
@@ -83,6 +90,16 @@ func (c *Chain) RetrieveWithCredContext(cc *credentials.CredContext) (credential
 		c.set(l, l.Describe())
 		return v, nil
 	}
+	if len(failed) > 0 && c.hadCredentials() {
+		// Credentials were found before and their renewal failed (an STS
+		// endpoint down while a session renews, say): an error the
+		// request reports and the job retries. Unsigned requests would
+		// be refused as forbidden, a permanent failure, or read as "not
+		// there".
+		err := fmt.Errorf("no credentials: %s", strings.Join(failed, "; "))
+		c.setFailed("none: " + err.Error())
+		return credentials.Value{}, err
+	}
 	what := "none: requests are sent unsigned"
 	if len(failed) > 0 {
 		what += " (" + strings.Join(failed, "; ") + ")"
@@ -91,11 +108,20 @@ func (c *Chain) RetrieveWithCredContext(cc *credentials.CredContext) (credential
 	return credentials.Value{SignerType: credentials.SignatureAnonymous}, nil
 }
 
+// setFailed records that configured sources failed: nothing is current,
+// and the next request asks again.
+func (c *Chain) setFailed(source string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.curr, c.source, c.anonUntil = nil, source, time.Time{}
+}
+
 func (c *Chain) set(l Link, source string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.curr, c.source = l, source
 	c.anonUntil = time.Time{}
+	c.had = c.had || l != nil
 	if l == nil {
 		c.anonUntil = time.Now().Add(anonymousFor)
 	}

@@ -1,6 +1,7 @@
 package awscreds
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -233,6 +234,40 @@ func TestSSOProfileGoesToSSO(t *testing.T) {
 	_, c := retrieve(t, Options{Profile: "dev"})
 	d := c.Describe()
 	if !strings.Contains(d, "sso (profile dev)") || !strings.Contains(d, "aws sso login") || strings.Contains(d, "profile dev has no credentials") {
+		t.Fatalf("Describe = %q", d)
+	}
+}
+
+// TestFailedRenewalIsAnError: once a source gave credentials, a renewal
+// that finds none is an error (the request fails and the job is retried),
+// never a turn to unsigned requests that the store refuses as forbidden.
+func TestFailedRenewalIsAnError(t *testing.T) {
+	dir := isolate(t)
+	state := filepath.Join(dir, "state")
+	script := filepath.Join(dir, "creds.sh")
+	writeFile(t, script, "#!/bin/sh\nif [ -e "+state+" ]; then exit 1; fi\necho '{\"Version\":1,\"AccessKeyId\":\"AK\",\"SecretAccessKey\":\"SK\"}'\n", 0o755)
+	writeFile(t, filepath.Join(dir, "config"), "[default]\ncredential_process = "+script+"\n", 0o600)
+	v, c := retrieve(t, Options{})
+	if v.AccessKeyID != "AK" {
+		t.Fatalf("first retrieval: got %+v", v)
+	}
+	writeFile(t, state, "down", 0o600)
+	v, err := c.RetrieveWithCredContext(&credentials.CredContext{Context: context.Background()})
+	if err == nil {
+		t.Fatalf("renewal with the source failing gave %+v (signer %v), want an error", v, v.SignerType)
+	}
+	if !strings.HasPrefix(c.Describe(), "none: no credentials") {
+		t.Fatalf("Describe = %q", c.Describe())
+	}
+}
+
+// TestUnparsableFileShowsNoLine: a line the ini parser cannot read (a
+// secret without "=") is not quoted in the error Describe shows.
+func TestUnparsableFileShowsNoLine(t *testing.T) {
+	dir := isolate(t)
+	writeFile(t, filepath.Join(dir, "credentials"), "[default]\naws_access_key_id = AK\naws_secret_access_key wJalrSECRETSECRET\n", 0o600)
+	_, c := retrieve(t, Options{})
+	if d := c.Describe(); strings.Contains(d, "SECRET") || !strings.Contains(d, "not a valid AWS config or credentials file") {
 		t.Fatalf("Describe = %q", d)
 	}
 }

@@ -61,7 +61,8 @@ func (ps profiles) read(file string, config bool) error {
 	// a value only after white space (credential_process = sh -c 'a;b').
 	f, err := ini.LoadSources(ini.LoadOptions{SpaceBeforeInlineComment: true}, data)
 	if err != nil {
-		return fmt.Errorf("%s: %w", file, err)
+		// The parser's error quotes the line, which may hold a secret.
+		return fmt.Errorf("%s: not a valid AWS config or credentials file (a line is neither a [section], a comment nor key = value; the line is not shown, it may hold a secret)", file)
 	}
 	for _, sec := range f.Sections() {
 		name := sec.Name()
