@@ -877,3 +877,72 @@ func TestYoungCacheListsThenConfirmsByHEAD(t *testing.T) {
 		t.Fatalf("%d HEADs, %d listings; want at most 32 listings and HEADs only for the %d listed paths", s, l, present)
 	}
 }
+
+// ghostListingBucket is a bucket whose listing lags behind a reset: it
+// still shows narinfos the bucket no longer holds. It records the keys
+// asked about by HEAD.
+type ghostListingBucket struct {
+	bucket.Bucket
+	ghosts  map[string]bool // narinfo keys listed but absent
+	mu      sync.Mutex
+	statted map[string]int
+}
+
+func (b *ghostListingBucket) List(ctx context.Context, opts bucket.ListOptions, fn func(bucket.Object) error) error {
+	if err := b.Bucket.List(ctx, opts, fn); err != nil {
+		return err
+	}
+	for k := range b.ghosts {
+		if strings.HasPrefix(k, opts.Prefix) {
+			if err := fn(bucket.Object{Key: k}); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func (b *ghostListingBucket) Stat(ctx context.Context, key string) (bucket.Info, error) {
+	b.mu.Lock()
+	b.statted[key]++
+	b.mu.Unlock()
+	return b.Bucket.Stat(ctx, key)
+}
+
+// TestYoungCacheLaggingListingIsConfirmed: in a young cache a listing that
+// still shows narinfos a reset deleted does not make their paths count as
+// present: each listed narinfo is asked about by HEAD, the paths are
+// uploaded again, and the closure is whole.
+func TestYoungCacheLaggingListingIsConfirmed(t *testing.T) {
+	const n, ghosts = 300, 40
+	w := newWorld(t, n, flat(n), size(10))
+	gb := &ghostListingBucket{Bucket: w.b, ghosts: map[string]bool{}, statted: map[string]int{}}
+	for _, p := range w.paths[:ghosts] {
+		gb.ghosts[storepath.HashPart(p)+".narinfo"] = true
+	}
+	u := w.uploader(Options{Bucket: gb})
+	ctx := context.Background()
+	if err := u.EnsureCacheInfo(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !u.presence.young(time.Now(), youngCache) {
+		t.Fatal("the cache is not young")
+	}
+	res, err := u.Upload(ctx, w.paths[n-1])
+	if err != nil || res.Paths != n {
+		t.Fatalf("Upload = %+v, %v; want all %d paths uploaded", res, err, n)
+	}
+	if w.b.lists.Load() == 0 {
+		t.Fatal("presence was not asked by listing")
+	}
+	gb.mu.Lock()
+	defer gb.mu.Unlock()
+	for k := range gb.ghosts {
+		if gb.statted[k] == 0 {
+			t.Fatalf("%s was listed in a young cache and taken as present without a HEAD", k)
+		}
+		if _, err := w.b.Stat(ctx, k); err != nil {
+			t.Fatalf("%s is missing after the upload: %v", k, err)
+		}
+	}
+}
