@@ -107,7 +107,7 @@ func newBucket(c *cacheurl.Cache, adjust func(*http.Transport)) (*Bucket, error)
 		adjust(tr)
 	}
 	b := &Bucket{base: strings.TrimSuffix(c.URL, "/"), host: u.Hostname(), desc: c.String()}
-	b.client = &http.Client{Transport: &hintTransport{base: tr, b: b}}
+	b.client = &http.Client{Transport: &hintTransport{base: tr, b: b}, CheckRedirect: refuseWriteRedirects}
 	netrc := c.NetrcFile
 	if netrc == "" {
 		netrc = defaultNetrc()
@@ -179,6 +179,9 @@ func (b *Bucket) do(req *http.Request, key string) (*http.Response, error) {
 		var local *localError
 		if errors.As(err, &local) {
 			return nil, fmt.Errorf("%s %s: %w: %w", req.Method, key, bucket.ErrLocal, local.err)
+		}
+		if errors.Is(err, bucket.ErrPermanent) {
+			return nil, fmt.Errorf("%s %s: %w", req.Method, key, redact(err)) // a refused redirect
 		}
 		// No answer at all: connection refused or reset, DNS, TLS, a
 		// timeout of the transport.
@@ -552,4 +555,18 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 		return t.Sub(now)
 	}
 	return 0
+}
+
+// refuseWriteRedirects follows redirects of reads only: Go's client would
+// turn a redirected PUT into a GET of the new address, which reports a
+// missing object (or, if it exists, a success) for a write that never
+// happened.
+func refuseWriteRedirects(req *http.Request, via []*http.Request) error {
+	if m := via[0].Method; m != http.MethodGet && m != http.MethodHead {
+		return fmt.Errorf("%s %s was redirected to %s: put the address it names in the cache URL (%w)", m, via[0].URL.Redacted(), req.URL.Redacted(), bucket.ErrPermanent)
+	}
+	if len(via) >= 10 {
+		return errors.New("stopped after 10 redirects")
+	}
+	return nil
 }

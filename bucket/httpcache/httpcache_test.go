@@ -287,3 +287,33 @@ func TestNoListing(t *testing.T) {
 		t.Fatalf("CheckListable = %v", err)
 	}
 }
+
+// TestWriteRedirectRefused: a redirected PUT fails permanently with a
+// message naming the address to use (Go's client would have turned it into
+// a GET); redirected reads are followed.
+func TestWriteRedirectRefused(t *testing.T) {
+	var methods []string
+	s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		methods = append(methods, r.Method+" "+r.URL.Path)
+		if strings.HasPrefix(r.URL.Path, "/old/") {
+			http.Redirect(w, r, "/new/"+strings.TrimPrefix(r.URL.Path, "/old/"), http.StatusMovedPermanently)
+			return
+		}
+		w.Header().Set("Content-Length", "5")
+		w.Write([]byte("hello"))
+	}))
+	t.Cleanup(s.Close)
+	b := open(t, s.URL+"/old/")
+	_, err := b.Put(context.Background(), "x.narinfo", strings.NewReader("hello"), 5, bucket.PutOptions{})
+	if err == nil || !bucket.IsPermanent(err) || !strings.Contains(err.Error(), "/new/x.narinfo") {
+		t.Fatalf("redirected PUT: %v; want a permanent error naming the new address", err)
+	}
+	for _, m := range methods {
+		if strings.HasPrefix(m, "GET") {
+			t.Fatalf("the PUT was followed as %s", m)
+		}
+	}
+	if data, _, err := b.Get(context.Background(), "y", 100); err != nil || string(data) != "hello" {
+		t.Fatalf("redirected GET: %q, %v", data, err)
+	}
+}

@@ -46,6 +46,9 @@ func (p *Process) RetrieveWithCredContext(cc *credentials.CredContext) (credenti
 	defer cancel()
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	cmd.Stderr = os.Stderr
+	// A helper's child that keeps stdout open must not hold the caller
+	// past the timeout.
+	cmd.WaitDelay = 5 * time.Second
 	out, err := cmd.Output()
 	if err != nil {
 		// Neither its output nor its arguments: either may hold a secret.
