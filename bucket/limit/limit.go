@@ -43,11 +43,6 @@ type Limiter struct {
 	// per window): the window after the last decrease.
 	ssthresh float64
 	inflight int
-	// Bulk requests (uploads of 64 KiB or more: parts, large PUTs) in flight, and
-	// when the last one ended: a small request's latency is no signal while
-	// bulk bytes share its path (see Release).
-	bulk        int
-	bulkEndedAt time.Time
 	// Latency of small requests: the minimum over a sliding period is the
 	// store's base round trip; a smoothed value far above it means queueing.
 	minRTT      time.Duration
@@ -116,20 +111,6 @@ func (l *Limiter) take() {
 	l.maxInflight = max(l.maxInflight, l.inflight)
 }
 
-// bulkStarted and bulkEnded bracket a request that sends a large body.
-func (l *Limiter) bulkStarted() {
-	l.mu.Lock()
-	l.bulk++
-	l.mu.Unlock()
-}
-
-func (l *Limiter) bulkEnded() {
-	l.mu.Lock()
-	l.bulk--
-	l.bulkEndedAt = l.opt.Now()
-	l.mu.Unlock()
-}
-
 // Outcome classifies a finished request for the window.
 type Outcome int
 
@@ -153,13 +134,7 @@ func (l *Limiter) Release(o Outcome, latency time.Duration, small bool) {
 		l.decrease(now, 0.5)
 	case OK:
 		queueing := false
-		// While bulk bytes flow (a NAR's parts), a small request's answer
-		// waits behind them on the link: its latency then measures the
-		// link's queue, which fewer requests in flight do not shorten
-		// (the bulk transfer keeps it full), and shrinking the window
-		// would only make the small requests wait for slots as well.
-		behindBulk := l.bulk > 0 || l.bulkEndedAt.After(now.Add(-latency))
-		if small && latency > 0 && !behindBulk {
+		if small && latency > 0 {
 			queueing = l.observe(now, latency)
 		}
 		switch {
@@ -291,25 +266,12 @@ func (b *Bucket) Unwrap() bucket.Bucket { return b.inner }
 // Limiter returns the window requests go through.
 func (b *Bucket) Limiter() *Limiter { return b.l }
 
-// do runs fn in a slot of the window. small says its latency is round
-// trips (a signal of queueing); bulk that it sends a large body, whose bytes
-// the small requests' answers may wait behind.
 func (b *Bucket) do(ctx context.Context, small bool, fn func() error) error {
-	return b.doBulk(ctx, small, false, fn)
-}
-
-func (b *Bucket) doBulk(ctx context.Context, small, bulk bool, fn func() error) error {
 	if err := b.l.Acquire(ctx); err != nil {
 		return err
 	}
-	if bulk {
-		b.l.bulkStarted()
-	}
 	start := b.l.opt.Now()
 	err := fn()
-	if bulk {
-		b.l.bulkEnded()
-	}
 	b.l.Release(outcome(err), b.l.opt.Now().Sub(start), small)
 	return err
 }
@@ -327,8 +289,7 @@ func (b *Bucket) Stat(ctx context.Context, key string) (info bucket.Info, err er
 
 // Put implements bucket.Bucket.
 func (b *Bucket) Put(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) (info bucket.Info, err error) {
-	small := size >= 0 && size < smallBody
-	err = b.doBulk(ctx, small, !small, func() error { info, err = b.inner.Put(ctx, key, r, size, opts); return err })
+	err = b.do(ctx, size >= 0 && size < smallBody, func() error { info, err = b.inner.Put(ctx, key, r, size, opts); return err })
 	return info, err
 }
 
@@ -371,7 +332,7 @@ func (b *multipartBucket) ListParts(ctx context.Context, key, uploadID string) (
 }
 
 func (b *multipartBucket) PutPart(ctx context.Context, key, uploadID string, number int, r io.Reader, size int64, md5 []byte) (p bucket.Part, err error) {
-	err = b.doBulk(ctx, false, true, func() error { p, err = b.mp.PutPart(ctx, key, uploadID, number, r, size, md5); return err })
+	err = b.do(ctx, false, func() error { p, err = b.mp.PutPart(ctx, key, uploadID, number, r, size, md5); return err })
 	return p, err
 }
 

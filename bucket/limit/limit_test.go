@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -218,73 +217,4 @@ func TestWrapKeepsBatchDeleteWithoutMultipart(t *testing.T) {
 	if s := l.Stats(); s.InFlight != 0 {
 		t.Fatalf("stats after DeleteMany: %+v", s)
 	}
-}
-
-// TestLatencyBehindBulkIsNoSignal: small requests that are slow only
-// because a bulk transfer fills the link (their answers queue behind its
-// bytes) do not shrink the window; the same latency without bulk does.
-func TestLatencyBehindBulkIsNoSignal(t *testing.T) {
-	clk := &fakeClock{t: time.Unix(1000, 0)}
-	l := New(Options{Min: 2, Max: 64, Initial: 32, Now: clk.Now})
-	run(l, clk, 50, OK, 20*time.Millisecond)
-	drain(l)
-	before := l.Stats().Limit
-	l.bulkStarted() // a NAR part on its way for the whole time
-	run(l, clk, 200, OK, 2*time.Second)
-	drain(l)
-	l.bulkEnded()
-	if got := l.Stats().Limit; got < before {
-		t.Fatalf("window shrank from %d to %d while small requests waited behind a bulk transfer", before, got)
-	}
-	// Just after the bulk transfer ended, a small request that overlapped
-	// it is no signal either.
-	clk.Add(time.Second)
-	l.Acquire(context.Background())
-	l.Release(OK, 2*time.Second, true)
-	if l.Stats().Decreas != 0 {
-		t.Fatalf("a small request that overlapped the bulk transfer shrank the window")
-	}
-	// The control: the same latency with no bulk transfer is queueing.
-	run(l, clk, 50, OK, 20*time.Millisecond)
-	drain(l)
-	before = l.Stats().Limit
-	run(l, clk, 200, OK, 2*time.Second)
-	drain(l)
-	if got := l.Stats().Limit; got >= before {
-		t.Fatalf("window %d stayed at or above %d while latency rose 100-fold without a bulk transfer", got, before)
-	}
-}
-
-// TestBulkRequestsAreCounted: the wrapped bucket brackets uploads of large
-// bodies as bulk, and small ones (and reads, listings) not.
-func TestBulkRequestsAreCounted(t *testing.T) {
-	l := New(Options{})
-	var during int
-	fb, err := filebucket.New(filepath.Join(t.TempDir(), "cache"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := Wrap(&probeBucket{Bucket: fb, put: func() { l.mu.Lock(); during = l.bulk; l.mu.Unlock() }}, l)
-	ctx := context.Background()
-	if _, err := b.Put(ctx, "small", strings.NewReader("x"), 1, bucket.PutOptions{}); err != nil || during != 0 {
-		t.Fatalf("small PUT: bulk %d, err %v", during, err)
-	}
-	big := strings.Repeat("x", smallBody)
-	if _, err := b.Put(ctx, "big", strings.NewReader(big), int64(len(big)), bucket.PutOptions{}); err != nil || during != 1 {
-		t.Fatalf("large PUT: bulk %d, err %v", during, err)
-	}
-	if l.bulk != 0 {
-		t.Fatalf("bulk %d after the requests", l.bulk)
-	}
-}
-
-// probeBucket calls put at the start of every PUT.
-type probeBucket struct {
-	bucket.Bucket
-	put func()
-}
-
-func (b *probeBucket) Put(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) (bucket.Info, error) {
-	b.put()
-	return b.Bucket.Put(ctx, key, r, size, opts)
 }
