@@ -55,9 +55,10 @@ tool-nginx:
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian's nginx (service not started)"; \
 	    prc=/usr/sbin/policy-rc.d; had=; [ -e $$prc ] && had=1 && mv $$prc $$prc.nixspool-saved; \
+	    trap 'rm -f $$prc; [ -z "$$had" ] || mv $$prc.nixspool-saved $$prc' EXIT INT TERM; \
 	    printf '#!/bin/sh\nexit 101\n' > $$prc && chmod 755 $$prc; \
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }; rc=$$?; \
-	    rm -f $$prc; [ -n "$$had" ] && mv $$prc.nixspool-saved $$prc; \
+	    systemctl disable nginx >/dev/null 2>&1 || true; \
 	    [ $$rc = 0 ] || exit $$rc; \
 	  else \
 	    echo "nginx is missing: install it (Debian: sudo apt-get install nginx) and run again" >&2; exit 1; \

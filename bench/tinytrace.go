@@ -20,6 +20,10 @@ import (
 
 var tinyJobs = flag.Int("tiny-jobs", 64, "tiny: agentd's --jobs (its default), and the plain client's paths at once")
 
+// replayed are the request kinds the plain client sends per path; the rest
+// (the agent's start: probes, the bucket's location) are printed only.
+var replayed = map[string]bool{"PUT nar": true, "PUT narinfo": true, "HEAD narinfo": true, "GET nix-cache-info": true, "GET listing": true}
+
 // requestKind names a request by method and the kind of key it touches.
 func requestKind(r testenv.ProxiedRequest) string {
 	p := r.Path
@@ -73,7 +77,11 @@ func (b *bench) traceTiny(m *testenv.MinIO, paths []string) (map[string]int, err
 	sort.Strings(keys)
 	fmt.Fprintf(os.Stderr, "requests for %d tiny paths:\n", len(paths))
 	for _, k := range keys {
-		fmt.Fprintf(os.Stderr, "  %-22s %6d  (%.2f per path)\n", k, mix[k], float64(mix[k])/float64(len(paths)))
+		note := ""
+		if !replayed[k] {
+			note = "  (not replayed by the plain client)"
+		}
+		fmt.Fprintf(os.Stderr, "  %-22s %6d  (%.2f per path)%s\n", k, mix[k], float64(mix[k])/float64(len(paths)), note)
 	}
 	return mix, nil
 }
