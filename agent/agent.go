@@ -75,7 +75,9 @@ type Agent struct {
 	running     runningJobs   // jobs being uploaded (a drop stops them)
 	spoolSeen   spoolCache
 	capture     *capturer // nil unless --capture local|all
-	captureErr  error     // why the watcher could not start
+	// buildClosures queues hooks' build closures (--build-closures).
+	buildClosures *closureQueuer
+	captureErr    error // why the watcher could not start
 	// spoolFileBound bounds the import of one spool file (0: the default).
 	spoolFileBound time.Duration
 }
@@ -186,6 +188,7 @@ func New(cfg Config) (*Agent, error) {
 		a.log.Info("serving metrics", "addr", addr.String())
 	}
 	a.startCapture()
+	a.buildClosures = newClosureQueuer(maxPendingBuildClosures, a.queueBuildClosure)
 	if err := a.listen(); err != nil {
 		a.queue.Close()
 		return nil, err
@@ -327,6 +330,10 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 	}
 	go func() { defer wg.Done(); a.serve(ctx) }()
 	go func() { defer wg.Done(); a.chores(ctx) }()
+	if a.cfg.BuildClosures {
+		wg.Add(1)
+		go func() { defer wg.Done(); a.buildClosures.run(ctx) }()
+	}
 	var workers sync.WaitGroup
 	for i := 0; i < a.cfg.Jobs; i++ {
 		workers.Add(1)

@@ -103,12 +103,50 @@ func (a *Agent) buildClosure(ctx context.Context, paths []string) (out, skipped 
 	return out, skipped, nil
 }
 
+// closureQueuer queues the build closures of the derivations hooks hand
+// over (--build-closures), one at a time, after the hooks' own paths are
+// acknowledged: a burst of hooks costs a fixed number of goroutines, and
+// at most its capacity derivations wait. It is best effort: a derivation
+// refused because too many wait, or waiting when agentd stops or crashes,
+// is not queued (agentctl push --build-closure queues it again).
+type closureQueuer struct {
+	pending chan string
+	queue   func(ctx context.Context, drv string)
+}
+
+// maxPendingBuildClosures bounds the derivations waiting for their build
+// closure to be queued.
+const maxPendingBuildClosures = 1024
+
+func newClosureQueuer(capacity int, queue func(ctx context.Context, drv string)) *closureQueuer {
+	return &closureQueuer{pending: make(chan string, capacity), queue: queue}
+}
+
+// add hands drv over without waiting; false if too many wait already.
+func (q *closureQueuer) add(drv string) bool {
+	select {
+	case q.pending <- drv:
+		return true
+	default:
+		return false
+	}
+}
+
+// run queues what is handed over until ctx ends.
+func (q *closureQueuer) run(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case drv := <-q.pending:
+			q.queue(ctx, drv)
+		}
+	}
+}
+
 // queueBuildClosure queues the build closure of the derivation a hook
-// handed over (--build-closures). It runs after the hook's own paths are
-// acknowledged, and is best effort: a crash before its commit loses it
-// (agentctl push --build-closure queues it again).
-func (a *Agent) queueBuildClosure(drv string) {
-	ctx := a.uploadCtx
+// handed over (--build-closures).
+func (a *Agent) queueBuildClosure(ctx context.Context, drv string) {
 	paths, skipped, err := a.buildClosure(ctx, []string{drv})
 	if err == nil && len(paths) > 0 {
 		_, err = a.enqueue(ctx, paths, "", queue.SourceBuildClosure)

@@ -240,7 +240,9 @@ func (a *Agent) serveRequest(ctx context.Context, req *protocol.Request, p peer,
 		a.metrics.Queued(source.String(), len(paths))
 		a.log.Info("enqueued", "op", req.Op, "source", source.String(), "paths", len(paths), "drv", req.Drv, "peer_uid", p.uid, "peer_pid", p.pid, "duration", time.Since(start))
 		if a.cfg.BuildClosures && req.Op == protocol.OpEnqueue && req.Drv != "" {
-			go a.queueBuildClosure(req.Drv)
+			if !a.buildClosures.add(req.Drv) {
+				a.log.Warn("build closure not queued: too many derivations wait for theirs (agentctl push --build-closure queues it)", "drv", req.Drv, "waiting", maxPendingBuildClosures)
+			}
 		}
 		return &protocol.Response{Jobs: jobs, Count: len(jobs), Skipped: skipped}
 	case protocol.OpDoctor:
