@@ -307,9 +307,9 @@ func (b *Bucket) Stat(ctx context.Context, key string) (bucket.Info, error) {
 }
 
 // Put implements bucket.Bucket (a PUT with Content-Type, and
-// Content-Encoding if set, as Nix sends them). The server's answer to a
-// PUT rarely describes the object, so the returned Info comes from a HEAD
-// that follows it.
+// Content-Encoding if set, as Nix sends them). The returned Info comes
+// from the answer if it carries an ETag and a date, else from a HEAD that follows
+// (nginx's DAV module answers without one).
 func (b *Bucket) Put(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) (bucket.Info, error) {
 	body := &sizedReader{r: r, size: size}
 	req, err := b.newRequest(ctx, http.MethodPut, key, body)
@@ -339,6 +339,12 @@ func (b *Bucket) Put(ctx context.Context, key string, r io.Reader, size int64, o
 	defer drain(resp)
 	if resp.StatusCode < 200 || resp.StatusCode > 299 {
 		return bucket.Info{}, b.statusError(resp, key, false)
+	}
+	if info := infoOf(resp.Header, size); info.ETag != "" && !info.LastModified.IsZero() && size >= 0 {
+		// The answer describes the object (its ETag and date): no HEAD
+		// is needed.
+		info.ContentEncoding = opts.ContentEncoding
+		return info, nil
 	}
 	info, err := b.Stat(ctx, key)
 	if err != nil {

@@ -103,7 +103,10 @@ func (m *memServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		sum := sha256.Sum256(append(data, time.Now().String()...))
-		m.objs[r.URL.Path] = &memObject{data: data, etag: hex.EncodeToString(sum[:8]), modified: time.Now(), encoding: r.Header.Get("Content-Encoding")}
+		o := &memObject{data: data, etag: hex.EncodeToString(sum[:8]), modified: time.Now(), encoding: r.Header.Get("Content-Encoding")}
+		m.objs[r.URL.Path] = o
+		w.Header().Set("ETag", `"`+o.etag+`"`)
+		w.Header().Set("Last-Modified", o.modified.UTC().Format(http.TimeFormat))
 		w.WriteHeader(http.StatusCreated)
 	case http.MethodDelete:
 		m.mu.Lock()
@@ -315,5 +318,37 @@ func TestWriteRedirectRefused(t *testing.T) {
 	}
 	if data, _, err := b.Get(context.Background(), "y", 100); err != nil || string(data) != "hello" {
 		t.Fatalf("redirected GET: %q, %v", data, err)
+	}
+}
+
+// TestPutWithETagNeedsNoHEAD: a server whose answer to a PUT carries an
+// ETag costs one request per write; one without (nginx) is asked by HEAD.
+func TestPutWithETagNeedsNoHEAD(t *testing.T) {
+	for _, withETag := range []bool{true, false} {
+		var heads int
+		s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			switch r.Method {
+			case http.MethodHead:
+				heads++
+				w.Header().Set("Content-Length", "5")
+				w.Header().Set("ETag", `"e1"`)
+			case http.MethodPut:
+				if withETag {
+					w.Header().Set("ETag", `"e1"`)
+					w.Header().Set("Last-Modified", time.Now().UTC().Format(http.TimeFormat))
+				}
+				w.WriteHeader(http.StatusCreated)
+			}
+		}))
+		b := open(t, s.URL+"/c/")
+		info, err := b.Put(context.Background(), "x.narinfo", strings.NewReader("hello"), 5, bucket.PutOptions{})
+		s.Close()
+		want := 1
+		if withETag {
+			want = 0
+		}
+		if err != nil || info.ETag != "e1" || info.Size != 5 || heads != want {
+			t.Fatalf("ETag in the answer %v: info %+v, err %v, %d HEADs (want %d)", withETag, info, err, heads, want)
+		}
 	}
 }
