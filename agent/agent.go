@@ -128,7 +128,13 @@ func New(cfg Config) (*Agent, error) {
 	}
 	// Every request of the uploads and of the collector goes through one
 	// adaptive window.
-	a.window = limit.New(limit.Options{Min: cfg.MinRequests, Max: cfg.MaxRequests})
+	wopt := limit.Options{Min: cfg.MinRequests, Max: cfg.MaxRequests}
+	if cfg.PaceUploads && a.cache.Scheme != "file" {
+		// A remote cache may sit behind a slow first-come uplink, where a
+		// large upload would make every small path wait behind it.
+		wopt.Pacer = limit.NewPacer(limit.PaceOptions{}) // probes by HEAD of nix-cache-info
+	}
+	a.window = limit.New(wopt)
 	if t, ok := a.bucket.(interface{ OnThrottle(func()) }); ok {
 		t.OnThrottle(a.window.Throttled) // every 429/503, also those the S3 client retries itself
 	}

@@ -36,6 +36,7 @@ type Config struct {
 	Jobs                  int           // jobs uploaded concurrently
 	MinRequests           int           // lower bound of the adaptive request window
 	MaxRequests           int           // upper bound of requests in flight to the bucket
+	PaceUploads           bool          // pace large uploads by the queueing delay small requests see (s3, http caches)
 	GenerationInterval    time.Duration // how often to check that the cache was not reset
 	ShutdownGrace         time.Duration // how long in-flight uploads may finish on SIGTERM
 	MaxAttempts           int           // 0 = retry transient errors forever
@@ -83,6 +84,7 @@ func DefaultConfig() Config {
 		Jobs:               64,
 		MinRequests:        2,
 		MaxRequests:        128,
+		PaceUploads:        true,
 		GenerationInterval: 30 * time.Second,
 		ShutdownGrace:      30 * time.Second,
 		BackoffInitial:     time.Second,

@@ -84,6 +84,7 @@ func (b *bench) mixed() error {
 	if err != nil {
 		return fmt.Errorf("mixed run: %w", err)
 	}
+	fmt.Fprintf(os.Stderr, "  small paths' time to cache in push order (ms), under load: %v\n", msList(busy.small))
 	label := fmt.Sprintf("%d × 100 kB paths finishing over %v while a %d MB path uploads (%v RTT, 20 MB/s): time to cache", len(smalls), *mixedSpread, *mixedBigMB, rtt)
 	add(Row{Name: label + " p50", Value: ms(percentile(busy.small, 0.5)), Unit: "ms", Baseline: "same paths, idle link, p50", BaseVal: ms(percentile(idle.small, 0.5))})
 	add(Row{Name: label + " p99", Value: ms(percentile(busy.small, 0.99)), Unit: "ms", Baseline: "same paths, idle link, p99", BaseVal: ms(percentile(idle.small, 0.99)), Target: "≤ 2× idle"})
@@ -244,4 +245,14 @@ func writeRandomFile(name string, size int64) error {
 		return err
 	}
 	return f.Close()
+}
+
+// msList renders durations as whole milliseconds, for a log line that
+// shows when in a run the slow ones fell.
+func msList(ds []time.Duration) []int64 {
+	out := make([]int64, len(ds))
+	for i, d := range ds {
+		out[i] = d.Milliseconds()
+	}
+	return out
 }

@@ -30,6 +30,9 @@ type Options struct {
 	Initial  int // default min(16, Max)
 	// Now is the clock (tests); default time.Now.
 	Now func() time.Time
+	// Pacer, if set, paces large bodies (parts, and puts of largeBody
+	// bytes or more) by the queueing delay that small requests see.
+	Pacer *Pacer
 }
 
 // Limiter is the adaptive window. It is safe for concurrent use.
@@ -272,7 +275,35 @@ func (b *Bucket) do(ctx context.Context, small bool, fn func() error) error {
 	}
 	start := b.l.opt.Now()
 	err := fn()
-	b.l.Release(outcome(err), b.l.opt.Now().Sub(start), small)
+	took := b.l.opt.Now().Sub(start)
+	o := outcome(err)
+	b.l.Release(o, took, small)
+	if small && o == OK && b.l.opt.Pacer != nil {
+		b.l.opt.Pacer.Observe(took)
+	}
+	return err
+}
+
+// largeBody is the size from which a put's body is paced.
+const largeBody = 1 << 20
+
+// paced returns r through the pacer, if there is one, and a function to
+// call once the request is over.
+func (b *Bucket) paced(ctx context.Context, r io.Reader) (io.Reader, func()) {
+	p := b.l.opt.Pacer
+	if p == nil {
+		return r, func() {}
+	}
+	return p.body(ctx, r, b.probe)
+}
+
+// probe times a HEAD of the pacer's probe object, bypassing the window
+// (it measures the way to the store, not the queue for slots).
+func (b *Bucket) probe(ctx context.Context) error {
+	_, err := b.inner.Stat(ctx, b.l.opt.Pacer.opt.ProbeKey)
+	if bucket.IsNotExist(err) {
+		return nil
+	}
 	return err
 }
 
@@ -289,6 +320,11 @@ func (b *Bucket) Stat(ctx context.Context, key string) (info bucket.Info, err er
 
 // Put implements bucket.Bucket.
 func (b *Bucket) Put(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) (info bucket.Info, err error) {
+	if size < 0 || size >= largeBody {
+		var done func()
+		r, done = b.paced(ctx, r)
+		defer done()
+	}
 	err = b.do(ctx, size >= 0 && size < smallBody, func() error { info, err = b.inner.Put(ctx, key, r, size, opts); return err })
 	return info, err
 }
@@ -332,6 +368,8 @@ func (b *multipartBucket) ListParts(ctx context.Context, key, uploadID string) (
 }
 
 func (b *multipartBucket) PutPart(ctx context.Context, key, uploadID string, number int, r io.Reader, size int64, md5 []byte) (p bucket.Part, err error) {
+	r, done := b.paced(ctx, r)
+	defer done()
 	err = b.do(ctx, false, func() error { p, err = b.mp.PutPart(ctx, key, uploadID, number, r, size, md5); return err })
 	return p, err
 }
