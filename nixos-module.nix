@@ -73,7 +73,7 @@ in
       description = ''
         Binary cache URL, as Nix writes it: `s3://BUCKET[/PREFIX]?endpoint=https://HOST&region=R&profile=P`
         with any parameter of Nix's S3 store (`compression`, `write-nar-listing`, `storage-class`,
-        `multipart-chunk-size`, …; see the README's table), or `file:///DIR`.
+        `multipart-chunk-size`, …; see docs/configuration.md, "Cache URL parameters"), or `file:///DIR`.
         S3 credentials never go here; see `credentialsFile`. Prefer `secretKeyFiles` to
         `secret-key=` here: those reach agentd through `LoadCredential=`.
       '';

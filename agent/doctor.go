@@ -41,7 +41,7 @@ func (a *Agent) doctor(ctx context.Context, writes bool) []protocol.Check {
 
 	if len(a.cache.NoEffect) > 0 {
 		add("cache URL parameters", "warn", "no effect here: "+strings.Join(a.cache.NoEffect, ", "),
-			"accepted because Nix knows them; the README's table of cache URL parameters says why each does nothing here")
+			"accepted because Nix knows them; docs/configuration.md, \"Cache URL parameters\", says why each does nothing here")
 	}
 
 	keys, err := uploader.LoadSecretKeys(a.cfg.SecretKeyFiles, a.cfg.AllowInsecureKeyPerms)
@@ -98,7 +98,7 @@ func (a *Agent) doctor(ctx context.Context, writes bool) []protocol.Check {
 	if c, ok := a.bucket.(interface{ CredentialSource(context.Context) string }); ok {
 		switch src := c.CredentialSource(ctx); {
 		case strings.HasPrefix(src, "none"):
-			add("credentials", "warn", src, "requests are unsigned: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile (profile=, AWS_PROFILE), web identity or a container or instance role; the README lists the order")
+			add("credentials", "warn", src, "requests are unsigned: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile (profile=, AWS_PROFILE), web identity or a container or instance role; docs/configuration.md, \"S3 credentials\", lists the order")
 		case strings.HasPrefix(src, "error"):
 			add("credentials", "fail", src, "")
 		default:

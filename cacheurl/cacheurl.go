@@ -85,9 +85,9 @@ type Cache struct {
 type Param struct {
 	Name string
 	// Stores are the cache URL schemes whose Nix store knows it, as the
-	// README's table shows them: StoresS3, StoresS3HTTP or StoresAll.
+	// table in docs/configuration.md shows them: StoresS3, StoresS3HTTP or StoresAll.
 	Stores string
-	// Effect says what nixspool does with it (the README's table).
+	// Effect says what nixspool does with it (docs/configuration.md, "Cache URL parameters").
 	Effect string
 }
 

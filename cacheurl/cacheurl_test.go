@@ -301,19 +301,20 @@ func TestStringHasNoSecrets(t *testing.T) {
 	}
 }
 
-// TestReadmeListsEveryParameter: the README's table of cache URL
-// parameters has exactly one row per parameter the parser knows.
-func TestReadmeListsEveryParameter(t *testing.T) {
-	data, err := os.ReadFile(filepath.Join("..", "README.md"))
+// TestDocsListEveryParameter: the table of cache URL parameters in
+// docs/configuration.md ("Cache URL parameters") has exactly one row per
+// parameter the parser knows.
+func TestDocsListEveryParameter(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join("..", "docs", "configuration.md"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	text := string(data)
-	start := strings.Index(text, "### Cache URL parameters")
-	if start < 0 {
-		t.Fatal("README has no \"### Cache URL parameters\" section")
+	heading := regexp.MustCompile(`(?m)^#{2,3} Cache URL parameters\n`).FindStringIndex(text)
+	if heading == nil {
+		t.Fatal("docs/configuration.md has no \"## Cache URL parameters\" section")
 	}
-	section := text[start+4:]
+	section := text[heading[1]:]
 	if end := strings.Index(section, "\n#"); end >= 0 {
 		section = section[:end]
 	}
@@ -327,18 +328,18 @@ func TestReadmeListsEveryParameter(t *testing.T) {
 			}
 			stores := p.Stores
 			if m[2] != stores || m[3] != p.Effect {
-				t.Errorf("README row for %s says\n  %s | %s\nthe code says\n  %s | %s", p.Name, m[2], m[3], stores, p.Effect)
+				t.Errorf("docs/configuration.md row for %s says\n  %s | %s\nthe code says\n  %s | %s", p.Name, m[2], m[3], stores, p.Effect)
 			}
 		}
 	}
 	for _, p := range Params {
 		if n := strings.Count(" "+strings.Join(listed, " ")+" ", " "+p.Name+" "); n != 1 {
-			t.Errorf("README lists %s %d times, want once", p.Name, n)
+			t.Errorf("docs/configuration.md lists %s %d times, want once", p.Name, n)
 		}
 	}
 	for _, name := range listed {
 		if !slices.ContainsFunc(Params, func(p Param) bool { return p.Name == name }) {
-			t.Errorf("README lists %s, which the parser does not know", name)
+			t.Errorf("docs/configuration.md lists %s, which the parser does not know", name)
 		}
 	}
 }

@@ -65,9 +65,10 @@ func outputs(t *testing.T, env []string, file string) map[string]string {
 }
 
 // TestFiltersNeverBreakClosures (issue: filters publish unusable closures):
-// with the README's `--exclude -source$` and a NAR size limit, a path that
-// an uploaded path references is uploaded anyway, so stock Nix substitutes
-// the whole closure; an excluded path nothing needs stays out.
+// with the NixOS example's `--exclude -source$` (docs/nixos.md) and a NAR
+// size limit, a path that an uploaded path references is uploaded anyway,
+// so stock Nix substitutes the whole closure; an excluded path nothing
+// needs stays out.
 func TestFiltersNeverBreakClosures(t *testing.T) {
 	testenv.RequireNix(t)
 	m := testenv.StartMinIO(t)

@@ -13,8 +13,8 @@ import (
 
 // pinned are agentd's metrics as dashboards and alerts know them: name,
 // type and label names. A rename, a type change or a label change fails
-// TestMetricNamesPinned; change this list only with the README's Metrics
-// section (and a note for users) when it is meant.
+// TestMetricNamesPinned; change this list only with docs/operations.md,
+// "Metrics" (and a note for users) when it is meant.
 var pinned = map[string]string{
 	"nixspool_enqueue_duration_seconds":      "HISTOGRAM",
 	"nixspool_errors_total":                  "COUNTER{class}",
@@ -82,7 +82,7 @@ func TestMetricNamesPinned(t *testing.T) {
 	}
 	for _, name := range slices.Sorted(maps.Keys(got)) {
 		if _, ok := pinned[name]; !ok {
-			t.Errorf("%s (%s) is not pinned: add it here and to the README's Metrics section", name, got[name])
+			t.Errorf("%s (%s) is not pinned: add it here and to docs/operations.md, \"Metrics\"", name, got[name])
 		}
 	}
 }

@@ -72,7 +72,7 @@ func run(args []string) error {
 	var keys, excludes multiFlag
 	skipSigned := &defaultedList{vals: cfg.SkipSignedBy}
 	var gcRoots, logFormat, logLevel, pprofAddr, capture string
-	fs.StringVar(&cfg.Cache, "cache", "", "binary cache URL as Nix writes it: s3://BUCKET[/PREFIX]?endpoint=http(s)://HOST[:PORT]&region=R&profile=P&compression=zstd|xz|br|gzip|lz4|none&secret-key=FILE… (every parameter of Nix's S3 store; see README), http(s)://HOST[/PATH]?… (an HTTP binary cache taking PUT) or file:///DIR (default file://STATE-DIR/cache)")
+	fs.StringVar(&cfg.Cache, "cache", "", "binary cache URL as Nix writes it: s3://BUCKET[/PREFIX]?endpoint=http(s)://HOST[:PORT]&region=R&profile=P&compression=zstd|xz|br|gzip|lz4|none&secret-key=FILE… (every parameter of Nix's S3 store; see docs/configuration.md), http(s)://HOST[/PATH]?… (an HTTP binary cache taking PUT) or file:///DIR (default file://STATE-DIR/cache)")
 	fs.StringVar(&cfg.NetrcFile, "netrc-file", "", "netrc file with the login and password of an http(s):// cache (default: Nix's, $NIX_CONF_DIR/netrc or /etc/nix/netrc, if it exists)")
 	fs.Var(&keys, "secret-key-file", "Nix secret signing key file (repeatable; required unless the cache URL has secret-key= or secret-keys=)")
 	fs.BoolVar(&cfg.AllowInsecureKeyPerms, "allow-insecure-key-perms", false, "accept key files readable by group or others")

@@ -117,7 +117,7 @@ func TestRobustness(t *testing.T) {
 }
 
 // longProfile runs random schedules until total is spent and prints the
-// figures the README carries.
+// figures docs/robustness.md carries.
 func longProfile(t *testing.T, total, d time.Duration) {
 	if d == 0 {
 		d = 45 * time.Second
