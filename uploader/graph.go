@@ -37,12 +37,13 @@ type node struct {
 	// written.
 	refsLeft   int
 	dependents []*node
-	// relied are the keys of objects that existed before this upload and
-	// that the narinfo relies on: narinfos of references, and the NAR if
-	// an identical one was already there.
-	relied  []string
-	gen     uint64    // the cache generation the plan was made in
-	planned time.Time // when the job planned it
+	// preexisting are the keys of objects the narinfo depends on that
+	// existed before this upload (found present, not written by it):
+	// narinfos of references, and the NAR if an identical one was already
+	// there. Unlike dependencyKeys, it leaves out what this upload wrote.
+	preexisting []string
+	gen         uint64    // the cache generation the plan was made in
+	planned     time.Time // when the job planned it
 	// dependsSince is when the last object the narinfo depends on was
 	// written or found present: its NAR, its references' narinfos (also
 	// those this upload wrote). The narinfo is written only once the
@@ -125,7 +126,7 @@ func (e *errDependencyGone) Error() string {
 //
 // repair names the paths whose narinfo in the cache is broken: their nodes,
 // new or shared, check what they find at the narinfo write.
-func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing, repair map[string]bool, upstream func(*nixstore.PathInfo) bool, gen uint64) (interest []*node, top *node, relies bool) {
+func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing, repair map[string]bool, upstream func(*nixstore.PathInfo) bool, gen uint64) (interest []*node, top *node, anyPreexisting bool) {
 	planned := time.Now()
 	g.mu.Lock()
 	var created []*node
@@ -166,7 +167,7 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing, repa
 				n.refsLeft++
 				g.nodes[r].dependents = append(g.nodes[r].dependents, n)
 			case g.u.presence.seen(r):
-				n.relied = append(n.relied, storepath.HashPart(r)+".narinfo")
+				n.preexisting = append(n.preexisting, storepath.HashPart(r)+".narinfo")
 			default:
 				n.err = &errDependencyGone{path: r}
 			}
@@ -174,7 +175,7 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing, repa
 		g.nodes[p] = n
 		interest = append(interest, n)
 		created = append(created, n)
-		relies = relies || len(n.relied) > 0
+		anyPreexisting = anyPreexisting || len(n.preexisting) > 0
 	}
 	// The top only if this job counts on it: a node of the path left by
 	// a given-up job or an earlier generation is not this job's.
@@ -193,7 +194,7 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing, repa
 		}
 		q.push(false, func() { g.u.runNAR(n) })
 	}
-	return interest, top, relies
+	return interest, top, anyPreexisting
 }
 
 // shareable reports whether a job planned in generation gen may count on
@@ -227,10 +228,10 @@ func (g *graph) release(nodes []*node) {
 
 // narUploaded records that n's NAR is up; its narinfo is due if its
 // references are written.
-func (g *graph) narUploaded(n *node, ni *narinfo.NarInfo, sent uint64, relied []string) {
+func (g *graph) narUploaded(n *node, ni *narinfo.NarInfo, sent uint64, preexisting []string) {
 	g.mu.Lock()
 	n.ni, n.sent, n.narDone = ni, sent, true
-	n.relied = append(n.relied, relied...)
+	n.preexisting = append(n.preexisting, preexisting...)
 	n.dependsSince = laterOf(n.dependsSince, time.Now())
 	ready := n.refsLeft == 0 && n.err == nil
 	g.mu.Unlock()

@@ -15,11 +15,11 @@ import (
 // Guard tells the uploader which existing objects a garbage collector is
 // about to delete (the gc package's Watcher implements it).
 type Guard interface {
-	// Check returns nil if a narinfo relying on the existing objects relied
-	// (keys: the NAR, the narinfos of references) may be written now, or a
+	// Check returns nil if a narinfo depending on the existing objects at
+	// keys (its NAR, the narinfos of its references) may be written now, or a
 	// transient error if one of them is about to be deleted. With nil it
 	// returns how long the write may take: it is given up after that.
-	Check(ctx context.Context, relied []string) (within time.Duration, err error)
+	Check(ctx context.Context, keys []string) (within time.Duration, err error)
 	// Doomed reports whether the object at key is announced for deletion.
 	Doomed(key string) bool
 }
@@ -27,12 +27,13 @@ type Guard interface {
 // narinfoKey is the key of p's narinfo.
 func narinfoKey(p string) string { return storepath.HashPart(p) + ".narinfo" }
 
-// relied lists the keys a narinfo for storePath relies on: its NAR (also
+// dependencyKeys lists the keys a narinfo for storePath depends on,
+// whether or not they existed before this upload: its NAR (also
 // when this upload has just written it: a NAR key is content-addressed, so
 // a doomed NAR rewritten now may still be deleted by the sweep), and the
 // narinfos of its references (also those written by this upload: with a
 // short retention they can be doomed by a cycle that began meanwhile).
-func relied(storePath, url string, refs []string) []string {
+func dependencyKeys(storePath, url string, refs []string) []string {
 	keys := []string{url}
 	self := storepath.HashPart(storePath)
 	for _, r := range refs {
@@ -49,7 +50,7 @@ func relied(storePath, url string, refs []string) []string {
 // deletion is checked like the objects it relies on: written once the
 // sweep may have begun, the sweep could delete it again.
 func (u *Uploader) guardNarinfo(ctx context.Context, storePath, url string, refs []string) (time.Duration, error) {
-	keys := relied(storePath, url, refs)
+	keys := dependencyKeys(storePath, url, refs)
 	if u.doomed(storePath) {
 		keys = append(keys, narinfoKey(storePath))
 	}

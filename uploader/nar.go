@@ -61,8 +61,8 @@ func (e *GrownError) Error() string {
 // uploadNAR streams info's NAR through hashing and compression (to memory
 // for small NARs, to a temp file otherwise), checks the NAR hash against the
 // store's, uploads the compressed file under its content hash, and returns
-// the narinfo to write, the bytes sent and the keys of existing objects the
-// narinfo relies on (the NAR, if an identical one was already there).
+// the narinfo to write, the bytes sent and the keys of preexisting objects
+// the narinfo depends on (the NAR, if an identical one was already there).
 func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*narinfo.NarInfo, uint64, []string, error) {
 	// Shown by agentctl status/watch for the whole upload, not only while
 	// the NAR is being read.
@@ -79,11 +79,11 @@ func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*nar
 		if err != nil {
 			return nil, 0, nil, err
 		}
-		var relied []string
+		var preexisting []string
 		if sent == 0 {
-			relied = []string{ni.URL}
+			preexisting = []string{ni.URL}
 		}
-		return ni, sent, relied, nil
+		return ni, sent, preexisting, nil
 	}
 	tmp, err := os.CreateTemp(u.opt.TempDir, "nar-*.tmp")
 	if err != nil {

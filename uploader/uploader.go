@@ -710,12 +710,12 @@ func (u *Uploader) runNAR(n *node) {
 		u.graph.fail(n, err)
 		return
 	}
-	ni, sent, relied, err := u.uploadNAR(n.ctx, n.info)
+	ni, sent, preexisting, err := u.uploadNAR(n.ctx, n.info)
 	if err != nil {
 		u.graph.fail(n, fmt.Errorf("upload %s: %w", n.info.Path, err))
 		return
 	}
-	u.graph.narUploaded(n, ni, sent, relied)
+	u.graph.narUploaded(n, ni, sent, preexisting)
 }
 
 // runNarinfo is the last task of a node: its narinfo (and what follows it),
