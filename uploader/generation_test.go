@@ -308,7 +308,7 @@ func TestUnsureIsBounded(t *testing.T) {
 	w := newWorld(t, 1, chain, size(100))
 	u := w.uploader(Options{})
 	old := time.Now().Add(-24 * time.Hour)
-	u.presence.born(old)
+	u.gen.setBorn(old)
 	if u.presence.young(time.Now(), youngCache) {
 		t.Fatal("a day-old cache counts as young")
 	}

@@ -81,14 +81,9 @@ type presence struct {
 	// verifiedNAR holds hashes whose narinfo was checked to name a NAR
 	// that is there, in this generation (see Uploader.verifyPresent).
 	verifiedNAR map[string]bool
-	// gen counts resets seen by this process; entries of known belong to
-	// the current one.
-	gen     atomic.Uint64
-	genName string // generation name of the cache, "" until first seen
-	// genBorn is the LastModified of the generation's nix-cache-info (the
-	// store's clock): when the cache was created or last reset.
-	genBorn  time.Time
-	genAt    time.Time
+	// gen is the cache's generation: entries of known belong to its
+	// current counter.
+	gen      *generation
 	identity string // persistence key: cache identity + generation
 
 	// bucketKeys estimates the keys at the cache's root (narinfos and
@@ -109,8 +104,8 @@ type pendingCheck struct {
 	err     error
 }
 
-func newPresence(u *Uploader) *presence {
-	return &presence{u: u, known: map[string]int64{}, pending: map[string]*pendingCheck{}, absent: map[string]time.Time{},
+func newPresence(u *Uploader, gen *generation) *presence {
+	return &presence{u: u, gen: gen, known: map[string]int64{}, pending: map[string]*pendingCheck{}, absent: map[string]time.Time{},
 		forgotten: map[string]time.Time{}, unsure: map[string]bool{}, verifiedNAR: map[string]bool{}}
 }
 
@@ -138,7 +133,7 @@ func (pr *presence) has(p string) bool {
 // mark records that the narinfos of paths are in the cache, in memory and
 // (lazily) in the presence store.
 func (pr *presence) mark(paths []string, asked time.Time) {
-	pr.markIn(paths, pr.gen.Load(), asked)
+	pr.markIn(paths, pr.gen.current(), asked)
 }
 
 // markIn is mark for an answer to a question sent at asked, in generation
@@ -153,7 +148,7 @@ func (pr *presence) markIn(paths []string, gen uint64, asked time.Time) {
 	now := time.Now()
 	hashes := make([]string, 0, len(paths))
 	pr.mu.Lock()
-	if pr.gen.Load() != gen {
+	if pr.gen.current() != gen {
 		pr.mu.Unlock()
 		return
 	}
@@ -242,7 +237,7 @@ func (pr *presence) verified(p string) bool {
 func (pr *presence) markVerified(p string, gen uint64) {
 	pr.mu.Lock()
 	defer pr.mu.Unlock()
-	if pr.gen.Load() == gen && len(pr.verifiedNAR) < maxPresent {
+	if pr.gen.current() == gen && len(pr.verifiedNAR) < maxPresent {
 		pr.verifiedNAR[storepath.HashPart(p)] = true
 	}
 }
@@ -259,17 +254,17 @@ func (pr *presence) settled(p string) {
 func (pr *presence) reset() error {
 	pr.mu.Lock()
 	identity := pr.identity
+	pr.gen.advance()
 	pr.resetLocked()
 	pr.mu.Unlock()
 	return pr.forgetRecords(identity)
 }
 
-// resetLocked moves to a new generation counter and forgets what was
-// known; callers hold mu, so that no one sees a new generation's name or
-// confirmation with the old counter.
+// resetLocked forgets what was known, once the generation counter moved
+// on; callers hold mu, so that no answer of the old counter is recorded
+// after it (markIn checks the counter under mu).
 func (pr *presence) resetLocked() {
-	pr.u.extrasDone.Clear() // the realisations written went with the cache
-	pr.gen.Add(1)
+	pr.u.extrasDone.Clear()     // the realisations written went with the cache
 	pr.unsureOverflowed = false // what was dropped went with the cache
 	pr.known = map[string]int64{}
 	pr.absent = map[string]time.Time{}
@@ -299,24 +294,16 @@ func (pr *presence) count() int {
 // for plans made before it.
 func (pr *presence) setGeneration(name string, asked time.Time) (changed bool, err error) {
 	pr.mu.Lock()
-	old := pr.genName
-	if old == name {
-		if asked.After(pr.genAt) {
-			pr.genAt = asked
-		}
-		pr.mu.Unlock()
-		return false, nil
-	}
 	// A new generation: the counter moves on and what was known is
 	// dropped before its name and confirmation are published, in one
 	// critical section (an answer of the old generation then fails
 	// markIn's check, and settle sees the new counter).
-	oldIdentity := pr.identity
-	if old != "" {
-		pr.resetLocked()
+	old := pr.gen.observe(name, asked, pr.resetLocked)
+	if old == name {
+		pr.mu.Unlock()
+		return false, nil
 	}
-	pr.genAt = asked
-	pr.genName = name
+	oldIdentity := pr.identity
 	base := pr.u.opt.Cache.Identity() + "#"
 	pr.identity = base + name
 	identity := pr.identity
@@ -362,38 +349,13 @@ func (pr *presence) setGeneration(name string, asked time.Time) (changed bool, e
 	return false, nil
 }
 
-// born records when the current generation's nix-cache-info was written.
-func (pr *presence) born(t time.Time) {
-	pr.mu.Lock()
-	pr.genBorn = t
-	pr.mu.Unlock()
-}
-
 // young reports whether the cache was created or reset less than d ago
 // (storeNow: the store's clock), or present narinfos must be checked as
 // if it were (too many were doubted to remember them one by one).
 func (pr *presence) young(storeNow time.Time, d time.Duration) bool {
 	pr.mu.Lock()
 	defer pr.mu.Unlock()
-	return pr.unsureOverflowed || (!pr.genBorn.IsZero() && storeNow.Sub(pr.genBorn) < d)
-}
-
-// confirmedSince reports whether the generation was confirmed by a
-// question sent after t.
-func (pr *presence) confirmedSince(t time.Time) bool {
-	pr.mu.Lock()
-	defer pr.mu.Unlock()
-	return !pr.genAt.Before(t)
-}
-
-// generationAge is how long ago the generation was last confirmed.
-func (pr *presence) generationAge() time.Duration {
-	pr.mu.Lock()
-	defer pr.mu.Unlock()
-	if pr.genAt.IsZero() {
-		return time.Duration(1<<62 - 1)
-	}
-	return time.Since(pr.genAt)
+	return pr.unsureOverflowed || pr.gen.bornWithin(storeNow, d)
 }
 
 // prune drops in-memory entries older than the TTL.
@@ -468,7 +430,7 @@ func (pr *presence) check(ctx context.Context, paths []string) (missing []string
 		pr.joined()
 	}
 
-	gen, asked := pr.gen.Load(), time.Now()
+	gen, asked := pr.gen.current(), time.Now()
 	found, err := pr.ask(ctx, mine)
 	pr.markIn(found, gen, asked)
 	foundSet := make(map[string]bool, len(found))
@@ -479,7 +441,7 @@ func (pr *presence) check(ctx context.Context, paths []string) (missing []string
 	// An answer that describes the cache before a reset noticed meanwhile
 	// says nothing about the cache now: such paths count as missing (an
 	// upload of a path that is there after all costs a create-only write).
-	stale := pr.gen.Load() != gen
+	stale := pr.gen.current() != gen
 	for _, p := range mine {
 		h := storepath.HashPart(p)
 		pc := pr.pending[h]
@@ -503,7 +465,7 @@ func (pr *presence) check(ctx context.Context, paths []string) (missing []string
 		if pc.err != nil {
 			return nil, pc.err
 		}
-		if !pc.present || pc.gen != pr.gen.Load() {
+		if !pc.present || pc.gen != pr.gen.current() {
 			missing = append(missing, waitPaths[i])
 		}
 	}
@@ -537,7 +499,7 @@ func (pr *presence) prefetch(ctx context.Context, paths []string, before func() 
 		start := time.Now()
 		var found []string
 		err := before()
-		gen, asked := pr.gen.Load(), time.Now()
+		gen, asked := pr.gen.current(), time.Now()
 		if err == nil {
 			found, err = pr.ask(ctx, mine)
 		}

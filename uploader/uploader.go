@@ -152,6 +152,7 @@ type Uploader struct {
 	opt           Options
 	direct        bucket.Bucket // opt.Bucket without its request window
 	comp          *narCompressor
+	gen           *generation // the cache generation rule (generation.go)
 	presence      *presence
 	graph         *graph
 	compressSlots chan struct{} // small NARs compressing
@@ -242,7 +243,8 @@ func New(opt Options) (*Uploader, error) {
 		log:           opt.Logger,
 	}
 	go u.checkDeterministic()
-	u.presence = newPresence(u)
+	u.gen = &generation{check: u.CheckGeneration}
+	u.presence = newPresence(u, u.gen)
 	u.graph = newGraph(u, opt.Workers, 4*opt.Streams)
 	return u, nil
 }
@@ -303,7 +305,7 @@ func (u *Uploader) readGeneration(ctx context.Context, missing func()) error {
 	if err != nil {
 		return fmt.Errorf("check nix-cache-info: %w", err)
 	}
-	u.presence.born(info.LastModified)
+	u.gen.setBorn(info.LastModified)
 	_, err = u.presence.setGeneration(generationName(info), asked)
 	u.cacheInfoOK.Store(true)
 	if err != nil {
@@ -392,7 +394,7 @@ func (u *Uploader) ensureFresh(ctx context.Context) error {
 	if !u.cacheInfoOK.Load() {
 		return u.EnsureCacheInfo(ctx)
 	}
-	if u.presence.generationAge() > u.opt.GenerationCheck {
+	if u.gen.age() > u.opt.GenerationCheck {
 		return u.CheckGeneration(ctx)
 	}
 	return nil
@@ -410,7 +412,7 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	if info == nil {
 		// Gone from the store. If it reached the cache before (an
 		// acknowledgement lost in a crash), the job is done after all.
-		asked, gen := time.Now(), u.presence.gen.Load()
+		asked, gen := time.Now(), u.gen.current()
 		have, herr := u.presentTop(ctx, path) // asked for again: revived if doomed
 		if herr == nil && have {
 			u.presence.mark([]string{path}, asked)
@@ -424,7 +426,7 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	if u.isUpstream(info) || (u.opt.Exclude != nil && u.opt.Exclude(info)) {
 		return Result{Skipped: 1, SelfSkipped: true}, nil
 	}
-	gen := u.presence.gen.Load()
+	gen := u.gen.current()
 	// In a young cache (created or reset less than youngCache ago), a
 	// narinfo may be there without its references: written by an agent
 	// that had not noticed the reset yet, and not repaired by it yet. There
@@ -582,7 +584,7 @@ func (u *Uploader) verifyPresent(ctx context.Context, closure []*nixstore.PathIn
 	}
 	var mu sync.Mutex
 	var broken []string
-	gen := u.presence.gen.Load()
+	gen := u.gen.current()
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(16)
 	for _, info := range closure {
@@ -671,31 +673,15 @@ func (u *Uploader) present(ctx context.Context, gen uint64, info *nixstore.PathI
 // emptied bucket without what they need: they are doubted, so that the
 // retry puts it back, and the upload counts as not done.
 func (u *Uploader) settle(ctx context.Context, gen uint64, since time.Time, wrote []string) error {
-	if err := u.confirmAfter(ctx, since); err != nil {
+	if err := u.gen.confirmAfter(ctx, since); err != nil {
 		return err
 	}
-	if u.presence.gen.Load() != gen {
+	if u.gen.current() != gen {
 		u.presence.doubt(wrote)
 		return errReset
 	}
 	for _, p := range wrote {
 		u.presence.settled(p) // written, and confirmed in this generation
-	}
-	return nil
-}
-
-// confirmAfter returns once the cache's generation was confirmed by a
-// question sent at or after t (it asks if no such answer is known, or
-// joins a question in flight), or an error. If the answer shows a reset,
-// the generation counter moves on: callers compare it.
-func (u *Uploader) confirmAfter(ctx context.Context, t time.Time) error {
-	for i := 0; !u.presence.confirmedSince(t); i++ {
-		if i == 3 {
-			return fmt.Errorf("the cache's generation could not be confirmed: %w", errReset)
-		}
-		if err := u.CheckGeneration(ctx); err != nil {
-			return err
-		}
 	}
 	return nil
 }
@@ -732,11 +718,11 @@ func (u *Uploader) runNarinfo(n *node) {
 	// question sent after the last object it depends on was written or
 	// found present (dependsSince). A reset before that question makes
 	// the upload start over; one after it is caught by settle.
-	if err := u.confirmAfter(ctx, n.dependsSince); err != nil {
+	if err := u.gen.confirmAfter(ctx, n.dependsSince); err != nil {
 		fail(err)
 		return
 	}
-	if n.gen != u.presence.gen.Load() {
+	if n.gen != u.gen.current() {
 		fail(errReset)
 		return
 	}
@@ -791,7 +777,7 @@ func (u *Uploader) runNarinfo(n *node) {
 // CheckPresence then answers from memory holds for the cache as it is now:
 // a reset found by that question forgets what the emptied cache held.
 func (u *Uploader) ConfirmGeneration(ctx context.Context, since time.Time) error {
-	return u.confirmAfter(ctx, since)
+	return u.gen.confirmAfter(ctx, since)
 }
 
 // CheckPresence asks the cache which of paths have a narinfo and returns
@@ -855,10 +841,8 @@ type Stats struct {
 
 // Stats returns the uploader's state.
 func (u *Uploader) Stats() Stats {
-	s := Stats{KnownPresent: u.presence.count(), GenerationAge: u.presence.generationAge(), PathsInProgress: u.graph.inProgress(), DeterministicCompression: tristate(u.deterministic.Load())}
-	u.presence.mu.Lock()
-	s.Generation = u.presence.genName
-	u.presence.mu.Unlock()
+	s := Stats{KnownPresent: u.presence.count(), GenerationAge: u.gen.age(), PathsInProgress: u.graph.inProgress(), DeterministicCompression: tristate(u.deterministic.Load())}
+	s.Generation = u.gen.currentName()
 	s.ConditionalWrites = tristate(u.conditional.Load())
 	return s
 }
