@@ -104,7 +104,7 @@ func (u *Uploader) doomed(p string) bool {
 // narinfo is rewritten first (revived): a narinfo written after the
 // collector's mark is a root of its sweep, so p and its closure stay.
 func (u *Uploader) presentTop(ctx context.Context, p string) (bool, error) {
-	have, err := u.hasNarinfo(ctx, p)
+	have, err := hasNarinfo(ctx, u.opt.Bucket, p)
 	if err != nil || !have || !u.doomed(p) {
 		return have, err
 	}
@@ -171,11 +171,5 @@ func (u *Uploader) ForgetPaths(paths []string) {
 	// Every path is forgotten, not only those known now: the records on
 	// disk may not be loaded yet (the bucket was unreachable at start),
 	// and an answer may be on its way.
-	hashes := u.presence.forget(paths)
-	u.presence.mu.Lock()
-	identity := u.presence.identity
-	u.presence.mu.Unlock()
-	if ps := u.opt.Presence; ps != nil && identity != "" && len(hashes) > 0 {
-		ps.AddPresent(identity, hashes, time.Unix(0, 0))
-	}
+	u.presence.forgetPersisted(paths)
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -55,7 +56,18 @@ const maxUnsure = 100_000
 // uploads run; a narinfo is only written if the generation its
 // references were found present in is still the current one.
 type presence struct {
-	u       *Uploader
+	bucket bucket.Bucket
+	guard  Guard         // nil without a collector
+	store  PresenceStore // nil: nothing kept across restarts
+	ttl    time.Duration // how long a "the cache has it" is trusted
+	// cacheID is the cache's identity (persistence keys start with it),
+	// cacheName its URL for logs.
+	cacheID, cacheName string
+	// onReset runs when everything known is forgotten (what else went
+	// with the cache: the realisations written).
+	onReset func()
+	log     *slog.Logger
+
 	mu      sync.Mutex
 	known   map[string]int64 // hash → unix time it was seen present
 	pending map[string]*pendingCheck
@@ -104,8 +116,20 @@ type pendingCheck struct {
 	err     error
 }
 
-func newPresence(u *Uploader, gen *generation) *presence {
-	return &presence{u: u, gen: gen, known: map[string]int64{}, pending: map[string]*pendingCheck{}, absent: map[string]time.Time{},
+// presenceConfig is what presence needs from the uploader's options.
+type presenceConfig struct {
+	bucket             bucket.Bucket
+	guard              Guard
+	store              PresenceStore
+	ttl                time.Duration
+	cacheID, cacheName string
+	onReset            func()
+	log                *slog.Logger
+}
+
+func newPresence(c presenceConfig, gen *generation) *presence {
+	return &presence{bucket: c.bucket, guard: c.guard, store: c.store, ttl: c.ttl, cacheID: c.cacheID, cacheName: c.cacheName,
+		onReset: c.onReset, log: c.log, gen: gen, known: map[string]int64{}, pending: map[string]*pendingCheck{}, absent: map[string]time.Time{},
 		forgotten: map[string]time.Time{}, unsure: map[string]bool{}, verifiedNAR: map[string]bool{}}
 }
 
@@ -117,7 +141,7 @@ func (pr *presence) seen(p string) bool {
 	pr.mu.Lock()
 	at, ok := pr.known[h]
 	pr.mu.Unlock()
-	return ok && time.Since(time.Unix(at, 0)) <= pr.u.opt.PresenceTTL
+	return ok && time.Since(time.Unix(at, 0)) <= pr.ttl
 }
 
 // has reports whether the cache holds p's narinfo and it can be trusted to
@@ -126,7 +150,7 @@ func (pr *presence) has(p string) bool {
 	if !pr.seen(p) {
 		return false
 	}
-	g := pr.u.opt.Guard
+	g := pr.guard
 	return g == nil || !g.Doomed(storepath.HashPart(p)+".narinfo")
 }
 
@@ -165,7 +189,7 @@ func (pr *presence) markIn(paths []string, gen uint64, asked time.Time) {
 	}
 	identity := pr.identity
 	pr.mu.Unlock()
-	if ps := pr.u.opt.Presence; ps != nil && identity != "" {
+	if ps := pr.store; ps != nil && identity != "" {
 		ps.AddPresent(identity, hashes, now)
 	}
 }
@@ -264,7 +288,7 @@ func (pr *presence) reset() error {
 // on; callers hold mu, so that no answer of the old counter is recorded
 // after it (markIn checks the counter under mu).
 func (pr *presence) resetLocked() {
-	pr.u.extrasDone.Clear()     // the realisations written went with the cache
+	pr.onReset()                // the realisations written went with the cache
 	pr.unsureOverflowed = false // what was dropped went with the cache
 	pr.known = map[string]int64{}
 	pr.absent = map[string]time.Time{}
@@ -273,10 +297,35 @@ func (pr *presence) resetLocked() {
 
 // forgetRecords drops the persisted presence records of identity.
 func (pr *presence) forgetRecords(identity string) error {
-	if ps := pr.u.opt.Presence; ps != nil && identity != "" {
+	if ps := pr.store; ps != nil && identity != "" {
 		return ps.ForgetPresent(identity)
 	}
 	return nil
+}
+
+// pruneRecords prunes the persisted records older than the TTL, and
+// those of other generations, and returns how many it dropped.
+func (pr *presence) pruneRecords() (int, error) {
+	pr.mu.Lock()
+	identity := pr.identity
+	pr.mu.Unlock()
+	if pr.store == nil || identity == "" {
+		return 0, nil
+	}
+	return pr.store.PrunePresent(pr.cacheID+"#", identity, time.Now().Add(-pr.ttl))
+}
+
+// forgetPersisted forgets paths (see forget) and dates their persisted
+// records at the Unix epoch, older than any TTL, so that they are never
+// loaded again.
+func (pr *presence) forgetPersisted(paths []string) {
+	hashes := pr.forget(paths)
+	pr.mu.Lock()
+	identity := pr.identity
+	pr.mu.Unlock()
+	if pr.store != nil && identity != "" && len(hashes) > 0 {
+		pr.store.AddPresent(identity, hashes, time.Unix(0, 0))
+	}
 }
 
 // count is how many narinfos the cache is known to hold.
@@ -304,25 +353,25 @@ func (pr *presence) setGeneration(name string, asked time.Time) (changed bool, e
 		return false, nil
 	}
 	oldIdentity := pr.identity
-	base := pr.u.opt.Cache.Identity() + "#"
+	base := pr.cacheID + "#"
 	pr.identity = base + name
 	identity := pr.identity
 	pr.mu.Unlock()
 	if old != "" {
-		pr.u.log.Warn("the cache was reset (its nix-cache-info changed); forgetting what it held", "cache", pr.u.opt.Cache.String())
+		pr.log.Warn("the cache was reset (its nix-cache-info changed); forgetting what it held", "cache", pr.cacheName)
 		if err := pr.forgetRecords(oldIdentity); err != nil {
 			return true, err
 		}
 	}
-	ps := pr.u.opt.Presence
+	ps := pr.store
 	if ps == nil {
 		return old != "", nil
 	}
-	notBefore := time.Now().Add(-pr.u.opt.PresenceTTL)
+	notBefore := time.Now().Add(-pr.ttl)
 	if n, err := ps.PrunePresent(base, identity, notBefore); err != nil {
 		return old != "", err
 	} else if n > 0 {
-		pr.u.log.Info("pruned presence records", "records", n)
+		pr.log.Info("pruned presence records", "records", n)
 	}
 	if old != "" {
 		return true, nil
@@ -344,7 +393,7 @@ func (pr *presence) setGeneration(name string, asked time.Time) (changed bool, e
 	}
 	pr.mu.Unlock()
 	if len(hashes) > 0 {
-		pr.u.log.Info("presence cache loaded", "cache", pr.u.opt.Cache.String(), "paths", len(hashes))
+		pr.log.Info("presence cache loaded", "cache", pr.cacheName, "paths", len(hashes))
 	}
 	return false, nil
 }
@@ -360,7 +409,7 @@ func (pr *presence) young(storeNow time.Time, d time.Duration) bool {
 
 // prune drops in-memory entries older than the TTL.
 func (pr *presence) prune() int {
-	cutoff := time.Now().Add(-pr.u.opt.PresenceTTL).Unix()
+	cutoff := time.Now().Add(-pr.ttl).Unix()
 	pr.mu.Lock()
 	defer pr.mu.Unlock()
 	n := 0
@@ -526,10 +575,10 @@ func (pr *presence) prefetch(ctx context.Context, paths []string, before func() 
 		}
 		pr.mu.Unlock()
 		if err != nil {
-			pr.u.log.Debug("presence checked in bulk", "paths", len(mine), "err", err)
+			pr.log.Debug("presence checked in bulk", "paths", len(mine), "err", err)
 			return
 		}
-		pr.u.log.Info("presence checked in bulk", "paths", len(mine), "missing", missing, "duration", time.Since(start))
+		pr.log.Info("presence checked in bulk", "paths", len(mine), "missing", missing, "duration", time.Since(start))
 	}()
 }
 
@@ -537,11 +586,11 @@ func (pr *presence) prefetch(ctx context.Context, paths []string, before func() 
 // narinfo: remembered within the TTL and not announced for deletion.
 func (pr *presence) trustedLocked(h string, now time.Time) bool {
 	at, ok := pr.known[h]
-	return ok && now.Sub(time.Unix(at, 0)) <= pr.u.opt.PresenceTTL && !pr.doomedLocked(h)
+	return ok && now.Sub(time.Unix(at, 0)) <= pr.ttl && !pr.doomedLocked(h)
 }
 
 func (pr *presence) doomedLocked(h string) bool {
-	g := pr.u.opt.Guard
+	g := pr.guard
 	return g != nil && g.Doomed(h+".narinfo")
 }
 
@@ -550,7 +599,7 @@ func (pr *presence) doomedLocked(h string) bool {
 // store that says it cannot list (an HTTP binary cache) is asked by HEAD
 // only.
 func (pr *presence) listingWorthIt(paths []string) bool {
-	if len(paths) < 32 || pr.unlistable.Load() || bucket.CheckListable(pr.u.opt.Bucket) != nil {
+	if len(paths) < 32 || pr.unlistable.Load() || bucket.CheckListable(pr.bucket) != nil {
 		return false
 	}
 	prefixes := map[byte]bool{}
@@ -575,7 +624,7 @@ func (pr *presence) ask(ctx context.Context, paths []string) ([]string, error) {
 			// again by HEAD. What it does not show counts as missing, as a
 			// HEAD's "not found" does: the upload of a path that is there
 			// after all costs a create-only write that keeps it.
-			storeNow, _ := bucket.NowWithin(pr.u.opt.Bucket)
+			storeNow, _ := bucket.NowWithin(pr.bucket)
 			if pr.young(storeNow, youngCache) {
 				return pr.askByHead(ctx, found)
 			}
@@ -585,7 +634,7 @@ func (pr *presence) ask(ctx context.Context, paths []string) ([]string, error) {
 			return nil, err
 		}
 		if !pr.unlistable.Swap(true) {
-			pr.u.log.Warn("the bucket cannot be listed with this cache URL; asking about paths one by one (HEAD)", "err", err)
+			pr.log.Warn("the bucket cannot be listed with this cache URL; asking about paths one by one (HEAD)", "err", err)
 		}
 	}
 	return pr.askByHead(ctx, paths)
@@ -601,7 +650,7 @@ func (pr *presence) askByHead(ctx context.Context, paths []string) ([]string, er
 			if err := gctx.Err(); err != nil {
 				return err // an earlier HEAD failed: send no more
 			}
-			have, err := pr.u.hasNarinfo(gctx, p)
+			have, err := hasNarinfo(gctx, pr.bucket, p)
 			if err != nil {
 				return err
 			}
@@ -630,7 +679,7 @@ func (pr *presence) askByListing(ctx context.Context, paths []string) ([]string,
 	g, gctx := errgroup.WithContext(ctx)
 	for c := range prefixes {
 		g.Go(func() error {
-			return pr.u.opt.Bucket.List(gctx, bucket.ListOptions{Prefix: string(c)}, func(o bucket.Object) error {
+			return pr.bucket.List(gctx, bucket.ListOptions{Prefix: string(c)}, func(o bucket.Object) error {
 				seen.Add(1)
 				if h := cachefmt.NarinfoHash(o.Key); h != "" {
 					if p, ok := want[h]; ok {
@@ -647,13 +696,13 @@ func (pr *presence) askByListing(ctx context.Context, paths []string) ([]string,
 		return nil, err
 	}
 	pr.bucketKeys.Store(seen.Load() * 32 / int64(len(prefixes)))
-	pr.u.log.Debug("presence by listing", "paths", len(paths), "prefixes", len(prefixes), "keys_listed", seen.Load(), "found", len(found))
+	pr.log.Debug("presence by listing", "paths", len(paths), "prefixes", len(prefixes), "keys_listed", seen.Load(), "found", len(found))
 	return found, nil
 }
 
-// hasNarinfo asks the cache (a HEAD) whether p's narinfo exists.
-func (u *Uploader) hasNarinfo(ctx context.Context, p string) (bool, error) {
-	_, err := u.opt.Bucket.Stat(ctx, storepath.HashPart(p)+".narinfo")
+// hasNarinfo asks b (a HEAD) whether p's narinfo exists.
+func hasNarinfo(ctx context.Context, b bucket.Bucket, p string) (bool, error) {
+	_, err := b.Stat(ctx, storepath.HashPart(p)+".narinfo")
 	switch {
 	case err == nil:
 		return true, nil

@@ -42,7 +42,7 @@ func (u *Uploader) putRealisations(ctx context.Context, info *nixstore.PathInfo)
 		// Never a realisation whose output has no narinfo (a path a filter
 		// left out, or one whose upload did not complete).
 		asked := time.Now()
-		have, err := u.hasNarinfo(ctx, info.Path)
+		have, err := hasNarinfo(ctx, u.opt.Bucket, info.Path)
 		if err != nil || !have {
 			return 0, err
 		}

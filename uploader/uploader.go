@@ -244,7 +244,8 @@ func New(opt Options) (*Uploader, error) {
 	}
 	go u.checkDeterministic()
 	u.gen = &generation{check: u.CheckGeneration}
-	u.presence = newPresence(u, u.gen)
+	u.presence = newPresence(presenceConfig{bucket: opt.Bucket, guard: opt.Guard, store: opt.Presence, ttl: opt.PresenceTTL,
+		cacheID: opt.Cache.Identity(), cacheName: opt.Cache.String(), onReset: u.extrasDone.Clear, log: opt.Logger}, u.gen)
 	u.graph = newGraph(u, opt.Workers, 4*opt.Streams)
 	return u, nil
 }
@@ -805,18 +806,11 @@ func (u *Uploader) Forget() error {
 // TTL (in memory and persisted) and the record of uploaded build logs.
 func (u *Uploader) Maintain() {
 	n := u.presence.prune()
-	if ps := u.opt.Presence; ps != nil {
-		u.presence.mu.Lock()
-		identity := u.presence.identity
-		u.presence.mu.Unlock()
-		if identity != "" {
-			m, err := ps.PrunePresent(u.opt.Cache.Identity()+"#", identity, time.Now().Add(-u.opt.PresenceTTL))
-			if err != nil {
-				u.log.Warn("prune presence records", "err", err)
-			}
-			n += m
-		}
+	m, err := u.presence.pruneRecords()
+	if err != nil {
+		u.log.Warn("prune presence records", "err", err)
 	}
+	n += m
 	u.logsMu.Lock()
 	if len(u.logsDone) > maxLogsRemembered {
 		u.logsDone = map[string]bool{}
