@@ -78,16 +78,27 @@ func (j *jobResult) add(f func(*Result)) {
 // as many as may run at once, so that they never hold the workers small
 // paths and narinfos need.
 type graph struct {
-	u       *Uploader
-	mu      sync.Mutex
-	nodes   map[string]*node
-	work    *workQueue
-	large   *workQueue
-	running sync.WaitGroup // the workers
+	tasks    graphTasks
+	presence *presence
+	mu       sync.Mutex
+	nodes    map[string]*node
+	work     *workQueue
+	large    *workQueue
+	running  sync.WaitGroup // the workers
 }
 
-func newGraph(u *Uploader, workers, largeWorkers int) *graph {
-	g := &graph{u: u, nodes: map[string]*node{}, work: newWorkQueue(), large: newWorkQueue()}
+// graphTasks are the work the graph schedules for a node.
+type graphTasks struct {
+	// nar uploads the node's NAR and reports to the graph (narUploaded
+	// or fail); narinfo writes its narinfo once the NAR and its
+	// references' narinfos are up (succeed or fail).
+	nar, narinfo func(*node)
+	// large reports whether a NAR goes to the large-NAR workers.
+	large func(*nixstore.PathInfo) bool
+}
+
+func newGraph(tasks graphTasks, pr *presence, workers, largeWorkers int) *graph {
+	g := &graph{tasks: tasks, presence: pr, nodes: map[string]*node{}, work: newWorkQueue(), large: newWorkQueue()}
 	for i := 0; i < workers; i++ {
 		g.running.Add(1)
 		go func() { defer g.running.Done(); g.work.run() }()
@@ -154,7 +165,7 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing, repa
 		// in an earlier generation may have written its narinfo before the
 		// reset and still succeed: either is replaced (its own end leaves
 		// the replacement in place).
-		if !missing[p] || g.u.presence.seen(p) {
+		if !missing[p] || g.presence.seen(p) {
 			continue
 		}
 		ctx, cancel := context.WithCancel(context.Background())
@@ -166,7 +177,7 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing, repa
 			case g.shareable(g.nodes[r], gen):
 				n.refsLeft++
 				g.nodes[r].dependents = append(g.nodes[r].dependents, n)
-			case g.u.presence.seen(r):
+			case g.presence.seen(r):
 				n.preexisting = append(n.preexisting, storepath.HashPart(r)+".narinfo")
 			default:
 				n.err = &errDependencyGone{path: r}
@@ -189,10 +200,10 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing, repa
 			continue
 		}
 		q := g.work
-		if g.u.isLarge(n.info) {
+		if g.tasks.large(n.info) {
 			q = g.large
 		}
-		q.push(false, func() { g.u.runNAR(n) })
+		q.push(false, func() { g.tasks.nar(n) })
 	}
 	return interest, top, anyPreexisting
 }
@@ -236,7 +247,7 @@ func (g *graph) narUploaded(n *node, ni *narinfo.NarInfo, sent uint64, preexisti
 	ready := n.refsLeft == 0 && n.err == nil
 	g.mu.Unlock()
 	if ready {
-		g.work.push(true, func() { g.u.runNarinfo(n) })
+		g.work.push(true, func() { g.tasks.narinfo(n) })
 	}
 }
 
@@ -248,9 +259,9 @@ func (g *graph) narUploaded(n *node, ni *narinfo.NarInfo, sent uint64, preexisti
 // ours says the narinfo is the one this upload wrote (not another
 // writer's, kept).
 func (g *graph) succeed(n *node, started, written time.Time, ours bool) {
-	g.u.presence.markIn([]string{n.info.Path}, n.gen, started)
+	g.presence.markIn([]string{n.info.Path}, n.gen, started)
 	if ours {
-		g.u.presence.markVerified(n.info.Path, n.gen) // its NAR went up first
+		g.presence.markVerified(n.info.Path, n.gen) // its NAR went up first
 	}
 	var due []*node
 	g.mu.Lock()
@@ -268,7 +279,7 @@ func (g *graph) succeed(n *node, started, written time.Time, ours bool) {
 	g.mu.Unlock()
 	n.cancel()
 	for _, d := range due {
-		g.work.push(true, func() { g.u.runNarinfo(d) })
+		g.work.push(true, func() { g.tasks.narinfo(d) })
 	}
 }
 

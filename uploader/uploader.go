@@ -246,7 +246,7 @@ func New(opt Options) (*Uploader, error) {
 	u.gen = &generation{check: u.CheckGeneration}
 	u.presence = newPresence(presenceConfig{bucket: opt.Bucket, guard: opt.Guard, store: opt.Presence, ttl: opt.PresenceTTL,
 		cacheID: opt.Cache.Identity(), cacheName: opt.Cache.String(), onReset: u.extrasDone.Clear, log: opt.Logger}, u.gen)
-	u.graph = newGraph(u, opt.Workers, 4*opt.Streams)
+	u.graph = newGraph(graphTasks{nar: u.runNAR, narinfo: u.runNarinfo, large: u.isLarge}, u.presence, opt.Workers, 4*opt.Streams)
 	return u, nil
 }
 
