@@ -411,18 +411,7 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		return Result{}, err
 	}
 	if info == nil {
-		// Gone from the store. If it reached the cache before (an
-		// acknowledgement lost in a crash), the job is done after all.
-		asked, gen := time.Now(), u.gen.current()
-		have, herr := u.presentTop(ctx, path) // asked for again: revived if doomed
-		if herr == nil && have {
-			u.presence.mark([]string{path}, asked)
-			return Result{}, u.settle(ctx, gen, time.Now(), nil)
-		}
-		if herr != nil && u.doomed(path) {
-			return Result{}, herr // a collector holds it back: transient
-		}
-		return Result{}, Permanent(&nixstore.InvalidPathError{Path: path})
+		return Result{}, u.goneFromStore(ctx, path)
 	}
 	if u.isUpstream(info) || (u.opt.Exclude != nil && u.opt.Exclude(info)) {
 		return Result{Skipped: 1, SelfSkipped: true}, nil
@@ -440,42 +429,61 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	if !young && u.presence.has(path) {
 		return u.present(ctx, gen, info)
 	}
-	missing, err := u.presence.check(ctx, []string{path})
+	missing, err := u.missingTop(ctx, path)
 	if err != nil {
 		return Result{}, err
-	}
-	if len(missing) == 0 && u.doomed(path) {
-		// A collector announced it, and it was just built or pushed again:
-		// rewrite its narinfo so that it stays (or, if it is gone
-		// meanwhile, upload it again).
-		revived, err := u.revive(ctx, path)
-		if err != nil {
-			return Result{}, err
-		}
-		if !revived {
-			u.presence.forget([]string{path})
-			missing = []string{path}
-		}
 	}
 	if len(missing) == 0 && !young {
 		return u.present(ctx, gen, info)
 	}
-	closure, err := u.opt.Store.Closure(ctx, path)
-	if err != nil {
-		var inv *nixstore.InvalidPathError
-		if errors.As(err, &inv) {
-			return Result{}, Permanent(err)
-		}
-		return Result{}, err
+	return u.uploadClosure(ctx, gen, young, info, missing)
+}
+
+// goneFromStore ends the upload of a path the store no longer has. If it
+// reached the cache before (an acknowledgement lost in a crash), the job is
+// done after all.
+func (u *Uploader) goneFromStore(ctx context.Context, path string) error {
+	asked, gen := time.Now(), u.gen.current()
+	have, herr := u.presentTop(ctx, path) // asked for again: revived if doomed
+	if herr == nil && have {
+		u.presence.mark([]string{path}, asked)
+		return u.settle(ctx, gen, time.Now(), nil)
 	}
-	skipped := 0
-	var deps []string
-	for _, i := range closure[:len(closure)-1] {
-		if u.isUpstream(i) {
-			skipped++
-			continue
-		}
-		deps = append(deps, i.Path)
+	if herr != nil && u.doomed(path) {
+		return herr // a collector holds it back: transient
+	}
+	return Permanent(&nixstore.InvalidPathError{Path: path})
+}
+
+// missingTop returns path if the cache lacks its narinfo (or must be
+// given it again), nil if it holds it.
+func (u *Uploader) missingTop(ctx context.Context, path string) ([]string, error) {
+	missing, err := u.presence.check(ctx, []string{path})
+	if err != nil || len(missing) > 0 || !u.doomed(path) {
+		return missing, err
+	}
+	// A collector announced it, and it was just built or pushed again:
+	// rewrite its narinfo so that it stays (or, if it is gone meanwhile,
+	// upload it again).
+	revived, err := u.revive(ctx, path)
+	if err != nil {
+		return nil, err
+	}
+	if !revived {
+		u.presence.forget([]string{path})
+		return []string{path}, nil
+	}
+	return nil, nil
+}
+
+// uploadClosure uploads what info's closure lacks (missing: info's own
+// path, if the cache lacks it), planned in generation gen; in a young
+// cache, present narinfos that name no NAR are repaired too.
+func (u *Uploader) uploadClosure(ctx context.Context, gen uint64, young bool, info *nixstore.PathInfo, missing []string) (Result, error) {
+	path := info.Path
+	closure, deps, skipped, err := u.closureDeps(ctx, path)
+	if err != nil {
+		return Result{}, err
 	}
 	missingDeps, err := u.presence.check(ctx, deps)
 	if err != nil {
@@ -493,49 +501,24 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		if len(broken) > 0 {
 			u.presence.doubt(broken)
 			missingDeps = append(missingDeps, broken...)
-			for _, b := range broken {
-				if b == path {
-					missing = append(missing, b)
-				}
+			if slices.Contains(broken, path) {
+				missing = append(missing, path)
 			}
 		}
 	}
-	want := map[string]bool{}
+	want := setOf(missingDeps)
 	if len(missing) > 0 {
 		want[path] = true
-	}
-	for _, p := range missingDeps {
-		want[p] = true
-	}
-	repair := make(map[string]bool, len(broken))
-	for _, p := range broken {
-		repair[p] = true
 	}
 	job := &jobResult{}
 	// With top nil (the path is there: uploaded by another job meanwhile,
 	// or only its closure lacked something) the job waits for the nodes
 	// its closure needs all the same.
-	interest, top, _ := u.graph.plan(job, closure, want, repair, u.opt.Upstream, gen)
+	interest, top, _ := u.graph.plan(job, closure, want, setOf(broken), u.opt.Upstream, gen)
 	defer u.graph.release(interest)
-	// The top first (its failure ends the job at once), then every other
-	// node the closure needs: a repaired dependency of a present path (see
-	// verifyPresent) is no reference of any node planned here, and nothing
-	// else waits for it.
-	wait := interest
-	if top != nil {
-		wait = append([]*node{top}, slices.DeleteFunc(slices.Clone(interest), func(n *node) bool { return n == top })...)
-	}
-	var failed error
-	for _, n := range wait {
-		select {
-		case <-n.done:
-		case <-ctx.Done():
-			return Result{}, ctx.Err()
-		}
-		if n.err != nil {
-			failed = n.err
-			break
-		}
+	failed, err := waitNodes(ctx, interest, top)
+	if err != nil {
+		return Result{}, err
 	}
 	job.mu.Lock()
 	res := job.res
@@ -544,10 +527,65 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	if failed != nil {
 		return res, failed
 	}
+	if err := u.finishClosure(ctx, gen, info, closure, interest, top, broken, &res); err != nil {
+		return res, err
+	}
+	return res, nil
+}
+
+// closureDeps returns path's closure, the paths of it other than path that
+// may need an upload (not upstream), and how many are upstream.
+func (u *Uploader) closureDeps(ctx context.Context, path string) (closure []*nixstore.PathInfo, deps []string, skipped int, err error) {
+	closure, err = u.opt.Store.Closure(ctx, path)
+	if err != nil {
+		var inv *nixstore.InvalidPathError
+		if errors.As(err, &inv) {
+			return nil, nil, 0, Permanent(err)
+		}
+		return nil, nil, 0, err
+	}
+	for _, i := range closure[:len(closure)-1] {
+		if u.isUpstream(i) {
+			skipped++
+			continue
+		}
+		deps = append(deps, i.Path)
+	}
+	return closure, deps, skipped, nil
+}
+
+// waitNodes waits for the nodes a job planned: the top first (its failure
+// ends the job at once), then every other node the closure needs: a
+// repaired dependency of a present path (see verifyPresent) is no
+// reference of any node planned here, and nothing else waits for it. It
+// returns the first node error found, or ctx's error.
+func waitNodes(ctx context.Context, interest []*node, top *node) (failed, err error) {
+	wait := interest
+	if top != nil {
+		wait = append([]*node{top}, slices.DeleteFunc(slices.Clone(interest), func(n *node) bool { return n == top })...)
+	}
+	for _, n := range wait {
+		select {
+		case <-n.done:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		if n.err != nil {
+			return n.err, nil
+		}
+	}
+	return nil, nil
+}
+
+// finishClosure ends a job whose nodes all succeeded: the realisations of
+// a path this job did not upload itself (top nil), the check that repaired
+// narinfos are whole, the acknowledgement's generation check (settle), and
+// the release of resume state nothing will use.
+func (u *Uploader) finishClosure(ctx context.Context, gen uint64, info *nixstore.PathInfo, closure []*nixstore.PathInfo, interest []*node, top *node, broken []string, res *Result) error {
 	if top == nil {
 		n, err := u.putRealisations(ctx, info)
 		if err != nil {
-			return res, err
+			return err
 		}
 		res.Realisations += n
 	}
@@ -556,10 +594,10 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	for _, p := range broken {
 		ok, err := u.narinfoComplete(ctx, p)
 		if err != nil {
-			return res, err
+			return err
 		}
 		if !ok {
-			return res, fmt.Errorf("the narinfo of %s still names a NAR that is not there; retrying", p)
+			return fmt.Errorf("the narinfo of %s still names a NAR that is not there; retrying", p)
 		}
 	}
 	var wrote []string
@@ -567,12 +605,20 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		wrote = append(wrote, n.info.Path)
 	}
 	if err := u.settle(ctx, gen, time.Now(), wrote); err != nil {
-		return res, err
+		return err
 	}
 	// Dependencies found present may have records of uploads a crash
 	// interrupted.
-	u.releaseIfPresent(ctx, path, closure)
-	return res, nil
+	u.releaseIfPresent(ctx, info.Path, closure)
+	return nil
+}
+
+func setOf(paths []string) map[string]bool {
+	m := make(map[string]bool, len(paths))
+	for _, p := range paths {
+		m[p] = true
+	}
+	return m
 }
 
 // verifyPresent checks, for the paths of closure not in absent (and not
