@@ -26,6 +26,9 @@ type generation struct {
 	// check asks the cache for its generation (a real round trip); its
 	// answer is recorded through observe.
 	check func(context.Context) error
+	// every bounds how long uploads go on without a confirmation
+	// (Options.GenerationCheck).
+	every time.Duration
 
 	mu   sync.Mutex
 	name string // generation name of the cache, "" until first seen
@@ -109,6 +112,10 @@ func (g *generation) age() time.Duration {
 	}
 	return time.Since(g.confirmed)
 }
+
+// due reports whether the generation was not confirmed within every:
+// uploads ask again before they go on.
+func (g *generation) due() bool { return g.age() > g.every }
 
 // confirmAfter returns once the cache's generation was confirmed by a
 // question sent at or after t (it asks if no such answer is known, or

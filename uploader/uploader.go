@@ -243,7 +243,7 @@ func New(opt Options) (*Uploader, error) {
 		log:           opt.Logger,
 	}
 	go u.checkDeterministic()
-	u.gen = &generation{check: u.CheckGeneration}
+	u.gen = &generation{check: u.CheckGeneration, every: opt.GenerationCheck}
 	u.presence = newPresence(presenceConfig{bucket: opt.Bucket, guard: opt.Guard, store: opt.Presence, ttl: opt.PresenceTTL,
 		cacheID: opt.Cache.Identity(), cacheName: opt.Cache.String(), onReset: u.extrasDone.Clear, log: opt.Logger}, u.gen)
 	u.graph = newGraph(graphTasks{nar: u.runNAR, narinfo: u.runNarinfo, large: u.isLarge}, u.presence, opt.Workers, 4*opt.Streams)
@@ -395,7 +395,7 @@ func (u *Uploader) ensureFresh(ctx context.Context) error {
 	if !u.cacheInfoOK.Load() {
 		return u.EnsureCacheInfo(ctx)
 	}
-	if u.gen.age() > u.opt.GenerationCheck {
+	if u.gen.due() {
 		return u.CheckGeneration(ctx)
 	}
 	return nil
