@@ -170,7 +170,7 @@ func TestLateAnswerDoesNotReviveForgotten(t *testing.T) {
 func TestSucceedKeepsTheReplacement(t *testing.T) {
 	w := newWorld(t, 1, chain, size(100))
 	u := w.uploader(Options{})
-	g := newGraph(graphTasks{nar: u.runNAR, narinfo: u.runNarinfo, large: u.isLarge}, u.presence, 0, 0) // no workers: the test drives the nodes
+	g := newGraph(graphTasks{nar: u.runNAR, narinfo: u.runNarinfo, large: u.nars.isLarge}, u.presence, 0, 0) // no workers: the test drives the nodes
 	defer g.close()
 	closure, err := w.store.Closure(context.Background(), w.paths[0])
 	if err != nil {

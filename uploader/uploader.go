@@ -71,7 +71,6 @@ import (
 
 	"github.com/nix-community/go-nix/pkg/narinfo/signature"
 	"golang.org/x/sync/errgroup"
-	"golang.org/x/sync/semaphore"
 	"golang.org/x/sync/singleflight"
 
 	"github.com/nixspool/nixspool/bucket"
@@ -149,24 +148,19 @@ type ResumeStore interface {
 // Uploader uploads closures. It is safe for concurrent use: a dependency
 // shared by concurrent uploads is uploaded once.
 type Uploader struct {
-	opt           Options
-	direct        bucket.Bucket // opt.Bucket without its request window
-	comp          *narCompressor
-	gen           *generation // the cache generation rule (generation.go)
-	presence      *presence
-	graph         *graph
-	compressSlots chan struct{} // small NARs compressing
-	largeCompress chan struct{} // large NARs compressing
-	smallBudget   *semaphore.Weighted
-	conditional   atomic.Int32 // condUnknown, condYes, condNo
+	opt         Options
+	direct      bucket.Bucket // opt.Bucket without its request window
+	nars        *narTransfer  // NAR compression and upload (nar.go, resume.go)
+	gen         *generation   // the cache generation rule (generation.go)
+	presence    *presence
+	graph       *graph
+	conditional atomic.Int32 // condUnknown, condYes, condNo
 	// cacheInfoOK: nix-cache-info is known to exist. No narinfo is written
 	// before it: without it Nix refuses the whole cache.
 	cacheInfoOK atomic.Bool
 	fresh       singleflight.Group
 	logsMu      sync.Mutex
 	logsDone    map[string]bool // drv base name → build log uploaded (or being)
-	progress    sync.Map        // store path → *Progress
-	resuming    resumeWork      // resumable uploads running (resume.go)
 	extrasDone  sync.Map        // key → sha256 of the body written (see putRealisations)
 	extrasCount atomic.Int64
 	// deterministic: the same NAR compresses to the same bytes (checked
@@ -233,20 +227,17 @@ func New(opt Options) (*Uploader, error) {
 		opt.Logger.Info("removed orphaned temp files", "count", len(old))
 	}
 	u := &Uploader{
-		opt:           opt,
-		direct:        bucket.Direct(opt.Bucket),
-		comp:          comp,
-		compressSlots: make(chan struct{}, 4),
-		largeCompress: make(chan struct{}, opt.Streams),
-		smallBudget:   semaphore.NewWeighted(opt.SmallBudget),
-		logsDone:      map[string]bool{},
-		log:           opt.Logger,
+		opt:      opt,
+		direct:   bucket.Direct(opt.Bucket),
+		nars:     newNARTransfer(opt, comp),
+		logsDone: map[string]bool{},
+		log:      opt.Logger,
 	}
 	go u.checkDeterministic()
 	u.gen = &generation{check: u.CheckGeneration, every: opt.GenerationCheck}
 	u.presence = newPresence(presenceConfig{bucket: opt.Bucket, guard: opt.Guard, store: opt.Presence, ttl: opt.PresenceTTL,
 		cacheID: opt.Cache.Identity(), cacheName: opt.Cache.String(), onReset: u.extrasDone.Clear, log: opt.Logger}, u.gen)
-	u.graph = newGraph(graphTasks{nar: u.runNAR, narinfo: u.runNarinfo, large: u.isLarge}, u.presence, opt.Workers, 4*opt.Streams)
+	u.graph = newGraph(graphTasks{nar: u.runNAR, narinfo: u.runNarinfo, large: u.nars.isLarge}, u.presence, opt.Workers, 4*opt.Streams)
 	return u, nil
 }
 
@@ -257,7 +248,7 @@ func (u *Uploader) Close() { u.graph.close() }
 // InProgress returns the NARs being streamed now.
 func (u *Uploader) InProgress() []*Progress {
 	var out []*Progress
-	u.progress.Range(func(_, v any) bool {
+	u.nars.progress.Range(func(_, v any) bool {
 		out = append(out, v.(*Progress))
 		return true
 	})
@@ -743,7 +734,7 @@ func (u *Uploader) runNAR(n *node) {
 		u.graph.fail(n, err)
 		return
 	}
-	ni, sent, preexisting, err := u.uploadNAR(n.ctx, n.info)
+	ni, sent, preexisting, err := u.nars.uploadNAR(n.ctx, n.info)
 	if err != nil {
 		u.graph.fail(n, fmt.Errorf("upload %s: %w", n.info.Path, err))
 		return
@@ -900,7 +891,7 @@ func tristate(v int32) string {
 
 // checkDeterministic runs the compression self-check (see Stats).
 func (u *Uploader) checkDeterministic() {
-	ok, err := u.comp.deterministic()
+	ok, err := u.nars.comp.deterministic()
 	switch {
 	case err != nil:
 		u.log.Warn("compression self-check", "err", err)
