@@ -170,7 +170,7 @@ func TestLateAnswerDoesNotReviveForgotten(t *testing.T) {
 func TestSucceedKeepsTheReplacement(t *testing.T) {
 	w := newWorld(t, 1, chain, size(100))
 	u := w.uploader(Options{})
-	g := newGraph(u, 0, 0) // no workers: the test drives the nodes
+	g := newGraph(graphTasks{nar: u.runNAR, narinfo: u.runNarinfo, large: u.nars.isLarge}, u.presence, 0, 0) // no workers: the test drives the nodes
 	defer g.close()
 	closure, err := w.store.Closure(context.Background(), w.paths[0])
 	if err != nil {
@@ -308,7 +308,7 @@ func TestUnsureIsBounded(t *testing.T) {
 	w := newWorld(t, 1, chain, size(100))
 	u := w.uploader(Options{})
 	old := time.Now().Add(-24 * time.Hour)
-	u.presence.born(old)
+	u.gen.setBorn(old)
 	if u.presence.young(time.Now(), youngCache) {
 		t.Fatal("a day-old cache counts as young")
 	}

@@ -37,12 +37,13 @@ type node struct {
 	// written.
 	refsLeft   int
 	dependents []*node
-	// relied are the keys of objects that existed before this upload and
-	// that the narinfo relies on: narinfos of references, and the NAR if
-	// an identical one was already there.
-	relied  []string
-	gen     uint64    // the cache generation the plan was made in
-	planned time.Time // when the job planned it
+	// preexisting are the keys of objects the narinfo depends on that
+	// existed before this upload (found present, not written by it):
+	// narinfos of references, and the NAR if an identical one was already
+	// there. Unlike dependencyKeys, it leaves out what this upload wrote.
+	preexisting []string
+	gen         uint64    // the cache generation the plan was made in
+	planned     time.Time // when the job planned it
 	// dependsSince is when the last object the narinfo depends on was
 	// written or found present: its NAR, its references' narinfos (also
 	// those this upload wrote). The narinfo is written only once the
@@ -77,16 +78,27 @@ func (j *jobResult) add(f func(*Result)) {
 // as many as may run at once, so that they never hold the workers small
 // paths and narinfos need.
 type graph struct {
-	u       *Uploader
-	mu      sync.Mutex
-	nodes   map[string]*node
-	work    *workQueue
-	large   *workQueue
-	running sync.WaitGroup // the workers
+	tasks    graphTasks
+	presence *presence
+	mu       sync.Mutex
+	nodes    map[string]*node
+	work     *workQueue
+	large    *workQueue
+	running  sync.WaitGroup // the workers
 }
 
-func newGraph(u *Uploader, workers, largeWorkers int) *graph {
-	g := &graph{u: u, nodes: map[string]*node{}, work: newWorkQueue(), large: newWorkQueue()}
+// graphTasks are the work the graph schedules for a node.
+type graphTasks struct {
+	// nar uploads the node's NAR and reports to the graph (narUploaded
+	// or fail); narinfo writes its narinfo once the NAR and its
+	// references' narinfos are up (succeed or fail).
+	nar, narinfo func(*node)
+	// large reports whether a NAR goes to the large-NAR workers.
+	large func(*nixstore.PathInfo) bool
+}
+
+func newGraph(tasks graphTasks, pr *presence, workers, largeWorkers int) *graph {
+	g := &graph{tasks: tasks, presence: pr, nodes: map[string]*node{}, work: newWorkQueue(), large: newWorkQueue()}
 	for i := 0; i < workers; i++ {
 		g.running.Add(1)
 		go func() { defer g.running.Done(); g.work.run() }()
@@ -125,7 +137,7 @@ func (e *errDependencyGone) Error() string {
 //
 // repair names the paths whose narinfo in the cache is broken: their nodes,
 // new or shared, check what they find at the narinfo write.
-func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing, repair map[string]bool, upstream func(*nixstore.PathInfo) bool, gen uint64) (interest []*node, top *node, relies bool) {
+func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing, repair map[string]bool, upstream func(*nixstore.PathInfo) bool, gen uint64) (interest []*node, top *node, anyPreexisting bool) {
 	planned := time.Now()
 	g.mu.Lock()
 	var created []*node
@@ -153,7 +165,7 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing, repa
 		// in an earlier generation may have written its narinfo before the
 		// reset and still succeed: either is replaced (its own end leaves
 		// the replacement in place).
-		if !missing[p] || g.u.presence.seen(p) {
+		if !missing[p] || g.presence.seen(p) {
 			continue
 		}
 		ctx, cancel := context.WithCancel(context.Background())
@@ -165,8 +177,8 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing, repa
 			case g.shareable(g.nodes[r], gen):
 				n.refsLeft++
 				g.nodes[r].dependents = append(g.nodes[r].dependents, n)
-			case g.u.presence.seen(r):
-				n.relied = append(n.relied, storepath.HashPart(r)+".narinfo")
+			case g.presence.seen(r):
+				n.preexisting = append(n.preexisting, storepath.HashPart(r)+".narinfo")
 			default:
 				n.err = &errDependencyGone{path: r}
 			}
@@ -174,7 +186,7 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing, repa
 		g.nodes[p] = n
 		interest = append(interest, n)
 		created = append(created, n)
-		relies = relies || len(n.relied) > 0
+		anyPreexisting = anyPreexisting || len(n.preexisting) > 0
 	}
 	// The top only if this job counts on it: a node of the path left by
 	// a given-up job or an earlier generation is not this job's.
@@ -188,12 +200,12 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing, repa
 			continue
 		}
 		q := g.work
-		if g.u.isLarge(n.info) {
+		if g.tasks.large(n.info) {
 			q = g.large
 		}
-		q.push(false, func() { g.u.runNAR(n) })
+		q.push(false, func() { g.tasks.nar(n) })
 	}
-	return interest, top, relies
+	return interest, top, anyPreexisting
 }
 
 // shareable reports whether a job planned in generation gen may count on
@@ -227,15 +239,15 @@ func (g *graph) release(nodes []*node) {
 
 // narUploaded records that n's NAR is up; its narinfo is due if its
 // references are written.
-func (g *graph) narUploaded(n *node, ni *narinfo.NarInfo, sent uint64, relied []string) {
+func (g *graph) narUploaded(n *node, ni *narinfo.NarInfo, sent uint64, preexisting []string) {
 	g.mu.Lock()
 	n.ni, n.sent, n.narDone = ni, sent, true
-	n.relied = append(n.relied, relied...)
+	n.preexisting = append(n.preexisting, preexisting...)
 	n.dependsSince = laterOf(n.dependsSince, time.Now())
 	ready := n.refsLeft == 0 && n.err == nil
 	g.mu.Unlock()
 	if ready {
-		g.work.push(true, func() { g.u.runNarinfo(n) })
+		g.work.push(true, func() { g.tasks.narinfo(n) })
 	}
 }
 
@@ -247,9 +259,9 @@ func (g *graph) narUploaded(n *node, ni *narinfo.NarInfo, sent uint64, relied []
 // ours says the narinfo is the one this upload wrote (not another
 // writer's, kept).
 func (g *graph) succeed(n *node, started, written time.Time, ours bool) {
-	g.u.presence.markIn([]string{n.info.Path}, n.gen, started)
+	g.presence.markIn([]string{n.info.Path}, n.gen, started)
 	if ours {
-		g.u.presence.markVerified(n.info.Path, n.gen) // its NAR went up first
+		g.presence.markVerified(n.info.Path, n.gen) // its NAR went up first
 	}
 	var due []*node
 	g.mu.Lock()
@@ -267,7 +279,7 @@ func (g *graph) succeed(n *node, started, written time.Time, ours bool) {
 	g.mu.Unlock()
 	n.cancel()
 	for _, d := range due {
-		g.work.push(true, func() { g.u.runNarinfo(d) })
+		g.work.push(true, func() { g.tasks.narinfo(d) })
 	}
 }
 

@@ -15,11 +15,11 @@ import (
 // Guard tells the uploader which existing objects a garbage collector is
 // about to delete (the gc package's Watcher implements it).
 type Guard interface {
-	// Check returns nil if a narinfo relying on the existing objects relied
-	// (keys: the NAR, the narinfos of references) may be written now, or a
+	// Check returns nil if a narinfo depending on the existing objects at
+	// keys (its NAR, the narinfos of its references) may be written now, or a
 	// transient error if one of them is about to be deleted. With nil it
 	// returns how long the write may take: it is given up after that.
-	Check(ctx context.Context, relied []string) (within time.Duration, err error)
+	Check(ctx context.Context, keys []string) (within time.Duration, err error)
 	// Doomed reports whether the object at key is announced for deletion.
 	Doomed(key string) bool
 }
@@ -27,12 +27,13 @@ type Guard interface {
 // narinfoKey is the key of p's narinfo.
 func narinfoKey(p string) string { return storepath.HashPart(p) + ".narinfo" }
 
-// relied lists the keys a narinfo for storePath relies on: its NAR (also
+// dependencyKeys lists the keys a narinfo for storePath depends on,
+// whether or not they existed before this upload: its NAR (also
 // when this upload has just written it: a NAR key is content-addressed, so
 // a doomed NAR rewritten now may still be deleted by the sweep), and the
 // narinfos of its references (also those written by this upload: with a
 // short retention they can be doomed by a cycle that began meanwhile).
-func relied(storePath, url string, refs []string) []string {
+func dependencyKeys(storePath, url string, refs []string) []string {
 	keys := []string{url}
 	self := storepath.HashPart(storePath)
 	for _, r := range refs {
@@ -49,7 +50,7 @@ func relied(storePath, url string, refs []string) []string {
 // deletion is checked like the objects it relies on: written once the
 // sweep may have begun, the sweep could delete it again.
 func (u *Uploader) guardNarinfo(ctx context.Context, storePath, url string, refs []string) (time.Duration, error) {
-	keys := relied(storePath, url, refs)
+	keys := dependencyKeys(storePath, url, refs)
 	if u.doomed(storePath) {
 		keys = append(keys, narinfoKey(storePath))
 	}
@@ -103,7 +104,7 @@ func (u *Uploader) doomed(p string) bool {
 // narinfo is rewritten first (revived): a narinfo written after the
 // collector's mark is a root of its sweep, so p and its closure stay.
 func (u *Uploader) presentTop(ctx context.Context, p string) (bool, error) {
-	have, err := u.hasNarinfo(ctx, p)
+	have, err := hasNarinfo(ctx, u.opt.Bucket, p)
 	if err != nil || !have || !u.doomed(p) {
 		return have, err
 	}
@@ -170,11 +171,5 @@ func (u *Uploader) ForgetPaths(paths []string) {
 	// Every path is forgotten, not only those known now: the records on
 	// disk may not be loaded yet (the bucket was unreachable at start),
 	// and an answer may be on its way.
-	hashes := u.presence.forget(paths)
-	u.presence.mu.Lock()
-	identity := u.presence.identity
-	u.presence.mu.Unlock()
-	if ps := u.opt.Presence; ps != nil && identity != "" && len(hashes) > 0 {
-		ps.AddPresent(identity, hashes, time.Unix(0, 0))
-	}
+	u.presence.forgetPersisted(paths)
 }

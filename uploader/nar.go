@@ -8,15 +8,20 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 
 	"github.com/nix-community/go-nix/pkg/narinfo"
+	"github.com/nix-community/go-nix/pkg/narinfo/signature"
 	"github.com/nix-community/go-nix/pkg/nixbase32"
 	"github.com/nix-community/go-nix/pkg/nixhash"
+	"golang.org/x/sync/semaphore"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cacheurl"
 	"github.com/nixspool/nixspool/nar"
 	"github.com/nixspool/nixspool/nixsig"
 	"github.com/nixspool/nixspool/nixstore"
@@ -58,34 +63,66 @@ func (e *GrownError) Error() string {
 	return fmt.Sprintf("NAR of %s is larger than the store's record: store says %d bytes, contents had given %d bytes when reading stopped; upload aborted", e.Path, e.WantSize, e.Read)
 }
 
+// narTransfer moves NARs into the cache: it streams a path's NAR through
+// hashing and compression (small ones in memory within a byte budget,
+// large ones into a temp file, a few at a time), uploads it under its
+// content hash, resumably as a multipart upload above resumeAbove
+// (resume.go), and builds the signed narinfo that names it. Writing that
+// narinfo is not its job.
+type narTransfer struct {
+	bucket      bucket.Bucket
+	cache       *cacheurl.Cache
+	keys        []signature.SecretKey
+	guard       Guard       // nil without a collector
+	resume      ResumeStore // nil: no resumable uploads
+	resumeAbove int64
+	tempDir     string
+	comp        *narCompressor
+	// compressSlots bounds small NARs compressing, largeCompress large
+	// ones; smallBudget the bytes of small NARs held in memory.
+	compressSlots chan struct{}
+	largeCompress chan struct{}
+	smallBudget   *semaphore.Weighted
+	progress      sync.Map   // store path → *Progress
+	resuming      resumeWork // resumable uploads running (resume.go)
+	log           *slog.Logger
+}
+
+func newNARTransfer(opt Options, comp *narCompressor) *narTransfer {
+	return &narTransfer{bucket: opt.Bucket, cache: opt.Cache, keys: opt.Keys, guard: opt.Guard, resume: opt.Resume,
+		resumeAbove: opt.ResumeAbove, tempDir: opt.TempDir, comp: comp,
+		compressSlots: make(chan struct{}, 4), largeCompress: make(chan struct{}, opt.Streams),
+		smallBudget: semaphore.NewWeighted(opt.SmallBudget), log: opt.Logger}
+}
+
 // uploadNAR streams info's NAR through hashing and compression (to memory
 // for small NARs, to a temp file otherwise), checks the NAR hash against the
 // store's, uploads the compressed file under its content hash, and returns
-// the narinfo to write, the bytes sent and the keys of existing objects the
-// narinfo relies on (the NAR, if an identical one was already there).
-func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*narinfo.NarInfo, uint64, []string, error) {
+// the narinfo to write, the bytes sent and the keys of preexisting objects
+// the narinfo depends on (the NAR, if an identical one was already there).
+func (t *narTransfer) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*narinfo.NarInfo, uint64, []string, error) {
 	// Shown by agentctl status/watch for the whole upload, not only while
 	// the NAR is being read.
-	u.progress.Store(info.Path, &Progress{Path: info.Path, Total: int64(info.NarSize)})
-	defer u.progress.Delete(info.Path)
-	if !u.isLarge(info) {
-		return u.uploadSmallNAR(ctx, info)
+	t.progress.Store(info.Path, &Progress{Path: info.Path, Total: int64(info.NarSize)})
+	defer t.progress.Delete(info.Path)
+	if !t.isLarge(info) {
+		return t.uploadSmallNAR(ctx, info)
 	}
 	// Large NARs keep a temp file and run on the large-NAR workers (4 per
 	// compression stream): their number bounds the temp files, and only
 	// Streams of them compress at once.
-	if mp, ok := u.resumable(info); ok {
-		ni, sent, err := u.uploadResumable(ctx, info, mp)
+	if mp, ok := t.resumable(info); ok {
+		ni, sent, err := t.uploadResumable(ctx, info, mp)
 		if err != nil {
 			return nil, 0, nil, err
 		}
-		var relied []string
+		var preexisting []string
 		if sent == 0 {
-			relied = []string{ni.URL}
+			preexisting = []string{ni.URL}
 		}
-		return ni, sent, relied, nil
+		return ni, sent, preexisting, nil
 	}
-	tmp, err := os.CreateTemp(u.opt.TempDir, "nar-*.tmp")
+	tmp, err := os.CreateTemp(t.tempDir, "nar-*.tmp")
 	if err != nil {
 		return nil, 0, nil, fmt.Errorf("temp file: %w: %w", bucket.ErrLocal, err)
 	}
@@ -93,25 +130,25 @@ func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*nar
 		tmp.Close()
 		os.Remove(tmp.Name())
 	}()
-	fileSum, size, listing, err := u.compressLarge(ctx, info, tmp)
+	fileSum, size, listing, err := t.compressLarge(ctx, info, tmp)
 	if err != nil {
 		return nil, 0, nil, err
 	}
-	key := u.narKey(fileSum)
+	key := t.narKey(fileSum)
 	// Worth a HEAD: skipping a large upload that is already there (same
 	// content, same key) saves far more than the round trip. The narinfo
 	// then relies on that existing object.
-	if u.objectExists(ctx, key, size) {
-		ni, _, err := u.finishNAR(ctx, info, key, u.comp.method, fileSum, size, listing, 0)
+	if t.objectExists(ctx, key, size) {
+		ni, _, err := t.finishNAR(ctx, info, key, t.comp.method, fileSum, size, listing, 0)
 		return ni, 0, []string{key}, err
 	}
 	if _, err := tmp.Seek(0, io.SeekStart); err != nil {
 		return nil, 0, nil, fmt.Errorf("%w: %w", bucket.ErrLocal, err)
 	}
-	if _, err := u.opt.Bucket.Put(ctx, key, tmp, size, bucket.PutOptions{ContentType: "application/x-nix-nar"}); err != nil {
+	if _, err := t.bucket.Put(ctx, key, tmp, size, bucket.PutOptions{ContentType: "application/x-nix-nar"}); err != nil {
 		return nil, 0, nil, err
 	}
-	ni, sent, err := u.finishNAR(ctx, info, key, u.comp.method, fileSum, size, listing, uint64(size))
+	ni, sent, err := t.finishNAR(ctx, info, key, t.comp.method, fileSum, size, listing, uint64(size))
 	return ni, sent, nil, err
 }
 
@@ -119,81 +156,81 @@ func (u *Uploader) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*nar
 // compressor uses both cores and keeps a window in memory); the upload that
 // follows needs no slot, so distant buckets get several large uploads in
 // flight while the cores compress the next ones.
-func (u *Uploader) compressLarge(ctx context.Context, info *nixstore.PathInfo, file io.Writer) ([]byte, int64, *nar.Listing, error) {
+func (t *narTransfer) compressLarge(ctx context.Context, info *nixstore.PathInfo, file io.Writer) ([]byte, int64, *nar.Listing, error) {
 	select {
-	case u.largeCompress <- struct{}{}:
+	case t.largeCompress <- struct{}{}:
 	case <-ctx.Done():
 		return nil, 0, nil, ctx.Err()
 	}
-	defer func() { <-u.largeCompress }()
-	return u.compressNAR(ctx, info, file, false)
+	defer func() { <-t.largeCompress }()
+	return t.compressNAR(ctx, info, file, false)
 }
 
 // uploadSmallNAR compresses a small NAR into memory and uploads it. Memory
 // is bounded by design: every in-memory NAR holds its size (plus overhead)
 // of a fixed byte budget while it exists, and only a few are compressed at
 // once (each compressor keeps a window).
-func (u *Uploader) uploadSmallNAR(ctx context.Context, info *nixstore.PathInfo) (*narinfo.NarInfo, uint64, []string, error) {
+func (t *narTransfer) uploadSmallNAR(ctx context.Context, info *nixstore.PathInfo) (*narinfo.NarInfo, uint64, []string, error) {
 	need := int64(info.NarSize) + smallOverhead
-	if err := u.smallBudget.Acquire(ctx, need); err != nil {
+	if err := t.smallBudget.Acquire(ctx, need); err != nil {
 		return nil, 0, nil, err
 	}
-	defer u.smallBudget.Release(need)
+	defer t.smallBudget.Release(need)
 	select {
-	case u.compressSlots <- struct{}{}:
+	case t.compressSlots <- struct{}{}:
 	case <-ctx.Done():
 		return nil, 0, nil, ctx.Err()
 	}
 	buf := &memFile{}
 	buf.buf.Grow(int(info.NarSize/2) + 512)
-	fileSum, size, listing, err := u.compressNAR(ctx, info, buf, true)
-	<-u.compressSlots
+	fileSum, size, listing, err := t.compressNAR(ctx, info, buf, true)
+	<-t.compressSlots
 	if err != nil {
 		return nil, 0, nil, err
 	}
-	key := u.narKey(fileSum)
-	if _, err := u.opt.Bucket.Put(ctx, key, buf, size, bucket.PutOptions{ContentType: "application/x-nix-nar"}); err != nil {
+	key := t.narKey(fileSum)
+	if _, err := t.bucket.Put(ctx, key, buf, size, bucket.PutOptions{ContentType: "application/x-nix-nar"}); err != nil {
 		return nil, 0, nil, err
 	}
-	ni, sent, err := u.finishNAR(ctx, info, key, u.comp.method, fileSum, size, listing, uint64(size))
+	ni, sent, err := t.finishNAR(ctx, info, key, t.comp.method, fileSum, size, listing, uint64(size))
 	return ni, sent, nil, err
 }
 
 // isLarge reports whether info's NAR goes through a temp file (large, or
 // resumable) rather than memory.
-func (u *Uploader) isLarge(info *nixstore.PathInfo) bool {
-	_, resumable := u.resumable(info)
+func (t *narTransfer) isLarge(info *nixstore.PathInfo) bool {
+	_, resumable := t.resumable(info)
 	return info.NarSize >= smallNAR || resumable
 }
 
 // resumable returns the multipart bucket if info's upload is resumable.
-func (u *Uploader) resumable(info *nixstore.PathInfo) (bucket.Multipart, bool) {
-	mp, ok := u.opt.Bucket.(bucket.Multipart)
-	return mp, ok && u.opt.Resume != nil && info.NarSize >= uint64(u.opt.ResumeAbove)
+func (t *narTransfer) resumable(info *nixstore.PathInfo) (bucket.Multipart, bool) {
+	mp, ok := t.bucket.(bucket.Multipart)
+	return mp, ok && t.resume != nil && info.NarSize >= uint64(t.resumeAbove)
 }
 
-func (u *Uploader) narKey(fileSum []byte) string {
-	return "nar/" + nixbase32.EncodeToString(fileSum) + ".nar" + u.comp.ext
+func (t *narTransfer) narKey(fileSum []byte) string {
+	return "nar/" + nixbase32.EncodeToString(fileSum) + ".nar" + t.comp.ext
 }
 
-func (u *Uploader) objectExists(ctx context.Context, key string, size int64) bool {
-	st, err := u.opt.Bucket.Stat(ctx, key)
+func (t *narTransfer) objectExists(ctx context.Context, key string, size int64) bool {
+	st, err := t.bucket.Stat(ctx, key)
 	if err != nil || st.Size != size {
 		return false
 	}
 	// An object a collector announced for deletion is not trusted either.
-	return u.opt.Guard == nil || !u.opt.Guard.Doomed(key)
+	return t.guard == nil || !t.guard.Doomed(key)
 }
 
 // finishNAR uploads the listing (if any) and builds the narinfo of the NAR
 // file uploaded at key, compressed with compression.
-func (u *Uploader) finishNAR(ctx context.Context, info *nixstore.PathInfo, key, compression string, fileSum []byte, size int64, listing *nar.Listing, sent uint64) (*narinfo.NarInfo, uint64, error) {
+func (t *narTransfer) finishNAR(ctx context.Context, info *nixstore.PathInfo, key, compression string, fileSum []byte, size int64, listing *nar.Listing, sent uint64) (*narinfo.NarInfo, uint64, error) {
 	if listing != nil {
-		if err := u.putListing(ctx, info.Path, listing); err != nil {
+		if err := t.putListing(ctx, info.Path, listing); err != nil {
 			return nil, 0, err
 		}
 	}
-	ni, err := u.makeNarinfo(info, key, compression, fileSum, uint64(size))
+	ni, err := t.makeNarinfo(info, key, compression, fileSum, uint64(size))
 	if err != nil {
 		return nil, 0, err
 	}
@@ -204,12 +241,12 @@ func (u *Uploader) finishNAR(ctx context.Context, info *nixstore.PathInfo, key, 
 // the compressed file's SHA-256 and size, and the listing if one is wanted.
 // A NAR whose hash or size differs from the store's record is a permanent
 // error, and nothing of it may be uploaded.
-func (u *Uploader) compressNAR(ctx context.Context, info *nixstore.PathInfo, sink io.Writer, small bool) ([]byte, int64, *nar.Listing, error) {
-	prog := u.trackProgress(info)
+func (t *narTransfer) compressNAR(ctx context.Context, info *nixstore.PathInfo, sink io.Writer, small bool) ([]byte, int64, *nar.Listing, error) {
+	prog := t.trackProgress(info)
 
 	narHash, fileHash := sha256.New(), sha256.New()
 	fileCount := &countWriter{w: io.MultiWriter(sink, fileHash)}
-	cw, err := u.comp.wrap(fileCount, small)
+	cw, err := t.comp.wrap(fileCount, small)
 	if err != nil {
 		return nil, 0, nil, err
 	}
@@ -218,7 +255,7 @@ func (u *Uploader) compressNAR(ctx context.Context, info *nixstore.PathInfo, sin
 	// record allows, however large it is now.
 	limited := &limitWriter{w: io.MultiWriter(narHash, cw), limit: info.NarSize}
 	narSink := &ctxWriter{ctx: ctx, w: limited, prog: prog}
-	narSize, listing, err := nar.Dump(narSink, info.Path, u.opt.Cache.WriteNARListing)
+	narSize, listing, err := nar.Dump(narSink, info.Path, t.cache.WriteNARListing)
 	if cerr := cw.Close(); err == nil {
 		err = cerr
 	}
@@ -255,8 +292,8 @@ type Progress struct {
 func (p *Progress) Done() int64 { return p.done.Load() }
 
 // trackProgress returns the progress entry of info's upload.
-func (u *Uploader) trackProgress(info *nixstore.PathInfo) *Progress {
-	if v, ok := u.progress.Load(info.Path); ok {
+func (t *narTransfer) trackProgress(info *nixstore.PathInfo) *Progress {
+	if v, ok := t.progress.Load(info.Path); ok {
 		return v.(*Progress)
 	}
 	return &Progress{Path: info.Path, Total: int64(info.NarSize)}
@@ -280,17 +317,17 @@ func (m *memFile) Seek(off int64, whence int) (int64, error) {
 	return m.r.Seek(off, whence)
 }
 
-func (u *Uploader) putListing(ctx context.Context, p string, listing *nar.Listing) error {
+func (t *narTransfer) putListing(ctx context.Context, p string, listing *nar.Listing) error {
 	js, err := json.Marshal(listing)
 	if err != nil {
 		return err
 	}
-	body, err := compressMeta(u.opt.Cache.LsCompression, js)
+	body, err := compressMeta(t.cache.LsCompression, js)
 	if err != nil {
 		return err
 	}
-	_, err = u.opt.Bucket.Put(ctx, storepath.HashPart(p)+".ls", bytes.NewReader(body), int64(len(body)),
-		bucket.PutOptions{ContentType: "application/json", ContentEncoding: u.opt.Cache.LsCompression})
+	_, err = t.bucket.Put(ctx, storepath.HashPart(p)+".ls", bytes.NewReader(body), int64(len(body)),
+		bucket.PutOptions{ContentType: "application/json", ContentEncoding: t.cache.LsCompression})
 	return err
 }
 
@@ -299,7 +336,7 @@ func (u *Uploader) putListing(ctx context.Context, p string, listing *nar.Listin
 // already carries from other keys, in Nix's order (nixsig). url, compression, fileSum and fileSize
 // describe the NAR file actually uploaded (a resumed upload's file may
 // predate the cache's configuration).
-func (u *Uploader) makeNarinfo(info *nixstore.PathInfo, url, compression string, fileSum []byte, fileSize uint64) (*narinfo.NarInfo, error) {
+func (t *narTransfer) makeNarinfo(info *nixstore.PathInfo, url, compression string, fileSum []byte, fileSize uint64) (*narinfo.NarInfo, error) {
 	ni := &narinfo.NarInfo{
 		StorePath:   info.Path,
 		URL:         url,
@@ -316,7 +353,7 @@ func (u *Uploader) makeNarinfo(info *nixstore.PathInfo, url, compression string,
 	if info.Deriver != "" {
 		ni.Deriver = filepath.Base(info.Deriver)
 	}
-	sigs, err := nixsig.Merge(ni.Fingerprint(), u.opt.Keys, info.Sigs)
+	sigs, err := nixsig.Merge(ni.Fingerprint(), t.keys, info.Sigs)
 	if err != nil {
 		return nil, fmt.Errorf("narinfo of %s: %w", info.Path, err)
 	}

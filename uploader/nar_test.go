@@ -61,7 +61,7 @@ func TestGrownPathIsCutOff(t *testing.T) {
 			u := w.uploader(opt)
 			p := w.paths[0]
 			info := w.store.infos[p]
-			if want := tc.name != "small"; u.isLarge(info) != want {
+			if want := tc.name != "small"; u.nars.isLarge(info) != want {
 				t.Fatalf("%s case: isLarge = %v", tc.name, !want)
 			}
 			// Sparse: the file reads as 64 MiB without taking the disk.

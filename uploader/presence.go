@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -55,7 +56,18 @@ const maxUnsure = 100_000
 // uploads run; a narinfo is only written if the generation its
 // references were found present in is still the current one.
 type presence struct {
-	u       *Uploader
+	bucket bucket.Bucket
+	guard  Guard         // nil without a collector
+	store  PresenceStore // nil: nothing kept across restarts
+	ttl    time.Duration // how long a "the cache has it" is trusted
+	// cacheID is the cache's identity (persistence keys start with it),
+	// cacheName its URL for logs.
+	cacheID, cacheName string
+	// onReset runs when everything known is forgotten (what else went
+	// with the cache: the realisations written).
+	onReset func()
+	log     *slog.Logger
+
 	mu      sync.Mutex
 	known   map[string]int64 // hash → unix time it was seen present
 	pending map[string]*pendingCheck
@@ -81,14 +93,9 @@ type presence struct {
 	// verifiedNAR holds hashes whose narinfo was checked to name a NAR
 	// that is there, in this generation (see Uploader.verifyPresent).
 	verifiedNAR map[string]bool
-	// gen counts resets seen by this process; entries of known belong to
-	// the current one.
-	gen     atomic.Uint64
-	genName string // generation name of the cache, "" until first seen
-	// genBorn is the LastModified of the generation's nix-cache-info (the
-	// store's clock): when the cache was created or last reset.
-	genBorn  time.Time
-	genAt    time.Time
+	// gen is the cache's generation: entries of known belong to its
+	// current counter.
+	gen      *generation
 	identity string // persistence key: cache identity + generation
 
 	// bucketKeys estimates the keys at the cache's root (narinfos and
@@ -109,8 +116,20 @@ type pendingCheck struct {
 	err     error
 }
 
-func newPresence(u *Uploader) *presence {
-	return &presence{u: u, known: map[string]int64{}, pending: map[string]*pendingCheck{}, absent: map[string]time.Time{},
+// presenceConfig is what presence needs from the uploader's options.
+type presenceConfig struct {
+	bucket             bucket.Bucket
+	guard              Guard
+	store              PresenceStore
+	ttl                time.Duration
+	cacheID, cacheName string
+	onReset            func()
+	log                *slog.Logger
+}
+
+func newPresence(c presenceConfig, gen *generation) *presence {
+	return &presence{bucket: c.bucket, guard: c.guard, store: c.store, ttl: c.ttl, cacheID: c.cacheID, cacheName: c.cacheName,
+		onReset: c.onReset, log: c.log, gen: gen, known: map[string]int64{}, pending: map[string]*pendingCheck{}, absent: map[string]time.Time{},
 		forgotten: map[string]time.Time{}, unsure: map[string]bool{}, verifiedNAR: map[string]bool{}}
 }
 
@@ -122,7 +141,7 @@ func (pr *presence) seen(p string) bool {
 	pr.mu.Lock()
 	at, ok := pr.known[h]
 	pr.mu.Unlock()
-	return ok && time.Since(time.Unix(at, 0)) <= pr.u.opt.PresenceTTL
+	return ok && time.Since(time.Unix(at, 0)) <= pr.ttl
 }
 
 // has reports whether the cache holds p's narinfo and it can be trusted to
@@ -131,14 +150,14 @@ func (pr *presence) has(p string) bool {
 	if !pr.seen(p) {
 		return false
 	}
-	g := pr.u.opt.Guard
+	g := pr.guard
 	return g == nil || !g.Doomed(storepath.HashPart(p)+".narinfo")
 }
 
 // mark records that the narinfos of paths are in the cache, in memory and
 // (lazily) in the presence store.
 func (pr *presence) mark(paths []string, asked time.Time) {
-	pr.markIn(paths, pr.gen.Load(), asked)
+	pr.markIn(paths, pr.gen.current(), asked)
 }
 
 // markIn is mark for an answer to a question sent at asked, in generation
@@ -153,7 +172,7 @@ func (pr *presence) markIn(paths []string, gen uint64, asked time.Time) {
 	now := time.Now()
 	hashes := make([]string, 0, len(paths))
 	pr.mu.Lock()
-	if pr.gen.Load() != gen {
+	if pr.gen.current() != gen {
 		pr.mu.Unlock()
 		return
 	}
@@ -170,7 +189,7 @@ func (pr *presence) markIn(paths []string, gen uint64, asked time.Time) {
 	}
 	identity := pr.identity
 	pr.mu.Unlock()
-	if ps := pr.u.opt.Presence; ps != nil && identity != "" {
+	if ps := pr.store; ps != nil && identity != "" {
 		ps.AddPresent(identity, hashes, now)
 	}
 }
@@ -242,7 +261,7 @@ func (pr *presence) verified(p string) bool {
 func (pr *presence) markVerified(p string, gen uint64) {
 	pr.mu.Lock()
 	defer pr.mu.Unlock()
-	if pr.gen.Load() == gen && len(pr.verifiedNAR) < maxPresent {
+	if pr.gen.current() == gen && len(pr.verifiedNAR) < maxPresent {
 		pr.verifiedNAR[storepath.HashPart(p)] = true
 	}
 }
@@ -259,17 +278,17 @@ func (pr *presence) settled(p string) {
 func (pr *presence) reset() error {
 	pr.mu.Lock()
 	identity := pr.identity
+	pr.gen.advance()
 	pr.resetLocked()
 	pr.mu.Unlock()
 	return pr.forgetRecords(identity)
 }
 
-// resetLocked moves to a new generation counter and forgets what was
-// known; callers hold mu, so that no one sees a new generation's name or
-// confirmation with the old counter.
+// resetLocked forgets what was known, once the generation counter moved
+// on; callers hold mu, so that no answer of the old counter is recorded
+// after it (markIn checks the counter under mu).
 func (pr *presence) resetLocked() {
-	pr.u.extrasDone.Clear() // the realisations written went with the cache
-	pr.gen.Add(1)
+	pr.onReset()                // the realisations written went with the cache
 	pr.unsureOverflowed = false // what was dropped went with the cache
 	pr.known = map[string]int64{}
 	pr.absent = map[string]time.Time{}
@@ -278,10 +297,35 @@ func (pr *presence) resetLocked() {
 
 // forgetRecords drops the persisted presence records of identity.
 func (pr *presence) forgetRecords(identity string) error {
-	if ps := pr.u.opt.Presence; ps != nil && identity != "" {
+	if ps := pr.store; ps != nil && identity != "" {
 		return ps.ForgetPresent(identity)
 	}
 	return nil
+}
+
+// pruneRecords prunes the persisted records older than the TTL, and
+// those of other generations, and returns how many it dropped.
+func (pr *presence) pruneRecords() (int, error) {
+	pr.mu.Lock()
+	identity := pr.identity
+	pr.mu.Unlock()
+	if pr.store == nil || identity == "" {
+		return 0, nil
+	}
+	return pr.store.PrunePresent(pr.cacheID+"#", identity, time.Now().Add(-pr.ttl))
+}
+
+// forgetPersisted forgets paths (see forget) and dates their persisted
+// records at the Unix epoch, older than any TTL, so that they are never
+// loaded again.
+func (pr *presence) forgetPersisted(paths []string) {
+	hashes := pr.forget(paths)
+	pr.mu.Lock()
+	identity := pr.identity
+	pr.mu.Unlock()
+	if pr.store != nil && identity != "" && len(hashes) > 0 {
+		pr.store.AddPresent(identity, hashes, time.Unix(0, 0))
+	}
 }
 
 // count is how many narinfos the cache is known to hold.
@@ -299,43 +343,35 @@ func (pr *presence) count() int {
 // for plans made before it.
 func (pr *presence) setGeneration(name string, asked time.Time) (changed bool, err error) {
 	pr.mu.Lock()
-	old := pr.genName
-	if old == name {
-		if asked.After(pr.genAt) {
-			pr.genAt = asked
-		}
-		pr.mu.Unlock()
-		return false, nil
-	}
 	// A new generation: the counter moves on and what was known is
 	// dropped before its name and confirmation are published, in one
 	// critical section (an answer of the old generation then fails
 	// markIn's check, and settle sees the new counter).
-	oldIdentity := pr.identity
-	if old != "" {
-		pr.resetLocked()
+	old := pr.gen.observe(name, asked, pr.resetLocked)
+	if old == name {
+		pr.mu.Unlock()
+		return false, nil
 	}
-	pr.genAt = asked
-	pr.genName = name
-	base := pr.u.opt.Cache.Identity() + "#"
+	oldIdentity := pr.identity
+	base := pr.cacheID + "#"
 	pr.identity = base + name
 	identity := pr.identity
 	pr.mu.Unlock()
 	if old != "" {
-		pr.u.log.Warn("the cache was reset (its nix-cache-info changed); forgetting what it held", "cache", pr.u.opt.Cache.String())
+		pr.log.Warn("the cache was reset (its nix-cache-info changed); forgetting what it held", "cache", pr.cacheName)
 		if err := pr.forgetRecords(oldIdentity); err != nil {
 			return true, err
 		}
 	}
-	ps := pr.u.opt.Presence
+	ps := pr.store
 	if ps == nil {
 		return old != "", nil
 	}
-	notBefore := time.Now().Add(-pr.u.opt.PresenceTTL)
+	notBefore := time.Now().Add(-pr.ttl)
 	if n, err := ps.PrunePresent(base, identity, notBefore); err != nil {
 		return old != "", err
 	} else if n > 0 {
-		pr.u.log.Info("pruned presence records", "records", n)
+		pr.log.Info("pruned presence records", "records", n)
 	}
 	if old != "" {
 		return true, nil
@@ -357,16 +393,9 @@ func (pr *presence) setGeneration(name string, asked time.Time) (changed bool, e
 	}
 	pr.mu.Unlock()
 	if len(hashes) > 0 {
-		pr.u.log.Info("presence cache loaded", "cache", pr.u.opt.Cache.String(), "paths", len(hashes))
+		pr.log.Info("presence cache loaded", "cache", pr.cacheName, "paths", len(hashes))
 	}
 	return false, nil
-}
-
-// born records when the current generation's nix-cache-info was written.
-func (pr *presence) born(t time.Time) {
-	pr.mu.Lock()
-	pr.genBorn = t
-	pr.mu.Unlock()
 }
 
 // young reports whether the cache was created or reset less than d ago
@@ -375,30 +404,12 @@ func (pr *presence) born(t time.Time) {
 func (pr *presence) young(storeNow time.Time, d time.Duration) bool {
 	pr.mu.Lock()
 	defer pr.mu.Unlock()
-	return pr.unsureOverflowed || (!pr.genBorn.IsZero() && storeNow.Sub(pr.genBorn) < d)
-}
-
-// confirmedSince reports whether the generation was confirmed by a
-// question sent after t.
-func (pr *presence) confirmedSince(t time.Time) bool {
-	pr.mu.Lock()
-	defer pr.mu.Unlock()
-	return !pr.genAt.Before(t)
-}
-
-// generationAge is how long ago the generation was last confirmed.
-func (pr *presence) generationAge() time.Duration {
-	pr.mu.Lock()
-	defer pr.mu.Unlock()
-	if pr.genAt.IsZero() {
-		return time.Duration(1<<62 - 1)
-	}
-	return time.Since(pr.genAt)
+	return pr.unsureOverflowed || pr.gen.bornWithin(storeNow, d)
 }
 
 // prune drops in-memory entries older than the TTL.
 func (pr *presence) prune() int {
-	cutoff := time.Now().Add(-pr.u.opt.PresenceTTL).Unix()
+	cutoff := time.Now().Add(-pr.ttl).Unix()
 	pr.mu.Lock()
 	defer pr.mu.Unlock()
 	n := 0
@@ -468,7 +479,7 @@ func (pr *presence) check(ctx context.Context, paths []string) (missing []string
 		pr.joined()
 	}
 
-	gen, asked := pr.gen.Load(), time.Now()
+	gen, asked := pr.gen.current(), time.Now()
 	found, err := pr.ask(ctx, mine)
 	pr.markIn(found, gen, asked)
 	foundSet := make(map[string]bool, len(found))
@@ -479,7 +490,7 @@ func (pr *presence) check(ctx context.Context, paths []string) (missing []string
 	// An answer that describes the cache before a reset noticed meanwhile
 	// says nothing about the cache now: such paths count as missing (an
 	// upload of a path that is there after all costs a create-only write).
-	stale := pr.gen.Load() != gen
+	stale := pr.gen.current() != gen
 	for _, p := range mine {
 		h := storepath.HashPart(p)
 		pc := pr.pending[h]
@@ -503,7 +514,7 @@ func (pr *presence) check(ctx context.Context, paths []string) (missing []string
 		if pc.err != nil {
 			return nil, pc.err
 		}
-		if !pc.present || pc.gen != pr.gen.Load() {
+		if !pc.present || pc.gen != pr.gen.current() {
 			missing = append(missing, waitPaths[i])
 		}
 	}
@@ -537,7 +548,7 @@ func (pr *presence) prefetch(ctx context.Context, paths []string, before func() 
 		start := time.Now()
 		var found []string
 		err := before()
-		gen, asked := pr.gen.Load(), time.Now()
+		gen, asked := pr.gen.current(), time.Now()
 		if err == nil {
 			found, err = pr.ask(ctx, mine)
 		}
@@ -564,10 +575,10 @@ func (pr *presence) prefetch(ctx context.Context, paths []string, before func() 
 		}
 		pr.mu.Unlock()
 		if err != nil {
-			pr.u.log.Debug("presence checked in bulk", "paths", len(mine), "err", err)
+			pr.log.Debug("presence checked in bulk", "paths", len(mine), "err", err)
 			return
 		}
-		pr.u.log.Info("presence checked in bulk", "paths", len(mine), "missing", missing, "duration", time.Since(start))
+		pr.log.Info("presence checked in bulk", "paths", len(mine), "missing", missing, "duration", time.Since(start))
 	}()
 }
 
@@ -575,11 +586,11 @@ func (pr *presence) prefetch(ctx context.Context, paths []string, before func() 
 // narinfo: remembered within the TTL and not announced for deletion.
 func (pr *presence) trustedLocked(h string, now time.Time) bool {
 	at, ok := pr.known[h]
-	return ok && now.Sub(time.Unix(at, 0)) <= pr.u.opt.PresenceTTL && !pr.doomedLocked(h)
+	return ok && now.Sub(time.Unix(at, 0)) <= pr.ttl && !pr.doomedLocked(h)
 }
 
 func (pr *presence) doomedLocked(h string) bool {
-	g := pr.u.opt.Guard
+	g := pr.guard
 	return g != nil && g.Doomed(h+".narinfo")
 }
 
@@ -588,7 +599,7 @@ func (pr *presence) doomedLocked(h string) bool {
 // store that says it cannot list (an HTTP binary cache) is asked by HEAD
 // only.
 func (pr *presence) listingWorthIt(paths []string) bool {
-	if len(paths) < 32 || pr.unlistable.Load() || bucket.CheckListable(pr.u.opt.Bucket) != nil {
+	if len(paths) < 32 || pr.unlistable.Load() || bucket.CheckListable(pr.bucket) != nil {
 		return false
 	}
 	prefixes := map[byte]bool{}
@@ -613,7 +624,7 @@ func (pr *presence) ask(ctx context.Context, paths []string) ([]string, error) {
 			// again by HEAD. What it does not show counts as missing, as a
 			// HEAD's "not found" does: the upload of a path that is there
 			// after all costs a create-only write that keeps it.
-			storeNow, _ := bucket.NowWithin(pr.u.opt.Bucket)
+			storeNow, _ := bucket.NowWithin(pr.bucket)
 			if pr.young(storeNow, youngCache) {
 				return pr.askByHead(ctx, found)
 			}
@@ -623,7 +634,7 @@ func (pr *presence) ask(ctx context.Context, paths []string) ([]string, error) {
 			return nil, err
 		}
 		if !pr.unlistable.Swap(true) {
-			pr.u.log.Warn("the bucket cannot be listed with this cache URL; asking about paths one by one (HEAD)", "err", err)
+			pr.log.Warn("the bucket cannot be listed with this cache URL; asking about paths one by one (HEAD)", "err", err)
 		}
 	}
 	return pr.askByHead(ctx, paths)
@@ -639,7 +650,7 @@ func (pr *presence) askByHead(ctx context.Context, paths []string) ([]string, er
 			if err := gctx.Err(); err != nil {
 				return err // an earlier HEAD failed: send no more
 			}
-			have, err := pr.u.hasNarinfo(gctx, p)
+			have, err := hasNarinfo(gctx, pr.bucket, p)
 			if err != nil {
 				return err
 			}
@@ -668,7 +679,7 @@ func (pr *presence) askByListing(ctx context.Context, paths []string) ([]string,
 	g, gctx := errgroup.WithContext(ctx)
 	for c := range prefixes {
 		g.Go(func() error {
-			return pr.u.opt.Bucket.List(gctx, bucket.ListOptions{Prefix: string(c)}, func(o bucket.Object) error {
+			return pr.bucket.List(gctx, bucket.ListOptions{Prefix: string(c)}, func(o bucket.Object) error {
 				seen.Add(1)
 				if h := cachefmt.NarinfoHash(o.Key); h != "" {
 					if p, ok := want[h]; ok {
@@ -685,13 +696,13 @@ func (pr *presence) askByListing(ctx context.Context, paths []string) ([]string,
 		return nil, err
 	}
 	pr.bucketKeys.Store(seen.Load() * 32 / int64(len(prefixes)))
-	pr.u.log.Debug("presence by listing", "paths", len(paths), "prefixes", len(prefixes), "keys_listed", seen.Load(), "found", len(found))
+	pr.log.Debug("presence by listing", "paths", len(paths), "prefixes", len(prefixes), "keys_listed", seen.Load(), "found", len(found))
 	return found, nil
 }
 
-// hasNarinfo asks the cache (a HEAD) whether p's narinfo exists.
-func (u *Uploader) hasNarinfo(ctx context.Context, p string) (bool, error) {
-	_, err := u.opt.Bucket.Stat(ctx, storepath.HashPart(p)+".narinfo")
+// hasNarinfo asks b (a HEAD) whether p's narinfo exists.
+func hasNarinfo(ctx context.Context, b bucket.Bucket, p string) (bool, error) {
+	_, err := b.Stat(ctx, storepath.HashPart(p)+".narinfo")
 	switch {
 	case err == nil:
 		return true, nil

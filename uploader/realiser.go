@@ -42,7 +42,7 @@ func (u *Uploader) putRealisations(ctx context.Context, info *nixstore.PathInfo)
 		// Never a realisation whose output has no narinfo (a path a filter
 		// left out, or one whose upload did not complete).
 		asked := time.Now()
-		have, err := u.hasNarinfo(ctx, info.Path)
+		have, err := hasNarinfo(ctx, u.opt.Bucket, info.Path)
 		if err != nil || !have {
 			return 0, err
 		}
@@ -80,7 +80,7 @@ func (u *Uploader) writeRealisations(ctx context.Context, info *nixstore.PathInf
 	// A realisation relies on its output's narinfo and, through its
 	// dependencies, on the outputs it references: like a narinfo, it is
 	// not written while a collector may be deleting them.
-	within, err := u.checkGuard(ctx, relied(info.Path, narinfoKey(info.Path), info.References))
+	within, err := u.checkGuard(ctx, dependencyKeys(info.Path, narinfoKey(info.Path), info.References))
 	if err != nil {
 		return 0, fmt.Errorf("realisations of %s: %w", info.Path, err)
 	}

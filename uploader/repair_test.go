@@ -38,7 +38,7 @@ func TestNoExtraClosureWalkWhileALargeUploadRuns(t *testing.T) {
 	u := f.resumableUploader(t, mp, rs, "zstd")
 	u.opt.Store = cs
 	// p3's large upload is running: its record exists.
-	end, err := u.resuming.exclusive(context.Background(), f.path(3))
+	end, err := u.nars.resuming.exclusive(context.Background(), f.path(3))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -60,10 +60,10 @@ const staleResume = 7 * 24 * time.Hour
 
 // mismatch says why rec cannot be resumed for info with the current
 // configuration ("" if it can).
-func (u *Uploader) mismatch(rec *resumeRecord, info *nixstore.PathInfo) string {
+func (t *narTransfer) mismatch(rec *resumeRecord, info *nixstore.PathInfo) string {
 	switch {
-	case rec.Compression != u.comp.method:
-		return fmt.Sprintf("kept NAR is compressed with %q, the cache wants %q", rec.Compression, u.comp.method)
+	case rec.Compression != t.comp.method:
+		return fmt.Sprintf("kept NAR is compressed with %q, the cache wants %q", rec.Compression, t.comp.method)
 	case rec.NarHash != nixbase32.EncodeToString(info.NarHash) || rec.NarSize != info.NarSize:
 		return fmt.Sprintf("kept NAR is sha256:%s (%d bytes), the store path now has sha256:%s (%d bytes)",
 			rec.NarHash, rec.NarSize, nixbase32.EncodeToString(info.NarHash), info.NarSize)
@@ -73,71 +73,71 @@ func (u *Uploader) mismatch(rec *resumeRecord, info *nixstore.PathInfo) string {
 
 const partialSuffix = ".partial"
 
-func (u *Uploader) partialFile(storePath string) string {
-	return filepath.Join(u.opt.TempDir, "nar-"+storepath.HashPart(storePath)+partialSuffix)
+func (t *narTransfer) partialFile(storePath string) string {
+	return filepath.Join(t.tempDir, "nar-"+storepath.HashPart(storePath)+partialSuffix)
 }
 
 // uploadResumable uploads a large NAR as a multipart upload that a later
 // attempt (after a crash, a restart or a transient error) continues from
 // the parts the server already holds, checked against their MD5 ETags.
-func (u *Uploader) uploadResumable(ctx context.Context, info *nixstore.PathInfo, mp bucket.Multipart) (*narinfo.NarInfo, uint64, error) {
+func (t *narTransfer) uploadResumable(ctx context.Context, info *nixstore.PathInfo, mp bucket.Multipart) (*narinfo.NarInfo, uint64, error) {
 	// One upload of a path at a time: a node replacing a cancelled one
 	// waits for the old upload to wind down, so that the two never share
 	// the record and the kept file (one could save the record again after
 	// the other completed and deleted it).
-	release, err := u.resuming.exclusive(ctx, info.Path)
+	release, err := t.resuming.exclusive(ctx, info.Path)
 	if err != nil {
 		return nil, 0, err
 	}
 	defer release()
-	rec, listing, err := u.resumeOrPrepare(ctx, info, mp)
+	rec, listing, err := t.resumeOrPrepare(ctx, info, mp)
 	if err != nil || rec == nil {
 		return nil, 0, err
 	}
 	fileSum, _ := nixbase32.DecodeString(rec.FileHash)
-	if u.objectExists(ctx, rec.Key, rec.FileSize) {
+	if t.objectExists(ctx, rec.Key, rec.FileSize) {
 		// The upload completed, but the record outlived it.
-		u.discardRecord(ctx, info.Path, rec, mp, false)
-		return u.finishNAR(ctx, info, rec.Key, rec.Compression, fileSum, rec.FileSize, listing, 0)
+		t.discardRecord(ctx, info.Path, rec, mp, false)
+		return t.finishNAR(ctx, info, rec.Key, rec.Compression, fileSum, rec.FileSize, listing, 0)
 	}
-	sent, err := u.sendParts(ctx, info.Path, rec, mp)
+	sent, err := t.sendParts(ctx, info.Path, rec, mp)
 	if err != nil {
 		if IsPermanent(err) {
-			u.discardRecord(ctx, info.Path, rec, mp, true)
+			t.discardRecord(ctx, info.Path, rec, mp, true)
 		}
 		return nil, 0, err
 	}
-	u.discardRecord(ctx, info.Path, rec, mp, false)
-	return u.finishNAR(ctx, info, rec.Key, rec.Compression, fileSum, rec.FileSize, listing, sent)
+	t.discardRecord(ctx, info.Path, rec, mp, false)
+	return t.finishNAR(ctx, info, rec.Key, rec.Compression, fileSum, rec.FileSize, listing, sent)
 }
 
 // resumeOrPrepare returns the resume record of info.Path, creating it (by
 // compressing the NAR and starting a multipart upload) if there is no
 // usable one. The listing is produced when the cache wants one.
-func (u *Uploader) resumeOrPrepare(ctx context.Context, info *nixstore.PathInfo, mp bucket.Multipart) (*resumeRecord, *nar.Listing, error) {
-	if rec := u.loadRecord(info.Path); rec != nil {
-		err := u.checkPartial(rec)
-		if why := u.mismatch(rec, info); why != "" {
+func (t *narTransfer) resumeOrPrepare(ctx context.Context, info *nixstore.PathInfo, mp bucket.Multipart) (*resumeRecord, *nar.Listing, error) {
+	if rec := t.loadRecord(info.Path); rec != nil {
+		err := t.checkPartial(rec)
+		if why := t.mismatch(rec, info); why != "" {
 			err = errors.New(why)
 		}
 		if err == nil {
 			var listing *nar.Listing
-			if u.opt.Cache.WriteNARListing {
+			if t.cache.WriteNARListing {
 				if _, listing, err = nar.Dump(io.Discard, info.Path, true); err != nil {
 					return nil, nil, fmt.Errorf("listing of %s: %w", info.Path, err)
 				}
 			}
-			u.log.Info("resuming upload", "path", info.Path, "key", rec.Key, "bytes", rec.FileSize)
+			t.log.Info("resuming upload", "path", info.Path, "key", rec.Key, "bytes", rec.FileSize)
 			rec.Used = time.Now()
-			if err := u.saveRecord(info.Path, rec); err != nil {
-				u.log.Warn("resume record", "path", info.Path, "err", err)
+			if err := t.saveRecord(info.Path, rec); err != nil {
+				t.log.Warn("resume record", "path", info.Path, "err", err)
 			}
 			return rec, listing, nil
 		}
-		u.log.Warn("cannot resume upload; starting again", "path", info.Path, "err", err)
-		u.discardRecord(ctx, info.Path, rec, mp, true)
+		t.log.Warn("cannot resume upload; starting again", "path", info.Path, "err", err)
+		t.discardRecord(ctx, info.Path, rec, mp, true)
 	}
-	file := u.partialFile(info.Path)
+	file := t.partialFile(info.Path)
 	f, err := os.OpenFile(file, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return nil, nil, fmt.Errorf("temp file: %w", err)
@@ -149,25 +149,25 @@ func (u *Uploader) resumeOrPrepare(ctx context.Context, info *nixstore.PathInfo,
 			os.Remove(file)
 		}
 	}()
-	fileSum, size, listing, err := u.compressLarge(ctx, info, f)
+	fileSum, size, listing, err := t.compressLarge(ctx, info, f)
 	if err != nil {
 		return nil, nil, err
 	}
 	if err := f.Sync(); err != nil {
 		return nil, nil, err
 	}
-	key := u.narKey(fileSum)
-	if u.objectExists(ctx, key, size) {
+	key := t.narKey(fileSum)
+	if t.objectExists(ctx, key, size) {
 		// Already uploaded (same content): nothing to resume.
-		return &resumeRecord{Key: key, FileSize: size, FileHash: nixbase32.EncodeToString(fileSum), Compression: u.comp.method}, listing, nil
+		return &resumeRecord{Key: key, FileSize: size, FileHash: nixbase32.EncodeToString(fileSum), Compression: t.comp.method}, listing, nil
 	}
 	id, err := mp.StartMultipart(ctx, key, bucket.PutOptions{ContentType: "application/x-nix-nar"})
 	if err != nil {
 		return nil, nil, err
 	}
 	rec := &resumeRecord{Key: key, UploadID: id, File: file, FileSize: size, FileHash: nixbase32.EncodeToString(fileSum), PartSize: int64(narPartSize(mp, size)),
-		Compression: u.comp.method, NarHash: nixbase32.EncodeToString(info.NarHash), NarSize: info.NarSize, Used: time.Now()}
-	if err := u.saveRecord(info.Path, rec); err != nil {
+		Compression: t.comp.method, NarHash: nixbase32.EncodeToString(info.NarHash), NarSize: info.NarSize, Used: time.Now()}
+	if err := t.saveRecord(info.Path, rec); err != nil {
 		mp.AbortMultipart(context.WithoutCancel(ctx), key, id)
 		return nil, nil, err
 	}
@@ -196,7 +196,7 @@ func partSize(size int64) uint64 {
 
 // sendParts uploads the parts the server does not have yet and completes
 // the upload. It returns the bytes sent.
-func (u *Uploader) sendParts(ctx context.Context, p string, rec *resumeRecord, mp bucket.Multipart) (uint64, error) {
+func (t *narTransfer) sendParts(ctx context.Context, p string, rec *resumeRecord, mp bucket.Multipart) (uint64, error) {
 	have, err := mp.ListParts(ctx, rec.Key, rec.UploadID)
 	if bucket.IsNotExist(err) {
 		// The upload was aborted (e.g. by stale-upload cleanup): start over.
@@ -205,7 +205,7 @@ func (u *Uploader) sendParts(ctx context.Context, p string, rec *resumeRecord, m
 			return 0, serr
 		}
 		rec.UploadID, have = id, nil
-		if err := u.saveRecord(p, rec); err != nil {
+		if err := t.saveRecord(p, rec); err != nil {
 			return 0, err
 		}
 	} else if err != nil {
@@ -262,13 +262,13 @@ func (u *Uploader) sendParts(ctx context.Context, p string, rec *resumeRecord, m
 		return uint64(sent.Load()), err
 	}
 	if r := reused.Load(); r > 0 {
-		u.log.Info("resumed upload completed", "path", p, "parts_reused", r, "parts_sent", int64(n)-r, "bytes_sent", sent.Load())
+		t.log.Info("resumed upload completed", "path", p, "parts_reused", r, "parts_sent", int64(n)-r, "bytes_sent", sent.Load())
 	}
 	return uint64(sent.Load()), nil
 }
 
 // checkPartial verifies that the kept compressed NAR is intact.
-func (u *Uploader) checkPartial(rec *resumeRecord) error {
+func (t *narTransfer) checkPartial(rec *resumeRecord) error {
 	f, err := os.Open(rec.File)
 	if err != nil {
 		return err
@@ -285,10 +285,10 @@ func (u *Uploader) checkPartial(rec *resumeRecord) error {
 	return nil
 }
 
-func (u *Uploader) saveRecord(p string, rec *resumeRecord) error {
+func (t *narTransfer) saveRecord(p string, rec *resumeRecord) error {
 	data, err := json.Marshal(rec)
 	if err == nil {
-		err = u.opt.Resume.SaveUpload(p, data)
+		err = t.resume.SaveUpload(p, data)
 	}
 	if err != nil {
 		return fmt.Errorf("save resume record of %s: %w", p, err)
@@ -296,8 +296,8 @@ func (u *Uploader) saveRecord(p string, rec *resumeRecord) error {
 	return nil
 }
 
-func (u *Uploader) loadRecord(p string) *resumeRecord {
-	data, err := u.opt.Resume.LoadUpload(p)
+func (t *narTransfer) loadRecord(p string) *resumeRecord {
+	data, err := t.resume.LoadUpload(p)
 	if err != nil || data == nil {
 		return nil
 	}
@@ -310,17 +310,17 @@ func (u *Uploader) loadRecord(p string) *resumeRecord {
 
 // discardRecord forgets a resumable upload: the record, the kept file and,
 // if abort is set, the multipart upload on the server.
-func (u *Uploader) discardRecord(ctx context.Context, p string, rec *resumeRecord, mp bucket.Multipart, abort bool) {
+func (t *narTransfer) discardRecord(ctx context.Context, p string, rec *resumeRecord, mp bucket.Multipart, abort bool) {
 	if abort && rec.UploadID != "" {
 		if err := mp.AbortMultipart(context.WithoutCancel(ctx), rec.Key, rec.UploadID); err != nil {
-			u.log.Warn("abort multipart upload", "path", p, "err", err)
+			t.log.Warn("abort multipart upload", "path", p, "err", err)
 		}
 	}
 	if rec.File != "" {
 		os.Remove(rec.File)
 	}
-	if err := u.opt.Resume.DeleteUpload(p); err != nil {
-		u.log.Warn("delete resume record", "path", p, "err", err)
+	if err := t.resume.DeleteUpload(p); err != nil {
+		t.log.Warn("delete resume record", "path", p, "err", err)
 	}
 }
 
@@ -347,8 +347,8 @@ func (u *Uploader) Discard(ctx context.Context, p string) {
 			u.log.Warn("upload of a discarded path did not stop in time; its resumable upload is kept, for the next upload of the path", "path", q, "job_path", p)
 			return
 		}
-		if rec := u.loadRecord(q); rec != nil {
-			u.discardRecord(ctx, q, rec, mp, true)
+		if rec := u.nars.loadRecord(q); rec != nil {
+			u.nars.discardRecord(ctx, q, rec, mp, true)
 		}
 	}
 }
@@ -362,7 +362,7 @@ func (u *Uploader) discardable(ctx context.Context, p string) []string {
 		u.log.Warn("list resume records", "err", err)
 		return out
 	}
-	if len(recs) == 0 && !u.resuming.any() {
+	if len(recs) == 0 && !u.nars.resuming.any() {
 		return out
 	}
 	closure, err := u.opt.Store.Closure(ctx, p)
@@ -373,7 +373,7 @@ func (u *Uploader) discardable(ctx context.Context, p string) []string {
 		return out
 	}
 	for _, info := range closure {
-		if q := info.Path; q != p && (recs[q] != nil || u.resuming.running(q)) {
+		if q := info.Path; q != p && (recs[q] != nil || u.nars.resuming.running(q)) {
 			out = append(out, q)
 		}
 	}
@@ -388,7 +388,7 @@ func (u *Uploader) waitIdle(ctx context.Context, p string) error {
 	if err := u.graph.waitAbandoned(ctx, p); err != nil {
 		return err
 	}
-	if err := u.resuming.wait(ctx, p); err != nil {
+	if err := u.nars.resuming.wait(ctx, p); err != nil {
 		return err
 	}
 	// A job may have started to upload p meanwhile.
@@ -466,7 +466,7 @@ func (u *Uploader) releaseIfPresent(ctx context.Context, p string, closure []*ni
 	}
 	candidates := map[string]bool{}
 	for q := range recs {
-		if !u.resuming.running(q) || !u.graph.wanted(q) {
+		if !u.nars.resuming.running(q) || !u.graph.wanted(q) {
 			candidates[q] = true
 		}
 	}
@@ -495,9 +495,9 @@ func (u *Uploader) releaseIfPresent(ctx context.Context, p string, closure []*ni
 		if err := u.waitIdle(ctx, q); err != nil {
 			continue // wanted again, or still winding down: kept for now
 		}
-		if rec := u.loadRecord(q); rec != nil {
+		if rec := u.nars.loadRecord(q); rec != nil {
 			u.log.Info("releasing the resumable upload of a path already in the cache", "path", q)
-			u.discardRecord(ctx, q, rec, mp, true)
+			u.nars.discardRecord(ctx, q, rec, mp, true)
 		}
 	}
 }
@@ -561,7 +561,7 @@ func (u *Uploader) RecoverUploads(ctx context.Context) error {
 		}
 		fi, err := os.Stat(rec.File)
 		if err != nil && mp != nil {
-			u.discardRecord(ctx, p, &rec, mp, true)
+			u.nars.discardRecord(ctx, p, &rec, mp, true)
 			continue
 		}
 		if used := rec.Used; err == nil && mp != nil {
@@ -570,7 +570,7 @@ func (u *Uploader) RecoverUploads(ctx context.Context) error {
 			}
 			if age := time.Since(used); age > staleResume {
 				u.log.Info("releasing a resumable upload unused for too long", "path", p, "unused_for", age.Round(time.Minute))
-				u.discardRecord(ctx, p, &rec, mp, true)
+				u.nars.discardRecord(ctx, p, &rec, mp, true)
 				continue
 			}
 		}

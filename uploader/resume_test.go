@@ -520,7 +520,7 @@ func TestPermanentFailureReleasesDependencies(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(u.Close)
-	b.key = u.narKey(f.store.infos[f.path(1)].NarHash)
+	b.key = u.nars.narKey(f.store.infos[f.path(1)].NarHash)
 
 	errc := make(chan error, 1)
 	go func() { _, err := u.Upload(context.Background(), f.path(1)); errc <- err }()
@@ -557,14 +557,14 @@ func TestRecoverReleasesStaleRecords(t *testing.T) {
 		p := f.path(i)
 		key := fmt.Sprintf("nar/%d.nar", i)
 		id, _ := mp.StartMultipart(bg, key, bucket.PutOptions{})
-		file := u.partialFile(p)
+		file := u.nars.partialFile(p)
 		if err := os.WriteFile(file, []byte("compressed"), 0o600); err != nil {
 			t.Fatal(err)
 		}
 		if err := os.Chtimes(file, r.file, r.file); err != nil {
 			t.Fatal(err)
 		}
-		if err := u.saveRecord(p, &resumeRecord{Key: key, UploadID: id, File: file, FileSize: 10, Used: r.used}); err != nil {
+		if err := u.nars.saveRecord(p, &resumeRecord{Key: key, UploadID: id, File: file, FileSize: 10, Used: r.used}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -573,8 +573,8 @@ func TestRecoverReleasesStaleRecords(t *testing.T) {
 	}
 	var aborted []string
 	for i, r := range recs {
-		rec := u.loadRecord(f.path(i))
-		_, ferr := os.Stat(u.partialFile(f.path(i)))
+		rec := u.nars.loadRecord(f.path(i))
+		_, ferr := os.Stat(u.nars.partialFile(f.path(i)))
 		switch {
 		case r.stale && (rec != nil || ferr == nil):
 			t.Errorf("record %d: stale, but its record or file is kept", i)

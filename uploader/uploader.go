@@ -71,7 +71,6 @@ import (
 
 	"github.com/nix-community/go-nix/pkg/narinfo/signature"
 	"golang.org/x/sync/errgroup"
-	"golang.org/x/sync/semaphore"
 	"golang.org/x/sync/singleflight"
 
 	"github.com/nixspool/nixspool/bucket"
@@ -149,23 +148,19 @@ type ResumeStore interface {
 // Uploader uploads closures. It is safe for concurrent use: a dependency
 // shared by concurrent uploads is uploaded once.
 type Uploader struct {
-	opt           Options
-	direct        bucket.Bucket // opt.Bucket without its request window
-	comp          *narCompressor
-	presence      *presence
-	graph         *graph
-	compressSlots chan struct{} // small NARs compressing
-	largeCompress chan struct{} // large NARs compressing
-	smallBudget   *semaphore.Weighted
-	conditional   atomic.Int32 // condUnknown, condYes, condNo
+	opt         Options
+	direct      bucket.Bucket // opt.Bucket without its request window
+	nars        *narTransfer  // NAR compression and upload (nar.go, resume.go)
+	gen         *generation   // the cache generation rule (generation.go)
+	presence    *presence
+	graph       *graph
+	conditional atomic.Int32 // condUnknown, condYes, condNo
 	// cacheInfoOK: nix-cache-info is known to exist. No narinfo is written
 	// before it: without it Nix refuses the whole cache.
 	cacheInfoOK atomic.Bool
 	fresh       singleflight.Group
 	logsMu      sync.Mutex
 	logsDone    map[string]bool // drv base name → build log uploaded (or being)
-	progress    sync.Map        // store path → *Progress
-	resuming    resumeWork      // resumable uploads running (resume.go)
 	extrasDone  sync.Map        // key → sha256 of the body written (see putRealisations)
 	extrasCount atomic.Int64
 	// deterministic: the same NAR compresses to the same bytes (checked
@@ -232,18 +227,17 @@ func New(opt Options) (*Uploader, error) {
 		opt.Logger.Info("removed orphaned temp files", "count", len(old))
 	}
 	u := &Uploader{
-		opt:           opt,
-		direct:        bucket.Direct(opt.Bucket),
-		comp:          comp,
-		compressSlots: make(chan struct{}, 4),
-		largeCompress: make(chan struct{}, opt.Streams),
-		smallBudget:   semaphore.NewWeighted(opt.SmallBudget),
-		logsDone:      map[string]bool{},
-		log:           opt.Logger,
+		opt:      opt,
+		direct:   bucket.Direct(opt.Bucket),
+		nars:     newNARTransfer(opt, comp),
+		logsDone: map[string]bool{},
+		log:      opt.Logger,
 	}
 	go u.checkDeterministic()
-	u.presence = newPresence(u)
-	u.graph = newGraph(u, opt.Workers, 4*opt.Streams)
+	u.gen = &generation{check: u.CheckGeneration, every: opt.GenerationCheck}
+	u.presence = newPresence(presenceConfig{bucket: opt.Bucket, guard: opt.Guard, store: opt.Presence, ttl: opt.PresenceTTL,
+		cacheID: opt.Cache.Identity(), cacheName: opt.Cache.String(), onReset: u.extrasDone.Clear, log: opt.Logger}, u.gen)
+	u.graph = newGraph(graphTasks{nar: u.runNAR, narinfo: u.runNarinfo, large: u.nars.isLarge}, u.presence, opt.Workers, 4*opt.Streams)
 	return u, nil
 }
 
@@ -254,7 +248,7 @@ func (u *Uploader) Close() { u.graph.close() }
 // InProgress returns the NARs being streamed now.
 func (u *Uploader) InProgress() []*Progress {
 	var out []*Progress
-	u.progress.Range(func(_, v any) bool {
+	u.nars.progress.Range(func(_, v any) bool {
 		out = append(out, v.(*Progress))
 		return true
 	})
@@ -303,7 +297,7 @@ func (u *Uploader) readGeneration(ctx context.Context, missing func()) error {
 	if err != nil {
 		return fmt.Errorf("check nix-cache-info: %w", err)
 	}
-	u.presence.born(info.LastModified)
+	u.gen.setBorn(info.LastModified)
 	_, err = u.presence.setGeneration(generationName(info), asked)
 	u.cacheInfoOK.Store(true)
 	if err != nil {
@@ -392,7 +386,7 @@ func (u *Uploader) ensureFresh(ctx context.Context) error {
 	if !u.cacheInfoOK.Load() {
 		return u.EnsureCacheInfo(ctx)
 	}
-	if u.presence.generationAge() > u.opt.GenerationCheck {
+	if u.gen.due() {
 		return u.CheckGeneration(ctx)
 	}
 	return nil
@@ -408,23 +402,12 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		return Result{}, err
 	}
 	if info == nil {
-		// Gone from the store. If it reached the cache before (an
-		// acknowledgement lost in a crash), the job is done after all.
-		asked, gen := time.Now(), u.presence.gen.Load()
-		have, herr := u.presentTop(ctx, path) // asked for again: revived if doomed
-		if herr == nil && have {
-			u.presence.mark([]string{path}, asked)
-			return Result{}, u.settle(ctx, gen, time.Now(), nil)
-		}
-		if herr != nil && u.doomed(path) {
-			return Result{}, herr // a collector holds it back: transient
-		}
-		return Result{}, Permanent(&nixstore.InvalidPathError{Path: path})
+		return Result{}, u.goneFromStore(ctx, path)
 	}
 	if u.isUpstream(info) || (u.opt.Exclude != nil && u.opt.Exclude(info)) {
 		return Result{Skipped: 1, SelfSkipped: true}, nil
 	}
-	gen := u.presence.gen.Load()
+	gen := u.gen.current()
 	// In a young cache (created or reset less than youngCache ago), a
 	// narinfo may be there without its references: written by an agent
 	// that had not noticed the reset yet, and not repaired by it yet. There
@@ -437,42 +420,61 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	if !young && u.presence.has(path) {
 		return u.present(ctx, gen, info)
 	}
-	missing, err := u.presence.check(ctx, []string{path})
+	missing, err := u.missingTop(ctx, path)
 	if err != nil {
 		return Result{}, err
-	}
-	if len(missing) == 0 && u.doomed(path) {
-		// A collector announced it, and it was just built or pushed again:
-		// rewrite its narinfo so that it stays (or, if it is gone
-		// meanwhile, upload it again).
-		revived, err := u.revive(ctx, path)
-		if err != nil {
-			return Result{}, err
-		}
-		if !revived {
-			u.presence.forget([]string{path})
-			missing = []string{path}
-		}
 	}
 	if len(missing) == 0 && !young {
 		return u.present(ctx, gen, info)
 	}
-	closure, err := u.opt.Store.Closure(ctx, path)
-	if err != nil {
-		var inv *nixstore.InvalidPathError
-		if errors.As(err, &inv) {
-			return Result{}, Permanent(err)
-		}
-		return Result{}, err
+	return u.uploadClosure(ctx, gen, young, info, missing)
+}
+
+// goneFromStore ends the upload of a path the store no longer has. If it
+// reached the cache before (an acknowledgement lost in a crash), the job is
+// done after all.
+func (u *Uploader) goneFromStore(ctx context.Context, path string) error {
+	asked, gen := time.Now(), u.gen.current()
+	have, herr := u.presentTop(ctx, path) // asked for again: revived if doomed
+	if herr == nil && have {
+		u.presence.mark([]string{path}, asked)
+		return u.settle(ctx, gen, time.Now(), nil)
 	}
-	skipped := 0
-	var deps []string
-	for _, i := range closure[:len(closure)-1] {
-		if u.isUpstream(i) {
-			skipped++
-			continue
-		}
-		deps = append(deps, i.Path)
+	if herr != nil && u.doomed(path) {
+		return herr // a collector holds it back: transient
+	}
+	return Permanent(&nixstore.InvalidPathError{Path: path})
+}
+
+// missingTop returns path if the cache lacks its narinfo (or must be
+// given it again), nil if it holds it.
+func (u *Uploader) missingTop(ctx context.Context, path string) ([]string, error) {
+	missing, err := u.presence.check(ctx, []string{path})
+	if err != nil || len(missing) > 0 || !u.doomed(path) {
+		return missing, err
+	}
+	// A collector announced it, and it was just built or pushed again:
+	// rewrite its narinfo so that it stays (or, if it is gone meanwhile,
+	// upload it again).
+	revived, err := u.revive(ctx, path)
+	if err != nil {
+		return nil, err
+	}
+	if !revived {
+		u.presence.forget([]string{path})
+		return []string{path}, nil
+	}
+	return nil, nil
+}
+
+// uploadClosure uploads what info's closure lacks (missing: info's own
+// path, if the cache lacks it), planned in generation gen; in a young
+// cache, present narinfos that name no NAR are repaired too.
+func (u *Uploader) uploadClosure(ctx context.Context, gen uint64, young bool, info *nixstore.PathInfo, missing []string) (Result, error) {
+	path := info.Path
+	closure, deps, skipped, err := u.closureDeps(ctx, path)
+	if err != nil {
+		return Result{}, err
 	}
 	missingDeps, err := u.presence.check(ctx, deps)
 	if err != nil {
@@ -490,49 +492,24 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		if len(broken) > 0 {
 			u.presence.doubt(broken)
 			missingDeps = append(missingDeps, broken...)
-			for _, b := range broken {
-				if b == path {
-					missing = append(missing, b)
-				}
+			if slices.Contains(broken, path) {
+				missing = append(missing, path)
 			}
 		}
 	}
-	want := map[string]bool{}
+	want := setOf(missingDeps)
 	if len(missing) > 0 {
 		want[path] = true
-	}
-	for _, p := range missingDeps {
-		want[p] = true
-	}
-	repair := make(map[string]bool, len(broken))
-	for _, p := range broken {
-		repair[p] = true
 	}
 	job := &jobResult{}
 	// With top nil (the path is there: uploaded by another job meanwhile,
 	// or only its closure lacked something) the job waits for the nodes
 	// its closure needs all the same.
-	interest, top, _ := u.graph.plan(job, closure, want, repair, u.opt.Upstream, gen)
+	interest, top, _ := u.graph.plan(job, closure, want, setOf(broken), u.opt.Upstream, gen)
 	defer u.graph.release(interest)
-	// The top first (its failure ends the job at once), then every other
-	// node the closure needs: a repaired dependency of a present path (see
-	// verifyPresent) is no reference of any node planned here, and nothing
-	// else waits for it.
-	wait := interest
-	if top != nil {
-		wait = append([]*node{top}, slices.DeleteFunc(slices.Clone(interest), func(n *node) bool { return n == top })...)
-	}
-	var failed error
-	for _, n := range wait {
-		select {
-		case <-n.done:
-		case <-ctx.Done():
-			return Result{}, ctx.Err()
-		}
-		if n.err != nil {
-			failed = n.err
-			break
-		}
+	failed, err := waitNodes(ctx, interest, top)
+	if err != nil {
+		return Result{}, err
 	}
 	job.mu.Lock()
 	res := job.res
@@ -541,10 +518,65 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	if failed != nil {
 		return res, failed
 	}
+	if err := u.finishClosure(ctx, gen, info, closure, interest, top, broken, &res); err != nil {
+		return res, err
+	}
+	return res, nil
+}
+
+// closureDeps returns path's closure, the paths of it other than path that
+// may need an upload (not upstream), and how many are upstream.
+func (u *Uploader) closureDeps(ctx context.Context, path string) (closure []*nixstore.PathInfo, deps []string, skipped int, err error) {
+	closure, err = u.opt.Store.Closure(ctx, path)
+	if err != nil {
+		var inv *nixstore.InvalidPathError
+		if errors.As(err, &inv) {
+			return nil, nil, 0, Permanent(err)
+		}
+		return nil, nil, 0, err
+	}
+	for _, i := range closure[:len(closure)-1] {
+		if u.isUpstream(i) {
+			skipped++
+			continue
+		}
+		deps = append(deps, i.Path)
+	}
+	return closure, deps, skipped, nil
+}
+
+// waitNodes waits for the nodes a job planned: the top first (its failure
+// ends the job at once), then every other node the closure needs: a
+// repaired dependency of a present path (see verifyPresent) is no
+// reference of any node planned here, and nothing else waits for it. It
+// returns the first node error found, or ctx's error.
+func waitNodes(ctx context.Context, interest []*node, top *node) (failed, err error) {
+	wait := interest
+	if top != nil {
+		wait = append([]*node{top}, slices.DeleteFunc(slices.Clone(interest), func(n *node) bool { return n == top })...)
+	}
+	for _, n := range wait {
+		select {
+		case <-n.done:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		if n.err != nil {
+			return n.err, nil
+		}
+	}
+	return nil, nil
+}
+
+// finishClosure ends a job whose nodes all succeeded: the realisations of
+// a path this job did not upload itself (top nil), the check that repaired
+// narinfos are whole, the acknowledgement's generation check (settle), and
+// the release of resume state nothing will use.
+func (u *Uploader) finishClosure(ctx context.Context, gen uint64, info *nixstore.PathInfo, closure []*nixstore.PathInfo, interest []*node, top *node, broken []string, res *Result) error {
 	if top == nil {
 		n, err := u.putRealisations(ctx, info)
 		if err != nil {
-			return res, err
+			return err
 		}
 		res.Realisations += n
 	}
@@ -553,10 +585,10 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 	for _, p := range broken {
 		ok, err := u.narinfoComplete(ctx, p)
 		if err != nil {
-			return res, err
+			return err
 		}
 		if !ok {
-			return res, fmt.Errorf("the narinfo of %s still names a NAR that is not there; retrying", p)
+			return fmt.Errorf("the narinfo of %s still names a NAR that is not there; retrying", p)
 		}
 	}
 	var wrote []string
@@ -564,12 +596,20 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 		wrote = append(wrote, n.info.Path)
 	}
 	if err := u.settle(ctx, gen, time.Now(), wrote); err != nil {
-		return res, err
+		return err
 	}
 	// Dependencies found present may have records of uploads a crash
 	// interrupted.
-	u.releaseIfPresent(ctx, path, closure)
-	return res, nil
+	u.releaseIfPresent(ctx, info.Path, closure)
+	return nil
+}
+
+func setOf(paths []string) map[string]bool {
+	m := make(map[string]bool, len(paths))
+	for _, p := range paths {
+		m[p] = true
+	}
+	return m
 }
 
 // verifyPresent checks, for the paths of closure not in absent (and not
@@ -582,7 +622,7 @@ func (u *Uploader) verifyPresent(ctx context.Context, closure []*nixstore.PathIn
 	}
 	var mu sync.Mutex
 	var broken []string
-	gen := u.presence.gen.Load()
+	gen := u.gen.current()
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(16)
 	for _, info := range closure {
@@ -671,31 +711,15 @@ func (u *Uploader) present(ctx context.Context, gen uint64, info *nixstore.PathI
 // emptied bucket without what they need: they are doubted, so that the
 // retry puts it back, and the upload counts as not done.
 func (u *Uploader) settle(ctx context.Context, gen uint64, since time.Time, wrote []string) error {
-	if err := u.confirmAfter(ctx, since); err != nil {
+	if err := u.gen.confirmAfter(ctx, since); err != nil {
 		return err
 	}
-	if u.presence.gen.Load() != gen {
+	if u.gen.current() != gen {
 		u.presence.doubt(wrote)
 		return errReset
 	}
 	for _, p := range wrote {
 		u.presence.settled(p) // written, and confirmed in this generation
-	}
-	return nil
-}
-
-// confirmAfter returns once the cache's generation was confirmed by a
-// question sent at or after t (it asks if no such answer is known, or
-// joins a question in flight), or an error. If the answer shows a reset,
-// the generation counter moves on: callers compare it.
-func (u *Uploader) confirmAfter(ctx context.Context, t time.Time) error {
-	for i := 0; !u.presence.confirmedSince(t); i++ {
-		if i == 3 {
-			return fmt.Errorf("the cache's generation could not be confirmed: %w", errReset)
-		}
-		if err := u.CheckGeneration(ctx); err != nil {
-			return err
-		}
 	}
 	return nil
 }
@@ -710,12 +734,12 @@ func (u *Uploader) runNAR(n *node) {
 		u.graph.fail(n, err)
 		return
 	}
-	ni, sent, relied, err := u.uploadNAR(n.ctx, n.info)
+	ni, sent, preexisting, err := u.nars.uploadNAR(n.ctx, n.info)
 	if err != nil {
 		u.graph.fail(n, fmt.Errorf("upload %s: %w", n.info.Path, err))
 		return
 	}
-	u.graph.narUploaded(n, ni, sent, relied)
+	u.graph.narUploaded(n, ni, sent, preexisting)
 }
 
 // runNarinfo is the last task of a node: its narinfo (and what follows it),
@@ -732,11 +756,11 @@ func (u *Uploader) runNarinfo(n *node) {
 	// question sent after the last object it depends on was written or
 	// found present (dependsSince). A reset before that question makes
 	// the upload start over; one after it is caught by settle.
-	if err := u.confirmAfter(ctx, n.dependsSince); err != nil {
+	if err := u.gen.confirmAfter(ctx, n.dependsSince); err != nil {
 		fail(err)
 		return
 	}
-	if n.gen != u.presence.gen.Load() {
+	if n.gen != u.gen.current() {
 		fail(errReset)
 		return
 	}
@@ -791,7 +815,7 @@ func (u *Uploader) runNarinfo(n *node) {
 // CheckPresence then answers from memory holds for the cache as it is now:
 // a reset found by that question forgets what the emptied cache held.
 func (u *Uploader) ConfirmGeneration(ctx context.Context, since time.Time) error {
-	return u.confirmAfter(ctx, since)
+	return u.gen.confirmAfter(ctx, since)
 }
 
 // CheckPresence asks the cache which of paths have a narinfo and returns
@@ -819,18 +843,11 @@ func (u *Uploader) Forget() error {
 // TTL (in memory and persisted) and the record of uploaded build logs.
 func (u *Uploader) Maintain() {
 	n := u.presence.prune()
-	if ps := u.opt.Presence; ps != nil {
-		u.presence.mu.Lock()
-		identity := u.presence.identity
-		u.presence.mu.Unlock()
-		if identity != "" {
-			m, err := ps.PrunePresent(u.opt.Cache.Identity()+"#", identity, time.Now().Add(-u.opt.PresenceTTL))
-			if err != nil {
-				u.log.Warn("prune presence records", "err", err)
-			}
-			n += m
-		}
+	m, err := u.presence.pruneRecords()
+	if err != nil {
+		u.log.Warn("prune presence records", "err", err)
 	}
+	n += m
 	u.logsMu.Lock()
 	if len(u.logsDone) > maxLogsRemembered {
 		u.logsDone = map[string]bool{}
@@ -855,10 +872,8 @@ type Stats struct {
 
 // Stats returns the uploader's state.
 func (u *Uploader) Stats() Stats {
-	s := Stats{KnownPresent: u.presence.count(), GenerationAge: u.presence.generationAge(), PathsInProgress: u.graph.inProgress(), DeterministicCompression: tristate(u.deterministic.Load())}
-	u.presence.mu.Lock()
-	s.Generation = u.presence.genName
-	u.presence.mu.Unlock()
+	s := Stats{KnownPresent: u.presence.count(), GenerationAge: u.gen.age(), PathsInProgress: u.graph.inProgress(), DeterministicCompression: tristate(u.deterministic.Load())}
+	s.Generation = u.gen.currentName()
 	s.ConditionalWrites = tristate(u.conditional.Load())
 	return s
 }
@@ -876,7 +891,7 @@ func tristate(v int32) string {
 
 // checkDeterministic runs the compression self-check (see Stats).
 func (u *Uploader) checkDeterministic() {
-	ok, err := u.comp.deterministic()
+	ok, err := u.nars.comp.deterministic()
 	switch {
 	case err != nil:
 		u.log.Warn("compression self-check", "err", err)
