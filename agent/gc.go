@@ -15,6 +15,7 @@ import (
 
 	"github.com/nixspool/nixspool/atomicfile"
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/gc"
 	"github.com/nixspool/nixspool/protocol"
 	"github.com/nixspool/nixspool/storepath"
@@ -272,7 +273,7 @@ func (a *Agent) pin(ctx context.Context, name, path string, send func(*protocol.
 	if err := storepath.Check(a.cfg.StoreDir, path); err != nil {
 		return nil, &RefusedError{err}
 	}
-	key := storepath.HashPart(path) + ".narinfo"
+	key := cachefmt.Keys.NarinfoOf(path)
 	deadline := time.Now().Add(pinWait)
 	for {
 		var within time.Duration

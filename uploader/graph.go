@@ -10,8 +10,8 @@ import (
 
 	"github.com/nix-community/go-nix/pkg/narinfo"
 
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/nixstore"
-	"github.com/nixspool/nixspool/storepath"
 )
 
 // The scheduler. Every path some job needs uploaded is one node, shared by
@@ -166,7 +166,7 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing, repa
 				n.refsLeft++
 				g.nodes[r].dependents = append(g.nodes[r].dependents, n)
 			case g.u.presence.seen(r):
-				n.relied = append(n.relied, storepath.HashPart(r)+".narinfo")
+				n.relied = append(n.relied, cachefmt.Keys.NarinfoOf(r))
 			default:
 				n.err = &errDependencyGone{path: r}
 			}

@@ -25,7 +25,7 @@ type Guard interface {
 }
 
 // narinfoKey is the key of p's narinfo.
-func narinfoKey(p string) string { return storepath.HashPart(p) + ".narinfo" }
+func narinfoKey(p string) string { return cachefmt.Keys.NarinfoOf(p) }
 
 // relied lists the keys a narinfo for storePath relies on: its NAR (also
 // when this upload has just written it: a NAR key is content-addressed, so
@@ -37,7 +37,7 @@ func relied(storePath, url string, refs []string) []string {
 	self := storepath.HashPart(storePath)
 	for _, r := range refs {
 		if h := cachefmt.RefHash(r); h != "" && h != self {
-			keys = append(keys, h+".narinfo")
+			keys = append(keys, cachefmt.Keys.Narinfo(h))
 		}
 	}
 	return keys

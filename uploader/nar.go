@@ -17,10 +17,10 @@ import (
 	"github.com/nix-community/go-nix/pkg/nixhash"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/nar"
 	"github.com/nixspool/nixspool/nixsig"
 	"github.com/nixspool/nixspool/nixstore"
-	"github.com/nixspool/nixspool/storepath"
 )
 
 // smallNAR is the size below which a NAR is compressed in memory and
@@ -173,7 +173,7 @@ func (u *Uploader) resumable(info *nixstore.PathInfo) (bucket.Multipart, bool) {
 }
 
 func (u *Uploader) narKey(fileSum []byte) string {
-	return "nar/" + nixbase32.EncodeToString(fileSum) + ".nar" + u.comp.ext
+	return cachefmt.Keys.NAR(nixbase32.EncodeToString(fileSum), u.comp.ext)
 }
 
 func (u *Uploader) objectExists(ctx context.Context, key string, size int64) bool {
@@ -289,7 +289,7 @@ func (u *Uploader) putListing(ctx context.Context, p string, listing *nar.Listin
 	if err != nil {
 		return err
 	}
-	_, err = u.opt.Bucket.Put(ctx, storepath.HashPart(p)+".ls", bytes.NewReader(body), int64(len(body)),
+	_, err = u.opt.Bucket.Put(ctx, cachefmt.Keys.ListingOf(p), bytes.NewReader(body), int64(len(body)),
 		bucket.PutOptions{ContentType: "application/json", ContentEncoding: u.opt.Cache.LsCompression})
 	return err
 }
@@ -332,7 +332,7 @@ func (u *Uploader) putNarinfo(ctx context.Context, b bucket.Bucket, ni *narinfo.
 	if err != nil {
 		return false, err
 	}
-	return u.putNew(ctx, b, storepath.HashPart(ni.StorePath)+".narinfo", body,
+	return u.putNew(ctx, b, cachefmt.Keys.NarinfoOf(ni.StorePath), body,
 		bucket.PutOptions{ContentType: "text/x-nix-narinfo", ContentEncoding: u.opt.Cache.NarinfoCompression})
 }
 

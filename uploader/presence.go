@@ -132,7 +132,7 @@ func (pr *presence) has(p string) bool {
 		return false
 	}
 	g := pr.u.opt.Guard
-	return g == nil || !g.Doomed(storepath.HashPart(p)+".narinfo")
+	return g == nil || !g.Doomed(cachefmt.Keys.NarinfoOf(p))
 }
 
 // mark records that the narinfos of paths are in the cache, in memory and
@@ -580,7 +580,7 @@ func (pr *presence) trustedLocked(h string, now time.Time) bool {
 
 func (pr *presence) doomedLocked(h string) bool {
 	g := pr.u.opt.Guard
-	return g != nil && g.Doomed(h+".narinfo")
+	return g != nil && g.Doomed(cachefmt.Keys.Narinfo(h))
 }
 
 // listingWorthIt decides between a HEAD per path and listing the hash
@@ -670,7 +670,7 @@ func (pr *presence) askByListing(ctx context.Context, paths []string) ([]string,
 		g.Go(func() error {
 			return pr.u.opt.Bucket.List(gctx, bucket.ListOptions{Prefix: string(c)}, func(o bucket.Object) error {
 				seen.Add(1)
-				if h := cachefmt.NarinfoHash(o.Key); h != "" {
+				if h := cachefmt.Keys.NarinfoHash(o.Key); h != "" {
 					if p, ok := want[h]; ok {
 						mu.Lock()
 						found = append(found, p)
@@ -691,7 +691,7 @@ func (pr *presence) askByListing(ctx context.Context, paths []string) ([]string,
 
 // hasNarinfo asks the cache (a HEAD) whether p's narinfo exists.
 func (u *Uploader) hasNarinfo(ctx context.Context, p string) (bool, error) {
-	_, err := u.opt.Bucket.Stat(ctx, storepath.HashPart(p)+".narinfo")
+	_, err := u.opt.Bucket.Stat(ctx, cachefmt.Keys.NarinfoOf(p))
 	switch {
 	case err == nil:
 		return true, nil
