@@ -228,3 +228,9 @@ func (Layout) Pin(name string) string { return PinPrefix + name }
 
 // PinName returns the name a pin key names.
 func (Layout) PinName(key string) (name string, ok bool) { return strings.CutPrefix(key, PinPrefix) }
+
+// Object is an object to write to a cache: its key, content type and body.
+type Object struct {
+	Key, ContentType string
+	Body             []byte
+}

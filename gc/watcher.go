@@ -13,7 +13,6 @@ import (
 	"github.com/nixspool/nixspool/bucket"
 	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/storepath"
-	"github.com/nixspool/nixspool/uploader"
 )
 
 // ErrCollecting is wrapped by Check's refusals: an object a narinfo would
@@ -77,8 +76,6 @@ type Watcher struct {
 	// blindRegistered: the registration saying so is in the bucket.
 	blind, blindRegistered bool
 }
-
-var _ uploader.Guard = (*Watcher)(nil)
 
 // watched is one announcement as this agent sees it.
 type watched struct {
