@@ -20,12 +20,12 @@ import (
 	"github.com/nixspool/nixspool/bucket/open"
 	"github.com/nixspool/nixspool/cacheurl"
 	"github.com/nixspool/nixspool/gcroots"
-	"github.com/nixspool/nixspool/hook"
 	"github.com/nixspool/nixspool/metrics"
 	"github.com/nixspool/nixspool/nixstore"
 	"github.com/nixspool/nixspool/protocol"
 	"github.com/nixspool/nixspool/queue"
 	"github.com/nixspool/nixspool/realisation"
+	"github.com/nixspool/nixspool/statedir"
 	"github.com/nixspool/nixspool/systemd"
 	"github.com/nixspool/nixspool/uploader"
 )
@@ -150,14 +150,14 @@ func New(cfg Config) (*Agent, error) {
 	if recorded == "" {
 		recorded = "off"
 	}
-	if err := atomicfile.Write(filepath.Join(cfg.StateDir, hook.RootsFile), strings.NewReader(recorded+"\n"), -1, 0o644); err != nil {
+	if err := atomicfile.Write(statedir.Dir(cfg.StateDir).Roots(), strings.NewReader(recorded+"\n"), -1, 0o644); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
 	a.store = nixstore.Open(nixstore.Options{Socket: cfg.NixDaemonSocket, MaxConns: min(cfg.Jobs, 8)})
 	// Requests (the hook's) check their paths on connections of their own,
 	// so that a hook never waits behind the uploads' metadata queries.
 	a.checkStore = nixstore.Open(nixstore.Options{Socket: cfg.NixDaemonSocket, MaxConns: 2})
-	if a.queue, err = queue.Open(filepath.Join(cfg.StateDir, "queue.db")); err != nil {
+	if a.queue, err = queue.Open(statedir.Dir(cfg.StateDir).Queue()); err != nil {
 		return nil, err
 	}
 	a.realiser = realisation.New(realisation.Options{Store: a.store, Keys: keys, StoreDir: cfg.StoreDir, Logger: a.log})
@@ -166,7 +166,7 @@ func New(cfg Config) (*Agent, error) {
 		Cache:    a.cache,
 		Store:    a.store,
 		Keys:     keys,
-		TempDir:  filepath.Join(cfg.StateDir, "tmp"),
+		TempDir:  statedir.Dir(cfg.StateDir).Temp(),
 		Workers:  cfg.MaxRequests,
 		Logger:   a.log,
 		Resume:   a.queue,

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/gc"
 	"github.com/nixspool/nixspool/protocol"
 	"github.com/nixspool/nixspool/storepath"
@@ -160,7 +161,7 @@ func (a *Agent) doctorBucket(ctx context.Context, add func(name, status, detail,
 	if writes && !a.doctorBucketWrites(ctx, add) {
 		return
 	}
-	data, _, err := a.bucket.Get(ctx, "nix-cache-info", 64<<10)
+	data, _, err := a.bucket.Get(ctx, cachefmt.CacheInfoKey, 64<<10)
 	switch {
 	case bucket.IsNotExist(err):
 		add("nix-cache-info", "fail", "missing", "agentd writes it at start when the cache is reachable; restart agentd. Without it Nix refuses the cache (\"does not appear to be a binary cache\")")

@@ -8,15 +8,16 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/nixspool/nixspool/atomicfile"
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/gc"
 	"github.com/nixspool/nixspool/protocol"
+	"github.com/nixspool/nixspool/statedir"
 	"github.com/nixspool/nixspool/storepath"
 	"github.com/nixspool/nixspool/uploader"
 )
@@ -33,9 +34,6 @@ type gcAgent struct {
 	running sync.Mutex
 	since   time.Time // when the running cycle began
 }
-
-// gcIDFile holds this agent's identity as a watcher and lease holder.
-const gcIDFile = "gc-agent-id"
 
 func newGCAgent(a *Agent) (*gcAgent, error) {
 	id, err := agentID(a.cfg.StateDir)
@@ -61,7 +59,7 @@ func newGCAgent(a *Agent) (*gcAgent, error) {
 // agentID reads this agent's identity from the state directory, creating
 // it on first use: random, so that agents sharing a host name differ.
 func agentID(stateDir string) (string, error) {
-	f := filepath.Join(stateDir, gcIDFile)
+	f := statedir.Dir(stateDir).AgentID()
 	if data, err := os.ReadFile(f); err == nil && len(strings.TrimSpace(string(data))) > 0 {
 		return strings.TrimSpace(string(data)), nil
 	}
@@ -127,7 +125,7 @@ func (g *gcAgent) cycle(ctx context.Context, keepSince, grace time.Duration, dry
 	defer g.running.Unlock()
 	g.since = time.Now()
 	log := g.a.log.With("dry_run", dryRun, "keep_since", keepSince, "grace", grace)
-	cache, err := gc.OpenRefCache(filepath.Join(g.a.cfg.StateDir, "gc.db"), g.a.cache.Identity())
+	cache, err := gc.OpenRefCache(statedir.Dir(g.a.cfg.StateDir).RefCache(), g.a.cache.Identity())
 	if err != nil {
 		return nil, err
 	}
@@ -272,7 +270,7 @@ func (a *Agent) pin(ctx context.Context, name, path string, send func(*protocol.
 	if err := storepath.Check(a.cfg.StoreDir, path); err != nil {
 		return nil, &RefusedError{err}
 	}
-	key := storepath.HashPart(path) + ".narinfo"
+	key := cachefmt.Keys.NarinfoOf(path)
 	deadline := time.Now().Add(pinWait)
 	for {
 		var within time.Duration

@@ -12,6 +12,7 @@ import (
 	"github.com/nixspool/nixspool/protocol"
 	"github.com/nixspool/nixspool/queue"
 	"github.com/nixspool/nixspool/spool"
+	"github.com/nixspool/nixspool/statedir"
 	"github.com/nixspool/nixspool/storepath"
 )
 
@@ -647,7 +648,7 @@ func (a *Agent) spoolFileTimeout() time.Duration {
 	return defaultSpoolFileTimeout
 }
 
-func (a *Agent) spoolDir() string { return a.cfg.StateDir + "/spool" }
+func (a *Agent) spoolDir() string { return statedir.Dir(a.cfg.StateDir).Spool() }
 
 // status assembles the status view.
 func (a *Agent) status() (*protocol.Status, error) {

@@ -184,17 +184,17 @@ func Run(ctx context.Context, b bucket.Bucket, opt Options) (*Report, error) {
 	var narinfos, realisations []string
 	err := b.List(ctx, bucket.ListOptions{Recursive: true}, func(o bucket.Object) error {
 		a.keys[o.Key] = o.Info
-		switch {
-		case cachefmt.NarinfoHash(o.Key) != "":
+		switch cachefmt.Keys.Kind(o.Key) {
+		case cachefmt.KindNarinfo:
 			narinfos = append(narinfos, o.Key)
-		case strings.HasPrefix(o.Key, "nar/"):
+		case cachefmt.KindNAR:
 			rep.NARs++
 			rep.NARBytes += o.Size
-		case cachefmt.ListingHash(o.Key) != "":
+		case cachefmt.KindListing:
 			rep.Listings++
-		case strings.HasPrefix(o.Key, "log/"):
+		case cachefmt.KindLog:
 			rep.Logs++
-		case strings.HasSuffix(o.Key, ".doi") && (strings.HasPrefix(o.Key, "realisations/") || strings.HasPrefix(o.Key, "build-trace-v2/")):
+		case cachefmt.KindRealisation:
 			realisations = append(realisations, o.Key)
 		}
 		return nil
@@ -234,14 +234,14 @@ func Run(ctx context.Context, b bucket.Bucket, opt Options) (*Report, error) {
 			if _, ok := a.refs[r]; ok {
 				continue
 			}
-			if !a.exists(ctx, r+".narinfo") && !a.upstreamHas(ctx, r) {
-				a.problem(h+".narinfo", KindMissingRef, "references %s, which has no narinfo in the cache%s", r, a.upstreamNote())
+			if !a.exists(ctx, cachefmt.Keys.Narinfo(r)) && !a.upstreamHas(ctx, r) {
+				a.problem(cachefmt.Keys.Narinfo(h), KindMissingRef, "references %s, which has no narinfo in the cache%s", r, a.upstreamNote())
 			}
 		}
 	}
 	a.checkRealisationDeps(ctx)
 	for k, info := range a.keys {
-		if strings.HasPrefix(k, "nar/") && !a.urls[k] {
+		if cachefmt.Keys.IsNAR(k) && !a.urls[k] {
 			rep.OrphanNARs++
 			rep.OrphanNARBytes += info.Size
 		}
@@ -318,27 +318,27 @@ func (a *auditor) upstreamNote() string {
 
 func (a *auditor) checkCacheInfo(ctx context.Context) {
 	a.reqs.Add(1)
-	data, _, err := a.b.Get(ctx, "nix-cache-info", 64<<10)
+	data, _, err := a.b.Get(ctx, cachefmt.CacheInfoKey, 64<<10)
 	switch {
 	case bucket.IsNotExist(err):
-		a.problem("nix-cache-info", KindCacheInfo, "missing: stock Nix refuses the cache (\"does not appear to be a binary cache\")")
+		a.problem(cachefmt.CacheInfoKey, KindCacheInfo, "missing: stock Nix refuses the cache (\"does not appear to be a binary cache\")")
 	case err != nil:
-		a.problem("nix-cache-info", KindCacheInfo, "unreadable: %v", err)
+		a.problem(cachefmt.CacheInfoKey, KindCacheInfo, "unreadable: %v", err)
 	default:
 		for _, line := range strings.Split(string(data), "\n") {
 			if v, ok := strings.CutPrefix(line, "StoreDir: "); ok {
 				if v != storepath.DefaultStoreDir {
-					a.problem("nix-cache-info", KindCacheInfo, "StoreDir is %s; clients with %s refuse the cache", v, storepath.DefaultStoreDir)
+					a.problem(cachefmt.CacheInfoKey, KindCacheInfo, "StoreDir is %s; clients with %s refuse the cache", v, storepath.DefaultStoreDir)
 				}
 				return
 			}
 		}
-		a.problem("nix-cache-info", KindCacheInfo, "no StoreDir line")
+		a.problem(cachefmt.CacheInfoKey, KindCacheInfo, "no StoreDir line")
 	}
 }
 
 func (a *auditor) checkNarinfo(ctx context.Context, key string) error {
-	hash := cachefmt.NarinfoHash(key)
+	hash := cachefmt.Keys.NarinfoHash(key)
 	a.reqs.Add(1)
 	data, info, err := a.b.Get(ctx, key, cachefmt.MaxNarinfoSize)
 	if bucket.IsNotExist(err) {
@@ -390,7 +390,7 @@ func (a *auditor) checkNarinfo(ctx context.Context, key string) error {
 // Content-Encoding (a client would decode it twice); with Deep, its hashes.
 func (a *auditor) checkNAR(ctx context.Context, key string, ni *cachefmt.NarInfo) error {
 	comp := ni.EffectiveCompression()
-	if ext := cachefmt.Extension(comp); ext != "" && !strings.HasSuffix(ni.URL, ext) && strings.HasPrefix(ni.URL, "nar/") {
+	if ext := cachefmt.Extension(comp); ext != "" && !strings.HasSuffix(ni.URL, ext) && cachefmt.Keys.IsNAR(ni.URL) {
 		a.problem(key, KindCompression, "Compression: %s but the URL %s lacks the %s extension", comp, ni.URL, ext)
 	}
 	length := int64(cachefmt.MagicLen)
@@ -525,8 +525,7 @@ func (a *auditor) checkRealisation(ctx context.Context, key string) error {
 		return nil
 	}
 	var outPath string
-	if id, ok := strings.CutPrefix(key, "realisations/"); ok {
-		id = strings.TrimSuffix(id, ".doi")
+	if id, ok := cachefmt.Keys.RealisationID(key); ok {
 		r, err := nixstore.ParseRealisation(data)
 		if err != nil {
 			a.problem(key, KindRealisation, "%v", err)
@@ -547,8 +546,7 @@ func (a *auditor) checkRealisation(ctx context.Context, key string) error {
 		a.mu.Unlock()
 		outPath = r.OutPath
 	} else {
-		rest := strings.TrimSuffix(strings.TrimPrefix(key, "build-trace-v2/"), ".doi")
-		drvBase, output, _ := strings.Cut(rest, "/")
+		drvBase, output := cachefmt.Keys.BuildTraceParts(key)
 		if !strings.HasSuffix(drvBase, ".drv") || storepath.CheckBase(drvBase) != nil || output == "" || strings.Contains(output, "/") {
 			a.problem(key, KindRealisation, "not build-trace-v2/<derivation>/<output>.doi")
 			return nil
@@ -576,7 +574,7 @@ func (a *auditor) checkRealisation(ctx context.Context, key string) error {
 		a.problem(key, KindRealisation, "outPath %q is not a store path", outPath)
 		return nil
 	}
-	if !a.exists(ctx, h+".narinfo") {
+	if !a.exists(ctx, cachefmt.Keys.Narinfo(h)) {
 		a.problem(key, KindRealisationOuput, "its output %s has no narinfo", outPath)
 	}
 	return nil

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cachefmt"
 )
 
 // BucketUpstream is an upstream cache reached through the bucket interface
@@ -16,7 +17,7 @@ type BucketUpstream struct{ Bucket bucket.Bucket }
 
 // HasNarinfo implements Upstream.
 func (u BucketUpstream) HasNarinfo(ctx context.Context, hash string) (bool, error) {
-	_, err := u.Bucket.Stat(ctx, hash+".narinfo")
+	_, err := u.Bucket.Stat(ctx, cachefmt.Keys.Narinfo(hash))
 	if bucket.IsNotExist(err) {
 		return false, nil
 	}
@@ -38,7 +39,7 @@ func (u HTTPUpstream) HasNarinfo(ctx context.Context, hash string) (bool, error)
 	if c == nil {
 		c = &http.Client{Timeout: 30 * time.Second}
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodHead, strings.TrimSuffix(u.URL, "/")+"/"+hash+".narinfo", nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodHead, strings.TrimSuffix(u.URL, "/")+"/"+cachefmt.Keys.Narinfo(hash), nil)
 	if err != nil {
 		return false, err
 	}

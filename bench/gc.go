@@ -12,6 +12,7 @@ import (
 
 	"github.com/nixspool/nixspool/audit"
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/gc"
 )
 
@@ -50,7 +51,7 @@ func (b *bench) gcSection() error {
 	}
 	t0 := time.Now()
 	if err := parallel(32, n, func(i int) error {
-		nar := "nar/" + fakeHash(n+i) + fakeHash(2*n + i)[:20] + ".nar.zst"
+		nar := cachefmt.Keys.NAR(fakeHash(n+i)+fakeHash(2*n + i)[:20], ".zst")
 		var rs []string
 		for _, r := range refs[i] {
 			rs = append(rs, name(r))
@@ -61,7 +62,7 @@ func (b *bench) gcSection() error {
 		if _, err := bu.Put(ctx, nar, stringsReader(strings.Repeat("x", 100)), 100, bucket.PutOptions{}); err != nil {
 			return err
 		}
-		_, err := bu.Put(ctx, fakeHash(i)+".narinfo", stringsReader(ni), int64(len(ni)), bucket.PutOptions{ContentType: "text/x-nix-narinfo"})
+		_, err := bu.Put(ctx, cachefmt.Keys.Narinfo(fakeHash(i)), stringsReader(ni), int64(len(ni)), bucket.PutOptions{ContentType: "text/x-nix-narinfo"})
 		return err
 	}); err != nil {
 		return err

@@ -17,8 +17,8 @@ import (
 
 	"github.com/minio/minio-go/v7"
 
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/internal/testenv"
-	"github.com/nixspool/nixspool/storepath"
 )
 
 var (
@@ -202,7 +202,7 @@ func newVisibility(c *minio.Client, bucket string) *visibility {
 func (v *visibility) add(path string) <-chan time.Time {
 	ch := make(chan time.Time, 1)
 	v.mu.Lock()
-	v.want[storepath.HashPart(path)+".narinfo"] = ch
+	v.want[cachefmt.Keys.NarinfoOf(path)] = ch
 	v.mu.Unlock()
 	return ch
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/nixspool/nixspool/bucket"
 	s3bucket "github.com/nixspool/nixspool/bucket/s3"
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/cacheurl"
 	"github.com/nixspool/nixspool/uploader"
 )
@@ -266,7 +267,7 @@ func (b *bench) presence() error {
 		h := fakeHash(i)
 		p := "/nix/store/" + h + "-dep-" + strconv.Itoa(i)
 		refs = append(refs, p)
-		keys[i] = h + ".narinfo"
+		keys[i] = cachefmt.Keys.Narinfo(h)
 	}
 	if err := parallel(32, n, func(i int) error {
 		_, err := bu.Put(ctx, keys[i], stringsReader("x"), 1, bucket.PutOptions{})

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/minio/minio-go/v7"
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/internal/testenv"
 )
 
@@ -119,16 +120,16 @@ func (b *bench) plainTiny(m *testenv.MinIO, mix map[string]int, traced, n, worke
 			}
 		}
 		if every("HEAD narinfo", i) {
-			if _, err := c.StatObject(ctx, name, h+".narinfo", minio.StatObjectOptions{}); err != nil && minio.ToErrorResponse(err).StatusCode != 404 {
+			if _, err := c.StatObject(ctx, name, cachefmt.Keys.Narinfo(h), minio.StatObjectOptions{}); err != nil && minio.ToErrorResponse(err).StatusCode != 404 {
 				return err
 			}
 		}
-		if _, err := c.PutObject(ctx, name, "nar/"+h+".nar.zst", strings.NewReader(nar), int64(len(nar)), minio.PutObjectOptions{}); err != nil {
+		if _, err := c.PutObject(ctx, name, cachefmt.Keys.NAR(h, ".zst"), strings.NewReader(nar), int64(len(nar)), minio.PutObjectOptions{}); err != nil {
 			return err
 		}
 		var po minio.PutObjectOptions
 		po.SetMatchETagExcept("*")
-		if _, err := c.PutObject(ctx, name, h+".narinfo", strings.NewReader(narinfo), int64(len(narinfo)), po); err != nil {
+		if _, err := c.PutObject(ctx, name, cachefmt.Keys.Narinfo(h), strings.NewReader(narinfo), int64(len(narinfo)), po); err != nil {
 			return err
 		}
 		if every("GET nix-cache-info", i) {

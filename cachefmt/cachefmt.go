@@ -191,25 +191,6 @@ func IsHashPart(s string) bool {
 	return err == nil
 }
 
-// NarinfoHash returns the hash part of a narinfo key ("<hash>.narinfo" at
-// the cache root), or "" if key is not one.
-func NarinfoHash(key string) string {
-	h, ok := strings.CutSuffix(key, ".narinfo")
-	if !ok || !IsHashPart(h) {
-		return ""
-	}
-	return h
-}
-
-// ListingHash returns the hash part of a ".ls" key, or "".
-func ListingHash(key string) string {
-	h, ok := strings.CutSuffix(key, ".ls")
-	if !ok || !IsHashPart(h) {
-		return ""
-	}
-	return h
-}
-
 // RefHash returns the hash part of a reference (a base name or an absolute
 // store path), or "".
 func RefHash(ref string) string {

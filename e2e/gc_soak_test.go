@@ -85,7 +85,7 @@ func readNarinfos(t *testing.T, m *testenv.MinIO) map[string]soakNarinfo {
 		if o.Err != nil {
 			t.Fatal(o.Err)
 		}
-		h := cachefmt.NarinfoHash(o.Key)
+		h := cachefmt.Keys.NarinfoHash(o.Key)
 		if h == "" {
 			continue
 		}
@@ -149,7 +149,7 @@ func (ic *invariantChecker) run(stop <-chan struct{}, rng *rand.Rand) {
 		}
 		var keys []string
 		for o := range c.ListObjects(ctx, ic.m.Bucket, minio.ListObjectsOptions{}) {
-			if o.Err == nil && cachefmt.NarinfoHash(o.Key) != "" {
+			if o.Err == nil && cachefmt.Keys.NarinfoHash(o.Key) != "" {
 				keys = append(keys, o.Key)
 			}
 		}

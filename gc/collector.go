@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cachefmt"
 )
 
 // Options configure one collection cycle.
@@ -426,7 +427,7 @@ func (c *collector) run(ctx context.Context) error {
 	var keys, paths []string
 	for k := range c.deleted {
 		keys = append(keys, k)
-		if h := strings.TrimSuffix(k, ".narinfo"); h != k && snap.info[h] != nil {
+		if h := cachefmt.Keys.NarinfoHash(k); h != "" && snap.info[h] != nil {
 			paths = append(paths, snap.info[h].Path)
 		}
 	}
@@ -519,7 +520,7 @@ func (c *collector) mark(ctx context.Context, s *snapshot, markTime time.Time) *
 			roots = append(roots, info.Refs...)
 			c.rep.Pins++
 			if _, ok := s.narinfos[info.Refs[0]]; !ok {
-				c.warn("pin %s names %s, which is not in the cache", strings.TrimPrefix(k, PinPrefix), info.Path)
+				c.warn("pin %s names %s, which is not in the cache", pinName(k), info.Path)
 			}
 		}
 	}
@@ -567,7 +568,7 @@ func (c *collector) mark(ctx context.Context, s *snapshot, markTime time.Time) *
 	// goes once it is older than KeepSince and no live path was built by
 	// its derivation (logs of failed builds included).
 	for k, o := range s.logs {
-		if !liveDrv[strings.TrimPrefix(k, "log/")] && o.LastModified.Before(cutoff) {
+		if drv, _ := cachefmt.Keys.LogDrv(k); !liveDrv[drv] && o.LastModified.Before(cutoff) {
 			other(o)
 		}
 	}
@@ -778,13 +779,13 @@ func (c *collector) sweep(ctx context.Context, prev *snapshot, p *plan, markTime
 		}
 	}
 	for k := range p.others {
-		if h := strings.TrimSuffix(k, ".ls"); h != k {
+		if h := cachefmt.Keys.ListingHash(k); h != "" {
 			if o, ok := s.listings[h]; ok && !fresh(prev.listings, h, o) {
 				if _, there := s.narinfos[h]; !there || del[h] {
 					rest = append(rest, k)
 				}
 			}
-		} else if drv, ok := strings.CutPrefix(k, "log/"); ok {
+		} else if drv, ok := cachefmt.Keys.LogDrv(k); ok {
 			if o, ok := s.logs[k]; ok && !fresh(prev.logs, k, o) && !drvs[drv] {
 				rest = append(rest, k)
 			}
@@ -848,17 +849,17 @@ const maxDeleteBatch = 1000
 
 func (c *collector) count(k string, s *snapshot) {
 	d := &c.rep.Deleted
-	switch {
-	case strings.HasSuffix(k, ".narinfo") && !strings.Contains(k, "/"):
+	switch cachefmt.Keys.Kind(k) {
+	case cachefmt.KindNarinfo:
 		d.Narinfos++
-		d.Bytes += s.narinfos[strings.TrimSuffix(k, ".narinfo")].Size
-	case strings.HasPrefix(k, "nar/"):
+		d.Bytes += s.narinfos[cachefmt.Keys.NarinfoHash(k)].Size
+	case cachefmt.KindNAR:
 		d.NARs++
 		d.Bytes += s.nars[k].Size
-	case strings.HasSuffix(k, ".ls") && !strings.Contains(k, "/"):
+	case cachefmt.KindListing:
 		d.Others++
-		d.Bytes += s.listings[strings.TrimSuffix(k, ".ls")].Size
-	case strings.HasPrefix(k, "log/"):
+		d.Bytes += s.listings[cachefmt.Keys.ListingHash(k)].Size
+	case cachefmt.KindLog:
 		d.Others++
 		d.Bytes += s.logs[k].Size
 	default:

@@ -175,7 +175,7 @@ func (m *memBucket) Put(_ context.Context, key string, r io.Reader, size int64, 
 	m.seq++
 	o := &memObj{data: data, etag: "e" + strconv.Itoa(m.seq), lm: m.Now().Truncate(time.Millisecond), enc: opts.ContentEncoding}
 	m.objs[key] = o
-	if h := cachefmt.NarinfoHash(key); h != "" && m.checkWrites {
+	if h := cachefmt.Keys.NarinfoHash(key); h != "" && m.checkWrites {
 		if ni := o.parsed(); ni != nil {
 			if m.objs[ni.URL] == nil {
 				m.violations = append(m.violations, fmt.Sprintf("%s written without its NAR", key))
@@ -274,7 +274,7 @@ func (m *memBucket) List(_ context.Context, opts bucket.ListOptions, fn func(buc
 // exists and every reference has a narinfo.
 func (m *memBucket) checkLocked(after string) {
 	for k, o := range m.objs {
-		h := cachefmt.NarinfoHash(k)
+		h := cachefmt.Keys.NarinfoHash(k)
 		if h == "" {
 			continue
 		}
@@ -327,7 +327,7 @@ func (m *memBucket) narinfoGets() int {
 	defer m.mu.Unlock()
 	n := 0
 	for k, c := range m.gets {
-		if cachefmt.NarinfoHash(k) != "" {
+		if cachefmt.Keys.NarinfoHash(k) != "" {
 			n += c
 		}
 	}

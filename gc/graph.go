@@ -35,10 +35,6 @@ type snapshot struct {
 	info map[string]*objInfo
 }
 
-func isRealisation(key string) bool {
-	return strings.HasSuffix(key, ".doi") && (strings.HasPrefix(key, "realisations/") || strings.HasPrefix(key, "build-trace-v2/"))
-}
-
 // listAll lists the bucket.
 func listAll(ctx context.Context, b bucket.Bucket) (*snapshot, error) {
 	s := &snapshot{
@@ -48,10 +44,11 @@ func listAll(ctx context.Context, b bucket.Bucket) (*snapshot, error) {
 	}
 	err := b.List(ctx, bucket.ListOptions{Recursive: true}, func(o bucket.Object) error {
 		k := o.Key
-		if strings.HasPrefix(k, ownPrefix) {
+		kind := cachefmt.Keys.Kind(k)
+		if kind == cachefmt.KindOwn {
 			switch {
 			case strings.HasPrefix(k, PinPrefix):
-				if validPinName(k[len(PinPrefix):]) {
+				if validPinName(pinName(k)) {
 					s.pins[k] = o
 				}
 			case strings.HasPrefix(k, WatcherPrefix):
@@ -63,16 +60,16 @@ func listAll(ctx context.Context, b bucket.Bucket) (*snapshot, error) {
 		}
 		s.objects++
 		s.bytes += o.Size
-		switch {
-		case cachefmt.NarinfoHash(k) != "":
-			s.narinfos[cachefmt.NarinfoHash(k)] = o
-		case strings.HasPrefix(k, "nar/"):
+		switch kind {
+		case cachefmt.KindNarinfo:
+			s.narinfos[cachefmt.Keys.NarinfoHash(k)] = o
+		case cachefmt.KindNAR:
 			s.nars[k] = o
-		case cachefmt.ListingHash(k) != "":
-			s.listings[cachefmt.ListingHash(k)] = o
-		case strings.HasPrefix(k, "log/"):
+		case cachefmt.KindListing:
+			s.listings[cachefmt.Keys.ListingHash(k)] = o
+		case cachefmt.KindLog:
 			s.logs[k] = o
-		case isRealisation(k):
+		case cachefmt.KindRealisation:
 			s.realisations[k] = o
 		}
 		return nil
@@ -192,7 +189,7 @@ func readNarinfo(ctx context.Context, b bucket.Bucket, key string) (*objInfo, er
 		return &objInfo{Bad: true}, nil
 	}
 	ni, err := cachefmt.ParseNarInfo(plain)
-	if err != nil || ni.HashPart() != cachefmt.NarinfoHash(key) {
+	if err != nil || ni.HashPart() != cachefmt.Keys.NarinfoHash(key) {
 		return &objInfo{Bad: true}, nil
 	}
 	o := &objInfo{Path: ni.StorePath, URL: ni.URL, Deriver: ni.Deriver}
@@ -236,7 +233,7 @@ func readPin(ctx context.Context, b bucket.Bucket, key string) (*objInfo, error)
 
 // listed reports whether key (a narinfo, realisation or pin) is in s.
 func (s *snapshot) listed(key string) bool {
-	if h := cachefmt.NarinfoHash(key); h != "" {
+	if h := cachefmt.Keys.NarinfoHash(key); h != "" {
 		_, ok := s.narinfos[h]
 		return ok
 	}

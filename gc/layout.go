@@ -8,38 +8,22 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cachefmt"
 )
 
-// Keys of the collector's objects. Nix never reads anything under
-// "nixspool/", and nothing here is ever a narinfo, NAR or nix-cache-info.
+// Keys of the collector's objects (cachefmt.Layout has them all).
 const (
-	// LeaseKey holds the lease of the one collector at work.
-	LeaseKey = "nixspool/gc/lease"
-	// AnnouncePrefix holds one announcement per cycle:
-	// nixspool/gc/doomed/<cycle>.json.zst.
-	AnnouncePrefix = "nixspool/gc/doomed/"
-	// DonePrefix holds one marker per finished (retired) cycle:
-	// nixspool/gc/done/<cycle>. After it is written the cycle deletes
-	// nothing more.
-	DonePrefix = "nixspool/gc/done/"
-	// PollPrefix is what watchers list: the lease, announcements and done
-	// markers, and nothing else.
-	PollPrefix = "nixspool/gc/"
-	// WatcherPrefix holds one record per agent that follows the protocol,
-	// with the longest it may go without reading announcements.
-	WatcherPrefix = "nixspool/watchers/"
-	// PinPrefix holds pins: nixspool/pins/<name> holds a store path.
-	PinPrefix = "nixspool/pins/"
-	// ownPrefix is everything of ours.
-	ownPrefix = "nixspool/"
-
-	announceSuffix = ".json.zst"
+	LeaseKey       = cachefmt.GCLeaseKey
+	AnnouncePrefix = cachefmt.GCAnnouncePrefix
+	DonePrefix     = cachefmt.GCDonePrefix
+	PollPrefix     = cachefmt.GCPollPrefix
+	WatcherPrefix  = cachefmt.WatcherPrefix
+	PinPrefix      = cachefmt.PinPrefix
 )
 
 // Retention is how long announcements and done markers of past cycles
@@ -145,35 +129,8 @@ func newCycleID(storeNow time.Time) string {
 	return storeNow.UTC().Format("20060102T150405Z") + "-" + hex.EncodeToString(rnd[:])
 }
 
-func announceKey(cycle string) string { return AnnouncePrefix + cycle + announceSuffix }
-func doneKey(cycle string) string     { return DonePrefix + cycle }
-
-// cycleOf returns the cycle an announcement or done key names, or "".
-func cycleOf(key string) (cycle string, announce bool) {
-	if c, ok := strings.CutPrefix(key, AnnouncePrefix); ok {
-		c, ok = strings.CutSuffix(c, announceSuffix)
-		if ok && validCycle(c) {
-			return c, true
-		}
-		return "", false
-	}
-	if c, ok := strings.CutPrefix(key, DonePrefix); ok && validCycle(c) {
-		return c, false
-	}
-	return "", false
-}
-
-func validCycle(c string) bool {
-	if c == "" || len(c) > 64 {
-		return false
-	}
-	for _, r := range c {
-		if !(r >= '0' && r <= '9' || r >= 'A' && r <= 'Z' || r >= 'a' && r <= 'z' || r == '-') {
-			return false
-		}
-	}
-	return true
-}
+func announceKey(cycle string) string { return cachefmt.Keys.GCAnnouncement(cycle) }
+func doneKey(cycle string) string     { return cachefmt.Keys.GCDone(cycle) }
 
 // maxAnnouncement bounds an announcement read into memory.
 const maxAnnouncement = 1 << 30
@@ -209,7 +166,7 @@ func decodeAnnouncement(data []byte) (*Announcement, error) {
 	if a.Version != announceVersion {
 		return nil, fmt.Errorf("announcement: format version %d (this nixspool reads %d)", a.Version, announceVersion)
 	}
-	if a.Grace <= 0 || a.Margin <= 0 || a.Window < 0 || !validCycle(a.Cycle) {
+	if a.Grace <= 0 || a.Margin <= 0 || a.Window < 0 || !cachefmt.ValidCycle(a.Cycle) {
 		return nil, errors.New("announcement: bad timing or cycle")
 	}
 	return &a, nil

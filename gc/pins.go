@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/storepath"
 )
 
@@ -40,7 +41,7 @@ func PinKey(name string) (string, error) {
 	if !validPinName(name) {
 		return "", fmt.Errorf("pin name %q: want 1 to 100 letters, digits, '.', '_', '+' or '-', starting with a letter or digit", name)
 	}
-	return PinPrefix + name, nil
+	return cachefmt.Keys.Pin(name), nil
 }
 
 // WritePin points the pin name at path (a new pin, or a moved one).
@@ -85,7 +86,7 @@ func ListPins(ctx context.Context, b bucket.Bucket) ([]Pin, error) {
 	}
 	var objs []bucket.Object
 	if err := b.List(ctx, bucket.ListOptions{Prefix: PinPrefix, Recursive: true}, func(o bucket.Object) error {
-		if validPinName(strings.TrimPrefix(o.Key, PinPrefix)) {
+		if validPinName(pinName(o.Key)) {
 			objs = append(objs, o)
 		}
 		return nil
@@ -101,8 +102,14 @@ func ListPins(ctx context.Context, b bucket.Bucket) ([]Pin, error) {
 		if err != nil {
 			return nil, fmt.Errorf("read pin %s: %w", o.Key, err)
 		}
-		pins = append(pins, Pin{Name: strings.TrimPrefix(o.Key, PinPrefix), Path: info.Path, Written: o.LastModified})
+		pins = append(pins, Pin{Name: pinName(o.Key), Path: info.Path, Written: o.LastModified})
 	}
 	sort.Slice(pins, func(i, j int) bool { return pins[i].Name < pins[j].Name })
 	return pins, nil
+}
+
+// pinName is the name of the pin at key.
+func pinName(key string) string {
+	name, _ := cachefmt.Keys.PinName(key)
+	return name
 }

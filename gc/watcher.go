@@ -11,8 +11,8 @@ import (
 	"golang.org/x/sync/singleflight"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/storepath"
-	"github.com/nixspool/nixspool/uploader"
 )
 
 // ErrCollecting is wrapped by Check's refusals: an object a narinfo would
@@ -76,8 +76,6 @@ type Watcher struct {
 	// blindRegistered: the registration saying so is in the bucket.
 	blind, blindRegistered bool
 }
-
-var _ uploader.Guard = (*Watcher)(nil)
 
 // watched is one announcement as this agent sees it.
 type watched struct {
@@ -162,7 +160,7 @@ func (w *Watcher) poll(ctx context.Context) error {
 	objs := map[string]bucket.Object{}
 	done := map[string]bool{}
 	err := w.opt.Bucket.List(ctx, bucket.ListOptions{Prefix: PollPrefix, Recursive: true}, func(o bucket.Object) error {
-		if cycle, isAnn := cycleOf(o.Key); cycle != "" {
+		if cycle, isAnn := cachefmt.Keys.GCCycle(o.Key); cycle != "" {
 			if isAnn {
 				objs[cycle] = o
 			} else {
@@ -237,7 +235,7 @@ func (w *Watcher) poll(ctx context.Context) error {
 			endForgotten: done[cycle] || !end.Before(void)}
 		for _, p := range a.Paths {
 			if storepath.Check(storepath.DefaultStoreDir, p) == nil {
-				k := storepath.HashPart(p) + ".narinfo"
+				k := cachefmt.Keys.NarinfoOf(p)
 				wa.paths[k] = p
 				w.byKey[k] = append(w.byKey[k], wa)
 			}
@@ -449,7 +447,7 @@ func (w *Watcher) register(ctx context.Context) error {
 	}
 	blind := w.isBlind()
 	rec := WatcherRecord{ID: w.opt.ID, Host: w.opt.Host, Stale: w.opt.Stale, Poll: w.opt.Poll, Version: w.opt.Version, Blind: blind}
-	if _, err := putJSON(ctx, w.opt.Bucket, WatcherPrefix+w.opt.ID, rec, bucket.PutOptions{}); err != nil {
+	if _, err := putJSON(ctx, w.opt.Bucket, cachefmt.Keys.Watcher(w.opt.ID), rec, bucket.PutOptions{}); err != nil {
 		return fmt.Errorf("register as gc watcher: %w", err)
 	}
 	if blind {

@@ -396,7 +396,7 @@ func TestDangerAllowsForClockBound(t *testing.T) {
 // shows the operator. Once it is gone, writes go on.
 func TestUndecodableAnnouncementIsReported(t *testing.T) {
 	w := newWorld(t)
-	key := AnnouncePrefix + "20260101T000000Z-deadbeef" + announceSuffix
+	key := announceKey("20260101T000000Z-deadbeef")
 	if _, err := w.b.Put(w.ctx, key, strings.NewReader("not an announcement"), 19, bucket.PutOptions{}); err != nil {
 		t.Fatal(err)
 	}

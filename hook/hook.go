@@ -39,6 +39,7 @@ import (
 	"github.com/nixspool/nixspool/nixstore"
 	"github.com/nixspool/nixspool/protocol"
 	"github.com/nixspool/nixspool/spool"
+	"github.com/nixspool/nixspool/statedir"
 	"github.com/nixspool/nixspool/storepath"
 )
 
@@ -59,7 +60,7 @@ type Config struct {
 	Timeout  time.Duration
 	Strict   bool
 	// gcRootsSet: NIXSPOOL_GC_ROOTS was given; otherwise the directory
-	// agentd recorded in the state directory (RootsFile) is used, else
+	// agentd recorded in the state directory (statedir.Dir.Roots) is used, else
 	// DefaultGCRoots.
 	gcRootsSet bool
 	// GCRoots is agentd's GC roots directory, where spooled paths are
@@ -102,15 +103,10 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 	return c, nil
 }
 
-// RootsFile, in agentd's state directory, names agentd's GC roots
-// directory ("off" when it keeps none), so that the hook roots what it
-// spools where agentd will look, whatever agentd's --gc-roots.
-const RootsFile = "gc-roots"
-
 // RecordedRoots returns the roots directory agentd recorded in stateDir
 // ("" for off), or def if it recorded none.
 func RecordedRoots(stateDir, def string) string {
-	data, err := os.ReadFile(filepath.Join(stateDir, RootsFile))
+	data, err := os.ReadFile(statedir.Dir(stateDir).Roots())
 	if err != nil {
 		return def
 	}
@@ -164,7 +160,7 @@ func Run(getenv func(string) string, stderr io.Writer) int {
 	}
 	entry := spool.Entry{Paths: paths, Drv: cfg.DrvPath, Floating: floating}
 	unlock, notes := rootForSpool(cfg, &entry)
-	file, serr := spool.Write(filepath.Join(cfg.StateDir, "spool"), entry)
+	file, serr := spool.Write(statedir.Dir(cfg.StateDir).Spool(), entry)
 	unlock()
 	if serr != nil {
 		fmt.Fprintf(stderr, "nixspool: agentd did not take %d path(s) (%v) and spooling failed (%v); they are NOT queued\n", len(entry.Paths), err, serr)

@@ -11,6 +11,7 @@ import (
 	"github.com/nixspool/nixspool/gcroots"
 	"github.com/nixspool/nixspool/internal/testenv"
 	"github.com/nixspool/nixspool/spool"
+	"github.com/nixspool/nixspool/statedir"
 )
 
 func envOf(m map[string]string) func(string) string {
@@ -189,17 +190,17 @@ func TestRootsWhereAgentdRecorded(t *testing.T) {
 		t.Fatalf("nothing recorded: %q", got)
 	}
 	dir := t.TempDir()
-	os.WriteFile(filepath.Join(dir, RootsFile), []byte("/nix/var/nix/gcroots/custom\n"), 0o644)
+	os.WriteFile(statedir.Dir(dir).Roots(), []byte("/nix/var/nix/gcroots/custom\n"), 0o644)
 	if got := RecordedRoots(dir, "/default"); got != "/nix/var/nix/gcroots/custom" {
 		t.Fatalf("recorded directory: %q", got)
 	}
-	os.WriteFile(filepath.Join(dir, RootsFile), []byte("off\n"), 0o644)
+	os.WriteFile(statedir.Dir(dir).Roots(), []byte("off\n"), 0o644)
 	if got := RecordedRoots(dir, "/default"); got != "" {
 		t.Fatalf("recorded off: %q", got)
 	}
 	p := aStorePath(t)
 	roots := filepath.Join(t.TempDir(), "roots")
-	os.WriteFile(filepath.Join(dir, RootsFile), []byte(roots+"\n"), 0o644)
+	os.WriteFile(statedir.Dir(dir).Roots(), []byte(roots+"\n"), 0o644)
 	env := map[string]string{"OUT_PATHS": p, "NIXSPOOL_SOCKET": filepath.Join(dir, "none.sock"), "NIXSPOOL_STATE_DIR": dir, "NIXSPOOL_TIMEOUT": "300ms"}
 	var stderr bytes.Buffer
 	if code := Run(envOf(env), &stderr); code != 0 {

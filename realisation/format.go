@@ -9,6 +9,7 @@ import (
 
 	"github.com/nix-community/go-nix/pkg/narinfo/signature"
 
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/nixsig"
 	"github.com/nixspool/nixspool/nixstore"
 )
@@ -16,14 +17,13 @@ import (
 // ContentType is what Nix sets on realisation objects.
 const ContentType = "application/json"
 
-// Key is the object key of a realisation in the Nix 2.4 … 2.34 layout.
-func Key(id string) string { return "realisations/" + id + ".doi" }
+// Key is the object key of a realisation in the Nix 2.4 … 2.34 layout
+// (cachefmt.Layout.Realisation).
+func Key(id string) string { return cachefmt.Keys.Realisation(id) }
 
 // BuildTraceKey is the object key of a build trace entry in the Nix 2.35
-// layout.
-func BuildTraceKey(drvBase, output string) string {
-	return "build-trace-v2/" + drvBase + "/" + output + ".doi"
-}
+// layout (cachefmt.Layout.BuildTrace).
+func BuildTraceKey(drvBase, output string) string { return cachefmt.Keys.BuildTrace(drvBase, output) }
 
 // Fingerprint is what a realisation's signatures sign: its JSON without
 // the signatures.

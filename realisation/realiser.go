@@ -14,10 +14,10 @@ import (
 
 	"github.com/nix-community/go-nix/pkg/narinfo/signature"
 
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/drvhash"
 	"github.com/nixspool/nixspool/nixstore"
 	"github.com/nixspool/nixspool/storepath"
-	"github.com/nixspool/nixspool/uploader"
 )
 
 // Store is what the Realiser asks the Nix daemon (nixstore.Store).
@@ -170,7 +170,7 @@ type found struct {
 // For returns the realisation objects to write for info.Path, whose
 // narinfo is in the cache: dependencies first, then the realisations of
 // the derivation outputs info.Path realises.
-func (r *Realiser) For(ctx context.Context, info *nixstore.PathInfo) ([]uploader.Extra, error) {
+func (r *Realiser) For(ctx context.Context, info *nixstore.PathInfo) ([]cachefmt.Object, error) {
 	roots, err := r.roots(ctx, info)
 	if err != nil || len(roots) == 0 {
 		return nil, err
@@ -205,7 +205,7 @@ func (r *Realiser) For(ctx context.Context, info *nixstore.PathInfo) ([]uploader
 			order = append(order, found{real: root.real, drv: root.drv, output: root.output, resolved: root.resolved})
 		}
 	}
-	var extras []uploader.Extra
+	var extras []cachefmt.Object
 	written := map[string]bool{}
 	for _, f := range order {
 		real := *f.real
@@ -218,7 +218,7 @@ func (r *Realiser) For(ctx context.Context, info *nixstore.PathInfo) ([]uploader
 			// derivations has a hash-keyed realisation to write: it
 			// depends on no other (entries record no dependencies).
 			written[k] = true
-			extras = append(extras, uploader.Extra{Key: k, ContentType: ContentType, Body: Document(&real)})
+			extras = append(extras, cachefmt.Object{Key: k, ContentType: ContentType, Body: Document(&real)})
 		}
 		if f.drv != "" && (f.resolved || f.byPath) {
 			drvBase := filepath.Base(f.drv)
@@ -228,7 +228,7 @@ func (r *Realiser) For(ctx context.Context, info *nixstore.PathInfo) ([]uploader
 			}
 			if k := BuildTraceKey(drvBase, f.output); !written[k] {
 				written[k] = true
-				extras = append(extras, uploader.Extra{Key: k, ContentType: ContentType, Body: body})
+				extras = append(extras, cachefmt.Object{Key: k, ContentType: ContentType, Body: body})
 			}
 		}
 	}

@@ -10,8 +10,8 @@ import (
 
 	"github.com/nix-community/go-nix/pkg/narinfo"
 
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/nixstore"
-	"github.com/nixspool/nixspool/storepath"
 )
 
 // The scheduler. Every path some job needs uploaded is one node, shared by
@@ -178,7 +178,7 @@ func (g *graph) plan(job *jobResult, closure []*nixstore.PathInfo, missing, repa
 				n.refsLeft++
 				g.nodes[r].dependents = append(g.nodes[r].dependents, n)
 			case g.presence.seen(r):
-				n.preexisting = append(n.preexisting, storepath.HashPart(r)+".narinfo")
+				n.preexisting = append(n.preexisting, cachefmt.Keys.NarinfoOf(r))
 			default:
 				n.err = &errDependencyGone{path: r}
 			}

@@ -25,7 +25,7 @@ type Guard interface {
 }
 
 // narinfoKey is the key of p's narinfo.
-func narinfoKey(p string) string { return storepath.HashPart(p) + ".narinfo" }
+func narinfoKey(p string) string { return cachefmt.Keys.NarinfoOf(p) }
 
 // dependencyKeys lists the keys a narinfo for storePath depends on,
 // whether or not they existed before this upload: its NAR (also
@@ -38,7 +38,7 @@ func dependencyKeys(storePath, url string, refs []string) []string {
 	self := storepath.HashPart(storePath)
 	for _, r := range refs {
 		if h := cachefmt.RefHash(r); h != "" && h != self {
-			keys = append(keys, h+".narinfo")
+			keys = append(keys, cachefmt.Keys.Narinfo(h))
 		}
 	}
 	return keys

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cachefmt"
 )
 
 // DefaultLogDir is where Nix keeps build logs.
@@ -46,7 +47,7 @@ func (u *Uploader) uploadLog(ctx context.Context, drv string) {
 	if err == nil {
 		var body []byte
 		if body, err = compressMeta(u.opt.Cache.LogCompression, data); err == nil {
-			_, err = u.opt.Bucket.Put(ctx, "log/"+base, bytes.NewReader(body), int64(len(body)),
+			_, err = u.opt.Bucket.Put(ctx, cachefmt.Keys.Log(base), bytes.NewReader(body), int64(len(body)),
 				bucket.PutOptions{ContentType: "text/plain; charset=utf-8", ContentEncoding: u.opt.Cache.LogCompression})
 		}
 	}

@@ -21,11 +21,11 @@ import (
 	"golang.org/x/sync/semaphore"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/cacheurl"
 	"github.com/nixspool/nixspool/nar"
 	"github.com/nixspool/nixspool/nixsig"
 	"github.com/nixspool/nixspool/nixstore"
-	"github.com/nixspool/nixspool/storepath"
 )
 
 // smallNAR is the size below which a NAR is compressed in memory and
@@ -210,7 +210,7 @@ func (t *narTransfer) resumable(info *nixstore.PathInfo) (bucket.Multipart, bool
 }
 
 func (t *narTransfer) narKey(fileSum []byte) string {
-	return "nar/" + nixbase32.EncodeToString(fileSum) + ".nar" + t.comp.ext
+	return cachefmt.Keys.NAR(nixbase32.EncodeToString(fileSum), t.comp.ext)
 }
 
 func (t *narTransfer) objectExists(ctx context.Context, key string, size int64) bool {
@@ -326,7 +326,7 @@ func (t *narTransfer) putListing(ctx context.Context, p string, listing *nar.Lis
 	if err != nil {
 		return err
 	}
-	_, err = t.bucket.Put(ctx, storepath.HashPart(p)+".ls", bytes.NewReader(body), int64(len(body)),
+	_, err = t.bucket.Put(ctx, cachefmt.Keys.ListingOf(p), bytes.NewReader(body), int64(len(body)),
 		bucket.PutOptions{ContentType: "application/json", ContentEncoding: t.cache.LsCompression})
 	return err
 }
@@ -369,7 +369,7 @@ func (u *Uploader) putNarinfo(ctx context.Context, b bucket.Bucket, ni *narinfo.
 	if err != nil {
 		return false, err
 	}
-	return u.putNew(ctx, b, storepath.HashPart(ni.StorePath)+".narinfo", body,
+	return u.putNew(ctx, b, cachefmt.Keys.NarinfoOf(ni.StorePath), body,
 		bucket.PutOptions{ContentType: "text/x-nix-narinfo", ContentEncoding: u.opt.Cache.NarinfoCompression})
 }
 

@@ -151,7 +151,7 @@ func (pr *presence) has(p string) bool {
 		return false
 	}
 	g := pr.guard
-	return g == nil || !g.Doomed(storepath.HashPart(p)+".narinfo")
+	return g == nil || !g.Doomed(cachefmt.Keys.NarinfoOf(p))
 }
 
 // mark records that the narinfos of paths are in the cache, in memory and
@@ -591,7 +591,7 @@ func (pr *presence) trustedLocked(h string, now time.Time) bool {
 
 func (pr *presence) doomedLocked(h string) bool {
 	g := pr.guard
-	return g != nil && g.Doomed(h+".narinfo")
+	return g != nil && g.Doomed(cachefmt.Keys.Narinfo(h))
 }
 
 // listingWorthIt decides between a HEAD per path and listing the hash
@@ -681,7 +681,7 @@ func (pr *presence) askByListing(ctx context.Context, paths []string) ([]string,
 		g.Go(func() error {
 			return pr.bucket.List(gctx, bucket.ListOptions{Prefix: string(c)}, func(o bucket.Object) error {
 				seen.Add(1)
-				if h := cachefmt.NarinfoHash(o.Key); h != "" {
+				if h := cachefmt.Keys.NarinfoHash(o.Key); h != "" {
 					if p, ok := want[h]; ok {
 						mu.Lock()
 						found = append(found, p)
@@ -702,7 +702,7 @@ func (pr *presence) askByListing(ctx context.Context, paths []string) ([]string,
 
 // hasNarinfo asks b (a HEAD) whether p's narinfo exists.
 func hasNarinfo(ctx context.Context, b bucket.Bucket, p string) (bool, error) {
-	_, err := b.Stat(ctx, storepath.HashPart(p)+".narinfo")
+	_, err := b.Stat(ctx, cachefmt.Keys.NarinfoOf(p))
 	switch {
 	case err == nil:
 		return true, nil

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/nixstore"
 )
 
@@ -18,10 +19,7 @@ type Realiser interface {
 }
 
 // Extra is one object written after a narinfo.
-type Extra struct {
-	Key, ContentType string
-	Body             []byte
-}
+type Extra = cachefmt.Object
 
 // maxExtrasDone bounds the memory of extras already written.
 const maxExtrasDone = 100_000

@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/nixspool/nixspool/bucket"
+	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/nar"
 	"github.com/nixspool/nixspool/nixstore"
 	"github.com/nixspool/nixspool/storepath"
@@ -611,7 +612,7 @@ func (u *Uploader) AbortStaleUploads(ctx context.Context, olderThan time.Duratio
 			}
 		}
 	}
-	ups, err := mp.ListUploads(ctx, "nar/")
+	ups, err := mp.ListUploads(ctx, cachefmt.NARPrefix)
 	if err != nil {
 		return 0, err
 	}

@@ -331,7 +331,7 @@ func (u *Uploader) writeCacheInfo(ctx context.Context) (bucket.Info, error) {
 	}
 	body := fmt.Sprintf("StoreDir: %s\nWantMassQuery: %d\nPriority: %d\n%s: %s\n",
 		storepath.DefaultStoreDir, wmq, u.opt.Cache.Priority, CacheInfoGenerationField, rand.Text())
-	wrote, err := u.putNew(ctx, u.opt.Bucket, "nix-cache-info", []byte(body), bucket.PutOptions{ContentType: "text/x-nix-cache-info"})
+	wrote, err := u.putNew(ctx, u.opt.Bucket, cachefmt.CacheInfoKey, []byte(body), bucket.PutOptions{ContentType: "text/x-nix-cache-info"})
 	if err != nil {
 		return bucket.Info{}, fmt.Errorf("write nix-cache-info: %w", err)
 	}
@@ -345,7 +345,7 @@ func (u *Uploader) writeCacheInfo(ctx context.Context) (bucket.Info, error) {
 // HEAD: an error answer to a GET carries its reason, so a skewed clock or
 // an expired token is never taken for an emptied bucket.
 func (u *Uploader) statCacheInfo(ctx context.Context) (bucket.Info, error) {
-	_, info, err := u.opt.Bucket.Get(ctx, "nix-cache-info", 64<<10)
+	_, info, err := u.opt.Bucket.Get(ctx, cachefmt.CacheInfoKey, 64<<10)
 	return info, err
 }
 

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/nixspool/nixspool/cachefmt"
-	"github.com/nixspool/nixspool/storepath"
 )
 
 // problem is one way a snapshot of the bucket is not a cache stock Nix can
@@ -25,7 +24,7 @@ func structure(snap map[string][]byte) []problem {
 	var out []problem
 	narinfos := 0
 	for key, data := range snap {
-		h := cachefmt.NarinfoHash(key)
+		h := cachefmt.Keys.NarinfoHash(key)
 		if h == "" || strings.Contains(key, "/") {
 			continue
 		}
@@ -49,12 +48,12 @@ func structure(snap map[string][]byte) []problem {
 			if rh == "" || rh == h {
 				continue
 			}
-			if _, ok := snap[rh+".narinfo"]; !ok {
+			if _, ok := snap[cachefmt.Keys.Narinfo(rh)]; !ok {
 				out = append(out, problem{key, "reference " + r + " has no narinfo"})
 			}
 		}
 	}
-	if _, ok := snap["nix-cache-info"]; narinfos > 0 && !ok {
+	if _, ok := snap[cachefmt.CacheInfoKey]; narinfos > 0 && !ok {
 		out = append(out, problem{"nix-cache-info", fmt.Sprintf("missing while %d narinfos are there", narinfos)})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].String() < out[j].String() })
@@ -65,7 +64,7 @@ func structure(snap map[string][]byte) []problem {
 func closureProblems(snap map[string][]byte, closure []string) []string {
 	var missing []string
 	for _, q := range closure {
-		if _, ok := snap[storepath.HashPart(q)+".narinfo"]; !ok {
+		if _, ok := snap[cachefmt.Keys.NarinfoOf(q)]; !ok {
 			missing = append(missing, q)
 		}
 	}

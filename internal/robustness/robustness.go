@@ -50,7 +50,6 @@ import (
 
 	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/gc"
-	"github.com/nixspool/nixspool/storepath"
 )
 
 // Config is one schedule.
@@ -235,7 +234,7 @@ func (r *run) acked(a *agent, p string, started time.Time) {
 	}
 	r.store.violate("%s acknowledged %s (upload began %s ago) but the bucket lacks %d paths of its closure, e.g. %s; last reset %s, last generation check %s; history: %s",
 		a.name, p, time.Since(started).Round(time.Millisecond), len(missing), missing[0], ago(r.store.lastReset()), ago(confirmed),
-		strings.Join(r.store.History(storepath.HashPart(missing[0])+".narinfo"), "; "))
+		strings.Join(r.store.History(cachefmt.Keys.NarinfoOf(missing[0])), "; "))
 }
 
 // explain gives the recorded history of a narinfo key and of its NAR.
