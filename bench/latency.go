@@ -401,8 +401,11 @@ func (b *bench) countKeys(name, suffix string) int {
 }
 
 // clientVia is an admin client of the bench's MinIO reached at endpoint.
-func (b *bench) clientVia(endpoint string) *minio.Client {
-	nc, err := minio.New(endpoint, &minio.Options{Creds: credentials.NewStaticV4(b.minio.AccessKey, b.minio.SecretKey, ""), Region: "us-east-1"})
+func (b *bench) clientVia(endpoint string) *minio.Client { return b.clientOf(b.minio, endpoint) }
+
+// clientOf is an admin client of m reached at endpoint.
+func (b *bench) clientOf(m *testenv.MinIO, endpoint string) *minio.Client {
+	nc, err := minio.New(endpoint, &minio.Options{Creds: credentials.NewStaticV4(m.AccessKey, m.SecretKey, ""), Region: "us-east-1"})
 	if err != nil {
 		b.t.Fatalf("%v", err)
 	}

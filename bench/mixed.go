@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/minio/minio-go/v7"
@@ -65,10 +66,7 @@ func (b *bench) mixed() error {
 	if err != nil {
 		return err
 	}
-	m, err := b.startMinIO()
-	if err != nil {
-		return err
-	}
+	m := b.startDistantMinIO(2*int64(bigNAR) + int64(len(smalls))<<20)
 	p := testenv.StartDelayProxy(b.t, m.Endpoint, rtt/2, int64(rate))
 	defer p.Close()
 
@@ -98,6 +96,7 @@ func (b *bench) mixed() error {
 // spread over -mixed-spread, and waits until every narinfo is visible.
 func (b *bench) mixedRun(m *testenv.MinIO, p *testenv.DelayProxy, big string, smalls []string) (mixedRun, error) {
 	var out mixedRun
+	syscall.Sync() // nothing of the run before is left to be written back during this one
 	name := b.bucketName()
 	m.MakeBucket(name)
 	sock, cmdA, err := b.agent("mixed-"+randHex()[:6], m.BucketURLVia(p.Endpoint, name, ""), m.Env())
@@ -111,7 +110,7 @@ func (b *bench) mixedRun(m *testenv.MinIO, p *testenv.DelayProxy, big string, sm
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
 	// Visibility is watched on MinIO directly, not through the link.
-	watch := newVisibility(b.clientVia(m.Endpoint), name)
+	watch := newVisibility(b.clientOf(m, m.Endpoint), name)
 	go watch.run(ctx)
 
 	var bigDone <-chan time.Time

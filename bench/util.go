@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 
 	"github.com/nix-community/go-nix/pkg/nixbase32"
 
@@ -49,6 +50,25 @@ func (b *bench) startMinIO() (*testenv.MinIO, error) {
 		b.minio = testenv.StartMinIO(b.t)
 	}
 	return b.minio, nil
+}
+
+// startDistantMinIO starts a MinIO of its own standing in for a distant
+// store (behind a delay proxy), its data on tmpfs when /dev/shm has room
+// for need bytes: a distant store's disk is not this machine's, and on one
+// shared disk the kernel's write-back of one upload's data (every 30 s,
+// hundreds of MB at once) stalls the store's small writes for a second or
+// more, which would be charged to the uploader. The data is removed at
+// the end of the run.
+func (b *bench) startDistantMinIO(need int64) *testenv.MinIO {
+	var st syscall.Statfs_t
+	if syscall.Statfs("/dev/shm", &st) == nil && int64(st.Bavail)*st.Bsize > need+need/4 {
+		if dir, err := os.MkdirTemp("/dev/shm", "nixspool-bench-"); err == nil {
+			b.t.Cleanup(func() { os.RemoveAll(dir) })
+			return testenv.StartMinIOIn(b.t, dir)
+		}
+	}
+	fmt.Fprintf(os.Stderr, "  (no room on /dev/shm: the distant store's data shares this machine's disk)\n")
+	return testenv.StartMinIO(b.t)
 }
 
 // newBucket makes a fresh bucket and returns its cache URL.

@@ -31,8 +31,11 @@ import (
 // The link stays full (a standing queue of Target keeps it busy), so a
 // large upload loses little throughput, while a small request waits about
 // Target more than on an idle link. With no queue the rate is the link's
-// estimate plus Target/Drain, which is how the estimate grows (10% per
-// interval with the defaults) until a queue shows.
+// estimate plus Target/Drain, which is how the estimate grows (2.5% per
+// interval with the defaults) once a queue has been seen; before that it
+// grows by a quarter per interval (slow start) and is halved when the
+// first queue shows. A store whose base round trip is under NearBase (this
+// machine, the LAN) has no slow uplink in front of it: bodies go unpaced.
 //
 // The signal comes from every small request through the window and, while
 // a large body is being sent, from a probe (a HEAD of one small object) at
@@ -64,9 +67,12 @@ type Pacer struct {
 	linkRate   float64       // estimate of what the link carries, bytes per second
 	prevDelay  time.Duration // queueDelay at the adjustment before
 	prevLo     time.Duration // lowest sample of the interval before
-	// slowStart is set until the first queue shows: the estimate doubles
-	// each interval, as TCP's window does, so that a fast link is found in
-	// a second rather than minutes.
+	// slowStart is set until the first queue shows: the estimate grows by
+	// slowStartGain each interval, so that a fast link is found in seconds
+	// rather than minutes. Not by doubling, as TCP's slow start does: the
+	// queue is only seen one queue later (a probe returns after waiting in
+	// it), and by then a doubling rate has filled every buffer on the way
+	// (over a second of queue on a 20 MB/s link).
 	slowStart bool
 	stopProbe context.CancelFunc
 	probeDone chan struct{}
@@ -83,9 +89,13 @@ type PaceOptions struct {
 	// bodies are not limited at all.
 	Floor, Initial, Max float64
 	// Every is how often the rate is adjusted and, while a large body is
-	// being sent, how often the store is probed; default 100 ms. Drain is how soon a queue off Target is meant to be back
+	// being sent, half how often the store is probed; default 100 ms. Drain is how soon a queue off Target is meant to be back
 	// at it; default 500 ms.
 	Every, Drain time.Duration
+	// NearBase is the base round trip below which the store counts as
+	// near (on this machine or its LAN, with no slow uplink on the way)
+	// and large bodies are not paced; default 10 ms.
+	NearBase time.Duration
 	// ProbeKey is the object whose HEAD probes the store (any small
 	// object; a missing one answers as fast); default "nix-cache-info".
 	ProbeKey string
@@ -96,6 +106,9 @@ type PaceOptions struct {
 const (
 	// smoothing is the weight of a new sample of the link's rate.
 	smoothing = 0.25
+	// slowStartGain is the estimate's growth per interval until a queue
+	// first shows; maxProbes the probes waiting for an answer at once.
+	slowStartGain, maxProbes = 1.25, 8
 	// baseSpan is how long the lowest round trip is remembered, in slots.
 	baseSpan, baseSlots = 10 * time.Minute, 10
 )
@@ -103,7 +116,7 @@ const (
 // NewPacer returns a pacer at opt.Initial.
 func NewPacer(opt PaceOptions) *Pacer {
 	if opt.Target <= 0 {
-		opt.Target = 50 * time.Millisecond
+		opt.Target = 25 * time.Millisecond
 	}
 	if opt.Floor <= 0 {
 		opt.Floor = 256 << 10
@@ -119,10 +132,13 @@ func NewPacer(opt PaceOptions) *Pacer {
 		opt.Every = 100 * time.Millisecond
 	}
 	if opt.Drain <= 0 {
-		opt.Drain = 500 * time.Millisecond
+		opt.Drain = time.Second
 	}
 	if opt.Now == nil {
 		opt.Now = time.Now
+	}
+	if opt.NearBase <= 0 {
+		opt.NearBase = 10 * time.Millisecond
 	}
 	if opt.ProbeKey == "" {
 		opt.ProbeKey = "nix-cache-info"
@@ -152,21 +168,26 @@ func (p *Pacer) Observe(rtt time.Duration) {
 	}
 	elapsed := now.Sub(p.lastAdjust)
 	p.lastAdjust = now
-	// The lowest sample of this interval and the one before: a delay
-	// only counts as a queue when two intervals' samples all show it, so
+	// The lowest sample of the interval: a delay only counts as a queue
+	// when every sample of an interval (two probes at least) shows it, so
 	// that one slow answer (a busy store, a loaded machine) is not taken
 	// for one.
 	lo := p.intervalLo
-	if p.prevLo > 0 {
-		lo = min(lo, p.prevLo)
-	}
-	p.prevLo, p.intervalLo = p.intervalLo, 0
+	p.intervalLo = 0
 	read := p.read
 	p.read = 0
 	if p.bodies == 0 {
 		return // nothing to pace: only the base is learned
 	}
-	p.prevDelay, p.queueDelay = p.queueDelay, max(lo-p.base.min(now), 0)
+	base := p.base.min(now)
+	if base < p.opt.NearBase {
+		// A near store: a queue of Target would be most of the round
+		// trip, and there is no slow uplink to keep clear.
+		p.rate = p.opt.Max * 1.01
+		p.lim.SetLimit(rate.Inf)
+		return
+	}
+	p.prevDelay, p.queueDelay = p.queueDelay, max(lo-base, 0)
 	p.estimateLink(float64(read)/elapsed.Seconds(), elapsed)
 	p.adjust()
 }
@@ -179,13 +200,23 @@ func (p *Pacer) estimateLink(sent float64, elapsed time.Duration) {
 		// No queue: the link carried all that was sent, maybe more.
 		p.linkRate = max(p.linkRate, sent)
 		if p.slowStart && sent >= p.rate/2 {
-			p.linkRate = max(p.linkRate, 2*p.rate) // the rate binds: try twice it
+			p.linkRate = max(p.linkRate, slowStartGain*p.rate) // the rate binds: try more
 		}
 		return
 	}
-	p.slowStart = false
+	if p.slowStart {
+		// The queue seen now began building some intervals ago (a probe
+		// sees it only once through it), and the rate has grown since:
+		// halve it, as TCP does when slow start ends.
+		p.slowStart = false
+		p.linkRate = p.rate / 2
+		return
+	}
 	growth := float64(p.queueDelay-p.prevDelay) / float64(elapsed) // seconds of queue per second
-	sample := sent / min(max(1+growth, 0.5), 2)
+	if growth < -0.5 {
+		return // the queue drains because little was sent: says nothing of the link
+	}
+	sample := sent / min(1+growth, 2)
 	p.linkRate = (1-smoothing)*p.linkRate + smoothing*sample
 }
 
@@ -220,8 +251,8 @@ func (p *Pacer) Stats() PaceStats {
 }
 
 // body returns r paced, and a function to call when it is no longer read.
-// While any body is open, probe is called every Every and its round
-// trip observed.
+// While any body is open, probe is called twice every Every and its
+// round trip observed.
 func (p *Pacer) body(ctx context.Context, r io.Reader, probe func(context.Context) error) (io.Reader, func()) {
 	p.mu.Lock()
 	p.bodies++
@@ -256,14 +287,26 @@ func (p *Pacer) body(ctx context.Context, r io.Reader, probe func(context.Contex
 	return &pr, done
 }
 
+// probeLoop starts a probe every Every/2 until ctx ends, without waiting
+// for the ones before: a probe stuck in a long queue would otherwise stop
+// the others that measure it draining.
 func (p *Pacer) probeLoop(ctx context.Context, probe func(context.Context) error, done chan struct{}) {
-	defer close(done)
-	t := time.NewTicker(p.opt.Every)
+	var wg sync.WaitGroup
+	defer func() { wg.Wait(); close(done) }()
+	slots := make(chan struct{}, maxProbes)
+	t := time.NewTicker(p.opt.Every / 2)
 	defer t.Stop()
 	for {
-		start := time.Now()
-		if err := probe(ctx); err == nil {
-			p.Observe(time.Since(start))
+		select {
+		case slots <- struct{}{}:
+			wg.Go(func() {
+				defer func() { <-slots }()
+				start := time.Now()
+				if err := probe(ctx); err == nil {
+					p.Observe(time.Since(start))
+				}
+			})
+		default: // maxProbes already wait: skip this one
 		}
 		select {
 		case <-ctx.Done():

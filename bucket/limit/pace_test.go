@@ -175,13 +175,16 @@ func TestPacerAdjustsTowardTarget(t *testing.T) {
 		return p.Stats()
 	}
 	step(20*time.Millisecond, 0) // base 20 ms
+	p.mu.Lock()
+	p.slowStart = false // the control law after slow start (see TestPacerSlowStart)
+	p.mu.Unlock()
 	if s := step(20*time.Millisecond, 0); s.Rate != 1e6*1.1 {
 		t.Fatalf("no queue: rate %.0f, want the estimate + Target/Drain = 1.1e6", s.Rate)
 	}
-	step(120*time.Millisecond, 0) // one slow interval is not a queue yet
 	if s := step(120*time.Millisecond, 0); s.QueueDelay != 100*time.Millisecond || s.Rate != 1e6*0.9 {
 		t.Fatalf("queue of 2 × Target: %+v, want delay 100 ms and rate 0.9e6", s)
 	}
+	step(120*time.Millisecond, 0)
 	if s := step(120*time.Millisecond, 400e3); s.Rate <= 0.9e6*1.1 {
 		t.Fatalf("4 MB/s sent with a queue that does not grow: rate %.0f, want the estimate raised toward 4e6", s.Rate)
 	}
@@ -191,6 +194,53 @@ func TestPacerAdjustsTowardTarget(t *testing.T) {
 	}
 	if s := p.Stats(); s.BaseRTT != 20*time.Millisecond || s.Bodies != 1 {
 		t.Fatalf("stats %+v", s)
+	}
+}
+
+// TestPacerSlowStart: until a queue shows, the estimate grows by a
+// quarter per interval while the bodies use the rate; the first queue
+// halves the rate.
+func TestPacerSlowStart(t *testing.T) {
+	clk := &fakeClock{t: time.Unix(1e9, 0)}
+	p := NewPacer(PaceOptions{Target: 50 * time.Millisecond, Drain: 500 * time.Millisecond, Initial: 1e6, Every: 100 * time.Millisecond, Now: clk.Now})
+	_, done := p.body(context.Background(), &zeros{}, nil)
+	defer done()
+	step := func(rtt time.Duration) PaceStats {
+		p.mu.Lock()
+		p.read += int64(p.rate / 10) // the bodies take all the rate allows
+		p.mu.Unlock()
+		clk.Add(100 * time.Millisecond)
+		p.Observe(rtt)
+		return p.Stats()
+	}
+	step(20 * time.Millisecond)
+	prev := step(20 * time.Millisecond).Rate
+	for range 5 {
+		r := step(20 * time.Millisecond).Rate
+		if r < prev*1.2 {
+			t.Fatalf("slow start: rate %.0f after %.0f, want ≥ 1.2×", r, prev)
+		}
+		prev = r
+	}
+	peak := step(40 * time.Millisecond).Rate // a queue of 20 ms, counted once two intervals show it
+	if r := step(40 * time.Millisecond).Rate; r > peak*0.6 {
+		t.Fatalf("first queue: rate %.0f after %.0f, want about halved", r, peak)
+	}
+}
+
+// TestPacerLeavesNearStoresUnpaced: under NearBase of round trip there is
+// no uplink to keep clear, and bodies go unlimited.
+func TestPacerLeavesNearStoresUnpaced(t *testing.T) {
+	clk := &fakeClock{t: time.Unix(1e9, 0)}
+	p := NewPacer(PaceOptions{Initial: 1e6, Max: 1e9, Now: clk.Now})
+	_, done := p.body(context.Background(), &zeros{}, nil)
+	defer done()
+	for range 3 {
+		clk.Add(time.Second)
+		p.Observe(2 * time.Millisecond)
+	}
+	if s := p.Stats(); s.Rate <= 1e9 {
+		t.Fatalf("rate %.0f with a 2 ms base, want unlimited (past Max)", s.Rate)
 	}
 }
 

@@ -88,6 +88,14 @@ type MinIO struct {
 // can use it as an http:// substituter) and stops the server at cleanup.
 func StartMinIO(t T) *MinIO {
 	t.Helper()
+	return StartMinIOIn(t, t.TempDir())
+}
+
+// StartMinIOIn is StartMinIO with the data in dir, e.g. on a tmpfs so that
+// a server standing in for a distant store does not share the local
+// disk's write-back with the program under test.
+func StartMinIOIn(t T, dir string) *MinIO {
+	t.Helper()
 	bin, ok := Lookup("minio")
 	if !ok {
 		Missing(t, "the minio server")
@@ -96,7 +104,7 @@ func StartMinIO(t T) *MinIO {
 		AccessKey: "nixspooltest",
 		SecretKey: "secret-" + randHex(8),
 		Bucket:    "cache-" + randHex(4),
-		Dir:       t.TempDir(),
+		Dir:       dir,
 		bin:       bin,
 		t:         t,
 	}
