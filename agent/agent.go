@@ -93,11 +93,12 @@ type requestStore interface {
 // New opens everything agentd needs: the queue (returning interrupted jobs
 // to ready), the bucket, the Nix store connection, the signing keys and the
 // listening socket. It does not start serving.
-func New(cfg Config) (*Agent, error) {
-	if err := cfg.Validate(); err != nil {
+func New(c Config) (*Agent, error) {
+	cfg, err := c.parse()
+	if err != nil {
 		return nil, err
 	}
-	a := &Agent{cfg: cfg, log: cfg.Logger, started: time.Now(), now: time.Now,
+	a := &Agent{cfg: cfg.Config, log: cfg.Logger, started: time.Now(), now: time.Now,
 		access: access{ownUID: os.Geteuid()}}
 	if cfg.AdminGroup != "" {
 		g, err := lookupGroup("--admin-group", cfg.AdminGroup)
@@ -108,10 +109,7 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a.breaker = newBreaker(a.backoff)
 	a.filter = newFilter(cfg)
-	var err error
-	if a.cache, err = cacheurl.Parse(cfg.Cache); err != nil {
-		return nil, err
-	}
+	a.cache = cfg.cache
 	// Signing keys from the cache URL (secret-key=, secret-keys=) join
 	// --secret-key-file's; doctor checks the same list.
 	a.cfg.SecretKeyFiles = uploader.KeyFiles(cfg.SecretKeyFiles, a.cache.SecretKeyFiles)

@@ -89,7 +89,7 @@ func captureAgent(t *testing.T, fs *fakeStore, skipSignedBy ...string) *Agent {
 	a := testAgent(t)
 	a.checkStore = fs
 	a.cfg.SkipSignedBy = skipSignedBy
-	a.filter = newFilter(a.cfg)
+	a.filter = testFilter(a.cfg)
 	return a
 }
 

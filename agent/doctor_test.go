@@ -68,7 +68,7 @@ func TestDoctorWritesOnlyForOperators(t *testing.T) {
 	wc := &writeCounter{Bucket: fb}
 	a.bucket, a.limited = wc, wc
 	a.store = nixstore.Open(nixstore.Options{Socket: filepath.Join(t.TempDir(), "no-daemon.sock")})
-	a.filter = newFilter(a.cfg)
+	a.filter = testFilter(a.cfg)
 	a.access = access{ownUID: 4242, socket: group{gid: 4243, set: true}}
 	if a.gc, err = newGCAgent(a); err != nil {
 		t.Fatal(err)
