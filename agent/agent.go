@@ -38,19 +38,14 @@ type Agent struct {
 	bucket bucket.Bucket
 	queue  *queue.Queue
 	store  *nixstore.Store
-	// checkStore answers the validity checks of requests (the hook's).
-	checkStore requestStore
-	uploader   *uploader.Uploader
-	realiser   *realisation.Realiser
-	roots      *gcroots.Roots
-	rootsMu    sync.RWMutex // enqueues hold it shared; unroot exclusively
-	// rootsWait bounds the wait for the roots directory's lock in a
-	// removal (rootsLockWait unless a test sets it).
-	rootsWait   time.Duration
-	unrootLater unrootBacklog // removals of GC roots to try again
-	listener    net.Listener
-	conns       *connLimits // set by serve unless a test set it
-	access      access      // who may make which request
+	// intake admits paths to the queue, whichever way they come.
+	intake   *admit
+	uploader *uploader.Uploader
+	realiser *realisation.Realiser
+	roots    *rootKeeper
+	listener net.Listener
+	conns    *connLimits // set by serve unless a test set it
+	access   access      // who may make which request
 	// groupsWarned: the kernel's lack of SO_PEERGROUPS was logged.
 	groupsWarned atomic.Bool
 	started      time.Time
@@ -65,21 +60,30 @@ type Agent struct {
 	rate        rateWindow
 	timeToCache timeToCache
 	reachable   atomic.Int32 // 0 unknown, 1 yes, 2 no
-	stateErrMu  sync.Mutex
-	stateErr    string // last state-directory (queue/spool) error, for status
+	stateErr    *stateError
 	uploadCtx   context.Context
 	stopUploads context.CancelFunc
 	spoolBusy   atomic.Bool   // a spool import is running
 	spoolBeat   atomic.Int64  // unix ns of its last progress
 	spoolTries  spoolAttempts // failed imports of spool files
 	running     runningJobs   // jobs being uploaded (a drop stops them)
-	spoolSeen   spoolCache
+	spool       *spoolView
 	capture     *capturer // nil unless --capture local|all
 	// buildClosures queues hooks' build closures (--build-closures).
 	buildClosures *closureQueuer
 	captureErr    error // why the watcher could not start
 	// spoolFileBound bounds the import of one spool file (0: the default).
 	spoolFileBound time.Duration
+}
+
+// assemble makes the parts that share the queue, the roots directory dir
+// and the store connections for requests' checks, checkStore.
+func (a *Agent) assemble(dir *gcroots.Roots, checkStore requestStore) {
+	a.stateErr = &stateError{}
+	a.spool = &spoolView{dir: a.spoolDir(), log: a.log}
+	a.roots = &rootKeeper{dir: dir, queue: a.queue, spoolHeld: a.spool.held, log: a.log}
+	a.intake = &admit{storeDir: a.cfg.StoreDir, store: checkStore, realiser: a.realiser, roots: a.roots,
+		queue: a.queue, stateErr: a.stateErr, now: a.now, log: a.log}
 }
 
 // requestStore is what the checks of requests ask the Nix daemon
@@ -134,7 +138,8 @@ func New(c Config) (*Agent, error) {
 	if a.gc, err = newGCAgent(a); err != nil {
 		return nil, err
 	}
-	if a.roots, err = gcroots.New(cfg.GCRootsDir); err != nil {
+	dir, err := gcroots.New(cfg.GCRootsDir)
+	if err != nil {
 		return nil, err
 	}
 	// The hook roots what it spools where this agentd looks.
@@ -148,11 +153,12 @@ func New(c Config) (*Agent, error) {
 	a.store = nixstore.Open(nixstore.Options{Socket: cfg.NixDaemonSocket, MaxConns: min(cfg.Jobs, 8)})
 	// Requests (the hook's) check their paths on connections of their own,
 	// so that a hook never waits behind the uploads' metadata queries.
-	a.checkStore = nixstore.Open(nixstore.Options{Socket: cfg.NixDaemonSocket, MaxConns: 2})
+	checkStore := nixstore.Open(nixstore.Options{Socket: cfg.NixDaemonSocket, MaxConns: 2})
 	if a.queue, err = queue.Open(filepath.Join(cfg.StateDir, "queue.db")); err != nil {
 		return nil, err
 	}
 	a.realiser = realisation.New(realisation.Options{Store: a.store, Keys: keys, StoreDir: cfg.StoreDir, Logger: a.log})
+	a.assemble(dir, checkStore)
 	a.uploader, err = uploader.New(uploader.Options{
 		Bucket:   a.limited,
 		Cache:    a.cache,
@@ -280,9 +286,11 @@ func socketGID(path string) int {
 // (abort cancels that wait: second signal), and closes everything.
 func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 	defer a.store.Close()
-	defer a.checkStore.Close()
+	defer a.intake.store.Close()
 	a.uploadCtx, a.stopUploads = context.WithCancel(context.WithoutCancel(ctx))
 	defer a.stopUploads()
+	up, uploadCtx := a.uploader, a.uploadCtx
+	a.intake.prefetch = func(paths []string) { up.Prefetch(uploadCtx, paths) }
 
 	// The derivations acknowledged before a restart, for the realisations.
 	if err := a.noteQueued(); err != nil {
@@ -291,7 +299,7 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 	// The spool is imported by the main loop, after READY=1: a large
 	// spool or a Nix daemon that does not answer must not hold the start
 	// past systemd's start timeout. Until then recover keeps its roots.
-	if err := a.recover(ctx); err != nil {
+	if err := a.roots.reconcile(); err != nil {
 		a.log.Error("start-up recovery", "err", err)
 	}
 	if err := a.uploader.RecoverUploads(ctx); err != nil {
@@ -455,7 +463,7 @@ func (a *Agent) chores(ctx context.Context) {
 		case <-prune.C:
 			a.uploader.Maintain()
 		case <-unroots.C:
-			a.retryUnroots()
+			a.roots.retry()
 		}
 	}
 }
@@ -483,56 +491,11 @@ func (a *Agent) snapshot() (metrics.Snapshot, error) {
 	return snap, nil
 }
 
-// recover re-creates GC roots for every queued path and its derivations (a
-// crash may have lost some) and removes roots of paths that are neither queued nor held by the
-// spool (the hook roots what it spools; a spooled request whose import was
-// postponed, or that was set aside, keeps its roots). The queue and the
-// spool are read under the locks that enqueues, imports and spooling hooks
-// hold from rooting to commit (see unroot), so a root one of them found in
-// place is not removed under it. Roots younger than a minute are spared
-// too, for a hook that does not take the lock.
-func (a *Agent) recover(ctx context.Context) error {
-	if !a.roots.Enabled() {
-		return nil
-	}
-	unlock, err := a.roots.Lock(true, rootsLockWait)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	a.rootsMu.Lock() // after the directory's lock, as in removeRoots
-	defer a.rootsMu.Unlock()
-	jobs, err := a.queue.List("", 1<<31)
-	if err != nil {
-		return err
-	}
-	_, spooled := a.spooled()
-	keep := gcroots.Named(spooled)
-	for _, j := range jobs {
-		jobRoots(keep, j.Path, j.Derivations()...)
-	}
-	added, removed, err := a.roots.Reconcile(keep, time.Minute)
-	if added+removed > 0 {
-		a.log.Info("reconciled gc roots", "added", added, "removed", removed)
-	}
-	return err
-}
-
 func (a *Agent) setReachable(ok bool) {
 	if ok {
 		a.reachable.Store(1)
 	} else {
 		a.reachable.Store(2)
-	}
-}
-
-func (a *Agent) setStateErr(err error) {
-	a.stateErrMu.Lock()
-	defer a.stateErrMu.Unlock()
-	if err == nil {
-		a.stateErr = ""
-	} else {
-		a.stateErr = err.Error()
 	}
 }
 

@@ -82,14 +82,14 @@ func (a *Agent) doctor(ctx context.Context, writes bool) []protocol.Check {
 		}
 	}
 
-	if a.roots.Enabled() && !writes {
-		add("gc roots", "ok", a.roots.Dir()+" (making a root not probed)", "")
-	} else if a.roots.Enabled() {
-		if err := a.roots.Add(filepath.Join(a.cfg.StoreDir, "00000000000000000000000000000000-nixspool-doctor")); err != nil {
-			add("gc roots", "fail", err.Error(), "agentd keeps queued paths alive with roots in "+a.roots.Dir())
+	if a.roots.dir.Enabled() && !writes {
+		add("gc roots", "ok", a.roots.dir.Dir()+" (making a root not probed)", "")
+	} else if a.roots.dir.Enabled() {
+		if err := a.roots.dir.Add(filepath.Join(a.cfg.StoreDir, "00000000000000000000000000000000-nixspool-doctor")); err != nil {
+			add("gc roots", "fail", err.Error(), "agentd keeps queued paths alive with roots in "+a.roots.dir.Dir())
 		} else {
-			a.roots.Remove(filepath.Join(a.cfg.StoreDir, "00000000000000000000000000000000-nixspool-doctor"))
-			add("gc roots", "ok", a.roots.Dir(), "")
+			a.roots.dir.Remove(filepath.Join(a.cfg.StoreDir, "00000000000000000000000000000000-nixspool-doctor"))
+			add("gc roots", "ok", a.roots.dir.Dir(), "")
 		}
 	} else {
 		add("gc roots", "warn", "off", "queued paths can be garbage-collected before they are uploaded")

@@ -80,7 +80,7 @@ func TestDoctorWritesOnlyForOperators(t *testing.T) {
 	}
 	mtimes := func() string {
 		var s []string
-		for _, d := range []string{a.cfg.StateDir, a.roots.Dir()} {
+		for _, d := range []string{a.cfg.StateDir, a.roots.dir.Dir()} {
 			fi, err := os.Stat(d)
 			if err != nil {
 				t.Fatal(err)
@@ -98,7 +98,7 @@ func TestDoctorWritesOnlyForOperators(t *testing.T) {
 		return nil
 	}
 
-	if err := os.MkdirAll(a.roots.Dir(), 0o755); err != nil {
+	if err := os.MkdirAll(a.roots.dir.Dir(), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	before := mtimes()

@@ -279,7 +279,7 @@ func (a *Agent) pin(ctx context.Context, name, path string, send func(*protocol.
 		_, err := a.limited.Stat(ctx, key)
 		switch {
 		case bucket.IsNotExist(err):
-			if verr := a.checkPaths(ctx, []string{path}); verr != nil {
+			if verr := a.intake.checkValid(ctx, storePaths{path}); verr != nil {
 				return nil, fmt.Errorf("%s is not in the cache, and cannot be uploaded: %w", path, verr)
 			}
 			send(&protocol.Progress{Stage: "upload"})

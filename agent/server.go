@@ -12,12 +12,7 @@ import (
 	"github.com/nixspool/nixspool/protocol"
 	"github.com/nixspool/nixspool/queue"
 	"github.com/nixspool/nixspool/spool"
-	"github.com/nixspool/nixspool/storepath"
 )
-
-// prefetchAbove is the number of paths in one request above which their
-// presence in the cache is asked about in bulk right away.
-const prefetchAbove = 64
 
 // connDeadline bounds one connection: a client that sends nothing (or
 // sends slowly) cannot hold a handler for longer.
@@ -178,73 +173,7 @@ func (a *Agent) dispatch(ctx context.Context, req *protocol.Request, p peer, pro
 func (a *Agent) serveRequest(ctx context.Context, req *protocol.Request, p peer, progress func(*protocol.Progress) error) *protocol.Response {
 	switch req.Op {
 	case protocol.OpEnqueue, protocol.OpPush:
-		if req.Op == protocol.OpEnqueue {
-			// A hook waits seconds, then spools; a hung Nix daemon must not
-			// keep a handler (and its connection) forever.
-			var cancel context.CancelFunc
-			ctx, cancel = context.WithTimeout(ctx, connDeadline)
-			defer cancel()
-		}
-		start := time.Now()
-		paths := req.Paths
-		source := queue.SourceHook
-		if req.Op == protocol.OpPush {
-			source = queue.SourcePush
-		}
-		var skipped []string
-		if req.BuildClosure && req.Op == protocol.OpPush {
-			var err error
-			if paths, skipped, err = a.buildClosure(ctx, req.Paths); err != nil {
-				a.log.Warn("push refused", "err", err, "peer_uid", p.uid)
-				return &protocol.Response{Error: err.Error()}
-			}
-			if len(paths) == 0 {
-				return &protocol.Response{Skipped: skipped}
-			}
-			source = queue.SourceBuildClosure
-		} else if req.Closure {
-			var err error
-			if paths, err = a.closureOf(ctx, req.Paths); err != nil {
-				a.log.Warn("push refused", "err", err, "peer_uid", p.uid)
-				return &protocol.Response{Error: err.Error()}
-			}
-		}
-		if req.Floating {
-			var err error
-			if paths, err = a.withFloatingOutputs(ctx, paths, req.Drv); err != nil {
-				a.log.Warn("enqueue refused", "op", req.Op, "err", err, "peer_uid", p.uid, "peer_pid", p.pid)
-				return &protocol.Response{Error: err.Error()}
-			}
-		}
-		// Nothing unchecked reaches the notes or the presence check: the
-		// full check (registered in the store) follows in enqueue.
-		if err := checkSyntax(a.cfg.StoreDir, paths, req.Drv); err != nil {
-			a.log.Warn("enqueue refused", "op", req.Op, "err", err, "peer_uid", p.uid, "peer_pid", p.pid)
-			return &protocol.Response{Error: err.Error()}
-		}
-		// Before the commit: a job that finishes meanwhile sees the note
-		// (see realiseLate).
-		a.realiser.Note(req.Drv, paths...)
-		if len(paths) > prefetchAbove {
-			// Many paths at once (push --closure): learn which the cache
-			// holds with a few listings, starting before the jobs do, so
-			// that they need not ask one by one.
-			a.uploader.Prefetch(a.uploadCtx, paths)
-		}
-		jobs, err := a.enqueue(ctx, paths, req.Drv, source)
-		if err != nil {
-			a.log.Warn("enqueue refused", "op", req.Op, "err", err, "peer_uid", p.uid, "peer_pid", p.pid)
-			return &protocol.Response{Error: err.Error()}
-		}
-		a.metrics.Enqueued(time.Since(start))
-		a.metrics.Queued(source.String(), len(paths))
-		a.log.Info("enqueued", "op", req.Op, "source", source.String(), "paths", len(paths), "drv", req.Drv, "peer_uid", p.uid, "peer_pid", p.pid, "duration", time.Since(start))
-		if a.cfg.BuildClosures && req.Op == protocol.OpEnqueue && req.Drv != "" {
-			if !a.buildClosures.add(req.Drv) {
-				a.log.Warn("build closure not queued: too many derivations wait for theirs (agentctl push --build-closure queues it)", "drv", req.Drv, "waiting", maxPendingBuildClosures)
-			}
-		}
-		return &protocol.Response{Jobs: jobs, Count: len(jobs), Skipped: skipped}
+		return a.serveEnqueue(ctx, req, p)
 	case protocol.OpDoctor:
 		return &protocol.Response{Checks: a.doctor(ctx, a.access.operator(p))}
 	case protocol.OpAudit:
@@ -265,7 +194,11 @@ func (a *Agent) serveRequest(ctx context.Context, req *protocol.Request, p peer,
 		}
 		return &protocol.Response{Status: st}
 	case protocol.OpWait:
-		waits, err := a.pathWaits(ctx, req.Paths)
+		paths, _, err := parseRequest(a.cfg.StoreDir, req.Paths, "")
+		if err != nil {
+			return &protocol.Response{Error: err.Error()}
+		}
+		waits, err := a.pathWaits(ctx, paths)
 		if err != nil {
 			return &protocol.Response{Error: err.Error()}
 		}
@@ -307,7 +240,7 @@ func (a *Agent) serveRequest(ctx context.Context, req *protocol.Request, p peer,
 		if err != nil {
 			return &protocol.Response{Error: err.Error()}
 		}
-		if err := a.unroot(j.Path, j.Derivations()); err != nil {
+		if err := a.roots.unroot(j.Path, j.Derivations()); err != nil {
 			a.log.Warn("remove gc root", "path", j.Path, "err", err)
 		}
 		// A job being uploaded is stopped; its worker discards the
@@ -332,162 +265,6 @@ func jobView(j queue.Job) protocol.Job {
 	return v
 }
 
-// closureOf returns paths and everything they reference, after checking
-// that each given path is a store path.
-func (a *Agent) closureOf(ctx context.Context, paths []string) ([]string, error) {
-	seen := map[string]bool{}
-	var out []string
-	for _, p := range paths {
-		if err := storepath.Check(a.cfg.StoreDir, p); err != nil {
-			return nil, &RefusedError{err}
-		}
-		infos, err := a.store.Closure(ctx, p)
-		if err != nil {
-			return nil, &RefusedError{err}
-		}
-		for _, info := range infos {
-			if !seen[info.Path] {
-				seen[info.Path] = true
-				out = append(out, info.Path)
-			}
-		}
-	}
-	return out, nil
-}
-
-// withFloatingOutputs adds the realised floating content-addressed outputs
-// of drv (which have no path in the .drv) to paths.
-func (a *Agent) withFloatingOutputs(ctx context.Context, paths []string, drv string) ([]string, error) {
-	if err := storepath.Check(a.cfg.StoreDir, drv); err != nil {
-		return nil, &RefusedError{err}
-	}
-	outs, err := a.checkStore.QueryDerivationOutputMap(ctx, drv)
-	if err != nil {
-		return nil, err
-	}
-	have := map[string]bool{}
-	for _, p := range paths {
-		have[p] = true
-	}
-	for _, p := range outs {
-		if p != "" && !have[p] {
-			have[p] = true
-			paths = append(paths, p)
-		}
-	}
-	if len(paths) == 0 {
-		return nil, &RefusedError{fmt.Errorf("derivation %s has no realised outputs", drv)}
-	}
-	return paths, nil
-}
-
-// RefusedError is a path refused for what it is (not a store path, not
-// valid in the store), as opposed to a failure to check it.
-type RefusedError struct{ Err error }
-
-func (e *RefusedError) Error() string { return "refused: " + e.Err.Error() }
-func (e *RefusedError) Unwrap() error { return e.Err }
-
-// checkSyntax refuses paths (and a derivation) that are not store paths,
-// before anything looks at them.
-func checkSyntax(storeDir string, paths []string, drv string) error {
-	if len(paths) > 100000 {
-		return &RefusedError{fmt.Errorf("too many paths in one request (%d > 100000)", len(paths))}
-	}
-	for _, p := range paths {
-		if err := storepath.Check(storeDir, p); err != nil {
-			return &RefusedError{err}
-		}
-	}
-	if drv != "" && storepath.Check(storeDir, drv) != nil {
-		return &RefusedError{fmt.Errorf("drv %q is not a store path", drv)}
-	}
-	return nil
-}
-
-// checkPaths refuses anything that is not a valid, registered store path.
-func (a *Agent) checkPaths(ctx context.Context, paths []string) error {
-	if len(paths) > 100000 {
-		return &RefusedError{fmt.Errorf("too many paths in one request (%d > 100000)", len(paths))}
-	}
-	for _, p := range paths {
-		if err := storepath.Check(a.cfg.StoreDir, p); err != nil {
-			return &RefusedError{err}
-		}
-	}
-	valid, err := a.checkStore.QueryValidPaths(ctx, paths)
-	if err != nil {
-		return err
-	}
-	ok := make(map[string]bool, len(valid))
-	for _, v := range valid {
-		ok[v] = true
-	}
-	for _, p := range paths {
-		if !ok[p] {
-			return &RefusedError{fmt.Errorf("%s is not a valid path in the Nix store", p)}
-		}
-	}
-	return nil
-}
-
-// enqueue validates paths, roots them against garbage collection, and
-// commits them to the queue. It returns only after the commit and the roots
-// are durable. The roots are made while the queue commits: each costs an
-// fsync, and done one after the other they nearly doubled the time a hook
-// waits (a root that a crash loses before the commit is durable is made
-// again at the next start, for every queued path).
-func (a *Agent) enqueue(ctx context.Context, paths []string, drv string, source queue.Source) ([]protocol.Job, error) {
-	if drv != "" && storepath.Check(a.cfg.StoreDir, drv) != nil {
-		return nil, &RefusedError{fmt.Errorf("drv %q is not a store path", drv)}
-	}
-	if err := a.checkPaths(ctx, paths); err != nil {
-		return nil, err
-	}
-	res, err := a.commitJobs(paths, drv, queue.EnqueueOptions{Source: source})
-	if err != nil {
-		return nil, err
-	}
-	jobs := make([]protocol.Job, 0, len(res))
-	for _, r := range res {
-		jobs = append(jobs, jobView(r.Job))
-	}
-	return jobs, nil
-}
-
-// commitJobs roots paths (checked already) and commits their jobs.
-func (a *Agent) commitJobs(paths []string, drv string, opt queue.EnqueueOptions) ([]queue.EnqueueResult, error) {
-	a.rootsMu.RLock() // see unroot
-	rooted := make(chan error, 1)
-	roots := map[string]string{}
-	for _, p := range paths {
-		jobRoots(roots, p, drv)
-	}
-	go func() { rooted <- a.roots.AddNamed(roots) }()
-	res, err := a.queue.EnqueueWith(paths, drv, a.now(), opt)
-	rerr := <-rooted
-	a.rootsMu.RUnlock()
-	if err == nil && rerr != nil {
-		err = fmt.Errorf("queued, but not protected from garbage collection: %w", rerr)
-	}
-	if err != nil {
-		a.setStateErr(err)
-		return nil, err
-	}
-	a.setStateErr(nil)
-	a.logRequeued(res)
-	return res, nil
-}
-
-// logRequeued logs the failed jobs a new request made ready again.
-func (a *Agent) logRequeued(res []queue.EnqueueResult) {
-	for _, r := range res {
-		if r.Requeued {
-			a.log.Info("failed job queued again by a new request", "job", r.Job.ID, "path", r.Job.Path, "last_error", r.Job.LastError)
-		}
-	}
-}
-
 // importSpool queues the requests the hook spooled while agentd was away,
 // file by file, oldest first. A file is removed only after its paths are
 // committed; paths that are not valid store paths are logged and dropped; a
@@ -505,7 +282,7 @@ func (a *Agent) importSpool(ctx context.Context) {
 		a.log.Error("list spool", "dir", dir, "err", err)
 		return
 	}
-	a.noteOdd(l.Odd)
+	a.spool.noteOdd(l.Odd)
 	files := l.Files
 	defer a.spoolTries.keepOnly(files)
 	for _, f := range files {
@@ -550,92 +327,24 @@ func (a *Agent) importSpoolFile(ctx context.Context, f string) error {
 		a.log.Error("unreadable spool file; renamed to .bad", "file", f, "err", err)
 		return nil
 	}
-	if e.Floating && e.Drv != "" {
-		paths, err := a.withFloatingOutputs(ctx, e.Paths, e.Drv)
-		var refused *RefusedError
-		switch {
-		case err == nil:
-			e.Paths = paths
-		case errors.As(err, &refused):
-			a.log.Warn("spooled derivation refused", "file", f, "drv", e.Drv, "err", err)
-		default:
-			return fmt.Errorf("outputs of %s: %w", e.Drv, err)
-		}
-	}
-	good, err := a.validSpooled(ctx, f, e.Paths)
+	n, err := a.intake.spooled(ctx, f, e.Paths, e.Drv, e.Floating)
 	if err != nil {
 		return err
-	}
-	drv := e.Drv
-	if drv != "" && storepath.Check(a.cfg.StoreDir, drv) != nil {
-		drv = ""
-	}
-	if len(good) > 0 {
-		a.realiser.Note(drv, good...)
-		a.rootsMu.RLock() // see unroot
-		roots := map[string]string{}
-		for _, p := range good {
-			jobRoots(roots, p, drv)
-		}
-		if err := a.roots.AddNamed(roots); err != nil {
-			a.log.Warn("gc root", "file", f, "err", err)
-		}
-		res, err := a.queue.Enqueue(good, drv, a.now())
-		a.rootsMu.RUnlock()
-		if err != nil {
-			a.setStateErr(err)
-			return err
-		}
-		a.logRequeued(res)
 	}
 	if err := spool.Remove(f); err != nil {
 		a.log.Error("remove imported spool file", "file", f, "err", err)
 		return nil // committed: importing it again changes nothing
 	}
-	a.log.Info("imported spool file", "file", f, "paths", len(good))
+	a.log.Info("imported spool file", "file", f, "paths", n)
 	if e.Drv != "" {
 		// The hook rooted the derivation while the request was spooled;
 		// queued requests keep their derivations as hooks that reach
 		// agentd do.
-		if err := a.unrootSpooled(e.Drv); err != nil {
+		if err := a.roots.unrootSpooled(e.Drv); err != nil {
 			a.log.Warn("remove gc root", "path", e.Drv, "err", err)
 		}
 	}
 	return nil
-}
-
-// validSpooled returns the paths of spool file f that are store paths
-// valid in the Nix store, asking the daemon once for all of them; the
-// others are logged and dropped.
-func (a *Agent) validSpooled(ctx context.Context, f string, paths []string) ([]string, error) {
-	var syntactic []string
-	for _, p := range paths {
-		if err := storepath.Check(a.cfg.StoreDir, p); err != nil {
-			a.log.Warn("spooled path refused", "file", f, "path", p, "err", err)
-			continue
-		}
-		syntactic = append(syntactic, p)
-	}
-	if len(syntactic) == 0 {
-		return nil, nil
-	}
-	valid, err := a.checkStore.QueryValidPaths(ctx, syntactic)
-	if err != nil {
-		return nil, fmt.Errorf("check the paths of %s: %w", f, err)
-	}
-	ok := make(map[string]bool, len(valid))
-	for _, v := range valid {
-		ok[v] = true
-	}
-	good := syntactic[:0]
-	for _, p := range syntactic {
-		if !ok[p] {
-			a.log.Warn("spooled path refused", "file", f, "path", p, "err", "not a valid path in the Nix store")
-			continue
-		}
-		good = append(good, p)
-	}
-	return good, nil
 }
 
 // spoolFileTimeout bounds the import of one spool file: a Nix daemon that
@@ -653,7 +362,7 @@ func (a *Agent) spoolDir() string { return a.cfg.StateDir + "/spool" }
 func (a *Agent) status() (*protocol.Status, error) {
 	// The spool before the queue: an import commits its jobs before it
 	// removes the file, so a request is always counted in one of them.
-	spooled, _ := a.spooled()
+	spooled, _ := a.spool.list()
 	st, err := a.queue.Stats()
 	if err != nil {
 		return nil, err
@@ -699,9 +408,7 @@ func (a *Agent) status() (*protocol.Status, error) {
 	for _, p := range a.uploader.InProgress() {
 		s.InProgress = append(s.InProgress, protocol.Upload{Path: p.Path, BytesDone: p.Done(), BytesSize: p.Total})
 	}
-	a.stateErrMu.Lock()
-	s.StateDirError = a.stateErr
-	a.stateErrMu.Unlock()
+	s.StateDirError = a.stateErr.get()
 	if a.uploader != nil {
 		s.KnownPresent = a.uploader.Stats().KnownPresent
 	}
