@@ -66,7 +66,7 @@ type Agent struct {
 	spoolBusy   atomic.Bool   // a spool import is running
 	spoolBeat   atomic.Int64  // unix ns of its last progress
 	spoolTries  spoolAttempts // failed imports of spool files
-	running     runningJobs   // jobs being uploaded (a drop stops them)
+	jobs        *jobRunner    // jobs being uploaded (a drop stops them); set by Run
 	spool       *spoolView
 	capture     *capturer // nil unless --capture local|all
 	// buildClosures queues hooks' build closures (--build-closures).
@@ -289,6 +289,7 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 	defer a.intake.store.Close()
 	a.uploadCtx, a.stopUploads = context.WithCancel(context.WithoutCancel(ctx))
 	defer a.stopUploads()
+	a.jobs = newJobRunner(a.uploadCtx, a.queue, a.roots, a.uploader, a.log)
 	up, uploadCtx := a.uploader, a.uploadCtx
 	a.intake.prefetch = func(paths []string) { up.Prefetch(uploadCtx, paths) }
 

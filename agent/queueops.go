@@ -45,25 +45,6 @@ func (a *Agent) opRetry(_ context.Context, c call) *protocol.Response {
 	return &protocol.Response{Count: 1}
 }
 
-// opDrop removes a job from the queue, stopping its upload if one runs.
-func (a *Agent) opDrop(ctx context.Context, c call) *protocol.Response {
-	j, err := a.queue.Drop(c.req.ID)
-	if err != nil {
-		return &protocol.Response{Error: err.Error()}
-	}
-	if err := a.roots.unroot(j.Path, j.Derivations()); err != nil {
-		a.log.Warn("remove gc root", "path", j.Path, "err", err)
-	}
-	// A job being uploaded is stopped; its worker discards the
-	// resumable upload state once it no longer reads it.
-	uploading := a.stopDropped(j.ID)
-	if !uploading {
-		a.uploader.Discard(ctx, j.Path)
-	}
-	a.log.Info("job dropped", "job", j.ID, "path", j.Path, "was_uploading", uploading, "peer_uid", c.peer.uid)
-	return &protocol.Response{Count: 1, Jobs: []protocol.Job{jobView(*j)}}
-}
-
 func jobView(j queue.Job) protocol.Job {
 	v := protocol.Job{ID: j.ID, Path: j.Path, Drv: j.Drv, State: string(j.State), Attempts: j.Attempts,
 		EnqueuedAt: j.EnqueuedAt.Unix(), LastError: j.LastError, Source: j.Source.String()}

@@ -47,6 +47,7 @@ func testAgent(t *testing.T) *Agent {
 	}
 	a.uploadCtx, a.stopUploads = context.WithCancel(context.Background())
 	t.Cleanup(a.stopUploads)
+	a.jobs = newJobRunner(a.uploadCtx, a.queue, a.roots, a.uploader, a.log)
 	return a
 }
 
@@ -59,7 +60,7 @@ func (a *Agent) setRealiser(r *realisation.Realiser) {
 // setLog gives the agent and its parts log.
 func (a *Agent) setLog(log *slog.Logger) {
 	a.log = log
-	a.intake.log, a.roots.log, a.spool.log = log, log, log
+	a.intake.log, a.roots.log, a.spool.log, a.jobs.log = log, log, log, log
 }
 
 func age(t *testing.T, path string, d time.Duration) {

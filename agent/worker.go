@@ -104,7 +104,7 @@ func (a *Agent) sleep(ctx context.Context, d time.Duration) {
 func (a *Agent) process(job *queue.Job) {
 	log := a.log.With("job", job.ID, "path", job.Path, "attempt", job.Attempts+1)
 	start := time.Now()
-	ctx, finish := a.startJob(job) // dropping the job cancels ctx
+	ctx, finish := a.jobs.start(job) // dropping the job cancels ctx
 	res, err := a.uploader.Upload(ctx, job.Path)
 	visible := a.now() // the narinfo is in the cache, if err is nil
 	var noted []string
