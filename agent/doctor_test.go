@@ -70,7 +70,7 @@ func TestDoctorWritesOnlyForOperators(t *testing.T) {
 	a.store = nixstore.Open(nixstore.Options{Socket: filepath.Join(t.TempDir(), "no-daemon.sock")})
 	a.filter = testFilter(a.cfg)
 	a.access = access{ownUID: 4242, socket: group{gid: 4243, set: true}}
-	if a.gc, err = newGCAgent(a); err != nil {
+	if a.gc, err = newGCAgent(a.gcDeps()); err != nil {
 		t.Fatal(err)
 	}
 	pusher := peer{known: true, uid: 5000, groups: []int{4243}}

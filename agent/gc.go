@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,6 +16,7 @@ import (
 	"github.com/nixspool/nixspool/atomicfile"
 	"github.com/nixspool/nixspool/bucket"
 	"github.com/nixspool/nixspool/gc"
+	"github.com/nixspool/nixspool/metrics"
 )
 
 // gcAgent is agentd's part in garbage collection (package gc): the
@@ -22,7 +24,11 @@ import (
 // is about to delete, the collector itself (agentctl gc and the optional
 // schedule), and pins.
 type gcAgent struct {
-	a       *Agent
+	gcDeps
+	// forget and metrics are given by connect once the uploader and the
+	// metrics exist, before start.
+	forget  func(paths []string) // the uploader's ForgetPaths
+	metrics *metrics.Metrics     // nil when off
 	id      string
 	host    string
 	watcher *gc.Watcher
@@ -30,28 +36,50 @@ type gcAgent struct {
 	since   time.Time // when the running cycle began
 }
 
+// gcDeps is what garbage collection needs of agentd.
+type gcDeps struct {
+	bucket   bucket.Bucket // the cache, through the request window
+	cacheID  string        // the cache's identity, for the reference cache
+	stateDir string        // holds the agent's identity and gc.db
+	settings gcSettings
+	log      *slog.Logger
+}
+
+// gcSettings are the collection's settings from the Config.
+type gcSettings struct {
+	poll      time.Duration // how often the watcher reads announcements
+	interval  time.Duration // scheduled cycles (0: none)
+	keepSince time.Duration // scheduled cycles keep what was used since
+	grace     time.Duration // scheduled cycles' grace
+}
+
 // gcIDFile holds this agent's identity as a watcher and lease holder.
 const gcIDFile = "gc-agent-id"
 
-func newGCAgent(a *Agent) (*gcAgent, error) {
-	id, err := agentID(a.cfg.StateDir)
+func newGCAgent(d gcDeps) (*gcAgent, error) {
+	id, err := agentID(d.stateDir)
 	if err != nil {
 		return nil, err
 	}
 	host, _ := os.Hostname()
-	g := &gcAgent{a: a, id: id, host: host}
+	g := &gcAgent{gcDeps: d, id: id, host: host}
 	g.watcher = gc.NewWatcher(gc.WatcherOptions{
-		Bucket:  a.limited,
-		Poll:    a.cfg.GCPollInterval,
-		ID:      id,
-		Host:    host,
-		Version: Version,
-		Logger:  a.log,
-		// The uploader exists by the time anything is announced.
-		Forget:   func(paths []string) { a.uploader.ForgetPaths(paths) },
-		OnRefuse: func() { a.metrics.GCRefusal() },
+		Bucket:   d.bucket,
+		Poll:     d.settings.poll,
+		ID:       id,
+		Host:     host,
+		Version:  Version,
+		Logger:   d.log,
+		Forget:   func(paths []string) { g.forget(paths) },
+		OnRefuse: func() { g.metrics.GCRefusal() },
 	})
 	return g, nil
+}
+
+// connect gives the collector the uploader's ForgetPaths and the metrics
+// (nil when off): the watcher's announcements reach the presence cache.
+func (g *gcAgent) connect(forget func(paths []string), m *metrics.Metrics) {
+	g.forget, g.metrics = forget, m
 }
 
 // agentID reads this agent's identity from the state directory, creating
@@ -77,25 +105,25 @@ func (g *gcAgent) start(ctx context.Context) {
 	pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	// A cache that cannot be listed: the watcher has said what that means.
 	if err := g.watcher.Poll(pctx); err != nil && !errors.Is(err, bucket.ErrNoListing) {
-		g.a.log.Warn("gc watcher: cannot read announcements yet; narinfo writes wait until it can", "err", err)
+		g.log.Warn("gc watcher: cannot read announcements yet; narinfo writes wait until it can", "err", err)
 	}
 	cancel()
 	go g.watcher.Run(ctx)
-	if g.a.cfg.GCInterval > 0 {
+	if g.settings.interval > 0 {
 		go g.schedule(ctx)
 	}
 }
 
 // schedule runs a cycle every GCInterval.
 func (g *gcAgent) schedule(ctx context.Context) {
-	t := time.NewTicker(g.a.cfg.GCInterval)
+	t := time.NewTicker(g.settings.interval)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			g.cycle(ctx, g.a.cfg.GCKeepSince, g.a.cfg.GCGrace, false, nil)
+			g.cycle(ctx, g.settings.keepSince, g.settings.grace, false, nil)
 		}
 	}
 }
@@ -107,7 +135,7 @@ func (g *gcAgent) wait(d time.Duration) {
 	deadline := time.Now().Add(d)
 	for !g.running.TryLock() {
 		if time.Now().After(deadline) {
-			g.a.log.Warn("gc cycle still running at shutdown; its announcement lapses on its own")
+			g.log.Warn("gc cycle still running at shutdown; its announcement lapses on its own")
 			return
 		}
 		time.Sleep(50 * time.Millisecond)
@@ -122,22 +150,22 @@ func (g *gcAgent) cycle(ctx context.Context, keepSince, grace time.Duration, dry
 	}
 	defer g.running.Unlock()
 	g.since = time.Now()
-	log := g.a.log.With("dry_run", dryRun, "keep_since", keepSince, "grace", grace)
-	cache, err := gc.OpenRefCache(filepath.Join(g.a.cfg.StateDir, "gc.db"), g.a.cache.Identity())
+	log := g.log.With("dry_run", dryRun, "keep_since", keepSince, "grace", grace)
+	cache, err := gc.OpenRefCache(filepath.Join(g.stateDir, "gc.db"), g.cacheID)
 	if err != nil {
 		return nil, err
 	}
 	defer cache.Close()
 	log.Info("gc cycle started")
-	rep, err := gc.Run(ctx, g.a.limited, gc.Options{
+	rep, err := gc.Run(ctx, g.bucket, gc.Options{
 		KeepSince: keepSince, Grace: grace, DryRun: dryRun,
-		Agent: g.id, Host: g.host, Cache: cache, Logger: g.a.log, Progress: progress,
+		Agent: g.id, Host: g.host, Cache: cache, Logger: g.log, Progress: progress,
 	})
 	result := "complete"
 	switch {
 	case errors.Is(err, gc.ErrLeaseHeld):
 		result = "refused"
-		g.a.metrics.GCLeaseConflict()
+		g.metrics.GCLeaseConflict()
 	case errors.Is(err, gc.ErrGraceTooShort):
 		result = "refused"
 	case err != nil && rep.Cycle != "":
@@ -148,7 +176,7 @@ func (g *gcAgent) cycle(ctx context.Context, keepSince, grace time.Duration, dry
 		result = "dry_run"
 	}
 	q := rep.Requests
-	g.a.metrics.GCRun(result, time.Now(), rep.Duration,
+	g.metrics.GCRun(result, time.Now(), rep.Duration,
 		map[string]int{"narinfo": rep.Deleted.Narinfos, "nar": rep.Deleted.NARs, "other": rep.Deleted.Others, "upload": rep.Deleted.Uploads},
 		rep.Deleted.Bytes, map[string]int64{"list": q.List, "get": q.Get, "head": q.Head, "put": q.Put, "delete": q.Delete})
 	if err != nil {
