@@ -5,7 +5,6 @@ import (
 	"log/slog"
 	"sync"
 
-	"github.com/nixspool/nixspool/protocol"
 	"github.com/nixspool/nixspool/queue"
 	"github.com/nixspool/nixspool/uploader"
 )
@@ -104,13 +103,4 @@ func (r *jobRunner) drop(ctx context.Context, id uint64, uid int) (*queue.Job, e
 	}
 	r.log.Info("job dropped", "job", j.ID, "path", j.Path, "was_uploading", uploading, "peer_uid", uid)
 	return j, nil
-}
-
-// opDrop removes a job from the queue, stopping its upload if one runs.
-func (a *Agent) opDrop(ctx context.Context, c call) *protocol.Response {
-	j, err := a.jobs.drop(ctx, c.req.ID, c.peer.uid)
-	if err != nil {
-		return &protocol.Response{Error: err.Error()}
-	}
-	return &protocol.Response{Count: 1, Jobs: []protocol.Job{jobView(*j)}}
 }

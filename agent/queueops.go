@@ -45,6 +45,15 @@ func (a *Agent) opRetry(_ context.Context, c call) *protocol.Response {
 	return &protocol.Response{Count: 1}
 }
 
+// opDrop removes a job from the queue, stopping its upload if one runs.
+func (a *Agent) opDrop(ctx context.Context, c call) *protocol.Response {
+	j, err := a.jobs.drop(ctx, c.req.ID, c.peer.uid)
+	if err != nil {
+		return &protocol.Response{Error: err.Error()}
+	}
+	return &protocol.Response{Count: 1, Jobs: []protocol.Job{jobView(*j)}}
+}
+
 func jobView(j queue.Job) protocol.Job {
 	v := protocol.Job{ID: j.ID, Path: j.Path, Drv: j.Drv, State: string(j.State), Attempts: j.Attempts,
 		EnqueuedAt: j.EnqueuedAt.Unix(), LastError: j.LastError, Source: j.Source.String()}
