@@ -3,29 +3,19 @@ package agent
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
-	"os"
-	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
-	"github.com/nixspool/nixspool/atomicfile"
 	"github.com/nixspool/nixspool/bucket"
 	"github.com/nixspool/nixspool/bucket/limit"
-	"github.com/nixspool/nixspool/bucket/open"
 	"github.com/nixspool/nixspool/cacheurl"
-	"github.com/nixspool/nixspool/gcroots"
 	"github.com/nixspool/nixspool/metrics"
 	"github.com/nixspool/nixspool/nixstore"
-	"github.com/nixspool/nixspool/protocol"
 	"github.com/nixspool/nixspool/queue"
 	"github.com/nixspool/nixspool/realisation"
-	"github.com/nixspool/nixspool/statedir"
 	"github.com/nixspool/nixspool/systemd"
 	"github.com/nixspool/nixspool/uploader"
 )
@@ -38,19 +28,14 @@ type Agent struct {
 	bucket bucket.Bucket
 	queue  *queue.Queue
 	store  *nixstore.Store
-	// checkStore answers the validity checks of requests (the hook's).
-	checkStore requestStore
-	uploader   *uploader.Uploader
-	realiser   *realisation.Realiser
-	roots      *gcroots.Roots
-	rootsMu    sync.RWMutex // enqueues hold it shared; unroot exclusively
-	// rootsWait bounds the wait for the roots directory's lock in a
-	// removal (rootsLockWait unless a test sets it).
-	rootsWait   time.Duration
-	unrootLater unrootBacklog // removals of GC roots to try again
-	listener    net.Listener
-	conns       *connLimits // set by serve unless a test set it
-	access      access      // who may make which request
+	// intake admits paths to the queue, whichever way they come.
+	intake   *admit
+	uploader *uploader.Uploader
+	realiser *realisation.Realiser
+	roots    *rootKeeper
+	listener net.Listener
+	conns    *connLimits // set by serve unless a test set it
+	access   access      // who may make which request
 	// groupsWarned: the kernel's lack of SO_PEERGROUPS was logged.
 	groupsWarned atomic.Bool
 	started      time.Time
@@ -65,15 +50,14 @@ type Agent struct {
 	rate        rateWindow
 	timeToCache timeToCache
 	reachable   atomic.Int32 // 0 unknown, 1 yes, 2 no
-	stateErrMu  sync.Mutex
-	stateErr    string // last state-directory (queue/spool) error, for status
+	stateErr    *stateError
 	uploadCtx   context.Context
 	stopUploads context.CancelFunc
 	spoolBusy   atomic.Bool   // a spool import is running
 	spoolBeat   atomic.Int64  // unix ns of its last progress
 	spoolTries  spoolAttempts // failed imports of spool files
-	running     runningJobs   // jobs being uploaded (a drop stops them)
-	spoolSeen   spoolCache
+	jobs        *jobRunner    // jobs being uploaded (a drop stops them); set by Run
+	spool       *spoolView
 	capture     *capturer // nil unless --capture local|all
 	// buildClosures queues hooks' build closures (--build-closures).
 	buildClosures *closureQueuer
@@ -82,215 +66,17 @@ type Agent struct {
 	spoolFileBound time.Duration
 }
 
-// requestStore is what the checks of requests ask the Nix daemon
-// (nixstore.Store implements it).
-type requestStore interface {
-	QueryValidPaths(ctx context.Context, paths []string) ([]string, error)
-	QueryDerivationOutputMap(ctx context.Context, drv string) (map[string]string, error)
-	Close() error
-}
-
-// New opens everything agentd needs: the queue (returning interrupted jobs
-// to ready), the bucket, the Nix store connection, the signing keys and the
-// listening socket. It does not start serving.
-func New(cfg Config) (*Agent, error) {
-	if err := cfg.Validate(); err != nil {
-		return nil, err
-	}
-	a := &Agent{cfg: cfg, log: cfg.Logger, started: time.Now(), now: time.Now,
-		access: access{ownUID: os.Geteuid()}}
-	if cfg.AdminGroup != "" {
-		g, err := lookupGroup("--admin-group", cfg.AdminGroup)
-		if err != nil {
-			return nil, err
-		}
-		a.access.admin = g
-	}
-	a.breaker = newBreaker(a.backoff)
-	a.filter = newFilter(cfg)
-	var err error
-	if a.cache, err = cacheurl.Parse(cfg.Cache); err != nil {
-		return nil, err
-	}
-	// Signing keys from the cache URL (secret-key=, secret-keys=) join
-	// --secret-key-file's; doctor checks the same list.
-	a.cfg.SecretKeyFiles = uploader.KeyFiles(cfg.SecretKeyFiles, a.cache.SecretKeyFiles)
-	keys, err := uploader.LoadSecretKeys(a.cfg.SecretKeyFiles, cfg.AllowInsecureKeyPerms)
-	if err != nil {
-		return nil, err
-	}
-	a.cache.NetrcFile = cfg.NetrcFile
-	if a.bucket, err = open.Cache(a.cache); err != nil {
-		return nil, err
-	}
-	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-		return nil, fmt.Errorf("state dir: %w", err)
-	}
-	// Every request of the uploads and of the collector goes through one
-	// adaptive window.
-	wopt := limit.Options{Min: cfg.MinRequests, Max: cfg.MaxRequests}
-	if cfg.PaceUploads && a.cache.Scheme != "file" {
-		// A remote cache may sit behind a slow first-come uplink, where a
-		// large upload would make every small path wait behind it.
-		wopt.Pacer = limit.NewPacer(limit.PaceOptions{}) // probes by HEAD of nix-cache-info
-	}
-	a.window = limit.New(wopt)
-	if t, ok := a.bucket.(interface{ OnThrottle(func()) }); ok {
-		t.OnThrottle(a.window.Throttled) // every 429/503, also those the S3 client retries itself
-	}
-	a.limited = limit.Wrap(a.bucket, a.window)
-	if a.gc, err = newGCAgent(a); err != nil {
-		return nil, err
-	}
-	if a.roots, err = gcroots.New(cfg.GCRootsDir); err != nil {
-		return nil, err
-	}
-	// The hook roots what it spools where this agentd looks.
-	recorded := cfg.GCRootsDir
-	if recorded == "" {
-		recorded = "off"
-	}
-	if err := atomicfile.Write(statedir.Dir(cfg.StateDir).Roots(), strings.NewReader(recorded+"\n"), -1, 0o644); err != nil {
-		return nil, fmt.Errorf("state dir: %w", err)
-	}
-	a.store = nixstore.Open(nixstore.Options{Socket: cfg.NixDaemonSocket, MaxConns: min(cfg.Jobs, 8)})
-	// Requests (the hook's) check their paths on connections of their own,
-	// so that a hook never waits behind the uploads' metadata queries.
-	a.checkStore = nixstore.Open(nixstore.Options{Socket: cfg.NixDaemonSocket, MaxConns: 2})
-	if a.queue, err = queue.Open(statedir.Dir(cfg.StateDir).Queue()); err != nil {
-		return nil, err
-	}
-	a.realiser = realisation.New(realisation.Options{Store: a.store, Keys: keys, StoreDir: cfg.StoreDir, Logger: a.log})
-	a.uploader, err = uploader.New(uploader.Options{
-		Bucket:   a.limited,
-		Cache:    a.cache,
-		Store:    a.store,
-		Keys:     keys,
-		TempDir:  statedir.Dir(cfg.StateDir).Temp(),
-		Workers:  cfg.MaxRequests,
-		Logger:   a.log,
-		Resume:   a.queue,
-		Presence: a.queue,
-		Upstream: a.filter.upstream,
-		Exclude:  a.filter.exclude,
-		Realiser: a.realiser,
-		Guard:    a.gc.watcher,
-
-		GenerationCheck: cfg.GenerationInterval,
-
-		UploadLogs: cfg.UploadBuildLogs,
-	})
-	if err != nil {
-		a.queue.Close()
-		return nil, err
-	}
-	if cfg.MetricsListen != "" {
-		a.metrics = metrics.New(a.snapshot)
-		addr, err := a.metrics.Serve(cfg.MetricsListen, a.log)
-		if err != nil {
-			a.queue.Close()
-			return nil, err
-		}
-		a.log.Info("serving metrics", "addr", addr.String())
-	}
-	a.startCapture()
-	a.buildClosures = newClosureQueuer(maxPendingBuildClosures, a.queueBuildClosure)
-	if err := a.listen(); err != nil {
-		a.queue.Close()
-		return nil, err
-	}
-	if len(a.cache.NoEffect) > 0 {
-		a.log.Warn("cache URL parameters with no effect here", "params", a.cache.NoEffect)
-	}
-	a.log.Info("agentd started", "version", Version, "cache", a.cache.String(), "socket", a.listener.Addr().String(),
-		"nix_store", a.store.String(), "gc_roots", cfg.GCRootsDir, "jobs", cfg.Jobs, "max_requests", cfg.MaxRequests, "keys", len(keys))
-	return a, nil
-}
-
-// listen takes the socket-activated listener, or creates the socket: in a
-// 0750 directory (created if missing), mode 0660, owned by the socket group.
-// A stale socket file is replaced only if nothing answers on it.
-func (a *Agent) listen() error {
-	l, err := systemd.Listener()
-	if err != nil {
-		return err
-	}
-	if l != nil {
-		a.listener = l
-		a.access.socket = groupOfGID(socketGID(l.Addr().String()))
-		a.log.Info("using socket-activated listener", "socket", l.Addr().String())
-		return nil
-	}
-	path := a.cfg.Socket
-	dir := filepath.Dir(path)
-	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
-		if err := os.MkdirAll(dir, 0o750); err != nil {
-			return fmt.Errorf("socket directory: %w", err)
-		}
-	}
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
-			return fmt.Errorf("socket %s: exists and is not a socket; refusing to replace it", path)
-		}
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return fmt.Errorf("socket %s: another agentd is listening on it", path)
-		}
-		if err := os.Remove(path); err != nil {
-			return fmt.Errorf("remove stale socket: %w", err)
-		}
-	}
-	var sockGroup group
-	if a.cfg.SocketGroup != "" {
-		if sockGroup, err = lookupGroup("--socket-group", a.cfg.SocketGroup); err != nil {
-			return err
-		}
-	}
-	gid := -1
-	if sockGroup.set {
-		gid = sockGroup.gid
-	}
-	// Create the socket with no access for others from the first instant.
-	old := syscall.Umask(0o117)
-	l, err = net.Listen("unix", path)
-	syscall.Umask(old)
-	if err != nil {
-		return fmt.Errorf("listen on %s: %w", path, err)
-	}
-	if gid >= 0 {
-		if err := os.Chown(path, -1, gid); err != nil {
-			l.Close()
-			return fmt.Errorf("chown socket to group %s: %w", a.cfg.SocketGroup, err)
-		}
-		if err := os.Chown(dir, -1, gid); err != nil {
-			a.log.Warn("cannot give the socket group access to the socket directory", "dir", dir, "err", err)
-		}
-	}
-	if err := os.Chmod(path, 0o660); err != nil {
-		l.Close()
-		return err
-	}
-	a.listener = l
-	a.access.socket = sockGroup
-	return nil
-}
-
-func socketGID(path string) int {
-	var st syscall.Stat_t
-	if err := syscall.Stat(path, &st); err != nil {
-		return -1
-	}
-	return int(st.Gid)
-}
-
 // Run serves requests and uploads until ctx is cancelled (first signal),
 // then stops accepting, gives in-flight uploads ShutdownGrace to finish
 // (abort cancels that wait: second signal), and closes everything.
 func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 	defer a.store.Close()
-	defer a.checkStore.Close()
+	defer a.intake.store.Close()
 	a.uploadCtx, a.stopUploads = context.WithCancel(context.WithoutCancel(ctx))
 	defer a.stopUploads()
+	a.jobs = newJobRunner(a.uploadCtx, a.queue, a.roots, a.uploader, a.log)
+	up, uploadCtx := a.uploader, a.uploadCtx
+	a.intake.prefetch = func(paths []string) { up.Prefetch(uploadCtx, paths) }
 
 	// The derivations acknowledged before a restart, for the realisations.
 	if err := a.noteQueued(); err != nil {
@@ -299,7 +85,7 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 	// The spool is imported by the main loop, after READY=1: a large
 	// spool or a Nix daemon that does not answer must not hold the start
 	// past systemd's start timeout. Until then recover keeps its roots.
-	if err := a.recover(ctx); err != nil {
+	if err := a.roots.reconcile(); err != nil {
 		a.log.Error("start-up recovery", "err", err)
 	}
 	if err := a.uploader.RecoverUploads(ctx); err != nil {
@@ -372,108 +158,6 @@ func (a *Agent) Run(ctx context.Context, abort <-chan struct{}) error {
 	return err
 }
 
-// mainLoop runs periodic chores until ctx is done: spool imports (the
-// first at once), the systemd status line and watchdog pings. The watchdog is pinged from here
-// only while the loop and the spool import it started make progress, so that
-// a wedged agentd gets the service restarted; a spool import that is merely
-// long (a big spool) keeps the pings going file by file.
-func (a *Agent) mainLoop(ctx context.Context) {
-	spoolTick := time.NewTicker(a.cfg.SpoolInterval)
-	defer spoolTick.Stop()
-	statusTick := time.NewTicker(5 * time.Second)
-	defer statusTick.Stop()
-	var wdC <-chan time.Time
-	iv := systemd.WatchdogInterval()
-	if iv > 0 {
-		t := time.NewTicker(iv)
-		defer t.Stop()
-		wdC = t.C
-		systemd.Watchdog()
-	}
-	a.publishStatus()
-	var importing sync.WaitGroup
-	defer importing.Wait()
-	startImport := func() {
-		if !a.spoolBusy.CompareAndSwap(false, true) {
-			return // the previous import is still running
-		}
-		a.spoolBeat.Store(time.Now().UnixNano())
-		importing.Add(1)
-		go func() {
-			defer importing.Done()
-			defer a.spoolBusy.Store(false)
-			a.importSpool(ctx)
-		}()
-	}
-	startImport() // what was spooled while agentd was away, right away
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-spoolTick.C:
-			startImport()
-		case <-statusTick.C:
-			a.publishStatus()
-		case <-wdC:
-			if stalled := a.spoolStalled(max(4*iv, 2*time.Minute)); stalled > 0 {
-				a.log.Error("spool import made no progress; not pinging the watchdog", "stalled_for", stalled.Round(time.Second))
-				continue
-			}
-			systemd.Watchdog()
-		}
-	}
-}
-
-// spoolStalled returns how long a running spool import has made no
-// progress, if longer than limit; otherwise 0.
-func (a *Agent) spoolStalled(limit time.Duration) time.Duration {
-	if !a.spoolBusy.Load() {
-		return 0
-	}
-	d := time.Since(time.Unix(0, a.spoolBeat.Load()))
-	if d > limit {
-		return d
-	}
-	return 0
-}
-
-// chores runs the periodic checks that must not wait on the main loop:
-// whether the cache was reset (its generation), and pruning what grows
-// with uptime.
-func (a *Agent) chores(ctx context.Context) {
-	gen := time.NewTicker(a.cfg.GenerationInterval)
-	defer gen.Stop()
-	prune := time.NewTicker(10 * time.Minute)
-	defer prune.Stop()
-	unroots := time.NewTicker(unrootRetryEvery)
-	defer unroots.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-gen.C:
-			if a.breaker.isOpen() {
-				continue // the probes check it
-			}
-			cctx, cancel := context.WithTimeout(ctx, time.Minute)
-			if err := a.uploader.CheckGeneration(cctx); err != nil {
-				a.log.Debug("check cache generation", "err", err)
-			}
-			cancel()
-		case <-prune.C:
-			a.uploader.Maintain()
-		case <-unroots.C:
-			a.retryUnroots()
-		}
-	}
-}
-
-func (a *Agent) publishStatus() {
-	if s, err := a.status(); err == nil {
-		systemd.Status(protocol.Summary(s))
-	}
-}
-
 // snapshot feeds the metrics gauges.
 func (a *Agent) snapshot() (metrics.Snapshot, error) {
 	st, err := a.queue.Stats()
@@ -491,56 +175,11 @@ func (a *Agent) snapshot() (metrics.Snapshot, error) {
 	return snap, nil
 }
 
-// recover re-creates GC roots for every queued path and its derivations (a
-// crash may have lost some) and removes roots of paths that are neither queued nor held by the
-// spool (the hook roots what it spools; a spooled request whose import was
-// postponed, or that was set aside, keeps its roots). The queue and the
-// spool are read under the locks that enqueues, imports and spooling hooks
-// hold from rooting to commit (see unroot), so a root one of them found in
-// place is not removed under it. Roots younger than a minute are spared
-// too, for a hook that does not take the lock.
-func (a *Agent) recover(ctx context.Context) error {
-	if !a.roots.Enabled() {
-		return nil
-	}
-	unlock, err := a.roots.Lock(true, rootsLockWait)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	a.rootsMu.Lock() // after the directory's lock, as in removeRoots
-	defer a.rootsMu.Unlock()
-	jobs, err := a.queue.List("", 1<<31)
-	if err != nil {
-		return err
-	}
-	_, spooled := a.spooled()
-	keep := gcroots.Named(spooled)
-	for _, j := range jobs {
-		jobRoots(keep, j.Path, j.Derivations()...)
-	}
-	added, removed, err := a.roots.Reconcile(keep, time.Minute)
-	if added+removed > 0 {
-		a.log.Info("reconciled gc roots", "added", added, "removed", removed)
-	}
-	return err
-}
-
 func (a *Agent) setReachable(ok bool) {
 	if ok {
 		a.reachable.Store(1)
 	} else {
 		a.reachable.Store(2)
-	}
-}
-
-func (a *Agent) setStateErr(err error) {
-	a.stateErrMu.Lock()
-	defer a.stateErrMu.Unlock()
-	if err == nil {
-		a.stateErr = ""
-	} else {
-		a.stateErr = err.Error()
 	}
 }
 

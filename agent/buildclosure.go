@@ -7,7 +7,6 @@ import (
 	"strings"
 
 	"github.com/nixspool/nixspool/queue"
-	"github.com/nixspool/nixspool/storepath"
 )
 
 // buildClosure returns what building paths needed, as far as this machine
@@ -17,7 +16,8 @@ import (
 // is not here (an output never built or substituted, or collected; an
 // output whose deriver is unknown or gone) is left out with a reason in
 // skipped, never an error: the rest is still worth uploading.
-func (a *Agent) buildClosure(ctx context.Context, paths []string) (out, skipped []string, err error) {
+func (a *Agent) buildClosure(ctx context.Context, paths storePaths) (_ storePaths, skipped []string, err error) {
+	var out []string
 	seen := map[string]bool{}
 	keep := func(p string) {
 		if !seen[p] {
@@ -27,9 +27,6 @@ func (a *Agent) buildClosure(ctx context.Context, paths []string) (out, skipped 
 	}
 	var drvs []string
 	for _, p := range paths {
-		if err := storepath.Check(a.cfg.StoreDir, p); err != nil {
-			return nil, nil, &RefusedError{err}
-		}
 		drv := p
 		if !strings.HasSuffix(p, ".drv") {
 			info, err := a.store.QueryPathInfo(ctx, p)
@@ -51,7 +48,7 @@ func (a *Agent) buildClosure(ctx context.Context, paths []string) (out, skipped 
 	}
 	var candidates []string
 	for _, drv := range drvs {
-		valid, err := a.checkStore.QueryValidPaths(ctx, []string{drv})
+		valid, err := a.intake.store.QueryValidPaths(ctx, []string{drv})
 		if err != nil {
 			return nil, nil, err
 		}
@@ -68,7 +65,7 @@ func (a *Agent) buildClosure(ctx context.Context, paths []string) (out, skipped 
 			if !strings.HasSuffix(info.Path, ".drv") {
 				continue
 			}
-			outs, err := a.checkStore.QueryDerivationOutputMap(ctx, info.Path)
+			outs, err := a.intake.store.QueryDerivationOutputMap(ctx, info.Path)
 			if err != nil {
 				return nil, nil, fmt.Errorf("outputs of %s: %w", info.Path, err)
 			}
@@ -82,7 +79,7 @@ func (a *Agent) buildClosure(ctx context.Context, paths []string) (out, skipped 
 		}
 	}
 	if len(candidates) > 0 {
-		valid, err := a.checkStore.QueryValidPaths(ctx, candidates)
+		valid, err := a.intake.store.QueryValidPaths(ctx, candidates)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -100,7 +97,8 @@ func (a *Agent) buildClosure(ctx context.Context, paths []string) (out, skipped 
 		}
 	}
 	slices.Sort(skipped)
-	return out, skipped, nil
+	parsed, err := parsePaths(a.cfg.StoreDir, out)
+	return parsed, skipped, err
 }
 
 // closureQueuer queues the build closures of the derivations hooks hand
@@ -147,9 +145,9 @@ func (q *closureQueuer) run(ctx context.Context) {
 // queueBuildClosure queues the build closure of the derivation a hook
 // handed over (--build-closures).
 func (a *Agent) queueBuildClosure(ctx context.Context, drv string) {
-	paths, skipped, err := a.buildClosure(ctx, []string{drv})
+	paths, skipped, err := a.buildClosure(ctx, storePaths{drv})
 	if err == nil && len(paths) > 0 {
-		_, err = a.enqueue(ctx, paths, "", queue.SourceBuildClosure)
+		_, err = a.intake.request(ctx, intake{paths: paths, source: queue.SourceBuildClosure})
 	}
 	if err != nil {
 		a.log.Warn("queue build closure", "drv", drv, "err", err)

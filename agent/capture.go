@@ -5,10 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/nixspool/nixspool/metrics"
 	"github.com/nixspool/nixspool/protocol"
 	"github.com/nixspool/nixspool/queue"
 	"github.com/nixspool/nixspool/storewatch"
@@ -73,7 +75,11 @@ type cursorRecord struct {
 // cache lacks. The filters of uploads (--exclude, --max-nar-size) apply
 // to captured jobs as to any.
 type capturer struct {
-	a        *Agent
+	admit    *admit
+	presence presence
+	marks    marks
+	metrics  *metrics.Metrics // nil when off
+	log      *slog.Logger
 	mode     CaptureMode
 	db       *storewatch.DB
 	signers  map[string]bool
@@ -89,13 +95,37 @@ type capturer struct {
 	lastErr  string
 }
 
+// presence is what the watcher asks the uploader: whether the cache is
+// known to hold a path, in its current generation.
+type presence interface {
+	ConfirmGeneration(ctx context.Context, now time.Time) error
+	KnownPresent(path string) bool
+}
+
+// marks keep the watcher's cursor in the queue's database.
+type marks interface {
+	GetMark(name string) ([]byte, error)
+	SetMark(name string, value []byte) error
+}
+
+// captureDeps are what the watcher works with.
+type captureDeps struct {
+	admit    *admit
+	presence presence
+	marks    marks
+	metrics  *metrics.Metrics
+	log      *slog.Logger
+	signers  map[string]bool // --skip-signed-by
+}
+
 // newCapturer opens Nix's database for mode. An error leaves capture off.
-func newCapturer(a *Agent, mode CaptureMode, dir string, interval time.Duration) (*capturer, error) {
+func newCapturer(d captureDeps, mode CaptureMode, dir string, interval time.Duration) (*capturer, error) {
 	db, err := storewatch.Open(dir)
 	if err != nil {
 		return nil, err
 	}
-	c := &capturer{a: a, mode: mode, db: db, signers: a.filter.signers, interval: interval, batch: 1000, existing: true}
+	c := &capturer{admit: d.admit, presence: d.presence, marks: d.marks, metrics: d.metrics, log: d.log,
+		mode: mode, db: db, signers: d.signers, interval: interval, batch: 1000, existing: true}
 	return c, nil
 }
 
@@ -111,7 +141,7 @@ func (c *capturer) run(ctx context.Context) {
 		c.captured += uint64(n)
 		if err != nil && ctx.Err() == nil {
 			if c.lastErr != err.Error() {
-				c.a.log.Error("store watcher", "err", err)
+				c.log.Error("store watcher", "err", err)
 			}
 			c.lastErr = err.Error()
 		} else {
@@ -140,7 +170,7 @@ func (c *capturer) cycle(ctx context.Context) (int, error) {
 			return queued, err
 		}
 		if b.Reset {
-			c.a.log.Warn("Nix database numbering restarted below the watcher's cursor (a new database); reading it from the start, skipping what is queued or in the cache",
+			c.log.Warn("Nix database numbering restarted below the watcher's cursor (a new database); reading it from the start, skipping what is queued or in the cache",
 				"cursor", cur, "db", c.db.File())
 		}
 		if b.Next == cur && len(b.Paths) == 0 && !b.Reset {
@@ -149,7 +179,7 @@ func (c *capturer) cycle(ctx context.Context) (int, error) {
 		// A path is left out as present only on an answer confirmed in
 		// the cache's current generation: the cursor moves past it for
 		// good (a bucket emptied a moment ago must not lose it).
-		trustPresence := c.a.uploader.ConfirmGeneration(ctx, time.Now()) == nil
+		trustPresence := c.presence.ConfirmGeneration(ctx, time.Now()) == nil
 		paths := c.keep(b.Paths, trustPresence)
 		if err := c.commit(ctx, paths, b.Next); err != nil {
 			return queued, err
@@ -171,7 +201,7 @@ func (c *capturer) keep(rows []storewatch.Path, trustPresence bool) []string {
 		case strings.HasSuffix(p.Path, ".drv"):
 		case c.mode == CaptureLocal && !p.Local():
 		case p.SignedBy(c.signers):
-		case trustPresence && c.a.uploader.KnownPresent(p.Path):
+		case trustPresence && c.presence.KnownPresent(p.Path):
 		default:
 			out = append(out, p.Path)
 		}
@@ -187,33 +217,21 @@ func (c *capturer) commit(ctx context.Context, paths []string, next int64) error
 		return err
 	}
 	mark := &queue.Mark{Name: captureMark, Value: rec}
-	if len(paths) > 0 {
-		// A path collected since Nix registered it is no longer to be had.
-		valid, err := c.a.checkStore.QueryValidPaths(ctx, paths)
-		if err != nil {
-			return fmt.Errorf("check captured paths with the Nix daemon: %w", err)
-		}
-		paths = valid
-	}
 	start := time.Now()
-	if len(paths) == 0 {
-		if err := c.a.queue.SetMark(captureMark, rec); err != nil {
-			return fmt.Errorf("store watcher cursor: %w", err)
-		}
-	} else {
-		res, err := c.a.commitJobs(paths, "", queue.EnqueueOptions{Source: queue.SourceCapture, Mark: mark})
-		if err != nil {
-			return fmt.Errorf("queue captured paths: %w", err)
-		}
+	res, n, err := c.admit.captured(ctx, paths, mark)
+	if err != nil {
+		return err
+	}
+	if n > 0 {
 		fresh := 0
 		for _, r := range res {
 			if r.New {
 				fresh++
 			}
 		}
-		c.a.metrics.Enqueued(time.Since(start))
-		c.a.metrics.Queued(queue.SourceCapture.String(), len(paths))
-		c.a.log.Info("captured paths queued", "paths", len(paths), "new_jobs", fresh, "cursor", next, "duration", time.Since(start))
+		c.metrics.Enqueued(time.Since(start))
+		c.metrics.Queued(queue.SourceCapture.String(), n)
+		c.log.Info("captured paths queued", "paths", n, "new_jobs", fresh, "cursor", next, "duration", time.Since(start))
 	}
 	c.mu.Lock()
 	c.cursor = next
@@ -230,7 +248,7 @@ func (c *capturer) loadCursor(ctx context.Context) (int64, error) {
 	if c.loaded {
 		return c.cursor, nil
 	}
-	raw, err := c.a.queue.GetMark(captureMark)
+	raw, err := c.marks.GetMark(captureMark)
 	if err != nil {
 		return 0, fmt.Errorf("store watcher cursor: %w", err)
 	}
@@ -249,14 +267,14 @@ func (c *capturer) loadCursor(ctx context.Context) (int64, error) {
 		// any cycle moved the cursor, are found at the next start.
 		rec.Mode = c.mode
 		v, _ := json.Marshal(rec)
-		if err := c.a.queue.SetMark(captureMark, v); err != nil {
+		if err := c.marks.SetMark(captureMark, v); err != nil {
 			return 0, fmt.Errorf("store watcher cursor: %w", err)
 		}
-		c.a.log.Info("store watcher starts at the store's top (paths already there are not queued)", "mode", c.mode, "cursor", rec.Cursor)
+		c.log.Info("store watcher starts at the store's top (paths already there are not queued)", "mode", c.mode, "cursor", rec.Cursor)
 	case raw == nil:
-		c.a.log.Info("store watcher starts; reading the whole store once", "mode", c.mode)
+		c.log.Info("store watcher starts; reading the whole store once", "mode", c.mode)
 	case c.mode.wider(rec.Mode):
-		c.a.log.Info("store watcher mode widened; reading the whole store once", "mode", c.mode, "was", rec.Mode)
+		c.log.Info("store watcher mode widened; reading the whole store once", "mode", c.mode, "was", rec.Mode)
 		rec.Cursor = 0
 	}
 	c.cursor, c.loaded = rec.Cursor, true
@@ -286,6 +304,11 @@ func (a *Agent) captureStatus() *protocol.Capture {
 	return nil
 }
 
+// captureDeps are the parts of the agent the watcher works with.
+func (a *Agent) captureDeps() captureDeps {
+	return captureDeps{admit: a.intake, presence: a.uploader, marks: a.queue, metrics: a.metrics, log: a.log, signers: a.filter.signers}
+}
+
 // startCapture opens the store watcher for --capture local|all. A
 // database it cannot read (an unknown schema after a Nix upgrade, no
 // permission) leaves capture off with the reason in the log and in
@@ -294,7 +317,7 @@ func (a *Agent) startCapture() {
 	if a.cfg.Capture == CaptureHook || a.cfg.Capture == "" {
 		return
 	}
-	c, err := newCapturer(a, a.cfg.Capture, a.cfg.NixDBDir, a.cfg.CaptureInterval)
+	c, err := newCapturer(a.captureDeps(), a.cfg.Capture, a.cfg.NixDBDir, a.cfg.CaptureInterval)
 	if err != nil {
 		hint := ""
 		if errors.Is(err, storewatch.ErrSchema) {

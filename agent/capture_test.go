@@ -87,15 +87,15 @@ func (d *nixDB) add(fs *fakeStore, name, kind string) string {
 
 func captureAgent(t *testing.T, fs *fakeStore, skipSignedBy ...string) *Agent {
 	a := testAgent(t)
-	a.checkStore = fs
+	a.intake.store = fs
 	a.cfg.SkipSignedBy = skipSignedBy
-	a.filter = newFilter(a.cfg)
+	a.filter = testFilter(a.cfg)
 	return a
 }
 
 func startCapturer(t *testing.T, a *Agent, db *nixDB, mode CaptureMode) *capturer {
 	t.Helper()
-	c, err := newCapturer(a, mode, db.dir, 1)
+	c, err := newCapturer(a.captureDeps(), mode, db.dir, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -282,7 +282,7 @@ func TestCaptureUnknownSchema(t *testing.T) {
 func TestRequestSources(t *testing.T) {
 	fs := &fakeStore{valid: map[string]bool{}}
 	a := captureAgent(t, fs)
-	a.realiser = realisation.New(realisation.Options{})
+	a.setRealiser(realisation.New(realisation.Options{}))
 	a.cache, _ = cacheurl.Parse("file:///nonexistent")
 	a.breaker = newBreaker(a.backoff)
 	hooked := "/nix/store/" + strings.Repeat("h", 32) + "-hooked"

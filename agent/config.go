@@ -101,8 +101,22 @@ func DefaultConfig() Config {
 	}
 }
 
+// parsedConfig is a Config that parse checked, with the values it parsed
+// on the way: New works from these, and parses nothing again.
+type parsedConfig struct {
+	Config
+	cache    *cacheurl.Cache  // Config.Cache
+	excludes []*regexp.Regexp // Config.Excludes
+}
+
 // Validate checks the configuration and fills in derived defaults.
 func (c *Config) Validate() error {
+	_, err := c.parse()
+	return err
+}
+
+// parse is Validate, returning what it parsed.
+func (c *Config) parse() (parsedConfig, error) {
 	var errs []error
 	if c.Cache == "" {
 		c.Cache = "file://" + filepath.Join(c.StateDir, "cache")
@@ -147,10 +161,13 @@ func (c *Config) Validate() error {
 	if c.BackoffInitial <= 0 || c.BackoffMax < c.BackoffInitial {
 		errs = append(errs, errors.New("--backoff-max: must be at least the initial backoff (1s)"))
 	}
+	var excludes []*regexp.Regexp
 	for _, e := range c.Excludes {
-		if _, err := regexp.Compile(e); err != nil {
+		re, err := regexp.Compile(e)
+		if err != nil {
 			errs = append(errs, fmt.Errorf("--exclude %q: %w", e, err))
 		}
+		excludes = append(excludes, re)
 	}
 	if c.MaxNARSize < 0 {
 		errs = append(errs, errors.New("--max-nar-size: must not be negative"))
@@ -180,11 +197,11 @@ func (c *Config) Validate() error {
 		c.Logger = slog.Default()
 	}
 	if len(errs) == 0 {
-		return nil
+		return parsedConfig{Config: *c, cache: cache, excludes: excludes}, nil
 	}
 	msgs := make([]string, len(errs))
 	for i, e := range errs {
 		msgs[i] = e.Error()
 	}
-	return errors.New(strings.Join(msgs, "; ")) // one line, every problem
+	return parsedConfig{}, errors.New(strings.Join(msgs, "; ")) // one line, every problem
 }

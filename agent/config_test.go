@@ -43,3 +43,24 @@ func TestKeyInCacheURLSatisfiesKeyRequirement(t *testing.T) {
 		t.Fatalf("no key anywhere: %v", err)
 	}
 }
+
+// TestConfigParseKeepsParsedValues: parse hands New the cache URL and the
+// exclude patterns it parsed, so that New parses neither again.
+func TestConfigParseKeepsParsedValues(t *testing.T) {
+	c := DefaultConfig()
+	c.Cache = "s3://bucket?endpoint=http://127.0.0.1:9000&compression=zstd&secret-key=/etc/nix/cache.key"
+	c.Excludes = []string{"-source$"}
+	p, err := c.parse()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.cache == nil || p.cache.Compression != "zstd" || len(p.cache.SecretKeyFiles) != 1 {
+		t.Fatalf("parsed cache = %+v", p.cache)
+	}
+	if len(p.excludes) != 1 || !p.excludes[0].MatchString("foo-source") {
+		t.Fatalf("parsed excludes = %v", p.excludes)
+	}
+	if p.Cache != c.Cache {
+		t.Fatalf("parsed config's cache URL = %q, want %q", p.Cache, c.Cache)
+	}
+}

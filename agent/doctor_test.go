@@ -68,9 +68,9 @@ func TestDoctorWritesOnlyForOperators(t *testing.T) {
 	wc := &writeCounter{Bucket: fb}
 	a.bucket, a.limited = wc, wc
 	a.store = nixstore.Open(nixstore.Options{Socket: filepath.Join(t.TempDir(), "no-daemon.sock")})
-	a.filter = newFilter(a.cfg)
+	a.filter = testFilter(a.cfg)
 	a.access = access{ownUID: 4242, socket: group{gid: 4243, set: true}}
-	if a.gc, err = newGCAgent(a); err != nil {
+	if a.gc, err = newGCAgent(a.gcDeps()); err != nil {
 		t.Fatal(err)
 	}
 	pusher := peer{known: true, uid: 5000, groups: []int{4243}}
@@ -80,7 +80,7 @@ func TestDoctorWritesOnlyForOperators(t *testing.T) {
 	}
 	mtimes := func() string {
 		var s []string
-		for _, d := range []string{a.cfg.StateDir, a.roots.Dir()} {
+		for _, d := range []string{a.cfg.StateDir, a.roots.dir.Dir()} {
 			fi, err := os.Stat(d)
 			if err != nil {
 				t.Fatal(err)
@@ -98,7 +98,7 @@ func TestDoctorWritesOnlyForOperators(t *testing.T) {
 		return nil
 	}
 
-	if err := os.MkdirAll(a.roots.Dir(), 0o755); err != nil {
+	if err := os.MkdirAll(a.roots.dir.Dir(), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	before := mtimes()

@@ -25,11 +25,9 @@ type filter struct {
 	signers  map[string]bool
 }
 
-func newFilter(cfg Config) *filter {
-	f := &filter{maxSize: uint64(cfg.MaxNARSize), signers: map[string]bool{}}
-	for _, e := range cfg.Excludes {
-		f.excludes = append(f.excludes, regexp.MustCompile(e)) // validated by Config.Validate
-	}
+// newFilter makes the filter of a parsed configuration.
+func newFilter(cfg parsedConfig) *filter {
+	f := &filter{excludes: cfg.excludes, maxSize: uint64(cfg.MaxNARSize), signers: map[string]bool{}}
 	for _, k := range cfg.SkipSignedBy {
 		if k != "" {
 			f.signers[k] = true

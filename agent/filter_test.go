@@ -1,13 +1,14 @@
 package agent
 
 import (
+	"regexp"
 	"testing"
 
 	"github.com/nixspool/nixspool/nixstore"
 )
 
 func TestFilter(t *testing.T) {
-	f := newFilter(Config{Excludes: []string{"-source$", "^doc-"}, MaxNARSize: 1000, SkipSignedBy: []string{"cache.nixos.org-1"}})
+	f := testFilter(Config{Excludes: []string{"-source$", "^doc-"}, MaxNARSize: 1000, SkipSignedBy: []string{"cache.nixos.org-1"}})
 	const h = "/nix/store/r7kyvs66hayj3v09hzgqyrl8f60sll7q-"
 	for _, c := range []struct {
 		info              nixstore.PathInfo
@@ -27,7 +28,16 @@ func TestFilter(t *testing.T) {
 			t.Errorf("upstream(%s) = %v, want %v", c.info.Path, got, c.upstream)
 		}
 	}
-	if newFilter(Config{}).active() {
+	if testFilter(Config{}).active() {
 		t.Error("empty filter is active")
 	}
+}
+
+// testFilter is the filter of cfg, whose patterns must compile.
+func testFilter(cfg Config) *filter {
+	p := parsedConfig{Config: cfg}
+	for _, e := range cfg.Excludes {
+		p.excludes = append(p.excludes, regexp.MustCompile(e))
+	}
+	return newFilter(p)
 }

@@ -13,11 +13,11 @@ func TestDropStopsUpload(t *testing.T) {
 	a.queue.Enqueue([]string{"/p/1", "/p/2"}, "", time.Now())
 
 	job, _ := a.queue.Lease(time.Now())
-	ctx, finish := a.startJob(job)
+	ctx, finish := a.jobs.start(job)
 	if _, err := a.queue.Drop(job.ID); err != nil {
 		t.Fatal(err)
 	}
-	if !a.stopDropped(job.ID) {
+	if !a.jobs.stopDropped(job.ID) {
 		t.Fatal("stopDropped did not find the running job")
 	}
 	if ctx.Err() == nil {
@@ -33,10 +33,10 @@ func TestDropStopsUpload(t *testing.T) {
 
 	job, _ = a.queue.Lease(time.Now())
 	a.queue.Drop(job.ID)
-	if a.stopDropped(job.ID) {
+	if a.jobs.stopDropped(job.ID) {
 		t.Fatal("stopDropped found a job whose upload had not started")
 	}
-	ctx, finish = a.startJob(job)
+	ctx, finish = a.jobs.start(job)
 	if ctx.Err() == nil || !finish() {
 		t.Fatal("a job dropped before its upload started was uploaded")
 	}

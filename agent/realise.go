@@ -48,7 +48,9 @@ func (a *Agent) realiseLate(job *queue.Job, covered []string) {
 		if slices.Contains(own, drv) || !a.realiser.Floating(drv) {
 			continue
 		}
-		if _, err := a.enqueue(a.uploadCtx, []string{job.Path}, drv, job.Source); err != nil {
+		// Both came from the queue, checked when they were queued.
+		in := intake{paths: storePaths{job.Path}, drv: drvPath(drv), source: job.Source}
+		if _, err := a.intake.request(a.uploadCtx, in); err != nil {
 			a.log.Warn("queue path again for a late derivation", "path", job.Path, "drv", drv, "err", err)
 			continue
 		}

@@ -27,7 +27,7 @@ func TestNotesRebuiltFromQueue(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	a.realiser = realisation.New(realisation.Options{}) // the notes of the previous run are gone
+	a.setRealiser(realisation.New(realisation.Options{})) // the notes of the previous run are gone
 	if err := a.noteQueued(); err != nil {
 		t.Fatal(err)
 	}
@@ -70,7 +70,7 @@ func TestFilteredPathIsNotQueuedAgain(t *testing.T) {
 	a := testAgent(t)
 	const p, drv = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-excluded", "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-excluded.drv"
 	fs := &fakeStore{valid: map[string]bool{p: true}}
-	a.checkStore = fs
+	a.intake.store = fs
 	dir := t.TempDir()
 	c, _ := cacheurl.Parse("file://" + filepath.Join(dir, "cache"))
 	fb, err := filebucket.New(c.Dir)
@@ -82,7 +82,7 @@ func TestFilteredPathIsNotQueuedAgain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a.realiser = realisation.New(realisation.Options{ReadDrv: drvReader(map[string]string{drv: floatingDrv})})
+	a.setRealiser(realisation.New(realisation.Options{ReadDrv: drvReader(map[string]string{drv: floatingDrv})}))
 
 	// As a hook request does.
 	a.realiser.Note(drv, p)
@@ -107,8 +107,8 @@ func TestLateDerivationQueuedOnce(t *testing.T) {
 	a := testAgent(t)
 	const p = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-out"
 	const drvA, drvB, drvStatic = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-a.drv", "/nix/store/cccccccccccccccccccccccccccccccc-b.drv", "/nix/store/dddddddddddddddddddddddddddddddd-s.drv"
-	a.checkStore = &fakeStore{valid: map[string]bool{p: true}}
-	a.realiser = realisation.New(realisation.Options{ReadDrv: drvReader(map[string]string{drvA: floatingDrv, drvB: floatingDrv, drvStatic: staticDrv})})
+	a.intake.store = &fakeStore{valid: map[string]bool{p: true}}
+	a.setRealiser(realisation.New(realisation.Options{ReadDrv: drvReader(map[string]string{drvA: floatingDrv, drvB: floatingDrv, drvStatic: staticDrv})}))
 
 	a.realiser.Note(drvA, p)
 	if _, err := a.enqueue(context.Background(), []string{p}, drvA, queue.SourceHook); err != nil {

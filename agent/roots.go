@@ -2,12 +2,14 @@ package agent
 
 import (
 	"fmt"
+	"log/slog"
 	"path/filepath"
 	"slices"
 	"sync"
 	"time"
 
 	"github.com/nixspool/nixspool/gcroots"
+	"github.com/nixspool/nixspool/queue"
 )
 
 // rootsLockWait bounds how long a removal of GC roots waits for hooks that
@@ -59,12 +61,46 @@ func (b *unrootBacklog) len() int {
 	return len(b.pending)
 }
 
-// retryUnroots tries again the removals of GC roots that failed: each that
+// rootKeeper owns the GC roots of queued and spooled paths: their making
+// (whileRooted), their removal once a job is done or dropped, removals to
+// try again, and the reconciliation at start.
+type rootKeeper struct {
+	dir *gcroots.Roots
+	// mu: enqueues hold it shared from rooting to commit; removals and
+	// the reconciliation exclusively (see unroot).
+	mu sync.RWMutex
+	// wait bounds the wait for the roots directory's lock in a removal
+	// (rootsLockWait unless a test sets it).
+	wait  time.Duration
+	later unrootBacklog // removals to try again
+	queue *queue.Queue
+	// spoolHeld returns the paths the spool needs roots for.
+	spoolHeld func() []string
+	log       *slog.Logger
+}
+
+// whileRooted roots paths (and their derivation drv) while commit runs,
+// under the lock that keeps a removal from taking a root from under the
+// commit, and returns the error of the rooting.
+func (k *rootKeeper) whileRooted(paths []string, drv string, commit func() error) error {
+	k.mu.RLock() // see unroot
+	defer k.mu.RUnlock()
+	rooted := make(chan error, 1)
+	roots := map[string]string{}
+	for _, p := range paths {
+		jobRoots(roots, p, drv)
+	}
+	go func() { rooted <- k.dir.AddNamed(roots) }()
+	commit()
+	return <-rooted
+}
+
+// retry tries again the removals of GC roots that failed: each that
 // fails again stays in the backlog.
-func (a *Agent) retryUnroots() {
-	for path, drvs := range a.unrootLater.take() {
-		if err := a.removeRoots(path, drvs); err != nil {
-			a.log.Warn("remove gc root (will try again)", "path", path, "err", err)
+func (k *rootKeeper) retry() {
+	for path, drvs := range k.later.take() {
+		if err := k.remove(path, drvs); err != nil {
+			k.log.Warn("remove gc root (will try again)", "path", path, "err", err)
 		}
 	}
 }
@@ -75,52 +111,52 @@ func (a *Agent) retryUnroots() {
 // its derivations. An enqueue roots its paths before its jobs commit and
 // finds the root of a job that is going away already there; removing that
 // root afterwards would leave the new job unrooted. Enqueues (and spool
-// imports) therefore hold rootsMu shared from rooting to commit, and unroot
-// checks the queue under rootsMu held exclusively. A hook that spools the
+// imports) therefore hold mu shared from rooting to commit, and unroot
+// checks the queue under mu held exclusively. A hook that spools the
 // path finds the root in place the same way: it holds the roots directory's
 // lock shared from rooting until its spool file is written, and unroot
 // checks the spool under that lock held exclusively. The directory's lock
-// is taken first, then rootsMu: waiting for hooks never holds up enqueues.
+// is taken first, then mu: waiting for hooks never holds up enqueues.
 // A removal that cannot take the lock in time is tried again later.
-func (a *Agent) unroot(path string, drvs []string) error {
-	return a.removeRoots(path, drvs)
+func (k *rootKeeper) unroot(path string, drvs []string) error {
+	return k.remove(path, drvs)
 }
 
 // unrootSpooled removes the root the hook made for the derivation of a
 // spool file just imported, unless another spool file needs it. The jobs
 // the import queued keep the derivation with roots of their own.
-func (a *Agent) unrootSpooled(drv string) error {
-	return a.removeRoots(drv, nil)
+func (k *rootKeeper) unrootSpooled(drv string) error {
+	return k.remove(drv, nil)
 }
 
-// removeRoots removes the roots of path (unless it is queued or spooled) and
+// remove removes the roots of path (unless it is queued or spooled) and
 // of its derivations drvs (unless the path's queued job has them).
-func (a *Agent) removeRoots(path string, drvs []string) error {
-	if !a.roots.Enabled() {
+func (k *rootKeeper) remove(path string, drvs []string) error {
+	if !k.dir.Enabled() {
 		return nil
 	}
-	err := a.removeRootsLocked(path, drvs)
+	err := k.removeLocked(path, drvs)
 	if err != nil {
-		a.unrootLater.add(path, drvs)
+		k.later.add(path, drvs)
 	}
 	return err
 }
 
-// removeRootsLocked is removeRoots, without the retry.
-func (a *Agent) removeRootsLocked(path string, drvs []string) error {
-	wait := a.rootsWait
+// removeLocked is remove, without the retry.
+func (k *rootKeeper) removeLocked(path string, drvs []string) error {
+	wait := k.wait
 	if wait == 0 {
 		wait = rootsLockWait
 	}
-	// Lock order: the directory's lock, then rootsMu (see recover).
-	unlock, err := a.roots.Lock(true, wait)
+	// Lock order: the directory's lock, then mu (see reconcile).
+	unlock, err := k.dir.Lock(true, wait)
 	if err != nil {
 		return fmt.Errorf("remove gc root for %s: %w", path, err)
 	}
 	defer unlock()
-	a.rootsMu.Lock()
-	defer a.rootsMu.Unlock()
-	jobs, err := a.queue.Lookup([]string{path})
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	jobs, err := k.queue.Lookup([]string{path})
 	if err != nil {
 		return fmt.Errorf("remove gc root for %s: check the queue: %w", path, err)
 	}
@@ -136,17 +172,51 @@ func (a *Agent) removeRootsLocked(path string, drvs []string) error {
 		if slices.Contains(keep, d) {
 			continue
 		}
-		if err := a.roots.RemoveNamed(gcroots.DerivationRoot(d, path)); err != nil {
+		if err := k.dir.RemoveNamed(gcroots.DerivationRoot(d, path)); err != nil {
 			return err
 		}
 	}
 	if queued {
 		return nil
 	}
-	if _, held := a.spooled(); slices.Contains(held, path) {
+	if slices.Contains(k.spoolHeld(), path) {
 		return nil
 	}
-	return a.roots.Remove(path)
+	return k.dir.Remove(path)
+}
+
+// reconcile re-creates GC roots for every queued path and its derivations
+// (a crash may have lost some) and removes roots of paths that are neither
+// queued nor held by the spool (the hook roots what it spools; a spooled
+// request whose import was postponed, or that was set aside, keeps its
+// roots). The queue and the spool are read under the locks that enqueues,
+// imports and spooling hooks hold from rooting to commit (see unroot), so
+// a root one of them found in place is not removed under it. Roots younger
+// than a minute are spared too, for a hook that does not take the lock.
+func (k *rootKeeper) reconcile() error {
+	if !k.dir.Enabled() {
+		return nil
+	}
+	unlock, err := k.dir.Lock(true, rootsLockWait)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	k.mu.Lock() // after the directory's lock, as in removeLocked
+	defer k.mu.Unlock()
+	jobs, err := k.queue.List("", 1<<31)
+	if err != nil {
+		return err
+	}
+	keep := gcroots.Named(k.spoolHeld())
+	for _, j := range jobs {
+		jobRoots(keep, j.Path, j.Derivations()...)
+	}
+	added, removed, err := k.dir.Reconcile(keep, time.Minute)
+	if added+removed > 0 {
+		k.log.Info("reconciled gc roots", "added", added, "removed", removed)
+	}
+	return err
 }
 
 // jobRoots are the roots a job needs: its path's, and one for each of its

@@ -20,8 +20,8 @@ import (
 func TestUnrootKeepsRequeuedPath(t *testing.T) {
 	a := testAgent(t)
 	p := "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-again"
-	link := filepath.Join(a.roots.Dir(), filepath.Base(p))
-	if err := a.roots.AddAll([]string{p}); err != nil {
+	link := filepath.Join(a.roots.dir.Dir(), filepath.Base(p))
+	if err := a.roots.dir.AddAll([]string{p}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := a.queue.Enqueue([]string{p}, "", time.Now()); err != nil {
@@ -35,14 +35,14 @@ func TestUnrootKeepsRequeuedPath(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A new request for the path, before the ack's root removal runs.
-	if err := a.roots.AddAll([]string{p}); err != nil {
+	if err := a.roots.dir.AddAll([]string{p}); err != nil {
 		t.Fatal(err)
 	}
 	res, err := a.queue.Enqueue([]string{p}, "", time.Now())
 	if err != nil || !res[0].New {
 		t.Fatalf("enqueue again: %+v %v", res, err)
 	}
-	if err := a.unroot(p, nil); err != nil {
+	if err := a.roots.unroot(p, nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Lstat(link); err != nil {
@@ -54,7 +54,7 @@ func TestUnrootKeepsRequeuedPath(t *testing.T) {
 	if err := a.queue.Ack(job.ID, queue.Totals{}); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.unroot(p, nil); err != nil {
+	if err := a.roots.unroot(p, nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Lstat(link); !os.IsNotExist(err) {
@@ -71,8 +71,8 @@ func TestUnrootKeepsSpooledPath(t *testing.T) {
 	a := testAgent(t)
 	p := "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-spooled-again"
 	drv := "/nix/store/dddddddddddddddddddddddddddddddd-spooled-again.drv"
-	link := filepath.Join(a.roots.Dir(), filepath.Base(p))
-	if err := a.roots.AddAll([]string{p}); err != nil {
+	link := filepath.Join(a.roots.dir.Dir(), filepath.Base(p))
+	if err := a.roots.dir.AddAll([]string{p}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := a.queue.Enqueue([]string{p}, "", time.Now()); err != nil {
@@ -83,7 +83,7 @@ func TestUnrootKeepsSpooledPath(t *testing.T) {
 		t.Fatalf("lease: %v %v", job, err)
 	}
 	// The hook, agentd out of reach: roots (the root is there) and spools.
-	if err := a.roots.AddAll([]string{p, drv}); err != nil {
+	if err := a.roots.dir.AddAll([]string{p, drv}); err != nil {
 		t.Fatal(err)
 	}
 	f, err := spool.Write(a.spoolDir(), spool.Entry{Paths: []string{p}, Drv: drv})
@@ -94,7 +94,7 @@ func TestUnrootKeepsSpooledPath(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, q := range []string{p, drv} {
-		if err := a.unroot(q, nil); err != nil {
+		if err := a.roots.unroot(q, nil); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -104,7 +104,7 @@ func TestUnrootKeepsSpooledPath(t *testing.T) {
 	if err := spool.Quarantine(f); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.unroot(p, nil); err != nil {
+	if err := a.roots.unroot(p, nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Lstat(link); err != nil {
@@ -113,7 +113,7 @@ func TestUnrootKeepsSpooledPath(t *testing.T) {
 	if err := os.Remove(f + ".bad"); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.unroot(p, nil); err != nil {
+	if err := a.roots.unroot(p, nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Lstat(link); !os.IsNotExist(err) {
@@ -130,22 +130,22 @@ func TestUnrootKeepsSpooledPath(t *testing.T) {
 func TestRecoverWaitsForSpoolingHook(t *testing.T) {
 	a := testAgent(t)
 	p := "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-old-root"
-	if err := a.roots.AddAll([]string{p}); err != nil {
+	if err := a.roots.dir.AddAll([]string{p}); err != nil {
 		t.Fatal(err)
 	}
-	link := filepath.Join(a.roots.Dir(), filepath.Base(p))
+	link := filepath.Join(a.roots.dir.Dir(), filepath.Base(p))
 	age(t, link, time.Hour)
 
 	// The hook: lock, root (present already), then spool.
-	unlock, err := a.roots.Lock(false, time.Second)
+	unlock, err := a.roots.dir.Lock(false, time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := a.roots.AddAll([]string{p}); err != nil {
+	if err := a.roots.dir.AddAll([]string{p}); err != nil {
 		t.Fatal(err)
 	}
 	done := make(chan error, 1)
-	go func() { done <- a.recover(context.Background()) }()
+	go func() { done <- a.roots.reconcile() }()
 	select {
 	case err := <-done:
 		unlock()
@@ -188,17 +188,17 @@ func TestRecoverKeepsRootsOfSetAsideRequests(t *testing.T) {
 		t.Fatal(err)
 	}
 	all := []string{bad, badDrv, waitingDrv}
-	if err := a.roots.AddAll(all); err != nil {
+	if err := a.roots.dir.AddAll(all); err != nil {
 		t.Fatal(err)
 	}
 	for _, p := range all {
-		age(t, filepath.Join(a.roots.Dir(), filepath.Base(p)), time.Hour)
+		age(t, filepath.Join(a.roots.dir.Dir(), filepath.Base(p)), time.Hour)
 	}
-	if err := a.recover(context.Background()); err != nil {
+	if err := a.roots.reconcile(); err != nil {
 		t.Fatal(err)
 	}
 	for _, p := range all {
-		if _, err := os.Lstat(filepath.Join(a.roots.Dir(), filepath.Base(p))); err != nil {
+		if _, err := os.Lstat(filepath.Join(a.roots.dir.Dir(), filepath.Base(p))); err != nil {
 			t.Errorf("root of %s removed at start: %v", p, err)
 		}
 	}
@@ -213,15 +213,15 @@ func TestDerivationRootsFollowJobs(t *testing.T) {
 	out := "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-multi"
 	dev := "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-multi-dev"
 	drv := "/nix/store/dddddddddddddddddddddddddddddddd-multi.drv"
-	a.checkStore = &fakeStore{valid: map[string]bool{out: true, dev: true}}
+	a.intake.store = &fakeStore{valid: map[string]bool{out: true, dev: true}}
 	if _, err := a.enqueue(context.Background(), []string{out, dev}, drv, queue.SourceHook); err != nil {
 		t.Fatal(err)
 	}
 	drvRooted := func() int {
 		n := 0
-		ents, _ := os.ReadDir(a.roots.Dir())
+		ents, _ := os.ReadDir(a.roots.dir.Dir())
 		for _, e := range ents {
-			if target, err := os.Readlink(filepath.Join(a.roots.Dir(), e.Name())); err == nil && target == drv {
+			if target, err := os.Readlink(filepath.Join(a.roots.dir.Dir(), e.Name())); err == nil && target == drv {
 				n++
 			}
 		}
@@ -238,7 +238,7 @@ func TestDerivationRootsFollowJobs(t *testing.T) {
 		if err := a.queue.Ack(job.ID, queue.Totals{}); err != nil {
 			t.Fatal(err)
 		}
-		if err := a.unroot(job.Path, job.Derivations()); err != nil {
+		if err := a.roots.unroot(job.Path, job.Derivations()); err != nil {
 			t.Fatal(err)
 		}
 		if n := drvRooted(); n != i-1 {
@@ -250,7 +250,7 @@ func TestDerivationRootsFollowJobs(t *testing.T) {
 // rootNames lists the GC roots agentd holds.
 func rootNames(t *testing.T, a *Agent) []string {
 	t.Helper()
-	ents, err := os.ReadDir(a.roots.Dir())
+	ents, err := os.ReadDir(a.roots.dir.Dir())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -272,7 +272,7 @@ func uploadOnce(t *testing.T, a *Agent) *queue.Job {
 	if err := a.queue.Ack(job.ID, queue.Totals{}); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.unroot(job.Path, job.Derivations()); err != nil {
+	if err := a.roots.unroot(job.Path, job.Derivations()); err != nil {
 		t.Fatal(err)
 	}
 	return job
@@ -288,7 +288,7 @@ func TestSecondDerivationDuringUploadKeepsJobAndRoots(t *testing.T) {
 	out := "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-ca"
 	drv1 := "/nix/store/cccccccccccccccccccccccccccccccc-ca-resolved.drv"
 	drv2 := "/nix/store/dddddddddddddddddddddddddddddddd-ca.drv"
-	a.checkStore = &fakeStore{valid: map[string]bool{out: true}}
+	a.intake.store = &fakeStore{valid: map[string]bool{out: true}}
 	if _, err := a.enqueue(context.Background(), []string{out}, drv1, queue.SourceHook); err != nil {
 		t.Fatal(err)
 	}
@@ -302,7 +302,7 @@ func TestSecondDerivationDuringUploadKeepsJobAndRoots(t *testing.T) {
 	if err := a.queue.Ack(job.ID, queue.Totals{}); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.unroot(job.Path, job.Derivations()); err != nil {
+	if err := a.roots.unroot(job.Path, job.Derivations()); err != nil {
 		t.Fatal(err)
 	}
 	want := []string{filepath.Base(out), gcroots.DerivationRoot(drv2, out)} // sorted
@@ -325,7 +325,7 @@ func TestUnrootAfterRequeueForAnotherDerivation(t *testing.T) {
 	out := "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-ca"
 	drv1 := "/nix/store/cccccccccccccccccccccccccccccccc-ca-resolved.drv"
 	drv2 := "/nix/store/dddddddddddddddddddddddddddddddd-ca.drv"
-	a.checkStore = &fakeStore{valid: map[string]bool{out: true}}
+	a.intake.store = &fakeStore{valid: map[string]bool{out: true}}
 	if _, err := a.enqueue(context.Background(), []string{out}, drv1, queue.SourceHook); err != nil {
 		t.Fatal(err)
 	}
@@ -339,7 +339,7 @@ func TestUnrootAfterRequeueForAnotherDerivation(t *testing.T) {
 	if _, err := a.enqueue(context.Background(), []string{out}, drv2, queue.SourceHook); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.unroot(job.Path, job.Derivations()); err != nil {
+	if err := a.roots.unroot(job.Path, job.Derivations()); err != nil {
 		t.Fatal(err)
 	}
 	want := []string{filepath.Base(out), gcroots.DerivationRoot(drv2, out)} // sorted
@@ -358,21 +358,21 @@ func TestUnrootAfterRequeueForAnotherDerivation(t *testing.T) {
 // again later and then done.
 func TestUnrootWaitingForHooksDoesNotBlockEnqueues(t *testing.T) {
 	a := testAgent(t)
-	a.rootsWait = 2 * time.Second
+	a.roots.wait = 2 * time.Second
 	done := "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-done"
 	other := "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-other"
-	a.checkStore = &fakeStore{valid: map[string]bool{done: true, other: true}}
-	if err := a.roots.AddAll([]string{done}); err != nil {
+	a.intake.store = &fakeStore{valid: map[string]bool{done: true, other: true}}
+	if err := a.roots.dir.AddAll([]string{done}); err != nil {
 		t.Fatal(err)
 	}
 	// A spooling hook holds the lock.
-	unlock, err := a.roots.Lock(false, time.Second)
+	unlock, err := a.roots.dir.Lock(false, time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer func() { unlock() }()
 	removed := make(chan error, 1)
-	go func() { removed <- a.unroot(done, nil) }()
+	go func() { removed <- a.roots.unroot(done, nil) }()
 	time.Sleep(100 * time.Millisecond) // let the removal start waiting
 	enqueued := make(chan error, 1)
 	go func() {
@@ -390,20 +390,20 @@ func TestUnrootWaitingForHooksDoesNotBlockEnqueues(t *testing.T) {
 	if err := <-removed; err == nil {
 		t.Fatal("removal succeeded while a hook held the roots lock")
 	}
-	link := filepath.Join(a.roots.Dir(), filepath.Base(done))
+	link := filepath.Join(a.roots.dir.Dir(), filepath.Base(done))
 	if _, err := os.Lstat(link); err != nil {
 		t.Fatalf("root removed without the lock: %v", err)
 	}
 	unlock()
 	unlock = func() {}
-	a.retryUnroots()
+	a.roots.retry()
 	if _, err := os.Lstat(link); !os.IsNotExist(err) {
 		t.Fatalf("root still there after the removal was tried again: %v", err)
 	}
-	if n := a.unrootLater.len(); n != 0 {
+	if n := a.roots.later.len(); n != 0 {
 		t.Errorf("%d removals left to try again", n)
 	}
-	if _, err := os.Lstat(filepath.Join(a.roots.Dir(), filepath.Base(other))); err != nil {
+	if _, err := os.Lstat(filepath.Join(a.roots.dir.Dir(), filepath.Base(other))); err != nil {
 		t.Errorf("root of the queued path: %v", err)
 	}
 }

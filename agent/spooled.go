@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -12,13 +13,22 @@ import (
 	"github.com/nixspool/nixspool/spool"
 )
 
-// spoolCache remembers the paths of spool files already read: a spool file
-// never changes once it is in place, and status is asked for often (agentctl
+// spoolView reads the spool directory for status, wait and the GC roots.
+// It remembers the paths of spool files already read: a spool file never
+// changes once it is in place, and status is asked for often (agentctl
 // wait polls it), so each file is read once.
-type spoolCache struct {
+type spoolView struct {
+	dir   string
+	log   *slog.Logger
 	mu    sync.Mutex
 	paths map[string]spool.Entry // spool file → its paths and derivation
 	odd   map[string]bool        // odd entries already warned about
+}
+
+// held returns the paths whose GC roots the spool needs (see list).
+func (v *spoolView) held() []string {
+	_, held := v.list()
+	return held
 }
 
 // spooled lists the requests waiting in the spool directory (requests the
@@ -27,24 +37,24 @@ type spoolCache struct {
 // requests set aside (*.bad: kept for an operator, who may import them
 // again by renaming them back). An unreadable file counts as a request without paths until the
 // next import sets it aside.
-func (a *Agent) spooled() (s protocol.Spooled, held []string) {
-	l, err := spool.Scan(a.spoolDir())
+func (v *spoolView) list() (s protocol.Spooled, held []string) {
+	l, err := spool.Scan(v.dir)
 	if err != nil {
-		a.log.Warn("list spool", "dir", a.spoolDir(), "err", err)
+		v.log.Warn("list spool", "dir", v.dir, "err", err)
 		return s, nil
 	}
-	a.noteOdd(l.Odd)
+	v.noteOdd(l.Odd)
 	if len(l.Files)+len(l.Bad) == 0 {
 		return s, nil
 	}
-	a.spoolSeen.mu.Lock()
-	defer a.spoolSeen.mu.Unlock()
-	if a.spoolSeen.paths == nil {
-		a.spoolSeen.paths = map[string]spool.Entry{}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.paths == nil {
+		v.paths = map[string]spool.Entry{}
 	}
 	seen := make(map[string]spool.Entry, len(l.Files)+len(l.Bad))
 	read := func(f string) spool.Entry {
-		e, ok := a.spoolSeen.paths[f]
+		e, ok := v.paths[f]
 		if !ok {
 			e, _ = spool.Read(f)
 			e = spool.Entry{Paths: e.Paths, Drv: e.Drv}
@@ -62,7 +72,7 @@ func (a *Agent) spooled() (s protocol.Spooled, held []string) {
 	for _, f := range l.Bad {
 		read(f)
 	}
-	a.spoolSeen.paths = seen
+	v.paths = seen
 	s.Files = len(l.Files)
 	if len(l.Files) > 0 {
 		s.OldestAt = spoolFileTime(l.Files[0]).Unix() // files are sorted oldest first
@@ -73,19 +83,19 @@ func (a *Agent) spooled() (s protocol.Spooled, held []string) {
 // noteOdd warns, once per entry, about entries in the spool directory that
 // no writer of the spool makes (symlinks, directories, other names): they
 // are never read, and an operator should know they are there.
-func (a *Agent) noteOdd(odd []string) {
+func (v *spoolView) noteOdd(odd []string) {
 	if len(odd) == 0 {
 		return
 	}
-	a.spoolSeen.mu.Lock()
-	defer a.spoolSeen.mu.Unlock()
-	if a.spoolSeen.odd == nil {
-		a.spoolSeen.odd = map[string]bool{}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.odd == nil {
+		v.odd = map[string]bool{}
 	}
 	for _, f := range odd {
-		if !a.spoolSeen.odd[f] {
-			a.spoolSeen.odd[f] = true
-			a.log.Warn("spool directory entry ignored: not a spool file (symlinks, directories and other names are never read)", "entry", f)
+		if !v.odd[f] {
+			v.odd[f] = true
+			v.log.Warn("spool directory entry ignored: not a spool file (symlinks, directories and other names are never read)", "entry", f)
 		}
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/nixspool/nixspool/cacheurl"
 	"github.com/nixspool/nixspool/gcroots"
 	"github.com/nixspool/nixspool/queue"
+	"github.com/nixspool/nixspool/realisation"
 	"github.com/nixspool/nixspool/spool"
 	"github.com/nixspool/nixspool/storepath"
 	"github.com/nixspool/nixspool/uploader"
@@ -30,9 +31,12 @@ func testAgent(t *testing.T) *Agent {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { a.queue.Close() })
-	if a.roots, err = gcroots.New(filepath.Join(dir, "roots")); err != nil {
+	roots, err := gcroots.New(filepath.Join(dir, "roots"))
+	if err != nil {
 		t.Fatal(err)
 	}
+	a.realiser = realisation.New(realisation.Options{})
+	a.assemble(roots, &fakeStore{})
 	c, _ := cacheurl.Parse("file://" + filepath.Join(dir, "cache"))
 	fb, err := filebucket.New(c.Dir)
 	if err != nil {
@@ -43,7 +47,20 @@ func testAgent(t *testing.T) *Agent {
 	}
 	a.uploadCtx, a.stopUploads = context.WithCancel(context.Background())
 	t.Cleanup(a.stopUploads)
+	a.jobs = newJobRunner(a.uploadCtx, a.queue, a.roots, a.uploader, a.log)
 	return a
+}
+
+// setRealiser gives the agent and its intake r.
+func (a *Agent) setRealiser(r *realisation.Realiser) {
+	a.realiser = r
+	a.intake.realiser = r
+}
+
+// setLog gives the agent and its parts log.
+func (a *Agent) setLog(log *slog.Logger) {
+	a.log = log
+	a.intake.log, a.roots.log, a.spool.log, a.jobs.log = log, log, log, log
 }
 
 func age(t *testing.T, path string, d time.Duration) {
@@ -69,17 +86,17 @@ func TestRecoverKeepsSpooledRoots(t *testing.T) {
 	if _, err := spool.Write(a.spoolDir(), spool.Entry{Paths: []string{spooled}}); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.roots.AddAll([]string{spooled, stale}); err != nil {
+	if err := a.roots.dir.AddAll([]string{spooled, stale}); err != nil {
 		t.Fatal(err)
 	}
 	for _, p := range []string{spooled, stale} {
-		age(t, filepath.Join(a.roots.Dir(), filepath.Base(p)), time.Hour)
+		age(t, filepath.Join(a.roots.dir.Dir(), filepath.Base(p)), time.Hour)
 	}
-	if err := a.recover(context.Background()); err != nil {
+	if err := a.roots.reconcile(); err != nil {
 		t.Fatal(err)
 	}
 	for p, want := range map[string]bool{queued: true, spooled: true, stale: false} {
-		_, err := os.Lstat(filepath.Join(a.roots.Dir(), filepath.Base(p)))
+		_, err := os.Lstat(filepath.Join(a.roots.dir.Dir(), filepath.Base(p)))
 		if (err == nil) != want {
 			t.Errorf("root of %s: exists=%v, want %v", p, err == nil, want)
 		}
@@ -103,4 +120,13 @@ func TestStatusCountsSpool(t *testing.T) {
 			t.Fatalf("spooled = %+v", s.Spooled)
 		}
 	}
+}
+
+// enqueue queues paths as a request does: parsed, then through the intake.
+func (a *Agent) enqueue(ctx context.Context, raw []string, rawDrv string, source queue.Source) ([]queue.EnqueueResult, error) {
+	paths, drv, err := parseRequest(a.cfg.StoreDir, raw, rawDrv)
+	if err != nil {
+		return nil, err
+	}
+	return a.intake.request(ctx, intake{paths: paths, drv: drv, source: source})
 }

@@ -1,11 +1,14 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"sync"
 	"time"
 
 	"github.com/nixspool/nixspool/nixstore"
+	"github.com/nixspool/nixspool/spool"
+	"github.com/nixspool/nixspool/statedir"
 )
 
 // maxSpoolAttempts is how many imports a spool file the Nix daemon answers
@@ -68,3 +71,96 @@ func (s *spoolAttempts) keepOnly(files []string) {
 		}
 	}
 }
+
+// importSpool queues the requests the hook spooled while agentd was away,
+// file by file, oldest first. A file is removed only after its paths are
+// committed; paths that are not valid store paths are logged and dropped; a
+// file that cannot be parsed is renamed *.bad and kept for inspection. A
+// file the Nix daemon answers with an error is tried again at the next
+// imports, and renamed *.bad after maxSpoolAttempts of them; the files
+// behind it are imported meanwhile. When the daemon cannot be reached or
+// the queue cannot commit, no file can be imported: the import stops until
+// the next one, and no file is charged an attempt.
+func (a *Agent) importSpool(ctx context.Context) {
+	dir := a.spoolDir()
+	spool.RemoveStaleTemps(dir, time.Hour)
+	l, err := spool.Scan(dir)
+	if err != nil {
+		a.log.Error("list spool", "dir", dir, "err", err)
+		return
+	}
+	a.spool.noteOdd(l.Odd)
+	files := l.Files
+	defer a.spoolTries.keepOnly(files)
+	for _, f := range files {
+		a.spoolBeat.Store(time.Now().UnixNano())
+		if ctx.Err() != nil {
+			return
+		}
+		err := a.importSpoolFile(ctx, f)
+		if err == nil {
+			a.spoolTries.forget(f)
+			continue
+		}
+		if !fileAtFault(err) {
+			a.log.Warn("spool import postponed", "file", f, "err", err)
+			return
+		}
+		n := a.spoolTries.failed(f)
+		if n < maxSpoolAttempts {
+			a.log.Warn("spool file not imported; tried again later, the files behind it now", "file", f, "attempt", n, "max_attempts", maxSpoolAttempts, "err", err)
+			continue
+		}
+		if qerr := spool.Quarantine(f); qerr != nil {
+			a.log.Error("spool file not imported after repeated attempts, and it could not be renamed to .bad; tried again at the next import", "file", f, "attempts", n, "reason", err, "err", qerr)
+			continue
+		}
+		a.spoolTries.forget(f)
+		a.log.Error("spool file not imported after repeated attempts; renamed to .bad", "file", f, "attempts", n, "reason", err)
+	}
+}
+
+// importSpoolFile imports one spool file. It returns nil once the file is
+// dealt with: imported and removed, or renamed *.bad if unreadable.
+func (a *Agent) importSpoolFile(ctx context.Context, f string) error {
+	ctx, cancel := context.WithTimeout(ctx, a.spoolFileTimeout())
+	defer cancel()
+	e, err := spool.Read(f)
+	if err != nil {
+		if qerr := spool.Quarantine(f); qerr != nil {
+			a.log.Error("unreadable spool file, and it could not be renamed to .bad; tried again at the next import", "file", f, "err", err, "rename_err", qerr)
+			return nil
+		}
+		a.log.Error("unreadable spool file; renamed to .bad", "file", f, "err", err)
+		return nil
+	}
+	n, err := a.intake.spooled(ctx, f, e.Paths, e.Drv, e.Floating)
+	if err != nil {
+		return err
+	}
+	if err := spool.Remove(f); err != nil {
+		a.log.Error("remove imported spool file", "file", f, "err", err)
+		return nil // committed: importing it again changes nothing
+	}
+	a.log.Info("imported spool file", "file", f, "paths", n)
+	if e.Drv != "" {
+		// The hook rooted the derivation while the request was spooled;
+		// queued requests keep their derivations as hooks that reach
+		// agentd do.
+		if err := a.roots.unrootSpooled(e.Drv); err != nil {
+			a.log.Warn("remove gc root", "path", e.Drv, "err", err)
+		}
+	}
+	return nil
+}
+
+// spoolFileTimeout bounds the import of one spool file: a Nix daemon that
+// stops answering postpones the import instead of holding it.
+func (a *Agent) spoolFileTimeout() time.Duration {
+	if a.spoolFileBound > 0 {
+		return a.spoolFileBound
+	}
+	return defaultSpoolFileTimeout
+}
+
+func (a *Agent) spoolDir() string { return statedir.Dir(a.cfg.StateDir).Spool() }

@@ -24,14 +24,14 @@ import (
 // no file an attempt.
 func TestSpoolFileTheDaemonRejectsDoesNotStallTheSpool(t *testing.T) {
 	a := testAgent(t)
-	a.realiser = realisation.New(realisation.Options{})
+	a.setRealiser(realisation.New(realisation.Options{}))
 	const gone = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-gone.drv"
 	const next, later = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-next", "/nix/store/cccccccccccccccccccccccccccccccc-later"
 	fs := &fakeStore{
 		valid:  map[string]bool{next: true, later: true},
 		drvErr: map[string]error{gone: &nixstore.DaemonError{Msg: "path '" + gone + "' is not valid"}},
 	}
-	a.checkStore = fs
+	a.intake.store = fs
 	stuck, err := spool.Write(a.spoolDir(), spool.Entry{Drv: gone, Floating: true})
 	if err != nil {
 		t.Fatal(err)
@@ -98,9 +98,9 @@ func TestSpoolFileTheDaemonRejectsDoesNotStallTheSpool(t *testing.T) {
 func TestSpoolOddEntriesAndFailedRenames(t *testing.T) {
 	a := testAgent(t)
 	var logs lockedLog
-	a.log = slog.New(slog.NewTextHandler(&logs, nil))
-	a.realiser = realisation.New(realisation.Options{})
-	a.checkStore = &fakeStore{}
+	a.setLog(slog.New(slog.NewTextHandler(&logs, nil)))
+	a.setRealiser(realisation.New(realisation.Options{}))
+	a.intake.store = &fakeStore{}
 	dir := a.spoolDir()
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		t.Fatal(err)
@@ -159,9 +159,9 @@ func (l *lockedLog) String() string {
 // are not store paths, or not valid, are dropped and the others queued.
 func TestSpoolImportAsksOncePerFile(t *testing.T) {
 	a := testAgent(t)
-	a.realiser = realisation.New(realisation.Options{})
+	a.setRealiser(realisation.New(realisation.Options{}))
 	fs := &fakeStore{valid: map[string]bool{}}
-	a.checkStore = fs
+	a.intake.store = fs
 	var paths []string
 	for i := range 500 {
 		p := fmt.Sprintf("/nix/store/%032d-p%d", i, i)
@@ -216,7 +216,7 @@ func (s *hangingStore) QueryValidPaths(ctx context.Context, paths []string) ([]s
 // and charged no attempt, and is imported once the daemon answers.
 func TestSpoolImportBoundedPerFile(t *testing.T) {
 	a := testAgent(t)
-	a.realiser = realisation.New(realisation.Options{})
+	a.setRealiser(realisation.New(realisation.Options{}))
 	a.spoolFileBound = 200 * time.Millisecond
 	const p = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-p"
 	hs := &hangingStore{fakeStore: &fakeStore{valid: map[string]bool{p: true}}, release: make(chan struct{})}
@@ -228,7 +228,7 @@ func TestSpoolImportBoundedPerFile(t *testing.T) {
 		}
 	}
 	t.Cleanup(release)
-	a.checkStore = hs
+	a.intake.store = hs
 	f, err := spool.Write(a.spoolDir(), spool.Entry{Paths: []string{p}})
 	if err != nil {
 		t.Fatal(err)

@@ -24,7 +24,7 @@ func cachedAgent(t *testing.T, paths ...string) *Agent {
 	t.Helper()
 	a := testAgent(t)
 	fs := &fakeStore{valid: map[string]bool{}}
-	a.checkStore = fs
+	a.intake.store = fs
 	dir := t.TempDir()
 	cacheDir := filepath.Join(dir, "cache")
 	for _, p := range paths {
@@ -33,7 +33,7 @@ func cachedAgent(t *testing.T, paths ...string) *Agent {
 	c, _ := cacheurl.Parse("file://" + cacheDir)
 	a.cache = c
 	a.breaker = newBreaker(a.backoff)
-	a.realiser = realisation.New(realisation.Options{})
+	a.setRealiser(realisation.New(realisation.Options{}))
 	fb, err := filebucket.New(c.Dir)
 	if err != nil {
 		t.Fatal(err)

@@ -22,14 +22,11 @@ const presenceTimeout = 15 * time.Second
 // cache (free for a path agentd knows is there, once the cache's
 // generation is confirmed by a question sent after the request arrived):
 // its narinfo there means its closure is there too.
-func (a *Agent) pathWaits(ctx context.Context, paths []string) ([]protocol.PathWait, error) {
+func (a *Agent) pathWaits(ctx context.Context, paths storePaths) ([]protocol.PathWait, error) {
 	arrived := time.Now()
-	if err := checkSyntax(a.cfg.StoreDir, paths, ""); err != nil {
-		return nil, err
-	}
 	// The spool before the queue: an import commits its jobs before it
 	// removes the file, so a spooled path is seen in one of them.
-	_, spooledPaths := a.spooled()
+	_, spooledPaths := a.spool.list()
 	spooled := make(map[string]bool, len(spooledPaths))
 	for _, p := range spooledPaths {
 		spooled[p] = true

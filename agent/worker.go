@@ -26,7 +26,7 @@ func (a *Agent) worker(ctx context.Context) {
 		}
 		job, err := a.queue.Lease(a.now())
 		if err != nil {
-			a.setStateErr(err)
+			a.stateErr.set(err)
 			a.log.Error("lease", "err", err)
 			a.sleep(ctx, time.Second)
 			continue
@@ -104,7 +104,7 @@ func (a *Agent) sleep(ctx context.Context, d time.Duration) {
 func (a *Agent) process(job *queue.Job) {
 	log := a.log.With("job", job.ID, "path", job.Path, "attempt", job.Attempts+1)
 	start := time.Now()
-	ctx, finish := a.startJob(job) // dropping the job cancels ctx
+	ctx, finish := a.jobs.start(job) // dropping the job cancels ctx
 	res, err := a.uploader.Upload(ctx, job.Path)
 	visible := a.now() // the narinfo is in the cache, if err is nil
 	var noted []string
@@ -130,11 +130,11 @@ func (a *Agent) process(job *queue.Job) {
 		// once it is durable.
 		a.queue.AckAsync(job.ID, totals, func(err error) {
 			if err != nil && !errors.Is(err, queue.ErrNotFound) {
-				a.setStateErr(err)
+				a.stateErr.set(err)
 				log.Error("ack", "err", err)
 				return
 			}
-			if err := a.unroot(job.Path, job.Derivations()); err != nil {
+			if err := a.roots.unroot(job.Path, job.Derivations()); err != nil {
 				log.Warn("remove gc root", "err", err)
 			}
 			a.realiseLate(job, noted)
