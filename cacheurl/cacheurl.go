@@ -3,11 +3,12 @@
 // or file:///ABS/DIR, with every parameter Nix's S3, HTTP and local binary
 // cache stores accept.
 //
-// The parameters and what nixspool does with each are one table, Params:
-// a parameter is honoured (it changes where or how objects are written),
-// or accepted with no effect here (it only matters to Nix as a reader, or
-// names a feature nixspool does not have) and then listed in
-// Cache.NoEffect so that agentd and doctor can say so. Only a parameter
+// The parameters, the stores that know each, what nixspool does with it
+// and how Parse reads it are one table, Params: a parameter is honoured
+// (it changes where or how objects are written), or accepted with no
+// effect here (it only matters to Nix as a reader, or names a feature
+// nixspool does not have) and then listed in Cache.NoEffect so that
+// agentd and doctor can say so. Only a parameter
 // Nix itself does not know for the store type is an error, and the error
 // names it.
 package cacheurl
@@ -17,7 +18,6 @@ import (
 	"net"
 	"net/url"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -81,104 +81,12 @@ type Cache struct {
 	NoEffect []string
 }
 
-// Param is one cache URL parameter of Nix's binary cache stores.
-type Param struct {
-	Name string
-	// Stores are the cache URL schemes whose Nix store knows it, as the
-	// table in docs/configuration.md shows them: StoresS3, StoresS3HTTP or StoresAll.
-	Stores string
-	// Effect says what nixspool does with it (docs/configuration.md, "Cache URL parameters").
-	Effect string
-}
-
-// The sets of stores a parameter applies to ("http" stands for https too).
-const (
-	StoresS3     = "s3"
-	StoresS3HTTP = "s3, http"
-	StoresAll    = "s3, http, file"
-)
-
-// AppliesTo reports whether Nix's store for the URL scheme knows p.
-func (p Param) AppliesTo(scheme string) bool {
-	switch scheme {
-	case "s3":
-		return true
-	case "http", "https":
-		return p.Stores != StoresS3
-	}
-	return p.Stores == StoresAll
-}
-
-// Params are the parameters Nix's S3, HTTP and local binary cache stores
-// know (checked against Nix 2.8 and 2.35: BinaryCacheStoreConfig,
-// HttpBinaryCacheStoreConfig, S3BinaryCacheStoreConfig and the StoreConfig
-// settings every store has). Nix 2.35's HTTP store knows the metadata
-// compressions and the TLS client certificate; nixspool accepts them for
-// every http(s):// cache.
-var Params = []Param{
-	{"endpoint", StoresS3, "S3-compatible endpoint: `host[:port]` (TLS unless `scheme=http`) or `http(s)://host[:port]` (the URL's scheme decides TLS; a different `scheme=` is an error)"},
-	{"region", StoresS3, "signing region (default `us-east-1`)"},
-	{"aws-region", StoresS3, "old name of `region` (Nix ≤ 2.14)"},
-	{"scheme", StoresS3, "`http` or `https` for a bare-host endpoint (deprecated in Nix for an endpoint URL)"},
-	{"profile", StoresS3, "AWS profile in the shared config and credentials files, tried after the environment and SSO"},
-	{"addressing-style", StoresS3, "`auto` (default: virtual-host style for AWS, path style for a custom endpoint or a bucket name with dots), `path` or `virtual`"},
-	{"storage-class", StoresS3, "sent as `x-amz-storage-class` with every upload"},
-	{"multipart-chunk-size", StoresS3, "smallest multipart part (5 MiB to 5 GiB; default 16 MiB); larger objects get larger parts to stay under 10,000 parts"},
-	{"buffer-size", StoresS3, "old name of `multipart-chunk-size` (Nix ≤ 2.32)"},
-	{"multipart-upload", StoresS3, "`true`: objects under `multipart-threshold` go up in one PUT; `false`: no effect (an object larger than one part always goes up in parts)"},
-	{"multipart-threshold", StoresS3, "with `multipart-upload=true`, the size under which an object goes up in one PUT (default 100 MiB, at most 5 GiB); no effect otherwise"},
-	{"narinfo-compression", StoresS3HTTP, "compress narinfos (`br`, `gzip` or `zstd`), sent as Content-Encoding"},
-	{"ls-compression", StoresS3HTTP, "compress `.ls` listings, likewise"},
-	{"log-compression", StoresS3HTTP, "compress build logs, likewise"},
-	{"tls-certificate", StoresS3HTTP, "client certificate (PEM) presented to the endpoint"},
-	{"tls-private-key", StoresS3HTTP, "key of `tls-certificate` (PEM; default: the certificate file)"},
-	{"retry-attempts", StoresS3, "no effect: agentd retries each job with persisted backoff (`--max-attempts`, `--backoff-max`)"},
-	{"retry-delay", StoresS3, "no effect, likewise"},
-	{"retry-delay-rate-limited", StoresS3, "no effect, likewise"},
-	{"retry-max-delay", StoresS3, "no effect, likewise"},
-	{"compression", StoresAll, "NAR compression: `zstd` (default), `xz`, `bzip2`, `br`, `gzip`, `lz4` or `none`; refused: `lzip`, `lzop`, `compress`, `grzip`, `lrzip` (no maintained Go encoder) and `lzma` (stock Nix 2.8 cannot read it back)"},
-	{"compression-level", StoresAll, "level of `compression` (zstd 0–22, xz 0–9, bzip2 1–9, gzip 0–9, br 0–11, lz4 1–9); no effect with `none`"},
-	{"parallel-compression", StoresAll, "zstd and lz4 compress large NARs on two threads (Nix 2.35's default for zstd) unless `false`; with another method, `true` has no effect"},
-	{"write-nar-listing", StoresAll, "also write `<hash>.ls` listings"},
-	{"secret-key", StoresAll, "signing key file, in addition to `--secret-key-file` (same permission check)"},
-	{"secret-keys", StoresAll, "comma-separated signing key files, likewise"},
-	{"priority", StoresAll, "written to `nix-cache-info` (default 40)"},
-	{"want-mass-query", StoresAll, "written to `nix-cache-info` (default true)"},
-	{"store", StoresAll, "must be `/nix/store`, the only store nixspool uploads from"},
-	{"index-debug-info", StoresAll, "no effect: `debuginfo/` objects are not written"},
-	{"local-nar-cache", StoresAll, "no effect (a reader's setting)"},
-	{"trusted", StoresAll, "no effect (a reader's setting)"},
-	{"path-info-cache-size", StoresAll, "no effect (a reader's setting)"},
-	{"system-features", StoresAll, "no effect (a builder's setting)"},
-}
-
-// WritableCompressions are the NAR compressions nixspool writes.
-var WritableCompressions = []string{"zstd", "xz", "bzip2", "br", "gzip", "lz4", "none"}
-
-// refusedCompressions are the other methods Nix accepts for compression=,
-// each with why nixspool does not write it.
-var refusedCompressions = map[string]string{
-	"lzip":     "no maintained Go encoder",
-	"lzop":     "no maintained Go encoder",
-	"compress": "no maintained Go encoder",
-	"grzip":    "no Go encoder",
-	"lrzip":    "no Go encoder",
-	"lzma":     "stock Nix 2.8 aborts reading it back, even what it wrote itself",
-}
-
 // levelRange is the compression-level range each method accepts.
 var levelRange = map[string][2]int{
 	"zstd": {0, 22}, "xz": {0, 9}, "bzip2": {1, 9}, "gzip": {0, 9}, "br": {0, 11}, "lz4": {1, 9},
 }
 
-const (
-	minPartSize      = 5 << 20
-	maxPartSize      = 5 << 30
-	maxSinglePut     = 5 << 30
-	defaultThreshold = 100 << 20 // Nix's multipart-threshold default
-)
-
-var storageClassRE = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
+const defaultThreshold = 100 << 20 // Nix's multipart-threshold default
 
 // Parse parses a cache URL. Unknown or malformed parameters are errors that
 // name the parameter.
@@ -188,303 +96,215 @@ func Parse(raw string) (*Cache, error) {
 		return nil, fmt.Errorf("cache URL: %w", err)
 	}
 	c := &Cache{Scheme: u.Scheme, Compression: "zstd", CompressionLevel: -1, Priority: 40, WantMassQuery: true, Region: "us-east-1", Secure: true, PathStyle: "auto"}
-	switch u.Scheme {
-	case "s3":
-		if u.Host == "" {
-			return nil, fmt.Errorf("cache URL %q: no bucket (want s3://BUCKET?…)", raw)
-		}
-		if u.User != nil {
-			return nil, fmt.Errorf("cache URL: credentials do not belong in the URL; use the AWS credential chain")
-		}
-		c.Bucket = u.Host
-		if p := strings.Trim(u.Path, "/"); p != "" {
-			c.Prefix = p + "/"
-		}
-	case "http", "https":
-		if u.Host == "" {
-			return nil, fmt.Errorf("cache URL %q: no host (want %s://HOST[:PORT][/PATH])", raw, u.Scheme)
-		}
-		if u.User != nil {
-			return nil, fmt.Errorf("cache URL: credentials do not belong in the URL; put them in a netrc file (agentd --netrc-file)")
-		}
-		if u.Fragment != "" {
-			return nil, fmt.Errorf("cache URL %q: a fragment (#…) has no meaning here", raw)
-		}
-		if err := checkHostPort(u.Host); err != nil {
-			return nil, fmt.Errorf("cache URL %q: %w", raw, err)
-		}
-		p := strings.TrimRight(u.EscapedPath(), "/")
-		if strings.Contains(p+"/", "/../") || strings.Contains(p+"/", "/./") || strings.Contains(p, "//") {
-			return nil, fmt.Errorf("cache URL %q: the path must be clean (no //, . or ..)", raw)
-		}
-		c.URL = u.Scheme + "://" + u.Host + p
-		c.Secure = u.Scheme == "https"
-	case "file":
-		if u.Host != "" {
-			return nil, fmt.Errorf("cache URL %q: file URLs need an absolute path (file:///DIR)", raw)
-		}
-		if !filepath.IsAbs(u.Path) || filepath.Clean(u.Path) != u.Path {
-			return nil, fmt.Errorf("cache URL %q: file URLs need a clean absolute path", raw)
-		}
-		c.Dir = u.Path
-	default:
-		return nil, fmt.Errorf("cache URL %q: scheme must be s3://, http://, https:// or file://", raw)
+	if err := c.parseLocation(u, raw); err != nil {
+		return nil, err
 	}
 	q, err := url.ParseQuery(u.RawQuery)
 	if err != nil {
 		return nil, fmt.Errorf("cache URL query: %w", err)
 	}
-	known := map[string]Param{}
-	for _, p := range Params {
-		known[p.Name] = p
-	}
-	var (
-		scheme, endpointScheme string
-		chunk, bufferSize      uint64
-		threshold              int64
-		multipart, parallel    *bool
-		noEffect               []string
-	)
+	s := &settings{c: c}
 	for key, vals := range q {
-		p, ok := known[key]
-		if !ok {
-			return nil, fmt.Errorf("cache URL parameter %q is not a setting of Nix's %s binary cache store", key, storeName(c.Scheme))
-		}
-		if len(vals) != 1 {
-			return nil, fmt.Errorf("cache URL parameter %q given %d times", key, len(vals))
-		}
-		if !p.AppliesTo(c.Scheme) {
-			if p.Stores == StoresS3HTTP {
-				return nil, fmt.Errorf("cache URL parameter %q only applies to s3:// and http(s):// caches", key)
-			}
-			return nil, fmt.Errorf("cache URL parameter %q only applies to s3:// caches", key)
-		}
-		v := vals[0]
-		bad := func(want string) error {
-			return fmt.Errorf("cache URL parameter %s=%q: want %s", key, v, want)
-		}
-		switch key {
-		case "endpoint":
-			host, sch, err := parseEndpoint(v)
-			if err != nil {
-				return nil, fmt.Errorf("cache URL parameter endpoint=%q: %w", v, err)
-			}
-			c.Endpoint, endpointScheme = host, sch
-		case "region", "aws-region":
-			if v == "" {
-				return nil, bad("a region name")
-			}
-			c.Region = v
-		case "scheme":
-			if v != "http" && v != "https" {
-				return nil, bad("http or https")
-			}
-			scheme = v
-		case "profile":
-			c.Profile = v
-		case "addressing-style":
-			switch v {
-			case "auto", "path", "virtual":
-				c.PathStyle = v
-			default:
-				return nil, bad("auto, path or virtual")
-			}
-		case "storage-class":
-			if v != "" && !storageClassRE.MatchString(v) {
-				return nil, bad("a storage class name such as STANDARD_IA")
-			}
-			c.StorageClass = v
-		case "multipart-chunk-size", "buffer-size":
-			n, err := parseSize(v)
-			if err != nil || n < minPartSize || n > maxPartSize {
-				return nil, bad("a size from 5M to 5G (bytes, or with a K, M or G suffix)")
-			}
-			if key == "buffer-size" {
-				bufferSize = n
-			} else {
-				chunk = n
-			}
-		case "multipart-threshold":
-			n, err := parseSize(v)
-			if err != nil || n > maxSinglePut {
-				return nil, bad("a size up to 5G, the largest single PUT (bytes, or with a K, M or G suffix)")
-			}
-			threshold = int64(n)
-		case "multipart-upload", "parallel-compression":
-			b, err := parseBool(v)
-			if err != nil {
-				return nil, bad("true or false")
-			}
-			if key == "multipart-upload" {
-				multipart = &b
-			} else {
-				parallel = &b
-			}
-		case "narinfo-compression", "ls-compression", "log-compression":
-			switch v {
-			case "", "br", "gzip", "zstd":
-			default:
-				return nil, bad("br, gzip or zstd (what every Nix reader decodes)")
-			}
-			switch key {
-			case "narinfo-compression":
-				c.NarinfoCompression = v
-			case "ls-compression":
-				c.LsCompression = v
-			default:
-				c.LogCompression = v
-			}
-		case "tls-certificate", "tls-private-key", "local-nar-cache":
-			if v != "" && !filepath.IsAbs(v) {
-				return nil, bad("an absolute path")
-			}
-			switch key {
-			case "tls-certificate":
-				c.TLSCertificate = v
-			case "tls-private-key":
-				c.TLSPrivateKey = v
-			default:
-				noEffect = append(noEffect, key)
-			}
-		case "compression":
-			switch {
-			case slices.Contains(WritableCompressions, v):
-				c.Compression = v
-			case refusedCompressions[v] != "":
-				return nil, fmt.Errorf("cache URL parameter compression=%s: not written by nixspool (%s); use one of %s", v, refusedCompressions[v], strings.Join(WritableCompressions, ", "))
-			default:
-				return nil, bad(strings.Join(WritableCompressions, ", "))
-			}
-		case "compression-level":
-			n, err := strconv.Atoi(v)
-			if err != nil || n < -1 {
-				return nil, bad("an integer, -1 for the method's default")
-			}
-			c.CompressionLevel = n
-		case "write-nar-listing", "want-mass-query", "trusted", "index-debug-info":
-			b, err := parseBool(v)
-			if err != nil {
-				return nil, bad("true or false")
-			}
-			switch key {
-			case "write-nar-listing":
-				c.WriteNARListing = b
-			case "want-mass-query":
-				c.WantMassQuery = b
-			default:
-				noEffect = append(noEffect, key)
-			}
-		case "secret-key":
-			if v != "" {
-				if !filepath.IsAbs(v) {
-					return nil, bad("an absolute path")
-				}
-				c.SecretKeyFiles = append([]string{v}, c.SecretKeyFiles...)
-			}
-		case "secret-keys":
-			for _, f := range strings.Split(v, ",") {
-				if f = strings.TrimSpace(f); f == "" {
-					continue
-				}
-				if !filepath.IsAbs(f) {
-					return nil, fmt.Errorf("cache URL parameter secret-keys: %q is not an absolute path", f)
-				}
-				c.SecretKeyFiles = append(c.SecretKeyFiles, f)
-			}
-		case "priority":
-			n, err := strconv.Atoi(v)
-			if err != nil || n < 0 {
-				return nil, bad("a non-negative integer")
-			}
-			c.Priority = n
-		case "store":
-			if filepath.Clean(v) != "/nix/store" {
-				return nil, bad("/nix/store, the only store nixspool uploads from")
-			}
-		case "path-info-cache-size":
-			if _, err := strconv.Atoi(v); err != nil {
-				return nil, bad("an integer")
-			}
-			noEffect = append(noEffect, key)
-		case "retry-attempts", "retry-delay", "retry-delay-rate-limited", "retry-max-delay":
-			if _, err := strconv.ParseUint(v, 10, 32); err != nil {
-				return nil, bad("a non-negative integer")
-			}
-			noEffect = append(noEffect, key)
-		case "system-features":
-			noEffect = append(noEffect, key)
-		default:
-			// A parameter in Params without a case here is a bug.
-			return nil, fmt.Errorf("cache URL parameter %q: not handled", key)
+		if err := s.read(key, vals); err != nil {
+			return nil, err
 		}
 	}
-
-	// Settings that depend on each other.
-	switch {
-	case endpointScheme != "" && scheme != "" && scheme != endpointScheme:
-		return nil, fmt.Errorf("cache URL: endpoint=%s://%s says %s but scheme=%s; drop scheme= or make them agree", endpointScheme, c.Endpoint, endpointScheme, scheme)
-	case endpointScheme != "":
-		c.Secure = endpointScheme == "https"
-	case scheme != "":
-		c.Secure = scheme == "https"
+	if err := s.resolve(); err != nil {
+		return nil, err
 	}
-	if c.Scheme == "s3" {
-		dotted := strings.Contains(c.Bucket, ".")
-		switch c.PathStyle {
-		case "path":
-			c.VirtualHost = false
-		case "virtual":
-			if dotted {
-				return nil, fmt.Errorf("cache URL: bucket name %q contains a dot, which virtual-host addressing cannot serve over TLS; use addressing-style=path or auto", c.Bucket)
-			}
-			c.VirtualHost = true
-		default:
-			// As Nix: virtual-host style for AWS, path style for a custom
-			// endpoint, and path style for a dotted bucket name.
-			c.VirtualHost = c.Endpoint == "" && !dotted
-		}
-	}
-	if chunk != 0 && bufferSize != 0 && chunk != bufferSize {
-		return nil, fmt.Errorf("cache URL: multipart-chunk-size=%d and buffer-size=%d disagree (buffer-size is its old name)", chunk, bufferSize)
-	}
-	c.PartSize = max(chunk, bufferSize)
-	if multipart != nil && *multipart {
-		c.MultipartThreshold = defaultThreshold
-		if q.Has("multipart-threshold") {
-			c.MultipartThreshold = threshold
-		}
-	} else {
-		if multipart != nil {
-			noEffect = append(noEffect, "multipart-upload")
-		}
-		if q.Has("multipart-threshold") {
-			noEffect = append(noEffect, "multipart-threshold")
-		}
-	}
-	if c.TLSPrivateKey != "" && c.TLSCertificate == "" {
-		return nil, fmt.Errorf("cache URL: tls-private-key needs tls-certificate")
-	}
-	if c.CompressionLevel != -1 {
-		if r, ok := levelRange[c.Compression]; !ok {
-			noEffect = append(noEffect, "compression-level")
-		} else if c.CompressionLevel < r[0] || c.CompressionLevel > r[1] {
-			return nil, fmt.Errorf("cache URL parameter compression-level=%d: want %d to %d for compression=%s (or -1)", c.CompressionLevel, r[0], r[1], c.Compression)
-		}
-	}
-	// zstd and lz4 compress a NAR on both cores unless told not to; the
-	// other methods are single-threaded here whatever is asked.
-	threaded := c.Compression == "zstd" || c.Compression == "lz4"
-	c.ParallelCompression = threaded
-	if parallel != nil {
-		if threaded {
-			c.ParallelCompression = *parallel
-		} else if *parallel {
-			noEffect = append(noEffect, "parallel-compression")
-		}
-	}
-	slices.Sort(noEffect)
-	c.NoEffect = noEffect
+	slices.Sort(s.noEffect)
+	c.NoEffect = s.noEffect
 	return c, nil
+}
+
+// parseLocation reads where objects go: the part of the URL before its
+// parameters.
+func (c *Cache) parseLocation(u *url.URL, raw string) error {
+	switch u.Scheme {
+	case "s3":
+		return c.parseS3Location(u, raw)
+	case "http", "https":
+		return c.parseHTTPLocation(u, raw)
+	case "file":
+		return c.parseFileLocation(u, raw)
+	}
+	return fmt.Errorf("cache URL %q: scheme must be s3://, http://, https:// or file://", raw)
+}
+
+func (c *Cache) parseS3Location(u *url.URL, raw string) error {
+	if u.Host == "" {
+		return fmt.Errorf("cache URL %q: no bucket (want s3://BUCKET?…)", raw)
+	}
+	if u.User != nil {
+		return fmt.Errorf("cache URL: credentials do not belong in the URL; use the AWS credential chain")
+	}
+	c.Bucket = u.Host
+	if p := strings.Trim(u.Path, "/"); p != "" {
+		c.Prefix = p + "/"
+	}
+	return nil
+}
+
+func (c *Cache) parseHTTPLocation(u *url.URL, raw string) error {
+	if u.Host == "" {
+		return fmt.Errorf("cache URL %q: no host (want %s://HOST[:PORT][/PATH])", raw, u.Scheme)
+	}
+	if u.User != nil {
+		return fmt.Errorf("cache URL: credentials do not belong in the URL; put them in a netrc file (agentd --netrc-file)")
+	}
+	if u.Fragment != "" {
+		return fmt.Errorf("cache URL %q: a fragment (#…) has no meaning here", raw)
+	}
+	if err := checkHostPort(u.Host); err != nil {
+		return fmt.Errorf("cache URL %q: %w", raw, err)
+	}
+	p := strings.TrimRight(u.EscapedPath(), "/")
+	if strings.Contains(p+"/", "/../") || strings.Contains(p+"/", "/./") || strings.Contains(p, "//") {
+		return fmt.Errorf("cache URL %q: the path must be clean (no //, . or ..)", raw)
+	}
+	c.URL = u.Scheme + "://" + u.Host + p
+	c.Secure = u.Scheme == "https"
+	return nil
+}
+
+func (c *Cache) parseFileLocation(u *url.URL, raw string) error {
+	if u.Host != "" {
+		return fmt.Errorf("cache URL %q: file URLs need an absolute path (file:///DIR)", raw)
+	}
+	if !filepath.IsAbs(u.Path) || filepath.Clean(u.Path) != u.Path {
+		return fmt.Errorf("cache URL %q: file URLs need a clean absolute path", raw)
+	}
+	c.Dir = u.Path
+	return nil
+}
+
+// settings are what the parameters said, written into the Cache as they
+// are read where they stand alone, kept here where they depend on each
+// other until resolve.
+type settings struct {
+	c                      *Cache
+	scheme, endpointScheme string // scheme= and the scheme of endpoint=
+	chunk, bufferSize      uint64 // multipart-chunk-size=, buffer-size=
+	threshold              *int64 // multipart-threshold=
+	multipart, parallel    *bool  // multipart-upload=, parallel-compression=
+	noEffect               []string
+}
+
+// resolve sets what depends on more than one parameter, in order.
+func (s *settings) resolve() error {
+	for _, step := range []func() error{
+		s.resolveSecure, s.resolveAddressing, s.resolvePartSize, s.resolveMultipart,
+		s.checkTLS, s.checkCompressionLevel, s.resolveParallel,
+	} {
+		if err := step(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// resolveSecure: TLS as endpoint=http(s)://… or scheme= say.
+func (s *settings) resolveSecure() error {
+	switch {
+	case s.endpointScheme != "" && s.scheme != "" && s.scheme != s.endpointScheme:
+		return fmt.Errorf("cache URL: endpoint=%s://%s says %s but scheme=%s; drop scheme= or make them agree", s.endpointScheme, s.c.Endpoint, s.endpointScheme, s.scheme)
+	case s.endpointScheme != "":
+		s.c.Secure = s.endpointScheme == "https"
+	case s.scheme != "":
+		s.c.Secure = s.scheme == "https"
+	}
+	return nil
+}
+
+// resolveAddressing decides virtual-host or path-style requests for S3.
+func (s *settings) resolveAddressing() error {
+	c := s.c
+	if c.Scheme != "s3" {
+		return nil
+	}
+	dotted := strings.Contains(c.Bucket, ".")
+	switch c.PathStyle {
+	case "path":
+		c.VirtualHost = false
+	case "virtual":
+		if dotted {
+			return fmt.Errorf("cache URL: bucket name %q contains a dot, which virtual-host addressing cannot serve over TLS; use addressing-style=path or auto", c.Bucket)
+		}
+		c.VirtualHost = true
+	default:
+		// As Nix: virtual-host style for AWS, path style for a custom
+		// endpoint, and path style for a dotted bucket name.
+		c.VirtualHost = c.Endpoint == "" && !dotted
+	}
+	return nil
+}
+
+func (s *settings) resolvePartSize() error {
+	if s.chunk != 0 && s.bufferSize != 0 && s.chunk != s.bufferSize {
+		return fmt.Errorf("cache URL: multipart-chunk-size=%d and buffer-size=%d disagree (buffer-size is its old name)", s.chunk, s.bufferSize)
+	}
+	s.c.PartSize = max(s.chunk, s.bufferSize)
+	return nil
+}
+
+// resolveMultipart: multipart-threshold only counts with
+// multipart-upload=true, and multipart-upload=false changes nothing.
+func (s *settings) resolveMultipart() error {
+	if s.multipart != nil && *s.multipart {
+		s.c.MultipartThreshold = defaultThreshold
+		if s.threshold != nil {
+			s.c.MultipartThreshold = *s.threshold
+		}
+		return nil
+	}
+	if s.multipart != nil {
+		s.noEffect = append(s.noEffect, "multipart-upload")
+	}
+	if s.threshold != nil {
+		s.noEffect = append(s.noEffect, "multipart-threshold")
+	}
+	return nil
+}
+
+func (s *settings) checkTLS() error {
+	if s.c.TLSPrivateKey != "" && s.c.TLSCertificate == "" {
+		return fmt.Errorf("cache URL: tls-private-key needs tls-certificate")
+	}
+	return nil
+}
+
+// checkCompressionLevel: the level must be in the method's range, and has
+// no effect for a method without levels.
+func (s *settings) checkCompressionLevel() error {
+	c := s.c
+	if c.CompressionLevel == -1 {
+		return nil
+	}
+	r, ok := levelRange[c.Compression]
+	if !ok {
+		s.noEffect = append(s.noEffect, "compression-level")
+		return nil
+	}
+	if c.CompressionLevel < r[0] || c.CompressionLevel > r[1] {
+		return fmt.Errorf("cache URL parameter compression-level=%d: want %d to %d for compression=%s (or -1)", c.CompressionLevel, r[0], r[1], c.Compression)
+	}
+	return nil
+}
+
+// resolveParallel: zstd and lz4 compress a NAR on both cores unless told
+// not to; the other methods are single-threaded here whatever is asked.
+func (s *settings) resolveParallel() error {
+	threaded := s.c.Compression == "zstd" || s.c.Compression == "lz4"
+	s.c.ParallelCompression = threaded
+	if s.parallel == nil {
+		return nil
+	}
+	if threaded {
+		s.c.ParallelCompression = *s.parallel
+	} else if *s.parallel {
+		s.noEffect = append(s.noEffect, "parallel-compression")
+	}
+	return nil
 }
 
 func storeName(scheme string) string {

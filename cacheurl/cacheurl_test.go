@@ -367,3 +367,24 @@ func FuzzParse(f *testing.F) {
 		_ = c.Identity()
 	})
 }
+
+// TestParamsTable: every parameter is declared once, with the stores that
+// know it, a parse func and the effect text docs/configuration.md shows.
+func TestParamsTable(t *testing.T) {
+	seen := map[string]bool{}
+	for _, p := range Params {
+		if seen[p.Name] {
+			t.Errorf("%s declared twice", p.Name)
+		}
+		seen[p.Name] = true
+		if p.parse == nil {
+			t.Errorf("%s has no parse func", p.Name)
+		}
+		if p.Effect == "" {
+			t.Errorf("%s has no effect text", p.Name)
+		}
+		if p.Stores != StoresS3 && p.Stores != StoresS3HTTP && p.Stores != StoresAll {
+			t.Errorf("%s: stores %q is not StoresS3, StoresS3HTTP or StoresAll", p.Name, p.Stores)
+		}
+	}
+}
