@@ -16,11 +16,11 @@ import (
 )
 
 // publisher writes what makes a path visible to Nix clients once its NAR
-// is up: its narinfo, then its realisations and build log. It keeps the
-// rules every such write obeys: the generation rule (generation.go), the
-// garbage collector's guard (guard.go), and create-only writes (a narinfo
-// or realisation already in the cache is never replaced, except a narinfo
-// found broken; see replaceBrokenNarinfo).
+// is up: its narinfo, then its realisations (realiser.go) and build log
+// (logs.go). It keeps the rules every such write obeys: the generation
+// rule (generation.go), the garbage collector's guard (guard.go), and
+// create-only writes (a narinfo or realisation already in the cache is
+// never replaced, except a narinfo found broken; see replaceBrokenNarinfo).
 type publisher struct {
 	bucket   bucket.Bucket // through the request window
 	direct   bucket.Bucket // the same bucket without it (guardedWrite)

@@ -145,14 +145,14 @@ type ResumeStore interface {
 // Uploader uploads closures. It is safe for concurrent use: a dependency
 // shared by concurrent uploads is uploaded once.
 type Uploader struct {
-	opt      Options
-	nars     *narTransfer // NAR compression and upload (nar.go, resume.go)
-	gen      *generation  // the cache generation rule (generation.go)
-	presence *presence
-	graph    *graph
-	pub      *publisher // narinfo, realisation and build log writes (publisher.go)
-	info     *cacheInfo // nix-cache-info (cacheinfo.go)
-	fresh    singleflight.Group
+	opt       Options
+	nars      *narTransfer // NAR compression and upload (nar.go, resume.go)
+	gen       *generation  // the cache generation rule (generation.go)
+	presence  *presence
+	graph     *graph
+	pub       *publisher // narinfo, realisation and build log writes (publisher.go)
+	cacheInfo *cacheInfo // nix-cache-info (cacheinfo.go)
+	fresh     singleflight.Group
 	// deterministic: the same NAR compresses to the same bytes (checked
 	// once at start, in the background; see the package comment).
 	deterministic atomic.Int32 // condUnknown, condYes, condNo
@@ -232,7 +232,7 @@ func New(opt Options) (*Uploader, error) {
 	}
 	u.pub = newPublisher(publisherConfig{bucket: opt.Bucket, guard: opt.Guard, realiser: opt.Realiser, cache: opt.Cache,
 		logs: logs, extras: extras, log: opt.Logger}, u.gen, u.presence)
-	u.info = &cacheInfo{bucket: opt.Bucket, cache: opt.Cache, putNew: u.pub.putNew, log: opt.Logger}
+	u.cacheInfo = &cacheInfo{bucket: opt.Bucket, cache: opt.Cache, putNew: u.pub.putNew, log: opt.Logger}
 	u.graph = newGraph(graphTasks{nar: u.runNAR, narinfo: u.runNarinfo, large: u.nars.isLarge}, u.presence, opt.Workers, 4*opt.Streams)
 	return u, nil
 }
@@ -255,7 +255,7 @@ func (u *Uploader) InProgress() []*Progress {
 // (writing it if missing) and learns the cache's generation from it. Once
 // it has succeeded it costs nothing until CheckGeneration runs.
 func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
-	if u.info.known.Load() {
+	if u.cacheInfo.known.Load() {
 		return nil
 	}
 	// Workers starting at once share one look (and at most one write),
@@ -264,7 +264,7 @@ func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
 	_, err, _ := u.fresh.Do("ensure", func() (any, error) {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), ensureCacheInfoTimeout)
 		defer cancel()
-		if u.info.known.Load() {
+		if u.cacheInfo.known.Load() {
 			return nil, nil
 		}
 		err := u.readGeneration(ctx, nil)
@@ -283,13 +283,13 @@ func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
 // of the presence records is returned as a *presenceError.
 func (u *Uploader) readGeneration(ctx context.Context, missing func()) error {
 	asked := time.Now()
-	info, err := u.info.read(ctx, missing)
+	info, err := u.cacheInfo.read(ctx, missing)
 	if err != nil {
 		return err
 	}
 	u.gen.setBorn(info.LastModified)
 	_, err = u.presence.setGeneration(generationName(info), asked)
-	u.info.known.Store(true)
+	u.cacheInfo.known.Store(true)
 	if err != nil {
 		return &presenceError{err}
 	}
@@ -330,7 +330,7 @@ func (u *Uploader) Probe(ctx context.Context) error {
 // ensureFresh makes sure nix-cache-info exists and the generation was
 // confirmed recently.
 func (u *Uploader) ensureFresh(ctx context.Context) error {
-	if !u.info.known.Load() {
+	if !u.cacheInfo.known.Load() {
 		return u.EnsureCacheInfo(ctx)
 	}
 	if u.gen.due() {
