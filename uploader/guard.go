@@ -49,12 +49,12 @@ func dependencyKeys(storePath, url string, refs []string) []string {
 // Without a guard it always may. A narinfo whose own key is announced for
 // deletion is checked like the objects it relies on: written once the
 // sweep may have begun, the sweep could delete it again.
-func (u *Uploader) guardNarinfo(ctx context.Context, storePath, url string, refs []string) (time.Duration, error) {
+func (pub *publisher) guardNarinfo(ctx context.Context, storePath, url string, refs []string) (time.Duration, error) {
 	keys := dependencyKeys(storePath, url, refs)
-	if u.doomed(storePath) {
+	if pub.doomed(storePath) {
 		keys = append(keys, narinfoKey(storePath))
 	}
-	within, err := u.checkGuard(ctx, keys)
+	within, err := pub.checkGuard(ctx, keys)
 	if err != nil {
 		return 0, fmt.Errorf("narinfo of %s: %w", storePath, err)
 	}
@@ -63,14 +63,14 @@ func (u *Uploader) guardNarinfo(ctx context.Context, storePath, url string, refs
 
 // checkGuard asks the guard (if any) about a write relying on keys, and
 // returns how long the write may take (0: no limit).
-func (u *Uploader) checkGuard(ctx context.Context, keys []string) (time.Duration, error) {
-	if u.opt.Guard == nil {
+func (pub *publisher) checkGuard(ctx context.Context, keys []string) (time.Duration, error) {
+	if pub.guard == nil {
 		return 0, nil
 	}
 	// Learnt before the check, not in the time it allows; a probe that
 	// cannot tell is made again at the write.
-	_, _ = u.conditionalWrites(ctx)
-	return u.opt.Guard.Check(ctx, keys)
+	_, _ = pub.conditionalWrites(ctx)
+	return pub.guard.Check(ctx, keys)
 }
 
 // errLate: a write the guard allowed did not complete in the time it
@@ -81,13 +81,13 @@ var errLate = errors.New("not written within the time the garbage-collection che
 // (0: no guard, no limit). It writes to the bucket directly, not through
 // the request window (whose wait has no bound), and gives up when the time
 // is over: a write landing later could rely on an object a sweep deleted.
-func (u *Uploader) guardedWrite(ctx context.Context, within time.Duration, write func(context.Context, bucket.Bucket) error) error {
+func (pub *publisher) guardedWrite(ctx context.Context, within time.Duration, write func(context.Context, bucket.Bucket) error) error {
 	if within <= 0 {
-		return write(ctx, u.opt.Bucket)
+		return write(ctx, pub.bucket)
 	}
 	wctx, cancel := context.WithTimeout(ctx, within)
 	defer cancel()
-	err := write(wctx, u.direct)
+	err := write(wctx, pub.direct)
 	if err != nil && ctx.Err() == nil && errors.Is(wctx.Err(), context.DeadlineExceeded) {
 		return fmt.Errorf("%w (%s): %v", errLate, within.Round(time.Millisecond), err)
 	}
@@ -95,28 +95,28 @@ func (u *Uploader) guardedWrite(ctx context.Context, within time.Duration, write
 }
 
 // doomed reports whether p's narinfo is announced for deletion.
-func (u *Uploader) doomed(p string) bool {
-	return u.opt.Guard != nil && u.opt.Guard.Doomed(narinfoKey(p))
+func (pub *publisher) doomed(p string) bool {
+	return pub.guard != nil && pub.guard.Doomed(narinfoKey(p))
 }
 
 // presentTop reports whether the top path p of an upload has a narinfo in
 // the cache. If it has one that a collector announced for deletion, the
 // narinfo is rewritten first (revived): a narinfo written after the
 // collector's mark is a root of its sweep, so p and its closure stay.
-func (u *Uploader) presentTop(ctx context.Context, p string) (bool, error) {
-	have, err := hasNarinfo(ctx, u.opt.Bucket, p)
-	if err != nil || !have || !u.doomed(p) {
+func (pub *publisher) presentTop(ctx context.Context, p string) (bool, error) {
+	have, err := hasNarinfo(ctx, pub.bucket, p)
+	if err != nil || !have || !pub.doomed(p) {
 		return have, err
 	}
-	return u.revive(ctx, p)
+	return pub.revive(ctx, p)
 }
 
 // revive rewrites p's narinfo with the bytes it has, if the guard allows
 // it, and only if nobody changed it meanwhile (If-Match). It reports false
 // if the narinfo is gone (the caller uploads p again).
-func (u *Uploader) revive(ctx context.Context, p string) (bool, error) {
+func (pub *publisher) revive(ctx context.Context, p string) (bool, error) {
 	key := narinfoKey(p)
-	data, info, err := u.opt.Bucket.Get(ctx, key, cachefmt.MaxNarinfoSize)
+	data, info, err := pub.bucket.Get(ctx, key, cachefmt.MaxNarinfoSize)
 	if bucket.IsNotExist(err) {
 		return false, nil
 	}
@@ -131,22 +131,22 @@ func (u *Uploader) revive(ctx context.Context, p string) (bool, error) {
 	if err != nil {
 		// Not a narinfo stock Nix can use. It is not replaced (narinfos
 		// never are); the collector deletes it, and the audit names it.
-		u.log.Warn("narinfo in the cache is not valid and is not revived", "path", p, "err", err)
+		pub.log.Warn("narinfo in the cache is not valid and is not revived", "path", p, "err", err)
 		return false, nil
 	}
 	opts := bucket.PutOptions{ContentType: "text/x-nix-narinfo", ContentEncoding: info.ContentEncoding}
-	cond, err := u.conditionalWrites(ctx)
+	cond, err := pub.conditionalWrites(ctx)
 	if err != nil {
 		return false, err
 	}
 	if cond {
 		opts.IfMatch = info.ETag // nobody changed it meanwhile
 	}
-	within, err := u.guardNarinfo(ctx, p, ni.URL, ni.References)
+	within, err := pub.guardNarinfo(ctx, p, ni.URL, ni.References)
 	if err != nil {
 		return false, err
 	}
-	err = u.guardedWrite(ctx, within, func(ctx context.Context, b bucket.Bucket) error {
+	err = pub.guardedWrite(ctx, within, func(ctx context.Context, b bucket.Bucket) error {
 		_, err := b.Put(ctx, key, bytes.NewReader(data), int64(len(data)), opts)
 		return err
 	})
@@ -156,20 +156,6 @@ func (u *Uploader) revive(ctx context.Context, p string) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("revive narinfo of %s: %w", p, err)
 	}
-	u.log.Info("narinfo revived: it was announced for garbage collection", "path", p)
+	pub.log.Info("narinfo revived: it was announced for garbage collection", "path", p)
 	return true, nil
-}
-
-// ForgetPaths drops paths (store paths) from the presence cache, in memory
-// and across restarts: a collector announced their narinfos for deletion,
-// so "the cache has it" may soon be false. Uploads that need them check
-// the cache again. A remembered entry is forgotten on disk by dating it at
-// the Unix epoch, which is older than any TTL, so it is never loaded again.
-func (u *Uploader) ForgetPaths(paths []string) {
-	// Their realisations are doomed with them: write them again when asked.
-	u.extrasDone.Clear()
-	// Every path is forgotten, not only those known now: the records on
-	// disk may not be loaded yet (the bucket was unreachable at start),
-	// and an answer may be on its way.
-	u.presence.forgetPersisted(paths)
 }

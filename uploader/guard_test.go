@@ -144,13 +144,13 @@ func TestReviveRewritesSameBytes(t *testing.T) {
 	g.doomed[key] = true
 	g.refuse = map[string]bool{hashes[0] + ".narinfo": true}
 	g.mu.Unlock()
-	if _, err := u.presentTop(ctx, f.path(1)); !errors.Is(err, errRefused) {
+	if _, err := u.pub.presentTop(ctx, f.path(1)); !errors.Is(err, errRefused) {
 		t.Fatalf("presentTop while refused = %v", err)
 	}
 	g.mu.Lock()
 	g.refuse = nil
 	g.mu.Unlock()
-	have, err := u.presentTop(ctx, f.path(1))
+	have, err := u.pub.presentTop(ctx, f.path(1))
 	if err != nil || !have {
 		t.Fatalf("presentTop = %v, %v", have, err)
 	}
@@ -215,13 +215,13 @@ func TestGuardedWriteSkipsTheWindow(t *testing.T) {
 			return err
 		}
 	}
-	if err := u.guardedWrite(ctx, 5*time.Second, put("guarded")); err != nil {
+	if err := u.pub.guardedWrite(ctx, 5*time.Second, put("guarded")); err != nil {
 		t.Fatalf("guarded write with the window full: %v", err)
 	}
 	// Unguarded writes wait for the window.
 	wctx, wcancel := context.WithTimeout(ctx, 100*time.Millisecond)
 	defer wcancel()
-	if err := u.guardedWrite(wctx, 0, put("unguarded")); !errors.Is(err, context.DeadlineExceeded) {
+	if err := u.pub.guardedWrite(wctx, 0, put("unguarded")); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("unguarded write with the window full = %v, want it to wait", err)
 	}
 }

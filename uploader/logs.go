@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 
 	"github.com/nixspool/nixspool/bucket"
 	"github.com/nixspool/nixspool/cachefmt"
@@ -25,38 +27,62 @@ const maxLogSize = 64 << 20
 // twice, which is harmless).
 const maxLogsRemembered = 10000
 
-// uploadLog uploads the build log of the derivation drv, if Nix kept one,
+// buildLogs uploads build logs, once per derivation.
+type buildLogs struct {
+	bucket      bucket.Bucket
+	dir         string // where Nix keeps them (Options.LogDir)
+	compression string // the cache's log compression
+	log         *slog.Logger
+
+	mu   sync.Mutex
+	done map[string]bool // drv base name → build log uploaded (or being)
+}
+
+func newBuildLogs(b bucket.Bucket, dir, compression string, log *slog.Logger) *buildLogs {
+	return &buildLogs{bucket: b, dir: dir, compression: compression, log: log, done: map[string]bool{}}
+}
+
+// upload uploads the build log of the derivation drv, if Nix kept one,
 // as log/<drv basename> (what `nix-store --store <cache> --read-log` reads). It is
 // best-effort: a missing or unreadable log never fails an upload.
-func (u *Uploader) uploadLog(ctx context.Context, drv string) {
+func (l *buildLogs) upload(ctx context.Context, drv string) {
 	base := filepath.Base(drv)
 	if len(base) < 3 {
 		return
 	}
-	u.logsMu.Lock()
-	done := u.logsDone[base]
-	u.logsDone[base] = true
-	u.logsMu.Unlock()
+	l.mu.Lock()
+	done := l.done[base]
+	l.done[base] = true
+	l.mu.Unlock()
 	if done {
 		return
 	}
-	data, err := readBuildLog(u.opt.LogDir, base)
+	data, err := readBuildLog(l.dir, base)
 	if errors.Is(err, os.ErrNotExist) {
 		return
 	}
 	if err == nil {
 		var body []byte
-		if body, err = compressMeta(u.opt.Cache.LogCompression, data); err == nil {
-			_, err = u.opt.Bucket.Put(ctx, cachefmt.Keys.Log(base), bytes.NewReader(body), int64(len(body)),
-				bucket.PutOptions{ContentType: "text/plain; charset=utf-8", ContentEncoding: u.opt.Cache.LogCompression})
+		if body, err = compressMeta(l.compression, data); err == nil {
+			_, err = l.bucket.Put(ctx, cachefmt.Keys.Log(base), bytes.NewReader(body), int64(len(body)),
+				bucket.PutOptions{ContentType: "text/plain; charset=utf-8", ContentEncoding: l.compression})
 		}
 	}
 	if err != nil {
-		u.logsMu.Lock()
-		delete(u.logsDone, base) // try again with the next output of this derivation
-		u.logsMu.Unlock()
-		u.log.Warn("upload build log", "drv", drv, "err", err)
+		l.mu.Lock()
+		delete(l.done, base) // try again with the next output of this derivation
+		l.mu.Unlock()
+		l.log.Warn("upload build log", "drv", drv, "err", err)
 	}
+}
+
+// prune bounds the record of derivations whose log was uploaded.
+func (l *buildLogs) prune() {
+	l.mu.Lock()
+	if len(l.done) > maxLogsRemembered {
+		l.done = map[string]bool{}
+	}
+	l.mu.Unlock()
 }
 
 // readBuildLog reads Nix's log of the derivation with base name base:

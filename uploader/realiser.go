@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nixspool/nixspool/bucket"
@@ -24,6 +26,34 @@ type Extra = cachefmt.Object
 // maxExtrasDone bounds the memory of extras already written.
 const maxExtrasDone = 100_000
 
+// writtenExtras remembers the extras this uploader wrote (key → sha256 of
+// the body written), so that one that recurs for every path relying on it
+// is not written again. Bounded by maxExtrasDone.
+type writtenExtras struct {
+	done  sync.Map
+	count atomic.Int64
+}
+
+// has reports whether the object at key was written with the body whose
+// sha256 is sum.
+func (w *writtenExtras) has(key string, sum [32]byte) bool {
+	v, ok := w.done.Load(key)
+	return ok && v.([32]byte) == sum
+}
+
+// add records the object at key (with the body whose sha256 is sum) as in
+// the cache; wrote: this uploader wrote it (else another writer had).
+func (w *writtenExtras) add(key string, sum [32]byte, wrote bool) {
+	if wrote && w.count.Add(1) > maxExtrasDone {
+		w.done.Clear()
+		w.count.Store(1)
+	}
+	w.done.Store(key, sum)
+}
+
+// clear forgets every object recorded: write them again when asked.
+func (w *writtenExtras) clear() { w.done.Clear() }
+
 // putRealisations writes the objects Options.Realiser supplies for info,
 // whose narinfo (and its references' narinfos) must already be in the
 // cache, in the order given. Like narinfos they are written create-only: a
@@ -32,30 +62,30 @@ const maxExtrasDone = 100_000
 // kept. An object this uploader already wrote with the same body is not
 // written again (dependent realisations recur for every path that relies
 // on them). It returns how many objects it wrote.
-func (u *Uploader) putRealisations(ctx context.Context, info *nixstore.PathInfo) (int, error) {
-	if u.opt.Realiser == nil {
+func (pub *publisher) putRealisations(ctx context.Context, info *nixstore.PathInfo) (int, error) {
+	if pub.realiser == nil {
 		return 0, nil
 	}
-	if !u.presence.seen(info.Path) {
+	if !pub.presence.seen(info.Path) {
 		// Never a realisation whose output has no narinfo (a path a filter
 		// left out, or one whose upload did not complete).
 		asked := time.Now()
-		have, err := hasNarinfo(ctx, u.opt.Bucket, info.Path)
+		have, err := hasNarinfo(ctx, pub.bucket, info.Path)
 		if err != nil || !have {
 			return 0, err
 		}
-		u.presence.mark([]string{info.Path}, asked)
+		pub.presence.mark([]string{info.Path}, asked)
 	}
-	return u.writeRealisations(ctx, info)
+	return pub.writeRealisations(ctx, info)
 }
 
 // writeRealisations is putRealisations once info's narinfo is known to be
 // in the cache (just written, or found there).
-func (u *Uploader) writeRealisations(ctx context.Context, info *nixstore.PathInfo) (int, error) {
-	if u.opt.Realiser == nil {
+func (pub *publisher) writeRealisations(ctx context.Context, info *nixstore.PathInfo) (int, error) {
+	if pub.realiser == nil {
 		return 0, nil
 	}
-	extras, err := u.opt.Realiser.For(ctx, info)
+	extras, err := pub.realiser.For(ctx, info)
 	if err != nil {
 		return 0, fmt.Errorf("realisations of %s: %w", info.Path, err)
 	}
@@ -68,7 +98,7 @@ func (u *Uploader) writeRealisations(ctx context.Context, info *nixstore.PathInf
 	var todos []todo
 	for _, e := range extras {
 		sum := sha256.Sum256(e.Body)
-		if v, ok := u.extrasDone.Load(e.Key); !ok || v.([32]byte) != sum {
+		if !pub.extras.has(e.Key, sum) {
 			todos = append(todos, todo{e, sum})
 		}
 	}
@@ -78,36 +108,24 @@ func (u *Uploader) writeRealisations(ctx context.Context, info *nixstore.PathInf
 	// A realisation relies on its output's narinfo and, through its
 	// dependencies, on the outputs it references: like a narinfo, it is
 	// not written while a collector may be deleting them.
-	within, err := u.checkGuard(ctx, dependencyKeys(info.Path, narinfoKey(info.Path), info.References))
+	within, err := pub.checkGuard(ctx, dependencyKeys(info.Path, narinfoKey(info.Path), info.References))
 	if err != nil {
 		return 0, fmt.Errorf("realisations of %s: %w", info.Path, err)
 	}
 	n := 0
-	err = u.guardedWrite(ctx, within, func(ctx context.Context, b bucket.Bucket) error {
+	err = pub.guardedWrite(ctx, within, func(ctx context.Context, b bucket.Bucket) error {
 		for _, e := range todos {
-			wrote, err := u.putNew(ctx, b, e.Key, e.Body, bucket.PutOptions{ContentType: e.ContentType})
+			wrote, err := pub.putNew(ctx, b, e.Key, e.Body, bucket.PutOptions{ContentType: e.ContentType})
 			if err != nil {
 				return fmt.Errorf("write %s: %w", e.Key, err)
 			}
-			if wrote && u.extrasCount.Add(1) > maxExtrasDone {
-				u.extrasDone.Clear()
-				u.extrasCount.Store(1)
-			}
-			u.extrasDone.Store(e.Key, e.sum)
+			pub.extras.add(e.Key, e.sum, wrote)
 			if wrote {
 				n++
-				u.log.Info("realisation uploaded", "path", info.Path, "key", e.Key)
+				pub.log.Info("realisation uploaded", "path", info.Path, "key", e.Key)
 			}
 		}
 		return nil
 	})
 	return n, err
-}
-
-// PutRealisations writes the realisations of info.Path, which is already
-// in the cache (its narinfo and its closure's): for a job whose path was
-// found present, so that derivations that produced it later (or that the
-// agent learnt about after the narinfo was written) still get theirs.
-func (u *Uploader) PutRealisations(ctx context.Context, info *nixstore.PathInfo) (int, error) {
-	return u.putRealisations(ctx, info)
 }

@@ -260,10 +260,10 @@ func (b *ignoresConditions) Put(ctx context.Context, key string, r io.Reader, si
 
 func TestConditionalProbeFindsStoresThatIgnoreIt(t *testing.T) {
 	w := newWorld(t, 1, chain, size(10))
-	if ok, err := w.uploader(Options{}).conditionalWrites(context.Background()); !ok || err != nil {
+	if ok, err := w.uploader(Options{}).pub.conditionalWrites(context.Background()); !ok || err != nil {
 		t.Fatalf("the file bucket honours create-only writes; probe = %v, %v", ok, err)
 	}
-	if ok, err := w.uploader(Options{Bucket: &ignoresConditions{w.b}}).conditionalWrites(context.Background()); ok || err != nil {
+	if ok, err := w.uploader(Options{Bucket: &ignoresConditions{w.b}}).pub.conditionalWrites(context.Background()); ok || err != nil {
 		t.Fatalf("a store ignoring If-None-Match: probe = %v, %v; want false", ok, err)
 	}
 }
@@ -317,8 +317,8 @@ func TestRefusedProbeFallsBack(t *testing.T) {
 	if _, err := u.Upload(context.Background(), w.paths[0]); err != nil {
 		t.Fatalf("upload with the probe refused: %v", err)
 	}
-	if !w.has(0) || u.conditional.Load() != condNo {
-		t.Fatalf("uploaded %v, create-only writes %d; want uploaded, looking before writing", w.has(0), u.conditional.Load())
+	if !w.has(0) || u.pub.conditional.Load() != condNo {
+		t.Fatalf("uploaded %v, create-only writes %d; want uploaded, looking before writing", w.has(0), u.pub.conditional.Load())
 	}
 }
 
@@ -712,7 +712,7 @@ func TestStoreRejectingConditionalWrites(t *testing.T) {
 	if err != nil || res.Paths != 2 {
 		t.Fatalf("Upload = %+v, %v", res, err)
 	}
-	if u.conditional.Load() != condNo {
+	if u.pub.conditional.Load() != condNo {
 		t.Fatal("the probe did not record that the store refuses conditional writes")
 	}
 	got, _, _ := w.fb.Get(context.Background(), hashFor(0)+".narinfo", 1<<20)

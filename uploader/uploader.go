@@ -58,7 +58,6 @@ package uploader
 
 import (
 	"context"
-	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -74,10 +73,8 @@ import (
 	"golang.org/x/sync/singleflight"
 
 	"github.com/nixspool/nixspool/bucket"
-	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/cacheurl"
 	"github.com/nixspool/nixspool/nixstore"
-	"github.com/nixspool/nixspool/storepath"
 )
 
 // MetadataSource gives store path metadata (nixstore.Store implements it).
@@ -148,21 +145,14 @@ type ResumeStore interface {
 // Uploader uploads closures. It is safe for concurrent use: a dependency
 // shared by concurrent uploads is uploaded once.
 type Uploader struct {
-	opt         Options
-	direct      bucket.Bucket // opt.Bucket without its request window
-	nars        *narTransfer  // NAR compression and upload (nar.go, resume.go)
-	gen         *generation   // the cache generation rule (generation.go)
-	presence    *presence
-	graph       *graph
-	conditional atomic.Int32 // condUnknown, condYes, condNo
-	// cacheInfoOK: nix-cache-info is known to exist. No narinfo is written
-	// before it: without it Nix refuses the whole cache.
-	cacheInfoOK atomic.Bool
-	fresh       singleflight.Group
-	logsMu      sync.Mutex
-	logsDone    map[string]bool // drv base name → build log uploaded (or being)
-	extrasDone  sync.Map        // key → sha256 of the body written (see putRealisations)
-	extrasCount atomic.Int64
+	opt       Options
+	nars      *narTransfer // NAR compression and upload (nar.go, resume.go)
+	gen       *generation  // the cache generation rule (generation.go)
+	presence  *presence
+	graph     *graph
+	pub       *publisher // narinfo, realisation and build log writes (publisher.go)
+	cacheInfo *cacheInfo // nix-cache-info (cacheinfo.go)
+	fresh     singleflight.Group
 	// deterministic: the same NAR compresses to the same bytes (checked
 	// once at start, in the background; see the package comment).
 	deterministic atomic.Int32 // condUnknown, condYes, condNo
@@ -227,16 +217,22 @@ func New(opt Options) (*Uploader, error) {
 		opt.Logger.Info("removed orphaned temp files", "count", len(old))
 	}
 	u := &Uploader{
-		opt:      opt,
-		direct:   bucket.Direct(opt.Bucket),
-		nars:     newNARTransfer(opt, comp),
-		logsDone: map[string]bool{},
-		log:      opt.Logger,
+		opt:  opt,
+		nars: newNARTransfer(opt, comp),
+		log:  opt.Logger,
 	}
 	go u.checkDeterministic()
 	u.gen = &generation{check: u.CheckGeneration, every: opt.GenerationCheck}
+	extras := &writtenExtras{} // what went with the cache on a reset: the realisations written
 	u.presence = newPresence(presenceConfig{bucket: opt.Bucket, guard: opt.Guard, store: opt.Presence, ttl: opt.PresenceTTL,
-		cacheID: opt.Cache.Identity(), cacheName: opt.Cache.String(), onReset: u.extrasDone.Clear, log: opt.Logger}, u.gen)
+		cacheID: opt.Cache.Identity(), cacheName: opt.Cache.String(), onReset: extras.clear, log: opt.Logger}, u.gen)
+	var logs *buildLogs
+	if opt.UploadLogs {
+		logs = newBuildLogs(opt.Bucket, opt.LogDir, opt.Cache.LogCompression, opt.Logger)
+	}
+	u.pub = newPublisher(publisherConfig{bucket: opt.Bucket, guard: opt.Guard, realiser: opt.Realiser, cache: opt.Cache,
+		logs: logs, extras: extras, log: opt.Logger}, u.gen, u.presence)
+	u.cacheInfo = &cacheInfo{bucket: opt.Bucket, cache: opt.Cache, putNew: u.pub.putNew, log: opt.Logger}
 	u.graph = newGraph(graphTasks{nar: u.runNAR, narinfo: u.runNarinfo, large: u.nars.isLarge}, u.presence, opt.Workers, 4*opt.Streams)
 	return u, nil
 }
@@ -259,7 +255,7 @@ func (u *Uploader) InProgress() []*Progress {
 // (writing it if missing) and learns the cache's generation from it. Once
 // it has succeeded it costs nothing until CheckGeneration runs.
 func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
-	if u.cacheInfoOK.Load() {
+	if u.cacheInfo.known.Load() {
 		return nil
 	}
 	// Workers starting at once share one look (and at most one write),
@@ -268,7 +264,7 @@ func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
 	_, err, _ := u.fresh.Do("ensure", func() (any, error) {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), ensureCacheInfoTimeout)
 		defer cancel()
-		if u.cacheInfoOK.Load() {
+		if u.cacheInfo.known.Load() {
 			return nil, nil
 		}
 		err := u.readGeneration(ctx, nil)
@@ -287,19 +283,13 @@ func (u *Uploader) EnsureCacheInfo(ctx context.Context) error {
 // of the presence records is returned as a *presenceError.
 func (u *Uploader) readGeneration(ctx context.Context, missing func()) error {
 	asked := time.Now()
-	info, err := u.statCacheInfo(ctx)
-	if bucket.IsNotExist(err) {
-		if missing != nil {
-			missing()
-		}
-		info, err = u.writeCacheInfo(ctx)
-	}
+	info, err := u.cacheInfo.read(ctx, missing)
 	if err != nil {
-		return fmt.Errorf("check nix-cache-info: %w", err)
+		return err
 	}
 	u.gen.setBorn(info.LastModified)
 	_, err = u.presence.setGeneration(generationName(info), asked)
-	u.cacheInfoOK.Store(true)
+	u.cacheInfo.known.Store(true)
 	if err != nil {
 		return &presenceError{err}
 	}
@@ -315,49 +305,6 @@ func (e *presenceError) Unwrap() error { return e.err }
 
 // ensureCacheInfoTimeout bounds the shared look at nix-cache-info.
 const ensureCacheInfoTimeout = 2 * time.Minute
-
-// writeCacheInfo creates nix-cache-info (create-only: of two agents
-// writing it at once, one wins and both see the same object).
-//
-// The body ends with a line naming this write (Nix reads only the fields
-// it knows and skips the others), so that every nix-cache-info nixspool
-// writes has its own ETag: a bucket reset and filled again within the
-// second of the previous write, which Last-Modified cannot tell apart, is
-// still a new generation.
-func (u *Uploader) writeCacheInfo(ctx context.Context) (bucket.Info, error) {
-	wmq := 0
-	if u.opt.Cache.WantMassQuery {
-		wmq = 1
-	}
-	body := fmt.Sprintf("StoreDir: %s\nWantMassQuery: %d\nPriority: %d\n%s: %s\n",
-		storepath.DefaultStoreDir, wmq, u.opt.Cache.Priority, CacheInfoGenerationField, rand.Text())
-	wrote, err := u.putNew(ctx, u.opt.Bucket, cachefmt.CacheInfoKey, []byte(body), bucket.PutOptions{ContentType: "text/x-nix-cache-info"})
-	if err != nil {
-		return bucket.Info{}, fmt.Errorf("write nix-cache-info: %w", err)
-	}
-	if wrote {
-		u.log.Info("wrote nix-cache-info", "cache", u.opt.Cache.String())
-	}
-	return u.statCacheInfo(ctx)
-}
-
-// statCacheInfo reads nix-cache-info's identity with a GET rather than a
-// HEAD: an error answer to a GET carries its reason, so a skewed clock or
-// an expired token is never taken for an emptied bucket.
-func (u *Uploader) statCacheInfo(ctx context.Context) (bucket.Info, error) {
-	_, info, err := u.opt.Bucket.Get(ctx, cachefmt.CacheInfoKey, 64<<10)
-	return info, err
-}
-
-// CacheInfoGenerationField is the nix-cache-info field that names the
-// write which created it.
-const CacheInfoGenerationField = "NixspoolGeneration"
-
-// generationName identifies one incarnation of the cache: its
-// nix-cache-info object, which a reset or a recreated bucket replaces.
-func generationName(info bucket.Info) string {
-	return info.ETag + "@" + info.LastModified.UTC().Format(time.RFC3339Nano)
-}
 
 // CheckGeneration asks the cache whether it is the same cache as before (a
 // real round trip): if its nix-cache-info changed or vanished, everything
@@ -383,7 +330,7 @@ func (u *Uploader) Probe(ctx context.Context) error {
 // ensureFresh makes sure nix-cache-info exists and the generation was
 // confirmed recently.
 func (u *Uploader) ensureFresh(ctx context.Context) error {
-	if !u.cacheInfoOK.Load() {
+	if !u.cacheInfo.known.Load() {
 		return u.EnsureCacheInfo(ctx)
 	}
 	if u.gen.due() {
@@ -435,12 +382,12 @@ func (u *Uploader) Upload(ctx context.Context, path string) (Result, error) {
 // done after all.
 func (u *Uploader) goneFromStore(ctx context.Context, path string) error {
 	asked, gen := time.Now(), u.gen.current()
-	have, herr := u.presentTop(ctx, path) // asked for again: revived if doomed
+	have, herr := u.pub.presentTop(ctx, path) // asked for again: revived if doomed
 	if herr == nil && have {
 		u.presence.mark([]string{path}, asked)
 		return u.settle(ctx, gen, time.Now(), nil)
 	}
-	if herr != nil && u.doomed(path) {
+	if herr != nil && u.pub.doomed(path) {
 		return herr // a collector holds it back: transient
 	}
 	return Permanent(&nixstore.InvalidPathError{Path: path})
@@ -450,13 +397,13 @@ func (u *Uploader) goneFromStore(ctx context.Context, path string) error {
 // given it again), nil if it holds it.
 func (u *Uploader) missingTop(ctx context.Context, path string) ([]string, error) {
 	missing, err := u.presence.check(ctx, []string{path})
-	if err != nil || len(missing) > 0 || !u.doomed(path) {
+	if err != nil || len(missing) > 0 || !u.pub.doomed(path) {
 		return missing, err
 	}
 	// A collector announced it, and it was just built or pushed again:
 	// rewrite its narinfo so that it stays (or, if it is gone meanwhile,
 	// upload it again).
-	revived, err := u.revive(ctx, path)
+	revived, err := u.pub.revive(ctx, path)
 	if err != nil {
 		return nil, err
 	}
@@ -574,7 +521,7 @@ func waitNodes(ctx context.Context, interest []*node, top *node) (failed, err er
 // the release of resume state nothing will use.
 func (u *Uploader) finishClosure(ctx context.Context, gen uint64, info *nixstore.PathInfo, closure []*nixstore.PathInfo, interest []*node, top *node, broken []string, res *Result) error {
 	if top == nil {
-		n, err := u.putRealisations(ctx, info)
+		n, err := u.pub.putRealisations(ctx, info)
 		if err != nil {
 			return err
 		}
@@ -583,7 +530,7 @@ func (u *Uploader) finishClosure(ctx context.Context, gen uint64, info *nixstore
 	// A broken narinfo may still be there: kept by a node that wrote or
 	// found it before this job marked it for repair. Never acknowledged.
 	for _, p := range broken {
-		ok, err := u.narinfoComplete(ctx, p)
+		ok, err := u.pub.narinfoComplete(ctx, p)
 		if err != nil {
 			return err
 		}
@@ -631,7 +578,7 @@ func (u *Uploader) verifyPresent(ctx context.Context, closure []*nixstore.PathIn
 			continue
 		}
 		g.Go(func() error {
-			ok, err := u.narinfoComplete(gctx, p)
+			ok, err := u.pub.narinfoComplete(gctx, p)
 			if err != nil {
 				return err
 			}
@@ -648,42 +595,6 @@ func (u *Uploader) verifyPresent(ctx context.Context, closure []*nixstore.PathIn
 	return broken, g.Wait()
 }
 
-// narinfoComplete reports whether p's narinfo is in the cache, parses,
-// and names a NAR object of the size it claims.
-func (u *Uploader) narinfoComplete(ctx context.Context, p string) (bool, error) {
-	ok, _, err := u.narinfoState(ctx, u.opt.Bucket, p)
-	return ok, err
-}
-
-// narinfoState is narinfoComplete on b, and also returns the ETag of the
-// narinfo it read ("" if there is none).
-func (u *Uploader) narinfoState(ctx context.Context, b bucket.Bucket, p string) (complete bool, etag string, err error) {
-	data, info, err := b.Get(ctx, narinfoKey(p), cachefmt.MaxNarinfoSize)
-	if bucket.IsNotExist(err) {
-		return false, "", nil
-	}
-	if err != nil {
-		return false, "", fmt.Errorf("read narinfo of %s: %w", p, err)
-	}
-	plain, err := cachefmt.DecodeContentEncoding(info.ContentEncoding, data)
-	if err != nil {
-		return false, info.ETag, nil
-	}
-	ni, err := cachefmt.ParseNarInfo(plain)
-	if err != nil {
-		return false, info.ETag, nil
-	}
-	st, err := b.Stat(ctx, ni.URL)
-	switch {
-	case bucket.IsNotExist(err):
-		u.log.Warn("narinfo in the cache names a NAR that is not there (written across a reset); uploading the path again", "path", p, "nar", ni.URL)
-		return false, info.ETag, nil
-	case err != nil:
-		return false, "", fmt.Errorf("check NAR of %s: %w", p, err)
-	}
-	return ni.FileSize < 0 || st.Size == ni.FileSize, info.ETag, nil
-}
-
 // youngCache is how long after its creation or reset a cache's narinfos
 // are not trusted to come with their closure (see Upload).
 const youngCache = 10 * time.Minute
@@ -692,7 +603,7 @@ const youngCache = 10 * time.Minute
 // the acknowledgement's generation check, and the release of resume state
 // nothing will use.
 func (u *Uploader) present(ctx context.Context, gen uint64, info *nixstore.PathInfo) (Result, error) {
-	n, err := u.putRealisations(ctx, info)
+	n, err := u.pub.putRealisations(ctx, info)
 	if err != nil {
 		return Result{}, err
 	}
@@ -751,63 +662,27 @@ func (u *Uploader) runNarinfo(n *node) {
 		fail(err)
 		return
 	}
-	// The generation rule: a narinfo is written only if the cache is
-	// confirmed to be the generation the upload was planned in by a
-	// question sent after the last object it depends on was written or
-	// found present (dependsSince). A reset before that question makes
-	// the upload start over; one after it is caught by settle.
-	if err := u.gen.confirmAfter(ctx, n.dependsSince); err != nil {
-		fail(err)
-		return
-	}
-	if n.gen != u.gen.current() {
-		fail(errReset)
-		return
-	}
-	// With a collector at work: nothing this narinfo relies on (its NAR,
-	// its references' narinfos) is about to be deleted.
-	within, err := u.guardNarinfo(ctx, n.info.Path, n.ni.URL, n.ni.References)
+	res, err := u.pub.publish(ctx, n)
 	if err != nil {
 		fail(err)
 		return
-	}
-	var wrote bool
-	started := time.Now()
-	err = u.guardedWrite(ctx, within, func(ctx context.Context, b bucket.Bucket) (err error) {
-		wrote, err = u.putNarinfo(ctx, b, n.ni)
-		if err == nil && !wrote && (n.repair.Load() || u.presence.doubted(n.info.Path)) {
-			wrote, err = u.replaceBrokenNarinfo(ctx, b, n.ni)
-		}
-		return err
-	})
-	if err != nil {
-		fail(err)
-		return
-	}
-	extras, err := u.writeRealisations(ctx, n.info)
-	if err != nil {
-		fail(err)
-		return
-	}
-	if u.opt.UploadLogs && n.info.Deriver != "" {
-		u.uploadLog(ctx, n.info.Deriver)
 	}
 	n.owner.add(func(r *Result) {
-		if wrote {
+		if res.wrote {
 			r.Paths++
 		} else {
 			r.Kept++
 		}
 		r.NARBytes += n.ni.NarSize
 		r.FileBytes += n.sent
-		r.Realisations += extras
+		r.Realisations += res.extras
 	})
-	if wrote {
+	if res.wrote {
 		u.log.Info("path uploaded", "path", n.info.Path, "nar_bytes", n.ni.NarSize, "file_bytes", n.ni.FileSize)
 	} else {
 		u.log.Info("narinfo already in the cache (another writer); kept it", "path", n.info.Path)
 	}
-	u.graph.succeed(n, started, time.Now(), wrote)
+	u.graph.succeed(n, res.started, time.Now(), res.wrote)
 }
 
 // ConfirmGeneration returns once the cache's generation was confirmed by a
@@ -839,6 +714,28 @@ func (u *Uploader) Forget() error {
 	return u.presence.reset()
 }
 
+// ForgetPaths drops paths (store paths) from the presence cache, in memory
+// and across restarts: a collector announced their narinfos for deletion,
+// so "the cache has it" may soon be false. Uploads that need them check
+// the cache again. A remembered entry is forgotten on disk by dating it at
+// the Unix epoch, which is older than any TTL, so it is never loaded again.
+func (u *Uploader) ForgetPaths(paths []string) {
+	// Their realisations are doomed with them: write them again when asked.
+	u.pub.forgetRealisations()
+	// Every path is forgotten, not only those known now: the records on
+	// disk may not be loaded yet (the bucket was unreachable at start),
+	// and an answer may be on its way.
+	u.presence.forgetPersisted(paths)
+}
+
+// PutRealisations writes the realisations of info.Path, which is already
+// in the cache (its narinfo and its closure's): for a job whose path was
+// found present, so that derivations that produced it later (or that the
+// agent learnt about after the narinfo was written) still get theirs.
+func (u *Uploader) PutRealisations(ctx context.Context, info *nixstore.PathInfo) (int, error) {
+	return u.pub.putRealisations(ctx, info)
+}
+
 // Maintain prunes what grows with uptime: presence entries older than the
 // TTL (in memory and persisted) and the record of uploaded build logs.
 func (u *Uploader) Maintain() {
@@ -848,11 +745,7 @@ func (u *Uploader) Maintain() {
 		u.log.Warn("prune presence records", "err", err)
 	}
 	n += m
-	u.logsMu.Lock()
-	if len(u.logsDone) > maxLogsRemembered {
-		u.logsDone = map[string]bool{}
-	}
-	u.logsMu.Unlock()
+	u.pub.pruneLogs()
 	if n > 0 {
 		u.log.Debug("pruned presence cache", "entries", n)
 	}
@@ -874,7 +767,7 @@ type Stats struct {
 func (u *Uploader) Stats() Stats {
 	s := Stats{KnownPresent: u.presence.count(), GenerationAge: u.gen.age(), PathsInProgress: u.graph.inProgress(), DeterministicCompression: tristate(u.deterministic.Load())}
 	s.Generation = u.gen.currentName()
-	s.ConditionalWrites = tristate(u.conditional.Load())
+	s.ConditionalWrites = tristate(u.pub.conditional.Load())
 	return s
 }
 
