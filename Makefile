@@ -19,7 +19,7 @@ MINIO_VERSION       := v0.0.0-20260212201848-7aac2a2c5b7c
 VERSITYGW_VERSION   := v1.8.0
 STATICCHECK_VERSION := v0.8.2
 VERSION      ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
-LDFLAGS      := -s -w -X github.com/nixspool/nixspool/agent.Version=$(VERSION)
+LDFLAGS      := -s -w -X github.com/nixspool/nixspool/internal/agent.Version=$(VERSION)
 export PATH  := $(TOOLS):$(PATH)
 NIX          := nix --extra-experimental-features nix-command
 

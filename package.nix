@@ -21,7 +21,7 @@ buildGoModule rec {
 
   subPackages = [ "cmd/hook" "cmd/agentd" "cmd/agentctl" ];
 
-  ldflags = [ "-s" "-w" "-X github.com/nixspool/nixspool/agent.Version=${version}" ];
+  ldflags = [ "-s" "-w" "-X github.com/nixspool/nixspool/internal/agent.Version=${version}" ];
 
   # The tests need a writable Nix store, root and a MinIO server: `make test`.
   doCheck = false;

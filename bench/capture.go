@@ -15,8 +15,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nixspool/nixspool/internal/storewatch"
 	"github.com/nixspool/nixspool/protocol"
-	"github.com/nixspool/nixspool/storewatch"
 )
 
 var (

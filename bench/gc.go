@@ -10,10 +10,10 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nixspool/nixspool/audit"
-	"github.com/nixspool/nixspool/bucket"
 	"github.com/nixspool/nixspool/cachefmt"
-	"github.com/nixspool/nixspool/gc"
+	"github.com/nixspool/nixspool/internal/audit"
+	"github.com/nixspool/nixspool/internal/bucket"
+	"github.com/nixspool/nixspool/internal/cachegc"
 )
 
 // gcSection: garbage collection cycles over a bucket of 20,000 narinfos
@@ -78,17 +78,17 @@ func (b *bench) gcSection() error {
 	if !arep.OK() {
 		return fmt.Errorf("the bench bucket is not healthy: %s", arep.Summary())
 	}
-	cache, err := gc.OpenRefCache(filepath.Join(b.work, "gc.db"), c.Identity())
+	cache, err := cachegc.OpenRefCache(filepath.Join(b.work, "gc.db"), c.Identity())
 	if err != nil {
 		return err
 	}
 	defer cache.Close()
-	opt := gc.Options{KeepSince: 24 * time.Hour, Grace: time.Minute, Agent: "bench", Host: "bench", Cache: cache}
-	first, err := gc.Run(ctx, bu, opt)
+	opt := cachegc.Options{KeepSince: 24 * time.Hour, Grace: time.Minute, Agent: "bench", Host: "bench", Cache: cache}
+	first, err := cachegc.Run(ctx, bu, opt)
 	if err != nil {
 		return err
 	}
-	second, err := gc.Run(ctx, bu, opt)
+	second, err := cachegc.Run(ctx, bu, opt)
 	if err != nil {
 		return err
 	}
@@ -109,7 +109,7 @@ func (b *bench) gcSection() error {
 
 	// Everything goes: retention 0, a short grace.
 	opt.KeepSince, opt.Grace = 0, 5*time.Second
-	del, err := gc.Run(ctx, bu, opt)
+	del, err := cachegc.Run(ctx, bu, opt)
 	if err != nil {
 		return err
 	}

@@ -21,9 +21,9 @@ import (
 	"github.com/minio/minio-go/v7"
 	"github.com/minio/minio-go/v7/pkg/credentials"
 
-	"github.com/nixspool/nixspool/bucket"
-	s3bucket "github.com/nixspool/nixspool/bucket/s3"
 	"github.com/nixspool/nixspool/cacheurl"
+	"github.com/nixspool/nixspool/internal/bucket"
+	s3bucket "github.com/nixspool/nixspool/internal/bucket/s3"
 	"github.com/nixspool/nixspool/internal/testenv"
 )
 

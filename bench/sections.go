@@ -11,11 +11,11 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nixspool/nixspool/bucket"
-	s3bucket "github.com/nixspool/nixspool/bucket/s3"
 	"github.com/nixspool/nixspool/cachefmt"
 	"github.com/nixspool/nixspool/cacheurl"
-	"github.com/nixspool/nixspool/uploader"
+	"github.com/nixspool/nixspool/internal/bucket"
+	s3bucket "github.com/nixspool/nixspool/internal/bucket/s3"
+	"github.com/nixspool/nixspool/internal/uploader"
 )
 
 const trivialSrc = `package main

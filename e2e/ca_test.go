@@ -15,8 +15,8 @@ import (
 
 	"github.com/minio/minio-go/v7"
 
+	"github.com/nixspool/nixspool/internal/realisation"
 	"github.com/nixspool/nixspool/internal/testenv"
-	"github.com/nixspool/nixspool/realisation"
 )
 
 // caConfig turns on content-addressed derivations (Nix 2.8).

@@ -13,9 +13,9 @@ import (
 
 	"github.com/minio/minio-go/v7"
 
+	"github.com/nixspool/nixspool/internal/storewatch"
 	"github.com/nixspool/nixspool/internal/testenv"
 	"github.com/nixspool/nixspool/protocol"
-	"github.com/nixspool/nixspool/storewatch"
 )
 
 // captureFlags start the store watcher at the store's top: the shared

@@ -12,8 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nixspool/nixspool/internal/spool"
 	"github.com/nixspool/nixspool/internal/testenv"
-	"github.com/nixspool/nixspool/spool"
 	"github.com/nixspool/nixspool/storepath"
 )
 

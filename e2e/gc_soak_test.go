@@ -21,7 +21,7 @@ import (
 	"github.com/minio/minio-go/v7"
 
 	"github.com/nixspool/nixspool/cachefmt"
-	"github.com/nixspool/nixspool/gc"
+	"github.com/nixspool/nixspool/internal/cachegc"
 	"github.com/nixspool/nixspool/internal/testenv"
 	"github.com/nixspool/nixspool/storepath"
 )
@@ -369,7 +369,7 @@ func TestGCSoak(t *testing.T) {
 		sc := bufio.NewScanner(stderr)
 		for sc.Scan() {
 			stderrText.WriteString(sc.Text() + "\n")
-			if !didKill && sc.Text() == "gc: "+gc.StageDelete {
+			if !didKill && sc.Text() == "gc: "+cachegc.StageDelete {
 				deleting++
 				if deleting%2 == 0 {
 					continue
@@ -511,9 +511,9 @@ func TestGCSoak(t *testing.T) {
 		checker.checked.Load(), len(rootPaths)-1, len(pre), rep.Deleted.Narinfos, len(universe), gone)
 }
 
-func decodeReport(t *testing.T, s string) *gc.Report {
+func decodeReport(t *testing.T, s string) *cachegc.Report {
 	t.Helper()
-	var rep gc.Report
+	var rep cachegc.Report
 	if err := json.Unmarshal([]byte(s), &rep); err != nil {
 		t.Fatalf("gc report: %v\n%s", err, s)
 	}

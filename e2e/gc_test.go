@@ -16,14 +16,14 @@ import (
 
 	"github.com/minio/minio-go/v7"
 
-	"github.com/nixspool/nixspool/gc"
+	"github.com/nixspool/nixspool/internal/cachegc"
 	"github.com/nixspool/nixspool/internal/testenv"
 	"github.com/nixspool/nixspool/storepath"
 )
 
 // gcReport runs `agentctl gc --json` with args and returns the report; it
 // fails the test unless the exit status is as wanted.
-func gcReport(t *testing.T, a *Agent, wantOK bool, args ...string) (*gc.Report, string) {
+func gcReport(t *testing.T, a *Agent, wantOK bool, args ...string) (*cachegc.Report, string) {
 	t.Helper()
 	cmd := exec.Command(bin("agentctl"), append([]string{"--socket", a.Socket, "gc", "--json"}, args...)...)
 	var stdout, stderr strings.Builder
@@ -32,7 +32,7 @@ func gcReport(t *testing.T, a *Agent, wantOK bool, args ...string) (*gc.Report, 
 	if (err == nil) != wantOK {
 		t.Fatalf("agentctl gc %v: %v (want ok=%v)\n%s%s", args, err, wantOK, stdout.String(), stderr.String())
 	}
-	var rep gc.Report
+	var rep cachegc.Report
 	if stdout.Len() > 0 {
 		if err := json.Unmarshal([]byte(stdout.String()), &rep); err != nil {
 			t.Fatalf("gc report: %v\n%s", err, stdout.String())
@@ -124,7 +124,7 @@ func TestGCDryRunThenRun(t *testing.T) {
 	b.SkipAudit = true
 	b.Start()
 	type result struct {
-		rep    *gc.Report
+		rep    *cachegc.Report
 		stderr string
 	}
 	done := make(chan result, 1)
@@ -134,7 +134,7 @@ func TestGCDryRunThenRun(t *testing.T) {
 	}()
 	testenv.Poll(t, 30*time.Second, "the first collector to announce", func() bool {
 		for _, k := range m.Keys(t) {
-			if strings.HasPrefix(k, gc.AnnouncePrefix) {
+			if strings.HasPrefix(k, cachegc.AnnouncePrefix) {
 				return true
 			}
 		}

@@ -16,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nixspool/nixspool/audit"
+	"github.com/nixspool/nixspool/internal/audit"
 	"github.com/nixspool/nixspool/internal/testenv"
 	"github.com/nixspool/nixspool/protocol"
 )

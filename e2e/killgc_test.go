@@ -9,9 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nixspool/nixspool/internal/realisation"
+	"github.com/nixspool/nixspool/internal/spool"
 	"github.com/nixspool/nixspool/internal/testenv"
-	"github.com/nixspool/nixspool/realisation"
-	"github.com/nixspool/nixspool/spool"
 	"github.com/nixspool/nixspool/storepath"
 )
 

@@ -13,9 +13,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nixspool/nixspool/internal/spool"
 	"github.com/nixspool/nixspool/internal/testenv"
 	"github.com/nixspool/nixspool/protocol"
-	"github.com/nixspool/nixspool/spool"
 )
 
 // TestSystemdNotify runs agentd as systemd would for Type=notify with a

@@ -11,7 +11,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/nixspool/nixspool/gc"
+	"github.com/nixspool/nixspool/internal/cachegc"
 	"github.com/nixspool/nixspool/protocol"
 )
 
@@ -22,7 +22,7 @@ func progressPrinter(what string) (func(*protocol.Progress), func()) {
 		return func(p *protocol.Progress) {
 				line := what + ": " + p.Stage
 				switch {
-				case p.Stage == gc.StageGrace:
+				case p.Stage == cachegc.StageGrace:
 					line += fmt.Sprintf(" %ds of %ds before deleting", p.Done, p.Total)
 				case p.Total > 0:
 					line += fmt.Sprintf(" %d/%d", p.Done, p.Total)
@@ -57,11 +57,11 @@ func cmdGC(c *client, args []string, out io.Writer) error {
 	if *keepSince == "" || *grace == "" || fs.NArg() > 0 {
 		return &exitError{code: 2, msg: "gc: --keep-since and --grace are required (e.g. agentctl gc --keep-since 30d --grace 2h)"}
 	}
-	ks, err := gc.ParseDuration(*keepSince)
+	ks, err := cachegc.ParseDuration(*keepSince)
 	if err != nil {
 		return &exitError{code: 2, msg: "gc: --keep-since " + err.Error()}
 	}
-	gr, err := gc.ParseDuration(*grace)
+	gr, err := cachegc.ParseDuration(*grace)
 	if err != nil || gr <= 0 {
 		return &exitError{code: 2, msg: fmt.Sprintf("gc: --grace %q: want a positive duration such as 2h", *grace)}
 	}
@@ -71,7 +71,7 @@ func cmdGC(c *client, args []string, out io.Writer) error {
 	if err != nil {
 		return c.explain(err)
 	}
-	var rep gc.Report
+	var rep cachegc.Report
 	if len(resp.Result) > 0 {
 		if err := json.Unmarshal(resp.Result, &rep); err != nil {
 			return fmt.Errorf("gc report: %w", err)
@@ -150,7 +150,7 @@ func cmdUnpin(c *client, args []string, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	var pin gc.Pin
+	var pin cachegc.Pin
 	json.Unmarshal(resp.Result, &pin)
 	fmt.Fprintf(out, "unpinned %s (was %s)\n", pin.Name, pin.Path)
 	return nil
@@ -167,7 +167,7 @@ func cmdPins(c *client, args []string, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	var pins []gc.Pin
+	var pins []cachegc.Pin
 	if err := json.Unmarshal(resp.Result, &pins); err != nil {
 		return fmt.Errorf("pins: %w", err)
 	}

@@ -17,7 +17,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/nixspool/nixspool/audit"
+	"github.com/nixspool/nixspool/internal/audit"
 	"github.com/nixspool/nixspool/protocol"
 )
 

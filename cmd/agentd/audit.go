@@ -11,9 +11,9 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/nixspool/nixspool/audit"
-	"github.com/nixspool/nixspool/bucket/open"
 	"github.com/nixspool/nixspool/cacheurl"
+	"github.com/nixspool/nixspool/internal/audit"
+	"github.com/nixspool/nixspool/internal/bucket/open"
 )
 
 // errProblems makes agentd exit 1 without another message: the report

@@ -18,9 +18,9 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/nixspool/nixspool/agent"
-	"github.com/nixspool/nixspool/gc"
-	"github.com/nixspool/nixspool/gcroots"
+	"github.com/nixspool/nixspool/internal/agent"
+	"github.com/nixspool/nixspool/internal/cachegc"
+	"github.com/nixspool/nixspool/internal/nixroots"
 )
 
 type multiFlag []string
@@ -82,7 +82,7 @@ func run(args []string) error {
 	fs.StringVar(&cfg.StateDir, "state-dir", cfg.StateDir, "directory for the queue, spool and temp files")
 	fs.StringVar(&cfg.StoreDir, "store-dir", cfg.StoreDir, "the Nix store directory")
 	fs.StringVar(&cfg.NixDaemonSocket, "nix-daemon-socket", "", "Nix daemon socket (default: $NIX_DAEMON_SOCKET_PATH or /nix/var/nix/daemon-socket/socket; without a daemon, `nix-daemon --stdio` is used)")
-	fs.StringVar(&gcRoots, "gc-roots", gcroots.DefaultDir, `directory for GC roots of queued paths, or "off"`)
+	fs.StringVar(&gcRoots, "gc-roots", nixroots.DefaultDir, `directory for GC roots of queued paths, or "off"`)
 	fs.IntVar(&cfg.Jobs, "jobs", cfg.Jobs, "jobs (paths handed over) uploaded concurrently; their NARs share one bounded pool")
 	fs.IntVar(&cfg.MaxRequests, "max-requests", cfg.MaxRequests, "most requests in flight to the bucket; the window adapts below it (grows with latency, shrinks when the store throttles)")
 	fs.BoolVar(&cfg.PaceUploads, "pace-uploads", cfg.PaceUploads, "pace large uploads to an s3:// or http(s):// cache so that the queue they build on the way stays near 50 ms and small paths do not wait behind them (delay-based, like LEDBAT); false sends them as fast as TCP lets")
@@ -103,9 +103,9 @@ func run(args []string) error {
 	fs.StringVar(&cfg.NixDBDir, "nix-db-dir", cfg.NixDBDir, "directory of the Nix database the store watcher reads (read-only)")
 	fs.BoolVar(&cfg.UploadBuildLogs, "upload-build-logs", false, "also upload the build log of each uploaded path's derivation (log/<drv>, read by `nix-store --store CACHE --read-log DRV`)")
 	fs.DurationVar(&cfg.GCPollInterval, "gc-poll-interval", cfg.GCPollInterval, "how often to read garbage-collection announcements; a collector's --grace must exceed twice this plus its margin")
-	fs.Var(gc.DurationFlag{D: &cfg.GCInterval}, "gc-interval", "run a garbage collection cycle this often, e.g. 7d (0: never; see also agentctl gc)")
-	fs.Var(gc.DurationFlag{D: &cfg.GCKeepSince}, "gc-keep-since", "scheduled gc: keep paths written within this time (and their closures), e.g. 30d")
-	fs.Var(gc.DurationFlag{D: &cfg.GCGrace}, "gc-grace", "scheduled gc: time between announcing deletions and deleting, e.g. 2h")
+	fs.Var(cachegc.DurationFlag{D: &cfg.GCInterval}, "gc-interval", "run a garbage collection cycle this often, e.g. 7d (0: never; see also agentctl gc)")
+	fs.Var(cachegc.DurationFlag{D: &cfg.GCKeepSince}, "gc-keep-since", "scheduled gc: keep paths written within this time (and their closures), e.g. 30d")
+	fs.Var(cachegc.DurationFlag{D: &cfg.GCGrace}, "gc-grace", "scheduled gc: time between announcing deletions and deleting, e.g. 2h")
 	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "", "serve Prometheus metrics on this address (e.g. 127.0.0.1:9443; off by default)")
 	fs.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")

@@ -16,7 +16,7 @@ func TestHookDependencies(t *testing.T) {
 	if err != nil {
 		t.Fatalf("go list -deps: %v", err)
 	}
-	forbidden := []string{"go.etcd.io/bbolt", "github.com/minio/minio-go", "github.com/nixspool/nixspool/queue", "github.com/nixspool/nixspool/uploader", "net", "runtime/cgo", "os/user"}
+	forbidden := []string{"go.etcd.io/bbolt", "github.com/minio/minio-go", "github.com/nixspool/nixspool/internal/queue", "github.com/nixspool/nixspool/internal/uploader", "net", "runtime/cgo", "os/user"}
 	for _, dep := range strings.Fields(string(out)) {
 		for _, f := range forbidden {
 			if dep == f || strings.HasPrefix(dep, f+"/") {

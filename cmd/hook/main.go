@@ -17,7 +17,7 @@ import (
 	"fmt"
 	"os"
 
-	"github.com/nixspool/nixspool/hook"
+	"github.com/nixspool/nixspool/internal/hook"
 )
 
 func main() {

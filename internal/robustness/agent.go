@@ -11,9 +11,9 @@ import (
 	"github.com/nix-community/go-nix/pkg/narinfo/signature"
 
 	"github.com/nixspool/nixspool/cacheurl"
-	"github.com/nixspool/nixspool/gc"
-	"github.com/nixspool/nixspool/queue"
-	"github.com/nixspool/nixspool/uploader"
+	"github.com/nixspool/nixspool/internal/cachegc"
+	"github.com/nixspool/nixspool/internal/queue"
+	"github.com/nixspool/nixspool/internal/uploader"
 )
 
 // agent is one agentd as far as the cache is concerned: an uploader with
@@ -62,7 +62,7 @@ func (a *agent) start() error {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	var up *uploader.Uploader
-	w := gc.NewWatcher(gc.WatcherOptions{
+	w := cachegc.NewWatcher(cachegc.WatcherOptions{
 		Bucket: a.client, Poll: 200 * time.Millisecond, ID: a.name, Host: "robustness", Version: "test",
 		Logger: a.log.With("part", "watcher"),
 		Forget: func(paths []string) { up.ForgetPaths(paths) },

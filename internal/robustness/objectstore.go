@@ -15,8 +15,8 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/nixspool/nixspool/bucket"
 	"github.com/nixspool/nixspool/cachefmt"
+	"github.com/nixspool/nixspool/internal/bucket"
 )
 
 // Semantics are the behaviours a real object store may have that the

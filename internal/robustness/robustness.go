@@ -49,7 +49,7 @@ import (
 	"github.com/nix-community/go-nix/pkg/narinfo/signature"
 
 	"github.com/nixspool/nixspool/cachefmt"
-	"github.com/nixspool/nixspool/gc"
+	"github.com/nixspool/nixspool/internal/cachegc"
 )
 
 // Config is one schedule.
@@ -336,9 +336,9 @@ func (r *run) nemesisPhase(ctx context.Context) {
 				defer bg.Done()
 				cctx, cancel := context.WithTimeout(gcCtx, kill)
 				defer cancel()
-				_, err := gc.Run(cctx, c, gc.Options{
+				_, err := cachegc.Run(cctx, c, cachegc.Options{
 					KeepSince: time.Duration(1+r.rng.IntN(4)) * time.Second,
-					Grace:     gc.MinGraceFor(400 * time.Millisecond), LeaseTTL: 5 * time.Second,
+					Grace:     cachegc.MinGraceFor(400 * time.Millisecond), LeaseTTL: 5 * time.Second,
 					Concurrency: 8, Agent: "collector", Host: "robustness", Logger: r.log.With("part", "collector"),
 				})
 				if err != nil && cctx.Err() == nil {

@@ -11,8 +11,8 @@ import (
 
 	"github.com/nix-community/go-nix/pkg/nixbase32"
 
+	"github.com/nixspool/nixspool/internal/nixstore"
 	"github.com/nixspool/nixspool/nar"
-	"github.com/nixspool/nixspool/nixstore"
 )
 
 // nixStore stands in for the local Nix store: paths with real contents in
