@@ -66,7 +66,6 @@ type Pacer struct {
 	read       int64         // body bytes taken since the last adjustment
 	linkRate   float64       // estimate of what the link carries, bytes per second
 	prevDelay  time.Duration // queueDelay at the adjustment before
-	prevLo     time.Duration // lowest sample of the interval before
 	// slowStart is set until the first queue shows: the estimate grows by
 	// slowStartGain each interval, so that a fast link is found in seconds
 	// rather than minutes. Not by doubling, as TCP's slow start does: the
