@@ -80,7 +80,7 @@ type Pacer struct {
 // PaceOptions tune a Pacer; zero values take the defaults.
 type PaceOptions struct {
 	// Target is the queueing delay large uploads may add to a small
-	// request; default 50 ms.
+	// request; default 25 ms.
 	Target time.Duration
 	// Floor is the rate large uploads never fall below, so that they
 	// always progress; default 256 KiB/s. Initial is the rate before the
@@ -88,8 +88,9 @@ type PaceOptions struct {
 	// bodies are not limited at all.
 	Floor, Initial, Max float64
 	// Every is how often the rate is adjusted and, while a large body is
-	// being sent, half how often the store is probed; default 100 ms. Drain is how soon a queue off Target is meant to be back
-	// at it; default 500 ms.
+	// being sent, half how often the store is probed; default 100 ms.
+	// Drain is how soon a queue off Target is meant to be back at it;
+	// default 1 s.
 	Every, Drain time.Duration
 	// NearBase is the base round trip below which the store counts as
 	// near (on this machine or its LAN, with no slow uplink on the way)
@@ -159,6 +160,15 @@ func (p *Pacer) Observe(rtt time.Duration) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.base.add(now, rtt)
+	if p.base.min(now) < p.opt.NearBase {
+		// A near store: a queue of Target would be most of the round
+		// trip, and there is no slow uplink to keep clear. Decided on the
+		// first sample (the small requests before a NAR's body give it),
+		// so that no body starts at Initial against a local store.
+		p.rate = p.opt.Max * 1.01
+		p.lim.SetLimit(rate.Inf)
+		return
+	}
 	if p.intervalLo == 0 || rtt < p.intervalLo {
 		p.intervalLo = rtt
 	}
@@ -179,13 +189,6 @@ func (p *Pacer) Observe(rtt time.Duration) {
 		return // nothing to pace: only the base is learned
 	}
 	base := p.base.min(now)
-	if base < p.opt.NearBase {
-		// A near store: a queue of Target would be most of the round
-		// trip, and there is no slow uplink to keep clear.
-		p.rate = p.opt.Max * 1.01
-		p.lim.SetLimit(rate.Inf)
-		return
-	}
 	p.prevDelay, p.queueDelay = p.queueDelay, max(lo-base, 0)
 	p.estimateLink(float64(read)/elapsed.Seconds(), elapsed)
 	p.adjust()
@@ -321,15 +324,16 @@ type fileLike interface {
 	io.Seeker
 }
 
-// wait takes n bytes' worth of the rate, and counts them as read.
+// wait takes n bytes' worth of the rate before a read of up to n bytes.
 func (p *Pacer) wait(ctx context.Context, n int) error {
-	if err := p.lim.WaitN(ctx, n); err != nil {
-		return err
-	}
+	return p.lim.WaitN(ctx, n)
+}
+
+// count records n bytes read (and so sent), for the link's estimate.
+func (p *Pacer) count(n int) {
 	p.mu.Lock()
 	p.read += int64(n)
 	p.mu.Unlock()
-	return nil
 }
 
 // pacedReader reads r no faster than its pacer allows.
@@ -346,7 +350,9 @@ func (r *pacedReader) Read(b []byte) (int, error) {
 	if err := r.p.wait(r.ctx, len(b)); err != nil {
 		return 0, err
 	}
-	return r.r.Read(b)
+	n, err := r.r.Read(b)
+	r.p.count(n)
+	return n, err
 }
 
 // pacedFile keeps a file's ReadAt and Seek (the S3 client seeks back to
@@ -364,6 +370,7 @@ func (f *pacedFile) ReadAt(b []byte, off int64) (int, error) {
 			return n, err
 		}
 		m, err := f.f.ReadAt(chunk, off+int64(n))
+		f.p.count(m)
 		n += m
 		if err != nil {
 			return n, err

@@ -244,6 +244,22 @@ func TestPacerLeavesNearStoresUnpaced(t *testing.T) {
 	}
 }
 
+// TestPacerUnpacesANearStoreBeforeTheFirstBody: the small requests before
+// a NAR's body show a near store, and the body then starts unlimited, not
+// at Initial until the first adjustment.
+func TestPacerUnpacesANearStoreBeforeTheFirstBody(t *testing.T) {
+	p := NewPacer(PaceOptions{Initial: 100e3, Floor: 100e3})
+	p.Observe(2 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	r, done := p.body(ctx, &zeros{left: 8 << 20}, nil)
+	defer done()
+	n, err := io.Copy(io.Discard, r)
+	if err != nil || n != 8<<20 {
+		t.Fatalf("8 MiB body after a 2 ms round trip: %d bytes, %v; want all of it unpaced (at Initial it takes 80 s)", n, err)
+	}
+}
+
 // TestPacerLearnsOnlyTheBaseWhileIdle: without a large body, samples
 // teach the base round trip but do not move the rate.
 func TestPacerLearnsOnlyTheBaseWhileIdle(t *testing.T) {
