@@ -79,6 +79,10 @@ type PutOptions struct {
 	// IfMatch, if set, makes the write fail with ErrPrecondition unless the
 	// key holds the object with this ETag.
 	IfMatch string
+	// SHA256 is the body's SHA-256, when the caller knows it. A store
+	// that signs requests with it (S3) then sends a single-request body
+	// as it is read, instead of reading it once before for a checksum.
+	SHA256 []byte
 }
 
 // Info describes an object.

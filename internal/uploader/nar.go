@@ -145,7 +145,7 @@ func (t *narTransfer) uploadNAR(ctx context.Context, info *nixstore.PathInfo) (*
 	if _, err := tmp.Seek(0, io.SeekStart); err != nil {
 		return nil, 0, nil, fmt.Errorf("%w: %w", bucket.ErrLocal, err)
 	}
-	if _, err := t.bucket.Put(ctx, key, tmp, size, bucket.PutOptions{ContentType: "application/x-nix-nar"}); err != nil {
+	if _, err := t.bucket.Put(ctx, key, tmp, size, bucket.PutOptions{ContentType: "application/x-nix-nar", SHA256: fileSum}); err != nil {
 		return nil, 0, nil, err
 	}
 	ni, sent, err := t.finishNAR(ctx, info, key, t.comp.method, fileSum, size, listing, uint64(size))
@@ -189,7 +189,7 @@ func (t *narTransfer) uploadSmallNAR(ctx context.Context, info *nixstore.PathInf
 		return nil, 0, nil, err
 	}
 	key := t.narKey(fileSum)
-	if _, err := t.bucket.Put(ctx, key, buf, size, bucket.PutOptions{ContentType: "application/x-nix-nar"}); err != nil {
+	if _, err := t.bucket.Put(ctx, key, buf, size, bucket.PutOptions{ContentType: "application/x-nix-nar", SHA256: fileSum}); err != nil {
 		return nil, 0, nil, err
 	}
 	ni, sent, err := t.finishNAR(ctx, info, key, t.comp.method, fileSum, size, listing, uint64(size))

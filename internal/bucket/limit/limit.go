@@ -15,7 +15,9 @@ package limit
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
+	"fmt"
 	"io"
 	"math"
 	"sync"
@@ -297,6 +299,27 @@ func (b *Bucket) paced(ctx context.Context, r io.Reader) (io.Reader, func()) {
 	return p.body(ctx, r, b.probe)
 }
 
+// localSHA256 returns the SHA-256 of the size bytes of a seekable r read
+// from its start, rewound after; nil for a reader that cannot be read
+// twice or a body of unknown size.
+func localSHA256(r io.Reader, size int64) ([]byte, error) {
+	rs, ok := r.(io.ReadSeeker)
+	if !ok || size < 0 {
+		return nil, nil
+	}
+	if start, err := rs.Seek(0, io.SeekCurrent); err != nil || start != 0 {
+		return nil, nil
+	}
+	h := sha256.New()
+	if n, err := io.Copy(h, io.LimitReader(rs, size)); err != nil || n != size {
+		return nil, fmt.Errorf("hash body: %w: read %d of %d bytes: %v", bucket.ErrLocal, n, size, err)
+	}
+	if _, err := rs.Seek(0, io.SeekStart); err != nil {
+		return nil, fmt.Errorf("rewind body: %w: %w", bucket.ErrLocal, err)
+	}
+	return h.Sum(nil), nil
+}
+
 // probe times a HEAD of the pacer's probe object, bypassing the window
 // (it measures the way to the store, not the queue for slots).
 func (b *Bucket) probe(ctx context.Context) error {
@@ -321,6 +344,15 @@ func (b *Bucket) Stat(ctx context.Context, key string) (info bucket.Info, err er
 // Put implements bucket.Bucket.
 func (b *Bucket) Put(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) (info bucket.Info, err error) {
 	if size < 0 || size >= largeBody {
+		if b.l.opt.Pacer != nil && len(opts.SHA256) == 0 {
+			// Without the body's SHA-256 an S3 store reads a single
+			// request's body twice (a checksum, then the send), and the
+			// pacer would charge both reads to the link: hash it here,
+			// from the local copy, outside the pacer.
+			if opts.SHA256, err = localSHA256(r, size); err != nil {
+				return bucket.Info{}, fmt.Errorf("put %s: %w", key, err)
+			}
+		}
 		var done func()
 		r, done = b.paced(ctx, r)
 		defer done()

@@ -206,11 +206,20 @@ func (b *Bucket) Put(ctx context.Context, key string, r io.Reader, size int64, o
 	po := b.putOptions(opts)
 	po.PartSize = b.PartSize(size)
 	po.NumThreads = 2
-	if size >= 0 && (uint64(size) < po.PartSize || size < b.threshold) {
+	var info minio.UploadInfo
+	var err error
+	switch {
+	case size >= 0 && (uint64(size) < po.PartSize || size < b.threshold) && len(opts.SHA256) == sha256.Size:
+		// One PUT request, signed with the caller's SHA-256: the body is
+		// read once, as it is sent.
+		info, err = b.core().PutObject(ctx, b.name, b.prefix+key, body, size, "", hex.EncodeToString(opts.SHA256), unframed(po, true))
+	case size >= 0 && (uint64(size) < po.PartSize || size < b.threshold):
 		po.DisableMultipart = true
-		po = unframed(po, false) // one PUT request
+		po = unframed(po, false) // one PUT request, its body read twice (Content-MD5, then the send)
+		info, err = b.client.PutObject(ctx, b.name, b.prefix+key, body, size, po)
+	default:
+		info, err = b.client.PutObject(ctx, b.name, b.prefix+key, body, size, po)
 	}
-	info, err := b.client.PutObject(ctx, b.name, b.prefix+key, body, size, po)
 	if err != nil {
 		if rerr := readErr(); rerr != nil {
 			return bucket.Info{}, fmt.Errorf("put %s: read body: %w: %w", key, bucket.ErrLocal, rerr)
@@ -247,12 +256,20 @@ func unframed(po minio.PutObjectOptions, sha256Known bool) minio.PutObjectOption
 }
 
 func (b *Bucket) putSmall(ctx context.Context, key string, r io.Reader, size int64, opts bucket.PutOptions) (bucket.Info, error) {
-	body, sum, err := hashedBody(r, size)
-	if err != nil {
-		return bucket.Info{}, fmt.Errorf("put %s: %w", key, err)
+	body, readErr, sum := r, func() error { return nil }, opts.SHA256
+	if len(sum) == sha256.Size {
+		body, readErr = watchReads(r)
+	} else {
+		var err error
+		if body, sum, err = hashedBody(r, size); err != nil {
+			return bucket.Info{}, fmt.Errorf("put %s: %w", key, err)
+		}
 	}
 	info, err := b.core().PutObject(ctx, b.name, b.prefix+key, body, size, "", hex.EncodeToString(sum), unframed(b.putOptions(opts), true))
 	if err != nil {
+		if rerr := readErr(); rerr != nil {
+			return bucket.Info{}, fmt.Errorf("put %s: read body: %w: %w", key, bucket.ErrLocal, rerr)
+		}
 		return bucket.Info{}, fmt.Errorf("put %s: %w", key, b.classify(err, false))
 	}
 	if info.Size != size {
