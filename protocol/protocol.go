@@ -42,7 +42,7 @@
 //	forget               agentd forgets what it knows the cache holds
 //	gc       keep_since_ns, grace_ns, dry_run
 //	                     agentd runs one garbage collection cycle on its cache;
-//	                     result in "result" (a gc.Report)
+//	                     result in "result" (a cachegc.Report)
 //	pin      name, paths (one)  name a root (the path is uploaded first if the
 //	                     cache lacks it); result: the pin
 //	unpin    name        remove a pin

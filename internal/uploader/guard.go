@@ -13,7 +13,7 @@ import (
 )
 
 // Guard tells the uploader which existing objects a garbage collector is
-// about to delete (the gc package's Watcher implements it).
+// about to delete (cachegc's Watcher implements it).
 type Guard interface {
 	// Check returns nil if a narinfo depending on the existing objects at
 	// keys (its NAR, the narinfos of its references) may be written now, or a
