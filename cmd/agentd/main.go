@@ -85,7 +85,7 @@ func run(args []string) error {
 	fs.StringVar(&gcRoots, "gc-roots", nixroots.DefaultDir, `directory for GC roots of queued paths, or "off"`)
 	fs.IntVar(&cfg.Jobs, "jobs", cfg.Jobs, "jobs (paths handed over) uploaded concurrently; their NARs share one bounded pool")
 	fs.IntVar(&cfg.MaxRequests, "max-requests", cfg.MaxRequests, "most requests in flight to the bucket; the window adapts below it (grows with latency, shrinks when the store throttles)")
-	fs.BoolVar(&cfg.PaceUploads, "pace-uploads", cfg.PaceUploads, "pace large uploads to an s3:// or http(s):// cache so that the queue they build on the way stays near 25 ms and small paths do not wait behind them (delay-based, like LEDBAT); false sends them as fast as TCP lets")
+	fs.BoolVar(&cfg.PaceUploads, "pace-uploads", cfg.PaceUploads, "pace large uploads to an s3:// or http(s):// cache so that the queue they build on the way stays near 15 ms and small paths do not wait behind them (delay-based, like LEDBAT); false sends them as fast as TCP lets")
 	fs.IntVar(&cfg.MinRequests, "min-requests", cfg.MinRequests, "fewest requests in flight the window shrinks to")
 	fs.DurationVar(&cfg.ShutdownGrace, "shutdown-grace", cfg.ShutdownGrace, "time in-flight uploads get to finish on SIGTERM")
 	fs.IntVar(&cfg.MaxAttempts, "max-attempts", 0, "give up on a job after this many transient failures (0: never)")

@@ -31,7 +31,7 @@ import (
 // The link stays full (a standing queue of Target keeps it busy), so a
 // large upload loses little throughput, while a small request waits about
 // Target more than on an idle link. With no queue the rate is the link's
-// estimate plus Target/Drain, which is how the estimate grows (2.5% per
+// estimate plus Target/Drain, which is how the estimate grows (1.5% per
 // interval with the defaults) once a queue has been seen; before that it
 // grows by a quarter per interval (slow start) and is halved when the
 // first queue shows. A store whose base round trip is under NearBase (this
@@ -80,7 +80,7 @@ type Pacer struct {
 // PaceOptions tune a Pacer; zero values take the defaults.
 type PaceOptions struct {
 	// Target is the queueing delay large uploads may add to a small
-	// request; default 25 ms.
+	// request; default 15 ms.
 	Target time.Duration
 	// Floor is the rate large uploads never fall below, so that they
 	// always progress; default 256 KiB/s. Initial is the rate before the
@@ -116,7 +116,7 @@ const (
 // NewPacer returns a pacer at opt.Initial.
 func NewPacer(opt PaceOptions) *Pacer {
 	if opt.Target <= 0 {
-		opt.Target = 25 * time.Millisecond
+		opt.Target = 15 * time.Millisecond
 	}
 	if opt.Floor <= 0 {
 		opt.Floor = 256 << 10
