@@ -53,17 +53,13 @@ type Agent struct {
 	stateErr    *stateError
 	uploadCtx   context.Context
 	stopUploads context.CancelFunc
-	spoolBusy   atomic.Bool   // a spool import is running
-	spoolBeat   atomic.Int64  // unix ns of its last progress
-	spoolTries  spoolAttempts // failed imports of spool files
-	jobs        *jobRunner    // jobs being uploaded (a drop stops them); set by Run
+	spoolImport *spoolImporter
+	jobs        *jobRunner // jobs being uploaded (a drop stops them); set by Run
 	spool       *spoolView
 	capture     *capturer // nil unless --capture local|all
 	// buildClosures queues hooks' build closures (--build-closures).
 	buildClosures *closureQueuer
 	captureErr    error // why the watcher could not start
-	// spoolFileBound bounds the import of one spool file (0: the default).
-	spoolFileBound time.Duration
 }
 
 // Run serves requests and uploads until ctx is cancelled (first signal),

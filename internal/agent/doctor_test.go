@@ -102,7 +102,7 @@ func TestDoctorWritesOnlyForOperators(t *testing.T) {
 		t.Fatal(err)
 	}
 	before := mtimes()
-	checks := a.doctor(context.Background(), a.access.operator(pusher))
+	checks := a.doctorOf().run(context.Background(), a.access.operator(pusher))
 	if n := wc.count(); n != 0 {
 		t.Errorf("doctor for a pusher wrote to the cache: %v", wc.writes)
 	}
@@ -116,7 +116,7 @@ func TestDoctorWritesOnlyForOperators(t *testing.T) {
 		t.Errorf("doctor for a pusher did not read nix-cache-info: %+v", checks)
 	}
 
-	checks = a.doctor(context.Background(), a.access.operator(root))
+	checks = a.doctorOf().run(context.Background(), a.access.operator(root))
 	if n := wc.count(); n == 0 {
 		t.Error("doctor for root made no write probe of the cache")
 	}

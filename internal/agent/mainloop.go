@@ -30,48 +30,23 @@ func (a *Agent) mainLoop(ctx context.Context) {
 	a.publishStatus()
 	var importing sync.WaitGroup
 	defer importing.Wait()
-	startImport := func() {
-		if !a.spoolBusy.CompareAndSwap(false, true) {
-			return // the previous import is still running
-		}
-		a.spoolBeat.Store(time.Now().UnixNano())
-		importing.Add(1)
-		go func() {
-			defer importing.Done()
-			defer a.spoolBusy.Store(false)
-			a.importSpool(ctx)
-		}()
-	}
-	startImport() // what was spooled while agentd was away, right away
+	a.spoolImport.start(ctx, &importing) // what was spooled while agentd was away, right away
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-spoolTick.C:
-			startImport()
+			a.spoolImport.start(ctx, &importing)
 		case <-statusTick.C:
 			a.publishStatus()
 		case <-wdC:
-			if stalled := a.spoolStalled(max(4*iv, 2*time.Minute)); stalled > 0 {
+			if stalled := a.spoolImport.stalled(max(4*iv, 2*time.Minute)); stalled > 0 {
 				a.log.Error("spool import made no progress; not pinging the watchdog", "stalled_for", stalled.Round(time.Second))
 				continue
 			}
 			systemd.Watchdog()
 		}
 	}
-}
-
-// spoolStalled returns how long a running spool import has made no
-// progress, if longer than limit; otherwise 0.
-func (a *Agent) spoolStalled(limit time.Duration) time.Duration {
-	if !a.spoolBusy.Load() {
-		return 0
-	}
-	d := time.Since(time.Unix(0, a.spoolBeat.Load()))
-	if d > limit {
-		return d
-	}
-	return 0
 }
 
 // chores runs the periodic checks that must not wait on the main loop:

@@ -29,7 +29,10 @@ func (a *Agent) assemble(dir *nixroots.Roots, checkStore requestStore) {
 	a.roots = &rootKeeper{dir: dir, queue: a.queue, spoolHeld: a.spool.held, log: a.log}
 	a.intake = &admit{storeDir: a.cfg.StoreDir, store: checkStore, realiser: a.realiser, roots: a.roots,
 		queue: a.queue, stateErr: a.stateErr, now: a.now, log: a.log}
+	a.spoolImport = &spoolImporter{dir: a.spoolDir(), view: a.spool, intake: a.intake, roots: a.roots, log: a.log}
 }
+
+func (a *Agent) spoolDir() string { return statedir.Dir(a.cfg.StateDir).Spool() }
 
 // requestStore is what the checks of requests ask the Nix daemon
 // (nixstore.Store implements it).

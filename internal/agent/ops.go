@@ -49,7 +49,7 @@ func (a *Agent) opEnqueue(ctx context.Context, c call) *protocol.Response {
 }
 
 func (a *Agent) opDoctor(ctx context.Context, c call) *protocol.Response {
-	return &protocol.Response{Checks: a.doctor(ctx, a.access.operator(c.peer))}
+	return &protocol.Response{Checks: a.doctorOf().run(ctx, a.access.operator(c.peer))}
 }
 
 func (a *Agent) opAudit(ctx context.Context, c call) *protocol.Response {

@@ -60,7 +60,7 @@ func (a *Agent) setRealiser(r *realisation.Realiser) {
 // setLog gives the agent and its parts log.
 func (a *Agent) setLog(log *slog.Logger) {
 	a.log = log
-	a.intake.log, a.roots.log, a.spool.log, a.jobs.log = log, log, log, log
+	a.intake.log, a.roots.log, a.spool.log, a.spoolImport.log, a.jobs.log = log, log, log, log, log
 }
 
 func age(t *testing.T, path string, d time.Duration) {

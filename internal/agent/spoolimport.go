@@ -3,12 +3,13 @@ package agent
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nixspool/nixspool/internal/nixstore"
 	"github.com/nixspool/nixspool/internal/spool"
-	"github.com/nixspool/nixspool/internal/statedir"
 )
 
 // maxSpoolAttempts is how many imports a spool file the Nix daemon answers
@@ -72,7 +73,51 @@ func (s *spoolAttempts) keepOnly(files []string) {
 	}
 }
 
-// importSpool queues the requests the hook spooled while agentd was away,
+// spoolImporter imports the requests the hook spooled while agentd was
+// away. One import runs at a time; the main loop starts them and watches
+// their progress.
+type spoolImporter struct {
+	dir    string
+	view   *spoolView // counts odd files for status
+	intake *admit
+	roots  *rootKeeper
+	log    *slog.Logger
+	busy   atomic.Bool   // an import is running
+	beat   atomic.Int64  // unix ns of its last progress
+	tries  spoolAttempts // failed imports of spool files
+	// fileBound bounds the import of one spool file (0: the default).
+	fileBound time.Duration
+}
+
+// start begins an import in the background unless one is running; running
+// counts it until it ends.
+func (s *spoolImporter) start(ctx context.Context, running *sync.WaitGroup) {
+	if !s.busy.CompareAndSwap(false, true) {
+		return // the previous import is still running
+	}
+	s.beat.Store(time.Now().UnixNano())
+	running.Add(1)
+	go func() {
+		defer running.Done()
+		defer s.busy.Store(false)
+		s.run(ctx)
+	}()
+}
+
+// stalled returns how long a running import has made no progress, if
+// longer than limit; otherwise 0.
+func (s *spoolImporter) stalled(limit time.Duration) time.Duration {
+	if !s.busy.Load() {
+		return 0
+	}
+	d := time.Since(time.Unix(0, s.beat.Load()))
+	if d > limit {
+		return d
+	}
+	return 0
+}
+
+// run queues the requests the hook spooled while agentd was away,
 // file by file, oldest first. A file is removed only after its paths are
 // committed; paths that are not valid store paths are logged and dropped; a
 // file that cannot be parsed is renamed *.bad and kept for inspection. A
@@ -81,86 +126,84 @@ func (s *spoolAttempts) keepOnly(files []string) {
 // behind it are imported meanwhile. When the daemon cannot be reached or
 // the queue cannot commit, no file can be imported: the import stops until
 // the next one, and no file is charged an attempt.
-func (a *Agent) importSpool(ctx context.Context) {
-	dir := a.spoolDir()
+func (s *spoolImporter) run(ctx context.Context) {
+	dir := s.dir
 	spool.RemoveStaleTemps(dir, time.Hour)
 	l, err := spool.Scan(dir)
 	if err != nil {
-		a.log.Error("list spool", "dir", dir, "err", err)
+		s.log.Error("list spool", "dir", dir, "err", err)
 		return
 	}
-	a.spool.noteOdd(l.Odd)
+	s.view.noteOdd(l.Odd)
 	files := l.Files
-	defer a.spoolTries.keepOnly(files)
+	defer s.tries.keepOnly(files)
 	for _, f := range files {
-		a.spoolBeat.Store(time.Now().UnixNano())
+		s.beat.Store(time.Now().UnixNano())
 		if ctx.Err() != nil {
 			return
 		}
-		err := a.importSpoolFile(ctx, f)
+		err := s.importFile(ctx, f)
 		if err == nil {
-			a.spoolTries.forget(f)
+			s.tries.forget(f)
 			continue
 		}
 		if !fileAtFault(err) {
-			a.log.Warn("spool import postponed", "file", f, "err", err)
+			s.log.Warn("spool import postponed", "file", f, "err", err)
 			return
 		}
-		n := a.spoolTries.failed(f)
+		n := s.tries.failed(f)
 		if n < maxSpoolAttempts {
-			a.log.Warn("spool file not imported; tried again later, the files behind it now", "file", f, "attempt", n, "max_attempts", maxSpoolAttempts, "err", err)
+			s.log.Warn("spool file not imported; tried again later, the files behind it now", "file", f, "attempt", n, "max_attempts", maxSpoolAttempts, "err", err)
 			continue
 		}
 		if qerr := spool.Quarantine(f); qerr != nil {
-			a.log.Error("spool file not imported after repeated attempts, and it could not be renamed to .bad; tried again at the next import", "file", f, "attempts", n, "reason", err, "err", qerr)
+			s.log.Error("spool file not imported after repeated attempts, and it could not be renamed to .bad; tried again at the next import", "file", f, "attempts", n, "reason", err, "err", qerr)
 			continue
 		}
-		a.spoolTries.forget(f)
-		a.log.Error("spool file not imported after repeated attempts; renamed to .bad", "file", f, "attempts", n, "reason", err)
+		s.tries.forget(f)
+		s.log.Error("spool file not imported after repeated attempts; renamed to .bad", "file", f, "attempts", n, "reason", err)
 	}
 }
 
-// importSpoolFile imports one spool file. It returns nil once the file is
+// importFile imports one spool file. It returns nil once the file is
 // dealt with: imported and removed, or renamed *.bad if unreadable.
-func (a *Agent) importSpoolFile(ctx context.Context, f string) error {
-	ctx, cancel := context.WithTimeout(ctx, a.spoolFileTimeout())
+func (s *spoolImporter) importFile(ctx context.Context, f string) error {
+	ctx, cancel := context.WithTimeout(ctx, s.fileTimeout())
 	defer cancel()
 	e, err := spool.Read(f)
 	if err != nil {
 		if qerr := spool.Quarantine(f); qerr != nil {
-			a.log.Error("unreadable spool file, and it could not be renamed to .bad; tried again at the next import", "file", f, "err", err, "rename_err", qerr)
+			s.log.Error("unreadable spool file, and it could not be renamed to .bad; tried again at the next import", "file", f, "err", err, "rename_err", qerr)
 			return nil
 		}
-		a.log.Error("unreadable spool file; renamed to .bad", "file", f, "err", err)
+		s.log.Error("unreadable spool file; renamed to .bad", "file", f, "err", err)
 		return nil
 	}
-	n, err := a.intake.spooled(ctx, f, e.Paths, e.Drv, e.Floating)
+	n, err := s.intake.spooled(ctx, f, e.Paths, e.Drv, e.Floating)
 	if err != nil {
 		return err
 	}
 	if err := spool.Remove(f); err != nil {
-		a.log.Error("remove imported spool file", "file", f, "err", err)
+		s.log.Error("remove imported spool file", "file", f, "err", err)
 		return nil // committed: importing it again changes nothing
 	}
-	a.log.Info("imported spool file", "file", f, "paths", n)
+	s.log.Info("imported spool file", "file", f, "paths", n)
 	if e.Drv != "" {
 		// The hook rooted the derivation while the request was spooled;
 		// queued requests keep their derivations as hooks that reach
 		// agentd do.
-		if err := a.roots.unrootSpooled(e.Drv); err != nil {
-			a.log.Warn("remove gc root", "path", e.Drv, "err", err)
+		if err := s.roots.unrootSpooled(e.Drv); err != nil {
+			s.log.Warn("remove gc root", "path", e.Drv, "err", err)
 		}
 	}
 	return nil
 }
 
-// spoolFileTimeout bounds the import of one spool file: a Nix daemon that
+// fileTimeout bounds the import of one spool file: a Nix daemon that
 // stops answering postpones the import instead of holding it.
-func (a *Agent) spoolFileTimeout() time.Duration {
-	if a.spoolFileBound > 0 {
-		return a.spoolFileBound
+func (s *spoolImporter) fileTimeout() time.Duration {
+	if s.fileBound > 0 {
+		return s.fileBound
 	}
 	return defaultSpoolFileTimeout
 }
-
-func (a *Agent) spoolDir() string { return statedir.Dir(a.cfg.StateDir).Spool() }

@@ -49,7 +49,7 @@ func TestSpoolFileTheDaemonRejectsDoesNotStallTheSpool(t *testing.T) {
 		return false
 	}
 
-	a.importSpool(context.Background())
+	a.spoolImport.run(context.Background())
 	if !queued(next) {
 		t.Fatal("the file behind the one the daemon rejects was not imported")
 	}
@@ -62,7 +62,7 @@ func TestSpoolFileTheDaemonRejectsDoesNotStallTheSpool(t *testing.T) {
 	fs.drvErr[gone] = errors.New("connect to nix store: connection refused")
 	fs.mu.Unlock()
 	for range 2 * maxSpoolAttempts {
-		a.importSpool(context.Background())
+		a.spoolImport.run(context.Background())
 	}
 	if _, err := os.Stat(stuck); err != nil {
 		t.Fatalf("a file was renamed while the daemon was out of reach: %v", err)
@@ -75,7 +75,7 @@ func TestSpoolFileTheDaemonRejectsDoesNotStallTheSpool(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i := 1; ; i++ {
-		a.importSpool(context.Background())
+		a.spoolImport.run(context.Background())
 		if _, err := os.Stat(stuck + ".bad"); err == nil {
 			break
 		}
@@ -118,7 +118,7 @@ func TestSpoolOddEntriesAndFailedRenames(t *testing.T) {
 		t.Fatal(err)
 	}
 	for range 3 {
-		a.importSpool(context.Background())
+		a.spoolImport.run(context.Background())
 	}
 	out := logs.String()
 	for _, want := range []string{"1-link.json", "notes.txt", "2-garbage.json.bad"} {
@@ -174,7 +174,7 @@ func TestSpoolImportAsksOncePerFile(t *testing.T) {
 	if _, err := spool.Write(a.spoolDir(), spool.Entry{Paths: append(paths, "/tmp/not-a-store-path")}); err != nil {
 		t.Fatal(err)
 	}
-	a.importSpool(context.Background())
+	a.spoolImport.run(context.Background())
 	if fs.validCalls != 1 {
 		t.Errorf("%d validity queries for one spool file, want 1", fs.validCalls)
 	}
@@ -217,7 +217,7 @@ func (s *hangingStore) QueryValidPaths(ctx context.Context, paths []string) ([]s
 func TestSpoolImportBoundedPerFile(t *testing.T) {
 	a := testAgent(t)
 	a.setRealiser(realisation.New(realisation.Options{}))
-	a.spoolFileBound = 200 * time.Millisecond
+	a.spoolImport.fileBound = 200 * time.Millisecond
 	const p = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-p"
 	hs := &hangingStore{fakeStore: &fakeStore{valid: map[string]bool{p: true}}, release: make(chan struct{})}
 	released := false
@@ -235,7 +235,7 @@ func TestSpoolImportBoundedPerFile(t *testing.T) {
 	}
 	for range maxSpoolAttempts + 1 {
 		done := make(chan struct{})
-		go func() { defer close(done); a.importSpool(context.Background()) }()
+		go func() { defer close(done); a.spoolImport.run(context.Background()) }()
 		select {
 		case <-done:
 		case <-time.After(10 * time.Second):
@@ -248,7 +248,7 @@ func TestSpoolImportBoundedPerFile(t *testing.T) {
 		t.Fatalf("the spool file was not kept: %v", err)
 	}
 	release()
-	a.importSpool(context.Background())
+	a.spoolImport.run(context.Background())
 	if jobs, _ := a.queue.List("", 10); len(jobs) != 1 || jobs[0].Path != p {
 		t.Fatalf("jobs after the daemon answered: %+v", jobs)
 	}

@@ -9,17 +9,17 @@ import (
 // for longer than the limit counts as a stall (no watchdog ping, so systemd
 // restarts agentd); one that progresses, or none running, does not.
 func TestSpoolStallStopsWatchdogPings(t *testing.T) {
-	a := &Agent{}
-	if d := a.spoolStalled(time.Minute); d != 0 {
+	s := &spoolImporter{}
+	if d := s.stalled(time.Minute); d != 0 {
 		t.Fatalf("no import running, stalled = %v", d)
 	}
-	a.spoolBusy.Store(true)
-	a.spoolBeat.Store(time.Now().Add(-10 * time.Second).UnixNano())
-	if d := a.spoolStalled(time.Minute); d != 0 {
+	s.busy.Store(true)
+	s.beat.Store(time.Now().Add(-10 * time.Second).UnixNano())
+	if d := s.stalled(time.Minute); d != 0 {
 		t.Fatalf("import progressed 10 s ago, stalled = %v", d)
 	}
-	a.spoolBeat.Store(time.Now().Add(-5 * time.Minute).UnixNano())
-	if d := a.spoolStalled(time.Minute); d < 4*time.Minute {
+	s.beat.Store(time.Now().Add(-5 * time.Minute).UnixNano())
+	if d := s.stalled(time.Minute); d < 4*time.Minute {
 		t.Fatalf("import stuck for 5 min, stalled = %v", d)
 	}
 }
