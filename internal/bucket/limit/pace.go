@@ -60,12 +60,23 @@ type Pacer struct {
 	rate       float64 // bytes per second of large bodies; +Inf once past Max
 	base       baseFilter
 	intervalLo time.Duration // lowest sample since the last adjustment
-	lastAdjust time.Time
-	queueDelay time.Duration // queueing delay read at the last adjustment
-	bodies     int           // large bodies being sent
-	read       int64         // body bytes taken since the last adjustment
-	linkRate   float64       // estimate of what the link carries, bytes per second
-	prevDelay  time.Duration // queueDelay at the adjustment before
+	// probeLo and probeHi are the lowest and highest probe since the last
+	// adjustment; jitter is how far apart they fall (the highest spread,
+	// decaying by 2% per interval): noise on the path, not a queue,
+	// since a queue moves little within one interval. Only probes count:
+	// they are alike, while small requests differ in size.
+	probeLo, probeHi time.Duration
+	jitter           time.Duration
+	// clean is when the base was last measured without this pacer's own
+	// queue (no body in flight, or the end of a drain); drainUntil ends
+	// the drain under way.
+	clean, drainUntil time.Time
+	lastAdjust        time.Time
+	queueDelay        time.Duration // queueing delay read at the last adjustment
+	bodies            int           // large bodies being sent
+	read              int64         // body bytes taken since the last adjustment
+	linkRate          float64       // estimate of what the link carries, bytes per second
+	prevDelay         time.Duration // queueDelay at the adjustment before
 	// slowStart is set until the first queue shows: the estimate grows by
 	// slowStartGain each interval, so that a fast link is found in seconds
 	// rather than minutes. Not by doubling, as TCP's slow start does: the
@@ -87,8 +98,8 @@ type PaceOptions struct {
 	// first measurement; default 4 MiB/s. Above Max (default 4 GiB/s) the
 	// bodies are not limited at all.
 	Floor, Initial, Max float64
-	// Every is how often the rate is adjusted and, while a large body is
-	// being sent, half how often the store is probed; default 100 ms.
+	// Every is how often the rate is adjusted; while a large body is being
+	// sent the store is probed twice as often; default 100 ms.
 	// Drain is how soon a queue off Target is meant to be back at it;
 	// default 1 s.
 	Every, Drain time.Duration
@@ -111,6 +122,14 @@ const (
 	slowStartGain, maxProbes = 1.25, 8
 	// baseSpan is how long the lowest round trip is remembered, in slots.
 	baseSpan, baseSlots = 10 * time.Minute, 10
+	// drainEvery is how long bodies may flow before the pacer holds them
+	// back for drainFor, so that its own queue drains and the probes see
+	// the base again: otherwise, after baseSpan of uninterrupted uploads,
+	// every remembered sample would include the Target the pacer keeps,
+	// and the base would creep up by Target each baseSpan. It is well
+	// under baseSpan, so a fresh clean sample is always remembered; a
+	// drain costs drainFor/drainEvery of the throughput (0.1%).
+	drainEvery, drainFor = 3 * time.Minute, 200 * time.Millisecond
 )
 
 // NewPacer returns a pacer at opt.Initial.
@@ -143,7 +162,7 @@ func NewPacer(opt PaceOptions) *Pacer {
 	if opt.ProbeKey == "" {
 		opt.ProbeKey = "nix-cache-info"
 	}
-	p := &Pacer{opt: opt, rate: opt.Initial, linkRate: opt.Initial, slowStart: true}
+	p := &Pacer{opt: opt, rate: opt.Initial, linkRate: opt.Initial, slowStart: true, clean: opt.Now()}
 	p.lim = rate.NewLimiter(rate.Limit(opt.Initial), burst)
 	return p
 }
@@ -152,7 +171,10 @@ func NewPacer(opt PaceOptions) *Pacer {
 const burst = 64 << 10
 
 // Observe records the round trip of a small request.
-func (p *Pacer) Observe(rtt time.Duration) {
+func (p *Pacer) Observe(rtt time.Duration) { p.observe(rtt, false) }
+
+// observe records a round trip, of a probe or another small request.
+func (p *Pacer) observe(rtt time.Duration, probe bool) {
 	if rtt <= 0 {
 		return
 	}
@@ -172,6 +194,12 @@ func (p *Pacer) Observe(rtt time.Duration) {
 	if p.intervalLo == 0 || rtt < p.intervalLo {
 		p.intervalLo = rtt
 	}
+	if probe {
+		if p.probeLo == 0 || rtt < p.probeLo {
+			p.probeLo = rtt
+		}
+		p.probeHi = max(p.probeHi, rtt)
+	}
 	if now.Sub(p.lastAdjust) < p.opt.Every {
 		return
 	}
@@ -183,10 +211,16 @@ func (p *Pacer) Observe(rtt time.Duration) {
 	// for one.
 	lo := p.intervalLo
 	p.intervalLo = 0
+	p.jitter = max(p.probeHi-p.probeLo, p.jitter*49/50)
+	p.probeLo, p.probeHi = 0, 0
 	read := p.read
 	p.read = 0
 	if p.bodies == 0 {
+		p.clean = now
 		return // nothing to pace: only the base is learned
+	}
+	if p.draining(now) {
+		return
 	}
 	base := p.base.min(now)
 	p.prevDelay, p.queueDelay = p.queueDelay, max(lo-base, 0)
@@ -194,10 +228,43 @@ func (p *Pacer) Observe(rtt time.Duration) {
 	p.adjust()
 }
 
+// draining reports whether bodies are held back so that the base can be
+// measured without this pacer's queue: it starts a drain once bodies have
+// flowed for drainEvery, and ends it after drainFor (restoring the rate;
+// the interval after it is read afresh).
+func (p *Pacer) draining(now time.Time) bool {
+	switch {
+	case now.Before(p.drainUntil):
+		return true
+	case !p.drainUntil.IsZero():
+		p.drainUntil = time.Time{}
+		p.clean = now
+		p.queueDelay = 0
+		if p.rate <= p.opt.Max {
+			p.lim.SetLimit(rate.Limit(p.rate))
+		} else {
+			p.lim.SetLimit(rate.Inf)
+		}
+		return true
+	case now.Sub(p.clean) >= drainEvery:
+		p.drainUntil = now.Add(drainFor)
+		p.lim.SetLimit(rate.Limit(p.opt.Floor))
+		return true
+	}
+	return false
+}
+
 // estimateLink updates the link's rate from what the bodies sent in the
 // last interval (sent, bytes per second) and how the queue moved.
 func (p *Pacer) estimateLink(sent float64, elapsed time.Duration) {
 	standing := p.opt.Target / 10
+	if p.slowStart {
+		// Slow start ends on a queue; a spread of samples within an
+		// interval is noise on the path, not a queue, and does not end it
+		// (the lowest of two samples can sit as far above the base as two
+		// samples are apart, hence twice the spread).
+		standing += 2 * p.jitter
+	}
 	if p.queueDelay < standing || p.prevDelay < standing {
 		// No queue: the link carried all that was sent, maybe more.
 		p.linkRate = max(p.linkRate, sent)
@@ -305,7 +372,7 @@ func (p *Pacer) probeLoop(ctx context.Context, probe func(context.Context) error
 				defer func() { <-slots }()
 				start := time.Now()
 				if err := probe(ctx); err == nil {
-					p.Observe(time.Since(start))
+					p.observe(time.Since(start), true)
 				}
 			})
 		default: // maxProbes already wait: skip this one

@@ -2,6 +2,7 @@ package limit
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"path/filepath"
 	"slices"
@@ -276,5 +277,87 @@ func TestPacerLearnsOnlyTheBaseWhileIdle(t *testing.T) {
 	p.Observe(40 * time.Millisecond)
 	if s := p.Stats(); s.BaseRTT != 40*time.Millisecond {
 		t.Fatalf("base %v after ten minutes, want the new sample's 40 ms", s.BaseRTT)
+	}
+}
+
+// TestPacerSlowStartIgnoresJitter: probes that scatter by up to 10 ms on a
+// path without a queue (Wi-Fi, a busy router) do not end slow start; a
+// queue that grows does, although the same scatter rides on it.
+func TestPacerSlowStartIgnoresJitter(t *testing.T) {
+	for seed := range uint64(8) {
+		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
+			clk := &fakeClock{t: time.Unix(1e9, 0)}
+			p := NewPacer(PaceOptions{Initial: 1e6, Max: 1e12, Now: clk.Now})
+			_, done := p.body(context.Background(), &zeros{}, nil)
+			defer done()
+			rnd := seed
+			noise := func() time.Duration { // 0-10 ms, deterministic
+				rnd = rnd*6364136223846793005 + 1442695040888963407
+				return time.Duration(rnd>>33%10_000) * time.Microsecond
+			}
+			const base = 30 * time.Millisecond
+			// interval: two probes 50 ms apart, the bodies taking all the rate.
+			interval := func(queue time.Duration) {
+				for range 2 {
+					p.mu.Lock()
+					p.read += int64(p.rate / 20)
+					p.mu.Unlock()
+					clk.Add(50 * time.Millisecond)
+					p.observe(base+queue+noise(), true)
+				}
+			}
+			for i := range 40 {
+				interval(0)
+				if p.mu.Lock(); !p.slowStart {
+					p.mu.Unlock()
+					t.Fatalf("slow start ended after %d intervals of jitter alone (rate %.0f, delay %v, jitter %v)", i+1, p.rate, p.queueDelay, p.jitter)
+				}
+				p.mu.Unlock()
+			}
+			if r := p.Stats().Rate; r < 1e6*100 {
+				t.Fatalf("rate %.0f after 40 intervals of slow start from 1e6, want it grown ≥ 100×", r)
+			}
+			for i := range 10 {
+				interval(time.Duration(i+1) * 3 * time.Millisecond)
+			}
+			if p.mu.Lock(); p.slowStart {
+				p.mu.Unlock()
+				t.Fatal("a queue grown to 30 ms did not end slow start")
+			}
+			p.mu.Unlock()
+		})
+	}
+}
+
+// TestPacerDrainsToKeepItsBase: bodies that flow for half an hour keep a
+// standing queue of Target; every sample taken meanwhile includes it. The
+// pacer holds them back briefly now and then, so that the base it
+// remembers stays the link's, not the link's plus its own queue (which
+// would let the queue grow by Target every ten minutes).
+func TestPacerDrainsToKeepItsBase(t *testing.T) {
+	clk := &fakeClock{t: time.Unix(1e9, 0)}
+	p := NewPacer(PaceOptions{Initial: 1e6, Floor: 1e3, Now: clk.Now})
+	_, done := p.body(context.Background(), &zeros{}, nil)
+	defer done()
+	const base, step = 30 * time.Millisecond, 50 * time.Millisecond
+	var drainingSteps, steps int
+	for range int(30 * time.Minute / step) {
+		steps++
+		queue := 15 * time.Millisecond
+		p.mu.Lock()
+		held := clk.Now().Before(p.drainUntil)
+		p.mu.Unlock()
+		if held { // held back: the queue has drained
+			queue = 0
+			drainingSteps++
+		}
+		clk.Add(step)
+		p.observe(base+queue, true)
+	}
+	if got := p.Stats().BaseRTT; got != base {
+		t.Errorf("after 30 min of uploads the base is %v, want %v", got, base)
+	}
+	if drainingSteps == 0 || float64(drainingSteps)/float64(steps) > 0.01 {
+		t.Errorf("held back %d of %d steps, want some and at most 1%%", drainingSteps, steps)
 	}
 }
