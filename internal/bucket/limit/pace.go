@@ -51,7 +51,9 @@ import (
 //     that one slow answer is not taken for a queue;
 //   - nothing else shares the bottleneck in a way that keeps it full for
 //     ten minutes (the base would then include that queue, and the pacer
-//     only holds the delay near Target above it, as LEDBAT does).
+//     only holds the delay near Target above it, as LEDBAT does). The
+//     pacer's own queue would do the same during a long upload; it drains
+//     that queue briefly every drainEvery instead.
 type Pacer struct {
 	opt PaceOptions
 	lim *rate.Limiter
