@@ -62,13 +62,6 @@ type Pacer struct {
 	rate       float64 // bytes per second of large bodies; +Inf once past Max
 	base       baseFilter
 	intervalLo time.Duration // lowest sample since the last adjustment
-	// probeLo and probeHi are the lowest and highest probe since the last
-	// adjustment; jitter is how far apart they fall (the highest spread,
-	// decaying by 2% per interval): noise on the path, not a queue,
-	// since a queue moves little within one interval. Only probes count:
-	// they are alike, while small requests differ in size.
-	probeLo, probeHi time.Duration
-	jitter           time.Duration
 	// clean is when the base was last measured without this pacer's own
 	// queue (no body in flight, or the end of a drain); drainUntil ends
 	// the drain under way.
@@ -173,10 +166,7 @@ func NewPacer(opt PaceOptions) *Pacer {
 const burst = 64 << 10
 
 // Observe records the round trip of a small request.
-func (p *Pacer) Observe(rtt time.Duration) { p.observe(rtt, false) }
-
-// observe records a round trip, of a probe or another small request.
-func (p *Pacer) observe(rtt time.Duration, probe bool) {
+func (p *Pacer) Observe(rtt time.Duration) {
 	if rtt <= 0 {
 		return
 	}
@@ -196,12 +186,6 @@ func (p *Pacer) observe(rtt time.Duration, probe bool) {
 	if p.intervalLo == 0 || rtt < p.intervalLo {
 		p.intervalLo = rtt
 	}
-	if probe {
-		if p.probeLo == 0 || rtt < p.probeLo {
-			p.probeLo = rtt
-		}
-		p.probeHi = max(p.probeHi, rtt)
-	}
 	if now.Sub(p.lastAdjust) < p.opt.Every {
 		return
 	}
@@ -213,8 +197,6 @@ func (p *Pacer) observe(rtt time.Duration, probe bool) {
 	// for one.
 	lo := p.intervalLo
 	p.intervalLo = 0
-	p.jitter = max(p.probeHi-p.probeLo, p.jitter*49/50)
-	p.probeLo, p.probeHi = 0, 0
 	read := p.read
 	p.read = 0
 	if p.bodies == 0 {
@@ -260,13 +242,6 @@ func (p *Pacer) draining(now time.Time) bool {
 // last interval (sent, bytes per second) and how the queue moved.
 func (p *Pacer) estimateLink(sent float64, elapsed time.Duration) {
 	standing := p.opt.Target / 10
-	if p.slowStart {
-		// Slow start ends on a queue; a spread of samples within an
-		// interval is noise on the path, not a queue, and does not end it
-		// (the lowest of two samples can sit as far above the base as two
-		// samples are apart, hence twice the spread).
-		standing += 2 * p.jitter
-	}
 	if p.queueDelay < standing || p.prevDelay < standing {
 		// No queue: the link carried all that was sent, maybe more.
 		p.linkRate = max(p.linkRate, sent)
@@ -374,7 +349,7 @@ func (p *Pacer) probeLoop(ctx context.Context, probe func(context.Context) error
 				defer func() { <-slots }()
 				start := time.Now()
 				if err := probe(ctx); err == nil {
-					p.observe(time.Since(start), true)
+					p.Observe(time.Since(start))
 				}
 			})
 		default: // maxProbes already wait: skip this one

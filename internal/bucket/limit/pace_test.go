@@ -2,7 +2,6 @@ package limit
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"path/filepath"
 	"slices"
@@ -280,55 +279,6 @@ func TestPacerLearnsOnlyTheBaseWhileIdle(t *testing.T) {
 	}
 }
 
-// TestPacerSlowStartIgnoresJitter: probes that scatter by up to 10 ms on a
-// path without a queue (Wi-Fi, a busy router) do not end slow start; a
-// queue that grows does, although the same scatter rides on it.
-func TestPacerSlowStartIgnoresJitter(t *testing.T) {
-	for seed := range uint64(8) {
-		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
-			clk := &fakeClock{t: time.Unix(1e9, 0)}
-			p := NewPacer(PaceOptions{Initial: 1e6, Max: 1e12, Now: clk.Now})
-			_, done := p.body(context.Background(), &zeros{}, nil)
-			defer done()
-			rnd := seed
-			noise := func() time.Duration { // 0-10 ms, deterministic
-				rnd = rnd*6364136223846793005 + 1442695040888963407
-				return time.Duration(rnd>>33%10_000) * time.Microsecond
-			}
-			const base = 30 * time.Millisecond
-			// interval: two probes 50 ms apart, the bodies taking all the rate.
-			interval := func(queue time.Duration) {
-				for range 2 {
-					p.mu.Lock()
-					p.read += int64(p.rate / 20)
-					p.mu.Unlock()
-					clk.Add(50 * time.Millisecond)
-					p.observe(base+queue+noise(), true)
-				}
-			}
-			for i := range 40 {
-				interval(0)
-				if p.mu.Lock(); !p.slowStart {
-					p.mu.Unlock()
-					t.Fatalf("slow start ended after %d intervals of jitter alone (rate %.0f, delay %v, jitter %v)", i+1, p.rate, p.queueDelay, p.jitter)
-				}
-				p.mu.Unlock()
-			}
-			if r := p.Stats().Rate; r < 1e6*100 {
-				t.Fatalf("rate %.0f after 40 intervals of slow start from 1e6, want it grown ≥ 100×", r)
-			}
-			for i := range 10 {
-				interval(time.Duration(i+1) * 3 * time.Millisecond)
-			}
-			if p.mu.Lock(); p.slowStart {
-				p.mu.Unlock()
-				t.Fatal("a queue grown to 30 ms did not end slow start")
-			}
-			p.mu.Unlock()
-		})
-	}
-}
-
 // TestPacerDrainsToKeepItsBase: bodies that flow for half an hour keep a
 // standing queue of Target; every sample taken meanwhile includes it. The
 // pacer holds them back briefly now and then, so that the base it
@@ -352,7 +302,7 @@ func TestPacerDrainsToKeepItsBase(t *testing.T) {
 			drainingSteps++
 		}
 		clk.Add(step)
-		p.observe(base+queue, true)
+		p.Observe(base + queue)
 	}
 	if got := p.Stats().BaseRTT; got != base {
 		t.Errorf("after 30 min of uploads the base is %v, want %v", got, base)
