@@ -57,6 +57,13 @@ const (
 	WatcherPrefix = "nixspool/watchers/"
 	// PinPrefix holds pins: nixspool/pins/<name> holds a store path.
 	PinPrefix = "nixspool/pins/"
+	// GCProbePrefix starts the collector's probes of the store (conditional
+	// writes, listing lag), each deleted once measured; they lie under
+	// GCPollPrefix, where a watcher's listing shows them.
+	GCProbePrefix = "nixspool/gc/probe-"
+	// DoctorProbePrefix starts the probe object agentctl doctor writes
+	// and deletes: nixspool-probe/<host>-<random>.
+	DoctorProbePrefix = "nixspool-probe/"
 
 	gcAnnounceSuffix = ".json.zst"
 )

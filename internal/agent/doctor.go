@@ -13,6 +13,7 @@ import (
 	"github.com/nixspool/nixspool/internal/bucket"
 	"github.com/nixspool/nixspool/internal/nixstore"
 	"github.com/nixspool/nixspool/internal/queue"
+	"github.com/nixspool/nixspool/internal/statedir"
 	"github.com/nixspool/nixspool/internal/uploader"
 	"github.com/nixspool/nixspool/protocol"
 )
@@ -124,7 +125,7 @@ func (d *doctor) checkStateDir(add addCheck, writes bool) {
 	if syscall.Statfs(d.cfg.StateDir, &st) == nil {
 		free := st.Bavail * uint64(st.Bsize)
 		if free < 1<<30 {
-			add("state directory", "warn", fmt.Sprintf("%s: only %d MiB free", d.cfg.StateDir, free>>20), "large NARs are compressed into "+d.cfg.StateDir+"/tmp before upload")
+			add("state directory", "warn", fmt.Sprintf("%s: only %d MiB free", d.cfg.StateDir, free>>20), "large NARs are compressed into "+statedir.Dir(d.cfg.StateDir).Temp()+" before upload")
 		} else {
 			add("state directory", "ok", fmt.Sprintf("%s: %d GiB free", d.cfg.StateDir, free>>30), "")
 		}

@@ -48,7 +48,7 @@ func (d *doctor) checkBucketWrites(ctx context.Context, add addCheck) bool {
 	var rnd [6]byte
 	rand.Read(rnd[:])
 	host, _ := os.Hostname()
-	key := "nixspool-probe/" + host + "-" + hex.EncodeToString(rnd[:])
+	key := cachefmt.DoctorProbePrefix + host + "-" + hex.EncodeToString(rnd[:])
 	body := "nixspool doctor probe\n"
 	_, err := d.bucket.Put(ctx, key, strings.NewReader(body), int64(len(body)), bucket.PutOptions{ContentType: "text/plain"})
 	if err == nil {

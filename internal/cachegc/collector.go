@@ -317,13 +317,13 @@ func (c *collector) run(ctx context.Context) error {
 	var markTime time.Time
 	if !opt.DryRun {
 		c.stage(StageLease, 0, 0)
-		cond, err := bucket.ProbeConditional(ctx, c.b, PollPrefix+"probe-")
+		cond, err := bucket.ProbeConditional(ctx, c.b, ProbePrefix)
 		if err != nil {
 			return fmt.Errorf("gc: %w", err)
 		}
 		if !cond {
 			c.warn("the store ignores conditional writes: only one collector at a time is best effort (write, wait, read back)")
-		} else if err := bucket.ProbeIfMatch(ctx, c.b, PollPrefix+"probe-"); err != nil {
+		} else if err := bucket.ProbeIfMatch(ctx, c.b, ProbePrefix); err != nil {
 			if errors.Is(err, bucket.ErrIfMatchIgnored) {
 				// Taking over and renewing the lease would look atomic
 				// and not be, and agents' revivals could overwrite.

@@ -24,6 +24,7 @@ const (
 	PollPrefix     = cachefmt.GCPollPrefix
 	WatcherPrefix  = cachefmt.WatcherPrefix
 	PinPrefix      = cachefmt.PinPrefix
+	ProbePrefix    = cachefmt.GCProbePrefix
 )
 
 // Retention is how long announcements and done markers of past cycles

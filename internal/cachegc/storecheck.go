@@ -34,11 +34,11 @@ type StoreCheck struct {
 func CheckStore(ctx context.Context, b bucket.Bucket) (StoreCheck, error) {
 	var sc StoreCheck
 	var err error
-	if sc.IfNoneMatch, err = bucket.ProbeConditional(ctx, b, PollPrefix+"probe-"); err != nil {
+	if sc.IfNoneMatch, err = bucket.ProbeConditional(ctx, b, ProbePrefix); err != nil {
 		return sc, err
 	}
 	if sc.IfNoneMatch {
-		switch err := bucket.ProbeIfMatch(ctx, b, PollPrefix+"probe-"); {
+		switch err := bucket.ProbeIfMatch(ctx, b, ProbePrefix); {
 		case err == nil:
 			sc.IfMatch = true
 		case errors.Is(err, bucket.ErrIfMatchIgnored):
@@ -67,7 +67,7 @@ const maxListLagProbe = 10 * time.Second
 // before it; both fit in the margin while L < M/4 (docs/gc.md,
 // "Assumptions"), and a larger lag is refused (ListLagError).
 func MeasureListLag(ctx context.Context, b bucket.Bucket) (time.Duration, error) {
-	key := PollPrefix + "probe-list-" + newCycleID(time.Now())
+	key := ProbePrefix + "list-" + newCycleID(time.Now())
 	listed := func() (bool, error) {
 		found := false
 		err := b.List(ctx, bucket.ListOptions{Prefix: key, Recursive: true}, func(o bucket.Object) error {

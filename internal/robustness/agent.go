@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"path/filepath"
 	"sync"
 	"time"
 
@@ -13,6 +12,7 @@ import (
 	"github.com/nixspool/nixspool/cacheurl"
 	"github.com/nixspool/nixspool/internal/cachegc"
 	"github.com/nixspool/nixspool/internal/queue"
+	"github.com/nixspool/nixspool/internal/statedir"
 	"github.com/nixspool/nixspool/internal/uploader"
 )
 
@@ -51,7 +51,7 @@ func (a *agent) start() error {
 	if a.running {
 		return nil
 	}
-	q, err := queue.Open(filepath.Join(a.dir, "queue.db"))
+	q, err := queue.Open(statedir.Dir(a.dir).Queue())
 	if err != nil {
 		return fmt.Errorf("agent %s: %w", a.name, err)
 	}
@@ -69,7 +69,7 @@ func (a *agent) start() error {
 	})
 	up, err = uploader.New(uploader.Options{
 		Bucket: a.client, Cache: cache, Store: a.store, Keys: []signature.SecretKey{a.key},
-		TempDir: filepath.Join(a.dir, "tmp"), Workers: 16, Streams: 1, SmallBudget: 8 << 20,
+		TempDir: statedir.Dir(a.dir).Temp(), Workers: 16, Streams: 1, SmallBudget: 8 << 20,
 		Logger: a.log, Presence: q, Resume: q, Guard: w, ResumeAbove: 1 << 20,
 		GenerationCheck: 2 * time.Second,
 	})

@@ -353,9 +353,16 @@ func (b *Bucket) Put(ctx context.Context, key string, r io.Reader, size int64, o
 				return bucket.Info{}, fmt.Errorf("put %s: %w", key, err)
 			}
 		}
-		var done func()
-		r, done = b.paced(ctx, r)
-		defer done()
+		// Paced from when it holds a slot: a body waiting for one sends
+		// nothing, and counted as sending it would pull the link's
+		// estimate down.
+		err = b.do(ctx, false, func() error {
+			pr, done := b.paced(ctx, r)
+			defer done()
+			info, err = b.inner.Put(ctx, key, pr, size, opts)
+			return err
+		})
+		return info, err
 	}
 	err = b.do(ctx, size >= 0 && size < smallBody, func() error { info, err = b.inner.Put(ctx, key, r, size, opts); return err })
 	return info, err
@@ -400,9 +407,12 @@ func (b *multipartBucket) ListParts(ctx context.Context, key, uploadID string) (
 }
 
 func (b *multipartBucket) PutPart(ctx context.Context, key, uploadID string, number int, r io.Reader, size int64, md5 []byte) (p bucket.Part, err error) {
-	r, done := b.paced(ctx, r)
-	defer done()
-	err = b.do(ctx, false, func() error { p, err = b.mp.PutPart(ctx, key, uploadID, number, r, size, md5); return err })
+	err = b.do(ctx, false, func() error {
+		pr, done := b.paced(ctx, r) // from when it holds a slot, as Put
+		defer done()
+		p, err = b.mp.PutPart(ctx, key, uploadID, number, pr, size, md5)
+		return err
+	})
 	return p, err
 }
 

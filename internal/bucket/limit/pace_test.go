@@ -311,3 +311,40 @@ func TestPacerDrainsToKeepItsBase(t *testing.T) {
 		t.Errorf("held back %d of %d steps, want some and at most 1%%", drainingSteps, steps)
 	}
 }
+
+// statCounter counts the Stats (the pacer's probes) that reach the store.
+type statCounter struct {
+	bucket.Bucket
+	stats atomic.Int64
+}
+
+func (b *statCounter) Stat(ctx context.Context, key string) (bucket.Info, error) {
+	b.stats.Add(1)
+	return bucket.Info{}, bucket.ErrNotExist
+}
+
+// TestPacerCountsABodyOnlyOnceItHoldsASlot: a large put that never gets a
+// slot of the window (here: its context ends first) is no body of the
+// pacer's: it starts no probes, and sends nothing that the link's
+// estimate could read as the link's rate.
+func TestPacerCountsABodyOnlyOnceItHoldsASlot(t *testing.T) {
+	fb, err := filebucket.New(filepath.Join(t.TempDir(), "cache"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	inner := &statCounter{Bucket: fb}
+	p := NewPacer(PaceOptions{})
+	w := Wrap(inner, New(Options{Max: 4, Pacer: p}))
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	const size = 2 << 20
+	if _, err := w.Put(ctx, "nar/x.nar", &zeros{left: size}, size, bucket.PutOptions{SHA256: make([]byte, 32)}); err == nil {
+		t.Fatal("put with an ended context succeeded")
+	}
+	if n := inner.stats.Load(); n != 0 {
+		t.Errorf("a put that never held a slot sent %d probes", n)
+	}
+	if s := p.Stats(); s.Bodies != 0 {
+		t.Errorf("pacer still counts %d bodies", s.Bodies)
+	}
+}
