@@ -12,6 +12,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -36,6 +37,10 @@ func init() {
 type mixedRun struct {
 	small      []time.Duration // each small path: from its push's answer to its narinfo visible
 	bigSeconds float64         // the large path: from its push to its narinfo visible
+	// windowRate is what the large upload sent per second (bytes) from
+	// 20 MB sent on for -mixed-spread: while the small paths are pushed,
+	// or the same stretch of a solo run.
+	windowRate float64
 }
 
 func (b *bench) mixed() error {
@@ -87,7 +92,8 @@ func (b *bench) mixed() error {
 	add(Row{Name: label + " p50", Value: ms(percentile(busy.small, 0.5)), Unit: "ms", Baseline: "same paths, idle link, p50", BaseVal: ms(percentile(idle.small, 0.5))})
 	add(Row{Name: label + " p99", Value: ms(percentile(busy.small, 0.99)), Unit: "ms", Baseline: "same paths, idle link, p99", BaseVal: ms(percentile(idle.small, 0.99)), Target: "≤ 2× idle"})
 	mbps := func(s float64) float64 { return float64(bigNAR) / 1e6 / s }
-	add(Row{Name: fmt.Sprintf("the %d MB path's throughput while the small paths upload", *mixedBigMB), Value: mbps(busy.bigSeconds), Unit: "MB/s", Baseline: "its solo run", BaseVal: mbps(solo.bigSeconds), Target: "≥ 0.9×"})
+	add(Row{Name: fmt.Sprintf("the %d MB path's throughput while the small paths are pushed (%v from 20 MB sent)", *mixedBigMB, *mixedSpread), Value: busy.windowRate / 1e6, Unit: "MB/s", Baseline: "the same stretch of its solo run", BaseVal: solo.windowRate / 1e6, Target: "≥ 0.9×"})
+	add(Row{Name: fmt.Sprintf("the %d MB path's throughput over its whole upload, small paths pushed meanwhile", *mixedBigMB), Value: mbps(busy.bigSeconds), Unit: "MB/s", Baseline: "its solo run", BaseVal: mbps(solo.bigSeconds)})
 	return nil
 }
 
@@ -121,10 +127,15 @@ func (b *bench) mixedRun(m *testenv.MinIO, p *testenv.DelayProxy, big string, sm
 			return out, err
 		}
 		bigDone = watch.add(big)
-		if smalls != nil {
-			if err := waitBytesSent(sock, 20_000_000); err != nil {
-				return out, err
-			}
+		if err := waitBytesSent(sock, 20_000_000); err != nil {
+			return out, err
+		}
+	}
+	var window *sentWindow
+	if big != "" {
+		window = startWindow(p)
+		if smalls == nil {
+			time.Sleep(*mixedSpread) // the stretch the small paths take in the mixed run
 		}
 	}
 	type pending struct {
@@ -142,6 +153,9 @@ func (b *bench) mixedRun(m *testenv.MinIO, p *testenv.DelayProxy, big string, sm
 			return out, err
 		}
 		waits = append(waits, pending{time.Now(), watch.add(s)})
+	}
+	if window != nil {
+		out.windowRate = window.rate()
 	}
 	for _, w := range waits {
 		select {
@@ -165,6 +179,31 @@ func (b *bench) mixedRun(m *testenv.MinIO, p *testenv.DelayProxy, big string, sm
 		}
 	}
 	return out, nil
+}
+
+// sentWindow measures what the large upload sends through the proxy over
+// a stretch: the bytes carried toward the store, less the bodies of the
+// other requests (the small paths'; only the large upload sends parts).
+type sentWindow struct {
+	p     *testenv.DelayProxy
+	start time.Time
+	up    int64
+	reqs  int
+}
+
+func startWindow(p *testenv.DelayProxy) *sentWindow {
+	return &sentWindow{p: p, start: time.Now(), up: p.BytesUp.Load(), reqs: len(p.Requests())}
+}
+
+// rate returns the large upload's bytes per second since the window started.
+func (w *sentWindow) rate() float64 {
+	up := w.p.BytesUp.Load() - w.up
+	for _, r := range w.p.Requests()[w.reqs:] {
+		if !strings.Contains(r.Query, "partNumber=") {
+			up -= r.BodyBytes
+		}
+	}
+	return float64(up) / time.Since(w.start).Seconds()
 }
 
 // waitBytesSent waits until an upload in progress has sent n bytes.
