@@ -65,23 +65,13 @@ func (b *bench) waitPath() error {
 			return 0, err
 		}
 		if withBig {
+			sentBefore := p.BytesUp.Load()
 			if err := push(sock, []string{big}); err != nil {
 				return 0, err
 			}
-			// Until the large upload is well under way.
-			deadline := time.Now().Add(5 * time.Minute)
-			for {
-				s, err := status(sock)
-				if err != nil {
-					return 0, err
-				}
-				if len(s.InProgress) > 0 && s.InProgress[0].BytesDone > 20_000_000 {
-					break
-				}
-				if time.Now().After(deadline) {
-					return 0, fmt.Errorf("the large upload did not start: %+v", s)
-				}
-				time.Sleep(50 * time.Millisecond)
+			// Until the large upload is well under way on the link.
+			if err := waitBytesSent(p, sentBefore, 20_000_000); err != nil {
+				return 0, err
 			}
 		}
 		if err := push(sock, []string{small}); err != nil {
