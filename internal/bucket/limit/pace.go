@@ -180,7 +180,7 @@ func (p *Pacer) Observe(rtt time.Duration) {
 		// first sample (the small requests before a NAR's body give it),
 		// so that no body starts at Initial against a local store.
 		p.rate = p.opt.Max * 1.01
-		p.lim.SetLimit(rate.Inf)
+		p.applyRate()
 		return
 	}
 	if p.intervalLo == 0 || rtt < p.intervalLo {
@@ -221,14 +221,7 @@ func (p *Pacer) draining(now time.Time) bool {
 	case now.Before(p.drainUntil):
 		return true
 	case !p.drainUntil.IsZero():
-		p.drainUntil = time.Time{}
-		p.clean = now
-		p.queueDelay = 0
-		if p.rate <= p.opt.Max {
-			p.lim.SetLimit(rate.Limit(p.rate))
-		} else {
-			p.lim.SetLimit(rate.Inf)
-		}
+		p.endDrain(now)
 		return true
 	case now.Sub(p.clean) >= drainEvery:
 		p.drainUntil = now.Add(drainFor)
@@ -236,6 +229,26 @@ func (p *Pacer) draining(now time.Time) bool {
 		return true
 	}
 	return false
+}
+
+// endDrain restores the rate after a drain. Called by the adjustment that
+// follows it and, should no sample arrive (a store that stopped answering
+// the probes), by the bodies' own reads, so that a drain never outlasts
+// drainFor by more than a read at Floor.
+func (p *Pacer) endDrain(now time.Time) {
+	p.drainUntil = time.Time{}
+	p.clean = now
+	p.queueDelay = 0
+	p.applyRate()
+}
+
+// applyRate sets the limiter to the rate: unlimited past Max.
+func (p *Pacer) applyRate() {
+	if p.rate > p.opt.Max {
+		p.lim.SetLimit(rate.Inf)
+		return
+	}
+	p.lim.SetLimit(rate.Limit(p.rate))
 }
 
 // estimateLink updates the link's rate from what the bodies sent in the
@@ -274,10 +287,8 @@ func (p *Pacer) adjust() {
 	p.rate = max(p.rate, p.opt.Floor)
 	if math.IsInf(p.rate, 1) || p.rate > p.opt.Max {
 		p.rate = p.opt.Max * 1.01 // stays just past Max: unlimited, and comes back down on the first queue
-		p.lim.SetLimit(rate.Inf)
-		return
 	}
-	p.lim.SetLimit(rate.Limit(p.rate))
+	p.applyRate()
 }
 
 // PaceStats is a snapshot of a pacer.
@@ -373,10 +384,16 @@ func (p *Pacer) wait(ctx context.Context, n int) error {
 	return p.lim.WaitN(ctx, n)
 }
 
-// count records n bytes read (and so sent), for the link's estimate.
+// count records n bytes read (and so sent), for the link's estimate, and
+// ends a drain that is due to end.
 func (p *Pacer) count(n int) {
 	p.mu.Lock()
 	p.read += int64(n)
+	if !p.drainUntil.IsZero() {
+		if now := p.opt.Now(); !now.Before(p.drainUntil) {
+			p.endDrain(now)
+		}
+	}
 	p.mu.Unlock()
 }
 

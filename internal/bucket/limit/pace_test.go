@@ -348,3 +348,25 @@ func TestPacerCountsABodyOnlyOnceItHoldsASlot(t *testing.T) {
 		t.Errorf("pacer still counts %d bodies", s.Bodies)
 	}
 }
+
+// TestPacerEndsADrainWithoutSamples: a drain that no probe answer follows
+// (the store stopped answering HEADs) still ends on time: the bodies' own
+// reads end it, instead of leaving them at Floor until a sample comes.
+func TestPacerEndsADrainWithoutSamples(t *testing.T) {
+	clk := &fakeClock{t: time.Unix(1e9, 0)}
+	p := NewPacer(PaceOptions{Initial: 1e6, Floor: 1e3, Now: clk.Now})
+	_, done := p.body(context.Background(), &zeros{}, nil)
+	defer done()
+	for range int(drainEvery/(50*time.Millisecond)) + 2 {
+		clk.Add(50 * time.Millisecond)
+		p.Observe(30 * time.Millisecond)
+	}
+	if got := float64(p.lim.Limit()); got != 1e3 {
+		t.Fatalf("limit %.0f after %v of bodies, want the drain's Floor", got, drainEvery)
+	}
+	clk.Add(drainFor) // no sample meanwhile
+	p.count(64 << 10)
+	if got, want := float64(p.lim.Limit()), p.Stats().Rate; got != want || got <= 1e3 {
+		t.Fatalf("limit %.0f after the drain's end with no sample, want the rate %.0f restored", got, want)
+	}
+}
