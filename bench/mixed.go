@@ -121,6 +121,7 @@ func (b *bench) mixedRun(m *testenv.MinIO, p *testenv.DelayProxy, big string, sm
 
 	var bigDone <-chan time.Time
 	var bigStart time.Time
+	var window *sentWindow // what the large upload sends while the small paths are pushed
 	if big != "" {
 		bigStart = time.Now()
 		sentBefore := p.BytesUp.Load()
@@ -131,9 +132,6 @@ func (b *bench) mixedRun(m *testenv.MinIO, p *testenv.DelayProxy, big string, sm
 		if err := waitBytesSent(p, sentBefore, 20_000_000); err != nil {
 			return out, err
 		}
-	}
-	var window *sentWindow
-	if big != "" {
 		window = startWindow(p)
 		if smalls == nil {
 			time.Sleep(*mixedSpread) // the stretch the small paths take in the mixed run
